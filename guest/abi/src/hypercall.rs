@@ -1,0 +1,57 @@
+//! Hypercalls: the guest's requests to the VMM.
+//!
+//! Calling convention: the guest loads the number into `eax`, the arguments
+//! into `rdi`, `rsi`, `rcx`, `r8` (in that order), and executes
+//! `out dx, eax` with `dx` = [`crate::ports::HYPERCALL`]. The VMM answers in
+//! `rax`. (DESIGN.md names `rdx` as the third argument register, but
+//! `out` needs `dx` for a port number above 255, so `rcx` and `r8` carry
+//! the third and fourth arguments instead.)
+//!
+//! Every result is a `u64`; values at or above [`ERR_BASE`] are errors.
+//! An unknown number or an argument that points outside guest RAM gets an
+//! error result; the VMM never trusts a hypercall's arguments.
+
+/// Send a report record: `REPORT(gpa, len)`. See [`crate::report`].
+pub const REPORT: u32 = 1;
+/// Host monotonic time in nanoseconds since the VM was created: `NOW()`.
+pub const NOW: u32 = 2;
+/// Shadow mode: load a guest CR3: `LOAD_CR3(root, flags)`.
+pub const LOAD_CR3: u32 = 3;
+/// Shadow mode: a `#PF` reached the guest: `SHADOW_FAULT(cr2, error_code)`.
+pub const SHADOW_FAULT: u32 = 4;
+/// Shadow mode: flush the guest's TLB: `FLUSH_TLB()`.
+pub const FLUSH_TLB: u32 = 5;
+/// Print the GVA→GPA→HVA→HPA chain of an address: `EXPLAIN(gva)`.
+pub const EXPLAIN: u32 = 6;
+
+/// Success.
+pub const OK: u64 = 0;
+/// Results at or above this value are errors.
+pub const ERR_BASE: u64 = u64::MAX - 0xff;
+/// The hypercall number is unknown.
+pub const ERR_UNKNOWN: u64 = u64::MAX;
+/// An argument is invalid (a length too large, a bad flag).
+pub const ERR_INVALID: u64 = u64::MAX - 1;
+/// An argument points outside guest RAM.
+pub const ERR_FAULT: u64 = u64::MAX - 2;
+/// The hypercall exists but is not available in this configuration (for
+/// example a shadow-mode call in ept mode).
+pub const ERR_UNAVAILABLE: u64 = u64::MAX - 3;
+
+/// Whether a hypercall result is an error.
+pub const fn is_error(result: u64) -> bool {
+    result >= ERR_BASE
+}
+
+/// A short name for a hypercall number, for logs and statistics.
+pub const fn name(nr: u32) -> &'static str {
+    match nr {
+        REPORT => "report",
+        NOW => "now",
+        LOAD_CR3 => "load_cr3",
+        SHADOW_FAULT => "shadow_fault",
+        FLUSH_TLB => "flush_tlb",
+        EXPLAIN => "explain",
+        _ => "unknown",
+    }
+}

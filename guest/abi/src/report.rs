@@ -1,0 +1,63 @@
+//! Report records: what the guest sends with the `REPORT` hypercall.
+//!
+//! A record is a [`ReportHeader`] followed by `header.len` payload bytes,
+//! all in guest RAM at the GPA given to `REPORT`. The VMM copies the record
+//! out of guest memory (bounded by [`MAX_REPORT_LEN`]) before looking at
+//! it, so a guest that changes it concurrently or lies about its length
+//! cannot make the VMM read outside guest RAM.
+
+/// Magic value at the start of every record ("MMUR").
+pub const REPORT_MAGIC: u32 = 0x5255_4d4d;
+/// The largest record the VMM accepts, header included.
+pub const MAX_REPORT_LEN: u64 = 4096;
+
+/// Kinds of record.
+pub mod kind {
+    /// The guest finished booting. Payload: [`super::BootRecord`].
+    pub const BOOT: u32 = 1;
+    /// One in-guest test result. Payload: [`super::TestRecord`] then the
+    /// test name (`name_len` bytes of UTF-8).
+    pub const TEST: u32 = 2;
+    /// One benchmark result. Payload defined by the benchmark issue.
+    pub const BENCH: u32 = 3;
+}
+
+/// Header of every report record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReportHeader {
+    /// [`REPORT_MAGIC`].
+    pub magic: u32,
+    /// One of [`kind`].
+    pub kind: u32,
+    /// Length of the payload that follows the header, in bytes.
+    pub len: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+
+/// Payload of a [`kind::BOOT`] record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BootRecord {
+    /// `rdtsc` at kernel entry.
+    pub tsc_at_entry: u64,
+    /// `rdtsc` when the banner was printed.
+    pub tsc_at_ready: u64,
+    /// Number of memory-map entries the guest accepted.
+    pub regions: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+
+/// Payload of a [`kind::TEST`] record; the name follows it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TestRecord {
+    /// 1 if the test passed, 0 if it failed.
+    pub passed: u32,
+    /// Length of the name that follows, in bytes.
+    pub name_len: u32,
+    /// Guest cycles (`rdtsc`) the test took.
+    pub cycles: u64,
+}

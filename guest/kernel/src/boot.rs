@@ -1,0 +1,118 @@
+//! Reading the VMM's boot record, the boot banner, and the boot report.
+
+use crate::{console, hypercall, kprint, kprintln};
+use guest_abi::report::{BootRecord, REPORT_MAGIC, ReportHeader, kind};
+use guest_abi::{BootInfo, DIRECT_MAP_BASE, KERNEL_VMA, MemRegionKind, MmuMode};
+
+/// The validated boot record.
+pub struct BootParams {
+    info: &'static BootInfo,
+}
+
+impl BootParams {
+    /// Map the record at `gpa` through the boot direct map and check it.
+    /// A bad record ends the VM: without it the kernel knows nothing.
+    pub fn from_gpa(gpa: u64) -> Self {
+        // SAFETY: the VMM passes the GPA of a BootInfo inside the memory
+        // its boot tables map at DIRECT_MAP_BASE; it stays untouched for the
+        // kernel's lifetime. Magic and version are checked before use.
+        let info = unsafe { &*((DIRECT_MAP_BASE + gpa) as *const BootInfo) };
+        if !info.is_valid() {
+            panic!("boot info: bad magic or version");
+        }
+        BootParams { info }
+    }
+
+    /// The MMU mode the VMM runs us in.
+    pub fn mmu_mode(&self) -> Option<MmuMode> {
+        MmuMode::from_raw(self.info.mmu_mode)
+    }
+
+    /// The command line; empty if it is not valid UTF-8 or not mapped.
+    pub fn cmdline(&self) -> &'static str {
+        let len = self.info.cmdline_len as usize;
+        let gpa = self.info.cmdline_gpa;
+        if len == 0 || gpa.saturating_add(len as u64) > self.info.boot_mapped {
+            return "";
+        }
+        // SAFETY: the range was checked against the mapped part of RAM; the
+        // VMM wrote the command line there and nothing changes it.
+        let bytes = unsafe { core::slice::from_raw_parts((DIRECT_MAP_BASE + gpa) as *const u8, len) };
+        core::str::from_utf8(bytes).unwrap_or("")
+    }
+}
+
+/// Print `n` bytes as a human-readable size.
+fn print_size(n: u64) {
+    if n >= 1 << 30 && n % (1 << 30) == 0 {
+        kprint!("{} GiB", n >> 30);
+    } else if n >= 1 << 20 && n % (1 << 20) == 0 {
+        kprint!("{} MiB", n >> 20);
+    } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+        kprint!("{} KiB", n >> 10);
+    } else {
+        kprint!("{} B", n);
+    }
+}
+
+/// Print the banner and the memory map.
+pub fn print_banner(p: &BootParams) {
+    let info = p.info;
+    let mode = p.mmu_mode().map(MmuMode::name).unwrap_or("unknown");
+    kprint!("mmuvirt guest kernel {} (mmu={}, RAM ", env!("CARGO_PKG_VERSION"), mode);
+    print_size(info.ram_size);
+    kprintln!(")");
+    kprintln!("memory map ({} regions):", info.regions().len());
+    for r in info.regions() {
+        let kind = MemRegionKind::from_raw(r.kind).map(MemRegionKind::name).unwrap_or("?");
+        kprint!("  [{:#012x}-{:#012x}] {} ", r.start, r.end().saturating_sub(1), kind);
+        print_size(r.len);
+        console::write_bytes(b"\n");
+    }
+    kprint!("page-table zone: {:#x}, ", info.pt_zone.start);
+    print_size(info.pt_zone.len);
+    console::write_bytes(b"\n");
+    kprintln!("cmdline: \"{}\"", p.cmdline());
+}
+
+#[repr(C)]
+struct BootReport {
+    header: ReportHeader,
+    body: BootRecord,
+}
+
+static mut BOOT_REPORT: BootReport = BootReport {
+    header: ReportHeader { magic: 0, kind: 0, len: 0, reserved: 0 },
+    body: BootRecord { tsc_at_entry: 0, tsc_at_ready: 0, regions: 0, reserved: 0 },
+};
+
+/// The guest-physical address of a kernel-image virtual address.
+pub fn kernel_va_to_gpa(va: u64) -> u64 {
+    va - KERNEL_VMA
+}
+
+/// Tell the VMM the kernel is up (a `REPORT` of kind `BOOT`).
+pub fn report_boot(p: &BootParams, tsc_at_entry: u64) {
+    // SAFETY: single-threaded; the record is only written here and read by
+    // the VMM during the hypercall.
+    let gpa = unsafe {
+        let r = &mut *core::ptr::addr_of_mut!(BOOT_REPORT);
+        r.header = ReportHeader {
+            magic: REPORT_MAGIC,
+            kind: kind::BOOT,
+            len: core::mem::size_of::<BootRecord>() as u32,
+            reserved: 0,
+        };
+        r.body = BootRecord {
+            tsc_at_entry,
+            tsc_at_ready: crate::arch::rdtsc(),
+            regions: p.info.regions().len() as u32,
+            reserved: 0,
+        };
+        kernel_va_to_gpa(r as *const BootReport as u64)
+    };
+    let res = hypercall::report(gpa, core::mem::size_of::<BootReport>() as u64);
+    if guest_abi::hypercall::is_error(res) {
+        panic!("REPORT of the boot record failed");
+    }
+}

@@ -1,0 +1,69 @@
+//! The guest kernel: boots from the VMM in long mode, sets up its own
+//! GDT/TSS/IDT, prints a banner with the memory map it was given, and runs
+//! what the command line asks for.
+//!
+//! Invariants this kernel keeps (../../shared/HOST.md explains why):
+//! - No SSE/AVX instruction ever executes: the crate is built with
+//!   `-sse,-sse2` and never calls `core::fmt` at run time (formatting goes
+//!   through `ufmt`).
+//! - Every exception and interrupt handler runs on an IST stack, so a fault
+//!   inside precompiled `core` code (built with a red zone) cannot clobber
+//!   that code's red zone.
+//! - The VMM hands over zeroed RAM, so `.bss` is zero at entry.
+#![no_std]
+#![no_main]
+
+mod arch;
+mod boot;
+mod cmdline;
+mod console;
+mod crash;
+mod hypercall;
+mod mem;
+mod panic;
+
+use core::arch::global_asm;
+
+/// Size of the kernel's boot stack.
+const BOOT_STACK_SIZE: usize = 64 * 1024;
+
+#[repr(C, align(16))]
+struct Stack([u8; BOOT_STACK_SIZE]);
+
+/// The boot stack. Only `_start` names it, to load `rsp`.
+#[unsafe(no_mangle)]
+static mut BOOT_STACK: Stack = Stack([0; BOOT_STACK_SIZE]);
+
+// Entry from the VMM: long mode, paging on with the VMM's boot tables,
+// interrupts off, `rdi` = GPA of the BootInfo record. Switch to our own
+// stack and call `kmain(boot_info_gpa)`, which never returns.
+global_asm!(
+    ".section .text.entry, \"ax\"",
+    ".global _start",
+    "_start:",
+    "    cli",
+    "    cld",
+    "    lea rsp, [rip + {stack} + {size}]",
+    "    xor ebp, ebp",
+    "    call {kmain}",
+    "2:  hlt",
+    "    jmp 2b",
+    stack = sym BOOT_STACK,
+    size = const BOOT_STACK_SIZE,
+    kmain = sym kmain,
+);
+
+/// The kernel's main function, called by `_start`.
+extern "C" fn kmain(boot_info_gpa: u64) -> ! {
+    let tsc_at_entry = arch::rdtsc();
+    arch::init();
+    let info = boot::BootParams::from_gpa(boot_info_gpa);
+    boot::print_banner(&info);
+    boot::report_boot(&info, tsc_at_entry);
+    let cmdline = info.cmdline();
+    if let Some(mode) = cmdline::value(cmdline, "crash") {
+        crash::run(mode);
+    }
+    console::println("boot ok");
+    arch::exit(guest_abi::ports::EXIT_SUCCESS)
+}

@@ -1,0 +1,22 @@
+//! The panic handler: print the location and the static message, then end
+//! the VM with the failure status. Formatted messages are not printed
+//! (that would need `core::fmt`, which executes SSE instructions here).
+
+use crate::{arch, console, kprintln};
+use core::panic::PanicInfo;
+
+#[panic_handler]
+fn panic(info: &PanicInfo) -> ! {
+    arch::disable_interrupts();
+    console::write_bytes(b"\nPANIC");
+    if let Some(loc) = info.location() {
+        kprintln!(" at {}:{}:{}", loc.file(), loc.line(), loc.column());
+    } else {
+        console::write_bytes(b"\n");
+    }
+    match info.message().as_str() {
+        Some(msg) => kprintln!("  {}", msg),
+        None => console::println("  (formatted message not printed: no core::fmt in the guest)"),
+    }
+    arch::exit(guest_abi::ports::EXIT_FAILURE)
+}

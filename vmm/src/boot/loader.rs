@@ -1,0 +1,267 @@
+//! Loading the guest kernel ELF.
+//!
+//! `linux-loader` copies the `PT_LOAD` segments to their physical
+//! addresses, but it does not check the machine, the class, the type, or
+//! whether the segments fit in guest RAM. So [`inspect`] reads the headers
+//! first and refuses anything that is not a 64-bit x86-64 executable whose
+//! segments lie inside RAM, outside the boot area and outside the
+//! page-table zone, with an entry point inside one of its segments.
+
+use crate::error::{Error, Result};
+use crate::layout::{BOOT_AREA_END, KERNEL_VMA, LARGE_PAGE_SIZE, MAX_MEMORY};
+use linux_loader::loader::{KernelLoader, elf::Elf};
+use std::io::Cursor;
+use vm_memory::GuestMemoryMmap;
+
+const PT_LOAD: u32 = 1;
+const EM_X86_64: u16 = 62;
+const ET_EXEC: u16 = 2;
+const EHDR_SIZE: usize = 64;
+const PHDR_SIZE: usize = 56;
+
+/// One loadable segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Index among the program headers.
+    pub index: usize,
+    /// Guest-physical load address.
+    pub paddr: u64,
+    /// Virtual address.
+    pub vaddr: u64,
+    /// Size in memory.
+    pub memsz: u64,
+}
+
+/// What [`inspect`] learnt from a valid kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelImage {
+    /// Entry point (a virtual address).
+    pub entry: u64,
+    /// Loadable segments with a non-zero size.
+    pub segments: Vec<Segment>,
+}
+
+impl KernelImage {
+    /// Lowest and one-past-highest guest-physical address of the image.
+    pub fn phys_range(&self) -> (u64, u64) {
+        let start = self.segments.iter().map(|s| s.paddr).min().unwrap_or(0);
+        let end = self.segments.iter().map(|s| s.paddr + s.memsz).max().unwrap_or(0);
+        (start, end)
+    }
+}
+
+fn u16_at(b: &[u8], off: usize) -> u16 {
+    u16::from_le_bytes([b[off], b[off + 1]])
+}
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
+}
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
+}
+
+/// Check that `image` is a kernel this VMM can boot in `ram` bytes whose
+/// page-table zone is `pt_zone` (`[start, end)`), and describe it. `name` is
+/// used in error messages.
+pub fn inspect(name: &str, image: &[u8], ram: u64, pt_zone: (u64, u64)) -> Result<KernelImage> {
+    let foreign = |why: String| Error::KernelForeign { name: name.to_string(), why };
+    if image.len() < 4 || &image[..4] != b"\x7fELF" {
+        return Err(Error::KernelNotElf(name.to_string()));
+    }
+    if image.len() < EHDR_SIZE {
+        return Err(foreign("the ELF header is truncated".into()));
+    }
+    match image[4] {
+        2 => {}
+        1 => return Err(foreign("it is a 32-bit ELF".into())),
+        c => return Err(foreign(format!("unknown ELF class {c}"))),
+    }
+    if image[5] != 1 {
+        return Err(foreign("it is big-endian".into()));
+    }
+    let machine = u16_at(image, 18);
+    if machine != EM_X86_64 {
+        return Err(foreign(format!("its machine is {machine} (x86-64 is {EM_X86_64})")));
+    }
+    let etype = u16_at(image, 16);
+    if etype != ET_EXEC {
+        let what = match etype {
+            1 => "a relocatable object",
+            3 => "a shared object or position-independent executable",
+            4 => "a core dump",
+            _ => "not an executable",
+        };
+        return Err(foreign(format!("it is {what} (ELF type {etype}); a statically linked executable is needed")));
+    }
+    let entry = u64_at(image, 24);
+    let phoff = u64_at(image, 32);
+    let phentsize = u16_at(image, 54) as usize;
+    let phnum = u16_at(image, 56) as usize;
+    if phentsize != PHDR_SIZE {
+        return Err(foreign(format!("program header size {phentsize} (expected {PHDR_SIZE})")));
+    }
+    let table_end = usize::try_from(phoff)
+        .ok()
+        .and_then(|o| o.checked_add(phnum * PHDR_SIZE))
+        .filter(|&e| e <= image.len())
+        .ok_or_else(|| foreign("the program headers lie beyond the end of the file".into()))?;
+    let phdrs = &image[phoff as usize..table_end];
+
+    let mut segments = Vec::new();
+    for index in 0..phnum {
+        let p = &phdrs[index * PHDR_SIZE..(index + 1) * PHDR_SIZE];
+        if u32_at(p, 0) != PT_LOAD {
+            continue;
+        }
+        let (offset, vaddr, paddr, filesz, memsz) =
+            (u64_at(p, 8), u64_at(p, 16), u64_at(p, 24), u64_at(p, 32), u64_at(p, 40));
+        if memsz == 0 {
+            continue;
+        }
+        if filesz > memsz || offset.checked_add(filesz).is_none_or(|e| e > image.len() as u64) {
+            return Err(foreign(format!("segment {index} claims more file bytes than the file has")));
+        }
+        let end = paddr.checked_add(memsz).ok_or_else(|| Error::SegmentOutsideRam {
+            name: name.to_string(),
+            index,
+            start: paddr,
+            end: u64::MAX,
+            ram,
+        })?;
+        if end > ram {
+            // A segment that a bigger --memory would hold means the memory
+            // is too small; one that no allowed size holds is outside RAM.
+            if paddr >= BOOT_AREA_END && end <= MAX_MEMORY && end <= pt_zone.0 {
+                let needed = (end.max(crate::layout::MIN_MEMORY) + LARGE_PAGE_SIZE - 1) & !(LARGE_PAGE_SIZE - 1);
+                return Err(Error::MemoryTooSmallForKernel { name: name.to_string(), index, end, ram, needed });
+            }
+            return Err(Error::SegmentOutsideRam { name: name.to_string(), index, start: paddr, end, ram });
+        }
+        let overlap = |what: &'static str, (ws, we): (u64, u64)| -> Result<()> {
+            if paddr < we && ws < end {
+                return Err(Error::SegmentOverlap {
+                    name: name.to_string(),
+                    index,
+                    start: paddr,
+                    end,
+                    what,
+                    what_start: ws,
+                    what_end: we,
+                });
+            }
+            Ok(())
+        };
+        overlap("boot area", (0, BOOT_AREA_END))?;
+        overlap("page-table zone", pt_zone)?;
+        segments.push(Segment { index, paddr, vaddr, memsz });
+    }
+    if segments.is_empty() {
+        return Err(foreign("it has no loadable segments".into()));
+    }
+    let image = KernelImage { entry, segments };
+    if !image.segments.iter().any(|s| entry >= s.vaddr && entry - s.vaddr < s.memsz) {
+        return Err(foreign(format!("its entry point {entry:#x} lies outside its loadable segments")));
+    }
+    // The boot page tables map physical memory at the kernel window and
+    // identity; a segment linked anywhere else would run unmapped.
+    for s in &image.segments {
+        if s.vaddr != s.paddr && s.vaddr != KERNEL_VMA.wrapping_add(s.paddr) {
+            return Err(foreign(format!(
+                "segment {} is linked at {:#x} for physical {:#x}; the boot map needs virtual = physical or {:#x} + physical",
+                s.index, s.vaddr, s.paddr, KERNEL_VMA
+            )));
+        }
+    }
+    Ok(image)
+}
+
+/// Copy a kernel that [`inspect`] accepted into guest memory. The rest of
+/// each segment (`.bss`) is already zero: guest RAM is fresh anonymous
+/// memory.
+pub fn load(name: &str, image: &[u8], mem: &GuestMemoryMmap) -> Result<()> {
+    Elf::load(mem, None, &mut Cursor::new(image), None)
+        .map(|_| ())
+        .map_err(|source| Error::KernelLoad { name: name.to_string(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::MIB;
+
+    /// A minimal ELF with the given header fields and one PT_LOAD segment.
+    fn elf(machine: u16, etype: u16, paddr: u64, memsz: u64, entry: u64) -> Vec<u8> {
+        let mut b = vec![0u8; 0x200];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2;
+        b[5] = 1;
+        b[6] = 1;
+        b[16..18].copy_from_slice(&etype.to_le_bytes());
+        b[18..20].copy_from_slice(&machine.to_le_bytes());
+        b[24..32].copy_from_slice(&entry.to_le_bytes());
+        b[32..40].copy_from_slice(&64u64.to_le_bytes());
+        b[52..54].copy_from_slice(&64u16.to_le_bytes());
+        b[54..56].copy_from_slice(&56u16.to_le_bytes());
+        b[56..58].copy_from_slice(&1u16.to_le_bytes());
+        let p = &mut b[64..120];
+        p[0..4].copy_from_slice(&PT_LOAD.to_le_bytes());
+        p[8..16].copy_from_slice(&0x100u64.to_le_bytes());
+        p[16..24].copy_from_slice(&(KERNEL_VMA + paddr).to_le_bytes());
+        p[24..32].copy_from_slice(&paddr.to_le_bytes());
+        p[32..40].copy_from_slice(&0x10u64.to_le_bytes());
+        p[40..48].copy_from_slice(&memsz.to_le_bytes());
+        b
+    }
+
+    const ZONE: (u64, u64) = (16 * MIB, 20 * MIB);
+    const GOOD_ENTRY: u64 = KERNEL_VMA + 0x20_0000;
+
+    #[test]
+    fn accepts_a_kernel_in_ram() {
+        let k = inspect("k", &elf(62, 2, 0x20_0000, 0x1000, GOOD_ENTRY), 32 * MIB, ZONE).unwrap();
+        assert_eq!(k.entry, GOOD_ENTRY);
+        assert_eq!(k.phys_range(), (0x20_0000, 0x20_1000));
+    }
+
+    #[test]
+    fn refuses_foreign_files() {
+        assert!(matches!(inspect("k", b"#!/bin/sh\n", 32 * MIB, ZONE), Err(Error::KernelNotElf(_))));
+        assert!(matches!(inspect("k", b"", 32 * MIB, ZONE), Err(Error::KernelNotElf(_))));
+        let arm = inspect("k", &elf(183, 2, 0x20_0000, 0x1000, GOOD_ENTRY), 32 * MIB, ZONE).unwrap_err();
+        assert!(arm.to_string().contains("machine is 183"), "{arm}");
+        let pie = inspect("k", &elf(62, 3, 0x20_0000, 0x1000, GOOD_ENTRY), 32 * MIB, ZONE).unwrap_err();
+        assert!(pie.to_string().contains("position-independent"), "{pie}");
+        let mut b32 = elf(62, 2, 0x20_0000, 0x1000, GOOD_ENTRY);
+        b32[4] = 1;
+        assert!(inspect("k", &b32, 32 * MIB, ZONE).unwrap_err().to_string().contains("32-bit"));
+        let truncated = &elf(62, 2, 0x20_0000, 0x1000, GOOD_ENTRY)[..40];
+        assert!(inspect("k", truncated, 32 * MIB, ZONE).unwrap_err().to_string().contains("truncated"));
+    }
+
+    #[test]
+    fn refuses_segments_outside_ram_or_over_reserved_areas() {
+        let huge = inspect("k", &elf(62, 2, 1 << 45, 0x1000, KERNEL_VMA + (1 << 45)), 32 * MIB, ZONE);
+        assert!(matches!(huge, Err(Error::SegmentOutsideRam { .. })), "{huge:?}");
+        let wrap = inspect("k", &elf(62, 2, u64::MAX - 10, 0x1000, GOOD_ENTRY), 32 * MIB, ZONE);
+        assert!(matches!(wrap, Err(Error::SegmentOutsideRam { .. })), "{wrap:?}");
+        let boot = inspect("k", &elf(62, 2, 0x8000, 0x1000, KERNEL_VMA + 0x8000), 32 * MIB, ZONE);
+        assert!(matches!(boot, Err(Error::SegmentOverlap { what: "boot area", .. })), "{boot:?}");
+        let zone = inspect("k", &elf(62, 2, 15 * MIB, 2 * MIB, KERNEL_VMA + 15 * MIB), 32 * MIB, ZONE);
+        assert!(matches!(zone, Err(Error::SegmentOverlap { what: "page-table zone", .. })), "{zone:?}");
+    }
+
+    #[test]
+    fn too_little_memory_names_the_size_needed() {
+        let e = inspect("k", &elf(62, 2, 0x20_0000, 12 * MIB, GOOD_ENTRY), 8 * MIB, ZONE).unwrap_err();
+        match e {
+            Error::MemoryTooSmallForKernel { needed, .. } => assert_eq!(needed, 32 * MIB),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn refuses_an_entry_outside_the_image() {
+        let e = inspect("k", &elf(62, 2, 0x20_0000, 0x1000, 0x1234), 32 * MIB, ZONE).unwrap_err();
+        assert!(e.to_string().contains("entry point"), "{e}");
+    }
+}

@@ -1,0 +1,98 @@
+//! The command line (DESIGN.md, "Command line"). Sizes take units, times
+//! take units, `--help` shows every default and the exit codes.
+
+use crate::size::{parse_duration, parse_size};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  the guest ended with success
+  1  the guest ended with a failure status (failed test, panic, exception)
+  2  bad command-line usage
+  3  the VM could not be set up (KVM, kernel image, memory)
+  4  the guest crashed the vCPU (triple fault, instruction the host cannot emulate)
+  5  --timeout expired";
+
+/// A KVM-based VMM that boots its own guest kernel and virtualises its MMU.
+#[derive(Debug, Parser)]
+#[command(name = "vmm", version, about, after_help = EXIT_CODES)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a guest kernel and run it until it exits.
+    #[command(after_help = EXIT_CODES)]
+    Run(RunArgs),
+}
+
+/// Options of `vmm run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Guest kernel ELF to boot [default: the kernel bundled in this binary].
+    #[arg(long, value_name = "ELF")]
+    pub kernel: Option<PathBuf>,
+
+    /// Guest RAM, with a unit (K, M, G); a multiple of 2 MiB, at least 32M.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
+    pub memory: u64,
+
+    /// Command line passed to the guest kernel.
+    #[arg(long, value_name = "STR", default_value = "")]
+    pub cmdline: String,
+
+    /// End the guest if it is still running after this long (ms, s, m, h).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// Print exit counts by reason and timings to stderr when the VM ends.
+    #[arg(long)]
+    pub stats: bool,
+
+    /// Also write the statistics as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_and_units() {
+        let cli = Cli::try_parse_from(["vmm", "run"]).unwrap();
+        let Command::Run(a) = cli.command;
+        assert_eq!(a.memory, 256 << 20);
+        assert_eq!(a.timeout, Duration::from_secs(60));
+        let cli = Cli::try_parse_from(["vmm", "run", "--memory", "1G", "--timeout", "500ms"]).unwrap();
+        let Command::Run(a) = cli.command;
+        assert_eq!(a.memory, 1 << 30);
+        assert_eq!(a.timeout, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn bad_sizes_are_usage_errors() {
+        let e = Cli::try_parse_from(["vmm", "run", "--memory", "lots"]).unwrap_err();
+        assert!(e.to_string().contains("invalid size"), "{e}");
+    }
+
+    #[test]
+    fn help_shows_defaults() {
+        let mut cmd = Cli::command();
+        let help = cmd.find_subcommand_mut("run").unwrap().render_long_help().to_string();
+        assert!(help.contains("[default: 256M]"), "{help}");
+        assert!(help.contains("[default: 60s]"), "{help}");
+        assert!(help.contains("Exit codes"), "{help}");
+    }
+}

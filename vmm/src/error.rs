@@ -1,0 +1,131 @@
+//! The VMM's errors: one variant per failure, each message saying what
+//! failed and with what, and each mapped to a documented exit code.
+
+use std::path::PathBuf;
+
+/// Exit codes of the `vmm` binary (also listed in `--help` and the README).
+pub mod exit_code {
+    /// The guest ended with the success status.
+    pub const SUCCESS: i32 = 0;
+    /// The guest ended with a failure status (a failed test, a panic, an
+    /// unhandled exception).
+    pub const GUEST_FAILURE: i32 = 1;
+    /// Bad command-line usage (clap's convention).
+    pub const USAGE: i32 = 2;
+    /// The VM could not be set up: KVM, the kernel image, memory.
+    pub const SETUP: i32 = 3;
+    /// The guest crashed the vCPU: triple fault, an instruction the host
+    /// cannot emulate, an unexpected exit.
+    pub const GUEST_CRASH: i32 = 4;
+    /// `--timeout` expired.
+    pub const TIMEOUT: i32 = 5;
+}
+
+/// Everything that can go wrong in the VMM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("/dev/kvm does not exist: this host has no KVM (load kvm_intel/kvm_amd, or run on a host that has it)")]
+    KvmMissing,
+    #[error("no permission to open /dev/kvm: run as root or add your user to the 'kvm' group")]
+    KvmPermission,
+    #[error("cannot open /dev/kvm: {0}")]
+    KvmOpen(#[source] kvm_ioctls::Error),
+    #[error("KVM API version {0} is not supported (need 12)")]
+    KvmApiVersion(i32),
+    #[error("KVM lacks a capability the VMM needs: {0}")]
+    KvmCapability(&'static str),
+    #[error("KVM ioctl {what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+
+    #[error("cannot read kernel {path}: {source}")]
+    KernelRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kernel {0} is not an ELF file")]
+    KernelNotElf(String),
+    #[error("kernel {name} is not an x86-64 ELF executable: {why}")]
+    KernelForeign { name: String, why: String },
+    #[error("kernel {name}: segment {index} [{start:#x}-{end:#x}) lies outside guest RAM (0-{ram:#x})")]
+    SegmentOutsideRam { name: String, index: usize, start: u64, end: u64, ram: u64 },
+    #[error(
+        "memory size {} is too small for kernel {name}: segment {index} ends at {end:#x}; use --memory {} or more",
+        crate::size::format_size(*ram),
+        crate::size::format_size(*needed)
+    )]
+    MemoryTooSmallForKernel { name: String, index: usize, end: u64, ram: u64, needed: u64 },
+    #[error("kernel {name}: segment {index} [{start:#x}-{end:#x}) overlaps the {what} [{what_start:#x}-{what_end:#x})")]
+    SegmentOverlap {
+        name: String,
+        index: usize,
+        start: u64,
+        end: u64,
+        what: &'static str,
+        what_start: u64,
+        what_end: u64,
+    },
+    #[error("kernel {name}: {source}")]
+    KernelLoad {
+        name: String,
+        #[source]
+        source: linux_loader::loader::Error,
+    },
+
+    #[error("memory size {} is too small: the minimum is {}", crate::size::format_size(*.0), crate::size::format_size(*.1))]
+    MemoryTooSmall(u64, u64),
+    #[error("memory size {} is too large: the maximum is {}", crate::size::format_size(*.0), crate::size::format_size(*.1))]
+    MemoryTooLarge(u64, u64),
+    #[error("memory size {0:#x} is not a multiple of 2 MiB")]
+    MemoryUnaligned(u64),
+    #[error("the host cannot give {} of guest RAM: {reason}", crate::size::format_size(*size))]
+    MemoryBacking { size: u64, reason: String },
+    #[error("command line is {0} bytes; the maximum is {1}")]
+    CmdlineTooLong(usize, usize),
+    #[error("guest memory access at {0:#x} failed: {1}")]
+    GuestMemory(u64, String),
+
+    #[error("guest triple fault (KVM_EXIT_SHUTDOWN) at rip={rip:#x}")]
+    TripleFault { rip: u64 },
+    #[error(
+        "the host could not emulate the guest instruction at rip={rip:#x} (bytes: {bytes}); KVM internal error, suberror {suberror}"
+    )]
+    EmulationFailure { rip: u64, bytes: String, suberror: u32 },
+    #[error("KVM internal error, suberror {suberror}, at rip={rip:#x}")]
+    InternalError { rip: u64, suberror: u32 },
+    #[error("KVM could not enter the guest (hardware entry failure reason {0:#x})")]
+    FailEntry(u64),
+    #[error("unexpected VM exit {what} at rip={rip:#x}")]
+    UnexpectedExit { what: String, rip: u64 },
+    #[error("the guest halted with interrupts disabled at rip={rip:#x} (it can never resume)")]
+    GuestHalted { rip: u64 },
+    #[error("timeout: the guest was still running after {}", crate::size::format_duration(*.0))]
+    Timeout(std::time::Duration),
+
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        use Error::*;
+        match self {
+            TripleFault { .. }
+            | EmulationFailure { .. }
+            | InternalError { .. }
+            | FailEntry(_)
+            | UnexpectedExit { .. }
+            | GuestHalted { .. } => exit_code::GUEST_CRASH,
+            Timeout(_) => exit_code::TIMEOUT,
+            _ => exit_code::SETUP,
+        }
+    }
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, Error>;

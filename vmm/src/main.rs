@@ -1,0 +1,61 @@
+//! `vmm`: the command-line entry point.
+
+use clap::Parser;
+use std::process::ExitCode;
+use std::time::Instant;
+use vmm::cli::{Cli, Command, RunArgs};
+use vmm::error::exit_code;
+use vmm::vm::{KernelSource, Vm, VmConfig};
+
+fn main() -> ExitCode {
+    let process_start = Instant::now();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Run(args) => run(args, process_start),
+    };
+    ExitCode::from(code as u8)
+}
+
+fn run(args: RunArgs, process_start: Instant) -> i32 {
+    let config = VmConfig {
+        kernel: args.kernel.clone().map_or(KernelSource::Bundled, KernelSource::File),
+        memory: args.memory,
+        mmu: guest_abi::MmuMode::Ept,
+        cmdline: args.cmdline.clone(),
+        timeout: args.timeout,
+        process_start,
+    };
+    let vm = match Vm::new(config, Box::new(std::io::stdout())) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return e.exit_code();
+        }
+    };
+    let outcome = vm.run();
+    if args.stats {
+        eprint!("{}", outcome.stats.render());
+    }
+    if let Some(path) = &args.stats_json {
+        let json = serde_json::json!({ "schema": 1, "stats": outcome.stats, "reports": outcome.reports });
+        if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&json).unwrap_or_default() + "\n") {
+            eprintln!("error: cannot write {}: {e}", path.display());
+            return exit_code::SETUP;
+        }
+    }
+    match outcome.end {
+        Ok(exit) if exit.success() => exit_code::SUCCESS,
+        Ok(exit) => {
+            eprintln!(
+                "error: the guest ended with failure status {} (it wrote {:#x} to the exit device)",
+                exit.status, exit.value
+            );
+            exit_code::GUEST_FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
+    }
+}

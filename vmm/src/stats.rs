@@ -1,0 +1,89 @@
+//! Per-run statistics: exits by reason, hypercalls by name, and where the
+//! time went. Counts are deterministic for a given guest and command line,
+//! so tests assert them; times are reported, never asserted.
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+/// Statistics of one VM run.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct RunStats {
+    /// VM exits by reason (`io-out:serial`, `io-out:hypercall`, ...).
+    pub exits: BTreeMap<&'static str, u64>,
+    /// Hypercalls by name.
+    pub hypercalls: BTreeMap<&'static str, u64>,
+    /// Process start → first `KVM_RUN` (the first guest instruction).
+    pub setup_time: Duration,
+    /// First `KVM_RUN` → the VM ended.
+    pub run_time: Duration,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Guest cycles from kernel entry to its boot report, if it sent one.
+    pub guest_boot_cycles: Option<u64>,
+}
+
+impl RunStats {
+    /// Count one exit of `reason`.
+    pub fn exit(&mut self, reason: &'static str) {
+        *self.exits.entry(reason).or_default() += 1;
+    }
+
+    /// Count one hypercall.
+    pub fn hypercall(&mut self, name: &'static str) {
+        *self.hypercalls.entry(name).or_default() += 1;
+    }
+
+    /// All exits.
+    pub fn total_exits(&self) -> u64 {
+        self.exits.values().sum()
+    }
+
+    /// The human-readable report printed by `--stats`.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let _ = writeln!(s, "vmm stats:");
+        let _ = writeln!(s, "  guest memory        {}", crate::size::format_size(self.memory));
+        let _ = writeln!(
+            s,
+            "  setup time          {:.3} ms  (process start -> first guest instruction)",
+            ms(self.setup_time)
+        );
+        let _ = writeln!(s, "  run time            {:.3} ms", ms(self.run_time));
+        if let Some(c) = self.guest_boot_cycles {
+            let _ = writeln!(s, "  guest boot          {c} cycles (rdtsc, kernel entry -> banner)");
+        }
+        let _ = writeln!(s, "  exits               {}", self.total_exits());
+        for (reason, n) in &self.exits {
+            let _ = writeln!(s, "    {reason:<22}{n:>10}");
+        }
+        if !self.hypercalls.is_empty() {
+            let _ = writeln!(s, "  hypercalls");
+            for (name, n) in &self.hypercalls {
+                let _ = writeln!(s, "    {name:<22}{n:>10}");
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_renders_exits() {
+        let mut st = RunStats { memory: 256 << 20, ..Default::default() };
+        st.exit("io-out:serial");
+        st.exit("io-out:serial");
+        st.exit("io-out:exit");
+        st.hypercall("report");
+        assert_eq!(st.total_exits(), 3);
+        let text = st.render();
+        assert!(text.contains("256 MiB"));
+        assert!(text.lines().any(|l| l.contains("io-out:serial") && l.trim_end().ends_with('2')));
+        assert!(text.contains("report"));
+    }
+}

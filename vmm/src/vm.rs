@@ -1,0 +1,450 @@
+//! One VM: creation from a [`VmConfig`], the vCPU loop, the end of the run.
+//!
+//! Lifecycle (the rust-vmm `vmm-reference` shape): [`Vm::new`] opens KVM,
+//! creates guest memory and registers it as a memslot, loads the kernel and
+//! the boot structures, and sets up the single vCPU; [`Vm::run`] runs the
+//! vCPU on its own thread until the guest writes to the exit device, the
+//! vCPU dies, or the timeout expires (the main thread then kicks the vCPU
+//! out of `KVM_RUN` with a signal).
+//!
+//! Invariants:
+//! - Guest RAM is one anonymous mapping at GPA `0..memory`; nothing else is
+//!   registered with KVM, so the guest cannot reach host memory beyond it.
+//! - Registers are read through the sync-regs area of `kvm_run`
+//!   (`KVM_SYNC_X86_REGS`), so a hypercall costs one exit and no extra
+//!   ioctl; the result goes back the same way.
+
+use crate::boot::{bootinfo, gdt, loader, paging, regs};
+use crate::devices::hypercall::{self, HypercallContext, Report};
+use crate::devices::serial::{GuestSerial, new_serial};
+use crate::error::{Error, Result};
+use crate::layout::{self, MAX_MEMORY, MIN_MEMORY, PT_ZONE_START};
+use crate::stats::RunStats;
+use guest_abi::MmuMode;
+use guest_abi::ports::{EXIT_DEVICE, HYPERCALL, SERIAL_COM1, SERIAL_PORT_COUNT, exit_status};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// The kernel bundled into this binary by `build.rs`.
+pub static BUNDLED_KERNEL: &[u8] = include_bytes!(env!("GUEST_KERNEL_ELF"));
+
+/// Where the guest kernel comes from.
+#[derive(Debug, Clone)]
+pub enum KernelSource {
+    /// The kernel built from `guest/kernel` and embedded in the binary.
+    Bundled,
+    /// An ELF file.
+    File(PathBuf),
+}
+
+/// Everything needed to create and run a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// The guest kernel.
+    pub kernel: KernelSource,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// MMU virtualisation mode.
+    pub mmu: MmuMode,
+    /// Guest command line.
+    pub cmdline: String,
+    /// Wall-clock limit for the run.
+    pub timeout: Duration,
+    /// When the process started (for the setup-time statistic).
+    pub process_start: Instant,
+}
+
+/// How the guest ended, when it ended by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestExit {
+    /// The byte the guest wrote to the exit device.
+    pub value: u8,
+    /// The QEMU `isa-debug-exit` status, `(value << 1) | 1`.
+    pub status: u32,
+}
+
+impl GuestExit {
+    /// Whether the guest reported success.
+    pub fn success(&self) -> bool {
+        self.value == guest_abi::ports::EXIT_SUCCESS
+    }
+}
+
+/// The result of a run that got as far as starting the guest.
+#[derive(Debug)]
+pub struct RunOutcome {
+    /// How the guest ended, or why the VMM had to end it.
+    pub end: Result<GuestExit>,
+    /// Statistics of the run.
+    pub stats: RunStats,
+    /// Records the guest sent with `REPORT`.
+    pub reports: Vec<Report>,
+}
+
+/// A VM ready to run.
+pub struct Vm {
+    // Kept alive for the lifetime of the VM: the vCPU and memslots belong to it.
+    _kvm: Kvm,
+    _vm: VmFd,
+    vcpu: VcpuFd,
+    mem: GuestMemoryMmap,
+    serial: GuestSerial,
+    config: VmConfig,
+    epoch: Instant,
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}
+
+/// Check the memory size against the layout.
+pub fn check_memory_size(memory: u64) -> Result<()> {
+    if memory < MIN_MEMORY {
+        return Err(Error::MemoryTooSmall(memory, MIN_MEMORY));
+    }
+    if memory > MAX_MEMORY {
+        return Err(Error::MemoryTooLarge(memory, MAX_MEMORY));
+    }
+    if memory % layout::LARGE_PAGE_SIZE != 0 {
+        return Err(Error::MemoryUnaligned(memory));
+    }
+    Ok(())
+}
+
+fn create_memory(size: u64) -> Result<GuestMemoryMmap> {
+    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])
+        .map_err(|e| Error::MemoryBacking { size, reason: e.to_string() })
+}
+
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| Error::GuestMemory(region.start_addr().0, e.to_string()))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the host range belongs to `mem`, which the Vm owns and
+        // keeps mapped for as long as the VM (and so the slot) exists.
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+impl Vm {
+    /// Create the VM: KVM, memory, kernel, boot structures, vCPU. The guest
+    /// console goes to `console`.
+    pub fn new(config: VmConfig, console: Box<dyn Write + Send>) -> Result<Vm> {
+        check_memory_size(config.memory)?;
+        let (name, image): (String, std::borrow::Cow<'static, [u8]>) = match &config.kernel {
+            KernelSource::Bundled => ("(bundled)".into(), BUNDLED_KERNEL.into()),
+            KernelSource::File(p) => {
+                let bytes = std::fs::read(p).map_err(|source| Error::KernelRead { path: p.clone(), source })?;
+                (p.display().to_string(), bytes.into())
+            }
+        };
+        let pt_zone = (PT_ZONE_START, PT_ZONE_START + layout::pt_zone_size(config.memory));
+        let kernel = loader::inspect(&name, &image, config.memory, pt_zone)?;
+
+        let kvm = crate::kvm::open()?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let epoch = Instant::now();
+        let mem = create_memory(config.memory)?;
+        register_memory(&vm, &mem)?;
+
+        loader::load(&name, &image, &mem)?;
+        gdt::write_gdt_and_idt(&mem)?;
+        let boot_mapped = paging::setup_page_tables(&mem, config.memory)?;
+        bootinfo::write(
+            &mem,
+            &bootinfo::BootInfoParams {
+                ram: config.memory,
+                boot_mapped,
+                kernel: kernel.phys_range(),
+                pt_zone,
+                mmu: config.mmu,
+                cmdline: &config.cmdline,
+            },
+        )?;
+
+        let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let nx = cpuid.as_slice().iter().any(|e| e.function == 0x8000_0001 && e.edx & (1 << 20) != 0);
+        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        vcpu.set_sregs(&regs::long_mode_sregs(sregs, nx)).map_err(kvm_err("KVM_SET_SREGS"))?;
+        vcpu.set_fpu(&regs::reset_fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
+        vcpu.set_regs(&regs::entry_regs(kernel.entry)).map_err(kvm_err("KVM_SET_REGS"))?;
+        vcpu.set_sync_valid_reg(SyncReg::Register);
+
+        Ok(Vm { _kvm: kvm, _vm: vm, vcpu, mem, serial: new_serial(console), config, epoch })
+    }
+
+    /// Guest memory (for tests and tools that inspect the guest).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Run until the guest ends, the vCPU dies, or the timeout expires.
+    pub fn run(self) -> RunOutcome {
+        let timeout = self.config.timeout;
+        let expired = Arc::new(AtomicBool::new(false));
+        let flag = expired.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        install_kick_handler();
+        let handle = std::thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn(move || {
+                let out = self.vcpu_loop(&flag);
+                let _ = tx.send(());
+                out
+            })
+            .expect("spawn the vCPU thread");
+
+        if rx.recv_timeout(timeout).is_err() {
+            expired.store(true, Ordering::SeqCst);
+            // Kick the vCPU out of KVM_RUN until it notices. Repeated,
+            // because a signal that lands just before the thread enters
+            // KVM_RUN is not seen by KVM.
+            while rx.recv_timeout(Duration::from_millis(20)).is_err() {
+                if handle.is_finished() {
+                    break;
+                }
+                // The thread is alive and the kick handler is installed, so
+                // the signal only interrupts its KVM_RUN.
+                let _ = vmm_sys_util::signal::Killable::kill(&handle, kick_signal());
+            }
+        }
+        handle.join().unwrap_or_else(|_| RunOutcome {
+            end: Err(Error::UnexpectedExit { what: "vCPU thread panicked".into(), rip: 0 }),
+            stats: RunStats::default(),
+            reports: Vec::new(),
+        })
+    }
+
+    fn vcpu_loop(mut self, expired: &AtomicBool) -> RunOutcome {
+        let mut stats = RunStats { memory: self.config.memory, ..Default::default() };
+        let mut reports = Vec::new();
+        let started = Instant::now();
+        stats.setup_time = started.duration_since(self.config.process_start);
+        let end = self.run_until_end(expired, &mut stats, &mut reports);
+        stats.run_time = started.elapsed();
+        self.serial.writer_mut().drain();
+        stats.guest_boot_cycles = reports.iter().find_map(|r| match r {
+            Report::Boot { boot_cycles, .. } => Some(*boot_cycles),
+            _ => None,
+        });
+        RunOutcome { end, stats, reports }
+    }
+
+    fn rip(&self) -> u64 {
+        self.vcpu.sync_regs().regs.rip
+    }
+
+    fn run_until_end(
+        &mut self,
+        expired: &AtomicBool,
+        stats: &mut RunStats,
+        reports: &mut Vec<Report>,
+    ) -> Result<GuestExit> {
+        loop {
+            if expired.load(Ordering::SeqCst) {
+                return Err(Error::Timeout(self.config.timeout));
+            }
+            let action = match self.vcpu.run() {
+                Ok(exit) => Action::from_exit(exit, &mut self.serial),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    stats.exit("interrupted");
+                    continue;
+                }
+                Err(e) => return Err(Error::Kvm { what: "KVM_RUN", source: e }),
+            };
+            match action {
+                Action::SerialOut => {
+                    stats.exit("io-out:serial");
+                    self.serial.writer_mut().drain();
+                }
+                Action::SerialIn => stats.exit("io-in:serial"),
+                Action::ExitDevice(value) => {
+                    stats.exit("io-out:exit");
+                    return Ok(GuestExit { value, status: exit_status(value) });
+                }
+                Action::Hypercall(nr) => {
+                    stats.exit("io-out:hypercall");
+                    stats.hypercall(guest_abi::hypercall::name(nr));
+                    let r = self.vcpu.sync_regs().regs;
+                    let mut ctx =
+                        HypercallContext { mem: &self.mem, ram: self.config.memory, epoch: self.epoch, reports };
+                    let result = hypercall::handle(&mut ctx, nr, [r.rdi, r.rsi, r.rcx, r.r8]);
+                    self.vcpu.sync_regs_mut().regs.rax = result;
+                    self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+                }
+                Action::OtherIoOut(port) => {
+                    stats.exit("io-out:unclaimed");
+                    log::debug!("guest wrote to unclaimed port {port:#x}; ignored");
+                }
+                Action::OtherIoIn(port) => {
+                    stats.exit("io-in:unclaimed");
+                    log::debug!("guest read unclaimed port {port:#x}; reads as all ones");
+                }
+                Action::Mmio(addr, write) => {
+                    // No device lives outside RAM: reads see all ones, writes vanish.
+                    stats.exit(if write { "mmio-write" } else { "mmio-read" });
+                    log::debug!("guest {} unbacked GPA {addr:#x}", if write { "wrote" } else { "read" });
+                }
+                Action::Hlt => {
+                    stats.exit("hlt");
+                    return Err(Error::GuestHalted { rip: self.rip() });
+                }
+                Action::Shutdown => {
+                    stats.exit("shutdown");
+                    return Err(Error::TripleFault { rip: self.rip() });
+                }
+                Action::InternalError => {
+                    stats.exit("internal-error");
+                    return Err(self.internal_error());
+                }
+                Action::FailEntry(reason) => {
+                    stats.exit("fail-entry");
+                    return Err(Error::FailEntry(reason));
+                }
+                Action::Other(what) => {
+                    stats.exit("unexpected");
+                    return Err(Error::UnexpectedExit { what, rip: self.rip() });
+                }
+            }
+        }
+    }
+
+    /// Describe a `KVM_EXIT_INTERNAL_ERROR`; for an emulation failure,
+    /// include the instruction bytes at `rip`.
+    fn internal_error(&mut self) -> Error {
+        let rip = self.rip();
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: this is a KVM_EXIT_INTERNAL_ERROR exit, so the `internal`
+        // member of the exit union is the valid one.
+        let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+        if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+            let bytes = self.instruction_bytes(rip);
+            let hex = if bytes.is_empty() {
+                "unreadable".to_string()
+            } else {
+                bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+            };
+            return Error::EmulationFailure { rip, bytes: hex, suberror };
+        }
+        Error::InternalError { rip, suberror }
+    }
+
+    /// Up to 15 bytes (the longest x86 instruction) at guest-virtual `rip`,
+    /// translated page by page with `KVM_TRANSLATE`; stops at the first
+    /// unmapped page.
+    fn instruction_bytes(&self, rip: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        while out.len() < 15 {
+            let va = rip.wrapping_add(out.len() as u64);
+            let Ok(t) = self.vcpu.translate_gva(va) else { break };
+            if t.valid == 0 {
+                break;
+            }
+            let in_page = (0x1000 - (va & 0xfff)) as usize;
+            let n = in_page.min(15 - out.len());
+            let mut buf = vec![0u8; n];
+            if vm_memory::Bytes::read_slice(&self.mem, &mut buf, GuestAddress(t.physical_address)).is_err() {
+                break;
+            }
+            out.extend_from_slice(&buf);
+        }
+        out
+    }
+}
+
+/// What to do about an exit, with the data copied out of `kvm_run` so the
+/// vCPU can be borrowed again. Port reads are answered in place (the data
+/// slice is KVM's I/O data area), serial writes go to the UART directly.
+enum Action {
+    SerialOut,
+    SerialIn,
+    ExitDevice(u8),
+    Hypercall(u32),
+    OtherIoOut(u16),
+    OtherIoIn(u16),
+    Mmio(u64, bool),
+    Hlt,
+    Shutdown,
+    InternalError,
+    FailEntry(u64),
+    Other(String),
+}
+
+impl Action {
+    fn from_exit(exit: VcpuExit<'_>, serial: &mut GuestSerial) -> Action {
+        let uart = SERIAL_COM1..SERIAL_COM1 + SERIAL_PORT_COUNT;
+        match exit {
+            VcpuExit::IoOut(port, data) if uart.contains(&port) => {
+                // `rep outsb` delivers a whole string in one exit.
+                for b in data {
+                    // The sink never fails and NoInterrupt cannot either.
+                    let _ = serial.write((port - SERIAL_COM1) as u8, *b);
+                }
+                Action::SerialOut
+            }
+            VcpuExit::IoOut(EXIT_DEVICE, data) => Action::ExitDevice(data.first().copied().unwrap_or(0)),
+            VcpuExit::IoOut(HYPERCALL, data) => {
+                let mut nr = [0u8; 4];
+                for (d, s) in nr.iter_mut().zip(data) {
+                    *d = *s;
+                }
+                Action::Hypercall(u32::from_le_bytes(nr))
+            }
+            VcpuExit::IoOut(port, _) => Action::OtherIoOut(port),
+            VcpuExit::IoIn(port, data) if uart.contains(&port) => {
+                for d in data.iter_mut() {
+                    *d = serial.read((port - SERIAL_COM1) as u8);
+                }
+                Action::SerialIn
+            }
+            VcpuExit::IoIn(port, data) => {
+                data.fill(0xff);
+                Action::OtherIoIn(port)
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                data.fill(0xff);
+                Action::Mmio(addr, false)
+            }
+            VcpuExit::MmioWrite(addr, _) => Action::Mmio(addr, true),
+            VcpuExit::Hlt => Action::Hlt,
+            VcpuExit::Shutdown => Action::Shutdown,
+            VcpuExit::InternalError => Action::InternalError,
+            VcpuExit::FailEntry(reason, _cpu) => Action::FailEntry(reason),
+            other => Action::Other(format!("{other:?}")),
+        }
+    }
+}
+
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Install the (empty) handler of the signal that kicks the vCPU out of
+/// `KVM_RUN`; without it the signal would kill the process.
+fn install_kick_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {
+            log::warn!("cannot install the vCPU kick handler: {e}; --timeout may not interrupt a busy guest");
+        }
+    });
+}
