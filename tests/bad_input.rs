@@ -1,1 +1,156 @@
+//! Bad input: each gets a one-line error and a non-zero exit, never a
+//! panic. None of these needs KVM except the permission check, because the
+//! VMM validates its input before it opens `/dev/kvm`.
 
+mod common;
+use common::*;
+use std::process::Output;
+
+/// A minimal ELF64 with one PT_LOAD segment of `memsz` bytes at physical
+/// `paddr`, linked at the kernel window, for machine `machine`.
+fn elf(machine: u16, paddr: u64, memsz: u64) -> Vec<u8> {
+    let vaddr = 0xffff_ffff_8000_0000u64.wrapping_add(paddr);
+    let mut b = vec![0u8; 0x200];
+    b[..4].copy_from_slice(b"\x7fELF");
+    b[4] = 2; // 64-bit
+    b[5] = 1; // little-endian
+    b[6] = 1;
+    b[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    b[18..20].copy_from_slice(&machine.to_le_bytes());
+    b[20..24].copy_from_slice(&1u32.to_le_bytes());
+    b[24..32].copy_from_slice(&vaddr.to_le_bytes()); // entry
+    b[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+    b[52..54].copy_from_slice(&64u16.to_le_bytes());
+    b[54..56].copy_from_slice(&56u16.to_le_bytes());
+    b[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let p = &mut b[64..120];
+    p[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    p[4..8].copy_from_slice(&5u32.to_le_bytes());
+    p[8..16].copy_from_slice(&0x100u64.to_le_bytes());
+    p[16..24].copy_from_slice(&vaddr.to_le_bytes());
+    p[24..32].copy_from_slice(&paddr.to_le_bytes());
+    p[32..40].copy_from_slice(&0x10u64.to_le_bytes());
+    p[40..48].copy_from_slice(&memsz.to_le_bytes());
+    b
+}
+
+fn run_kernel(name: &str, bytes: &[u8], extra: &[&str]) -> Output {
+    let path = temp_path(name);
+    std::fs::write(&path, bytes).unwrap();
+    let mut args = vec!["run", "--kernel", path.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+/// The error is exactly one line on stderr, starts with "error: ",
+/// contains `needle`, and the exit code is `code`.
+#[track_caller]
+fn assert_one_line_error(o: &Output, code: i32, needle: &str) {
+    assert_exit(o, code);
+    let err = stderr(o);
+    assert_eq!(err.lines().count(), 1, "one line expected:\n{err}");
+    assert!(err.starts_with("error: ") && err.contains(needle), "wanted {needle:?} in:\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn missing_kvm_device() {
+    let o = vmm().env("VMM_KVM_DEVICE", "/nonexistent/kvm").arg("run").output().unwrap();
+    assert_one_line_error(&o, 3, "/dev/kvm does not exist");
+}
+
+#[test]
+fn no_permission_to_open_kvm() {
+    // As root, drop to an unprivileged user; /dev/kvm must then refuse us.
+    let is_root = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    let setpriv = std::path::Path::new("/usr/bin/setpriv").exists();
+    if !is_root || !setpriv || !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("*** SKIPPED: the permission test needs root, setpriv and /dev/kvm ***");
+        return;
+    }
+    let o = std::process::Command::new("/usr/bin/setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_vmm"), "run"])
+        .output()
+        .unwrap();
+    if stderr(&o).contains("Permission denied") && o.status.code() != Some(3) {
+        eprintln!("*** SKIPPED: the vmm binary is not executable by an unprivileged user here ***");
+        return;
+    }
+    assert_one_line_error(&o, 3, "no permission to open /dev/kvm");
+}
+
+#[test]
+fn kernel_file_missing() {
+    let o = run(&["run", "--kernel", "/nonexistent/kernel.elf"]);
+    assert_one_line_error(&o, 3, "cannot read kernel /nonexistent/kernel.elf");
+}
+
+#[test]
+fn kernel_not_elf() {
+    let o = run_kernel("not-elf", b"#!/bin/sh\necho hello\n", &[]);
+    assert_one_line_error(&o, 3, "is not an ELF file");
+}
+
+#[test]
+fn kernel_for_another_machine() {
+    let o = run_kernel("aarch64.elf", &elf(183, 0x20_0000, 0x1000), &[]);
+    assert_one_line_error(&o, 3, "is not an x86-64 ELF executable: its machine is 183");
+}
+
+#[test]
+fn kernel_that_is_a_host_program() {
+    // A dynamically linked, position-independent Linux program.
+    let o = run(&["run", "--kernel", "/bin/true"]);
+    assert_one_line_error(&o, 3, "a statically linked executable is needed");
+}
+
+#[test]
+fn kernel_segment_outside_guest_ram() {
+    let o = run_kernel("far.elf", &elf(62, 1 << 40, 0x1000), &[]);
+    assert_one_line_error(&o, 3, "lies outside guest RAM");
+}
+
+#[test]
+fn memory_too_small_for_the_kernel() {
+    // A kernel image that ends at 40 MiB, in a 32 MiB guest.
+    let o = run_kernel("big.elf", &elf(62, 24 << 20, 16 << 20), &["--memory", "32M"]);
+    assert_one_line_error(&o, 3, "memory size 32 MiB is too small for kernel");
+    assert!(stderr(&o).contains("use --memory 40M or more"), "{}", stderr(&o));
+}
+
+#[test]
+fn kernel_over_the_page_table_zone() {
+    let o = run_kernel("zone.elf", &elf(62, 15 << 20, 2 << 20), &[]);
+    assert_one_line_error(&o, 3, "overlaps the page-table zone");
+}
+
+#[test]
+fn memory_size_unparsable() {
+    let o = run(&["run", "--memory", "lots"]);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("invalid size 'lots'"), "{}", stderr(&o));
+}
+
+#[test]
+fn memory_size_too_small() {
+    let o = run(&["run", "--memory", "8M"]);
+    assert_one_line_error(&o, 3, "memory size 8 MiB is too small: the minimum is 32 MiB");
+}
+
+#[test]
+fn memory_size_too_large_or_unaligned() {
+    let o = run(&["run", "--memory", "1T"]);
+    assert_one_line_error(&o, 3, "is too large: the maximum is 64 GiB");
+    let o = run(&["run", "--memory", "33M"]);
+    assert_one_line_error(&o, 3, "not a multiple of 2 MiB");
+}
+
+#[test]
+fn bad_timeout_is_a_usage_error() {
+    let o = run(&["run", "--timeout", "soon"]);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("invalid duration"), "{}", stderr(&o));
+}

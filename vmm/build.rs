@@ -98,10 +98,10 @@ fn main() {
 fn target_dir_of(out_dir: &Path) -> Option<PathBuf> {
     let build = out_dir.ancestors().find(|p| p.file_name().is_some_and(|n| n == "build"))?;
     let mut dir = build.parent()?.parent()?;
-    if let Ok(triple) = env::var("TARGET") {
-        if dir.file_name().is_some_and(|n| n == triple.as_str()) {
-            dir = dir.parent()?;
-        }
+    if let Ok(triple) = env::var("TARGET")
+        && dir.file_name().is_some_and(|n| n == triple.as_str())
+    {
+        dir = dir.parent()?;
     }
     Some(dir.to_path_buf())
 }

@@ -54,9 +54,9 @@ pub enum Error {
     #[error("kernel {name}: segment {index} [{start:#x}-{end:#x}) lies outside guest RAM (0-{ram:#x})")]
     SegmentOutsideRam { name: String, index: usize, start: u64, end: u64, ram: u64 },
     #[error(
-        "memory size {} is too small for kernel {name}: segment {index} ends at {end:#x}; use --memory {} or more",
+        "memory size {} is too small for kernel {name}: segment {index} ends at {end:#x}; use --memory {}M or more",
         crate::size::format_size(*ram),
-        crate::size::format_size(*needed)
+        needed >> 20
     )]
     MemoryTooSmallForKernel { name: String, index: usize, end: u64, ram: u64, needed: u64 },
     #[error("kernel {name}: segment {index} [{start:#x}-{end:#x}) overlaps the {what} [{what_start:#x}-{what_end:#x})")]

@@ -111,7 +111,7 @@ pub fn check_memory_size(memory: u64) -> Result<()> {
     if memory > MAX_MEMORY {
         return Err(Error::MemoryTooLarge(memory, MAX_MEMORY));
     }
-    if memory % layout::LARGE_PAGE_SIZE != 0 {
+    if !memory.is_multiple_of(layout::LARGE_PAGE_SIZE) {
         return Err(Error::MemoryUnaligned(memory));
     }
     Ok(())

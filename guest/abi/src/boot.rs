@@ -197,8 +197,8 @@ mod tests {
         // The guest and the VMM are compiled separately; a silent layout
         // change would make the guest read garbage.
         assert_eq!(core::mem::size_of::<MemRegion>(), 24);
-        assert_eq!(core::mem::size_of::<BootInfo>(), 72 + 24 + 16 * 24);
-        assert_eq!(core::mem::offset_of!(BootInfo, regions), 96);
+        assert_eq!(core::mem::size_of::<BootInfo>(), 80 + 16 * 24);
+        assert_eq!(core::mem::offset_of!(BootInfo, regions), 80);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The console: the 16550 UART at COM1, formatted with `ufmt`.
 //!
-//! Output goes out with `rep outsb`, so a whole string costs one VM exit
-//! instead of one per byte. No line discipline, no locking: the kernel is
+//! Output goes out with `rep outsb`. On a host with hardware virtualisation
+//! KVM turns a whole string into one exit; under KVM's instruction emulator
+//! (these machines, HOST.md) each byte is its own exit (about 9 µs), so keep
+//! in-guest output short. No line discipline, no locking: the kernel is
 //! single-threaded and runs with interrupts off.
 
 use core::convert::Infallible;

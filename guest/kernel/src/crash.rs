@@ -7,7 +7,7 @@
 //! | `ud` | `ud2` | the handler prints `#UD`, fails |
 //! | `panic` | `panic!` | the panic handler prints location and message, fails |
 //! | `sse` | an SSE instruction | emulating host: internal error with the bytes; else `#UD` |
-//! | `triple` | an exception with an empty IDT | `KVM_EXIT_SHUTDOWN`: triple fault |
+//! | `triple` | `ud2` with an empty IDT | `KVM_EXIT_SHUTDOWN`: triple fault |
 //! | `hang` | an endless loop | `--timeout` ends it |
 //! | `hypercall` | nonsense hypercalls | each gets an error result; the guest checks them and succeeds |
 
@@ -28,12 +28,14 @@ pub fn run(mode: &str) {
         // SAFETY: `ud2` raises #UD, handled by the IDT.
         "ud" => unsafe { core::arch::asm!("ud2", options(nomem, nostack)) },
         "panic" => panic!("deliberate panic (crash=panic)"),
-        // SAFETY: deliberately executes SSE with CR4.OSFXSR clear.
-        "sse" => unsafe { core::arch::asm!("pxor xmm0, xmm0", options(nomem, nostack)) },
+        // SAFETY: deliberately executes SSE with CR4.OSFXSR clear; the VMM
+        // ends the VM (emulation failure) or #UD ends it.
+        "sse" => unsafe { deliberate_sse_instruction() },
         "triple" => {
             arch::idt::load_empty();
-            // SAFETY: with an empty IDT the breakpoint escalates to a triple fault.
-            unsafe { core::arch::asm!("int3", options(nomem, nostack)) }
+            // SAFETY: with an empty IDT the #UD cannot be delivered: #GP,
+            // then #DF, then a triple fault (shutdown).
+            unsafe { core::arch::asm!("ud2", options(nomem, nostack)) }
         }
         "hang" => loop {
             core::hint::spin_loop();
@@ -49,6 +51,20 @@ pub fn run(mode: &str) {
     }
     console::println("crash mode did not crash");
     arch::exit(guest_abi::ports::EXIT_FAILURE);
+}
+
+// The kernel's only SSE instruction, in a function of its own so that
+// tests/no_sse.rs can allow exactly this one and no other.
+core::arch::global_asm!(
+    ".section .text",
+    ".global deliberate_sse_instruction",
+    "deliberate_sse_instruction:",
+    "    pxor xmm0, xmm0",
+    "    ret",
+);
+
+unsafe extern "C" {
+    fn deliberate_sse_instruction();
 }
 
 /// Send hypercalls the VMM must refuse, and check that it does.

@@ -129,9 +129,9 @@ pub fn inspect(name: &str, image: &[u8], ram: u64, pt_zone: (u64, u64)) -> Resul
             ram,
         })?;
         if end > ram {
-            // A segment that a bigger --memory would hold means the memory
+            // A segment that an allowed --memory would hold means the memory
             // is too small; one that no allowed size holds is outside RAM.
-            if paddr >= BOOT_AREA_END && end <= MAX_MEMORY && end <= pt_zone.0 {
+            if paddr >= BOOT_AREA_END && end <= MAX_MEMORY {
                 let needed = (end.max(crate::layout::MIN_MEMORY) + LARGE_PAGE_SIZE - 1) & !(LARGE_PAGE_SIZE - 1);
                 return Err(Error::MemoryTooSmallForKernel { name: name.to_string(), index, end, ram, needed });
             }
@@ -206,7 +206,7 @@ mod tests {
         let p = &mut b[64..120];
         p[0..4].copy_from_slice(&PT_LOAD.to_le_bytes());
         p[8..16].copy_from_slice(&0x100u64.to_le_bytes());
-        p[16..24].copy_from_slice(&(KERNEL_VMA + paddr).to_le_bytes());
+        p[16..24].copy_from_slice(&KERNEL_VMA.wrapping_add(paddr).to_le_bytes());
         p[24..32].copy_from_slice(&paddr.to_le_bytes());
         p[32..40].copy_from_slice(&0x10u64.to_le_bytes());
         p[40..48].copy_from_slice(&memsz.to_le_bytes());
@@ -240,7 +240,7 @@ mod tests {
 
     #[test]
     fn refuses_segments_outside_ram_or_over_reserved_areas() {
-        let huge = inspect("k", &elf(62, 2, 1 << 45, 0x1000, KERNEL_VMA + (1 << 45)), 32 * MIB, ZONE);
+        let huge = inspect("k", &elf(62, 2, 1 << 45, 0x1000, KERNEL_VMA.wrapping_add(1 << 45)), 32 * MIB, ZONE);
         assert!(matches!(huge, Err(Error::SegmentOutsideRam { .. })), "{huge:?}");
         let wrap = inspect("k", &elf(62, 2, u64::MAX - 10, 0x1000, GOOD_ENTRY), 32 * MIB, ZONE);
         assert!(matches!(wrap, Err(Error::SegmentOutsideRam { .. })), "{wrap:?}");
