@@ -44,11 +44,11 @@ impl BootParams {
 
 /// Print `n` bytes as a human-readable size.
 fn print_size(n: u64) {
-    if n >= 1 << 30 && n % (1 << 30) == 0 {
+    if n >= 1 << 30 && n.is_multiple_of(1 << 30) {
         kprint!("{} GiB", n >> 30);
-    } else if n >= 1 << 20 && n % (1 << 20) == 0 {
+    } else if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
         kprint!("{} MiB", n >> 20);
-    } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+    } else if n >= 1 << 10 && n.is_multiple_of(1 << 10) {
         kprint!("{} KiB", n >> 10);
     } else {
         kprint!("{} B", n);
