@@ -1,0 +1,308 @@
+//! The guest-physical memory map.
+//!
+//! ```text
+//! 0 ─ RAM ─ pt_zone.start ─ PT zone ─ pt_zone.end ─ RAM ─ ram_size ─ reserved gap ─ pool_base ─ shadow pool ─┤
+//! ```
+//!
+//! One [`MemoryMap`] value is built from the configuration and checked once
+//! ([`MemoryMap::new`]); the VMM registers exactly its [`SlotSpec`]s with KVM.
+//! Invariants, each checked:
+//! - regions are sorted, page-aligned (to the backing's page size for RAM)
+//!   and do not overlap;
+//! - the page-table zone lies inside RAM;
+//! - RAM is always three slots (below the zone, the zone, above it) in both
+//!   modes, so the MMU mode is the only variable; only the zone's read-only
+//!   flag differs (set in shadow mode so every guest page-table write exits);
+//! - the shadow pool, when present, lies above RAM after a reserved gap and
+//!   is not part of guest RAM: hypercalls and the guest's memory map never
+//!   name it;
+//! - the number of slots fits the host's limit.
+
+use guest_abi::MmuMode;
+use serde::Serialize;
+
+/// 4 KiB.
+pub const PAGE_SIZE: u64 = 4096;
+/// 1 GiB.
+pub const GIB: u64 = 1 << 30;
+
+/// What a region of guest-physical space holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RegionKind {
+    /// Ordinary guest RAM.
+    Ram,
+    /// The page-table zone (guest RAM too).
+    PageTables,
+    /// Nothing: accesses exit to the VMM as MMIO (reads see all ones).
+    Reserved,
+    /// The VMM's shadow page tables (shadow mode only).
+    ShadowPool,
+}
+
+impl RegionKind {
+    /// The name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            RegionKind::Ram => "ram",
+            RegionKind::PageTables => "page-tables",
+            RegionKind::Reserved => "reserved",
+            RegionKind::ShadowPool => "shadow-pool",
+        }
+    }
+}
+
+/// One region of guest-physical space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Region {
+    /// First GPA.
+    pub start: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// What it holds.
+    pub kind: RegionKind,
+}
+
+impl Region {
+    /// One past the last GPA.
+    pub fn end(&self) -> u64 {
+        self.start + self.len
+    }
+
+    /// Whether `gpa` lies inside.
+    pub fn contains(&self, gpa: u64) -> bool {
+        gpa >= self.start && gpa < self.end()
+    }
+}
+
+/// One KVM memslot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SlotSpec {
+    /// Slot number.
+    pub slot: u32,
+    /// First GPA.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// `KVM_MEM_READONLY`: guest writes exit as MMIO.
+    pub readonly: bool,
+    /// What the slot holds.
+    pub kind: RegionKind,
+}
+
+/// What the memory map is built from.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryMapConfig {
+    /// Guest RAM size.
+    pub ram_size: u64,
+    /// Page-table zone `[start, end)`.
+    pub pt_zone: (u64, u64),
+    /// Shadow pool size (0: none).
+    pub shadow_pool: u64,
+    /// The MMU mode.
+    pub mmu: MmuMode,
+    /// RAM alignment the backing needs (its page size).
+    pub alignment: u64,
+    /// How many slots the host allows.
+    pub max_slots: usize,
+}
+
+/// Why a memory map is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MemoryMapError {
+    #[error("{what} [{start:#x}-{end:#x}) is not aligned to {align:#x}")]
+    Unaligned { what: &'static str, start: u64, end: u64, align: u64 },
+    #[error("{a} [{a_start:#x}-{a_end:#x}) overlaps {b} [{b_start:#x}-{b_end:#x})")]
+    Overlap { a: &'static str, a_start: u64, a_end: u64, b: &'static str, b_start: u64, b_end: u64 },
+    #[error("the page-table zone [{0:#x}-{1:#x}) does not lie inside guest RAM")]
+    ZoneOutsideRam(u64, u64),
+    #[error("the memory map needs {need} memory slots; the host allows {max}")]
+    TooManySlots { need: usize, max: usize },
+    #[error("the memory map does not fit in the guest-physical address space")]
+    Overflow,
+}
+
+/// The guest-physical memory map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemoryMap {
+    /// Regions, sorted and non-overlapping.
+    pub regions: Vec<Region>,
+    /// KVM memslots, sorted by GPA.
+    pub slots: Vec<SlotSpec>,
+    /// Guest RAM size: `[0, ram_size)` is RAM.
+    pub ram_size: u64,
+}
+
+/// The GPA where the shadow pool starts for `ram_size` bytes of RAM: the
+/// next GiB boundary after RAM plus one GiB of reserved gap, so no
+/// off-by-one page-table entry can reach it from RAM.
+pub fn shadow_pool_base(ram_size: u64) -> Option<u64> {
+    ram_size.checked_next_multiple_of(GIB)?.checked_add(GIB)
+}
+
+impl MemoryMap {
+    /// Build and check the map.
+    pub fn new(c: &MemoryMapConfig) -> Result<MemoryMap, MemoryMapError> {
+        let align = c.alignment.max(PAGE_SIZE);
+        let check_align = |what, start: u64, end: u64, align: u64| {
+            if !start.is_multiple_of(align) || !end.is_multiple_of(align) {
+                Err(MemoryMapError::Unaligned { what, start, end, align })
+            } else {
+                Ok(())
+            }
+        };
+        check_align("guest RAM", 0, c.ram_size, align)?;
+        let (zs, ze) = c.pt_zone;
+        check_align("the page-table zone", zs, ze, PAGE_SIZE)?;
+        if zs >= ze || ze > c.ram_size || zs == 0 {
+            return Err(MemoryMapError::ZoneOutsideRam(zs, ze));
+        }
+
+        let mut regions = vec![
+            Region { start: 0, len: zs, kind: RegionKind::Ram },
+            Region { start: zs, len: ze - zs, kind: RegionKind::PageTables },
+        ];
+        if c.ram_size > ze {
+            regions.push(Region { start: ze, len: c.ram_size - ze, kind: RegionKind::Ram });
+        }
+        if c.shadow_pool > 0 {
+            check_align("the shadow pool", 0, c.shadow_pool, PAGE_SIZE)?;
+            let base = shadow_pool_base(c.ram_size).ok_or(MemoryMapError::Overflow)?;
+            base.checked_add(c.shadow_pool).ok_or(MemoryMapError::Overflow)?;
+            regions.push(Region { start: c.ram_size, len: base - c.ram_size, kind: RegionKind::Reserved });
+            regions.push(Region { start: base, len: c.shadow_pool, kind: RegionKind::ShadowPool });
+        }
+        for w in regions.windows(2) {
+            if w[0].end() > w[1].start {
+                return Err(MemoryMapError::Overlap {
+                    a: w[0].kind.name(),
+                    a_start: w[0].start,
+                    a_end: w[0].end(),
+                    b: w[1].kind.name(),
+                    b_start: w[1].start,
+                    b_end: w[1].end(),
+                });
+            }
+        }
+
+        let slots: Vec<SlotSpec> = regions
+            .iter()
+            .filter(|r| r.kind != RegionKind::Reserved)
+            .enumerate()
+            .map(|(i, r)| SlotSpec {
+                slot: i as u32,
+                gpa: r.start,
+                len: r.len,
+                readonly: r.kind == RegionKind::PageTables && c.mmu == MmuMode::Shadow,
+                kind: r.kind,
+            })
+            .collect();
+        if slots.len() > c.max_slots {
+            return Err(MemoryMapError::TooManySlots { need: slots.len(), max: c.max_slots });
+        }
+        Ok(MemoryMap { regions, slots, ram_size: c.ram_size })
+    }
+
+    /// The slot holding `gpa`, if any.
+    pub fn slot_of(&self, gpa: u64) -> Option<&SlotSpec> {
+        self.slots.iter().find(|s| gpa >= s.gpa && gpa - s.gpa < s.len)
+    }
+
+    /// The region holding `gpa`, if any.
+    pub fn region_of(&self, gpa: u64) -> Option<&Region> {
+        self.regions.iter().find(|r| r.contains(gpa))
+    }
+
+    /// Whether `[gpa, gpa + len)` lies inside guest RAM.
+    pub fn ram_contains(&self, gpa: u64, len: u64) -> bool {
+        gpa.checked_add(len).is_some_and(|end| end <= self.ram_size)
+    }
+
+    /// The shadow pool, if the map has one.
+    pub fn shadow_pool(&self) -> Option<&Region> {
+        self.regions.iter().find(|r| r.kind == RegionKind::ShadowPool)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn config(mmu: MmuMode) -> MemoryMapConfig {
+        MemoryMapConfig {
+            ram_size: 256 * MIB,
+            pt_zone: (16 * MIB, 48 * MIB),
+            shadow_pool: 0,
+            mmu,
+            alignment: PAGE_SIZE,
+            max_slots: 32,
+        }
+    }
+
+    #[test]
+    fn ept_mode_has_three_writable_ram_slots() {
+        let m = MemoryMap::new(&config(MmuMode::Ept)).unwrap();
+        assert_eq!(m.slots.len(), 3);
+        assert!(m.slots.iter().all(|s| !s.readonly));
+        assert_eq!(m.slots.iter().map(|s| s.len).sum::<u64>(), 256 * MIB);
+        assert_eq!(m.slot_of(16 * MIB).unwrap().kind, RegionKind::PageTables);
+        assert_eq!(m.slot_of(48 * MIB).unwrap().kind, RegionKind::Ram);
+        assert!(m.slot_of(256 * MIB).is_none());
+    }
+
+    #[test]
+    fn shadow_mode_makes_the_zone_read_only_and_adds_the_pool_above_a_gap() {
+        let m = MemoryMap::new(&MemoryMapConfig { shadow_pool: 16 * MIB, ..config(MmuMode::Shadow) }).unwrap();
+        let zone = m.slot_of(20 * MIB).unwrap();
+        assert!(zone.readonly);
+        assert_eq!(m.slots.iter().filter(|s| s.readonly).count(), 1);
+        let pool = m.shadow_pool().unwrap();
+        assert_eq!(pool.start, 2 * GIB);
+        assert_eq!(m.region_of(GIB).unwrap().kind, RegionKind::Reserved);
+        assert!(m.slot_of(GIB).is_none(), "the gap has no slot");
+        assert!(!m.ram_contains(pool.start, 8), "the pool is not guest RAM");
+        assert_eq!(m.slots.len(), 4);
+    }
+
+    #[test]
+    fn misaligned_layouts_are_refused() {
+        let e = MemoryMap::new(&MemoryMapConfig { ram_size: 255 * MIB, alignment: 2 * MIB, ..config(MmuMode::Ept) });
+        assert!(matches!(e, Err(MemoryMapError::Unaligned { what: "guest RAM", .. })), "{e:?}");
+        let e = MemoryMap::new(&MemoryMapConfig { pt_zone: (16 * MIB + 1, 48 * MIB), ..config(MmuMode::Ept) });
+        assert!(matches!(e, Err(MemoryMapError::Unaligned { .. })), "{e:?}");
+        let e = MemoryMap::new(&MemoryMapConfig {
+            ram_size: 2 * GIB,
+            alignment: GIB,
+            pt_zone: (GIB, GIB + 16 * MIB),
+            ..config(MmuMode::Ept)
+        });
+        assert!(e.is_ok(), "{e:?}");
+    }
+
+    #[test]
+    fn zone_must_lie_inside_ram() {
+        let e = MemoryMap::new(&MemoryMapConfig { pt_zone: (200 * MIB, 300 * MIB), ..config(MmuMode::Ept) });
+        assert_eq!(e, Err(MemoryMapError::ZoneOutsideRam(200 * MIB, 300 * MIB)));
+        let e = MemoryMap::new(&MemoryMapConfig { pt_zone: (48 * MIB, 16 * MIB), ..config(MmuMode::Ept) });
+        assert!(matches!(e, Err(MemoryMapError::ZoneOutsideRam(..))));
+    }
+
+    #[test]
+    fn slot_limit_is_enforced() {
+        let e = MemoryMap::new(&MemoryMapConfig { max_slots: 2, ..config(MmuMode::Ept) });
+        assert_eq!(e, Err(MemoryMapError::TooManySlots { need: 3, max: 2 }));
+    }
+
+    #[test]
+    fn zone_at_the_top_of_ram_gives_two_slots() {
+        let m = MemoryMap::new(&MemoryMapConfig { pt_zone: (192 * MIB, 256 * MIB), ..config(MmuMode::Ept) }).unwrap();
+        assert_eq!(m.slots.len(), 2);
+    }
+
+    #[test]
+    fn pool_base_overflow_is_an_error() {
+        assert_eq!(shadow_pool_base(u64::MAX - 5), None);
+    }
+}
