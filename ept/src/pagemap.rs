@@ -44,10 +44,10 @@ impl HostPage {
     pub fn describe(&self) -> String {
         match self {
             HostPage::Present { hpa, page_size } => {
-                format!("HPA {hpa:#x} (host page {})", crate::walk::size_name(*page_size))
+                format!("HPA   {hpa:#x} (host page {})", crate::walk::size_name(*page_size))
             }
-            HostPage::NotPresent => "HPA none: the host has not backed this page yet (never touched)".into(),
-            HostPage::Swapped => "HPA none: the host page is swapped out".into(),
+            HostPage::NotPresent => "HPA   none: the host has not backed this page yet (never touched)".into(),
+            HostPage::Swapped => "HPA   none: the host page is swapped out".into(),
             HostPage::Unavailable => "HPA unavailable: needs CAP_SYS_ADMIN".into(),
         }
     }

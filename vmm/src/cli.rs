@@ -29,6 +29,31 @@ pub enum Command {
     /// Boot a guest kernel and run it until it exits.
     #[command(after_help = EXIT_CODES)]
     Run(RunArgs),
+    /// Probe the host: KVM, its second-stage translation, huge pages, and a
+    /// calibration run that tells hardware virtualisation from emulation.
+    Info(InfoArgs),
+}
+
+/// Options of `vmm info`.
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// Print the probe as JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Iterations of the calibration loop (two guest instructions each).
+    #[arg(long, value_name = "N", default_value_t = 200_000)]
+    pub calibration_loops: u64,
+}
+
+/// Parse a guest-virtual address: `0x`-prefixed hexadecimal or decimal.
+pub fn parse_address(s: &str) -> Result<u64, String> {
+    let t = s.trim().replace('_', "");
+    let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => t.parse(),
+    };
+    r.map_err(|_| format!("invalid address '{s}': expected hexadecimal (0xffffffff80200000) or decimal"))
 }
 
 /// Options of `vmm run`.
@@ -38,9 +63,21 @@ pub struct RunArgs {
     #[arg(long, value_name = "ELF")]
     pub kernel: Option<PathBuf>,
 
-    /// Guest RAM, with a unit (K, M, G); a multiple of 2 MiB, at least 32M.
+    /// Guest RAM, with a unit (K, M, G); a multiple of 2 MiB (of the huge
+    /// page size with hugetlb), at least 32M.
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
     pub memory: u64,
+
+    /// What backs guest RAM on the host: 4k pages, transparent huge pages,
+    /// or hugetlb pages (hugetlb = hugetlb-2m, or hugetlb-1g). No fallback:
+    /// if the host cannot give it, the VMM says so and exits.
+    #[arg(long, value_name = "BACKING", default_value = "4k")]
+    pub backing: ept::Backing,
+
+    /// Print the GVA→GPA→HVA→HPA chain of this guest-virtual address when
+    /// the guest has ended (repeatable).
+    #[arg(long, value_name = "GVA", value_parser = parse_address)]
+    pub explain: Vec<u64>,
 
     /// Command line passed to the guest kernel.
     #[arg(long, value_name = "STR", default_value = "")]
@@ -71,14 +108,33 @@ mod tests {
 
     #[test]
     fn defaults_and_units() {
-        let cli = Cli::try_parse_from(["vmm", "run"]).unwrap();
-        let Command::Run(a) = cli.command;
+        let Command::Run(a) = Cli::try_parse_from(["vmm", "run"]).unwrap().command else { panic!() };
         assert_eq!(a.memory, 256 << 20);
         assert_eq!(a.timeout, Duration::from_secs(60));
-        let cli = Cli::try_parse_from(["vmm", "run", "--memory", "1G", "--timeout", "500ms"]).unwrap();
-        let Command::Run(a) = cli.command;
+        assert_eq!(a.backing, ept::Backing::Anon4k);
+        let Command::Run(a) = Cli::try_parse_from([
+            "vmm",
+            "run",
+            "--memory",
+            "1G",
+            "--timeout",
+            "500ms",
+            "--backing",
+            "thp",
+            "--explain",
+            "0xffff_8880_0000_6000",
+            "--explain",
+            "4096",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
         assert_eq!(a.memory, 1 << 30);
         assert_eq!(a.timeout, Duration::from_millis(500));
+        assert_eq!(a.backing, ept::Backing::Thp);
+        assert_eq!(a.explain, vec![0xffff_8880_0000_6000, 4096]);
     }
 
     #[test]
@@ -88,11 +144,20 @@ mod tests {
     }
 
     #[test]
+    fn bad_backing_and_address_are_usage_errors() {
+        let e = Cli::try_parse_from(["vmm", "run", "--backing", "huge"]).unwrap_err();
+        assert!(e.to_string().contains("unknown backing"), "{e}");
+        let e = Cli::try_parse_from(["vmm", "run", "--explain", "0xzz"]).unwrap_err();
+        assert!(e.to_string().contains("invalid address"), "{e}");
+    }
+
+    #[test]
     fn help_shows_defaults() {
         let mut cmd = Cli::command();
         let help = cmd.find_subcommand_mut("run").unwrap().render_long_help().to_string();
         assert!(help.contains("[default: 256M]"), "{help}");
         assert!(help.contains("[default: 60s]"), "{help}");
+        assert!(help.contains("[default: 4k]"), "{help}");
         assert!(help.contains("Exit codes"), "{help}");
     }
 }

@@ -82,8 +82,10 @@ pub enum Error {
     MemoryTooLarge(u64, u64),
     #[error("memory size {0:#x} is not a multiple of 2 MiB")]
     MemoryUnaligned(u64),
-    #[error("the host cannot give {} of guest RAM: {reason}", crate::size::format_size(*size))]
-    MemoryBacking { size: u64, reason: String },
+    #[error("memory map: {0}")]
+    MemoryMap(#[from] ept::memmap::MemoryMapError),
+    #[error("{0}")]
+    Backing(#[from] ept::backing::BackingError),
     #[error("command line is {0} bytes; the maximum is {1}")]
     CmdlineTooLong(usize, usize),
     #[error("guest memory access at {0:#x} failed: {1}")]

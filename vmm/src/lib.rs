@@ -12,6 +12,8 @@ pub mod boot;
 pub mod cli;
 pub mod devices;
 pub mod error;
+pub mod explain;
+pub mod info;
 pub mod kvm;
 pub mod layout;
 pub mod size;

@@ -3,7 +3,7 @@
 use clap::Parser;
 use std::process::ExitCode;
 use std::time::Instant;
-use vmm::cli::{Cli, Command, RunArgs};
+use vmm::cli::{Cli, Command, InfoArgs, RunArgs};
 use vmm::error::exit_code;
 use vmm::vm::{KernelSource, Vm, VmConfig};
 
@@ -13,6 +13,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run(args) => run(args, process_start),
+        Command::Info(args) => info(args, process_start),
     };
     ExitCode::from(code as u8)
 }
@@ -22,11 +23,12 @@ fn run(args: RunArgs, process_start: Instant) -> i32 {
         kernel: args.kernel.clone().map_or(KernelSource::Bundled, KernelSource::File),
         memory: args.memory,
         mmu: guest_abi::MmuMode::Ept,
+        backing: args.backing,
         cmdline: args.cmdline.clone(),
         timeout: args.timeout,
         process_start,
     };
-    let vm = match Vm::new(config, Box::new(std::io::stdout())) {
+    let mut vm = match Vm::new(config, Box::new(std::io::stdout())) {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("error: {e}");
@@ -37,8 +39,23 @@ fn run(args: RunArgs, process_start: Instant) -> i32 {
     if args.stats {
         eprint!("{}", outcome.stats.render());
     }
+    let mut explanations = Vec::new();
+    for &gva in &args.explain {
+        match vm.explain(gva) {
+            Ok(e) => {
+                eprint!("{}", e.render());
+                explanations.push(e);
+            }
+            Err(e) => eprintln!("explain {gva:#x}: {e}"),
+        }
+    }
     if let Some(path) = &args.stats_json {
-        let json = serde_json::json!({ "schema": 1, "stats": outcome.stats, "reports": outcome.reports });
+        let json = serde_json::json!({
+            "schema": 1,
+            "stats": outcome.stats,
+            "reports": outcome.reports,
+            "explain": explanations,
+        });
         if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&json).unwrap_or_default() + "\n") {
             eprintln!("error: cannot write {}: {e}", path.display());
             return exit_code::SETUP;
@@ -58,4 +75,21 @@ fn run(args: RunArgs, process_start: Instant) -> i32 {
             e.exit_code()
         }
     }
+}
+
+fn info(args: InfoArgs, process_start: Instant) -> i32 {
+    let kvm = match vmm::kvm::open() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return e.exit_code();
+        }
+    };
+    let report = vmm::info::probe(&kvm, args.calibration_loops, process_start);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    } else {
+        print!("{}", report.render());
+    }
+    if report.calibration.is_some() { exit_code::SUCCESS } else { exit_code::GUEST_CRASH }
 }

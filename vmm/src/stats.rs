@@ -20,6 +20,11 @@ pub struct RunStats {
     pub run_time: Duration,
     /// Guest RAM in bytes.
     pub memory: u64,
+    /// The backing of guest RAM (`4k`, `thp`, `hugetlb-2m`, `hugetlb-1g`).
+    pub backing: String,
+    /// Bytes of guest RAM backed by huge pages at the end of the run
+    /// (`/proc/self/smaps`), if readable.
+    pub huge_backed: Option<u64>,
     /// Guest cycles from kernel entry to its boot report, if it sent one.
     pub guest_boot_cycles: Option<u64>,
 }
@@ -45,7 +50,17 @@ impl RunStats {
         let mut s = String::new();
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let _ = writeln!(s, "vmm stats:");
-        let _ = writeln!(s, "  guest memory        {}", crate::size::format_size(self.memory));
+        let _ =
+            writeln!(s, "  guest memory        {} ({} backing)", crate::size::format_size(self.memory), self.backing);
+        if let Some(h) = self.huge_backed {
+            let _ = writeln!(
+                s,
+                "  huge-page backed    {} of {} ({:.0}%, from /proc/self/smaps)",
+                crate::size::format_size(h),
+                crate::size::format_size(self.memory),
+                100.0 * h as f64 / self.memory.max(1) as f64
+            );
+        }
         let _ = writeln!(
             s,
             "  setup time          {:.3} ms  (process start -> first guest instruction)",

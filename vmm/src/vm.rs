@@ -8,8 +8,9 @@
 //! out of `KVM_RUN` with a signal).
 //!
 //! Invariants:
-//! - Guest RAM is one anonymous mapping at GPA `0..memory`; nothing else is
-//!   registered with KVM, so the guest cannot reach host memory beyond it.
+//! - Guest RAM is one host mapping at GPA `0..memory`, registered as the
+//!   slots of one `ept::MemoryMap` and nothing else, so the guest cannot
+//!   reach host memory beyond it.
 //! - Registers are read through the sync-regs area of `kvm_run`
 //!   (`KVM_SYNC_X86_REGS`), so a hypercall costs one exit and no extra
 //!   ioctl; the result goes back the same way.
@@ -18,18 +19,20 @@ use crate::boot::{bootinfo, gdt, loader, paging, regs};
 use crate::devices::hypercall::{self, HypercallContext, Report};
 use crate::devices::serial::{GuestSerial, new_serial};
 use crate::error::{Error, Result};
+use crate::explain::Explanation;
 use crate::layout::{self, MAX_MEMORY, MIN_MEMORY, PT_ZONE_START};
 use crate::stats::RunStats;
+use ept::memmap::{MemoryMap, MemoryMapConfig};
+use ept::{Backing, GuestRam};
 use guest_abi::MmuMode;
 use guest_abi::ports::{EXIT_DEVICE, HYPERCALL, SERIAL_COM1, SERIAL_PORT_COUNT, exit_status};
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_userspace_memory_region};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// The kernel bundled into this binary by `build.rs`.
 pub static BUNDLED_KERNEL: &[u8] = include_bytes!(env!("GUEST_KERNEL_ELF"));
@@ -52,6 +55,8 @@ pub struct VmConfig {
     pub memory: u64,
     /// MMU virtualisation mode.
     pub mmu: MmuMode,
+    /// What backs guest RAM.
+    pub backing: Backing,
     /// Guest command line.
     pub cmdline: String,
     /// Wall-clock limit for the run.
@@ -93,7 +98,8 @@ pub struct Vm {
     _kvm: Kvm,
     _vm: VmFd,
     vcpu: VcpuFd,
-    mem: GuestMemoryMmap,
+    map: MemoryMap,
+    ram: GuestRam,
     serial: GuestSerial,
     config: VmConfig,
     epoch: Instant,
@@ -117,30 +123,6 @@ pub fn check_memory_size(memory: u64) -> Result<()> {
     Ok(())
 }
 
-fn create_memory(size: u64) -> Result<GuestMemoryMmap> {
-    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])
-        .map_err(|e| Error::MemoryBacking { size, reason: e.to_string() })
-}
-
-fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
-    for (slot, region) in mem.iter().enumerate() {
-        let host = mem
-            .get_host_address(region.start_addr())
-            .map_err(|e| Error::GuestMemory(region.start_addr().0, e.to_string()))?;
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-        };
-        // SAFETY: the host range belongs to `mem`, which the Vm owns and
-        // keeps mapped for as long as the VM (and so the slot) exists.
-        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-    }
-    Ok(())
-}
-
 impl Vm {
     /// Create the VM: KVM, memory, kernel, boot structures, vCPU. The guest
     /// console goes to `console`.
@@ -157,16 +139,25 @@ impl Vm {
         let kernel = loader::inspect(&name, &image, config.memory, pt_zone)?;
 
         let kvm = crate::kvm::open()?;
+        let map = MemoryMap::new(&MemoryMapConfig {
+            ram_size: config.memory,
+            pt_zone,
+            shadow_pool: 0,
+            mmu: config.mmu,
+            alignment: config.backing.alignment(),
+            max_slots: kvm.get_nr_memslots(),
+        })?;
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         let epoch = Instant::now();
-        let mem = create_memory(config.memory)?;
-        register_memory(&vm, &mem)?;
+        let ram = GuestRam::new(&map, config.backing)?;
+        ram.register(&map, &vm).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        let mem = ram.memory();
 
-        loader::load(&name, &image, &mem)?;
-        gdt::write_gdt_and_idt(&mem)?;
-        let boot_mapped = paging::setup_page_tables(&mem, config.memory)?;
+        loader::load(&name, &image, mem)?;
+        gdt::write_gdt_and_idt(mem)?;
+        let boot_mapped = paging::setup_page_tables(mem, config.memory)?;
         bootinfo::write(
-            &mem,
+            mem,
             &bootinfo::BootInfoParams {
                 ram: config.memory,
                 boot_mapped,
@@ -187,64 +178,136 @@ impl Vm {
         vcpu.set_regs(&regs::entry_regs(kernel.entry)).map_err(kvm_err("KVM_SET_REGS"))?;
         vcpu.set_sync_valid_reg(SyncReg::Register);
 
-        Ok(Vm { _kvm: kvm, _vm: vm, vcpu, mem, serial: new_serial(console), config, epoch })
+        Ok(Vm { _kvm: kvm, _vm: vm, vcpu, map, ram, serial: new_serial(console), config, epoch })
     }
 
     /// Guest memory (for tests and tools that inspect the guest).
     pub fn memory(&self) -> &GuestMemoryMmap {
-        &self.mem
+        self.ram.memory()
+    }
+
+    /// The guest-physical memory map.
+    pub fn memory_map(&self) -> &MemoryMap {
+        &self.map
+    }
+
+    /// The translation chain of `gva` in the guest's current address space.
+    pub fn explain(&self, gva: u64) -> Result<Explanation> {
+        let cr3 = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?.cr3;
+        let mem = self.ram.memory();
+        let walk = ept::walk::walk(cr3, gva, |gpa| mem.read_obj::<u64>(GuestAddress(gpa)).ok());
+        let mut e = Explanation {
+            gva,
+            cr3,
+            mmu: self.config.mmu.name(),
+            walk,
+            slot: None,
+            hva: None,
+            host: None,
+            host_error: None,
+            cost: None,
+            kvm_translate: None,
+        };
+        if let ept::walk::WalkEnd::Mapped { gpa, page_size } = e.walk.end {
+            e.slot = self.map.slot_of(gpa).copied();
+            e.hva = self.ram.hva(&self.map, gpa);
+            let hugetlb = match self.config.backing {
+                Backing::Hugetlb(s) => Some(s.bytes()),
+                _ => None,
+            };
+            let mut host_page = hugetlb.unwrap_or(4096);
+            if let Some(hva) = e.hva {
+                match ept::pagemap::host_page(hva, hugetlb) {
+                    Ok(h) => {
+                        if let ept::pagemap::HostPage::Present { page_size, .. } = h {
+                            host_page = page_size;
+                        }
+                        e.host = Some(h);
+                    }
+                    Err(err) => e.host_error = Some(err.to_string()),
+                }
+            }
+            e.cost = Some(ept::walk::walk_cost(page_size, host_page));
+        }
+        e.kvm_translate = match self.vcpu.translate_gva(gva) {
+            Ok(t) if t.valid != 0 => Some(t.physical_address),
+            _ => None,
+        };
+        Ok(e)
     }
 
     /// Run until the guest ends, the vCPU dies, or the timeout expires.
-    pub fn run(self) -> RunOutcome {
+    /// The VM stays inspectable afterwards ([`Vm::explain`]).
+    pub fn run(&mut self) -> RunOutcome {
         let timeout = self.config.timeout;
-        let expired = Arc::new(AtomicBool::new(false));
-        let flag = expired.clone();
+        let expired = AtomicBool::new(false);
+        let vcpu_thread = AtomicU64::new(0);
         let (tx, rx) = std::sync::mpsc::channel();
         install_kick_handler();
-        let handle = std::thread::Builder::new()
-            .name("vcpu0".into())
-            .spawn(move || {
-                let out = self.vcpu_loop(&flag);
-                let _ = tx.send(());
-                out
-            })
-            .expect("spawn the vCPU thread");
-
-        if rx.recv_timeout(timeout).is_err() {
-            expired.store(true, Ordering::SeqCst);
-            // Kick the vCPU out of KVM_RUN until it notices. Repeated,
-            // because a signal that lands just before the thread enters
-            // KVM_RUN is not seen by KVM.
-            while rx.recv_timeout(Duration::from_millis(20)).is_err() {
-                if handle.is_finished() {
-                    break;
+        std::thread::scope(|scope| {
+            let handle = std::thread::Builder::new()
+                .name("vcpu0".into())
+                .spawn_scoped(scope, || {
+                    // SAFETY: pthread_self has no preconditions.
+                    vcpu_thread.store(unsafe { libc::pthread_self() } as u64, Ordering::SeqCst);
+                    let out = self.vcpu_loop(&expired);
+                    let _ = tx.send(());
+                    out
+                })
+                .expect("spawn the vCPU thread");
+            if rx.recv_timeout(timeout).is_err() {
+                expired.store(true, Ordering::SeqCst);
+                // Kick the vCPU out of KVM_RUN until it notices. Repeated,
+                // because a signal that lands just before the thread enters
+                // KVM_RUN is not seen by KVM.
+                while rx.recv_timeout(Duration::from_millis(20)).is_err() && !handle.is_finished() {
+                    let tid = vcpu_thread.load(Ordering::SeqCst);
+                    if tid != 0 {
+                        // SAFETY: `tid` is the vCPU thread, alive (not
+                        // finished, and joined only below), with the kick
+                        // handler installed: the signal only interrupts KVM_RUN.
+                        unsafe { libc::pthread_kill(tid as libc::pthread_t, kick_signal()) };
+                    }
                 }
-                // The thread is alive and the kick handler is installed, so
-                // the signal only interrupts its KVM_RUN.
-                let _ = vmm_sys_util::signal::Killable::kill(&handle, kick_signal());
             }
-        }
-        handle.join().unwrap_or_else(|_| RunOutcome {
-            end: Err(Error::UnexpectedExit { what: "vCPU thread panicked".into(), rip: 0 }),
-            stats: RunStats::default(),
-            reports: Vec::new(),
+            handle.join().unwrap_or_else(|_| RunOutcome {
+                end: Err(Error::UnexpectedExit { what: "vCPU thread panicked".into(), rip: 0 }),
+                stats: RunStats::default(),
+                reports: Vec::new(),
+            })
         })
     }
 
-    fn vcpu_loop(mut self, expired: &AtomicBool) -> RunOutcome {
-        let mut stats = RunStats { memory: self.config.memory, ..Default::default() };
+    fn vcpu_loop(&mut self, expired: &AtomicBool) -> RunOutcome {
+        let mut stats =
+            RunStats { memory: self.config.memory, backing: self.config.backing.to_string(), ..Default::default() };
         let mut reports = Vec::new();
         let started = Instant::now();
         stats.setup_time = started.duration_since(self.config.process_start);
         let end = self.run_until_end(expired, &mut stats, &mut reports);
         stats.run_time = started.elapsed();
         self.serial.writer_mut().drain();
+        stats.huge_backed = self.ram.huge_backed_bytes().ok();
         stats.guest_boot_cycles = reports.iter().find_map(|r| match r {
             Report::Boot { boot_cycles, .. } => Some(*boot_cycles),
             _ => None,
         });
         RunOutcome { end, stats, reports }
+    }
+
+    /// `EXPLAIN(gva)`: print the chain to stderr now; answer the GPA, or
+    /// `ERR_FAULT` when the address is not mapped.
+    fn explain_hypercall(&self, gva: u64) -> u64 {
+        match self.explain(gva) {
+            Ok(e) => {
+                eprint!("{}", e.render());
+                e.gpa().unwrap_or(guest_abi::hypercall::ERR_FAULT)
+            }
+            Err(err) => {
+                log::warn!("EXPLAIN({gva:#x}) failed: {err}");
+                guest_abi::hypercall::ERR_FAULT
+            }
+        }
     }
 
     fn rip(&self) -> u64 {
@@ -283,9 +346,17 @@ impl Vm {
                     stats.exit("io-out:hypercall");
                     stats.hypercall(guest_abi::hypercall::name(nr));
                     let r = self.vcpu.sync_regs().regs;
-                    let mut ctx =
-                        HypercallContext { mem: &self.mem, ram: self.config.memory, epoch: self.epoch, reports };
-                    let result = hypercall::handle(&mut ctx, nr, [r.rdi, r.rsi, r.rcx, r.r8]);
+                    let result = if nr == guest_abi::hypercall::EXPLAIN {
+                        self.explain_hypercall(r.rdi)
+                    } else {
+                        let mut ctx = HypercallContext {
+                            mem: self.ram.memory(),
+                            ram: self.config.memory,
+                            epoch: self.epoch,
+                            reports,
+                        };
+                        hypercall::handle(&mut ctx, nr, [r.rdi, r.rsi, r.rcx, r.r8])
+                    };
                     self.vcpu.sync_regs_mut().regs.rax = result;
                     self.vcpu.set_sync_dirty_reg(SyncReg::Register);
                 }
@@ -360,7 +431,7 @@ impl Vm {
             let in_page = (0x1000 - (va & 0xfff)) as usize;
             let n = in_page.min(15 - out.len());
             let mut buf = vec![0u8; n];
-            if vm_memory::Bytes::read_slice(&self.mem, &mut buf, GuestAddress(t.physical_address)).is_err() {
+            if self.ram.memory().read_slice(&mut buf, GuestAddress(t.physical_address)).is_err() {
                 break;
             }
             out.extend_from_slice(&buf);

@@ -20,6 +20,8 @@ pub mod kind {
     pub const TEST: u32 = 2;
     /// One benchmark result. Payload defined by the benchmark issue.
     pub const BENCH: u32 = 3;
+    /// The calibration loop of `vmm info`. Payload: [`super::CalibrationRecord`].
+    pub const CALIBRATION: u32 = 4;
 }
 
 /// Header of every report record.
@@ -59,5 +61,18 @@ pub struct TestRecord {
     /// Length of the name that follows, in bytes.
     pub name_len: u32,
     /// Guest cycles (`rdtsc`) the test took.
+    pub cycles: u64,
+}
+
+/// Payload of a [`kind::CALIBRATION`] record: a loop of `iterations`
+/// two-instruction iterations (`dec; jnz`), timed by the host and the TSC.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CalibrationRecord {
+    /// Loop iterations.
+    pub iterations: u64,
+    /// Host nanoseconds (`NOW` after minus `NOW` before).
+    pub ns: u64,
+    /// Guest TSC cycles.
     pub cycles: u64,
 }

@@ -8,3 +8,11 @@ pub fn value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
         _ => None,
     })
 }
+
+/// Parse a decimal or `0x` hexadecimal number.
+pub fn parse_u64(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}

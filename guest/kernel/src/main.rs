@@ -21,6 +21,7 @@ mod crash;
 mod hypercall;
 mod mem;
 mod panic;
+mod selftest;
 
 use core::arch::global_asm;
 
@@ -63,6 +64,12 @@ extern "C" fn kmain(boot_info_gpa: u64) -> ! {
     let cmdline = info.cmdline();
     if let Some(mode) = cmdline::value(cmdline, "crash") {
         crash::run(mode);
+    }
+    if let Some(n) = cmdline::value(cmdline, "calibrate") {
+        selftest::calibrate(cmdline::parse_u64(n).unwrap_or(200_000));
+    }
+    if cmdline::value(cmdline, "explain").is_some() {
+        selftest::explain(boot_info_gpa);
     }
     console::println("boot ok");
     arch::exit(guest_abi::ports::EXIT_SUCCESS)

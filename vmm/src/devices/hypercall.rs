@@ -7,7 +7,7 @@
 //! never a VMM panic.
 
 use guest_abi::hypercall as hc;
-use guest_abi::report::{BootRecord, MAX_REPORT_LEN, REPORT_MAGIC, ReportHeader, TestRecord, kind};
+use guest_abi::report::{BootRecord, CalibrationRecord, MAX_REPORT_LEN, REPORT_MAGIC, ReportHeader, TestRecord, kind};
 use serde::Serialize;
 use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -30,6 +30,15 @@ pub enum Report {
         /// Whether it passed.
         passed: bool,
         /// Guest cycles it took.
+        cycles: u64,
+    },
+    /// The calibration loop's timing (`vmm info`).
+    Calibration {
+        /// Loop iterations (two instructions each).
+        iterations: u64,
+        /// Host nanoseconds the loop took (`NOW` before and after).
+        ns: u64,
+        /// Guest TSC cycles the loop took.
         cycles: u64,
     },
     /// A record of a kind this VMM does not interpret.
@@ -78,7 +87,12 @@ pub fn parse_report(bytes: &[u8]) -> Option<Report> {
             let name = payload.get(16..16usize.checked_add(name_len)?)?;
             Some(Report::Test { name: String::from_utf8_lossy(name).into_owned(), passed: passed == 1, cycles })
         }
-        kind::BOOT | kind::TEST => None,
+        kind::CALIBRATION if payload.len() >= std::mem::size_of::<CalibrationRecord>() => Some(Report::Calibration {
+            iterations: le_u64(payload, 0),
+            ns: le_u64(payload, 8),
+            cycles: le_u64(payload, 16),
+        }),
+        kind::BOOT | kind::TEST | kind::CALIBRATION => None,
         other => Some(Report::Other { kind: other, len }),
     }
 }
@@ -110,8 +124,11 @@ pub fn handle(ctx: &mut HypercallContext<'_>, nr: u32, args: [u64; 4]) -> u64 {
     match nr {
         hc::REPORT => report(ctx, args[0], args[1]),
         hc::NOW => ctx.epoch.elapsed().as_nanos().min(u128::from(hc::ERR_BASE - 1)) as u64,
-        // Known, but they belong to modes and features not built yet.
-        hc::LOAD_CR3 | hc::SHADOW_FAULT | hc::FLUSH_TLB | hc::EXPLAIN => hc::ERR_UNAVAILABLE,
+        // Known, but they belong to shadow mode, which is not built yet.
+        hc::LOAD_CR3 | hc::SHADOW_FAULT | hc::FLUSH_TLB => hc::ERR_UNAVAILABLE,
+        // EXPLAIN needs the vCPU and the memory map: the VM answers it
+        // before it gets here (vm.rs); this is only reached without a VM.
+        hc::EXPLAIN => hc::ERR_UNAVAILABLE,
         _ => {
             log::warn!("guest made unknown hypercall {nr:#x}");
             hc::ERR_UNKNOWN
