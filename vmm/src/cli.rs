@@ -29,9 +29,40 @@ pub enum Command {
     /// Boot a guest kernel and run it until it exits.
     #[command(after_help = EXIT_CODES)]
     Run(RunArgs),
+    /// Run the guest kernel's in-guest test suites.
+    #[command(after_help = EXIT_CODES)]
+    Test(TestArgs),
     /// Probe the host: KVM, its second-stage translation, huge pages, and a
     /// calibration run that tells hardware virtualisation from emulation.
     Info(InfoArgs),
+}
+
+/// Options of `vmm test`.
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    /// Run only the tests whose name contains this text.
+    #[arg(long, value_name = "PATTERN", default_value = "")]
+    pub filter: String,
+
+    /// Guest kernel ELF [default: the kernel bundled in this binary].
+    #[arg(long, value_name = "ELF")]
+    pub kernel: Option<PathBuf>,
+
+    /// Guest RAM, with a unit.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
+    pub memory: u64,
+
+    /// Extra words for the guest's command line.
+    #[arg(long, value_name = "STR", default_value = "")]
+    pub cmdline: String,
+
+    /// End a run that is still going after this long.
+    #[arg(long, value_name = "DURATION", default_value = "180s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }
 
 /// Options of `vmm info`.

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod devices;
 pub mod error;
 pub mod explain;
+pub mod guest_tests;
 pub mod info;
 pub mod kvm;
 pub mod layout;

@@ -3,7 +3,7 @@
 use clap::Parser;
 use std::process::ExitCode;
 use std::time::Instant;
-use vmm::cli::{Cli, Command, InfoArgs, RunArgs};
+use vmm::cli::{Cli, Command, InfoArgs, RunArgs, TestArgs};
 use vmm::error::exit_code;
 use vmm::vm::{KernelSource, Vm, VmConfig};
 
@@ -14,6 +14,7 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run(args) => run(args, process_start),
         Command::Info(args) => info(args, process_start),
+        Command::Test(args) => test(args, process_start),
     };
     ExitCode::from(code as u8)
 }
@@ -92,4 +93,36 @@ fn info(args: InfoArgs, process_start: Instant) -> i32 {
         print!("{}", report.render());
     }
     if report.calibration.is_some() { exit_code::SUCCESS } else { exit_code::GUEST_CRASH }
+}
+
+fn test(args: TestArgs, process_start: Instant) -> i32 {
+    let config = VmConfig {
+        kernel: args.kernel.clone().map_or(KernelSource::Bundled, KernelSource::File),
+        memory: args.memory,
+        mmu: guest_abi::MmuMode::Ept,
+        backing: ept::Backing::Anon4k,
+        cmdline: args.cmdline.clone(),
+        timeout: args.timeout,
+        process_start,
+    };
+    let mut stdout = std::io::stdout();
+    let mut modes = Vec::new();
+    match vmm::guest_tests::run_mode(config, &args.filter, &mut stdout) {
+        Ok(r) => modes.push(r),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return e.exit_code();
+        }
+    }
+    let passed: usize = modes.iter().map(|m| m.passed()).sum();
+    let failed: usize = modes.iter().map(|m| m.failed()).sum();
+    println!("{passed} passed, {failed} failed");
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({ "schema": 1, "modes": modes, "passed": passed, "failed": failed });
+        if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&json).unwrap_or_default() + "\n") {
+            eprintln!("error: cannot write {}: {e}", path.display());
+            return exit_code::SETUP;
+        }
+    }
+    if failed == 0 { exit_code::SUCCESS } else { exit_code::GUEST_FAILURE }
 }

@@ -15,8 +15,9 @@ pub const MAX_REPORT_LEN: u64 = 4096;
 pub mod kind {
     /// The guest finished booting. Payload: [`super::BootRecord`].
     pub const BOOT: u32 = 1;
-    /// One in-guest test result. Payload: [`super::TestRecord`] then the
-    /// test name (`name_len` bytes of UTF-8).
+    /// One in-guest test result. Payload: [`super::TestRecord`], then the
+    /// test name (`name_len` bytes of UTF-8), then the failure message
+    /// (`msg_len` bytes, empty when the test passed).
     pub const TEST: u32 = 2;
     /// One benchmark result. Payload defined by the benchmark issue.
     pub const BENCH: u32 = 3;
@@ -52,7 +53,7 @@ pub struct BootRecord {
     pub reserved: u32,
 }
 
-/// Payload of a [`kind::TEST`] record; the name follows it.
+/// Payload of a [`kind::TEST`] record; the name and the message follow it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TestRecord {
@@ -60,9 +61,16 @@ pub struct TestRecord {
     pub passed: u32,
     /// Length of the name that follows, in bytes.
     pub name_len: u32,
+    /// Length of the failure message after the name, in bytes.
+    pub msg_len: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
     /// Guest cycles (`rdtsc`) the test took.
     pub cycles: u64,
 }
+
+/// The most bytes of name plus message a test record carries.
+pub const MAX_TEST_TEXT: usize = 512;
 
 /// Payload of a [`kind::CALIBRATION`] record: a loop of `iterations`
 /// two-instruction iterations (`dec; jnz`), timed by the host and the TSC.

@@ -4,6 +4,14 @@ use crate::{console, hypercall, kprint, kprintln};
 use guest_abi::report::{BootRecord, REPORT_MAGIC, ReportHeader, kind};
 use guest_abi::{BootInfo, DIRECT_MAP_BASE, KERNEL_VMA, MemRegionKind, MmuMode};
 
+static mut INFO: Option<&'static BootInfo> = None;
+
+/// The boot record, once [`BootParams::from_gpa`] has validated it.
+pub fn info() -> &'static BootInfo {
+    // SAFETY: written once during early boot, before anything reads it.
+    unsafe { (*core::ptr::addr_of!(INFO)).expect("boot info read before validation") }
+}
+
 /// The validated boot record.
 pub struct BootParams {
     info: &'static BootInfo,
@@ -20,6 +28,8 @@ impl BootParams {
         if !info.is_valid() {
             panic!("boot info: bad magic or version");
         }
+        // SAFETY: single-threaded early boot; nothing reads INFO yet.
+        unsafe { *core::ptr::addr_of_mut!(INFO) = Some(info) };
         BootParams { info }
     }
 
@@ -30,16 +40,25 @@ impl BootParams {
 
     /// The command line; empty if it is not valid UTF-8 or not mapped.
     pub fn cmdline(&self) -> &'static str {
-        let len = self.info.cmdline_len as usize;
-        let gpa = self.info.cmdline_gpa;
-        if len == 0 || gpa.saturating_add(len as u64) > self.info.boot_mapped {
-            return "";
-        }
-        // SAFETY: the range was checked against the mapped part of RAM; the
-        // VMM wrote the command line there and nothing changes it.
-        let bytes = unsafe { core::slice::from_raw_parts((DIRECT_MAP_BASE + gpa) as *const u8, len) };
-        core::str::from_utf8(bytes).unwrap_or("")
+        cmdline_of(self.info)
     }
+}
+
+fn cmdline_of(info: &'static BootInfo) -> &'static str {
+    let len = info.cmdline_len as usize;
+    let gpa = info.cmdline_gpa;
+    if len == 0 || gpa.saturating_add(len as u64) > info.boot_mapped {
+        return "";
+    }
+    // SAFETY: the range was checked against the mapped part of RAM; the
+    // VMM wrote the command line there and nothing changes it.
+    let bytes = unsafe { core::slice::from_raw_parts((DIRECT_MAP_BASE + gpa) as *const u8, len) };
+    core::str::from_utf8(bytes).unwrap_or("")
+}
+
+/// The kernel command line (after boot validation).
+pub fn cmdline() -> &'static str {
+    cmdline_of(info())
 }
 
 /// Print `n` bytes as a human-readable size.

@@ -19,6 +19,7 @@ mod cmdline;
 mod console;
 mod crash;
 mod hypercall;
+mod ktest;
 mod mem;
 mod panic;
 mod selftest;
@@ -70,6 +71,9 @@ extern "C" fn kmain(boot_info_gpa: u64) -> ! {
     }
     if cmdline::value(cmdline, "explain").is_some() {
         selftest::explain(boot_info_gpa);
+    }
+    if let Some(filter) = cmdline::value(cmdline, "test") {
+        ktest::run(filter);
     }
     console::println("boot ok");
     arch::exit(guest_abi::ports::EXIT_SUCCESS)

@@ -31,6 +31,8 @@ pub enum Report {
         passed: bool,
         /// Guest cycles it took.
         cycles: u64,
+        /// Why it failed (empty when it passed).
+        message: String,
     },
     /// The calibration loop's timing (`vmm info`).
     Calibration {
@@ -83,9 +85,18 @@ pub fn parse_report(bytes: &[u8]) -> Option<Report> {
             Some(Report::Boot { boot_cycles: ready.wrapping_sub(entry), regions: le_u32(payload, 16) })
         }
         kind::TEST if payload.len() >= std::mem::size_of::<TestRecord>() => {
-            let (passed, name_len, cycles) = (le_u32(payload, 0), le_u32(payload, 4) as usize, le_u64(payload, 8));
-            let name = payload.get(16..16usize.checked_add(name_len)?)?;
-            Some(Report::Test { name: String::from_utf8_lossy(name).into_owned(), passed: passed == 1, cycles })
+            let (passed, name_len, msg_len) =
+                (le_u32(payload, 0), le_u32(payload, 4) as usize, le_u32(payload, 8) as usize);
+            let cycles = le_u64(payload, 16);
+            let name_end = 24usize.checked_add(name_len)?;
+            let name = payload.get(24..name_end)?;
+            let msg = payload.get(name_end..name_end.checked_add(msg_len)?)?;
+            Some(Report::Test {
+                name: String::from_utf8_lossy(name).into_owned(),
+                passed: passed == 1,
+                cycles,
+                message: String::from_utf8_lossy(msg).into_owned(),
+            })
         }
         kind::CALIBRATION if payload.len() >= std::mem::size_of::<CalibrationRecord>() => Some(Report::Calibration {
             iterations: le_u64(payload, 0),
@@ -130,7 +141,7 @@ pub fn handle(ctx: &mut HypercallContext<'_>, nr: u32, args: [u64; 4]) -> u64 {
         // before it gets here (vm.rs); this is only reached without a VM.
         hc::EXPLAIN => hc::ERR_UNAVAILABLE,
         _ => {
-            log::warn!("guest made unknown hypercall {nr:#x}");
+            log::debug!("guest made unknown hypercall {nr:#x}");
             hc::ERR_UNKNOWN
         }
     }
@@ -177,12 +188,14 @@ mod tests {
     #[test]
     fn test_report_carries_its_name() {
         let mut payload = Vec::new();
-        payload.extend_from_slice(&1u32.to_le_bytes());
+        payload.extend_from_slice(&0u32.to_le_bytes());
         payload.extend_from_slice(&5u32.to_le_bytes());
+        payload.extend_from_slice(&4u32.to_le_bytes());
+        payload.extend_from_slice(&0u32.to_le_bytes());
         payload.extend_from_slice(&42u64.to_le_bytes());
-        payload.extend_from_slice(b"buddy");
+        payload.extend_from_slice(b"buddyoops");
         let r = parse_report(&record(kind::TEST, &payload)).unwrap();
-        assert_eq!(r, Report::Test { name: "buddy".into(), passed: true, cycles: 42 });
+        assert_eq!(r, Report::Test { name: "buddy".into(), passed: false, cycles: 42, message: "oops".into() });
     }
 
     #[test]
@@ -203,7 +216,7 @@ mod tests {
         rec[8..12].copy_from_slice(&1000u32.to_le_bytes());
         assert_eq!(parse_report(&rec), None);
         // A test record whose name runs past the payload.
-        let mut p = vec![0u8; 16];
+        let mut p = vec![0u8; 24];
         p[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(parse_report(&record(kind::TEST, &p)), None);
     }

@@ -1,0 +1,104 @@
+//! The in-guest test registry and runner (`test` / `test=PATTERN` on the
+//! command line; `vmm test` drives it).
+//!
+//! Each test is a name and a function returning `Err(reason)` on failure.
+//! The runner times each with `rdtsc`, sends one `REPORT` record of kind
+//! `TEST` per test (the VMM prints the `test NAME ... ok` lines from
+//! those), prints failures to the console, and ends the VM with success
+//! only if every selected test passed. Tests run in registry order, one
+//! after another, in the kernel's single thread; a test that crashes the
+//! kernel ends the run, and the VMM reports the tests that never reported.
+//!
+//! Keep tests small: the guest is emulated on the development machines
+//! (about 1 µs per instruction). Volume belongs in the host tests.
+
+mod suites;
+
+use crate::{arch, boot, hypercall, kprintln};
+use guest_abi::report::{MAX_TEST_TEXT, REPORT_MAGIC, ReportHeader, TestRecord, kind};
+
+/// A test's verdict: `Err` carries a static reason.
+pub type TestResult = Result<(), &'static str>;
+
+/// One registered test.
+pub struct TestCase {
+    /// `suite::name`.
+    pub name: &'static str,
+    /// The test.
+    pub run: fn() -> TestResult,
+}
+
+/// Fail with `msg` unless `cond`.
+pub fn check(cond: bool, msg: &'static str) -> TestResult {
+    if cond { Ok(()) } else { Err(msg) }
+}
+
+#[repr(C)]
+struct TestReport {
+    header: ReportHeader,
+    record: TestRecord,
+    text: [u8; MAX_TEST_TEXT],
+}
+
+static mut REPORT: TestReport = TestReport {
+    header: ReportHeader { magic: 0, kind: 0, len: 0, reserved: 0 },
+    record: TestRecord { passed: 0, name_len: 0, msg_len: 0, reserved: 0, cycles: 0 },
+    text: [0; MAX_TEST_TEXT],
+};
+
+fn report(name: &str, result: TestResult, cycles: u64) {
+    let msg = result.err().unwrap_or("");
+    let name_len = name.len().min(MAX_TEST_TEXT);
+    let msg_len = msg.len().min(MAX_TEST_TEXT - name_len);
+    // SAFETY: single-threaded; the record is read by the VMM only during
+    // the REPORT hypercall below.
+    let (gpa, len) = unsafe {
+        let r = &mut *core::ptr::addr_of_mut!(REPORT);
+        r.text[..name_len].copy_from_slice(&name.as_bytes()[..name_len]);
+        r.text[name_len..name_len + msg_len].copy_from_slice(&msg.as_bytes()[..msg_len]);
+        r.record = TestRecord {
+            passed: result.is_ok() as u32,
+            name_len: name_len as u32,
+            msg_len: msg_len as u32,
+            reserved: 0,
+            cycles,
+        };
+        let payload = core::mem::size_of::<TestRecord>() + name_len + msg_len;
+        r.header = ReportHeader { magic: REPORT_MAGIC, kind: kind::TEST, len: payload as u32, reserved: 0 };
+        (boot::kernel_va_to_gpa(r as *const TestReport as u64), core::mem::size_of::<ReportHeader>() + payload)
+    };
+    if guest_abi::hypercall::is_error(hypercall::report(gpa, len as u64)) {
+        panic!("REPORT of a test result failed");
+    }
+}
+
+/// Substring search by hand: `str::contains` reaches `core`'s precompiled
+/// `simd_contains`, which uses SSE2 and `tzcnt` (BMI1) — instructions the
+/// emulating hosts cannot run (tests/no_sse.rs catches such calls).
+fn contains(haystack: &str, needle: &str) -> bool {
+    let (h, n) = (haystack.as_bytes(), needle.as_bytes());
+    n.is_empty() || (n.len() <= h.len() && (0..=h.len() - n.len()).any(|i| &h[i..i + n.len()] == n))
+}
+
+/// Run every test whose name contains `filter` (all for an empty filter)
+/// and end the VM.
+pub fn run(filter: &str) -> ! {
+    let (mut passed, mut failed) = (0u32, 0u32);
+    for t in suites::ALL {
+        if !contains(t.name, filter) {
+            continue;
+        }
+        let start = arch::rdtsc();
+        let result = (t.run)();
+        let cycles = arch::rdtsc().wrapping_sub(start);
+        if let Err(why) = result {
+            kprintln!("test {} FAILED: {}", t.name, why);
+            failed += 1;
+        } else {
+            passed += 1;
+        }
+        report(t.name, result, cycles);
+    }
+    kprintln!("guest tests: {} passed, {} failed", passed, failed);
+    arch::exit(if failed == 0 { guest_abi::ports::EXIT_SUCCESS } else { guest_abi::ports::EXIT_FAILURE })
+}

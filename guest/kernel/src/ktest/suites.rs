@@ -1,0 +1,116 @@
+//! The registered in-guest test suites. Add a test by adding a line to
+//! [`ALL`]; names are `suite::test`.
+
+use super::{TestCase, TestResult, check};
+use crate::{arch, hypercall};
+use guest_abi::hypercall as hc;
+
+/// Every test, in the order they run.
+pub static ALL: &[TestCase] = &[
+    TestCase { name: "boot::memory_map_is_sorted_and_covers_ram", run: boot_memory_map },
+    TestCase { name: "mem::memmove_handles_overlap_both_ways", run: memmove_overlap },
+    TestCase { name: "mem::memset_and_memcmp", run: memset_memcmp },
+    TestCase { name: "fmt::ufmt_formats_without_core_fmt", run: ufmt_formats },
+    TestCase { name: "hypercall::now_is_monotonic", run: now_monotonic },
+    TestCase { name: "hypercall::unknown_number_is_refused", run: unknown_refused },
+    TestCase { name: "exceptions::handler_resumes_through_iretq", run: exception_resumes },
+    TestCase { name: "arch::tsc_advances", run: tsc_advances },
+    TestCase { name: "meta::fails_when_asked", run: fails_when_asked },
+];
+
+fn boot_memory_map() -> TestResult {
+    let info = crate::boot::info();
+    let regions = info.regions();
+    check(!regions.is_empty(), "empty memory map")?;
+    let mut cursor = 0;
+    for r in regions {
+        check(r.start == cursor, "gap or overlap in the memory map")?;
+        cursor = r.end();
+    }
+    check(cursor == info.ram_size, "memory map does not end at the RAM size")?;
+    let zone = info.pt_zone;
+    check(
+        regions.iter().any(|r| {
+            r.start == zone.start && r.len == zone.len && r.kind == guest_abi::MemRegionKind::PageTables as u32
+        }),
+        "page-table zone missing from the map",
+    )
+}
+
+fn memmove_overlap() -> TestResult {
+    let mut buf = [0u8; 16];
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    // SAFETY: both ranges lie inside `buf`.
+    unsafe { crate::mem::memmove(buf.as_mut_ptr().add(2), buf.as_ptr(), 8) };
+    check(buf[2..10] == [0, 1, 2, 3, 4, 5, 6, 7], "forward-overlapping memmove corrupted data")?;
+    // SAFETY: both ranges lie inside `buf`.
+    unsafe { crate::mem::memmove(buf.as_mut_ptr(), buf.as_ptr().add(2), 8) };
+    check(buf[..8] == [0, 1, 2, 3, 4, 5, 6, 7], "backward-overlapping memmove corrupted data")
+}
+
+fn memset_memcmp() -> TestResult {
+    let mut a = [1u8; 32];
+    let b = [7u8; 32];
+    // SAFETY: `a` is 32 bytes.
+    unsafe { crate::mem::memset(a.as_mut_ptr(), 7, 32) };
+    // SAFETY: both are 32 bytes.
+    check(unsafe { crate::mem::memcmp(a.as_ptr(), b.as_ptr(), 32) } == 0, "memset/memcmp mismatch")?;
+    a[31] = 6;
+    // SAFETY: both are 32 bytes.
+    check(unsafe { crate::mem::memcmp(a.as_ptr(), b.as_ptr(), 32) } < 0, "memcmp ordering wrong")
+}
+
+struct Buf {
+    bytes: [u8; 64],
+    len: usize,
+}
+
+impl ufmt::uWrite for Buf {
+    type Error = ();
+    fn write_str(&mut self, s: &str) -> Result<(), ()> {
+        let end = self.len + s.len();
+        if end > self.bytes.len() {
+            return Err(());
+        }
+        self.bytes[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+fn ufmt_formats() -> TestResult {
+    let mut b = Buf { bytes: [0; 64], len: 0 };
+    ufmt::uwrite!(b, "{} {:#x} {}", 12345u64, 0xdead_beefu64, -7i32).map_err(|_| "ufmt write failed")?;
+    check(&b.bytes[..b.len] == b"12345 0xdeadbeef -7", "ufmt output differs")
+}
+
+fn now_monotonic() -> TestResult {
+    let a = hypercall::now_ns();
+    let b = hypercall::now_ns();
+    check(!hc::is_error(a) && b >= a, "NOW went backwards or failed")
+}
+
+fn unknown_refused() -> TestResult {
+    check(hypercall::call(0x7777, 1, 2, 3, 4) == hc::ERR_UNKNOWN, "unknown hypercall not refused")
+}
+
+fn exception_resumes() -> TestResult {
+    let first = arch::idt::run_ud_probe();
+    let second = arch::idt::run_ud_probe();
+    check(second == first + 1 && first >= 1, "#UD probe not counted and resumed")
+}
+
+fn tsc_advances() -> TestResult {
+    let a = arch::rdtsc();
+    let b = arch::rdtsc();
+    check(b > a, "TSC did not advance")
+}
+
+/// Passes unless the command line says `fail-on-request`: lets the VMM's
+/// tests check how a failing guest test is reported.
+fn fails_when_asked() -> TestResult {
+    let cmdline = crate::boot::cmdline();
+    check(crate::cmdline::value(cmdline, "fail-on-request").is_none(), "failed on request (fail-on-request)")
+}
