@@ -1,12 +1,22 @@
 //! The guest kernel's memory manager (buddy allocator with zones, slab
 //! allocator, four-level paging, address spaces, demand paging, aging).
 //!
-//! Pure logic over a physical-memory access trait, so that everything here
-//! runs unchanged on the host under `cargo test`. This crate is filled in by
-//! the memory-manager issue; for now it holds the page-size constants both
-//! the kernel and its tests use.
-#![no_std]
+//! Pure logic over a physical-memory access trait ([`phys::PhysMem`]), so
+//! that everything here runs unchanged on the host under `cargo test`.
+//!
+//! Invariants of the crate as a whole:
+//! - `no_std`, allocation-free, no floating point, and no `core::fmt` on any
+//!   path the guest executes (errors carry `as_str()` for that reason): the
+//!   guest kernel is built without SSE, and precompiled `core::fmt` uses it.
+//! - `unsafe` is denied everywhere except the guest's direct-map accessor
+//!   ([`phys::DirectMap`]); the allocators are safe code over the trait.
+#![cfg_attr(not(test), no_std)]
 #![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod buddy;
+pub mod phys;
+pub mod slab;
 
 /// Size of a base page.
 pub const PAGE_SIZE: u64 = 4096;
