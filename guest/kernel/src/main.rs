@@ -13,6 +13,8 @@
 #![no_std]
 #![no_main]
 
+extern crate alloc;
+
 mod arch;
 mod boot;
 mod cmdline;
@@ -21,6 +23,7 @@ mod crash;
 mod hypercall;
 mod ktest;
 mod mem;
+mod mm;
 mod panic;
 mod selftest;
 
@@ -73,6 +76,9 @@ extern "C" fn kmain(boot_info_gpa: u64) -> ! {
         selftest::explain(boot_info_gpa);
     }
     if let Some(filter) = cmdline::value(cmdline, "test") {
+        let t0 = arch::rdtsc();
+        mm::init(boot::info());
+        kprintln!("memory manager up in {} cycles", arch::rdtsc() - t0);
         ktest::run(filter);
     }
     console::println("boot ok");

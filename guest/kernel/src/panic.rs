@@ -20,3 +20,14 @@ fn panic(info: &PanicInfo) -> ! {
     }
     arch::exit(guest_abi::ports::EXIT_FAILURE)
 }
+
+/// End the VM with a failure after printing `msg`: for errors whose text
+/// is only known at run time (a `panic!` with a non-literal message would
+/// need `core::fmt`, which the guest cannot run).
+#[track_caller]
+pub fn fatal(msg: &str) -> ! {
+    arch::disable_interrupts();
+    let loc = core::panic::Location::caller();
+    kprintln!("\nFATAL at {}:{}: {}", loc.file(), loc.line(), msg);
+    arch::exit(guest_abi::ports::EXIT_FAILURE)
+}

@@ -1,7 +1,7 @@
 //! The registered in-guest test suites. Add a test by adding a line to
 //! [`ALL`]; names are `suite::test`.
 
-use super::{TestCase, TestResult, check};
+use super::{TestCase, TestResult, check, mm_suites};
 use crate::{arch, hypercall};
 use guest_abi::hypercall as hc;
 
@@ -15,6 +15,13 @@ pub static ALL: &[TestCase] = &[
     TestCase { name: "hypercall::unknown_number_is_refused", run: unknown_refused },
     TestCase { name: "exceptions::handler_resumes_through_iretq", run: exception_resumes },
     TestCase { name: "arch::tsc_advances", run: tsc_advances },
+    TestCase { name: "arch::rep_bsf_is_emulated", run: rep_bsf },
+    TestCase { name: "buddy::alloc_is_aligned_and_returned", run: mm_suites::buddy_alloc_aligned_and_returned },
+    TestCase { name: "buddy::pgtable_pages_come_zeroed", run: mm_suites::buddy_pgtable_pages_are_zero },
+    TestCase { name: "buddy::double_free_is_refused", run: mm_suites::buddy_double_free_refused },
+    TestCase { name: "slab::objects_are_distinct_and_aligned", run: mm_suites::slab_objects_distinct_and_aligned },
+    TestCase { name: "heap::vec_and_box", run: mm_suites::heap_vec_and_box },
+    TestCase { name: "heap::oom_returns_null", run: mm_suites::heap_oom_returns_null },
     TestCase { name: "meta::fails_when_asked", run: fails_when_asked },
 ];
 
@@ -113,4 +120,16 @@ fn tsc_advances() -> TestResult {
 fn fails_when_asked() -> TestResult {
     let cmdline = crate::boot::cmdline();
     check(crate::cmdline::value(cmdline, "fail-on-request").is_none(), "failed on request (fail-on-request)")
+}
+
+/// `rep bsf` (the `tzcnt` encoding LLVM emits for `trailing_zeros`) must
+/// behave as `bsf` for non-zero inputs under KVM's emulator.
+fn rep_bsf() -> TestResult {
+    for (v, want) in [(1u64, 0u64), (0x80, 7), (0x10_0000_0000, 36), (u64::MAX, 0), (1 << 63, 63)] {
+        let got: u64;
+        // SAFETY: register-only instruction.
+        unsafe { core::arch::asm!("rep bsf {o}, {i}", o = out(reg) got, i = in(reg) v, options(nomem, nostack)) };
+        check(got == want, "rep bsf gave a wrong bit index")?;
+    }
+    Ok(())
 }

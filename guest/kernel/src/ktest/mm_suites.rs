@@ -1,0 +1,100 @@
+//! In-guest tests of the memory manager running on real guest memory (the
+//! host tests in `guest/mm` cover the volume; these check that the same
+//! code works through the kernel's direct map and as its heap).
+
+use super::{TestResult, check};
+use crate::mm;
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::alloc::{GlobalAlloc, Layout};
+use guest_mm::buddy::{FreeError, ZoneId, ZonePref};
+use guest_mm::phys::PhysMem;
+
+fn with_mm<R>(f: impl FnOnce(&mut mm::MemoryManager) -> R) -> Result<R, &'static str> {
+    mm::with(f).ok_or("memory manager not initialised")
+}
+
+/// Blocks of orders 0..=4 are naturally aligned and all come back.
+pub fn buddy_alloc_aligned_and_returned() -> TestResult {
+    with_mm(|m| {
+        let before = m.buddy.stats(ZoneId::Normal).free_pages + m.buddy.stats(ZoneId::Normal).hot_pages;
+        let mut blocks = [(guest_mm::phys::Pfn(0), 0u8); 5];
+        for (order, slot) in blocks.iter_mut().enumerate() {
+            let pfn = m.buddy.alloc(order as u8, ZonePref::Normal).ok_or("out of memory")?;
+            check(pfn.is_aligned(order as u8), "block not naturally aligned")?;
+            check(m.buddy.zone_of(pfn) == Some(ZoneId::Normal), "block from the wrong zone")?;
+            *slot = (pfn, order as u8);
+        }
+        for (pfn, order) in blocks {
+            m.buddy.free(pfn, order).map_err(|e| e.as_str())?;
+        }
+        let after = m.buddy.stats(ZoneId::Normal).free_pages + m.buddy.stats(ZoneId::Normal).hot_pages;
+        check(after == before, "frames leaked")
+    })?
+}
+
+/// Page-table pages come from the page-table zone, already zero.
+pub fn buddy_pgtable_pages_are_zero() -> TestResult {
+    with_mm(|m| {
+        let pfn = m.buddy.alloc_pgtable().ok_or("page-table zone empty")?;
+        check(m.buddy.zone_of(pfn) == Some(ZoneId::PageTables), "page-table page outside its zone")?;
+        check(m.buddy.mem().frame_is_zero(pfn), "page-table page not zero")?;
+        m.buddy.free_pgtable(pfn).map_err(|e| e.as_str())
+    })?
+}
+
+/// A double free is refused, not absorbed.
+pub fn buddy_double_free_refused() -> TestResult {
+    with_mm(|m| {
+        let pfn = m.buddy.alloc(1, ZonePref::Normal).ok_or("out of memory")?;
+        m.buddy.free(pfn, 1).map_err(|e| e.as_str())?;
+        check(m.buddy.free(pfn, 1) == Err(FreeError::DoubleFree), "double free not detected")?;
+        m.buddy.check_invariants()
+    })?
+}
+
+/// kmalloc objects are distinct, aligned, and hold what is written.
+pub fn slab_objects_distinct_and_aligned() -> TestResult {
+    let mut ptrs = [core::ptr::null_mut::<u64>(); 16];
+    let layout = Layout::from_size_align(64, 64).map_err(|_| "bad layout")?;
+    for (i, p) in ptrs.iter_mut().enumerate() {
+        // SAFETY: a valid non-zero-size layout.
+        *p = unsafe { crate::mm::KernelHeap.alloc(layout) } as *mut u64;
+        check(!p.is_null(), "kmalloc-64 returned null")?;
+        check((*p as usize).is_multiple_of(64), "object misaligned")?;
+        // SAFETY: the block is ours, 64 bytes.
+        unsafe { p.write_volatile(i as u64 * 3) };
+    }
+    for (i, p) in ptrs.iter().enumerate() {
+        // SAFETY: written above, still allocated.
+        check(unsafe { p.read_volatile() } == i as u64 * 3, "object contents overwritten")?;
+        check(ptrs[..i].iter().all(|q| q != p), "the same object handed out twice")?;
+    }
+    for p in ptrs {
+        // SAFETY: allocated above with this layout.
+        unsafe { crate::mm::KernelHeap.dealloc(p as *mut u8, layout) };
+    }
+    with_mm(|m| m.kmalloc.check_invariants(&m.buddy))?
+}
+
+/// `Vec` and `Box` work on the kernel heap, including growth.
+pub fn heap_vec_and_box() -> TestResult {
+    let mut v: Vec<u64> = Vec::new();
+    for i in 0..300u64 {
+        v.push(i);
+    }
+    check(v.iter().sum::<u64>() == 300 * 299 / 2, "vector contents wrong")?;
+    let b = Box::new([7u8; 5000]); // larger than a page: the buddy path
+    check(b.iter().all(|&x| x == 7), "boxed array wrong")?;
+    drop(b);
+    drop(v);
+    with_mm(|m| m.kmalloc.check_invariants(&m.buddy))?
+}
+
+/// An impossible request gets null, as `GlobalAlloc` requires.
+pub fn heap_oom_returns_null() -> TestResult {
+    let layout = Layout::from_size_align(1 << 40, 8).map_err(|_| "bad layout")?;
+    // SAFETY: a valid layout; null is the expected answer.
+    let p = unsafe { crate::mm::KernelHeap.alloc(layout) };
+    check(p.is_null(), "a 1 TiB allocation did not fail")
+}

@@ -1,0 +1,144 @@
+//! The kernel's memory manager instance: the buddy allocator over the RAM
+//! the VMM's memory map calls usable (plus the page-table zone), and the
+//! kmalloc slab caches as the kernel's `#[global_allocator]`.
+//!
+//! Invariants:
+//! - The allocators manage only RAM the boot direct map covers
+//!   (`BootInfo::boot_mapped`), because they reach memory through it.
+//! - The per-frame metadata array is carved out of the start of the largest
+//!   usable region and never handed to the allocator.
+//! - Single CPU, interrupts off: the manager lives in one static cell; a
+//!   re-entrant use (an allocation from inside the allocator) is a bug and
+//!   panics instead of corrupting state.
+//! - `GlobalAlloc::alloc` returns null when memory is exhausted (the
+//!   contract), never panics.
+
+use core::alloc::{GlobalAlloc, Layout};
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, Ordering};
+use guest_abi::{BootInfo, DIRECT_MAP_BASE, Gpa, MemRegionKind};
+use guest_mm::buddy::{BuddyAllocator, FrameMeta, ZonePref, meta_bytes};
+use guest_mm::phys::{DirectMap, FrameRange, Pfn};
+use guest_mm::slab::Kmalloc;
+
+use crate::panic::fatal;
+
+/// The memory manager.
+pub struct MemoryManager {
+    /// The page allocator.
+    pub buddy: BuddyAllocator<'static, DirectMap>,
+    /// The kmalloc caches.
+    pub kmalloc: Kmalloc,
+}
+
+struct Cell {
+    busy: AtomicBool,
+    mm: UnsafeCell<Option<MemoryManager>>,
+}
+
+// SAFETY: one CPU, interrupts off; `busy` turns any re-entrant access into
+// a panic, so at most one `&mut` exists at a time.
+unsafe impl Sync for Cell {}
+
+static MM: Cell = Cell { busy: AtomicBool::new(false), mm: UnsafeCell::new(None) };
+
+/// Run `f` with the memory manager, or return `None` before [`init`].
+pub fn with<R>(f: impl FnOnce(&mut MemoryManager) -> R) -> Option<R> {
+    if MM.busy.swap(true, Ordering::Acquire) {
+        panic!("memory manager re-entered");
+    }
+    // SAFETY: `busy` guarantees this is the only reference.
+    let r = unsafe { (*MM.mm.get()).as_mut().map(f) };
+    MM.busy.store(false, Ordering::Release);
+    r
+}
+
+/// Whether [`init`] has run.
+pub fn is_ready() -> bool {
+    with(|_| ()).is_some()
+}
+
+/// Build the allocators from the VMM's memory map. Idempotent.
+pub fn init(info: &BootInfo) {
+    if is_ready() {
+        return;
+    }
+    let limit = info.boot_mapped.min(info.ram_size);
+    let frames = limit / guest_mm::PAGE_SIZE;
+    let need = meta_bytes(frames).next_multiple_of(guest_mm::PAGE_SIZE);
+    let clamp = |start: u64, len: u64| (start.min(limit), start.saturating_add(len).min(limit));
+    let home = info
+        .regions()
+        .iter()
+        .filter(|r| r.kind == MemRegionKind::Usable as u32)
+        .map(|r| clamp(r.start, r.len))
+        .filter(|(s, e)| e - s >= need)
+        .max_by_key(|(s, e)| e - s)
+        .unwrap_or_else(|| fatal("no usable region can hold the frame metadata"));
+    // SAFETY: `home` is usable RAM inside the boot direct map that nothing
+    // else uses; it becomes the metadata array for the kernel's lifetime and
+    // is never given to the allocator. FrameMeta is plain integers, so the
+    // zeroed RAM the VMM provides is a valid value (and `new` rewrites
+    // every entry anyway).
+    let meta: &'static mut [FrameMeta] =
+        unsafe { core::slice::from_raw_parts_mut((DIRECT_MAP_BASE + home.0) as *mut FrameMeta, frames as usize) };
+    let zone = info.pt_zone;
+    let pgtables = FrameRange::from_bytes(Gpa(zone.start), zone.len);
+    // SAFETY: all RAM below `limit` is mapped read-write at DIRECT_MAP_BASE
+    // by the boot page tables, and the allocator only touches frames it is
+    // given, which no Rust reference aliases.
+    let mem = unsafe { DirectMap::new(DIRECT_MAP_BASE) };
+    let mut buddy = match BuddyAllocator::new(mem, meta, Pfn(0), pgtables) {
+        Ok(b) => b,
+        Err(e) => fatal(e.as_str()),
+    };
+    for r in info.regions() {
+        let kind = MemRegionKind::from_raw(r.kind);
+        if kind != Some(MemRegionKind::Usable) && kind != Some(MemRegionKind::PageTables) {
+            continue;
+        }
+        let (mut start, end) = clamp(r.start, r.len);
+        if start == home.0 {
+            start += need;
+        }
+        if start < end {
+            let range = FrameRange::from_bytes(Gpa(start), end - start);
+            if let Err(e) = buddy.add_free_range(range) {
+                fatal(e.as_str());
+            }
+        }
+    }
+    let mm = MemoryManager { buddy, kmalloc: Kmalloc::new(ZonePref::Normal) };
+    if MM.busy.swap(true, Ordering::Acquire) {
+        panic!("memory manager re-entered");
+    }
+    // SAFETY: `busy` is held; nothing else references the cell.
+    unsafe { *MM.mm.get() = Some(mm) };
+    MM.busy.store(false, Ordering::Release);
+}
+
+/// The kernel heap: kmalloc over the buddy allocator.
+pub struct KernelHeap;
+
+// SAFETY: alloc returns either null or a block of at least `layout.size()`
+// bytes aligned to `layout.align()` that the allocator will not hand out
+// again until it is freed (the slab and buddy invariants, tested on the
+// host); dealloc gives back exactly such a block.
+unsafe impl GlobalAlloc for KernelHeap {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        with(|mm| mm.kmalloc.alloc(&mut mm.buddy, layout.size(), layout.align()))
+            .flatten()
+            .map_or(core::ptr::null_mut(), |gpa| (DIRECT_MAP_BASE + gpa.0) as *mut u8)
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let gpa = Gpa(ptr as u64 - DIRECT_MAP_BASE);
+        let r = with(|mm| mm.kmalloc.free(&mut mm.buddy, gpa, layout.size(), layout.align()));
+        if let Some(Err(e)) = r {
+            fatal(e.as_str());
+        }
+    }
+}
+
+#[global_allocator]
+static HEAP: KernelHeap = KernelHeap;
