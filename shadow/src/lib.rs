@@ -2,5 +2,16 @@
 //! shadow MMU kept by the VMM (DESIGN.md, "Shadow mode").
 //!
 //! This crate has no KVM dependency so that all of its logic is testable on
-//! any host. It is filled in by the shadow-mode issue.
+//! any host.
+//!
+//! - [`walker`]: the guest page-table walk with the full x86-64 rules — P,
+//!   RW, US, NX (with EFER.NXE), PSE at PDPT/PD level, CR0.WP, reserved
+//!   bits (MAXPHYADDR included), SMEP/SMAP — returning either the
+//!   translation with its effective permissions or the exact `#PF` error
+//!   code (Intel SDM vol. 3 §4.6, §4.7), and setting A/D bits the way KVM's
+//!   own walker does. It never loops and never panics on hostile tables.
 #![deny(unsafe_code)]
+
+pub mod walker;
+
+pub use walker::{Access, GuestPhys, PageFault, PagingMode, Translation, walk};
