@@ -232,7 +232,9 @@ fn reference(
             } else if acc.fetch {
                 x && !(mode.smep && u)
             } else {
-                !(u && mode.smap && !mode.ac) && !(acc.write && !w && mode.wp)
+                let smap_blocks = u && mode.smap && !mode.ac;
+                let wp_blocks = acc.write && !w && mode.wp;
+                !smap_blocks && !wp_blocks
             };
             if !ok {
                 return (Err(base_ec | 1), vec![]);
