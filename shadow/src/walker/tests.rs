@@ -172,15 +172,13 @@ fn smep_and_smap() {
 
 // ---- Differential testing against a deliberately naive reference ----
 
+/// What the reference answers: `Ok((gpa, page size))` or `Err(error code)`,
+/// and the A/D writes it made as `(gpa, new value)`.
+type RefOutcome = (Result<(u64, u64), u32>, Vec<(u64, u64)>);
+
 /// The reference: written from the SDM's tables, one rule per line, with
 /// no shared helpers and no early-exit cleverness.
-fn reference(
-    mem: &Mem,
-    cr3: u64,
-    va: u64,
-    acc: Access,
-    mode: &PagingMode,
-) -> (Result<(u64, u64), u32>, Vec<(u64, u64)>) {
+fn reference(mem: &Mem, cr3: u64, va: u64, acc: Access, mode: &PagingMode) -> RefOutcome {
     let id = if acc.fetch && (mode.nxe || mode.smep) { 16 } else { 0 };
     let base_ec = (if acc.write { 2 } else { 0 }) | (if acc.user { 4 } else { 0 }) | id;
     let in_ram = |a: u64, len: u64| a.checked_add(len).is_some_and(|e| e <= mem.ram);
