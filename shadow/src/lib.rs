@@ -10,8 +10,13 @@
 //!   translation with its effective permissions or the exact `#PF` error
 //!   code (Intel SDM vol. 3 §4.6, §4.7), and setting A/D bits the way KVM's
 //!   own walker does. It never loops and never panics on hostile tables.
+//! - [`mmu`]: the shadow MMU — shadow pages with roles, the root cache,
+//!   the reverse map, A/D emulation, PTE-write handling, host coherence;
+//!   its module doc states the invariants.
 #![deny(unsafe_code)]
 
+pub mod mmu;
 pub mod walker;
 
+pub use mmu::{FaultOutcome, ShadowError, ShadowMmu, ShadowStats};
 pub use walker::{Access, GuestPhys, PageFault, PagingMode, Translation, walk};

@@ -1,0 +1,679 @@
+//! The shadow MMU: the page tables the vCPU really walks, derived from the
+//! guest's own tables and kept coherent with them by the VMM.
+//!
+//! # Overview (after KVM's `Documentation/virt/kvm/x86/mmu.rst`)
+//!
+//! The guest believes its CR3 points at its own PML4. In shadow mode the
+//! vCPU's CR3 points instead at a **shadow root** in the **shadow pool**, a
+//! VMM-private range of guest-physical memory the guest's memory map does
+//! not contain. Shadow tables translate GVA → GPA directly with the
+//! *effective* permissions of the guest walk; KVM's own second stage (or,
+//! on a host without EPT/NPT, KVM's own shadowing) does GPA → HPA below.
+//!
+//! ## Shadow pages and their role
+//!
+//! Every shadow page is derived from exactly one guest table page and has a
+//! **role**: the guest frame it shadows (`gfn`), its level (4 = PML4 … 1 =
+//! PT) and the access its parents grant (writable, user, executable: the
+//! AND of RW, US and ¬XD above it). Pages are looked up by role, so two
+//! guest PML4s that share a kernel PDPT share its shadow as well — the
+//! **shared kernel subtrees** come for free. Non-leaf shadow entries are
+//! fully permissive (P, RW, US, A; no XD); the leaf carries the effective
+//! permissions, as in KVM.
+//!
+//! ## Invariants
+//!
+//! 1. A present shadow leaf maps exactly the GPA the guest walk gives for
+//!    that GVA, never more permissively than the walk allows, and only
+//!    guest RAM (the walker refuses anything else). The shadow pool is
+//!    never mapped: the isolation property.
+//! 2. A shadow leaf exists only for a guest leaf whose A bit is set, and is
+//!    writable only when the guest leaf's D bit is set. So the first access
+//!    to a page, and the first write to a clean page, fault to the VMM,
+//!    which sets A / D in the guest entry exactly as hardware would
+//!    (**A/D emulation**).
+//! 3. The **reverse map** lists, for every guest table frame, the shadow
+//!    pages derived from it. Every guest page-table page is in the
+//!    read-only page-table zone, so every guest write to one exits to the
+//!    VMM ([`ShadowMmu::pte_written`]), which updates the derived shadow
+//!    entry in place when it can (a new leaf with A set) and zaps it
+//!    otherwise. A partial or misaligned write zaps the whole shadow page.
+//! 4. **Host coherence.** On a host whose KVM itself shadows page tables,
+//!    changes the VMM makes to shadow tables are invisible to the vCPU
+//!    until the VMM makes the host forget (HOST.md). Every change that
+//!    removes or restricts a mapping sets [`ShadowMmu::host_stale`]; the VMM
+//!    invalidates before the guest runs again and then calls
+//!    [`ShadowMmu::host_invalidated`]. Freed pool pages wait in quarantine
+//!    until then, so no page the host may still cache is reused early.
+//! 5. **Pool exhaustion** zaps everything (all roots included) and
+//!    rebuilds the current root: correct, counted, and rare.
+//!
+//! Guest page-table pages are never written by the VMM except for A/D
+//! bits, which the walker sets as hardware would.
+
+use crate::walker::{self, A, Access, D, GuestPhys, P, PS, PagingMode, RW, US, XD};
+use std::collections::{HashMap, VecDeque};
+
+const ADDR: u64 = 0x000f_ffff_ffff_f000;
+const PAGE: u64 = 4096;
+/// Shadow roots kept for recent guest CR3s (KVM keeps 3 `prev_roots`; a
+/// handful of address spaces switching round-robin must not rebuild).
+pub const ROOT_CACHE: usize = 8;
+
+/// Access granted by the levels above a shadow page: bit 0 writable,
+/// bit 1 user, bit 2 executable.
+type AccessBits = u8;
+const ACC_W: AccessBits = 1;
+const ACC_U: AccessBits = 2;
+const ACC_X: AccessBits = 4;
+const ACC_ALL: AccessBits = 7;
+
+/// A shadow page's role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Role {
+    gfn: u64,
+    level: u8,
+    access: AccessBits,
+}
+
+#[derive(Debug)]
+struct ShadowPage {
+    role: Role,
+    /// `(parent page, index)` of every shadow entry pointing here.
+    parents: Vec<(u32, u16)>,
+    /// Pinned as a root.
+    root: bool,
+}
+
+/// Shadow-MMU counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ShadowStats {
+    /// Faults fixed by the VMM without the guest seeing them.
+    pub hidden_faults: u64,
+    /// Faults passed on to the guest (true guest page faults).
+    pub guest_faults: u64,
+    /// Guest page-table writes trapped.
+    pub pte_writes: u64,
+    /// ... of which updated the shadow entry in place.
+    pub pte_updates_in_place: u64,
+    /// CR3 loads.
+    pub cr3_loads: u64,
+    /// Root-cache hits.
+    pub root_hits: u64,
+    /// Root-cache misses (a root built).
+    pub root_misses: u64,
+    /// Shadow entries zapped.
+    pub zaps: u64,
+    /// Whole shadow pages zapped (partial writes, pool exhaustion).
+    pub page_zaps: u64,
+    /// Pool exhaustions (full zaps).
+    pub pool_exhaustions: u64,
+    /// Host invalidations requested.
+    pub host_invalidations: u64,
+    /// TLB flushes requested by the guest.
+    pub flushes: u64,
+    /// Shadow pages in use now.
+    pub pages_in_use: u64,
+    /// Most shadow pages ever in use.
+    pub pages_peak: u64,
+}
+
+/// What a shadow fault resolved to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultOutcome {
+    /// The shadow now maps the address: retry the access (a hidden fault).
+    Fixed,
+    /// The guest's own tables forbid the access: deliver a `#PF` with this
+    /// error code to the guest.
+    GuestFault(u32),
+}
+
+/// Why the MMU cannot proceed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShadowError {
+    /// No guest CR3 has been loaded yet.
+    NoRoot,
+    /// The pool is too small to hold even one path.
+    PoolTooSmall,
+}
+
+/// The shadow MMU of one vCPU.
+#[derive(Debug)]
+pub struct ShadowMmu {
+    pool_base: u64,
+    pages: Vec<Option<ShadowPage>>,
+    free: Vec<u32>,
+    quarantine: Vec<u32>,
+    by_role: HashMap<Role, u32>,
+    rmap: HashMap<u64, Vec<u32>>,
+    roots: VecDeque<(u64, u32)>,
+    current: Option<(u64, u32)>,
+    mode: PagingMode,
+    stale: bool,
+    stats: ShadowStats,
+}
+
+impl ShadowMmu {
+    /// A shadow MMU whose pool is `pages` 4 KiB pages at `pool_base`
+    /// (zeroed memory).
+    pub fn new(pool_base: u64, pages: u32, mode: PagingMode) -> ShadowMmu {
+        ShadowMmu {
+            pool_base,
+            pages: (0..pages).map(|_| None).collect(),
+            free: (0..pages).rev().collect(),
+            quarantine: Vec::new(),
+            by_role: HashMap::new(),
+            rmap: HashMap::new(),
+            roots: VecDeque::new(),
+            current: None,
+            mode,
+            stale: false,
+            stats: ShadowStats::default(),
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> ShadowStats {
+        self.stats
+    }
+
+    /// The paging controls in force.
+    pub fn mode(&self) -> PagingMode {
+        self.mode
+    }
+
+    /// Whether the host may hold stale translations of shadow tables.
+    pub fn host_stale(&self) -> bool {
+        self.stale
+    }
+
+    /// The host has forgotten every translation of the pool: quarantined
+    /// pages may be reused.
+    pub fn host_invalidated(&mut self) {
+        if self.stale {
+            self.stats.host_invalidations += 1;
+        }
+        self.stale = false;
+        self.free.append(&mut self.quarantine);
+    }
+
+    /// The GPA of the current shadow root (what the vCPU's CR3 holds).
+    pub fn current_root(&self) -> Option<u64> {
+        self.current.map(|(_, p)| self.page_gpa(p))
+    }
+
+    /// The guest CR3 the current root shadows.
+    pub fn guest_cr3(&self) -> Option<u64> {
+        self.current.map(|(g, _)| g)
+    }
+
+    fn page_gpa(&self, page: u32) -> u64 {
+        self.pool_base + page as u64 * PAGE
+    }
+
+    fn page_of(&self, gpa: u64) -> u32 {
+        ((gpa - self.pool_base) / PAGE) as u32
+    }
+
+    /// Whether `gpa` lies in the pool.
+    pub fn in_pool(&self, gpa: u64) -> bool {
+        gpa >= self.pool_base && gpa < self.pool_base + self.pages.len() as u64 * PAGE
+    }
+
+    /// Change CR0.WP / EFER.NXE / CR4.SMEP/SMAP: every shadow entry was
+    /// computed under the old rules, so zap everything.
+    pub fn set_mode(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys, mode: PagingMode) {
+        if mode != self.mode {
+            self.mode = mode;
+            let current = self.current.map(|(g, _)| g);
+            self.zap_all(pool);
+            if let Some(cr3) = current {
+                let _ = self.load_cr3(pool, guest, cr3);
+            }
+        }
+    }
+
+    /// `LOAD_CR3(guest_cr3)`: find or build the shadow root; returns the
+    /// GPA for the vCPU's CR3.
+    pub fn load_cr3(
+        &mut self,
+        pool: &mut impl GuestPhys,
+        guest: &mut impl GuestPhys,
+        guest_cr3: u64,
+    ) -> Result<u64, ShadowError> {
+        self.stats.cr3_loads += 1;
+        let key = guest_cr3 & ADDR;
+        if let Some(pos) = self.roots.iter().position(|&(g, _)| g == key) {
+            let entry = self.roots.remove(pos).expect("position is valid");
+            self.roots.push_front(entry);
+            self.stats.root_hits += 1;
+            self.current = Some(entry);
+            return Ok(self.page_gpa(entry.1));
+        }
+        self.stats.root_misses += 1;
+        let page = match self.get_or_create(pool, Role { gfn: key >> 12, level: 4, access: ACC_ALL }) {
+            Some(p) => p,
+            None => {
+                self.stats.pool_exhaustions += 1;
+                self.zap_all(pool);
+                self.get_or_create(pool, Role { gfn: key >> 12, level: 4, access: ACC_ALL })
+                    .ok_or(ShadowError::PoolTooSmall)?
+            }
+        };
+        if let Some(p) = self.pages[page as usize].as_mut() {
+            p.root = true;
+        }
+        self.roots.push_front((key, page));
+        while self.roots.len() > ROOT_CACHE {
+            let (_, old) = self.roots.pop_back().expect("non-empty");
+            if let Some(p) = self.pages[old as usize].as_mut() {
+                p.root = false;
+            }
+            self.release_if_orphan(pool, old);
+        }
+        self.current = Some((key, page));
+        self.prefill_kernel_half(pool, guest, page);
+        Ok(self.page_gpa(page))
+    }
+
+    /// Eagerly shadow the kernel half (PML4 entries 256..512) of a new
+    /// root: everything the fault-delivery path touches (IDT, GDT, TSS, IST
+    /// stacks, handler code) lives there and must not fault. Only entries
+    /// with A set are shadowed (invariant 2); the kernel maps itself with A
+    /// (and D where writable) set.
+    fn prefill_kernel_half(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys, root: u32) {
+        let role = self.pages[root as usize].as_ref().map(|p| p.role).expect("root exists");
+        self.prefill(pool, guest, root, role, 256..512, 0);
+    }
+
+    fn prefill(
+        &mut self,
+        pool: &mut impl GuestPhys,
+        guest: &mut impl GuestPhys,
+        page: u32,
+        role: Role,
+        range: core::ops::Range<u64>,
+        budget_used: usize,
+    ) -> usize {
+        let mut used = budget_used;
+        for idx in range {
+            if used > 4096 {
+                break;
+            }
+            let gpte_gpa = (role.gfn << 12) + idx * 8;
+            if !guest.is_ram(gpte_gpa, 8) {
+                return used;
+            }
+            let gpte = guest.read_u64(gpte_gpa);
+            if gpte & (P | A) != (P | A) || gpte & walker::reserved_mask(&self.mode, role.level, gpte) != 0 {
+                continue;
+            }
+            used += 1;
+            let leaf = role.level == 1 || (role.level <= 3 && gpte & PS != 0);
+            if leaf {
+                if let Some(spte) = self.leaf_spte(guest, role, gpte) {
+                    pool.write_u64(self.page_gpa(page) + idx * 8, spte);
+                }
+                continue;
+            }
+            let child_role = Role {
+                gfn: (gpte & ADDR) >> 12,
+                level: role.level - 1,
+                access: child_access(role.access, gpte, &self.mode),
+            };
+            let Some(child) = self.link_child(pool, page, idx, child_role) else { return used };
+            used = self.prefill(pool, guest, child, child_role, 0..512, used);
+        }
+        used
+    }
+
+    /// The shadow leaf for guest leaf `gpte` under a page of role `role`,
+    /// or `None` when it must not be shadowed (no A bit, outside RAM).
+    fn leaf_spte(&self, guest: &impl GuestPhys, role: Role, gpte: u64) -> Option<u64> {
+        if gpte & (P | A) != (P | A) || gpte & walker::reserved_mask(&self.mode, role.level, gpte) != 0 {
+            return None;
+        }
+        let size = 1u64 << (12 + 9 * (role.level as u32 - 1));
+        let base = gpte & ADDR & !(size - 1);
+        if !guest.is_ram(base, size) {
+            return None;
+        }
+        let access = child_access(role.access, gpte, &self.mode);
+        let mut spte = base | P | A | D;
+        if role.level > 1 {
+            spte |= PS;
+        }
+        if access & ACC_U != 0 {
+            spte |= US;
+        }
+        if access & ACC_W != 0 && gpte & D != 0 {
+            spte |= RW;
+        }
+        if self.mode.nxe && access & ACC_X == 0 {
+            spte |= XD;
+        }
+        Some(spte)
+    }
+
+    /// `SHADOW_FAULT(cr2, error_code)`.
+    pub fn handle_fault(
+        &mut self,
+        pool: &mut impl GuestPhys,
+        guest: &mut impl GuestPhys,
+        cr2: u64,
+        error_code: u32,
+    ) -> Result<FaultOutcome, ShadowError> {
+        let (guest_cr3, _) = self.current.ok_or(ShadowError::NoRoot)?;
+        let access = Access::from_error_code(error_code);
+        let t = match walker::walk(guest, guest_cr3, cr2, access, &self.mode) {
+            Ok(t) => t,
+            Err(f) => {
+                self.stats.guest_faults += 1;
+                return Ok(FaultOutcome::GuestFault(f.error_code));
+            }
+        };
+        for attempt in 0..2 {
+            if self.install(pool, guest, cr2, &t, access) {
+                self.stats.hidden_faults += 1;
+                return Ok(FaultOutcome::Fixed);
+            }
+            if attempt == 0 {
+                // Pool exhausted: start over with an empty pool.
+                self.stats.pool_exhaustions += 1;
+                self.zap_all(pool);
+                self.load_cr3(pool, guest, guest_cr3)?;
+            }
+        }
+        Err(ShadowError::PoolTooSmall)
+    }
+
+    /// Build the shadow path for a successful walk; `false` if the pool ran
+    /// out.
+    fn install(
+        &mut self,
+        pool: &mut impl GuestPhys,
+        guest: &mut impl GuestPhys,
+        va: u64,
+        t: &walker::Translation,
+        access: Access,
+    ) -> bool {
+        let (_, mut page) = self.current.expect("checked by the caller");
+        let mut role = self.pages[page as usize].as_ref().expect("root exists").role;
+        for depth in 0..t.levels as usize {
+            let level = 4 - depth as u8;
+            let idx = (va >> (12 + 9 * (level as u32 - 1))) & 0x1ff;
+            let gpte = guest.read_u64(t.entry_gpas[depth]);
+            if depth + 1 == t.levels as usize {
+                let Some(mut spte) = self.leaf_spte(guest, role, gpte) else { return true };
+                // CR0.WP = 0: a supervisor write to a read-only page is
+                // allowed; make it writable but supervisor-only, as KVM does.
+                if access.write && !access.user && !self.mode.wp && spte & RW == 0 {
+                    spte = (spte | RW) & !US;
+                }
+                let at = self.page_gpa(page) + idx * 8;
+                let old = pool.read_u64(at);
+                if old & P != 0 && restricts(old, spte) {
+                    self.stale = true;
+                }
+                pool.write_u64(at, spte);
+                return true;
+            }
+            let child_role = Role {
+                gfn: (gpte & ADDR) >> 12,
+                level: level - 1,
+                access: child_access(role.access, gpte, &self.mode),
+            };
+            match self.link_child(pool, page, idx, child_role) {
+                Some(child) => {
+                    page = child;
+                    role = child_role;
+                }
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// Make entry `idx` of `page` point at the shadow page for
+    /// `child_role`, creating it if needed; `None` if the pool is empty.
+    fn link_child(&mut self, pool: &mut impl GuestPhys, page: u32, idx: u64, child_role: Role) -> Option<u32> {
+        let at = self.page_gpa(page) + idx * 8;
+        let old = pool.read_u64(at);
+        if old & P != 0 {
+            let cur = self.page_of(old & ADDR);
+            if self.pages.get(cur as usize).and_then(|p| p.as_ref()).is_some_and(|p| p.role == child_role) {
+                return Some(cur);
+            }
+            self.zap_entry(pool, page, idx);
+        }
+        let child = self.get_or_create(pool, child_role)?;
+        pool.write_u64(at, self.page_gpa(child) | P | RW | US | A);
+        if let Some(c) = self.pages[child as usize].as_mut() {
+            c.parents.push((page, idx as u16));
+        }
+        Some(child)
+    }
+
+    fn get_or_create(&mut self, pool: &mut impl GuestPhys, role: Role) -> Option<u32> {
+        if let Some(&p) = self.by_role.get(&role) {
+            return Some(p);
+        }
+        // Quarantined pages may be reused before the guest runs again: the
+        // host is invalidated before then anyway (quarantine ⇒ stale).
+        let p = match self.free.pop() {
+            Some(p) => p,
+            None => {
+                debug_assert!(self.quarantine.is_empty() || self.stale);
+                self.quarantine.pop()?
+            }
+        };
+        // Pages come back zeroed from zap; a never-used pool page is zero.
+        let base = self.page_gpa(p);
+        debug_assert!((0..512).all(|i| pool.read_u64(base + i * 8) == 0), "pool page not clean");
+        self.pages[p as usize] = Some(ShadowPage { role, parents: Vec::new(), root: false });
+        self.by_role.insert(role, p);
+        self.rmap.entry(role.gfn).or_default().push(p);
+        self.stats.pages_in_use += 1;
+        self.stats.pages_peak = self.stats.pages_peak.max(self.stats.pages_in_use);
+        Some(p)
+    }
+
+    /// Clear entry `idx` of `page`; unlink (and maybe free) its child.
+    fn zap_entry(&mut self, pool: &mut impl GuestPhys, page: u32, idx: u64) {
+        let at = self.page_gpa(page) + idx * 8;
+        let old = pool.read_u64(at);
+        if old & P == 0 {
+            return;
+        }
+        pool.write_u64(at, 0);
+        self.stale = true;
+        self.stats.zaps += 1;
+        let level = self.pages[page as usize].as_ref().map_or(1, |p| p.role.level);
+        let leaf = level == 1 || old & PS != 0;
+        if !leaf && self.in_pool(old & ADDR) {
+            let child = self.page_of(old & ADDR);
+            if let Some(c) = self.pages[child as usize].as_mut() {
+                c.parents.retain(|&(p, i)| !(p == page && i as u64 == idx));
+            }
+            self.release_if_orphan(pool, child);
+        }
+    }
+
+    /// Free `page` if nothing points at it and it is not a root.
+    fn release_if_orphan(&mut self, pool: &mut impl GuestPhys, page: u32) {
+        let orphan = self.pages[page as usize].as_ref().is_some_and(|p| p.parents.is_empty() && !p.root);
+        if orphan {
+            self.free_page(pool, page);
+        }
+    }
+
+    fn free_page(&mut self, pool: &mut impl GuestPhys, page: u32) {
+        for idx in 0..512 {
+            self.zap_entry(pool, page, idx);
+        }
+        let Some(sp) = self.pages[page as usize].take() else { return };
+        self.by_role.remove(&sp.role);
+        if let Some(v) = self.rmap.get_mut(&sp.role.gfn) {
+            v.retain(|&p| p != page);
+            if v.is_empty() {
+                self.rmap.remove(&sp.role.gfn);
+            }
+        }
+        self.stats.pages_in_use -= 1;
+        // Its parents' entries were cleared by whoever unlinked it; the
+        // host may still cache translations through it: quarantine.
+        self.quarantine.push(page);
+        self.stale = true;
+    }
+
+    /// Zap everything: every shadow page, every root.
+    pub fn zap_all(&mut self, pool: &mut impl GuestPhys) {
+        for (_, r) in self.roots.drain(..) {
+            if let Some(p) = self.pages[r as usize].as_mut() {
+                p.root = false;
+            }
+        }
+        self.current = None;
+        for page in 0..self.pages.len() as u32 {
+            if self.pages[page as usize].is_some() {
+                for idx in 0..512 {
+                    let at = self.page_gpa(page) + idx * 8;
+                    if pool.read_u64(at) != 0 {
+                        pool.write_u64(at, 0);
+                    }
+                }
+                let sp = self.pages[page as usize].take().expect("checked");
+                self.by_role.remove(&sp.role);
+                self.quarantine.push(page);
+                self.stats.page_zaps += 1;
+            }
+        }
+        self.rmap.clear();
+        self.stats.pages_in_use = 0;
+        self.stale = true;
+    }
+
+    /// A guest write of `len` bytes at `gpa` to a page-table page, already
+    /// applied to guest memory. Updates or zaps every shadow entry derived
+    /// from the written entry.
+    pub fn pte_written(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys, gpa: u64, len: u64) {
+        self.stats.pte_writes += 1;
+        let gfn = gpa >> 12;
+        let Some(derived) = self.rmap.get(&gfn).cloned() else { return };
+        let aligned = len == 8 && gpa.is_multiple_of(8);
+        for page in derived {
+            let Some(role) = self.pages[page as usize].as_ref().map(|p| p.role) else { continue };
+            if !aligned {
+                self.stats.page_zaps += 1;
+                for idx in 0..512 {
+                    self.zap_entry(pool, page, idx);
+                }
+                continue;
+            }
+            let idx = (gpa & 0xfff) / 8;
+            let gpte = guest.read_u64(gpa & !7);
+            let leaf = role.level == 1 || (role.level <= 3 && gpte & PS != 0);
+            let at = self.page_gpa(page) + idx * 8;
+            let old = pool.read_u64(at);
+            let old_leaf = old & P != 0 && (role.level == 1 || old & PS != 0);
+            match (leaf, self.leaf_spte(guest, role, gpte)) {
+                (true, Some(spte)) if old & P == 0 || old_leaf => {
+                    if old & P != 0 && restricts(old, spte) {
+                        self.stale = true;
+                    }
+                    pool.write_u64(at, spte);
+                    self.stats.pte_updates_in_place += 1;
+                }
+                _ => self.zap_entry(pool, page, idx),
+            }
+        }
+    }
+
+    /// `FLUSH_TLB`: shadow entries are kept coherent on every write, so a
+    /// flush only matters to a host that caches shadow translations.
+    pub fn flush(&mut self) {
+        self.stats.flushes += 1;
+    }
+
+    /// Walk the *shadow* tables of the current root for `va` (for
+    /// `--explain` and tests): the shadow leaf entry, if present.
+    pub fn shadow_leaf(&self, pool: &impl GuestPhys, va: u64) -> Option<(u64, u8)> {
+        let mut table = self.current_root()?;
+        for level in (1..=4u8).rev() {
+            let idx = (va >> (12 + 9 * (level as u32 - 1))) & 0x1ff;
+            let e = pool.read_u64(table + idx * 8);
+            if e & P == 0 {
+                return None;
+            }
+            if level == 1 || e & PS != 0 {
+                return Some((e, level));
+            }
+            table = e & ADDR;
+            if !self.in_pool(table) {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// Check the structural invariants (tests): every present non-leaf
+    /// shadow entry points at a live page whose parent list has it, and
+    /// every leaf maps guest RAM only.
+    pub fn check_invariants(&self, pool: &impl GuestPhys, guest: &impl GuestPhys) -> Result<(), String> {
+        for (i, sp) in self.pages.iter().enumerate() {
+            let Some(sp) = sp else { continue };
+            if self.by_role.get(&sp.role) != Some(&(i as u32)) {
+                return Err(format!("page {i} missing from the role index"));
+            }
+            if !self.rmap.get(&sp.role.gfn).is_some_and(|v| v.contains(&(i as u32))) {
+                return Err(format!("page {i} missing from the reverse map"));
+            }
+            for idx in 0..512u64 {
+                let e = pool.read_u64(self.page_gpa(i as u32) + idx * 8);
+                if e & P == 0 {
+                    continue;
+                }
+                if sp.role.level == 1 || e & PS != 0 {
+                    let size = 1u64 << (12 + 9 * (sp.role.level as u32 - 1));
+                    if !guest.is_ram(e & ADDR & !(size - 1), size) || self.in_pool(e & ADDR) {
+                        return Err(format!("page {i}[{idx}] maps outside guest RAM: {e:#x}"));
+                    }
+                } else {
+                    let c = self.page_of(e & ADDR);
+                    match self.pages.get(c as usize).and_then(|p| p.as_ref()) {
+                        Some(cp) if cp.parents.contains(&(i as u32, idx as u16)) => {}
+                        _ => return Err(format!("page {i}[{idx}] points at {c} which does not list it")),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The access a child grants given its parent's and the guest entry.
+fn child_access(parent: AccessBits, gpte: u64, mode: &PagingMode) -> AccessBits {
+    let mut a = parent;
+    if gpte & RW == 0 {
+        a &= !ACC_W;
+    }
+    if gpte & US == 0 {
+        a &= !ACC_U;
+    }
+    if mode.nxe && gpte & XD != 0 {
+        a &= !ACC_X;
+    }
+    a
+}
+
+/// Whether `new` grants less than `old` (another frame, or a permission
+/// bit removed): the host must forget `old`.
+fn restricts(old: u64, new: u64) -> bool {
+    if new & P == 0 || (old & ADDR) != (new & ADDR) {
+        return true;
+    }
+    (old & RW != 0 && new & RW == 0) || (old & US != 0 && new & US == 0) || (old & XD == 0 && new & XD != 0)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,296 @@
+use super::*;
+use crate::walker::pf;
+use proptest::prelude::*;
+use std::collections::HashMap;
+
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Mem {
+    words: HashMap<u64, u64>,
+    base: u64,
+    size: u64,
+}
+
+impl Mem {
+    fn new(base: u64, size: u64) -> Self {
+        Mem { words: HashMap::new(), base, size }
+    }
+    fn get(&self, gpa: u64) -> u64 {
+        *self.words.get(&gpa).unwrap_or(&0)
+    }
+}
+
+impl GuestPhys for Mem {
+    fn read_u64(&self, gpa: u64) -> u64 {
+        assert!(gpa >= self.base && gpa + 8 <= self.base + self.size, "read outside {gpa:#x}");
+        self.get(gpa)
+    }
+    fn write_u64(&mut self, gpa: u64, value: u64) {
+        assert!(gpa >= self.base && gpa + 8 <= self.base + self.size, "write outside {gpa:#x}");
+        if value == 0 {
+            self.words.remove(&gpa);
+        } else {
+            self.words.insert(gpa, value);
+        }
+    }
+    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+        gpa >= self.base && gpa.checked_add(len).is_some_and(|e| e <= self.base + self.size)
+    }
+}
+
+const MIB: u64 = 1 << 20;
+const RAM: u64 = 64 * MIB;
+const POOL: u64 = 2 << 30;
+const T: u64 = P | RW | US | A; // an upper-level guest entry the guest has used
+
+/// Guest with PML4 at `cr3`, PDPT 0x20000, PD 0x21000, PT 0x22000 mapping
+/// VA 0x40_0000 + i*4K (PD index 2, PT index i) to 0x100000 + i*4K.
+fn guest_with(cr3: u64, leaf: u64, n: u64) -> Mem {
+    let mut g = Mem::new(0, RAM);
+    g.write_u64(cr3, 0x20000 | T);
+    g.write_u64(0x20000, 0x21000 | T);
+    g.write_u64(0x21000 + 2 * 8, 0x22000 | T);
+    for i in 0..n {
+        g.write_u64(0x22000 + i * 8, (0x10_0000 + i * PAGE) | leaf);
+    }
+    g
+}
+
+fn va(i: u64) -> u64 {
+    0x40_0000 + i * PAGE
+}
+
+fn setup(pages: u32) -> (ShadowMmu, Mem) {
+    (ShadowMmu::new(POOL, pages, PagingMode::default()), Mem::new(POOL, pages as u64 * PAGE))
+}
+
+const READ: u32 = 0;
+const WRITE: u32 = pf::W;
+
+#[test]
+fn demand_fault_costs_one_hidden_fault_and_emulates_a_and_d() {
+    let (mut mmu, mut pool) = setup(64);
+    let mut g = guest_with(0x1000, P | RW, 4);
+    let root = mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
+    assert!(mmu.in_pool(root));
+    // A read of a never-touched page: hidden fault; the guest's A is set,
+    // D is not, and the shadow maps it read-only (clean page).
+    assert_eq!(mmu.handle_fault(&mut pool, &mut g, va(1) + 8, READ), Ok(FaultOutcome::Fixed));
+    let gpte = g.get(0x22008);
+    assert!(gpte & A != 0 && gpte & D == 0);
+    let (spte, level) = mmu.shadow_leaf(&pool, va(1)).unwrap();
+    assert_eq!((spte & ADDR, level), (0x10_1000, 1));
+    assert_eq!(spte & RW, 0, "a clean page is shadowed read-only");
+    // The first write: another hidden fault; now D is set and RW granted.
+    assert_eq!(mmu.handle_fault(&mut pool, &mut g, va(1), WRITE), Ok(FaultOutcome::Fixed));
+    assert!(g.get(0x22008) & D != 0);
+    assert!(mmu.shadow_leaf(&pool, va(1)).unwrap().0 & RW != 0);
+    assert_eq!(mmu.stats().hidden_faults, 2);
+    mmu.check_invariants(&pool, &g).unwrap();
+}
+
+#[test]
+fn a_true_guest_fault_is_passed_on_with_the_guest_error_code() {
+    let (mut mmu, mut pool) = setup(64);
+    let mut g = guest_with(0x1000, P, 2); // supervisor, read-only
+    mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
+    let before = g.clone();
+    assert_eq!(mmu.handle_fault(&mut pool, &mut g, va(0), WRITE | pf::U), Ok(FaultOutcome::GuestFault(0x7)));
+    assert_eq!(mmu.handle_fault(&mut pool, &mut g, va(9), pf::U), Ok(FaultOutcome::GuestFault(0x4)));
+    assert_eq!(g, before, "a guest fault changes no guest A/D bit");
+    assert_eq!(mmu.shadow_leaf(&pool, va(0)), None);
+    assert_eq!(mmu.stats().guest_faults, 2);
+}
+
+#[test]
+fn the_shadow_pool_and_memory_beyond_ram_are_never_mapped() {
+    let (mut mmu, mut pool) = setup(64);
+    let mut g = guest_with(0x1000, P | RW | A | D, 1);
+    g.write_u64(0x22000, POOL | P | RW | A | D); // the guest points at the pool
+    g.write_u64(0x22008, (RAM + PAGE) | P | RW | A | D); // and past RAM
+    mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
+    for i in 0..2 {
+        let r = mmu.handle_fault(&mut pool, &mut g, va(i), READ);
+        assert_eq!(r, Ok(FaultOutcome::GuestFault(pf::P | pf::RSVD)), "entry {i}");
+        assert_eq!(mmu.shadow_leaf(&pool, va(i)), None);
+    }
+    mmu.check_invariants(&pool, &g).unwrap();
+}
+
+#[test]
+fn root_cache_switches_without_rebuilding() {
+    let (mut mmu, mut pool) = setup(128);
+    let mut g = Mem::new(0, RAM);
+    let roots = [0x1000u64, 0x2000, 0x3000, 0x4000];
+    for &r in &roots {
+        g.write_u64(r, 0x20000 | T);
+    }
+    for round in 0..3 {
+        for &r in &roots {
+            mmu.load_cr3(&mut pool, &mut g, r).unwrap();
+        }
+        assert_eq!(mmu.stats().root_misses, 4, "round {round} rebuilt a root");
+    }
+    assert_eq!(mmu.stats().root_hits, 8);
+    assert_eq!(mmu.stats().cr3_loads, 12);
+}
+
+#[test]
+fn kernel_half_is_prefilled_and_shared_between_roots() {
+    let (mut mmu, mut pool) = setup(64);
+    let mut g = Mem::new(0, RAM);
+    // Two PML4s sharing one kernel PDPT (index 511) with a 2 MiB mapping.
+    for r in [0x1000u64, 0x2000] {
+        g.write_u64(r + 511 * 8, 0x30000 | T);
+    }
+    g.write_u64(0x30000 + 510 * 8, 0x31000 | T);
+    g.write_u64(0x31000 + 8, 0x20_0000 | P | RW | A | D | PS);
+    let kva = 0xffff_ffff_8020_0000u64;
+    mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
+    assert_eq!(mmu.shadow_leaf(&pool, kva).map(|(e, l)| (e & ADDR, l)), Some((0x20_0000, 2)), "prefilled");
+    let used = mmu.stats().pages_in_use;
+    mmu.load_cr3(&mut pool, &mut g, 0x2000).unwrap();
+    assert_eq!(mmu.stats().pages_in_use, used + 1, "the second root shares the kernel subtree");
+    assert!(mmu.shadow_leaf(&pool, kva).is_some());
+    assert_eq!(mmu.stats().hidden_faults, 0);
+}
+
+#[test]
+fn pte_writes_update_in_place_or_zap_and_mark_the_host_stale() {
+    let (mut mmu, mut pool) = setup(64);
+    let mut g = guest_with(0x1000, P | RW, 4);
+    mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
+    mmu.handle_fault(&mut pool, &mut g, va(0), WRITE).unwrap();
+    mmu.host_invalidated();
+    // A new mapping written with A set (demand paging): updated in place,
+    // no fault needed, nothing stale.
+    g.write_u64(0x22000 + 3 * 8, 0x30_0000 | P | RW | A);
+    mmu.pte_written(&mut pool, &mut g, 0x22000 + 3 * 8, 8);
+    assert_eq!(mmu.shadow_leaf(&pool, va(3)).map(|(e, _)| e & ADDR), Some(0x30_0000));
+    assert!(!mmu.host_stale());
+    assert_eq!(mmu.stats().pte_updates_in_place, 1);
+    // Unmapping zaps and needs the host to forget.
+    g.write_u64(0x22000, 0);
+    mmu.pte_written(&mut pool, &mut g, 0x22000, 8);
+    assert_eq!(mmu.shadow_leaf(&pool, va(0)), None);
+    assert!(mmu.host_stale());
+    mmu.host_invalidated();
+    // Write-protecting a writable, dirty page (copy-on-write) restricts:
+    // stale again.
+    mmu.handle_fault(&mut pool, &mut g, va(3), WRITE).unwrap();
+    assert!(mmu.shadow_leaf(&pool, va(3)).unwrap().0 & RW != 0);
+    mmu.host_invalidated();
+    g.write_u64(0x22000 + 3 * 8, 0x30_0000 | P | A | D);
+    mmu.pte_written(&mut pool, &mut g, 0x22000 + 3 * 8, 8);
+    assert_eq!(mmu.shadow_leaf(&pool, va(3)).unwrap().0 & RW, 0);
+    assert!(mmu.host_stale());
+    // Clearing A (aging) zaps the shadow leaf, so the next access faults
+    // and sets A again, exactly.
+    mmu.host_invalidated();
+    g.write_u64(0x22000 + 3 * 8, 0x30_0000 | P);
+    mmu.pte_written(&mut pool, &mut g, 0x22000 + 3 * 8, 8);
+    assert_eq!(mmu.shadow_leaf(&pool, va(3)), None);
+    assert_eq!(mmu.handle_fault(&mut pool, &mut g, va(3), READ), Ok(FaultOutcome::Fixed));
+    assert!(g.get(0x22018) & A != 0);
+    mmu.check_invariants(&pool, &g).unwrap();
+}
+
+#[test]
+fn partial_writes_zap_the_whole_shadow_page() {
+    let (mut mmu, mut pool) = setup(64);
+    let mut g = guest_with(0x1000, P | RW | A | D, 4);
+    mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
+    for i in 0..4 {
+        mmu.handle_fault(&mut pool, &mut g, va(i), READ).unwrap();
+    }
+    mmu.pte_written(&mut pool, &mut g, 0x22004, 4);
+    for i in 0..4 {
+        assert_eq!(mmu.shadow_leaf(&pool, va(i)), None, "entry {i} survived a partial write");
+    }
+    mmu.check_invariants(&pool, &g).unwrap();
+}
+
+#[test]
+fn pool_exhaustion_zaps_everything_and_stays_correct() {
+    let (mut mmu, mut pool) = setup(6);
+    let mut g = Mem::new(0, RAM);
+    g.write_u64(0x1000, 0x20000 | T);
+    // 8 PDPT entries, each with its own PD and PT: far more than 6 pages.
+    for i in 0..8u64 {
+        g.write_u64(0x20000 + i * 8, (0x30000 + i * 0x2000) | T);
+        g.write_u64(0x30000 + i * 0x2000, (0x31000 + i * 0x2000) | T);
+        g.write_u64(0x31000 + i * 0x2000, (0x80_0000 + i * PAGE) | P | RW | A | D);
+    }
+    mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
+    for i in 0..8u64 {
+        assert_eq!(mmu.handle_fault(&mut pool, &mut g, i << 30, READ), Ok(FaultOutcome::Fixed));
+        assert_eq!(mmu.shadow_leaf(&pool, i << 30).map(|(e, _)| e & ADDR), Some(0x80_0000 + i * PAGE));
+        mmu.host_invalidated();
+    }
+    assert!(mmu.stats().pool_exhaustions > 0);
+    mmu.check_invariants(&pool, &g).unwrap();
+}
+
+// ---- Property: the shadow is never more permissive than the guest ----
+
+#[derive(Debug, Clone)]
+enum Op {
+    Fault { slot: u8, write: bool, user: bool },
+    WritePte { slot: u8, value: u64 },
+    Switch(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let flags = prop_oneof![Just(P | RW | US | A | D), Just(P | US | A), Just(P | RW), Just(0u64), 0u64..0x200];
+    prop_oneof![
+        4 => (0u8..16, any::<bool>(), any::<bool>()).prop_map(|(slot, write, user)| Op::Fault { slot, write, user }),
+        3 => (0u8..16, flags, 0u64..8).prop_map(|(slot, f, frame)| Op::WritePte { slot, value: (0x10_0000 + frame * PAGE) | f }),
+        1 => (0u8..2).prop_map(Op::Switch),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn shadow_never_grants_more_than_the_guest(ops in proptest::collection::vec(op(), 1..80), pool_pages in 4u32..16) {
+        let (mut mmu, mut pool) = (ShadowMmu::new(POOL, pool_pages, PagingMode::default()), Mem::new(POOL, pool_pages as u64 * PAGE));
+        // Two address spaces sharing the PT at 0x22000 (slots 0..8) and
+        // each with a private PT (slots 8..16).
+        let mut g = guest_with(0x1000, P | RW | US, 8);
+        g.write_u64(0x2000, 0x20000 | T);
+        g.write_u64(0x20000 + 8, 0x23000 | T);
+        g.write_u64(0x23000, 0x24000 | T);
+        let slot_va = |s: u8| if s < 8 { va(s as u64) } else { (1u64 << 30) + (s as u64 - 8) * PAGE };
+        let slot_gpa = |s: u8| if s < 8 { 0x22000 + s as u64 * 8 } else { 0x24000 + (s as u64 - 8) * 8 };
+        let cr3s = [0x1000u64, 0x2000];
+        mmu.load_cr3(&mut pool, &mut g, cr3s[0]).unwrap();
+        for op in ops {
+            match op {
+                Op::Fault { slot, write, user } => {
+                    let ec = (if write { pf::W } else { 0 }) | (if user { pf::U } else { 0 });
+                    mmu.handle_fault(&mut pool, &mut g, slot_va(slot), ec).unwrap();
+                }
+                Op::WritePte { slot, value } => {
+                    g.write_u64(slot_gpa(slot), value);
+                    mmu.pte_written(&mut pool, &mut g, slot_gpa(slot), 8);
+                }
+                Op::Switch(i) => { mmu.load_cr3(&mut pool, &mut g, cr3s[i as usize]).unwrap(); }
+            }
+            mmu.host_invalidated();
+            prop_assert!(mmu.check_invariants(&pool, &g).is_ok(), "{:?}", mmu.check_invariants(&pool, &g));
+            // Every shadow leaf of the current root must be allowed by a
+            // side-effect-free guest walk, to the same GPA.
+            let cr3 = mmu.guest_cr3().unwrap();
+            for s in 0..16u8 {
+                let Some((spte, _)) = mmu.shadow_leaf(&pool, slot_va(s)) else { continue };
+                let mut probe = g.clone();
+                let access = Access { write: spte & RW != 0, user: spte & US != 0, fetch: false };
+                let t = walker::walk(&mut probe, cr3, slot_va(s), access, &PagingMode::default());
+                prop_assert!(t.is_ok(), "shadow grants {:#x} at slot {} but the guest says {:?}", spte, s, t);
+                let t = t.unwrap();
+                prop_assert_eq!(t.gpa & ADDR, spte & ADDR);
+                prop_assert_eq!(probe, g.clone(), "shadowed page lacks A (or D when writable) in the guest");
+            }
+        }
+    }
+}
