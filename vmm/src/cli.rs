@@ -40,6 +40,14 @@ pub enum Command {
 /// Options of `vmm test`.
 #[derive(Debug, Args)]
 pub struct TestArgs {
+    /// MMU mode(s) to run the suites in; with `both`, the results must agree.
+    #[arg(long, value_enum, default_value = "ept")]
+    pub mmu: MmuArg,
+
+    /// Size of the shadow pool (shadow mode).
+    #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size)]
+    pub shadow_pool: u64,
+
     /// Run only the tests whose name contains this text.
     #[arg(long, value_name = "PATTERN", default_value = "")]
     pub filter: String,
@@ -89,6 +97,28 @@ pub fn parse_address(s: &str) -> Result<u64, String> {
     r.map_err(|_| format!("invalid address '{s}': expected hexadecimal (0xffffffff80200000) or decimal"))
 }
 
+/// An MMU mode on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MmuArg {
+    /// Hardware-assisted: the vCPU walks the guest's tables (EPT/NPT below).
+    Ept,
+    /// Software shadow page tables kept by the VMM.
+    Shadow,
+    /// Both, one after the other (`vmm test` and `vmm bench` only).
+    Both,
+}
+
+impl MmuArg {
+    /// The modes this argument selects.
+    pub fn modes(self) -> Vec<guest_abi::MmuMode> {
+        match self {
+            MmuArg::Ept => vec![guest_abi::MmuMode::Ept],
+            MmuArg::Shadow => vec![guest_abi::MmuMode::Shadow],
+            MmuArg::Both => vec![guest_abi::MmuMode::Ept, guest_abi::MmuMode::Shadow],
+        }
+    }
+}
+
 /// Options of `vmm run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -100,6 +130,15 @@ pub struct RunArgs {
     /// page size with hugetlb), at least 32M.
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
     pub memory: u64,
+
+    /// How the guest's memory is virtualised.
+    #[arg(long, value_enum, default_value = "ept")]
+    pub mmu: MmuArg,
+
+    /// Size of the shadow pool (shadow mode): the VMM-private memory that
+    /// holds the shadow page tables. When it fills up, everything is zapped.
+    #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size)]
+    pub shadow_pool: u64,
 
     /// What backs guest RAM on the host: 4k pages, transparent huge pages,
     /// or hugetlb pages (hugetlb = hugetlb-2m, or hugetlb-1g). No fallback:

@@ -91,6 +91,7 @@ pub fn calibrate(iterations: u64, process_start: Instant) -> Result<Calibration>
         memory: 64 << 20,
         mmu: guest_abi::MmuMode::Ept,
         backing: ept::Backing::Anon4k,
+        shadow_pool: 0,
         cmdline: format!("calibrate={iterations}"),
         timeout: Duration::from_secs(120),
         process_start,

@@ -17,6 +17,7 @@ pub mod guest_tests;
 pub mod info;
 pub mod kvm;
 pub mod layout;
+pub mod shadow_mode;
 pub mod size;
 pub mod stats;
 pub mod vm;

@@ -3,7 +3,7 @@
 use clap::Parser;
 use std::process::ExitCode;
 use std::time::Instant;
-use vmm::cli::{Cli, Command, InfoArgs, RunArgs, TestArgs};
+use vmm::cli::{Cli, Command, InfoArgs, MmuArg, RunArgs, TestArgs};
 use vmm::error::exit_code;
 use vmm::vm::{KernelSource, Vm, VmConfig};
 
@@ -20,11 +20,20 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs, process_start: Instant) -> i32 {
+    let mmu = match args.mmu {
+        MmuArg::Ept => guest_abi::MmuMode::Ept,
+        MmuArg::Shadow => guest_abi::MmuMode::Shadow,
+        MmuArg::Both => {
+            eprintln!("error: vmm run takes one mode: --mmu ept or --mmu shadow");
+            return exit_code::USAGE;
+        }
+    };
     let config = VmConfig {
         kernel: args.kernel.clone().map_or(KernelSource::Bundled, KernelSource::File),
         memory: args.memory,
-        mmu: guest_abi::MmuMode::Ept,
+        mmu,
         backing: args.backing,
+        shadow_pool: args.shadow_pool,
         cmdline: args.cmdline.clone(),
         timeout: args.timeout,
         process_start,
@@ -96,26 +105,53 @@ fn info(args: InfoArgs, process_start: Instant) -> i32 {
 }
 
 fn test(args: TestArgs, process_start: Instant) -> i32 {
-    let config = VmConfig {
-        kernel: args.kernel.clone().map_or(KernelSource::Bundled, KernelSource::File),
-        memory: args.memory,
-        mmu: guest_abi::MmuMode::Ept,
-        backing: ept::Backing::Anon4k,
-        cmdline: args.cmdline.clone(),
-        timeout: args.timeout,
-        process_start,
-    };
     let mut stdout = std::io::stdout();
     let mut modes = Vec::new();
-    match vmm::guest_tests::run_mode(config, &args.filter, &mut stdout) {
-        Ok(r) => modes.push(r),
-        Err(e) => {
-            eprintln!("error: {e}");
-            return e.exit_code();
+    for mmu in args.mmu.modes() {
+        let config = VmConfig {
+            kernel: args.kernel.clone().map_or(KernelSource::Bundled, KernelSource::File),
+            memory: args.memory,
+            mmu,
+            backing: ept::Backing::Anon4k,
+            shadow_pool: args.shadow_pool,
+            cmdline: args.cmdline.clone(),
+            timeout: args.timeout,
+            process_start,
+        };
+        match vmm::guest_tests::run_mode(config, &args.filter, &mut stdout) {
+            Ok(r) => modes.push(r),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return e.exit_code();
+            }
+        }
+    }
+    // With both modes, the same tests must give the same verdicts.
+    let mut disagreements = 0;
+    if let [a, b] = modes.as_slice() {
+        for t in &a.tests {
+            match b.tests.iter().find(|u| u.name == t.name) {
+                Some(u) if u.passed == t.passed => {}
+                Some(u) => {
+                    disagreements += 1;
+                    println!(
+                        "MODES DISAGREE on {}: {} {}, {} {}",
+                        t.name,
+                        a.mmu,
+                        verdict(t.passed),
+                        b.mmu,
+                        verdict(u.passed)
+                    );
+                }
+                None => {
+                    disagreements += 1;
+                    println!("MODES DISAGREE on {}: it did not run in {} mode", t.name, b.mmu);
+                }
+            }
         }
     }
     let passed: usize = modes.iter().map(|m| m.passed()).sum();
-    let failed: usize = modes.iter().map(|m| m.failed()).sum();
+    let failed: usize = modes.iter().map(|m| m.failed()).sum::<usize>() + disagreements;
     println!("{passed} passed, {failed} failed");
     if let Some(path) = &args.json {
         let json = serde_json::json!({ "schema": 1, "modes": modes, "passed": passed, "failed": failed });
@@ -125,4 +161,8 @@ fn test(args: TestArgs, process_start: Instant) -> i32 {
         }
     }
     if failed == 0 { exit_code::SUCCESS } else { exit_code::GUEST_FAILURE }
+}
+
+fn verdict(passed: bool) -> &'static str {
+    if passed { "ok" } else { "FAILED" }
 }

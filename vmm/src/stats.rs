@@ -27,6 +27,10 @@ pub struct RunStats {
     pub huge_backed: Option<u64>,
     /// Guest cycles from kernel entry to its boot report, if it sent one.
     pub guest_boot_cycles: Option<u64>,
+    /// The MMU mode.
+    pub mmu: &'static str,
+    /// Shadow-mode counters and handler times (shadow mode only).
+    pub shadow: Option<crate::shadow_mode::ShadowReport>,
 }
 
 impl RunStats {
@@ -70,6 +74,7 @@ impl RunStats {
         if let Some(c) = self.guest_boot_cycles {
             let _ = writeln!(s, "  guest boot          {c} cycles (rdtsc, kernel entry -> banner)");
         }
+        let _ = writeln!(s, "  mmu                 {}", if self.mmu.is_empty() { "ept" } else { self.mmu });
         let _ = writeln!(s, "  exits               {}", self.total_exits());
         for (reason, n) in &self.exits {
             let _ = writeln!(s, "    {reason:<22}{n:>10}");
@@ -79,6 +84,46 @@ impl RunStats {
             for (name, n) in &self.hypercalls {
                 let _ = writeln!(s, "    {name:<22}{n:>10}");
             }
+        }
+        if let Some(sh) = &self.shadow {
+            let st = &sh.stats;
+            let us = |d: std::time::Duration, n: u64| if n == 0 { 0.0 } else { d.as_secs_f64() * 1e6 / n as f64 };
+            let _ = writeln!(s, "  shadow MMU (pool {} pages, coherence: {:?})", sh.pool_pages, sh.coherence);
+            let _ = writeln!(
+                s,
+                "    hidden faults       {:>10}   {:>8.2} us each in the VMM",
+                st.hidden_faults,
+                us(sh.times.fault, st.hidden_faults + st.guest_faults)
+            );
+            let _ = writeln!(s, "    guest faults        {:>10}", st.guest_faults);
+            let _ = writeln!(
+                s,
+                "    PTE-write traps     {:>10}   {:>8.2} us each ({} updated in place)",
+                st.pte_writes,
+                us(sh.times.pte_write, st.pte_writes),
+                st.pte_updates_in_place
+            );
+            let _ = writeln!(
+                s,
+                "    CR3 loads           {:>10}   {:>8.2} us each (root cache {} hits, {} misses)",
+                st.cr3_loads,
+                us(sh.times.load_cr3, st.cr3_loads),
+                st.root_hits,
+                st.root_misses
+            );
+            let _ = writeln!(
+                s,
+                "    zaps                {:>10}   ({} whole pages, {} pool exhaustions)",
+                st.zaps, st.page_zaps, st.pool_exhaustions
+            );
+            let _ = writeln!(
+                s,
+                "    host invalidations  {:>10}   {:>8.2} us each",
+                st.host_invalidations,
+                us(sh.times.invalidate, st.host_invalidations)
+            );
+            let _ = writeln!(s, "    TLB flushes         {:>10}", st.flushes);
+            let _ = writeln!(s, "    shadow pages        {:>10}   (peak {})", st.pages_in_use, st.pages_peak);
         }
         s
     }

@@ -21,6 +21,7 @@ use crate::devices::serial::{GuestSerial, new_serial};
 use crate::error::{Error, Result};
 use crate::explain::Explanation;
 use crate::layout::{self, MAX_MEMORY, MIN_MEMORY, PT_ZONE_START};
+use crate::shadow_mode::{Coherence, PoolView, RamView, ShadowState, paging_mode};
 use crate::stats::RunStats;
 use ept::memmap::{MemoryMap, MemoryMapConfig};
 use ept::{Backing, GuestRam};
@@ -57,6 +58,8 @@ pub struct VmConfig {
     pub mmu: MmuMode,
     /// What backs guest RAM.
     pub backing: Backing,
+    /// Size of the shadow pool (shadow mode only).
+    pub shadow_pool: u64,
     /// Guest command line.
     pub cmdline: String,
     /// Wall-clock limit for the run.
@@ -96,8 +99,9 @@ pub struct RunOutcome {
 pub struct Vm {
     // Kept alive for the lifetime of the VM: the vCPU and memslots belong to it.
     _kvm: Kvm,
-    _vm: VmFd,
+    vm: VmFd,
     vcpu: VcpuFd,
+    shadow: Option<ShadowState>,
     map: MemoryMap,
     ram: GuestRam,
     serial: GuestSerial,
@@ -142,7 +146,7 @@ impl Vm {
         let map = MemoryMap::new(&MemoryMapConfig {
             ram_size: config.memory,
             pt_zone,
-            shadow_pool: 0,
+            shadow_pool: if config.mmu == MmuMode::Shadow { config.shadow_pool } else { 0 },
             mmu: config.mmu,
             alignment: config.backing.alignment(),
             max_slots: kvm.get_nr_memslots(),
@@ -178,7 +182,22 @@ impl Vm {
         vcpu.set_regs(&regs::entry_regs(kernel.entry)).map_err(kvm_err("KVM_SET_REGS"))?;
         vcpu.set_sync_valid_reg(SyncReg::Register);
 
-        Ok(Vm { _kvm: kvm, _vm: vm, vcpu, map, ram, serial: new_serial(console), config, epoch })
+        let shadow = match map.shadow_pool() {
+            Some(pool) => {
+                let slot = *map.slot_of(pool.start).expect("the pool has a slot");
+                let hva = ram.hva(&map, pool.start).expect("the pool is mapped");
+                let coherence = if ept::probe::second_stage().host_shadows_page_tables() {
+                    Coherence::ReregisterPoolSlot
+                } else {
+                    Coherence::ReloadCr3
+                };
+                let maxphyaddr =
+                    cpuid.as_slice().iter().find(|e| e.function == 0x8000_0008).map_or(36, |e| (e.eax & 0xff) as u8);
+                Some(ShadowState::new(slot, hva, coherence, maxphyaddr))
+            }
+            None => None,
+        };
+        Ok(Vm { _kvm: kvm, vm, vcpu, shadow, map, ram, serial: new_serial(console), config, epoch })
     }
 
     /// Guest memory (for tests and tools that inspect the guest).
@@ -279,8 +298,12 @@ impl Vm {
     }
 
     fn vcpu_loop(&mut self, expired: &AtomicBool) -> RunOutcome {
-        let mut stats =
-            RunStats { memory: self.config.memory, backing: self.config.backing.to_string(), ..Default::default() };
+        let mut stats = RunStats {
+            memory: self.config.memory,
+            backing: self.config.backing.to_string(),
+            mmu: self.config.mmu.name(),
+            ..Default::default()
+        };
         let mut reports = Vec::new();
         let started = Instant::now();
         stats.setup_time = started.duration_since(self.config.process_start);
@@ -288,11 +311,102 @@ impl Vm {
         stats.run_time = started.elapsed();
         self.serial.writer_mut().drain();
         stats.huge_backed = self.ram.huge_backed_bytes().ok();
+        stats.shadow = self.shadow.as_ref().map(|s| s.report());
         stats.guest_boot_cycles = reports.iter().find_map(|r| match r {
             Report::Boot { boot_cycles, .. } => Some(*boot_cycles),
             _ => None,
         });
         RunOutcome { end, stats, reports }
+    }
+
+    /// Whether an MMIO write at `gpa` is a trapped guest page-table write.
+    fn is_pt_zone_write(&self, gpa: u64) -> bool {
+        self.shadow.is_some()
+            && self.map.slot_of(gpa).is_some_and(|s| s.readonly && s.kind == ept::RegionKind::PageTables)
+    }
+
+    fn page_table_write(&mut self, gpa: u64, data: &[u8]) {
+        let Some(sh) = self.shadow.as_mut() else { return };
+        let mem = self.ram.memory();
+        let pool_mem = self.ram.pool().expect("shadow mode has a pool");
+        let mut ram = RamView { mem, ram: self.config.memory };
+        let mut pool = PoolView { mem: pool_mem, base: sh.pool_slot.gpa, len: sh.pool_slot.len };
+        sh.pte_write(&mut ram, &mut pool, gpa, data);
+    }
+
+    /// The shadow-mode hypercalls; `None` when `nr` is not one, or in ept
+    /// mode (the generic handler then answers `ERR_UNAVAILABLE`).
+    fn shadow_hypercall(&mut self, nr: u32, r: &kvm_bindings::kvm_regs) -> Result<Option<u64>> {
+        use guest_abi::hypercall as hc;
+        let Some(sh) = self.shadow.as_mut() else { return Ok(None) };
+        let mem = self.ram.memory();
+        let pool_mem = self.ram.pool().expect("shadow mode has a pool");
+        let mut ram = RamView { mem, ram: self.config.memory };
+        let mut pool = PoolView { mem: pool_mem, base: sh.pool_slot.gpa, len: sh.pool_slot.len };
+        match nr {
+            hc::SHADOW_FAULT => Ok(Some(sh.fault(&mut ram, &mut pool, r.rdi, r.rsi, r.rflags & (1 << 18) != 0))),
+            hc::LOAD_CR3 => {
+                let t = Instant::now();
+                let root_gpa = r.rdi;
+                if !ram.is_ram_page(root_gpa) {
+                    return Ok(Some(hc::ERR_FAULT));
+                }
+                let mut sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+                sh.mmu.set_mode(&mut pool, &mut ram, paging_mode(&sregs, r.rflags, sh.maxphyaddr));
+                let root = match sh.mmu.load_cr3(&mut pool, &mut ram, root_gpa) {
+                    Ok(root) => root,
+                    Err(e) => {
+                        log::warn!("LOAD_CR3({root_gpa:#x}) failed: {e:?}");
+                        return Ok(Some(hc::ERR_UNAVAILABLE));
+                    }
+                };
+                sregs.cr3 = root;
+                self.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+                sh.times.load_cr3 += t.elapsed();
+                Ok(Some(hc::OK))
+            }
+            hc::FLUSH_TLB => {
+                let sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+                sh.mmu.set_mode(&mut pool, &mut ram, paging_mode(&sregs, r.rflags, sh.maxphyaddr));
+                sh.mmu.flush();
+                Ok(Some(hc::OK))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Before the guest runs again: if a shadow mapping was removed or
+    /// restricted, make the host forget its copy (see `shadow_mode`).
+    fn restore_host_coherence(&mut self) -> Result<()> {
+        let Some(sh) = self.shadow.as_mut() else { return Ok(()) };
+        if !sh.mmu.host_stale() {
+            return Ok(());
+        }
+        let t = Instant::now();
+        match sh.coherence {
+            Coherence::ReregisterPoolSlot => {
+                let mut region = kvm_bindings::kvm_userspace_memory_region {
+                    slot: sh.pool_slot.slot,
+                    flags: 0,
+                    guest_phys_addr: sh.pool_slot.gpa,
+                    memory_size: 0,
+                    userspace_addr: sh.pool_hva,
+                };
+                // SAFETY: deleting the pool slot, then adding it back over
+                // the same host mapping, which the GuestRam keeps alive.
+                unsafe { self.vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+                region.memory_size = sh.pool_slot.len;
+                // SAFETY: as above.
+                unsafe { self.vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            }
+            Coherence::ReloadCr3 => {
+                let sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+                self.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+            }
+        }
+        sh.mmu.host_invalidated();
+        sh.times.invalidate += t.elapsed();
+        Ok(())
     }
 
     /// `EXPLAIN(gva)`: print the chain to stderr now; answer the GPA, or
@@ -324,6 +438,7 @@ impl Vm {
             if expired.load(Ordering::SeqCst) {
                 return Err(Error::Timeout(self.config.timeout));
             }
+            self.restore_host_coherence()?;
             let action = match self.vcpu.run() {
                 Ok(exit) => Action::from_exit(exit, &mut self.serial),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -348,6 +463,8 @@ impl Vm {
                     let r = self.vcpu.sync_regs().regs;
                     let result = if nr == guest_abi::hypercall::EXPLAIN {
                         self.explain_hypercall(r.rdi)
+                    } else if let Some(res) = self.shadow_hypercall(nr, &r)? {
+                        res
                     } else {
                         let mut ctx = HypercallContext {
                             mem: self.ram.memory(),
@@ -367,6 +484,14 @@ impl Vm {
                 Action::OtherIoIn(port) => {
                     stats.exit("io-in:unclaimed");
                     log::debug!("guest read unclaimed port {port:#x}; reads as all ones");
+                }
+                Action::MmioWrite(addr, data, len) if self.is_pt_zone_write(addr) => {
+                    stats.exit("mmio-write:page-table");
+                    self.page_table_write(addr, &data[..len]);
+                }
+                Action::MmioWrite(addr, _, _) => {
+                    stats.exit("mmio-write");
+                    log::debug!("guest wrote unbacked GPA {addr:#x}");
                 }
                 Action::Mmio(addr, write) => {
                     // No device lives outside RAM: reads see all ones, writes vanish.
@@ -451,6 +576,7 @@ enum Action {
     OtherIoOut(u16),
     OtherIoIn(u16),
     Mmio(u64, bool),
+    MmioWrite(u64, [u8; 8], usize),
     Hlt,
     Shutdown,
     InternalError,
@@ -493,7 +619,12 @@ impl Action {
                 data.fill(0xff);
                 Action::Mmio(addr, false)
             }
-            VcpuExit::MmioWrite(addr, _) => Action::Mmio(addr, true),
+            VcpuExit::MmioWrite(addr, data) => {
+                let mut bytes = [0u8; 8];
+                let len = data.len().min(8);
+                bytes[..len].copy_from_slice(&data[..len]);
+                Action::MmioWrite(addr, bytes, len)
+            }
             VcpuExit::Hlt => Action::Hlt,
             VcpuExit::Shutdown => Action::Shutdown,
             VcpuExit::InternalError => Action::InternalError,

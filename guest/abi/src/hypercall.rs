@@ -26,6 +26,11 @@ pub const EXPLAIN: u32 = 6;
 
 /// Success.
 pub const OK: u64 = 0;
+/// `SHADOW_FAULT` answer: the VMM fixed the shadow; retry the access.
+pub const FAULT_FIXED: u64 = 0;
+/// `SHADOW_FAULT` answer flag: a true guest page fault; the low 32 bits
+/// are the error code the guest's own tables give.
+pub const FAULT_GUEST: u64 = 1 << 32;
 /// Results at or above this value are errors.
 pub const ERR_BASE: u64 = u64::MAX - 0xff;
 /// The hypercall number is unknown.

@@ -63,6 +63,7 @@ extern "C" fn kmain(boot_info_gpa: u64) -> ! {
     let tsc_at_entry = arch::rdtsc();
     arch::init();
     let info = boot::BootParams::from_gpa(boot_info_gpa);
+    arch::mmu::init(info.mmu_mode());
     boot::print_banner(&info);
     boot::report_boot(&info, tsc_at_entry);
     let cmdline = info.cmdline();

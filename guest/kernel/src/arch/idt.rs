@@ -196,6 +196,25 @@ pub fn run_ud_probe() -> u64 {
     UD_PROBES.load(Ordering::Relaxed)
 }
 
+/// A handler for true guest page faults (demand paging): returns `true`
+/// when it resolved the fault.
+pub type PageFaultHook = fn(cr2: u64, error_code: u64) -> bool;
+
+static PF_HOOK: AtomicU64 = AtomicU64::new(0);
+
+/// Install the handler for true guest page faults.
+#[allow(dead_code)] // installed by the demand-paging code
+pub fn set_page_fault_hook(hook: PageFaultHook) {
+    PF_HOOK.store(hook as usize as u64, Ordering::Release);
+}
+
+fn page_fault_hook() -> Option<PageFaultHook> {
+    let raw = PF_HOOK.load(Ordering::Acquire);
+    // SAFETY: only `set_page_fault_hook` stores non-zero values, and it
+    // stores a valid `PageFaultHook`.
+    (raw != 0).then(|| unsafe { core::mem::transmute::<usize, PageFaultHook>(raw as usize) })
+}
+
 /// Called by the common stub for every exception. The `ud2` of
 /// [`run_ud_probe`] is counted and stepped over. Everything else prints
 /// vector, error code, `rip` (and `cr2` for `#PF`), then ends the VM with
@@ -209,14 +228,16 @@ extern "C" fn exception_dispatch(frame: &mut TrapFrame) {
     }
     if v == 14 {
         let cr2 = arch::read_cr2();
-        kprintln!(
-            "\nEXCEPTION {} ({}) error={:#x} rip={:#x} cr2={:#x}",
-            v,
-            vector_name(v),
-            frame.error_code,
-            frame.rip,
-            cr2
-        );
+        let error_code = match arch::mmu::classify_fault(cr2, frame.error_code) {
+            arch::mmu::Fault::Hidden => return,
+            arch::mmu::Fault::Guest(ec) => ec,
+        };
+        if let Some(hook) = page_fault_hook()
+            && hook(cr2, error_code)
+        {
+            return;
+        }
+        kprintln!("\nEXCEPTION {} ({}) error={:#x} rip={:#x} cr2={:#x}", v, vector_name(v), error_code, frame.rip, cr2);
     } else {
         kprintln!("\nEXCEPTION {} ({}) error={:#x} rip={:#x}", v, vector_name(v), frame.error_code, frame.rip);
     }

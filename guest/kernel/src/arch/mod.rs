@@ -3,6 +3,7 @@
 
 pub mod gdt;
 pub mod idt;
+pub mod mmu;
 
 use guest_abi::ports::EXIT_DEVICE;
 

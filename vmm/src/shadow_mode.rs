@@ -1,0 +1,201 @@
+//! Shadow mode in the VMM: the `shadow` crate's MMU wired to KVM.
+//!
+//! - The page-table zone is a `KVM_MEM_READONLY` slot, so every guest
+//!   page-table write exits as an MMIO write: [`ShadowState::pte_write`]
+//!   applies it to guest RAM and lets the MMU update or zap what derives
+//!   from it.
+//! - The shadow tables live in the shadow pool, a VMM-private slot above
+//!   RAM (`ept::MemoryMap`).
+//! - `LOAD_CR3` points the vCPU's CR3 at the shadow root
+//!   (`KVM_SET_SREGS`); `SHADOW_FAULT` resolves hidden faults; `FLUSH_TLB`
+//!   re-reads the paging controls.
+//! - **Host coherence** (DESIGN.md event 5, HOST.md): before the guest runs
+//!   again after a change that removed or restricted a shadow mapping, the
+//!   VMM makes the host forget — on a host whose KVM shadows page tables by
+//!   deleting and re-adding the pool's memslot, on an EPT/NPT host by
+//!   reloading CR3 (a TLB flush). Counted and timed.
+
+use ept::memmap::SlotSpec;
+use guest_abi::hypercall as hc;
+use serde::Serialize;
+use shadow::{FaultOutcome, GuestPhys, PagingMode, ShadowMmu, ShadowStats};
+use std::time::{Duration, Instant};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Guest RAM as the walker sees it: `[0, ram)` only.
+pub struct RamView<'a> {
+    /// Guest memory.
+    pub mem: &'a GuestMemoryMmap,
+    /// RAM size.
+    pub ram: u64,
+}
+
+impl RamView<'_> {
+    /// Whether the page at `gpa` lies inside guest RAM.
+    pub fn is_ram_page(&self, gpa: u64) -> bool {
+        self.is_ram(gpa & !0xfff, 4096)
+    }
+}
+
+impl GuestPhys for RamView<'_> {
+    fn read_u64(&self, gpa: u64) -> u64 {
+        self.mem.read_obj(GuestAddress(gpa)).unwrap_or(0)
+    }
+    fn write_u64(&mut self, gpa: u64, value: u64) {
+        let _ = self.mem.write_obj(value, GuestAddress(gpa));
+    }
+    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+        gpa.checked_add(len).is_some_and(|e| e <= self.ram)
+    }
+}
+
+/// The shadow pool (GPA-addressed, `[base, base + len)`).
+pub struct PoolView<'a> {
+    /// Pool memory.
+    pub mem: &'a GuestMemoryMmap,
+    /// First GPA of the pool.
+    pub base: u64,
+    /// Pool size.
+    pub len: u64,
+}
+
+impl GuestPhys for PoolView<'_> {
+    fn read_u64(&self, gpa: u64) -> u64 {
+        self.mem.read_obj(GuestAddress(gpa)).unwrap_or(0)
+    }
+    fn write_u64(&mut self, gpa: u64, value: u64) {
+        let _ = self.mem.write_obj(value, GuestAddress(gpa));
+    }
+    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+        gpa >= self.base && gpa.checked_add(len).is_some_and(|e| e <= self.base + self.len)
+    }
+}
+
+/// How the host is made to forget stale shadow translations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Coherence {
+    /// Delete and re-add the pool's memslot (hosts whose KVM shadows page
+    /// tables: PVM, or KVM with ept=0/npt=0).
+    ReregisterPoolSlot,
+    /// Reload CR3 (EPT/NPT hosts: the hardware re-walks the tables).
+    ReloadCr3,
+}
+
+/// Time spent in each handler, and how often.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct HandlerTimes {
+    /// `SHADOW_FAULT` handling.
+    pub fault: Duration,
+    /// Page-table write traps.
+    pub pte_write: Duration,
+    /// `LOAD_CR3` handling (including `KVM_SET_SREGS`).
+    pub load_cr3: Duration,
+    /// Host invalidations.
+    pub invalidate: Duration,
+}
+
+/// The shadow-mode report of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShadowReport {
+    /// The MMU's counters.
+    pub stats: ShadowStats,
+    /// Time in each handler.
+    pub times: HandlerTimes,
+    /// The coherence strategy.
+    pub coherence: Coherence,
+    /// Pool size in pages.
+    pub pool_pages: u32,
+}
+
+/// Shadow mode's state in a VM.
+pub struct ShadowState {
+    /// The MMU.
+    pub mmu: ShadowMmu,
+    /// The pool's memslot.
+    pub pool_slot: SlotSpec,
+    /// The pool's host address.
+    pub pool_hva: u64,
+    /// The coherence strategy.
+    pub coherence: Coherence,
+    /// Handler times.
+    pub times: HandlerTimes,
+    /// MAXPHYADDR of the vCPU.
+    pub maxphyaddr: u8,
+    pool_pages: u32,
+}
+
+/// The paging controls from the vCPU's system registers.
+pub fn paging_mode(sregs: &kvm_bindings::kvm_sregs, rflags: u64, maxphyaddr: u8) -> PagingMode {
+    PagingMode {
+        wp: sregs.cr0 & (1 << 16) != 0,
+        nxe: sregs.efer & (1 << 11) != 0,
+        smep: sregs.cr4 & (1 << 20) != 0,
+        smap: sregs.cr4 & (1 << 21) != 0,
+        ac: rflags & (1 << 18) != 0,
+        maxphyaddr,
+    }
+}
+
+impl ShadowState {
+    /// Shadow mode over the pool slot `pool_slot`.
+    pub fn new(pool_slot: SlotSpec, pool_hva: u64, coherence: Coherence, maxphyaddr: u8) -> ShadowState {
+        let pages = (pool_slot.len / 4096) as u32;
+        let mode = PagingMode { maxphyaddr, ..PagingMode::default() };
+        ShadowState {
+            mmu: ShadowMmu::new(pool_slot.gpa, pages, mode),
+            pool_slot,
+            pool_hva,
+            coherence,
+            times: HandlerTimes::default(),
+            maxphyaddr,
+            pool_pages: pages,
+        }
+    }
+
+    /// The report for `--stats`.
+    pub fn report(&self) -> ShadowReport {
+        ShadowReport {
+            stats: self.mmu.stats(),
+            times: self.times.clone(),
+            coherence: self.coherence,
+            pool_pages: self.pool_pages,
+        }
+    }
+
+    /// `SHADOW_FAULT(cr2, error_code)` → the hypercall result.
+    pub fn fault(
+        &mut self,
+        ram: &mut RamView<'_>,
+        pool: &mut PoolView<'_>,
+        cr2: u64,
+        error_code: u64,
+        ac: bool,
+    ) -> u64 {
+        let t = Instant::now();
+        let mut mode = self.mmu.mode();
+        if mode.ac != ac {
+            mode.ac = ac;
+            self.mmu.set_mode(pool, ram, mode);
+        }
+        let r = match self.mmu.handle_fault(pool, ram, cr2, error_code as u32) {
+            Ok(FaultOutcome::Fixed) => hc::FAULT_FIXED,
+            Ok(FaultOutcome::GuestFault(ec)) => hc::FAULT_GUEST | ec as u64,
+            Err(e) => {
+                log::warn!("SHADOW_FAULT({cr2:#x}, {error_code:#x}) failed: {e:?}");
+                hc::ERR_UNAVAILABLE
+            }
+        };
+        self.times.fault += t.elapsed();
+        r
+    }
+
+    /// A guest write of `data` to page-table GPA `gpa`.
+    pub fn pte_write(&mut self, ram: &mut RamView<'_>, pool: &mut PoolView<'_>, gpa: u64, data: &[u8]) {
+        let t = Instant::now();
+        if ram.mem.write_slice(data, GuestAddress(gpa)).is_ok() {
+            self.mmu.pte_written(pool, ram, gpa, data.len() as u64);
+        }
+        self.times.pte_write += t.elapsed();
+    }
+}
