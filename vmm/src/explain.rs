@@ -35,6 +35,11 @@ pub struct Explanation {
     pub cost: Option<WalkCost>,
     /// What `KVM_TRANSLATE` says the GPA is (`None`: not mapped).
     pub kvm_translate: Option<u64>,
+    /// Shadow mode: the shadow leaf the vCPU really walks (entry, level),
+    /// `None` when not shadowed (yet).
+    pub shadow_leaf: Option<(u64, u8)>,
+    /// Shadow mode: the shadow root the vCPU's CR3 holds.
+    pub shadow_root: Option<u64>,
 }
 
 impl Explanation {
@@ -103,12 +108,30 @@ impl Explanation {
                 c.native, c.nested, c.shadow
             );
         }
+        if let Some(root) = self.shadow_root {
+            match self.shadow_leaf {
+                Some((e, level)) => {
+                    let _ = writeln!(
+                        s,
+                        "  shadow root {root:#x}: level-{level} leaf {e:#018x}  {}  (what the vCPU walks)",
+                        flags_string(e)
+                    );
+                }
+                None => {
+                    let _ =
+                        writeln!(s, "  shadow root {root:#x}: not shadowed yet (the next access takes a hidden fault)");
+                }
+            }
+        }
         match (self.kvm_translate, self.gpa()) {
             (Some(k), Some(g)) if k == g => {
                 let _ = writeln!(s, "  KVM_TRANSLATE agrees: GPA {k:#x}");
             }
             (None, None) => {
                 let _ = writeln!(s, "  KVM_TRANSLATE agrees: not mapped");
+            }
+            (None, Some(_)) if self.shadow_root.is_some() && self.shadow_leaf.is_none() => {
+                let _ = writeln!(s, "  KVM_TRANSLATE: not mapped through the shadow yet");
             }
             (k, _) => {
                 let _ = writeln!(s, "  KVM_TRANSLATE DISAGREES: {k:x?}");

@@ -212,7 +212,10 @@ impl Vm {
 
     /// The translation chain of `gva` in the guest's current address space.
     pub fn explain(&self, gva: u64) -> Result<Explanation> {
-        let cr3 = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?.cr3;
+        let hw_cr3 = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?.cr3;
+        // In shadow mode the vCPU's CR3 is the shadow root; the guest's own
+        // root is the one the shadow MMU shadows.
+        let cr3 = self.shadow.as_ref().and_then(|s| s.mmu.guest_cr3()).unwrap_or(hw_cr3);
         let mem = self.ram.memory();
         let walk = ept::walk::walk(cr3, gva, |gpa| mem.read_obj::<u64>(GuestAddress(gpa)).ok());
         let mut e = Explanation {
@@ -226,7 +229,14 @@ impl Vm {
             host_error: None,
             cost: None,
             kvm_translate: None,
+            shadow_leaf: None,
+            shadow_root: None,
         };
+        if let (Some(sh), Some(pool_mem)) = (self.shadow.as_ref(), self.ram.pool()) {
+            let pool = PoolView { mem: pool_mem, base: sh.pool_slot.gpa, len: sh.pool_slot.len };
+            e.shadow_root = sh.mmu.current_root();
+            e.shadow_leaf = sh.mmu.shadow_leaf(&pool, gva);
+        }
         if let ept::walk::WalkEnd::Mapped { gpa, page_size } = e.walk.end {
             e.slot = self.map.slot_of(gpa).copied();
             e.hva = self.ram.hva(&self.map, gpa);
