@@ -15,8 +15,11 @@
 #![warn(missing_docs)]
 
 pub mod buddy;
+pub mod paging;
 pub mod phys;
 pub mod slab;
+#[cfg(test)]
+mod testutil;
 
 /// Size of a base page.
 pub const PAGE_SIZE: u64 = 4096;
