@@ -14,12 +14,15 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod aspace;
 pub mod buddy;
+pub mod fault;
 pub mod paging;
 pub mod phys;
 pub mod slab;
 #[cfg(test)]
 mod testutil;
+pub mod vma;
 
 /// Size of a base page.
 pub const PAGE_SIZE: u64 = 4096;

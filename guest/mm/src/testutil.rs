@@ -88,3 +88,116 @@ impl MmuPlatform for RecordingMmu {
         self.events.borrow_mut().push(MmuEvent::FlushAll);
     }
 }
+
+/// One cached translation of the [`TlbMmu`] model.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct TlbEntry {
+    /// Physical address of the page.
+    pub frame: u64,
+    /// Whether writes are allowed through this entry.
+    pub writable: bool,
+    /// Whether the CPU has already set D for this entry.
+    pub dirty: bool,
+}
+
+/// A platform whose TLB is modelled: translations are cached on first use
+/// and survive until `invlpg`, `flush_all` or a CR3 load. An access through
+/// a stale entry goes to the old frame, so a forgotten flush shows up as
+/// wrong data.
+#[derive(Default, Debug)]
+pub struct TlbMmu {
+    pub tlb: RefCell<std::collections::BTreeMap<u64, TlbEntry>>,
+    pub cr3: std::cell::Cell<Option<Pfn>>,
+    pub invlpgs: std::cell::Cell<u64>,
+    pub flushes: std::cell::Cell<u64>,
+}
+
+impl MmuPlatform for TlbMmu {
+    fn load_cr3(&self, root: Pfn) {
+        self.cr3.set(Some(root));
+        self.tlb.borrow_mut().clear();
+    }
+    fn invlpg(&self, va: Gva) {
+        self.invlpgs.set(self.invlpgs.get() + 1);
+        self.tlb.borrow_mut().remove(&(va.0 & !0xfff));
+    }
+    fn flush_all(&self) {
+        self.flushes.set(self.flushes.get() + 1);
+        self.tlb.borrow_mut().clear();
+    }
+}
+
+/// The CPU side of a user access to the word at `va` of the current
+/// address space (`write`: the value to store), with the TLB model:
+/// translations come from the TLB, else a walk sets A (and D on a write)
+/// and fills it; a missing or insufficient translation raises a page fault
+/// handled by `aspace.handle_fault` and the access is retried (delivering
+/// a #PF drops the TLB entry of the address, SDM vol. 3A §4.10.4.1).
+pub fn cpu_access<M, A>(
+    aspace: &mut crate::aspace::AddressSpace,
+    cx: &mut crate::aspace::MmCtx<'_, M, A, TlbMmu>,
+    va: u64,
+    write: Option<u64>,
+) -> Result<u64, crate::fault::FaultError>
+where
+    M: crate::phys::PhysMem,
+    A: crate::paging::FrameSource,
+{
+    use crate::fault::PfErrorCode;
+    use crate::paging::PteFlags;
+    use guest_abi::Gpa;
+    assert_eq!(cx.mmu.cr3.get(), Some(aspace.root()), "access to an address space that is not loaded");
+    let page = va & !0xfff;
+    let word = va & 0xff8;
+    let is_write = write.is_some();
+    for _ in 0..4 {
+        let cached = cx.mmu.tlb.borrow().get(&page).copied();
+        let mut code = PfErrorCode::USER | if is_write { PfErrorCode::WRITE } else { 0 };
+        if let Some(t) = cached {
+            if !is_write || t.writable {
+                if is_write && !t.dirty {
+                    // First write through a clean entry: the CPU walks again
+                    // to set D (SDM vol. 3A §4.8).
+                    let leaf = aspace.page_table().leaf(cx.mem, Gva(va)).expect("cached entry of an unmapped page");
+                    cx.mem.write_u64(leaf.entry_addr, leaf.entry.0 | PteFlags::DIRTY.bits());
+                    cx.mmu.tlb.borrow_mut().get_mut(&page).unwrap().dirty = true;
+                }
+                let addr = Gpa(t.frame + word);
+                return Ok(match write {
+                    Some(v) => {
+                        cx.mem.write_u64(addr, v);
+                        v
+                    }
+                    None => cx.mem.read_u64(addr),
+                });
+            }
+            cx.mmu.tlb.borrow_mut().remove(&page);
+            code |= PfErrorCode::PRESENT;
+        } else {
+            match aspace.page_table().leaf(cx.mem, Gva(va)) {
+                Some(l) if !is_write || l.flags().contains(PteFlags::WRITABLE) => {
+                    let mut e = l.entry.0 | PteFlags::ACCESSED.bits();
+                    if is_write {
+                        e |= PteFlags::DIRTY.bits();
+                    }
+                    if e != l.entry.0 {
+                        cx.mem.write_u64(l.entry_addr, e);
+                    }
+                    let flags = PteFlags::from_bits_truncate(e);
+                    let frame = l.entry.addr().0 + (page - l.va.0);
+                    let t = TlbEntry {
+                        frame,
+                        writable: flags.contains(PteFlags::WRITABLE),
+                        dirty: flags.contains(PteFlags::DIRTY),
+                    };
+                    cx.mmu.tlb.borrow_mut().insert(page, t);
+                    continue;
+                }
+                Some(_) => code |= PfErrorCode::PRESENT,
+                None => {}
+            }
+        }
+        aspace.handle_fault(cx, Gva(va), PfErrorCode(code))?;
+    }
+    panic!("access not completed after four faults");
+}
