@@ -14,6 +14,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod aging;
 pub mod aspace;
 pub mod buddy;
 pub mod fault;

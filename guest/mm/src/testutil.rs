@@ -47,7 +47,6 @@ pub fn tables_in_use<M: crate::phys::PhysMem>(buddy: &BuddyAllocator<'_, M>) -> 
 }
 
 /// Ordinary frames in use.
-#[allow(dead_code)] // used by the modules built next
 pub fn frames_in_use<M: crate::phys::PhysMem>(buddy: &BuddyAllocator<'_, M>) -> u64 {
     let s = buddy.stats(ZoneId::Normal);
     s.managed_pages - s.free_pages - s.hot_pages
