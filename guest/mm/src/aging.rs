@@ -10,7 +10,7 @@
 //!   in the TLB is used without a walk, so once `A` is cleared the page
 //!   must be flushed, or later accesses would not set `A` again and the
 //!   page would look idle while in use. Every bit cleared here goes with a
-//!   [`MapperFlush`] token, gathered in a [`FlushBatch`] and flushed before
+//!   [`MapperFlush`](crate::paging::MapperFlush) token, gathered in a [`FlushBatch`] and flushed before
 //!   the scan returns (when the address space is loaded; otherwise its
 //!   translations are not cached, CR3 loads having flushed them).
 //! - [`Lru::age_active`] takes the oldest pages of the active list: a page
