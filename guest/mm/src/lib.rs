@@ -4,6 +4,12 @@
 //! Pure logic over a physical-memory access trait ([`phys::PhysMem`]), so
 //! that everything here runs unchanged on the host under `cargo test`.
 //!
+//! Modules, bottom up: [`phys`] (memory access), [`buddy`] (frames, zones,
+//! page-table pages), [`slab`] (objects), [`paging`] (four-level tables,
+//! flush tokens, the MMU platform hook), [`vma`] (areas), [`aspace`]
+//! (address spaces, fork with copy-on-write), [`fault`] (demand paging,
+//! COW break, segfaults), [`aging`] (accessed-bit clock and reclaim).
+//!
 //! Invariants of the crate as a whole:
 //! - `no_std`, allocation-free, no floating point, and no `core::fmt` on any
 //!   path the guest executes (errors carry `as_str()` for that reason): the
@@ -14,9 +20,16 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod aging;
+pub mod aspace;
 pub mod buddy;
+pub mod fault;
+pub mod paging;
 pub mod phys;
 pub mod slab;
+#[cfg(test)]
+mod testutil;
+pub mod vma;
 
 /// Size of a base page.
 pub const PAGE_SIZE: u64 = 4096;

@@ -1,0 +1,313 @@
+//! Address spaces: a root of page tables whose upper (kernel) half is
+//! shared with every other address space, a lower (user) half of its own,
+//! and the [VMAs](crate::vma) that say what the user half may hold.
+//!
+//! # Invariants
+//!
+//! - The upper half is borrowed: PML4 entries 256..=511 are copies of the
+//!   kernel template's at creation, and point at the template's PDPTs,
+//!   which must never be freed while an address space exists (build the
+//!   template with [`PageTable::new_pinned_upper`], and preallocate its
+//!   upper PDPTs if kernel mappings are added later). An address space
+//!   never maps, unmaps or frees anything in the upper half; `destroy`
+//!   zeroes those entries before freeing its own tables.
+//! - Every user leaf marked [`PteFlags::ANON`] is a 4 KiB page whose
+//!   frame came from the [`FrameSource`] and whose [`FrameRefs`] count is
+//!   the number of user leaves (in all address spaces) that map it. The
+//!   frame goes back to the source when the count drops to zero. Leaves
+//!   without `ANON` (device memory, say) are not counted and never freed.
+//! - Copy-on-write (after [`AddressSpace::fork`]): an `ANON` leaf that was
+//!   writable becomes read-only with [`PteFlags::COW`] in both address
+//!   spaces, and its frame's count goes up by one. A write fault on it
+//!   copies the frame, or, if the count is one, just makes it writable
+//!   again (the fault handler, [`crate::fault`]). `D` is copied with the
+//!   entry, so a clean leaf's frame is all zeroes (it has never been
+//!   written: see [`crate::aging`], which relies on this).
+//! - The per-frame counts live in a caller-supplied array indexed by pfn
+//!   (no allocation), like Linux's `page->_refcount` in `struct page`.
+
+use guest_abi::Gva;
+
+use crate::paging::{
+    ENTRIES, FrameSource, Leaf, MapError, MapperFlushAll, MmuPlatform, PageSizeKind, PageTable, PageTableEntry,
+    PteFlags, UPPER_HALF_FIRST,
+};
+use crate::phys::{Pfn, PhysMem};
+use crate::vma::{Prot, Vma, VmaError, VmaList};
+
+/// First address above the user half (exclusive end of every user range).
+pub const USER_END: Gva = Gva(1 << 47);
+
+/// Why a reference count could not be changed. Nothing was changed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RefError {
+    /// The frame is outside the array.
+    OutOfRange,
+    /// The count is at its maximum.
+    Overflow,
+    /// The count is already zero.
+    Underflow,
+}
+
+impl RefError {
+    /// A description that needs no formatting machinery.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RefError::OutOfRange => "frame outside the reference-count array",
+            RefError::Overflow => "frame reference count at its maximum",
+            RefError::Underflow => "frame reference count already zero",
+        }
+    }
+}
+
+/// Per-frame reference counts of anonymous frames, in a caller-supplied
+/// array: `counts[i]` is the count of frame `base + i`.
+#[derive(Debug)]
+pub struct FrameRefs<'a> {
+    base: Pfn,
+    counts: &'a mut [u16],
+}
+
+impl<'a> FrameRefs<'a> {
+    /// Counts for the frames `base..base + counts.len()`, all set to zero.
+    pub fn new(base: Pfn, counts: &'a mut [u16]) -> Self {
+        counts.fill(0);
+        Self { base, counts }
+    }
+
+    fn slot(&mut self, pfn: Pfn) -> Result<&mut u16, RefError> {
+        let i = pfn.0.checked_sub(self.base.0).ok_or(RefError::OutOfRange)?;
+        self.counts.get_mut(i as usize).ok_or(RefError::OutOfRange)
+    }
+
+    /// The count of `pfn` (zero outside the array).
+    pub fn get(&self, pfn: Pfn) -> u16 {
+        pfn.0.checked_sub(self.base.0).and_then(|i| self.counts.get(i as usize)).copied().unwrap_or(0)
+    }
+
+    /// Add one reference; returns the new count.
+    pub fn inc(&mut self, pfn: Pfn) -> Result<u16, RefError> {
+        let c = self.slot(pfn)?;
+        *c = c.checked_add(1).ok_or(RefError::Overflow)?;
+        Ok(*c)
+    }
+
+    /// Drop one reference; returns the new count.
+    pub fn dec(&mut self, pfn: Pfn) -> Result<u16, RefError> {
+        let c = self.slot(pfn)?;
+        *c = c.checked_sub(1).ok_or(RefError::Underflow)?;
+        Ok(*c)
+    }
+
+    /// Whether every count is zero (for tests and teardown checks).
+    pub fn all_zero(&self) -> bool {
+        self.counts.iter().all(|&c| c == 0)
+    }
+}
+
+/// What the memory-management operations need, gathered once: physical
+/// memory, the frame and table source, the reference counts and the MMU
+/// platform.
+pub struct MmCtx<'a, M, A, P> {
+    /// Physical memory.
+    pub mem: &'a M,
+    /// Data frames and page-table pages.
+    pub frames: A,
+    /// Reference counts of anonymous frames.
+    pub refs: FrameRefs<'a>,
+    /// CR3 loads and TLB invalidation.
+    pub mmu: &'a P,
+}
+
+impl<M: PhysMem, A: FrameSource, P: MmuPlatform> MmCtx<'_, M, A, P> {
+    /// Drop the reference a user leaf held on its frame, freeing an
+    /// anonymous frame with its last reference.
+    pub(crate) fn release(&mut self, leaf: &Leaf) {
+        if !leaf.flags().contains(PteFlags::ANON) {
+            return;
+        }
+        debug_assert!(leaf.size == PageSizeKind::Size4KiB, "anonymous pages are 4 KiB");
+        let pfn = Pfn::containing(leaf.entry.addr());
+        if let Ok(0) = self.refs.dec(pfn) {
+            self.frames.free_frame(pfn);
+        }
+    }
+}
+
+/// Why an address space could not be built. Nothing was leaked.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum AspaceError {
+    /// No page-table page left.
+    OutOfTables,
+    /// A frame's reference count is at its maximum.
+    TooManyReferences,
+}
+
+impl AspaceError {
+    /// A description that needs no formatting machinery.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AspaceError::OutOfTables => "no page-table page left",
+            AspaceError::TooManyReferences => "frame reference count at its maximum",
+        }
+    }
+}
+
+/// A failed fork: the child is gone, but the parent's writable pages may
+/// already have been made copy-on-write, so its TLB must still be flushed.
+#[must_use = "the parent's TLB must be flushed"]
+#[derive(Debug)]
+pub struct ForkError {
+    /// Why.
+    pub error: AspaceError,
+    /// The flush the parent needs.
+    pub flush: MapperFlushAll,
+}
+
+/// An address space: page tables and VMAs. See the module documentation.
+#[derive(Debug)]
+pub struct AddressSpace {
+    pt: PageTable,
+    vmas: VmaList,
+}
+
+impl AddressSpace {
+    /// An empty address space sharing the upper half of `kernel`.
+    pub fn new<M: PhysMem, A: FrameSource, P>(
+        cx: &mut MmCtx<'_, M, A, P>,
+        kernel: &PageTable,
+    ) -> Result<Self, AspaceError> {
+        let pt = PageTable::new(&mut cx.frames).ok_or(AspaceError::OutOfTables)?;
+        for idx in UPPER_HALF_FIRST..ENTRIES {
+            let off = idx as u64 * 8;
+            let e = cx.mem.read_u64(guest_abi::Gpa(kernel.root().addr().0 + off));
+            if e != 0 {
+                cx.mem.write_u64(guest_abi::Gpa(pt.root().addr().0 + off), e);
+            }
+        }
+        Ok(Self { pt: PageTable::from_root(pt.root(), true), vmas: VmaList::new() })
+    }
+
+    /// The page tables.
+    pub fn page_table(&self) -> &PageTable {
+        &self.pt
+    }
+
+    /// The page tables, to change them directly (the caller keeps the
+    /// module invariants: user half only, `ANON` leaves counted).
+    pub fn page_table_mut(&mut self) -> &mut PageTable {
+        &mut self.pt
+    }
+
+    /// The PML4 page.
+    pub fn root(&self) -> Pfn {
+        self.pt.root()
+    }
+
+    /// The VMAs.
+    pub fn vmas(&self) -> &VmaList {
+        &self.vmas
+    }
+
+    /// Make this the current address space (CR3 load through the platform,
+    /// which in shadow mode is the `LOAD_CR3` hypercall).
+    pub fn switch_to(&self, mmu: &impl MmuPlatform) {
+        mmu.load_cr3(self.pt.root());
+    }
+
+    /// Add an anonymous VMA `[start, end)` with `prot`. Pages appear on
+    /// first touch (demand paging).
+    pub fn add_vma(&mut self, start: Gva, end: Gva, prot: Prot) -> Result<(), VmaError> {
+        self.vmas.insert(Vma { start, end, prot })
+    }
+
+    /// Remove the VMA that starts at `start`, unmapping its pages and
+    /// dropping their frames. Returns the VMA and the flush to perform.
+    pub fn remove_vma<M: PhysMem, A: FrameSource, P: MmuPlatform>(
+        &mut self,
+        cx: &mut MmCtx<'_, M, A, P>,
+        start: Gva,
+    ) -> Option<(Vma, MapperFlushAll)> {
+        let vma = self.vmas.remove(start)?;
+        let flush = self.unmap_range(cx, vma.start, vma.end);
+        Some((vma, flush))
+    }
+
+    /// Unmap every user page starting in `[start, end)`, dropping frames.
+    pub fn unmap_range<M: PhysMem, A: FrameSource, P: MmuPlatform>(
+        &mut self,
+        cx: &mut MmCtx<'_, M, A, P>,
+        start: Gva,
+        end: Gva,
+    ) -> MapperFlushAll {
+        let end = if end > USER_END { USER_END } else { end };
+        let mut at = start;
+        while let Some(leaf) = self.pt.next_leaf(cx.mem, at, end) {
+            if let Ok((_, flush)) = self.pt.unmap_leaf(cx.mem, &mut cx.frames, leaf.va) {
+                flush.ignore();
+            }
+            cx.release(&leaf);
+            at = Gva(leaf.va.0 + leaf.size.bytes());
+        }
+        MapperFlushAll::new()
+    }
+
+    /// Destroy the address space: drop every user frame it maps, free every
+    /// table page it owns (not the shared upper half). It must not be the
+    /// current address space.
+    pub fn destroy<M: PhysMem, A: FrameSource, P: MmuPlatform>(mut self, cx: &mut MmCtx<'_, M, A, P>) {
+        self.unmap_range(cx, Gva(0), USER_END).ignore();
+        let root = self.pt.root();
+        for idx in UPPER_HALF_FIRST..ENTRIES {
+            let addr = guest_abi::Gpa(root.addr().0 + idx as u64 * 8);
+            if cx.mem.read_u64(addr) != 0 {
+                cx.mem.write_u64(addr, 0);
+            }
+        }
+        self.pt.free_tables(cx.mem, &mut cx.frames);
+    }
+
+    /// A copy of this address space, copy-on-write: every anonymous
+    /// writable page becomes read-only and `COW` in both, and its frame
+    /// gains a reference; other leaves are shared as they are. The child
+    /// has the same VMAs. The returned flush is for this (the parent's)
+    /// address space.
+    pub fn fork<M: PhysMem, A: FrameSource, P: MmuPlatform>(
+        &mut self,
+        cx: &mut MmCtx<'_, M, A, P>,
+    ) -> Result<(AddressSpace, MapperFlushAll), ForkError> {
+        let kernel = PageTable::from_root(self.pt.root(), true);
+        let mut child =
+            AddressSpace::new(cx, &kernel).map_err(|error| ForkError { error, flush: MapperFlushAll::new() })?;
+        child.vmas = self.vmas.clone();
+        let mut at = Gva(0);
+        while let Some(leaf) = self.pt.next_leaf(cx.mem, at, USER_END) {
+            at = Gva(leaf.va.0 + leaf.size.bytes());
+            let mut flags = leaf.entry.flags();
+            if flags.contains(PteFlags::ANON) {
+                let pfn = Pfn::containing(leaf.entry.addr());
+                if cx.refs.inc(pfn).is_err() {
+                    child.destroy(cx);
+                    return Err(ForkError { error: AspaceError::TooManyReferences, flush: MapperFlushAll::new() });
+                }
+                if flags.contains(PteFlags::WRITABLE) {
+                    flags = flags.difference(PteFlags::WRITABLE).union(PteFlags::COW);
+                    cx.mem.write_u64(leaf.entry_addr, leaf.entry.with_flags(flags).0);
+                }
+            }
+            let entry = PageTableEntry::new(leaf.entry.addr(), flags);
+            if let Err(e) = child.pt.install(cx.mem, &mut cx.frames, leaf.va.0, leaf.size.level(), entry) {
+                debug_assert!(e == MapError::OutOfTables, "fresh tables hold no conflicting mapping");
+                if flags.contains(PteFlags::ANON) {
+                    let _ = cx.refs.dec(Pfn::containing(leaf.entry.addr()));
+                }
+                child.destroy(cx);
+                return Err(ForkError { error: AspaceError::OutOfTables, flush: MapperFlushAll::new() });
+            }
+        }
+        Ok((child, MapperFlushAll::new()))
+    }
+}
+
+#[cfg(test)]
+mod tests;
