@@ -12,12 +12,19 @@
 //!   panics instead of corrupting state.
 //! - `GlobalAlloc::alloc` returns null when memory is exhausted (the
 //!   contract), never panics.
+//! - Once up, the kernel runs on its own page tables, built by the paging
+//!   manager from page-table-zone pages: a direct map of all RAM (2 MiB
+//!   pages, NX) and the kernel image window (2 MiB pages), all with A (and
+//!   D) set so shadow mode can prefill them. CR3 loads and TLB flushes go
+//!   through [`KernelMmu`], the platform hook that knows ept from shadow.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 use guest_abi::{BootInfo, DIRECT_MAP_BASE, Gpa, MemRegionKind};
+use guest_mm::aspace::{AddressSpace, FrameRefs, MmCtx};
 use guest_mm::buddy::{BuddyAllocator, FrameMeta, ZonePref, meta_bytes};
+use guest_mm::paging::{MmuPlatform, Page, PageTable, PhysFrame, PteFlags, Size2MiB};
 use guest_mm::phys::{DirectMap, FrameRange, Pfn};
 use guest_mm::slab::Kmalloc;
 
@@ -29,6 +36,42 @@ pub struct MemoryManager {
     pub buddy: BuddyAllocator<'static, DirectMap>,
     /// The kmalloc caches.
     pub kmalloc: Kmalloc,
+    /// The kernel's page tables (the template of every address space).
+    pub kernel_pt: PageTable,
+    /// Reference counts of anonymous frames, indexed by pfn.
+    pub refs: &'static mut [u16],
+    /// The user address space the page-fault hook serves, if any.
+    pub user: Option<AddressSpace>,
+}
+
+/// The MMU platform: CR3 loads and TLB flushes through `arch::mmu`, which
+/// takes the shadow path in shadow mode.
+pub struct KernelMmu;
+
+impl MmuPlatform for KernelMmu {
+    fn load_cr3(&self, root: Pfn) {
+        crate::arch::mmu::load_cr3(root.addr().0);
+    }
+    fn invlpg(&self, va: guest_abi::Gva) {
+        crate::arch::mmu::invlpg(va.0);
+    }
+    fn flush_all(&self) {
+        crate::arch::mmu::load_cr3(crate::arch::mmu::read_cr3());
+    }
+}
+
+/// The context the paging and address-space code needs.
+pub type Ctx<'a> = MmCtx<'a, DirectMap, &'a mut BuddyAllocator<'static, DirectMap>, KernelMmu>;
+
+impl MemoryManager {
+    /// Run `f` with an [`MmCtx`] over this manager, the kernel tables and
+    /// the user address space slot.
+    pub fn ctx<R>(&mut self, f: impl FnOnce(&mut Ctx<'_>, &PageTable, &mut Option<AddressSpace>) -> R) -> R {
+        let mem = *self.buddy.mem();
+        let mut cx =
+            MmCtx { mem: &mem, frames: &mut self.buddy, refs: FrameRefs::attach(Pfn(0), self.refs), mmu: &KernelMmu };
+        f(&mut cx, &self.kernel_pt, &mut self.user)
+    }
 }
 
 struct Cell {
@@ -65,7 +108,8 @@ pub fn init(info: &BootInfo) {
     }
     let limit = info.boot_mapped.min(info.ram_size);
     let frames = limit / guest_mm::PAGE_SIZE;
-    let need = meta_bytes(frames).next_multiple_of(guest_mm::PAGE_SIZE);
+    let meta_len = meta_bytes(frames).next_multiple_of(8);
+    let need = (meta_len + frames * 2).next_multiple_of(guest_mm::PAGE_SIZE);
     let clamp = |start: u64, len: u64| (start.min(limit), start.saturating_add(len).min(limit));
     let home = info
         .regions()
@@ -82,6 +126,10 @@ pub fn init(info: &BootInfo) {
     // every entry anyway).
     let meta: &'static mut [FrameMeta] =
         unsafe { core::slice::from_raw_parts_mut((DIRECT_MAP_BASE + home.0) as *mut FrameMeta, frames as usize) };
+    // SAFETY: the reference counts follow the metadata in the same carved,
+    // zeroed, never-allocated region; u16 has no invalid values.
+    let refs: &'static mut [u16] =
+        unsafe { core::slice::from_raw_parts_mut((DIRECT_MAP_BASE + home.0 + meta_len) as *mut u16, frames as usize) };
     let zone = info.pt_zone;
     let pgtables = FrameRange::from_bytes(Gpa(zone.start), zone.len);
     // SAFETY: all RAM below `limit` is mapped read-write at DIRECT_MAP_BASE
@@ -108,13 +156,48 @@ pub fn init(info: &BootInfo) {
             }
         }
     }
-    let mm = MemoryManager { buddy, kmalloc: Kmalloc::new(ZonePref::Normal) };
+    let kernel_pt = build_kernel_tables(info, &mut buddy);
+    KernelMmu.load_cr3(kernel_pt.root());
+    let mm = MemoryManager { buddy, kmalloc: Kmalloc::new(ZonePref::Normal), kernel_pt, refs, user: None };
     if MM.busy.swap(true, Ordering::Acquire) {
         panic!("memory manager re-entered");
     }
     // SAFETY: `busy` is held; nothing else references the cell.
     unsafe { *MM.mm.get() = Some(mm) };
     MM.busy.store(false, Ordering::Release);
+}
+
+/// Build the kernel's own tables: the direct map of all RAM and the kernel
+/// window, with 2 MiB pages, every table page from the page-table zone.
+fn build_kernel_tables(info: &BootInfo, buddy: &mut BuddyAllocator<'static, DirectMap>) -> PageTable {
+    let mem = *buddy.mem();
+    let mut pt = PageTable::new_pinned_upper(buddy).unwrap_or_else(|| fatal("no page-table page for the kernel"));
+    if let Err(e) = pt.preallocate_upper(&mem, buddy) {
+        fatal(e.as_str());
+    }
+    let two_mib = guest_mm::LARGE_PAGE_SIZE;
+    let data = PteFlags::WRITABLE | PteFlags::ACCESSED | PteFlags::DIRTY;
+    let mut map = |va: u64, pa: u64, flags: PteFlags| {
+        let page =
+            Page::<Size2MiB>::from_start_address(guest_abi::Gva(va)).unwrap_or_else(|_| fatal("bad kernel page"));
+        let frame = PhysFrame::<Size2MiB>::from_start_address(Gpa(pa)).unwrap_or_else(|_| fatal("bad kernel frame"));
+        if let Err(e) = pt.map(&mem, buddy, page, frame, flags) {
+            fatal(e.as_str());
+        }
+    };
+    let mut pa = 0;
+    while pa + two_mib <= info.ram_size {
+        map(DIRECT_MAP_BASE + pa, pa, data | PteFlags::NO_EXECUTE);
+        pa += two_mib;
+    }
+    let kernel_end =
+        info.regions().iter().filter(|r| r.kind == MemRegionKind::Kernel as u32).map(|r| r.end()).max().unwrap_or(0);
+    let mut pa = 0;
+    while pa < kernel_end {
+        map(guest_abi::KERNEL_VMA + pa, pa, data);
+        pa += two_mib;
+    }
+    pt
 }
 
 /// The kernel heap: kmalloc over the buddy allocator.

@@ -75,6 +75,13 @@ impl<'a> FrameRefs<'a> {
         Self { base, counts }
     }
 
+    /// The counts already kept in `counts` (for `base..base + len`), as
+    /// they are: for a caller that keeps the array across operations and
+    /// wraps it anew for each (the guest kernel does).
+    pub fn attach(base: Pfn, counts: &'a mut [u16]) -> Self {
+        Self { base, counts }
+    }
+
     fn slot(&mut self, pfn: Pfn) -> Result<&mut u16, RefError> {
         let i = pfn.0.checked_sub(self.base.0).ok_or(RefError::OutOfRange)?;
         self.counts.get_mut(i as usize).ok_or(RefError::OutOfRange)

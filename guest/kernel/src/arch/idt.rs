@@ -203,7 +203,6 @@ pub type PageFaultHook = fn(cr2: u64, error_code: u64) -> bool;
 static PF_HOOK: AtomicU64 = AtomicU64::new(0);
 
 /// Install the handler for true guest page faults.
-#[allow(dead_code)] // installed by the demand-paging code
 pub fn set_page_fault_hook(hook: PageFaultHook) {
     PF_HOOK.store(hook as usize as u64, Ordering::Release);
 }

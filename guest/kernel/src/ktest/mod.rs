@@ -14,6 +14,7 @@
 
 mod mm_suites;
 mod suites;
+pub mod vm_suites;
 
 use crate::{arch, boot, hypercall, kprintln};
 use guest_abi::report::{MAX_TEST_TEXT, REPORT_MAGIC, ReportHeader, TestRecord, kind};
@@ -84,6 +85,7 @@ fn contains(haystack: &str, needle: &str) -> bool {
 /// Run every test whose name contains `filter` (all for an empty filter)
 /// and end the VM.
 pub fn run(filter: &str) -> ! {
+    crate::arch::idt::set_page_fault_hook(vm_suites::user_fault);
     let (mut passed, mut failed) = (0u32, 0u32);
     for t in suites::ALL {
         if !contains(t.name, filter) {

@@ -1,7 +1,7 @@
 //! The registered in-guest test suites. Add a test by adding a line to
 //! [`ALL`]; names are `suite::test`.
 
-use super::{TestCase, TestResult, check, mm_suites};
+use super::{TestCase, TestResult, check, mm_suites, vm_suites};
 use crate::{arch, hypercall};
 use guest_abi::hypercall as hc;
 
@@ -22,6 +22,12 @@ pub static ALL: &[TestCase] = &[
     TestCase { name: "slab::objects_are_distinct_and_aligned", run: mm_suites::slab_objects_distinct_and_aligned },
     TestCase { name: "heap::vec_and_box", run: mm_suites::heap_vec_and_box },
     TestCase { name: "heap::oom_returns_null", run: mm_suites::heap_oom_returns_null },
+    TestCase { name: "paging::map_protect_unmap_4k_and_2m", run: vm_suites::paging_map_protect_unmap },
+    TestCase { name: "aspace::switch_keeps_spaces_apart", run: vm_suites::address_spaces_switch },
+    TestCase { name: "demand::zero_fill_one_fault_per_page", run: vm_suites::demand_paging_zero_fills },
+    TestCase { name: "cow::fork_then_write_copies", run: vm_suites::fork_copy_on_write },
+    TestCase { name: "shadow::stale_mappings_fault_every_time", run: vm_suites::stale_mappings_fault },
+    TestCase { name: "isolation::pte_beyond_ram", run: vm_suites::pte_beyond_ram },
     TestCase { name: "meta::fails_when_asked", run: fails_when_asked },
 ];
 

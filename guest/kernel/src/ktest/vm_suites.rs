@@ -1,0 +1,380 @@
+//! In-guest tests of paging, address spaces, demand paging, copy-on-write
+//! and the shadow-mode properties (staleness, isolation), on the guest's
+//! real page tables. They pass in both MMU modes with the same verdicts;
+//! in shadow mode every page-table write here traps to the VMM.
+//!
+//! Accesses that are meant to fault run outside `mm::with`, because the
+//! page-fault hook needs the memory manager.
+
+use super::{TestResult, check};
+use crate::mm::{self, KernelMmu};
+use core::sync::atomic::{AtomicU64, Ordering};
+use guest_abi::{Gpa, Gva};
+use guest_mm::aspace::AddressSpace;
+use guest_mm::fault::{FaultFix, PfErrorCode};
+use guest_mm::paging::{FrameSource, MmuPlatform, Page, PhysFrame, PteFlags, Size2MiB, Size4KiB};
+use guest_mm::phys::PhysMem;
+use guest_mm::vma::Prot;
+
+/// Where the tests put user mappings (lower half, far from anything).
+pub const USER_BASE: u64 = 0x10_0000_0000;
+
+/// Faults the hook resolved, by kind.
+pub static DEMAND: AtomicU64 = AtomicU64::new(0);
+/// Copy-on-write breaks.
+pub static COW: AtomicU64 = AtomicU64::new(0);
+/// Faults a test expected and the hook recorded (see [`EXPECT`]).
+pub static EXPECTED_HITS: AtomicU64 = AtomicU64::new(0);
+/// Error code of the last expected fault.
+pub static EXPECTED_EC: AtomicU64 = AtomicU64::new(0);
+/// A test that wants to see a fault at this page sets it; the hook then
+/// records the fault and restores a writable mapping (so the access can
+/// complete). 0: none.
+pub static EXPECT: AtomicU64 = AtomicU64::new(0);
+
+fn ok<T, E: Copy>(r: Result<T, E>, what: impl Fn(E) -> &'static str) -> Result<T, &'static str> {
+    r.map_err(what)
+}
+
+/// The page-fault hook: the user address space's fault handler, plus the
+/// expected-fault recorder of the staleness and isolation tests.
+pub fn user_fault(cr2: u64, ec: u64) -> bool {
+    let expect = EXPECT.load(Ordering::Relaxed);
+    if expect != 0 && cr2 & !0xfff == expect {
+        EXPECTED_HITS.fetch_add(1, Ordering::Relaxed);
+        EXPECTED_EC.store(ec, Ordering::Relaxed);
+        EXPECT.store(0, Ordering::Relaxed);
+        // Map the page writable to the frame the test stashed (anonymous
+        // when it is a real frame, so destroy frees it).
+        return mm::with(|m| {
+            m.ctx(|cx, _, user| {
+                let Some(a) = user.as_mut() else { return false };
+                let stash = STASH.load(Ordering::Relaxed);
+                let page = Page::<Size4KiB>::containing_address(Gva(cr2)).ok();
+                let frame = PhysFrame::<Size4KiB>::from_start_address(Gpa(stash)).ok();
+                let (Some(page), Some(frame)) = (page, frame) else { return false };
+                let mut flags = PteFlags::WRITABLE | PteFlags::ACCESSED | PteFlags::DIRTY;
+                if stash != 0 {
+                    flags |= PteFlags::ANON;
+                }
+                let pt = a.page_table_mut();
+                if pt.translate(cx.mem, Gva(cr2)).is_some() {
+                    match pt.unmap(cx.mem, &mut cx.frames, page) {
+                        Ok((_, _, f)) => f.flush(cx.mmu),
+                        Err(_) => return false,
+                    }
+                }
+                pt.map(cx.mem, &mut cx.frames, page, frame, flags).is_ok()
+            })
+        })
+        .unwrap_or(false);
+    }
+    let r = mm::with(|m| m.ctx(|cx, _, user| user.as_mut().map(|a| a.handle_fault(cx, Gva(cr2), PfErrorCode(ec)))));
+    match r {
+        Some(Some(Ok(fix))) => {
+            match fix {
+                FaultFix::DemandZero(_) => DEMAND.fetch_add(1, Ordering::Relaxed),
+                FaultFix::CowCopied(_) | FaultFix::CowReused(_) => COW.fetch_add(1, Ordering::Relaxed),
+                FaultFix::Spurious(_) => 0,
+            };
+            true
+        }
+        _ => false,
+    }
+}
+
+static STASH: AtomicU64 = AtomicU64::new(0);
+
+/// Install a fresh user address space with one read/write VMA of `pages`
+/// pages at [`USER_BASE`] and switch to it.
+pub fn enter_user(pages: u64) -> TestResult {
+    mm::with(|m| {
+        m.ctx(|cx, kpt, user| {
+            if user.is_some() {
+                return Err("a user address space is already installed");
+            }
+            let mut a = ok(AddressSpace::new(cx, kpt), |e| e.as_str())?;
+            if pages > 0 {
+                ok(a.add_vma(Gva(USER_BASE), Gva(USER_BASE + pages * 4096), Prot::READ | Prot::WRITE), |e| e.as_str())?;
+            }
+            a.switch_to(cx.mmu);
+            *user = Some(a);
+            Ok(())
+        })
+    })
+    .ok_or("memory manager not initialised")?
+}
+
+/// Switch back to the kernel tables and destroy the user address space.
+pub fn leave_user() -> TestResult {
+    mm::with(|m| {
+        m.ctx(|cx, kpt, user| {
+            KernelMmu.load_cr3(kpt.root());
+            if let Some(a) = user.take() {
+                a.destroy(cx);
+            }
+        })
+    })
+    .ok_or("memory manager not initialised")
+}
+
+fn frames_in_use() -> u64 {
+    mm::with(|m| {
+        guest_mm::buddy::ZoneId::ALL
+            .iter()
+            .map(|&z| {
+                let s = m.buddy.stats(z);
+                s.managed_pages - s.free_pages - s.hot_pages
+            })
+            .sum()
+    })
+    .unwrap_or(0)
+}
+
+fn user_ptr(page: u64) -> *mut u64 {
+    (USER_BASE + page * 4096) as *mut u64
+}
+
+/// map / translate / protect / unmap of 4 KiB and 2 MiB pages, with the
+/// flush tokens honoured; no table page leaks.
+pub fn paging_map_protect_unmap() -> TestResult {
+    let before = frames_in_use();
+    enter_user(0)?;
+    let r = mm::with(|m| {
+        m.ctx(|cx, _, user| -> TestResult {
+            let a = user.as_mut().ok_or("no user space")?;
+            let frame = cx.frames.alloc_frame().ok_or("out of memory")?;
+            let page = Page::<Size4KiB>::from_start_address(Gva(USER_BASE)).map_err(|_| "page")?;
+            let pf = PhysFrame::<Size4KiB>::from_start_address(frame.addr()).map_err(|_| "frame")?;
+            let rw = PteFlags::WRITABLE | PteFlags::ACCESSED | PteFlags::DIRTY;
+            ok(a.page_table_mut().map(cx.mem, &mut cx.frames, page, pf, rw), |e| e.as_str())?;
+            let t = a.page_table().translate(cx.mem, Gva(USER_BASE + 0x18)).ok_or("not mapped after map")?;
+            check(t.addr.0 == frame.addr().0 + 0x18, "translate gave the wrong address")?;
+            // SAFETY: just mapped, writable; our address space is current.
+            unsafe { user_ptr(0).add(3).write_volatile(0xfeed) };
+            check(cx.mem.read_u64(Gpa(frame.addr().0 + 0x18)) == 0xfeed, "write did not reach the frame")?;
+            ok(a.page_table_mut().protect(cx.mem, page, PteFlags::ACCESSED), |e| e.as_str())?.flush(cx.mmu);
+            let t = a.page_table().translate(cx.mem, Gva(USER_BASE)).ok_or("protect unmapped the page")?;
+            check(!t.flags.contains(PteFlags::WRITABLE), "protect left the page writable")?;
+            let (f, _, flush) = ok(a.page_table_mut().unmap(cx.mem, &mut cx.frames, page), |e| e.as_str())?;
+            flush.flush(cx.mmu);
+            check(f.start().0 == frame.addr().0, "unmap returned another frame")?;
+            check(a.page_table().translate(cx.mem, Gva(USER_BASE)).is_none(), "still mapped after unmap")?;
+            cx.frames.free_frame(frame);
+            // A 2 MiB page (translate only: no frame is touched).
+            let big = Page::<Size2MiB>::from_start_address(Gva(USER_BASE + (2 << 20))).map_err(|_| "page")?;
+            let bf = PhysFrame::<Size2MiB>::from_start_address(Gpa(2 << 20)).map_err(|_| "frame")?;
+            ok(a.page_table_mut().map(cx.mem, &mut cx.frames, big, bf, PteFlags::ACCESSED), |e| e.as_str())?;
+            let t = a.page_table().translate(cx.mem, Gva(USER_BASE + (2 << 20) + 0x1234)).ok_or("2M not mapped")?;
+            check(t.addr.0 == (2 << 20) + 0x1234, "2 MiB translation wrong")?;
+            let (_, _, flush) = ok(a.page_table_mut().unmap(cx.mem, &mut cx.frames, big), |e| e.as_str())?;
+            flush.flush(cx.mmu);
+            Ok(())
+        })
+    })
+    .ok_or("memory manager not initialised")?;
+    leave_user()?;
+    r?;
+    check(frames_in_use() == before, "page-table pages or frames leaked")
+}
+
+/// Touching fresh pages of a VMA: one demand-zero fault each, zeroed.
+pub fn demand_paging_zero_fills() -> TestResult {
+    let before = frames_in_use();
+    let d0 = DEMAND.load(Ordering::Relaxed);
+    enter_user(4)?;
+    let mut good = true;
+    for i in 0..4 {
+        // SAFETY: inside the VMA; the hook maps it on first touch.
+        unsafe {
+            good &= user_ptr(i).read_volatile() == 0;
+            user_ptr(i).write_volatile(i + 100);
+        }
+    }
+    // SAFETY: mapped above.
+    let sum: u64 = (0..4).map(|i| unsafe { user_ptr(i).read_volatile() }).sum();
+    let faults = DEMAND.load(Ordering::Relaxed) - d0;
+    leave_user()?;
+    check(good, "a fresh page was not zero")?;
+    check(sum == 406, "written values lost")?;
+    check(faults == 4, "not exactly one demand fault per page")?;
+    check(frames_in_use() == before, "destroy leaked frames or tables")
+}
+
+/// A fork shares pages copy-on-write: the child's write copies, the parent
+/// keeps its data.
+pub fn fork_copy_on_write() -> TestResult {
+    let before = frames_in_use();
+    enter_user(2)?;
+    // SAFETY: inside the VMA (demand-paged).
+    unsafe {
+        user_ptr(0).write_volatile(7);
+        user_ptr(1).write_volatile(8);
+    }
+    let c0 = COW.load(Ordering::Relaxed);
+    let parent = mm::with(|m| {
+        m.ctx(|cx, _, user| -> Result<AddressSpace, &'static str> {
+            let a = user.as_mut().ok_or("no user space")?;
+            let (child, flush) = a.fork(cx).map_err(|e| {
+                e.flush.flush(cx.mmu);
+                e.error.as_str()
+            })?;
+            flush.flush(cx.mmu);
+            // Run the child: it becomes the user space the hook serves.
+            let parent = user.replace(child).ok_or("no parent")?;
+            user.as_ref().ok_or("no child")?.switch_to(cx.mmu);
+            Ok(parent)
+        })
+    })
+    .ok_or("memory manager not initialised")??;
+    // SAFETY: mapped (copy-on-write) in the child.
+    let child_saw = unsafe { user_ptr(0).read_volatile() };
+    // SAFETY: as above; this write breaks the sharing.
+    unsafe { user_ptr(0).write_volatile(70) };
+    let cows = COW.load(Ordering::Relaxed) - c0;
+    // Back to the parent; the child goes away.
+    mm::with(|m| {
+        m.ctx(|cx, _, user| {
+            if let Some(child) = user.replace(parent) {
+                user.as_ref().expect("parent").switch_to(cx.mmu);
+                child.destroy(cx);
+            }
+        })
+    });
+    // SAFETY: the parent's pages (now read-only, COW, or reused).
+    let parent_sees = unsafe { user_ptr(0).read_volatile() };
+    leave_user()?;
+    check(child_saw == 7, "the child did not see the parent's data")?;
+    check(cows == 1, "not exactly one copy-on-write break")?;
+    check(parent_sees == 7, "the child's write leaked into the parent")?;
+    check(frames_in_use() == before, "fork/destroy leaked frames or tables")
+}
+
+/// Switching among address spaces: each sees its own page at the same VA.
+pub fn address_spaces_switch() -> TestResult {
+    let before = frames_in_use();
+    enter_user(1)?;
+    // SAFETY: inside the VMA.
+    unsafe { user_ptr(0).write_volatile(1) };
+    let other = mm::with(|m| {
+        m.ctx(|cx, kpt, _| -> Result<AddressSpace, &'static str> {
+            let mut b = ok(AddressSpace::new(cx, kpt), |e| e.as_str())?;
+            ok(b.add_vma(Gva(USER_BASE), Gva(USER_BASE + 4096), Prot::READ | Prot::WRITE), |e| e.as_str())?;
+            Ok(b)
+        })
+    })
+    .ok_or("memory manager not initialised")??;
+    let mut other = Some(other);
+    let mut seen = [0u64; 4];
+    for (round, s) in seen.iter_mut().enumerate() {
+        mm::with(|m| {
+            m.ctx(|cx, _, user| {
+                let cur = user.take();
+                *user = other.take();
+                other = cur;
+                user.as_ref().expect("a space").switch_to(cx.mmu);
+            })
+        });
+        // SAFETY: inside the VMA of whichever space is current.
+        unsafe {
+            if round < 2 {
+                let v = user_ptr(0).read_volatile();
+                user_ptr(0).write_volatile(v + 10 * (round as u64 + 2));
+            }
+            *s = user_ptr(0).read_volatile();
+        }
+    }
+    mm::with(|m| {
+        m.ctx(|cx, kpt, _| {
+            KernelMmu.load_cr3(kpt.root());
+            if let Some(o) = other.take() {
+                o.destroy(cx);
+            }
+        })
+    });
+    leave_user()?;
+    check(seen == [20, 31, 20, 31], "address spaces leaked into each other")?;
+    check(frames_in_use() == before, "leaked frames or tables")
+}
+
+/// A page written through a writable mapping, then write-protected or
+/// unmapped, must fault on the next write — every time. In shadow mode
+/// this fails if the VMM does not make the host forget the old, writable
+/// shadow entry.
+pub fn stale_mappings_fault() -> TestResult {
+    enter_user(1)?;
+    // SAFETY: inside the VMA.
+    unsafe { user_ptr(0).write_volatile(5) };
+    let frame = mm::with(|m| {
+        m.ctx(|cx, _, user| {
+            user.as_ref().and_then(|a| a.page_table().translate(cx.mem, Gva(USER_BASE))).map(|t| t.frame.0)
+        })
+    })
+    .flatten()
+    .ok_or("page not mapped")?;
+    STASH.store(frame, Ordering::Relaxed);
+    let mut hits = 0;
+    for round in 0..3u64 {
+        let unmap = round == 1;
+        mm::with(|m| {
+            m.ctx(|cx, _, user| {
+                let a = user.as_mut().expect("user space");
+                let page = Page::<Size4KiB>::from_start_address(Gva(USER_BASE)).expect("aligned");
+                if unmap {
+                    if let Ok((_, _, flush)) = a.page_table_mut().unmap(cx.mem, &mut cx.frames, page) {
+                        flush.flush(cx.mmu);
+                    }
+                } else if let Ok(flush) = a.page_table_mut().protect(cx.mem, page, PteFlags::ACCESSED | PteFlags::DIRTY)
+                {
+                    flush.flush(cx.mmu);
+                }
+            })
+        });
+        let h0 = EXPECTED_HITS.load(Ordering::Relaxed);
+        EXPECT.store(USER_BASE, Ordering::Relaxed);
+        // SAFETY: faults (recorded by the hook, which restores the mapping).
+        unsafe { user_ptr(0).write_volatile(6 + round) };
+        EXPECT.store(0, Ordering::Relaxed);
+        hits += EXPECTED_HITS.load(Ordering::Relaxed) - h0;
+    }
+    // SAFETY: mapped again by the hook.
+    let last = unsafe { user_ptr(0).read_volatile() };
+    leave_user()?;
+    check(hits == 3, "a write-protected or unmapped page did not fault")?;
+    check(last == 8, "the retried write was lost")
+}
+
+/// A guest PTE pointing beyond guest RAM: in shadow mode the access faults
+/// with the reserved bit set (the VMM never maps anything but RAM); in ept
+/// mode there is no RAM there and the read sees all ones (unbacked).
+pub fn pte_beyond_ram() -> TestResult {
+    let beyond = crate::boot::info().ram_size.next_multiple_of(1 << 30) + (1 << 30);
+    enter_user(0)?;
+    STASH.store(0, Ordering::Relaxed);
+    mm::with(|m| {
+        m.ctx(|cx, _, user| {
+            let a = user.as_mut().expect("user space");
+            let page = Page::<Size4KiB>::from_start_address(Gva(USER_BASE)).expect("aligned");
+            let frame = PhysFrame::<Size4KiB>::from_start_address(Gpa(beyond)).expect("aligned");
+            let _ = a.page_table_mut().map(cx.mem, &mut cx.frames, page, frame, PteFlags::ACCESSED);
+        })
+    });
+    let shadow = crate::arch::mmu::is_shadow();
+    let h0 = EXPECTED_HITS.load(Ordering::Relaxed);
+    if shadow {
+        // The hook restores a mapping to frame 0 (STASH) so the read completes.
+        EXPECT.store(USER_BASE, Ordering::Relaxed);
+    }
+    // SAFETY: either faults (shadow; the hook repairs) or reads unbacked memory.
+    let v = unsafe { user_ptr(0).read_volatile() };
+    EXPECT.store(0, Ordering::Relaxed);
+    let hits = EXPECTED_HITS.load(Ordering::Relaxed) - h0;
+    let ec = EXPECTED_EC.load(Ordering::Relaxed);
+    leave_user()?;
+    if shadow {
+        check(hits == 1, "shadow mode mapped memory beyond RAM")?;
+        check(ec & 0x8 != 0 && ec & 0x1 != 0, "the fault lacks P and RSVD in its error code")
+    } else {
+        check(hits == 0 && v == u64::MAX, "beyond RAM should read as all ones in ept mode")
+    }
+}
