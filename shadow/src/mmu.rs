@@ -83,6 +83,9 @@ struct ShadowPage {
     parents: Vec<(u32, u16)>,
     /// Pinned as a root.
     root: bool,
+    /// A root whose kernel half may have lost entries since it was last
+    /// prefilled (set when an entry of a level-4 page is zapped).
+    needs_prefill: bool,
 }
 
 /// Shadow-MMU counters.
@@ -248,6 +251,12 @@ impl ShadowMmu {
             self.roots.push_front(entry);
             self.stats.root_hits += 1;
             self.current = Some(entry);
+            // A guest frame reused as a new PML4 (or kernel-half entries
+            // rewritten) zapped entries of this root: everything fault
+            // delivery touches must be shadowed again before the guest runs.
+            if self.pages[entry.1 as usize].as_ref().is_some_and(|p| p.needs_prefill) {
+                self.prefill_kernel_half(pool, guest, entry.1);
+            }
             return Ok(self.page_gpa(entry.1));
         }
         self.stats.root_misses += 1;
@@ -284,6 +293,9 @@ impl ShadowMmu {
     fn prefill_kernel_half(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys, root: u32) {
         let role = self.pages[root as usize].as_ref().map(|p| p.role).expect("root exists");
         self.prefill(pool, guest, root, role, 256..512, 0);
+        if let Some(p) = self.pages[root as usize].as_mut() {
+            p.needs_prefill = false;
+        }
     }
 
     fn prefill(
@@ -470,7 +482,7 @@ impl ShadowMmu {
         // Pages come back zeroed from zap; a never-used pool page is zero.
         let base = self.page_gpa(p);
         debug_assert!((0..512).all(|i| pool.read_u64(base + i * 8) == 0), "pool page not clean");
-        self.pages[p as usize] = Some(ShadowPage { role, parents: Vec::new(), root: false });
+        self.pages[p as usize] = Some(ShadowPage { role, parents: Vec::new(), root: false, needs_prefill: true });
         self.by_role.insert(role, p);
         self.rmap.entry(role.gfn).or_default().push(p);
         self.stats.pages_in_use += 1;
@@ -488,6 +500,11 @@ impl ShadowMmu {
         pool.write_u64(at, 0);
         self.stale = true;
         self.stats.zaps += 1;
+        if let Some(p) = self.pages[page as usize].as_mut()
+            && p.role.level == 4
+        {
+            p.needs_prefill = true;
+        }
         let level = self.pages[page as usize].as_ref().map_or(1, |p| p.role.level);
         let leaf = level == 1 || old & PS != 0;
         if !leaf && self.in_pool(old & ADDR) {

@@ -294,3 +294,25 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_reused_root_frame_gets_its_kernel_half_back_on_the_next_load() {
+    let (mut mmu, mut pool) = setup(64);
+    let mut g = Mem::new(0, RAM);
+    g.write_u64(0x1000 + 511 * 8, 0x30000 | T);
+    g.write_u64(0x30000 + 510 * 8, 0x31000 | T);
+    g.write_u64(0x31000, 0x20_0000 | P | RW | A | D | PS);
+    let kva = 0xffff_ffff_8000_0000u64;
+    mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
+    mmu.load_cr3(&mut pool, &mut g, 0x2000).unwrap();
+    // The guest tears the first PML4 down (its kernel entry zeroed)...
+    g.write_u64(0x1000 + 511 * 8, 0);
+    mmu.pte_written(&mut pool, &mut g, 0x1000 + 511 * 8, 8);
+    // ...and reuses the frame for a new address space.
+    g.write_u64(0x1000 + 511 * 8, 0x30000 | T);
+    mmu.pte_written(&mut pool, &mut g, 0x1000 + 511 * 8, 8);
+    mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
+    assert_eq!(mmu.stats().root_hits, 1);
+    assert!(mmu.shadow_leaf(&pool, kva).is_some(), "kernel half missing after a root-cache hit");
+    mmu.check_invariants(&pool, &g).unwrap();
+}
