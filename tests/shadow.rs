@@ -49,7 +49,10 @@ fn ept_mode_takes_no_mmu_exits() {
     if !kvm_available() {
         return;
     }
-    let (o, v) = stats_json(&["run", "--memory", "64M", "--cmdline", "test"], "ept-exits.json");
+    // The whole memory-manager bring-up (its own page tables, the
+    // allocators) and a workload, but no test that reads beyond RAM on
+    // purpose (isolation::pte_beyond_ram takes an MMIO exit by design).
+    let (o, v) = stats_json(&["run", "--memory", "64M", "--cmdline", "workload=fork size=4"], "ept-exits.json");
     assert_exit(&o, 0);
     assert!(v["stats"]["shadow"].is_null(), "{v}");
     let exits = v["stats"]["exits"].as_object().unwrap();
@@ -76,4 +79,74 @@ fn explain_shows_the_shadow_entry_the_vcpu_walks() {
     assert!(err.contains("(guest CR3 0x9000, mmu=shadow)"), "the guest's root, not the shadow's: {err}");
     assert!(err.contains("level-2 leaf 0x00000000002000e3"), "{err}");
     assert!(err.contains("KVM_TRANSLATE agrees: GPA 0x200000"), "{err}");
+}
+
+/// Run `workload` with `size` ops in `mmu` mode; the measured phase's
+/// (exits by reason, shadow counters) from `--stats-json`.
+fn phase(mmu: &str, workload: &str, size: u64) -> serde_json::Value {
+    let cmd = format!("workload={workload} size={size}");
+    let (o, v) = stats_json(
+        &["run", "--mmu", mmu, "--memory", "64M", "--cmdline", &cmd],
+        &format!("{workload}-{mmu}-{size}.json"),
+    );
+    assert_exit(&o, 0);
+    let b = v["stats"]["bench"][0].clone();
+    assert_eq!(b["name"], workload, "{v}");
+    assert_eq!(b["ops"], size, "{v}");
+    assert_eq!(b["ok"], true, "the workload's self-check failed: {v}");
+    b
+}
+
+fn exits(b: &serde_json::Value) -> u64 {
+    b["exits"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum()
+}
+
+#[test]
+fn ept_mode_takes_no_exits_in_any_workload() {
+    if !kvm_available() {
+        return;
+    }
+    for w in ["fault", "ctxsw", "fork", "mmap", "tlb", "alloc"] {
+        let b = phase("ept", w, 8);
+        assert_eq!(exits(&b), 0, "{w} in ept mode: {b}");
+    }
+}
+
+#[test]
+fn shadow_demand_fault_costs_at_most_two_exits_per_page() {
+    if !kvm_available() {
+        return;
+    }
+    // The marginal cost per page (one-time table setup cancels out): the
+    // #PF's SHADOW_FAULT, answered "guest fault", and the trapped write of
+    // the new PTE, which updates the shadow in place (no hidden fault).
+    let (small, large) = (phase("shadow", "fault", 16), phase("shadow", "fault", 48));
+    let per_page = (exits(&large) - exits(&small)) as f64 / 32.0;
+    assert!(per_page <= 2.0, "{per_page} exits per page: {small} {large}");
+    let (hs, hl) = (&small["shadow"], &large["shadow"]);
+    assert_eq!(hl["guest_faults"].as_u64().unwrap() - hs["guest_faults"].as_u64().unwrap(), 32);
+    assert_eq!(hl["hidden_faults"], hs["hidden_faults"], "extra pages took hidden faults");
+}
+
+#[test]
+fn shadow_context_switch_is_one_exit_and_no_rebuild() {
+    if !kvm_available() {
+        return;
+    }
+    let b = phase("shadow", "ctxsw", 40);
+    assert_eq!(exits(&b), 40, "{b}");
+    assert_eq!(b["shadow"]["cr3_loads"], 40, "{b}");
+    assert_eq!(b["shadow"]["root_misses"], 0, "round-robin among 4 spaces rebuilt a root: {b}");
+    assert_eq!(b["shadow"]["hidden_faults"], 0, "{b}");
+}
+
+#[test]
+fn shadow_tlb_and_alloc_take_no_exits() {
+    if !kvm_available() {
+        return;
+    }
+    for w in ["tlb", "alloc"] {
+        let b = phase("shadow", w, 32);
+        assert_eq!(exits(&b), 0, "{w}: {b}");
+    }
 }

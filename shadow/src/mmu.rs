@@ -121,6 +121,28 @@ pub struct ShadowStats {
     pub pages_peak: u64,
 }
 
+impl ShadowStats {
+    /// The counts accumulated since `earlier` (gauges keep their current value).
+    pub fn since(&self, earlier: &ShadowStats) -> ShadowStats {
+        ShadowStats {
+            hidden_faults: self.hidden_faults - earlier.hidden_faults,
+            guest_faults: self.guest_faults - earlier.guest_faults,
+            pte_writes: self.pte_writes - earlier.pte_writes,
+            pte_updates_in_place: self.pte_updates_in_place - earlier.pte_updates_in_place,
+            cr3_loads: self.cr3_loads - earlier.cr3_loads,
+            root_hits: self.root_hits - earlier.root_hits,
+            root_misses: self.root_misses - earlier.root_misses,
+            zaps: self.zaps - earlier.zaps,
+            page_zaps: self.page_zaps - earlier.page_zaps,
+            pool_exhaustions: self.pool_exhaustions - earlier.pool_exhaustions,
+            host_invalidations: self.host_invalidations - earlier.host_invalidations,
+            flushes: self.flushes - earlier.flushes,
+            pages_in_use: self.pages_in_use,
+            pages_peak: self.pages_peak,
+        }
+    }
+}
+
 /// What a shadow fault resolved to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultOutcome {

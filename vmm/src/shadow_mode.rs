@@ -95,6 +95,13 @@ pub struct HandlerTimes {
     pub invalidate: Duration,
 }
 
+impl HandlerTimes {
+    /// Time in all handlers.
+    pub fn total(&self) -> Duration {
+        self.fault + self.pte_write + self.load_cr3 + self.invalidate
+    }
+}
+
 /// The shadow-mode report of one run.
 #[derive(Debug, Clone, Serialize)]
 pub struct ShadowReport {

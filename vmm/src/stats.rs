@@ -7,6 +7,35 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
+/// What one workload's measured phase cost, from the VMM's counters
+/// (snapshots at the `BENCH_BEGIN` and `BENCH` reports).
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchPhase {
+    /// Workload name.
+    pub name: String,
+    /// Operations done.
+    pub ops: u64,
+    /// Guest TSC cycles.
+    pub cycles: u64,
+    /// The workload's self-check passed.
+    pub ok: bool,
+    /// Host wall time of the phase.
+    pub wall: Duration,
+    /// Exits during the phase by reason (the closing `REPORT` excluded).
+    pub exits: BTreeMap<&'static str, u64>,
+    /// Shadow-MMU counters during the phase (shadow mode).
+    pub shadow: Option<shadow::ShadowStats>,
+    /// VMM time in shadow handlers during the phase.
+    pub shadow_handler_time: Option<Duration>,
+}
+
+impl BenchPhase {
+    /// All exits of the phase.
+    pub fn total_exits(&self) -> u64 {
+        self.exits.values().sum()
+    }
+}
+
 /// Statistics of one VM run.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct RunStats {
@@ -31,6 +60,8 @@ pub struct RunStats {
     pub mmu: &'static str,
     /// Shadow-mode counters and handler times (shadow mode only).
     pub shadow: Option<crate::shadow_mode::ShadowReport>,
+    /// Workload phases the guest measured.
+    pub bench: Vec<BenchPhase>,
 }
 
 impl RunStats {

@@ -29,6 +29,7 @@ use guest_abi::MmuMode;
 use guest_abi::ports::{EXIT_DEVICE, HYPERCALL, SERIAL_COM1, SERIAL_PORT_COUNT, exit_status};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -107,7 +108,11 @@ pub struct Vm {
     serial: GuestSerial,
     config: VmConfig,
     epoch: Instant,
+    /// Counters at the last `BENCH_BEGIN`.
+    bench_start: Option<BenchSnapshot>,
 }
+
+type BenchSnapshot = (Instant, BTreeMap<&'static str, u64>, Option<(shadow::ShadowStats, Duration)>);
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { what, source }
@@ -197,7 +202,7 @@ impl Vm {
             }
             None => None,
         };
-        Ok(Vm { _kvm: kvm, vm, vcpu, shadow, map, ram, serial: new_serial(console), config, epoch })
+        Ok(Vm { _kvm: kvm, vm, vcpu, shadow, map, ram, serial: new_serial(console), config, epoch, bench_start: None })
     }
 
     /// Guest memory (for tests and tools that inspect the guest).
@@ -327,6 +332,49 @@ impl Vm {
             _ => None,
         });
         RunOutcome { end, stats, reports }
+    }
+
+    /// Snapshot the counters at a workload's `BENCH_BEGIN`; turn the
+    /// difference into a [`BenchPhase`] at its `BENCH`.
+    fn bench_marker(&mut self, stats: &mut RunStats, report: Option<&Report>) {
+        let shadow_now = self.shadow.as_ref().map(|s| (s.mmu.stats(), s.times.total()));
+        match report {
+            Some(Report::BenchBegin { .. }) => {
+                self.bench_start = Some((Instant::now(), stats.exits.clone(), shadow_now));
+            }
+            Some(Report::Bench { name, ops, cycles, ok }) => {
+                let Some((t0, exits0, shadow0)) = self.bench_start.take() else { return };
+                let mut exits = BTreeMap::new();
+                for (reason, n) in &stats.exits {
+                    let d = n - exits0.get(reason).copied().unwrap_or(0);
+                    if d > 0 {
+                        exits.insert(*reason, d);
+                    }
+                }
+                // The closing REPORT is the measurement's own exit.
+                if let Some(h) = exits.get_mut("io-out:hypercall") {
+                    *h -= 1;
+                    if *h == 0 {
+                        exits.remove("io-out:hypercall");
+                    }
+                }
+                let (shadow, shadow_handler_time) = match (shadow0, shadow_now) {
+                    (Some((s0, t0)), Some((s1, t1))) => (Some(s1.since(&s0)), Some(t1.saturating_sub(t0))),
+                    _ => (None, None),
+                };
+                stats.bench.push(crate::stats::BenchPhase {
+                    name: name.clone(),
+                    ops: *ops,
+                    cycles: *cycles,
+                    ok: *ok,
+                    wall: t0.elapsed(),
+                    exits,
+                    shadow,
+                    shadow_handler_time,
+                });
+            }
+            _ => {}
+        }
     }
 
     /// Whether an MMIO write at `gpa` is a trapped guest page-table write.
@@ -486,6 +534,9 @@ impl Vm {
                     };
                     self.vcpu.sync_regs_mut().regs.rax = result;
                     self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+                    if nr == guest_abi::hypercall::REPORT && result == guest_abi::hypercall::OK {
+                        self.bench_marker(stats, reports.last());
+                    }
                 }
                 Action::OtherIoOut(port) => {
                     stats.exit("io-out:unclaimed");

@@ -19,8 +19,11 @@ pub mod kind {
     /// test name (`name_len` bytes of UTF-8), then the failure message
     /// (`msg_len` bytes, empty when the test passed).
     pub const TEST: u32 = 2;
-    /// One benchmark result. Payload defined by the benchmark issue.
+    /// The measured phase of a workload ends. Payload: [`super::BenchRecord`].
     pub const BENCH: u32 = 3;
+    /// The measured phase of a workload begins (the VMM snapshots its
+    /// counters). Payload: [`super::BenchRecord`] with `ops` = 0.
+    pub const BENCH_BEGIN: u32 = 5;
     /// The calibration loop of `vmm info`. Payload: [`super::CalibrationRecord`].
     pub const CALIBRATION: u32 = 4;
 }
@@ -83,4 +86,18 @@ pub struct CalibrationRecord {
     pub ns: u64,
     /// Guest TSC cycles.
     pub cycles: u64,
+}
+
+/// Payload of [`kind::BENCH`] and [`kind::BENCH_BEGIN`] records.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BenchRecord {
+    /// Workload name, UTF-8, zero-padded.
+    pub name: [u8; 16],
+    /// Operations done in the measured phase.
+    pub ops: u64,
+    /// Guest TSC cycles of the measured phase.
+    pub cycles: u64,
+    /// 1 if the workload's self-check passed.
+    pub ok: u64,
 }

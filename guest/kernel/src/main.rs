@@ -26,6 +26,7 @@ mod mem;
 mod mm;
 mod panic;
 mod selftest;
+mod workload;
 
 use core::arch::global_asm;
 
@@ -75,6 +76,11 @@ extern "C" fn kmain(boot_info_gpa: u64) -> ! {
     }
     if cmdline::value(cmdline, "explain").is_some() {
         selftest::explain(boot_info_gpa);
+    }
+    if let Some(name) = cmdline::value(cmdline, "workload") {
+        mm::init(boot::info());
+        let size = cmdline::value(cmdline, "size").and_then(cmdline::parse_u64).unwrap_or(64);
+        workload::run(name, size);
     }
     if let Some(filter) = cmdline::value(cmdline, "test") {
         let t0 = arch::rdtsc();

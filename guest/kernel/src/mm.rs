@@ -171,10 +171,12 @@ pub fn init(info: &BootInfo) {
 /// window, with 2 MiB pages, every table page from the page-table zone.
 fn build_kernel_tables(info: &BootInfo, buddy: &mut BuddyAllocator<'static, DirectMap>) -> PageTable {
     let mem = *buddy.mem();
+    // Only the PML4 entries the kernel uses (direct map, kernel window) are
+    // created, not all 256 upper-half PDPTs: every address space copies the
+    // present upper entries when created and clears them when destroyed,
+    // and in shadow mode each of those writes is a trap. The kernel maps
+    // everything it needs here, before any address space exists.
     let mut pt = PageTable::new_pinned_upper(buddy).unwrap_or_else(|| fatal("no page-table page for the kernel"));
-    if let Err(e) = pt.preallocate_upper(&mem, buddy) {
-        fatal(e.as_str());
-    }
     let two_mib = guest_mm::LARGE_PAGE_SIZE;
     let data = PteFlags::WRITABLE | PteFlags::ACCESSED | PteFlags::DIRTY;
     let mut map = |va: u64, pa: u64, flags: PteFlags| {

@@ -7,7 +7,9 @@
 //! never a VMM panic.
 
 use guest_abi::hypercall as hc;
-use guest_abi::report::{BootRecord, CalibrationRecord, MAX_REPORT_LEN, REPORT_MAGIC, ReportHeader, TestRecord, kind};
+use guest_abi::report::{
+    BenchRecord, BootRecord, CalibrationRecord, MAX_REPORT_LEN, REPORT_MAGIC, ReportHeader, TestRecord, kind,
+};
 use serde::Serialize;
 use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -42,6 +44,22 @@ pub enum Report {
         ns: u64,
         /// Guest TSC cycles the loop took.
         cycles: u64,
+    },
+    /// A workload's measured phase begins.
+    BenchBegin {
+        /// Workload name.
+        name: String,
+    },
+    /// A workload's measured phase ended.
+    Bench {
+        /// Workload name.
+        name: String,
+        /// Operations done.
+        ops: u64,
+        /// Guest TSC cycles.
+        cycles: u64,
+        /// The workload's self-check passed.
+        ok: bool,
     },
     /// A record of a kind this VMM does not interpret.
     Other {
@@ -103,7 +121,22 @@ pub fn parse_report(bytes: &[u8]) -> Option<Report> {
             ns: le_u64(payload, 8),
             cycles: le_u64(payload, 16),
         }),
-        kind::BOOT | kind::TEST | kind::CALIBRATION => None,
+        kind::BENCH | kind::BENCH_BEGIN if payload.len() >= std::mem::size_of::<BenchRecord>() => {
+            let raw = &payload[..16];
+            let end = raw.iter().position(|&b| b == 0).unwrap_or(16);
+            let name = String::from_utf8_lossy(&raw[..end]).into_owned();
+            if rkind == kind::BENCH_BEGIN {
+                Some(Report::BenchBegin { name })
+            } else {
+                Some(Report::Bench {
+                    name,
+                    ops: le_u64(payload, 16),
+                    cycles: le_u64(payload, 24),
+                    ok: le_u64(payload, 32) == 1,
+                })
+            }
+        }
+        kind::BOOT | kind::TEST | kind::CALIBRATION | kind::BENCH | kind::BENCH_BEGIN => None,
         other => Some(Report::Other { kind: other, len }),
     }
 }

@@ -1,0 +1,278 @@
+//! Benchmark workloads (DESIGN.md, "Guest workloads"), selected with
+//! `workload=NAME size=N`. Each builds its state, sends `BENCH_BEGIN`, runs
+//! `N` operations, sends `BENCH` with the operations and guest cycles, and
+//! checks its own result (a workload that silently did nothing fails).
+//!
+//! | name | one operation |
+//! | --- | --- |
+//! | `fault` | first touch (write) of a fresh page: a demand-zero fault |
+//! | `fork` | fork a 16-page address space copy-on-write, write every page in the child, destroy it |
+//! | `ctxsw` | switch to the next of 4 address spaces (a CR3 load) and touch its page |
+//! | `mmap` | map a 4-page area, touch it, unmap it |
+//! | `tlb` | a read at a pseudo-random page of a 64-page working set with stable tables |
+//! | `alloc` | a kmalloc 64-byte alloc+free and an order-0 page alloc+free (no MMU change) |
+
+use crate::ktest::vm_suites::{USER_BASE, enter_user, leave_user};
+use crate::mm::{self, KernelMmu};
+use crate::{arch, boot, hypercall, kprintln};
+use guest_abi::Gva;
+use guest_abi::report::{BenchRecord, REPORT_MAGIC, ReportHeader, kind};
+use guest_mm::aspace::AddressSpace;
+use guest_mm::buddy::ZonePref;
+use guest_mm::paging::MmuPlatform;
+use guest_mm::vma::Prot;
+
+#[repr(C)]
+struct BenchReport {
+    header: ReportHeader,
+    body: BenchRecord,
+}
+
+static mut REPORT: BenchReport = BenchReport {
+    header: ReportHeader { magic: 0, kind: 0, len: 0, reserved: 0 },
+    body: BenchRecord { name: [0; 16], ops: 0, cycles: 0, ok: 0 },
+};
+
+fn send(k: u32, name: &str, ops: u64, cycles: u64, ok: bool) {
+    let mut n = [0u8; 16];
+    let len = name.len().min(16);
+    n[..len].copy_from_slice(&name.as_bytes()[..len]);
+    // SAFETY: single-threaded; read by the VMM only during the hypercall.
+    let gpa = unsafe {
+        let r = &mut *core::ptr::addr_of_mut!(REPORT);
+        r.header =
+            ReportHeader { magic: REPORT_MAGIC, kind: k, len: core::mem::size_of::<BenchRecord>() as u32, reserved: 0 };
+        r.body = BenchRecord { name: n, ops, cycles, ok: ok as u64 };
+        boot::kernel_va_to_gpa(r as *const BenchReport as u64)
+    };
+    if guest_abi::hypercall::is_error(hypercall::report(gpa, core::mem::size_of::<BenchReport>() as u64)) {
+        crate::panic::fatal("REPORT of a benchmark record failed");
+    }
+}
+
+fn page(i: u64) -> *mut u64 {
+    (USER_BASE + i * 4096) as *mut u64
+}
+
+/// Run workload `name` with `size` operations; ends the VM.
+pub fn run(name: &str, size: u64) -> ! {
+    crate::arch::idt::set_page_fault_hook(crate::ktest::vm_suites::user_fault);
+    let size = size.max(1);
+    let result = match name {
+        "fault" => fault(size),
+        "fork" => fork(size),
+        "ctxsw" => ctxsw(size),
+        "mmap" => mmap(size),
+        "tlb" => tlb(size),
+        "alloc" => alloc(size),
+        _ => Err("unknown workload"),
+    };
+    match result {
+        Ok(()) => arch::exit(guest_abi::ports::EXIT_SUCCESS),
+        Err(why) => {
+            kprintln!("workload {} failed: {}", name, why);
+            arch::exit(guest_abi::ports::EXIT_FAILURE)
+        }
+    }
+}
+
+/// Time `op` over `n` operations after a BEGIN record; the caller sends
+/// the END record (before any teardown, which is not part of the phase).
+fn measure(name: &str, n: u64, mut op: impl FnMut(u64)) -> u64 {
+    send(kind::BENCH_BEGIN, name, 0, 0, true);
+    let t0 = arch::rdtsc();
+    for i in 0..n {
+        op(i);
+    }
+    arch::rdtsc() - t0
+}
+
+fn fault(n: u64) -> Result<(), &'static str> {
+    enter_user(n)?;
+    let cycles = measure("fault", n, |i| {
+        // SAFETY: inside the VMA; the first touch demand-faults.
+        unsafe { page(i).write_volatile(i) }
+    });
+    // SAFETY: all mapped now.
+    let ok = (0..n).all(|i| unsafe { page(i).read_volatile() } == i);
+    send(kind::BENCH, "fault", n, cycles, ok);
+    leave_user()?;
+    if ok { Ok(()) } else { Err("pages lost their contents") }
+}
+
+fn fork(n: u64) -> Result<(), &'static str> {
+    const PAGES: u64 = 16;
+    enter_user(PAGES)?;
+    for i in 0..PAGES {
+        // SAFETY: inside the VMA.
+        unsafe { page(i).write_volatile(i) };
+    }
+    let mut ok = true;
+    let cycles = measure("fork", n, |_| {
+        let parent = mm::with(|m| {
+            m.ctx(|cx, _, user| {
+                let a = user.as_mut()?;
+                let (child, flush) = a.fork(cx).ok()?;
+                flush.flush(cx.mmu);
+                let parent = user.replace(child)?;
+                user.as_ref()?.switch_to(cx.mmu);
+                Some(parent)
+            })
+        })
+        .flatten();
+        let Some(parent) = parent else {
+            ok = false;
+            return;
+        };
+        for i in 0..PAGES {
+            // SAFETY: mapped copy-on-write in the child.
+            unsafe { page(i).write_volatile(i + 1000) };
+        }
+        mm::with(|m| {
+            m.ctx(|cx, _, user| {
+                if let Some(child) = user.replace(parent) {
+                    user.as_ref().expect("parent").switch_to(cx.mmu);
+                    child.destroy(cx);
+                }
+            })
+        });
+    });
+    // SAFETY: the parent's pages.
+    ok &= (0..PAGES).all(|i| unsafe { page(i).read_volatile() } == i);
+    send(kind::BENCH, "fork", n, cycles, ok);
+    leave_user()?;
+    if ok { Ok(()) } else { Err("fork broke the parent's pages") }
+}
+
+fn ctxsw(n: u64) -> Result<(), &'static str> {
+    const SPACES: usize = 4;
+    let mut spaces: [Option<AddressSpace>; SPACES] = [None, None, None, None];
+    let setup = mm::with(|m| {
+        m.ctx(|cx, kpt, _| {
+            for s in spaces.iter_mut() {
+                let mut a = AddressSpace::new(cx, kpt).ok()?;
+                a.add_vma(Gva(USER_BASE), Gva(USER_BASE + 4096), Prot::READ | Prot::WRITE).ok()?;
+                *s = Some(a);
+            }
+            Some(())
+        })
+    })
+    .flatten();
+    if setup.is_none() {
+        return Err("could not build the address spaces");
+    }
+    // Touch each space's page once (demand faults happen here, not below).
+    let mut next = 0usize;
+    let mut switch = |spaces: &mut [Option<AddressSpace>; SPACES], to: usize| {
+        mm::with(|m| {
+            m.ctx(|cx, _, user| {
+                if let Some(prev) = user.take() {
+                    spaces[next] = Some(prev);
+                }
+                let a = spaces[to].take().expect("space present");
+                a.switch_to(cx.mmu);
+                *user = Some(a);
+            })
+        });
+        next = to;
+    };
+    for s in 0..SPACES {
+        switch(&mut spaces, s);
+        // SAFETY: inside the current space's VMA.
+        unsafe { page(0).write_volatile(s as u64) };
+    }
+    let mut ok = true;
+    let cycles = measure("ctxsw", n, |i| {
+        let to = (i as usize + 1) % SPACES;
+        switch(&mut spaces, to);
+        // SAFETY: mapped in every space.
+        ok &= unsafe { page(0).read_volatile() } == to as u64;
+    });
+    send(kind::BENCH, "ctxsw", n, cycles, ok);
+    mm::with(|m| {
+        m.ctx(|cx, kpt, user| {
+            KernelMmu.load_cr3(kpt.root());
+            if let Some(a) = user.take() {
+                a.destroy(cx);
+            }
+            for s in spaces.iter_mut() {
+                if let Some(a) = s.take() {
+                    a.destroy(cx);
+                }
+            }
+        })
+    });
+    if ok { Ok(()) } else { Err("an address space saw another's page") }
+}
+
+fn mmap(n: u64) -> Result<(), &'static str> {
+    enter_user(0)?;
+    let mut ok = true;
+    let cycles = measure("mmap", n, |i| {
+        let added = mm::with(|m| {
+            m.ctx(|_, _, user| {
+                user.as_mut()
+                    .map(|a| a.add_vma(Gva(USER_BASE), Gva(USER_BASE + 4 * 4096), Prot::READ | Prot::WRITE).is_ok())
+            })
+        })
+        .flatten()
+        .unwrap_or(false);
+        ok &= added;
+        for p in 0..4 {
+            // SAFETY: inside the new VMA.
+            unsafe { page(p).write_volatile(i + p) };
+        }
+        // SAFETY: mapped above.
+        ok &= unsafe { page(3).read_volatile() } == i + 3;
+        mm::with(|m| {
+            m.ctx(|cx, _, user| {
+                if let Some((_, flush)) = user.as_mut().and_then(|a| a.remove_vma(cx, Gva(USER_BASE))) {
+                    flush.flush(cx.mmu);
+                }
+            })
+        });
+    });
+    send(kind::BENCH, "mmap", n, cycles, ok);
+    leave_user()?;
+    if ok { Ok(()) } else { Err("map/touch/unmap lost data") }
+}
+
+fn tlb(n: u64) -> Result<(), &'static str> {
+    const PAGES: u64 = 64;
+    enter_user(PAGES)?;
+    for i in 0..PAGES {
+        // SAFETY: inside the VMA.
+        unsafe { page(i).write_volatile(i * 3) };
+    }
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut sum = 0u64;
+    let mut want = 0u64;
+    let cycles = measure("tlb", n, |_| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let p = x % PAGES;
+        // SAFETY: mapped above; the tables do not change.
+        sum = sum.wrapping_add(unsafe { page(p).read_volatile() });
+        want = want.wrapping_add(p * 3);
+    });
+    send(kind::BENCH, "tlb", n, cycles, sum == want);
+    leave_user()?;
+    if sum == want { Ok(()) } else { Err("reads returned wrong data") }
+}
+
+fn alloc(n: u64) -> Result<(), &'static str> {
+    let mut ok = true;
+    let cycles = measure("alloc", n, |_| {
+        let done = mm::with(|m| {
+            let obj = m.kmalloc.alloc(&mut m.buddy, 64, 8);
+            let page = m.buddy.alloc(0, ZonePref::Normal);
+            let freed_obj = obj.is_some_and(|o| m.kmalloc.free(&mut m.buddy, o, 64, 8).is_ok());
+            let freed_page = page.is_some_and(|p| m.buddy.free(p, 0).is_ok());
+            freed_obj && freed_page
+        });
+        ok &= done == Some(true);
+    });
+    send(kind::BENCH, "alloc", n, cycles, ok);
+    if ok { Ok(()) } else { Err("an allocation or free failed") }
+}
