@@ -32,6 +32,9 @@ pub enum Command {
     /// Run the guest kernel's in-guest test suites.
     #[command(after_help = EXIT_CODES)]
     Test(TestArgs),
+    /// Run the workloads under ept and shadow paging and compare them.
+    #[command(after_help = EXIT_CODES)]
+    Bench(BenchArgs),
     /// Probe the host: KVM, its second-stage translation, huge pages, and a
     /// calibration run that tells hardware virtualisation from emulation.
     Info(InfoArgs),
@@ -73,6 +76,42 @@ pub struct TestArgs {
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+}
+
+/// Options of `vmm bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// MMU mode(s) to measure.
+    #[arg(long, value_enum, default_value = "both")]
+    pub mmu: MmuArg,
+
+    /// Workload to run (repeatable): fault, fork, ctxsw, mmap, tlb, alloc [default: all].
+    #[arg(long = "workload", value_name = "NAME")]
+    pub workloads: Vec<String>,
+
+    /// Operations per run [default: each workload's own, see the README].
+    #[arg(long, value_name = "N")]
+    pub size: Option<u64>,
+
+    /// Measured runs per workload and mode (after one warm-up run).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub repeat: u32,
+
+    /// Guest RAM per run.
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+    pub memory: u64,
+
+    /// Size of the shadow pool (shadow mode).
+    #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size)]
+    pub shadow_pool: u64,
+
+    /// Write the report as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    /// Write the chart as SVG (needs --mmu both).
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
 }
 
 /// Options of `vmm info`.

@@ -8,6 +8,7 @@
 //! [`stats`] counts what happened; [`error`] says what went wrong and which
 //! exit code that means.
 
+pub mod bench;
 pub mod boot;
 pub mod cli;
 pub mod devices;

@@ -3,7 +3,7 @@
 use clap::Parser;
 use std::process::ExitCode;
 use std::time::Instant;
-use vmm::cli::{Cli, Command, InfoArgs, MmuArg, RunArgs, TestArgs};
+use vmm::cli::{BenchArgs, Cli, Command, InfoArgs, MmuArg, RunArgs, TestArgs};
 use vmm::error::exit_code;
 use vmm::vm::{KernelSource, Vm, VmConfig};
 
@@ -15,6 +15,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args, process_start),
         Command::Info(args) => info(args, process_start),
         Command::Test(args) => test(args, process_start),
+        Command::Bench(args) => bench(args, process_start),
     };
     ExitCode::from(code as u8)
 }
@@ -165,4 +166,73 @@ fn test(args: TestArgs, process_start: Instant) -> i32 {
 
 fn verdict(passed: bool) -> &'static str {
     if passed { "ok" } else { "FAILED" }
+}
+
+fn bench(args: BenchArgs, process_start: Instant) -> i32 {
+    let mut workloads = Vec::new();
+    let names: Vec<String> = if args.workloads.is_empty() {
+        vmm::bench::WORKLOADS.iter().map(|(n, _)| n.to_string()).collect()
+    } else {
+        args.workloads.clone()
+    };
+    for n in names {
+        match vmm::bench::WORKLOADS.iter().find(|(w, _)| *w == n) {
+            Some((_, default)) => workloads.push((n, args.size.unwrap_or(*default))),
+            None => {
+                eprintln!("error: unknown workload '{n}' (fault, fork, ctxsw, mmap, tlb, alloc)");
+                return exit_code::USAGE;
+            }
+        }
+    }
+    if args.svg.is_some() && args.mmu != MmuArg::Both {
+        eprintln!("error: --svg charts shadow against ept: it needs --mmu both");
+        return exit_code::USAGE;
+    }
+    let kvm = match vmm::kvm::open() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return e.exit_code();
+        }
+    };
+    let probe = vmm::info::probe(&kvm, 20_000, process_start);
+    let plan = vmm::bench::BenchPlan {
+        workloads,
+        modes: args.mmu.modes(),
+        repeat: args.repeat.max(1),
+        memory: args.memory,
+        shadow_pool: args.shadow_pool,
+        process_start,
+    };
+    let total = (plan.workloads.len() * plan.modes.len() * (plan.repeat as usize + 1)) as u64;
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    let report = vmm::bench::run(&plan, probe, |msg| {
+        bar.set_message(msg.to_string());
+        bar.inc(1);
+    });
+    bar.finish_and_clear();
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit_code::GUEST_FAILURE;
+        }
+    };
+    print!("{}", report.render());
+    if let Some(path) = &args.json
+        && let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&report).unwrap_or_default() + "\n")
+    {
+        eprintln!("error: cannot write {}: {e}", path.display());
+        return exit_code::SETUP;
+    }
+    if let Some(path) = &args.svg
+        && let Err(e) = report.write_svg(path)
+    {
+        eprintln!("error: cannot write {}: {e}", path.display());
+        return exit_code::SETUP;
+    }
+    exit_code::SUCCESS
 }

@@ -1,0 +1,66 @@
+//! `vmm bench`: the report's shape, its host line, the event counts it
+//! shows, and the JSON and SVG files.
+
+mod common;
+use common::*;
+
+#[test]
+fn bench_compares_modes_and_writes_json_and_svg() {
+    if !kvm_available() {
+        return;
+    }
+    let (json, svg) = (temp_path("bench.json"), temp_path("bench.svg"));
+    let o = run(&[
+        "bench",
+        "--workload",
+        "ctxsw",
+        "--workload",
+        "tlb",
+        "--repeat",
+        "1",
+        "--size",
+        "8",
+        "--json",
+        json.to_str().unwrap(),
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    assert_exit(&o, 0);
+    let out = stdout(&o);
+    let first = out.lines().next().unwrap_or_default();
+    assert!(first.starts_with("host: "), "the report starts with the host probe: {out}");
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert!(first.starts_with("host: emulating"), "{out}");
+    }
+    assert!(out.contains("ctxsw   shadow/ept: wall time x"), "{out}");
+
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["schema"], 1);
+    let ws = v["workloads"].as_array().unwrap();
+    assert_eq!(ws.len(), 2);
+    for w in ws {
+        let modes = w["modes"].as_array().unwrap();
+        assert_eq!(modes.len(), 2, "{w}");
+        assert_eq!(modes[0]["mmu"], "ept");
+        assert_eq!(modes[0]["exits_per_op"], 0.0, "ept takes no exits: {w}");
+        assert_eq!(modes[0]["walk_refs_per_tlb_miss"], 24);
+        assert_eq!(modes[1]["walk_refs_per_tlb_miss"], 4);
+        assert!(w["time_ratio"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(ws[0]["modes"][1]["exits_per_op"], 1.0, "a shadow context switch is one exit");
+    assert_eq!(ws[1]["modes"][1]["exits_per_op"], 0.0, "tlb takes no exits in shadow mode");
+
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(chart.starts_with("<svg"), "{}", &chart[..chart.len().min(200)]);
+    assert!(chart.contains("ctxsw") && chart.contains("tlb"), "workload labels missing");
+}
+
+#[test]
+fn bench_refuses_unknown_workloads_and_a_chart_of_one_mode() {
+    let o = run(&["bench", "--workload", "nope"]);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("unknown workload 'nope'"), "{}", stderr(&o));
+    let o = run(&["bench", "--mmu", "ept", "--svg", "/tmp/x.svg"]);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("needs --mmu both"), "{}", stderr(&o));
+}

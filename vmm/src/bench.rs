@@ -1,0 +1,336 @@
+//! `vmm bench`: the same workloads under ept and shadow paging, side by
+//! side (DESIGN.md, "Guest workloads").
+//!
+//! Every run is a fresh VM. Per workload and mode: one warm-up run (thrown
+//! away), then `--repeat` measured runs; every figure is the median over
+//! them. Counts (exits, hidden faults, PTE-write traps, CR3 loads) are
+//! deterministic; times are not, and on an emulating host they are
+//! emulation times — the report's first line says which kind of host made
+//! it (the `vmm info` probe).
+
+use crate::info::HostReport;
+use crate::stats::BenchPhase;
+use crate::vm::{KernelSource, Vm, VmConfig};
+use guest_abi::MmuMode;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+/// The workloads, in report order, with their default sizes: small enough
+/// to finish in seconds under emulation, big enough to amortise setup.
+pub const WORKLOADS: [(&str, u64); 6] =
+    [("fault", 256), ("fork", 8), ("ctxsw", 256), ("mmap", 32), ("tlb", 2000), ("alloc", 500)];
+
+/// JSON schema version of the report.
+pub const SCHEMA: u32 = 1;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchPlan {
+    /// Workloads with their sizes.
+    pub workloads: Vec<(String, u64)>,
+    /// Modes.
+    pub modes: Vec<MmuMode>,
+    /// Measured runs per workload and mode.
+    pub repeat: u32,
+    /// Guest RAM.
+    pub memory: u64,
+    /// Shadow pool.
+    pub shadow_pool: u64,
+    /// When the process started.
+    pub process_start: Instant,
+}
+
+/// Medians of one workload in one mode, per operation.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModeFigures {
+    /// `ept` or `shadow`.
+    pub mmu: &'static str,
+    /// Operations per run.
+    pub ops: u64,
+    /// Host wall time per operation, ns.
+    pub wall_ns_per_op: f64,
+    /// Guest TSC cycles per operation.
+    pub cycles_per_op: f64,
+    /// VM exits per operation, all reasons.
+    pub exits_per_op: f64,
+    /// VM exits per operation by reason.
+    pub exits_by_reason: BTreeMap<String, f64>,
+    /// Hidden faults per operation (shadow).
+    pub hidden_faults_per_op: f64,
+    /// Faults passed to the guest per operation (shadow).
+    pub guest_faults_per_op: f64,
+    /// PTE-write traps per operation (shadow).
+    pub pte_writes_per_op: f64,
+    /// CR3 loads through the VMM per operation (shadow).
+    pub cr3_loads_per_op: f64,
+    /// Host invalidations per operation (shadow).
+    pub host_invalidations_per_op: f64,
+    /// VMM time in shadow handlers per operation, ns.
+    pub vmm_handler_ns_per_op: f64,
+    /// Memory references of one TLB miss on a 4 KiB guest page backed by
+    /// 4 KiB host pages, as modelled: a 2D walk (ept) or one walk of the
+    /// shadow tables (classic shadow paging).
+    pub walk_refs_per_tlb_miss: u32,
+    /// Runs measured.
+    pub runs: u32,
+}
+
+/// One workload in every mode.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadReport {
+    /// Name.
+    pub workload: String,
+    /// Per mode.
+    pub modes: Vec<ModeFigures>,
+    /// shadow/ept of wall time per op, when both ran.
+    pub time_ratio: Option<f64>,
+    /// shadow/ept of guest cycles per op.
+    pub cycles_ratio: Option<f64>,
+    /// shadow − ept exits per op (ept is 0 on every workload).
+    pub extra_exits_per_op: Option<f64>,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// [`SCHEMA`].
+    pub schema: u32,
+    /// The host probe's verdict line.
+    pub host: String,
+    /// The host probe.
+    pub probe: HostReport,
+    /// Per workload.
+    pub workloads: Vec<WorkloadReport>,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+/// Run one workload once; its measured phase.
+pub fn run_once(plan: &BenchPlan, workload: &str, size: u64, mmu: MmuMode) -> Result<BenchPhase, String> {
+    let config = VmConfig {
+        kernel: KernelSource::Bundled,
+        memory: plan.memory,
+        mmu,
+        backing: ept::Backing::Anon4k,
+        shadow_pool: plan.shadow_pool,
+        cmdline: format!("workload={workload} size={size}"),
+        timeout: Duration::from_secs(600),
+        process_start: plan.process_start,
+    };
+    let mut vm = Vm::new(config, Box::new(std::io::sink())).map_err(|e| e.to_string())?;
+    let outcome = vm.run();
+    match outcome.end {
+        Ok(exit) if exit.success() => {}
+        Ok(exit) => return Err(format!("the guest failed (status {})", exit.status)),
+        Err(e) => return Err(e.to_string()),
+    }
+    let phase = outcome.stats.bench.into_iter().next().ok_or("the workload reported no measured phase")?;
+    if !phase.ok {
+        return Err("the workload's self-check failed".into());
+    }
+    Ok(phase)
+}
+
+fn figures(mmu: MmuMode, phases: &[BenchPhase]) -> ModeFigures {
+    let per = |f: &dyn Fn(&BenchPhase) -> f64| {
+        let mut v: Vec<f64> = phases.iter().map(|p| f(p) / p.ops.max(1) as f64).collect();
+        median(&mut v)
+    };
+    let sh = |f: fn(&shadow::ShadowStats) -> u64| move |p: &BenchPhase| p.shadow.as_ref().map_or(0.0, |s| f(s) as f64);
+    let mut reasons: BTreeMap<String, f64> = BTreeMap::new();
+    for r in phases.iter().flat_map(|p| p.exits.keys()) {
+        reasons
+            .entry(r.to_string())
+            .or_insert_with(|| per(&|p: &BenchPhase| p.exits.get(r).copied().unwrap_or(0) as f64));
+    }
+    ModeFigures {
+        mmu: mmu.name(),
+        ops: phases.first().map_or(0, |p| p.ops),
+        wall_ns_per_op: per(&|p| p.wall.as_nanos() as f64),
+        cycles_per_op: per(&|p| p.cycles as f64),
+        exits_per_op: per(&|p| p.total_exits() as f64),
+        exits_by_reason: reasons,
+        hidden_faults_per_op: per(&sh(|s| s.hidden_faults)),
+        guest_faults_per_op: per(&sh(|s| s.guest_faults)),
+        pte_writes_per_op: per(&sh(|s| s.pte_writes)),
+        cr3_loads_per_op: per(&sh(|s| s.cr3_loads)),
+        host_invalidations_per_op: per(&sh(|s| s.host_invalidations)),
+        vmm_handler_ns_per_op: per(&|p| p.shadow_handler_time.map_or(0.0, |d| d.as_nanos() as f64)),
+        walk_refs_per_tlb_miss: match mmu {
+            MmuMode::Ept => ept::walk::walk_cost(4096, 4096).nested,
+            MmuMode::Shadow => ept::walk::walk_cost(4096, 4096).shadow,
+        },
+        runs: phases.len() as u32,
+    }
+}
+
+/// Run the plan. `progress` is told each run as it starts.
+pub fn run(plan: &BenchPlan, probe: HostReport, mut progress: impl FnMut(&str)) -> Result<BenchReport, String> {
+    let mut workloads = Vec::new();
+    for (name, size) in &plan.workloads {
+        let mut modes = Vec::new();
+        for &mmu in &plan.modes {
+            progress(&format!("{name} ({}) warm-up", mmu.name()));
+            run_once(plan, name, *size, mmu).map_err(|e| format!("{name} in {} mode: {e}", mmu.name()))?;
+            let mut phases = Vec::new();
+            for r in 0..plan.repeat {
+                progress(&format!("{name} ({}) run {}/{}", mmu.name(), r + 1, plan.repeat));
+                phases
+                    .push(run_once(plan, name, *size, mmu).map_err(|e| format!("{name} in {} mode: {e}", mmu.name()))?);
+            }
+            modes.push(figures(mmu, &phases));
+        }
+        let find = |m: &str| modes.iter().find(|f| f.mmu == m);
+        let (time_ratio, cycles_ratio, extra_exits_per_op) = match (find("ept"), find("shadow")) {
+            (Some(e), Some(s)) => (
+                Some(s.wall_ns_per_op / e.wall_ns_per_op.max(1e-9)),
+                Some(s.cycles_per_op / e.cycles_per_op.max(1e-9)),
+                Some(s.exits_per_op - e.exits_per_op),
+            ),
+            _ => (None, None, None),
+        };
+        workloads.push(WorkloadReport { workload: name.clone(), modes, time_ratio, cycles_ratio, extra_exits_per_op });
+    }
+    Ok(BenchReport { schema: SCHEMA, host: probe.headline(), probe, workloads })
+}
+
+impl BenchReport {
+    /// The terminal table.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "{}", self.host);
+        let _ = writeln!(
+            s,
+            "{:<7} {:<6} {:>6} {:>12} {:>12} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6}",
+            "work",
+            "mmu",
+            "ops",
+            "wall ns/op",
+            "cycles/op",
+            "exits/op",
+            "hidden",
+            "guestpf",
+            "pte-wr",
+            "cr3",
+            "vmm ns/op",
+            "walk"
+        );
+        for w in &self.workloads {
+            for m in &w.modes {
+                let _ = writeln!(
+                    s,
+                    "{:<7} {:<6} {:>6} {:>12.0} {:>12.0} {:>9.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>10.0} {:>6}",
+                    w.workload,
+                    m.mmu,
+                    m.ops,
+                    m.wall_ns_per_op,
+                    m.cycles_per_op,
+                    m.exits_per_op,
+                    m.hidden_faults_per_op,
+                    m.guest_faults_per_op,
+                    m.pte_writes_per_op,
+                    m.cr3_loads_per_op,
+                    m.vmm_handler_ns_per_op,
+                    m.walk_refs_per_tlb_miss
+                );
+            }
+            if let (Some(t), Some(c), Some(x)) = (w.time_ratio, w.cycles_ratio, w.extra_exits_per_op) {
+                let _ = writeln!(
+                    s,
+                    "{:<7} shadow/ept: wall time x{t:.2}, guest cycles x{c:.2}, +{x:.2} exits per op",
+                    w.workload
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "per op = per workload operation (median of runs); hidden/guestpf/pte-wr/cr3 = shadow-MMU events; walk = modelled memory references per TLB miss (4 KiB pages)"
+        );
+        s
+    }
+
+    /// Write the SVG chart: per workload, the shadow/ept ratio of wall time
+    /// and of guest cycles (log scale), and shadow's extra exits per op.
+    pub fn write_svg(&self, path: &std::path::Path) -> Result<(), String> {
+        use plotters::prelude::*;
+        let rows: Vec<&WorkloadReport> = self.workloads.iter().filter(|w| w.time_ratio.is_some()).collect();
+        if rows.is_empty() {
+            return Err("the chart needs both modes (--mmu both)".into());
+        }
+        let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
+        let err = |e: &dyn std::fmt::Display| e.to_string();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let max = rows
+            .iter()
+            .flat_map(|w| {
+                [w.time_ratio.unwrap_or(1.0), w.cycles_ratio.unwrap_or(1.0), 1.0 + w.extra_exits_per_op.unwrap_or(0.0)]
+            })
+            .fold(2.0f64, f64::max)
+            * 1.5;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("shadow paging vs EPT: cost ratio per operation (log scale)", ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..rows.len() as f64, (0.1f64..max).log_scale())
+            .map_err(|e| err(&e))?;
+        chart.configure_mesh().disable_x_mesh().x_labels(0).y_desc("shadow / ept").draw().map_err(|e| err(&e))?;
+        // Workload names under each group of bars, below the x axis.
+        for (i, w) in rows.iter().enumerate() {
+            let (px, py) = chart.backend_coord(&(i as f64 + 0.3, 0.1));
+            root.draw(&Text::new(w.workload.clone(), (px, py + 8), ("sans-serif", 15).into_font()))
+                .map_err(|e| err(&e))?;
+        }
+        type Series<'a> = (&'a str, RGBColor, f64, Box<dyn Fn(&WorkloadReport) -> f64>);
+        let series: [Series<'_>; 3] = [
+            ("wall time ratio", RGBColor(31, 119, 180), 0.1, Box::new(|w| w.time_ratio.unwrap_or(1.0))),
+            ("guest cycles ratio", RGBColor(255, 127, 14), 0.37, Box::new(|w| w.cycles_ratio.unwrap_or(1.0))),
+            (
+                "1 + extra exits per op (ept: 0)",
+                RGBColor(44, 160, 44),
+                0.64,
+                Box::new(|w| 1.0 + w.extra_exits_per_op.unwrap_or(0.0)),
+            ),
+        ];
+        for (label, color, off, f) in series {
+            chart
+                .draw_series(rows.iter().enumerate().map(|(i, w)| {
+                    let x = i as f64 + off;
+                    Rectangle::new([(x, 0.1), (x + 0.25, f(w).max(0.11))], color.filled())
+                }))
+                .map_err(|e| err(&e))?
+                .label(label)
+                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE)
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&mut []), 0.0);
+    }
+}
