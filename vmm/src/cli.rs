@@ -105,11 +105,15 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size)]
     pub shadow_pool: u64,
 
-    /// Write the report as JSON.
+    /// Folder for the report files (report.json, and report.svg with both modes).
+    #[arg(long, value_name = "DIR", default_value = "bench-report")]
+    pub out: PathBuf,
+
+    /// Write the JSON report here instead of DIR/report.json.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
 
-    /// Write the chart as SVG (needs --mmu both).
+    /// Write the SVG chart here instead of DIR/report.svg (needs --mmu both).
     #[arg(long, value_name = "FILE")]
     pub svg: Option<PathBuf>,
 }

@@ -222,17 +222,28 @@ fn bench(args: BenchArgs, process_start: Instant) -> i32 {
         }
     };
     print!("{}", report.render());
-    if let Some(path) = &args.json
-        && let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&report).unwrap_or_default() + "\n")
-    {
-        eprintln!("error: cannot write {}: {e}", path.display());
+    let json = args.json.clone().unwrap_or_else(|| args.out.join("report.json"));
+    let svg = args.svg.clone().or_else(|| (args.mmu == MmuArg::Both).then(|| args.out.join("report.svg")));
+    for path in [Some(&json), svg.as_ref()].into_iter().flatten() {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && let Err(e) = std::fs::create_dir_all(dir)
+        {
+            eprintln!("error: cannot create {}: {e}", dir.display());
+            return exit_code::SETUP;
+        }
+    }
+    if let Err(e) = std::fs::write(&json, serde_json::to_string_pretty(&report).unwrap_or_default() + "\n") {
+        eprintln!("error: cannot write {}: {e}", json.display());
         return exit_code::SETUP;
     }
-    if let Some(path) = &args.svg
-        && let Err(e) = report.write_svg(path)
-    {
-        eprintln!("error: cannot write {}: {e}", path.display());
-        return exit_code::SETUP;
+    let mut written = vec![json.display().to_string()];
+    if let Some(svg) = &svg {
+        if let Err(e) = report.write_svg(svg) {
+            eprintln!("error: cannot write {}: {e}", svg.display());
+            return exit_code::SETUP;
+        }
+        written.push(svg.display().to_string());
     }
+    eprintln!("wrote {}", written.join(", "));
     exit_code::SUCCESS
 }
