@@ -110,6 +110,8 @@ pub struct Vm {
     epoch: Instant,
     /// Counters at the last `BENCH_BEGIN`.
     bench_start: Option<BenchSnapshot>,
+    /// MAXPHYADDR from the vCPU's CPUID.
+    maxphyaddr: u8,
 }
 
 type BenchSnapshot = (Instant, BTreeMap<&'static str, u64>, Option<(shadow::ShadowStats, Duration)>);
@@ -187,6 +189,8 @@ impl Vm {
         vcpu.set_regs(&regs::entry_regs(kernel.entry)).map_err(kvm_err("KVM_SET_REGS"))?;
         vcpu.set_sync_valid_reg(SyncReg::Register);
 
+        let maxphyaddr =
+            cpuid.as_slice().iter().find(|e| e.function == 0x8000_0008).map_or(36, |e| (e.eax & 0xff) as u8);
         let shadow = match map.shadow_pool() {
             Some(pool) => {
                 let slot = *map.slot_of(pool.start).expect("the pool has a slot");
@@ -202,12 +206,45 @@ impl Vm {
             }
             None => None,
         };
-        Ok(Vm { _kvm: kvm, vm, vcpu, shadow, map, ram, serial: new_serial(console), config, epoch, bench_start: None })
+        Ok(Vm {
+            _kvm: kvm,
+            vm,
+            vcpu,
+            shadow,
+            map,
+            ram,
+            serial: new_serial(console),
+            config,
+            epoch,
+            bench_start: None,
+            maxphyaddr,
+        })
     }
 
     /// Guest memory (for tests and tools that inspect the guest).
     pub fn memory(&self) -> &GuestMemoryMmap {
         self.ram.memory()
+    }
+
+    /// `KVM_TRANSLATE` of `gva` with the vCPU's current CR3: the GPA, or
+    /// `None` when KVM says it is not mapped.
+    pub fn kvm_translate(&self, gva: u64) -> Result<Option<u64>> {
+        let t = self.vcpu.translate_gva(gva).map_err(kvm_err("KVM_TRANSLATE"))?;
+        Ok((t.valid != 0).then_some(t.physical_address))
+    }
+
+    /// Point the vCPU's CR3 at `cr3` (for tools and tests that walk their
+    /// own tables; the guest is not running).
+    pub fn set_cr3(&mut self, cr3: u64) -> Result<()> {
+        let mut sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        sregs.cr3 = cr3;
+        self.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))
+    }
+
+    /// The vCPU's paging controls as the shadow walker takes them.
+    pub fn paging_mode(&self) -> Result<shadow::PagingMode> {
+        let sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        Ok(paging_mode(&sregs, self.vcpu.sync_regs().regs.rflags, self.maxphyaddr))
     }
 
     /// The guest-physical memory map.
