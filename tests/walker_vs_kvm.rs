@@ -84,7 +84,7 @@ fn walker_agrees_with_kvm_translate_on_random_tables() {
                 4 => (1u64 << 40) + ((rng.next() % 16) << 21),
                 _ => rng.next() & 0x000f_ffff_ffff_f000,
             };
-            let flags = (rng.next() & 0x1ff) | u64::from(rng.next() % 5 != 0); // mostly present
+            let flags = (rng.next() & 0x1ff) | u64::from(!rng.next().is_multiple_of(5)); // mostly present
             let extra = match rng.next() % 10 {
                 0 => 1u64 << 63,
                 1 => 1u64 << (12 + rng.next() % 40),
