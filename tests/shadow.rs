@@ -150,3 +150,21 @@ fn shadow_tlb_and_alloc_take_no_exits() {
         assert_eq!(exits(&b), 0, "{w}: {b}");
     }
 }
+
+#[test]
+fn a_storm_of_random_hypercalls_and_page_table_writes_never_crashes_the_vmm() {
+    if !kvm_available() {
+        return;
+    }
+    for mmu in ["shadow", "ept"] {
+        let o = run(&["run", "--mmu", mmu, "--memory", "64M", "--cmdline", "crash=storm", "--stats"]);
+        assert_exit(&o, 0);
+        assert!(stdout(&o).contains("storm survived"), "{mmu}: {}", stdout(&o));
+        assert!(!stderr(&o).contains("panicked"), "{mmu}: {}", stderr(&o));
+        if mmu == "shadow" {
+            let err = stderr(&o);
+            let traps = err.lines().find(|l| l.contains("PTE-write traps")).expect("shadow stats");
+            assert!(!traps.contains(" 0 "), "the storm's page-table writes must trap: {traps}");
+        }
+    }
+}

@@ -10,6 +10,7 @@
 //! | `triple` | `ud2` with an empty IDT | `KVM_EXIT_SHUTDOWN`: triple fault |
 //! | `hang` | an endless loop | `--timeout` ends it |
 //! | `hypercall` | nonsense hypercalls | each gets an error result; the guest checks them and succeeds |
+//! | `storm` | random hypercalls and random page-table writes | survive (shadow mode: every write traps) |
 
 use crate::{arch, console, hypercall, kprintln};
 use guest_abi::hypercall as hc;
@@ -42,6 +43,10 @@ pub fn run(mode: &str) {
         },
         "hypercall" => {
             check_hypercall_errors();
+            return;
+        }
+        "storm" => {
+            storm();
             return;
         }
         _ => {
@@ -97,4 +102,75 @@ fn check_hypercall_errors() {
         arch::exit(guest_abi::ports::EXIT_FAILURE);
     }
     console::println("hypercall checks passed");
+}
+
+/// A storm of random hypercalls (every number but `LOAD_CR3`, which would
+/// move the vCPU onto garbage tables) and random page-table writes: to
+/// unlinked page-table pages, and random mappings in a live address space.
+/// The VMM must answer or absorb every one of them.
+fn storm() {
+    use crate::mm;
+    use guest_mm::paging::{Page, PhysFrame, PteFlags, Size4KiB};
+    use guest_mm::phys::PhysMem;
+    mm::init(crate::boot::info());
+    let mut x: u64 = 0x853c_49e6_748f_ea9b;
+    let mut rand = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let ram = crate::boot::info().ram_size;
+    let mut refused = 0u32;
+    for _ in 0..300 {
+        let nr = (rand() % 12) as u32;
+        if nr == hc::LOAD_CR3 || nr == hc::EXPLAIN {
+            continue;
+        }
+        let arg = |r: u64| match r % 4 {
+            0 => r % ram,
+            1 => r,
+            2 => r & 0xffff,
+            _ => u64::MAX - (r & 0xff),
+        };
+        let r = hypercall::call(nr, arg(rand()), arg(rand()), arg(rand()), arg(rand()));
+        refused += u32::from(hc::is_error(r));
+    }
+    // Raw writes into a page-table page that nothing links.
+    let wrote = mm::with(|m| {
+        let Some(pt) = m.buddy.alloc_pgtable() else { return 0 };
+        let mem = *m.buddy.mem();
+        let mut n = 0;
+        for _ in 0..64 {
+            let at = guest_abi::Gpa(pt.addr().0 + (rand() % 512) * 8);
+            mem.write_u64(at, rand());
+            n += 1;
+        }
+        for i in 0..512 {
+            mem.write_u64(guest_abi::Gpa(pt.addr().0 + i * 8), 0);
+        }
+        let _ = m.buddy.free_pgtable(pt);
+        n
+    })
+    .unwrap_or(0);
+    // Random mappings in a live address space (never touched), then gone.
+    let _ = crate::ktest::vm_suites::enter_user(0);
+    mm::with(|m| {
+        m.ctx(|cx, _, user| {
+            let Some(a) = user.as_mut() else { return };
+            for i in 0..32u64 {
+                let va = crate::ktest::vm_suites::USER_BASE + i * 4096;
+                let target = (rand() & 0x000f_ffff_f000) % (4 * ram);
+                let flags = PteFlags::from_bits_truncate(rand()) - PteFlags::HUGE - PteFlags::ANON - PteFlags::COW;
+                if let (Ok(p), Ok(f)) = (
+                    Page::<Size4KiB>::from_start_address(guest_abi::Gva(va)),
+                    PhysFrame::<Size4KiB>::from_start_address(guest_abi::Gpa(target)),
+                ) {
+                    let _ = a.page_table_mut().map(cx.mem, &mut cx.frames, p, f, flags);
+                }
+            }
+        })
+    });
+    let _ = crate::ktest::vm_suites::leave_user();
+    kprintln!("storm survived: {} hypercalls refused, {} raw page-table writes", refused, wrote);
 }
