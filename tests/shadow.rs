@@ -168,3 +168,69 @@ fn a_storm_of_random_hypercalls_and_page_table_writes_never_crashes_the_vmm() {
         }
     }
 }
+
+/// The access matrix of one mode, in case order.
+fn matrix(mmu: &str) -> Vec<u64> {
+    let (o, v) =
+        stats_json(&["run", "--mmu", mmu, "--memory", "64M", "--cmdline", "matrix"], &format!("matrix-{mmu}.json"));
+    assert_exit(&o, 0);
+    let mut chunks: Vec<(u64, Vec<u64>)> = v["reports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["type"] == "matrix")
+        .map(|r| {
+            (
+                r["first"].as_u64().unwrap(),
+                r["records"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect(),
+            )
+        })
+        .collect();
+    chunks.sort();
+    chunks.into_iter().flat_map(|(_, r)| r).collect()
+}
+
+/// Decode a case index the way the guest enumerates them.
+fn describe(case: usize) -> String {
+    let user = case % 2 == 1;
+    let access = ["read", "write", "fetch"][(case / 2) % 3];
+    let pte = (case / 6) % 128;
+    let pde = (case / 768) % 4;
+    let wp = (case / 3072).is_multiple_of(2);
+    let nxe = (case / 6144).is_multiple_of(2);
+    let names = ["P", "RW", "US", "A", "D", "NX", "RSVD"];
+    let pte_flags: Vec<&str> = names.iter().enumerate().filter(|(b, _)| pte & (1 << b) != 0).map(|(_, n)| *n).collect();
+    format!(
+        "{} {access}, PTE [{}], PDE [P{}{}], CR0.WP={} EFER.NXE={}",
+        if user { "user" } else { "supervisor" },
+        pte_flags.join(" "),
+        if pde & 1 != 0 { " RW" } else { "" },
+        if pde & 2 != 0 { " US" } else { "" },
+        u8::from(wp),
+        u8::from(nxe)
+    )
+}
+
+#[test]
+fn access_matrix_is_identical_in_both_modes() {
+    if !kvm_available() {
+        return;
+    }
+    let (ept, shadow) = (matrix("ept"), matrix("shadow"));
+    assert_eq!(ept.len(), 12288, "case count");
+    assert_eq!(shadow.len(), ept.len());
+    let faults = ept.iter().filter(|r| *r & 1 != 0).count();
+    assert!(faults > 1000 && faults < ept.len() - 1000, "the matrix should mix faults and successes: {faults}");
+    let diffs: Vec<String> = (0..ept.len())
+        .filter(|&i| ept[i] != shadow[i])
+        .take(12)
+        .map(|i| format!("case {i} ({}): ept {:#05x}, shadow {:#05x}", describe(i), ept[i], shadow[i]))
+        .collect();
+    let total = (0..ept.len()).filter(|&i| ept[i] != shadow[i]).count();
+    assert!(
+        diffs.is_empty(),
+        "{total} of {} cases differ (record: bit0 fault, bits1-5 error code, bit6 PTE.A, bit7 PTE.D, bit8 PDE.A):\n{}",
+        ept.len(),
+        diffs.join("\n")
+    );
+}

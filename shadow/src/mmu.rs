@@ -246,9 +246,19 @@ impl ShadowMmu {
     }
 
     /// Change CR0.WP / EFER.NXE / CR4.SMEP/SMAP: every shadow entry was
-    /// computed under the old rules, so zap everything.
+    /// computed under the old rules, so zap everything and rebuild the
+    /// current root — at a new pool page: the caller must point the vCPU's
+    /// CR3 at [`ShadowMmu::current_root`] again.
+    ///
+    /// RFLAGS.AC alone changes nothing in the shadow (the vCPU enforces
+    /// SMAP on the shadow leaf's US bit itself), so it never zaps.
     pub fn set_mode(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys, mode: PagingMode) {
-        if mode != self.mode {
+        let same_rules = PagingMode { ac: self.mode.ac, ..mode } == self.mode;
+        if same_rules {
+            self.mode.ac = mode.ac;
+            return;
+        }
+        {
             self.mode = mode;
             let current = self.current.map(|(g, _)| g);
             self.zap_all(pool);

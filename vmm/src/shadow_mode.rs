@@ -129,8 +129,26 @@ pub struct ShadowState {
     pub times: HandlerTimes,
     /// MAXPHYADDR of the vCPU.
     pub maxphyaddr: u8,
+    /// The guest's own CR0.WP. In shadow mode the vCPU always runs with
+    /// CR0.WP = 1, as KVM's shadow MMU does (mmu.rst, `role.cr0_wp`): with
+    /// WP = 0 the CPU would let supervisor writes through read-only shadow
+    /// leaves and the VMM could not emulate the D bit. The guest's WP = 0
+    /// is emulated in the shadow instead (writable, supervisor-only
+    /// leaves), and the guest reports its CR0 with `FLUSH_TLB(cr0)`.
+    pub guest_wp: bool,
     pool_pages: u32,
 }
+
+impl ShadowState {
+    /// The paging controls the guest believes in: the vCPU's, with CR0.WP
+    /// replaced by the guest's own.
+    pub fn guest_mode(&self, sregs: &kvm_bindings::kvm_sregs, rflags: u64) -> PagingMode {
+        PagingMode { wp: self.guest_wp, ..paging_mode(sregs, rflags, self.maxphyaddr) }
+    }
+}
+
+/// CR0.WP.
+pub const CR0_WP: u64 = 1 << 16;
 
 /// The paging controls from the vCPU's system registers.
 pub fn paging_mode(sregs: &kvm_bindings::kvm_sregs, rflags: u64, maxphyaddr: u8) -> PagingMode {
@@ -156,6 +174,7 @@ impl ShadowState {
             coherence,
             times: HandlerTimes::default(),
             maxphyaddr,
+            guest_wp: true,
             pool_pages: pages,
         }
     }
@@ -180,11 +199,9 @@ impl ShadowState {
         ac: bool,
     ) -> u64 {
         let t = Instant::now();
-        let mut mode = self.mmu.mode();
-        if mode.ac != ac {
-            mode.ac = ac;
-            self.mmu.set_mode(pool, ram, mode);
-        }
+        // Only AC can differ from the last CR3 load or flush; it never zaps.
+        let mode = PagingMode { ac, ..self.mmu.mode() };
+        self.mmu.set_mode(pool, ram, mode);
         let r = match self.mmu.handle_fault(pool, ram, cr2, error_code as u32) {
             Ok(FaultOutcome::Fixed) => hc::FAULT_FIXED,
             Ok(FaultOutcome::GuestFault(ec)) => hc::FAULT_GUEST | ec as u64,

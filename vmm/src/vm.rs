@@ -21,7 +21,7 @@ use crate::devices::serial::{GuestSerial, new_serial};
 use crate::error::{Error, Result};
 use crate::explain::Explanation;
 use crate::layout::{self, MAX_MEMORY, MIN_MEMORY, PT_ZONE_START};
-use crate::shadow_mode::{Coherence, PoolView, RamView, ShadowState, paging_mode};
+use crate::shadow_mode::{CR0_WP, Coherence, PoolView, RamView, ShadowState, paging_mode};
 use crate::stats::RunStats;
 use ept::memmap::{MemoryMap, MemoryMapConfig};
 use ept::{Backing, GuestRam};
@@ -244,7 +244,11 @@ impl Vm {
     /// The vCPU's paging controls as the shadow walker takes them.
     pub fn paging_mode(&self) -> Result<shadow::PagingMode> {
         let sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        Ok(paging_mode(&sregs, self.vcpu.sync_regs().regs.rflags, self.maxphyaddr))
+        let rflags = self.vcpu.sync_regs().regs.rflags;
+        Ok(match &self.shadow {
+            Some(sh) => sh.guest_mode(&sregs, rflags),
+            None => paging_mode(&sregs, rflags, self.maxphyaddr),
+        })
     }
 
     /// The guest-physical memory map.
@@ -447,7 +451,7 @@ impl Vm {
                     return Ok(Some(hc::ERR_FAULT));
                 }
                 let mut sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-                sh.mmu.set_mode(&mut pool, &mut ram, paging_mode(&sregs, r.rflags, sh.maxphyaddr));
+                sh.mmu.set_mode(&mut pool, &mut ram, sh.guest_mode(&sregs, r.rflags));
                 let root = match sh.mmu.load_cr3(&mut pool, &mut ram, root_gpa) {
                     Ok(root) => root,
                     Err(e) => {
@@ -456,14 +460,29 @@ impl Vm {
                     }
                 };
                 sregs.cr3 = root;
+                sregs.cr0 |= CR0_WP;
                 self.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
                 sh.times.load_cr3 += t.elapsed();
                 Ok(Some(hc::OK))
             }
             hc::FLUSH_TLB => {
-                let sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-                sh.mmu.set_mode(&mut pool, &mut ram, paging_mode(&sregs, r.rflags, sh.maxphyaddr));
+                // The guest may have changed CR0.WP, EFER.NXE or CR4: a new
+                // rule set rebuilds the shadow (at a new root), and a CR3
+                // reload is the TLB flush anyway.
+                let mut sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+                // FLUSH_TLB(cr0): the guest's CR0 after it changed paging
+                // controls (0: unchanged). Its WP is the guest's own; the
+                // vCPU keeps WP = 1 (see ShadowState::guest_wp).
+                if r.rdi != 0 {
+                    sh.guest_wp = r.rdi & CR0_WP != 0;
+                }
+                sh.mmu.set_mode(&mut pool, &mut ram, sh.guest_mode(&sregs, r.rflags));
                 sh.mmu.flush();
+                if let Some(root) = sh.mmu.current_root() {
+                    sregs.cr3 = root;
+                }
+                sregs.cr0 |= CR0_WP;
+                self.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
                 Ok(Some(hc::OK))
             }
             _ => Ok(None),

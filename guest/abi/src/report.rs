@@ -24,6 +24,9 @@ pub mod kind {
     /// The measured phase of a workload begins (the VMM snapshots its
     /// counters). Payload: [`super::BenchRecord`] with `ops` = 0.
     pub const BENCH_BEGIN: u32 = 5;
+    /// A chunk of access-matrix results. Payload: [`super::MatrixChunk`]
+    /// then `count` little-endian `u16` records.
+    pub const MATRIX: u32 = 6;
     /// The calibration loop of `vmm info`. Payload: [`super::CalibrationRecord`].
     pub const CALIBRATION: u32 = 4;
 }
@@ -100,4 +103,14 @@ pub struct BenchRecord {
     pub cycles: u64,
     /// 1 if the workload's self-check passed.
     pub ok: u64,
+}
+
+/// Header of a [`kind::MATRIX`] payload.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MatrixChunk {
+    /// Index of the first case in this chunk.
+    pub first: u32,
+    /// Number of `u16` records that follow.
+    pub count: u32,
 }

@@ -77,6 +77,14 @@ extern "C" fn kmain(boot_info_gpa: u64) -> ! {
     if cmdline::value(cmdline, "explain").is_some() {
         selftest::explain(boot_info_gpa);
     }
+    if cmdline::value(cmdline, "matrix").is_some() {
+        mm::init(boot::info());
+        arch::idt::set_page_fault_hook(ktest::vm_suites::user_fault);
+        match ktest::matrix::run() {
+            Ok(_) => arch::exit(guest_abi::ports::EXIT_SUCCESS),
+            Err(why) => panic::fatal(why),
+        }
+    }
     if let Some(name) = cmdline::value(cmdline, "workload") {
         mm::init(boot::info());
         let size = cmdline::value(cmdline, "size").and_then(cmdline::parse_u64).unwrap_or(64);

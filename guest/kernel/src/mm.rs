@@ -14,7 +14,7 @@
 //!   contract), never panics.
 //! - Once up, the kernel runs on its own page tables, built by the paging
 //!   manager from page-table-zone pages: a direct map of all RAM (2 MiB
-//!   pages, NX) and the kernel image window (2 MiB pages), all with A (and
+//!   pages) and the kernel image window (2 MiB pages), all with A (and
 //!   D) set so shadow mode can prefill them. CR3 loads and TLB flushes go
 //!   through [`KernelMmu`], the platform hook that knows ept from shadow.
 
@@ -189,7 +189,9 @@ fn build_kernel_tables(info: &BootInfo, buddy: &mut BuddyAllocator<'static, Dire
     };
     let mut pa = 0;
     while pa + two_mib <= info.ram_size {
-        map(DIRECT_MAP_BASE + pa, pa, data | PteFlags::NO_EXECUTE);
+        // Not NX: the access-matrix test runs with EFER.NXE clear, when bit
+        // 63 is a reserved bit and an NX direct map would fault.
+        map(DIRECT_MAP_BASE + pa, pa, data);
         pa += two_mib;
     }
     let kernel_end =

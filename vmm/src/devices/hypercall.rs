@@ -61,6 +61,13 @@ pub enum Report {
         /// The workload's self-check passed.
         ok: bool,
     },
+    /// A chunk of access-matrix records.
+    Matrix {
+        /// Index of the first case.
+        first: u32,
+        /// One record per case (see `guest/kernel/src/ktest/matrix.rs`).
+        records: Vec<u16>,
+    },
     /// A record of a kind this VMM does not interpret.
     Other {
         /// The record kind.
@@ -136,7 +143,12 @@ pub fn parse_report(bytes: &[u8]) -> Option<Report> {
                 })
             }
         }
-        kind::BOOT | kind::TEST | kind::CALIBRATION | kind::BENCH | kind::BENCH_BEGIN => None,
+        kind::MATRIX if payload.len() >= 8 => {
+            let (first, count) = (le_u32(payload, 0), le_u32(payload, 4) as usize);
+            let body = payload.get(8..8usize.checked_add(count.checked_mul(2)?)?)?;
+            Some(Report::Matrix { first, records: body.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect() })
+        }
+        kind::BOOT | kind::TEST | kind::CALIBRATION | kind::BENCH | kind::BENCH_BEGIN | kind::MATRIX => None,
         other => Some(Report::Other { kind: other, len }),
     }
 }

@@ -214,6 +214,17 @@ fn page_fault_hook() -> Option<PageFaultHook> {
     (raw != 0).then(|| unsafe { core::mem::transmute::<usize, PageFaultHook>(raw as usize) })
 }
 
+/// Finish an access-matrix probe: record how it ended and resume in ring 0
+/// at `probe_return` (which restores the kernel stack it saved).
+fn end_probe(frame: &mut TrapFrame, vector: u64) {
+    crate::ktest::matrix::PROBE_VECTOR.store(1 + vector, Ordering::Relaxed);
+    crate::ktest::matrix::PROBE_ACTIVE.store(0, Ordering::Relaxed);
+    frame.rip = crate::ktest::matrix::probe_return_addr();
+    frame.cs = super::gdt::KERNEL_CS as u64;
+    frame.ss = super::gdt::KERNEL_DS as u64;
+    frame.rflags = 0x2;
+}
+
 /// Called by the common stub for every exception. The `ud2` of
 /// [`run_ud_probe`] is counted and stepped over. Everything else prints
 /// vector, error code, `rip` (and `cr2` for `#PF`), then ends the VM with
@@ -225,12 +236,19 @@ extern "C" fn exception_dispatch(frame: &mut TrapFrame) {
         frame.rip += 2;
         return;
     }
+    if v == 6 && crate::ktest::matrix::PROBE_ACTIVE.load(Ordering::Relaxed) != 0 {
+        return end_probe(frame, 6);
+    }
     if v == 14 {
         let cr2 = arch::read_cr2();
         let error_code = match arch::mmu::classify_fault(cr2, frame.error_code) {
             arch::mmu::Fault::Hidden => return,
             arch::mmu::Fault::Guest(ec) => ec,
         };
+        if crate::ktest::matrix::PROBE_ACTIVE.load(Ordering::Relaxed) != 0 {
+            crate::ktest::matrix::PROBE_EC.store(error_code, Ordering::Relaxed);
+            return end_probe(frame, 14);
+        }
         if let Some(hook) = page_fault_hook()
             && hook(cr2, error_code)
         {

@@ -1,0 +1,291 @@
+//! The access matrix (after kvm-unit-tests `x86/access.c`): for every
+//! combination of PTE flags (P, RW, US, A, D, NX, a reserved bit) × PDE
+//! flags (RW, US) × access (read, write, fetch) × privilege (supervisor,
+//! user via a ring-3 trampoline) × CR0.WP × EFER.NXE, perform the access
+//! and record whether it faulted, the error code, and the A/D bits left in
+//! the PTE and the PDE. The records go to the VMM (`REPORT` kind
+//! `MATRIX`); the test compares shadow mode's with ept mode's, where the
+//! host's MMU is the reference.
+//!
+//! Record (u16): bit 0 faulted, bits 1..=5 the error code's P, W/R, U/S,
+//! RSVD, I/D bits, bit 6 PTE.A, bit 7 PTE.D, bit 8 PDE.A after the access.
+//! The PTE is rewritten for every case, the PDE once per PTE combination.
+//!
+//! The probe: a stub page (user, executable) holds `mov rax,[rdi]; ud2`,
+//! `mov [rdi+8],rax; ud2` and `jmp rdi`; the target page starts with
+//! `ud2`, so every
+//! access ends in an exception — `#UD` when the access went through,
+//! `#PF` when it did not. The exception handler records it and resumes at
+//! `probe_return` in ring 0 on the saved kernel stack.
+
+use super::vm_suites::{USER_BASE, enter_user, leave_user};
+use crate::arch::mmu;
+use crate::{boot, hypercall, kprintln, mm};
+use core::sync::atomic::{AtomicU64, Ordering};
+use guest_abi::report::{MatrixChunk, REPORT_MAGIC, ReportHeader, kind};
+use guest_abi::{Gpa, Gva};
+use guest_mm::paging::{FrameSource, Page, PhysFrame, PteFlags, Size4KiB};
+use guest_mm::phys::PhysMem;
+
+const STUB: u64 = USER_BASE; // PD entry 0
+const TARGET: u64 = USER_BASE + (2 << 20); // PD entry 1: its PDE is under test
+const RSVD_BIT: u64 = 1 << 51;
+
+/// Cases: 7 PTE bits × 2 PDE bits × 3 accesses × 2 privileges × WP × NXE.
+pub const CASES: usize = 128 * 4 * 3 * 2 * 2 * 2;
+
+static mut RECORDS: [u16; CASES] = [0; CASES];
+
+/// Set by the exception handler: 1 + vector of the probe's exception.
+pub static PROBE_VECTOR: AtomicU64 = AtomicU64::new(0);
+/// The error code of a probe `#PF`.
+pub static PROBE_EC: AtomicU64 = AtomicU64::new(0);
+/// Non-zero while a probe runs.
+pub static PROBE_ACTIVE: AtomicU64 = AtomicU64::new(0);
+
+#[unsafe(no_mangle)]
+static mut PROBE_RSP: u64 = 0;
+
+core::arch::global_asm!(
+    ".section .text",
+    ".global probe_run",
+    // rdi = target, rsi = stub entry, rdx = 1 for ring 3
+    "probe_run:",
+    "    push rbx",
+    "push rbp",
+    "push r12",
+    "push r13",
+    "push r14",
+    "push r15",
+    "    mov [rip + PROBE_RSP], rsp",
+    "    test rdx, rdx",
+    "    jnz 2f",
+    "    jmp rsi",
+    "2:  push 0x1b", // ss: user data
+    "    push 0",    // rsp: the stub uses no stack
+    "    push 0x2",  // rflags: IF off
+    "    push 0x23", // cs: user code
+    "    push rsi",
+    "    iretq",
+    ".global probe_return",
+    "probe_return:",
+    "    mov rsp, [rip + PROBE_RSP]",
+    "    pop r15",
+    "pop r14",
+    "pop r13",
+    "pop r12",
+    "pop rbp",
+    "pop rbx",
+    "    ret",
+);
+
+unsafe extern "C" {
+    fn probe_run(target: u64, stub: u64, user: u64);
+    fn probe_return();
+}
+
+/// The address the exception handler resumes a finished probe at.
+pub fn probe_return_addr() -> u64 {
+    probe_return as *const () as u64
+}
+
+// The stub page: read at +0, write at +8 (to the target's second word, so
+// the `ud2` at its start survives), fetch at +16 jumps to the target.
+const STUB_CODE: [u8; 18] = [
+    0x48, 0x8b, 0x07, 0x0f, 0x0b, 0x90, 0x90, 0x90, // mov rax,[rdi]; ud2
+    0x48, 0x89, 0x47, 0x08, 0x0f, 0x0b, 0x90, 0x90, // mov [rdi+8],rax; ud2
+    0xff, 0xe7, // jmp rdi
+];
+
+fn write_bytes(mem: &impl PhysMem, frame: Gpa, bytes: &[u8]) {
+    for (i, chunk) in bytes.chunks(8).enumerate() {
+        let mut w = [0u8; 8];
+        w[..chunk.len()].copy_from_slice(chunk);
+        mem.write_u64(Gpa(frame.0 + i as u64 * 8), u64::from_le_bytes(w));
+    }
+}
+
+/// Set CR0.WP; returns the new CR0.
+fn set_wp(on: bool) -> u64 {
+    // SAFETY: toggles CR0.WP only; ring 0.
+    unsafe {
+        let mut cr0: u64;
+        core::arch::asm!("mov {}, cr0", out(reg) cr0);
+        if on {
+            cr0 |= 1 << 16
+        } else {
+            cr0 &= !(1 << 16)
+        }
+        core::arch::asm!("mov cr0, {}", in(reg) cr0);
+        cr0
+    }
+}
+
+fn set_nxe(on: bool) {
+    // SAFETY: toggles EFER.NXE only (MSR 0xC0000080); no live mapping of
+    // the kernel uses XD while it is clear (see mm.rs).
+    unsafe {
+        let (lo, hi): (u32, u32);
+        core::arch::asm!("rdmsr", in("ecx") 0xc000_0080u32, out("eax") lo, out("edx") hi);
+        let mut v = (hi as u64) << 32 | lo as u64;
+        if on {
+            v |= 1 << 11
+        } else {
+            v &= !(1 << 11)
+        }
+        core::arch::asm!("wrmsr", in("ecx") 0xc000_0080u32, in("eax") v as u32, in("edx") (v >> 32) as u32);
+    }
+}
+
+/// Tell the VMM the paging controls changed (shadow mode re-reads them,
+/// with our CR0: the vCPU's own CR0.WP stays set in shadow mode).
+fn controls_changed(cr0: u64) {
+    if mmu::is_shadow() {
+        hypercall::call(guest_abi::hypercall::FLUSH_TLB, cr0, 0, 0, 0);
+    }
+    mmu::load_cr3(mmu::read_cr3());
+}
+
+/// Run the matrix, report it, and return the number of cases.
+pub fn run() -> Result<usize, &'static str> {
+    enter_user(0)?;
+    // Stub page and target frame; the target's PDE/PTE are rewritten per case.
+    let (stub_frame, target_frame, pde_at, pte_at) = mm::with(|m| {
+        m.ctx(|cx, _, user| -> Result<(Gpa, Gpa, Gpa, Gpa), &'static str> {
+            let a = user.as_mut().ok_or("no user space")?;
+            let sf = cx.frames.alloc_frame().ok_or("out of memory")?.addr();
+            let tf = cx.frames.alloc_frame().ok_or("out of memory")?.addr();
+            cx.mem.zero_frame(guest_mm::phys::Pfn::containing(sf));
+            cx.mem.zero_frame(guest_mm::phys::Pfn::containing(tf));
+            write_bytes(cx.mem, sf, &STUB_CODE);
+            write_bytes(cx.mem, tf, &[0x0f, 0x0b]); // ud2
+            let code = PteFlags::USER | PteFlags::ACCESSED | PteFlags::DIRTY;
+            let sp = Page::<Size4KiB>::from_start_address(Gva(STUB)).map_err(|_| "page")?;
+            let tp = Page::<Size4KiB>::from_start_address(Gva(TARGET)).map_err(|_| "page")?;
+            let sfr = PhysFrame::<Size4KiB>::from_start_address(sf).map_err(|_| "frame")?;
+            let tfr = PhysFrame::<Size4KiB>::from_start_address(tf).map_err(|_| "frame")?;
+            a.page_table_mut().map(cx.mem, &mut cx.frames, sp, sfr, code).map_err(|e| e.as_str())?;
+            a.page_table_mut().map(cx.mem, &mut cx.frames, tp, tfr, code).map_err(|e| e.as_str())?;
+            // Find the target's PDE and PTE by walking the tables.
+            let root = a.page_table().root().addr().0;
+            let idx = |lvl: u32| (TARGET >> (12 + 9 * (lvl - 1))) & 0x1ff;
+            let pdpt = cx.mem.read_u64(Gpa(root + idx(4) * 8)) & 0x000f_ffff_ffff_f000;
+            let pd = cx.mem.read_u64(Gpa(pdpt + idx(3) * 8)) & 0x000f_ffff_ffff_f000;
+            let pde_at = Gpa(pd + idx(2) * 8);
+            let pt = cx.mem.read_u64(pde_at) & 0x000f_ffff_ffff_f000;
+            Ok((sf, tf, pde_at, Gpa(pt + idx(1) * 8)))
+        })
+    })
+    .ok_or("memory manager not initialised")??;
+    let mem = mm::with(|m| *m.buddy.mem()).ok_or("memory manager not initialised")?;
+    let pde_base = mem.read_u64(pde_at) & 0x000f_ffff_ffff_f000;
+    let pte_bits = [PteFlags::PRESENT.bits(), 1 << 1, 1 << 2, 1 << 5, 1 << 6, 1 << 63, RSVD_BIT];
+    let mut case = 0usize;
+    for nxe in [true, false] {
+        set_nxe(nxe);
+        for wp in [true, false] {
+            let cr0 = set_wp(wp);
+            controls_changed(cr0);
+            for pde_combo in 0..4u64 {
+                let pde = pde_base | 1 | ((pde_combo & 1) << 1) | ((pde_combo >> 1) << 2);
+                for pte_combo in 0..128u64 {
+                    let mut pte = target_frame.0;
+                    for (b, bit) in pte_bits.iter().enumerate() {
+                        if pte_combo & (1 << b) != 0 {
+                            pte |= bit;
+                        }
+                    }
+                    for access in 0..3u64 {
+                        for user in [false, true] {
+                            // The PDE is rewritten once per PTE combination
+                            // (its A bit then records the first access); the
+                            // PTE every time, so in shadow mode most cases go
+                            // through the in-place update of a live shadow PT.
+                            if access == 0 && !user {
+                                mem.write_u64(pde_at, pde);
+                            }
+                            mem.write_u64(pte_at, pte);
+                            mmu::invlpg(TARGET);
+                            let stub = match access {
+                                0 => STUB,
+                                1 => STUB + 8,
+                                _ => STUB + 16,
+                            };
+                            PROBE_VECTOR.store(0, Ordering::Relaxed);
+                            PROBE_ACTIVE.store(1, Ordering::Relaxed);
+                            // SAFETY: the probe ends in an exception the
+                            // handler turns into a return to probe_return,
+                            // which restores the callee-saved registers.
+                            unsafe { probe_run(TARGET, stub, user as u64) };
+                            PROBE_ACTIVE.store(0, Ordering::Relaxed);
+                            let vec = PROBE_VECTOR.load(Ordering::Relaxed);
+                            let faulted = vec == 1 + 14;
+                            let ec = if faulted { PROBE_EC.load(Ordering::Relaxed) & 0x1f } else { 0 };
+                            let (pte_after, pde_after) = (mem.read_u64(pte_at), mem.read_u64(pde_at));
+                            let rec = u16::from(faulted)
+                                | (ec as u16) << 1
+                                | (((pte_after >> 5) & 1) as u16) << 6
+                                | (((pte_after >> 6) & 1) as u16) << 7
+                                | (((pde_after >> 5) & 1) as u16) << 8;
+                            if vec != 1 + 14 && vec != 1 + 6 {
+                                return Err("a probe ended in an unexpected exception");
+                            }
+                            // SAFETY: single-threaded; `case` < CASES by construction.
+                            unsafe { (*core::ptr::addr_of_mut!(RECORDS))[case] = rec };
+                            case += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    set_nxe(true);
+    let cr0 = set_wp(true);
+    controls_changed(cr0);
+    // Restore a sane target mapping so the address space tears down cleanly.
+    mem.write_u64(pde_at, pde_base | 0x27);
+    mem.write_u64(pte_at, 0);
+    mmu::invlpg(TARGET);
+    let _ = stub_frame;
+    leave_user()?;
+    report(case)?;
+    kprintln!("access matrix: {} cases", case);
+    Ok(case)
+}
+
+#[repr(C)]
+struct ChunkReport {
+    header: ReportHeader,
+    chunk: MatrixChunk,
+    records: [u16; CHUNK],
+}
+
+const CHUNK: usize = 2000;
+
+static mut CHUNK_BUF: ChunkReport = ChunkReport {
+    header: ReportHeader { magic: 0, kind: 0, len: 0, reserved: 0 },
+    chunk: MatrixChunk { first: 0, count: 0 },
+    records: [0; CHUNK],
+};
+
+fn report(cases: usize) -> Result<(), &'static str> {
+    let mut first = 0;
+    while first < cases {
+        let n = (cases - first).min(CHUNK);
+        // SAFETY: single-threaded; read by the VMM during the hypercall.
+        let (gpa, len) = unsafe {
+            let r = &mut *core::ptr::addr_of_mut!(CHUNK_BUF);
+            let all = &*core::ptr::addr_of!(RECORDS);
+            r.records[..n].copy_from_slice(&all[first..first + n]);
+            let payload = core::mem::size_of::<MatrixChunk>() + n * 2;
+            r.header = ReportHeader { magic: REPORT_MAGIC, kind: kind::MATRIX, len: payload as u32, reserved: 0 };
+            r.chunk = MatrixChunk { first: first as u32, count: n as u32 };
+            (boot::kernel_va_to_gpa(r as *const ChunkReport as u64), core::mem::size_of::<ReportHeader>() + payload)
+        };
+        if guest_abi::hypercall::is_error(hypercall::report(gpa, len as u64)) {
+            return Err("REPORT of matrix records failed");
+        }
+        first += n;
+    }
+    Ok(())
+}
