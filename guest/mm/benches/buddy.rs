@@ -1,14 +1,16 @@
 //! Frame allocation: our buddy allocator against `buddy_system_allocator`'s
 //! `FrameAllocator`, on identical operation sequences.
 //!
-//! Run: `cargo bench -p guest-mm --bench buddy`
+//! Run: `cargo bench -p guest-mm --bench buddy` (wall clock), or with
+//! `GUEST_MM_BENCH_CLOCK=cpu` (this thread's CPU time; see `common`).
 
 mod common;
 
 use std::hint::black_box;
 
 use buddy_system_allocator::FrameAllocator;
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::Measurement;
+use criterion::{Criterion, Throughput};
 use guest_mm::buddy::{MAX_ORDER, ZonePref};
 use guest_mm::phys::Pfn;
 
@@ -30,8 +32,8 @@ fn theirs() -> TheirFrames {
 /// buddy is in use and the free does not merge all the way up: the steady
 /// state of a machine whose memory is partly in use). The variant with
 /// everything free is measured too.
-fn order0_alloc_free(c: &mut Criterion) {
-    let mut g = c.benchmark_group("buddy_order0_alloc_free");
+fn order0_alloc_free<M: Measurement>(c: &mut Criterion<M>) {
+    let mut g = c.benchmark_group(common::group_name("buddy_order0_alloc_free"));
     let mut fx = Fixture::new(FRAMES);
     let mut ours = fx.buddy();
     let _held = ours.alloc(0, ZonePref::Normal).unwrap();
@@ -64,10 +66,10 @@ const FRAME_ORDERS: &[(u16, u32)] = &[(0, 70), (1, 12), (2, 10), (3, 6), (4, 2)]
 
 /// A working set of up to 256 blocks of orders 0..=4, frees in another
 /// order than the allocations.
-fn frame_mix(c: &mut Criterion) {
+fn frame_mix<M: Measurement>(c: &mut Criterion<M>) {
     let ops = common::mix(0x5eed_f4a3, 4096, 256, FRAME_ORDERS);
     let n = common::allocs(&ops);
-    let mut g = c.benchmark_group("buddy_mix");
+    let mut g = c.benchmark_group(common::group_name("buddy_mix"));
     g.throughput(Throughput::Elements(n as u64));
     let mut fx = Fixture::new(FRAMES);
     let mut ours = fx.buddy();
@@ -109,5 +111,4 @@ fn frame_mix(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, order0_alloc_free, frame_mix);
-criterion_main!(benches);
+common::bench_main!(order0_alloc_free, frame_mix);

@@ -2,7 +2,8 @@
 //! `buddy_system_allocator`'s `Heap` and `slabmalloc` (`SCAllocator`,
 //! `ZoneAllocator`), on identical operation sequences.
 //!
-//! Run: `cargo bench -p guest-mm --bench slab`
+//! Run: `cargo bench -p guest-mm --bench slab` (wall clock), or with
+//! `GUEST_MM_BENCH_CLOCK=cpu` (this thread's CPU time; see `common`).
 
 mod common;
 
@@ -11,7 +12,8 @@ use std::hint::black_box;
 use std::ptr::NonNull;
 
 use buddy_system_allocator::Heap;
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::Measurement;
+use criterion::{Criterion, Throughput};
 use guest_abi::Gpa;
 use guest_mm::buddy::ZonePref;
 use guest_mm::slab::{Kmalloc, KmemCache};
@@ -65,8 +67,8 @@ fn sc_alloc(
 }
 
 /// One 64-byte object allocated and immediately freed.
-fn slab64_alloc_free(c: &mut Criterion) {
-    let mut g = c.benchmark_group("slab64_alloc_free");
+fn slab64_alloc_free<M: Measurement>(c: &mut Criterion<M>) {
+    let mut g = c.benchmark_group(common::group_name("slab64_alloc_free"));
     let layout = Layout::from_size_align(64, 8).unwrap();
 
     let mut fx = Fixture::new(FRAMES);
@@ -137,10 +139,10 @@ const HEAP_SLOTS: usize = 512;
 
 /// A working set of up to 512 objects of 8..=256 bytes, frees in another
 /// order than the allocations.
-fn heap_mix(c: &mut Criterion) {
+fn heap_mix<M: Measurement>(c: &mut Criterion<M>) {
     let ops = common::mix(0x5eed_0b1e, 8192, HEAP_SLOTS, HEAP_SIZES);
     let n = common::allocs(&ops);
-    let mut g = c.benchmark_group("slab_mix");
+    let mut g = c.benchmark_group(common::group_name("slab_mix"));
     g.throughput(Throughput::Elements(n as u64));
 
     let mut fx = Fixture::new(FRAMES);
@@ -206,5 +208,4 @@ fn heap_mix(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, slab64_alloc_free, heap_mix);
-criterion_main!(benches);
+common::bench_main!(slab64_alloc_free, heap_mix);

@@ -539,6 +539,7 @@ impl<'m, M: PhysMem> BuddyAllocator<'m, M> {
     }
 
     /// Everything [`alloc`](Self::alloc) does beyond its fast path.
+    #[inline(never)]
     fn alloc_slow(&mut self, order: u8, pref: ZonePref) -> Option<Pfn> {
         let zonelist = pref.zonelist();
         if order == 0 {
@@ -609,6 +610,7 @@ impl<'m, M: PhysMem> BuddyAllocator<'m, M> {
     }
 
     /// Everything [`free`](Self::free) does beyond its fast path.
+    #[inline(never)]
     fn free_slow(&mut self, pfn: Pfn, order: u8) -> Result<(), FreeError> {
         let idx = self.check_free(pfn, order)?;
         let m = &mut self.meta[idx as usize];

@@ -150,3 +150,116 @@ pub fn mix(seed: u64, steps: usize, slots: usize, weights: &[(u16, u32)]) -> Vec
 pub fn allocs(ops: &[Op]) -> usize {
     ops.iter().filter(|o| matches!(o, Op::Alloc { .. })).count()
 }
+
+// ---- the clock ----
+
+use criterion::Throughput;
+use criterion::measurement::{Measurement, ValueFormatter};
+
+/// Whether the benches measure this thread's CPU time rather than wall
+/// time: `GUEST_MM_BENCH_CLOCK=cpu`. On a machine whose cores are shared,
+/// wall time includes the time the bench thread waited for a core; CPU
+/// time does not (it still includes the cache damage of being switched
+/// out, so it too is noisy, only less).
+pub fn cpu_clock() -> bool {
+    std::env::var("GUEST_MM_BENCH_CLOCK").is_ok_and(|v| v == "cpu")
+}
+
+/// A benchmark group name, marked when the CPU-time clock is in use so that
+/// criterion keeps the two kinds of figures apart.
+pub fn group_name(name: &str) -> String {
+    if cpu_clock() { format!("{name}@cpu") } else { name.to_string() }
+}
+
+/// The calling thread's CPU time, in nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a
+    // constant Linux supports.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Criterion measurement: the bench thread's CPU time.
+pub struct CpuTime;
+
+impl Measurement for CpuTime {
+    type Intermediate = u64;
+    type Value = u64;
+    fn start(&self) -> u64 {
+        thread_cpu_ns()
+    }
+    fn end(&self, start: u64) -> u64 {
+        thread_cpu_ns() - start
+    }
+    fn add(&self, a: &u64, b: &u64) -> u64 {
+        a + b
+    }
+    fn zero(&self) -> u64 {
+        0
+    }
+    fn to_f64(&self, v: &u64) -> f64 {
+        *v as f64
+    }
+    fn formatter(&self) -> &dyn ValueFormatter {
+        &NanosFormatter
+    }
+}
+
+/// Nanoseconds shown as criterion shows durations.
+struct NanosFormatter;
+
+impl ValueFormatter for NanosFormatter {
+    fn scale_values(&self, ns: f64, values: &mut [f64]) -> &'static str {
+        let (div, unit) = match ns {
+            x if x < 1e3 => (1.0, "ns"),
+            x if x < 1e6 => (1e3, "µs"),
+            x if x < 1e9 => (1e6, "ms"),
+            _ => (1e9, "s"),
+        };
+        values.iter_mut().for_each(|v| *v /= div);
+        unit
+    }
+    fn scale_throughputs(&self, ns: f64, throughput: &Throughput, values: &mut [f64]) -> &'static str {
+        let n = match *throughput {
+            Throughput::Elements(n) => n as f64,
+            Throughput::Bytes(n) | Throughput::BytesDecimal(n) => n as f64,
+            Throughput::Bits(n) => n as f64,
+        };
+        let per_s = n * 1e9 / ns;
+        let (div, unit) = if per_s < 1e3 {
+            (1.0, "elem/s")
+        } else if per_s < 1e6 {
+            (1e3, "Kelem/s")
+        } else if per_s < 1e9 {
+            (1e6, "Melem/s")
+        } else {
+            (1e9, "Gelem/s")
+        };
+        values.iter_mut().for_each(|v| *v = n * 1e9 / *v / div);
+        unit
+    }
+    fn scale_for_machines(&self, _values: &mut [f64]) -> &'static str {
+        "ns"
+    }
+}
+
+/// `main` for a bench file: runs the given generic bench functions under
+/// the wall clock, or under [`CpuTime`] when [`cpu_clock`] says so.
+macro_rules! bench_main {
+    ($($f:ident),* $(,)?) => {
+        fn main() {
+            if common::cpu_clock() {
+                let mut c = criterion::Criterion::default().with_measurement(common::CpuTime).configure_from_args();
+                $($f(&mut c);)*
+                c.final_summary();
+            } else {
+                let mut c = criterion::Criterion::default().configure_from_args();
+                $($f(&mut c);)*
+                c.final_summary();
+            }
+        }
+    };
+}
+pub(crate) use bench_main;
