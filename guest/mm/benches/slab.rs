@@ -66,7 +66,11 @@ fn sc_alloc(
     }
 }
 
-/// One 64-byte object allocated and immediately freed.
+/// One 64-byte object allocated and immediately freed, with one other
+/// 64-byte object held throughout in every allocator (so that, in
+/// `buddy_system_allocator`'s `Heap`, the freed object's buddy is in use and
+/// the free does not merge all the way up: the steady state of a heap that
+/// is partly in use, as in `buddy_order0_alloc_free`).
 fn slab64_alloc_free<M: Measurement>(c: &mut Criterion<M>) {
     let mut g = c.benchmark_group(common::group_name("slab64_alloc_free"));
     let layout = Layout::from_size_align(64, 8).unwrap();
@@ -74,6 +78,7 @@ fn slab64_alloc_free<M: Measurement>(c: &mut Criterion<M>) {
     let mut fx = Fixture::new(FRAMES);
     let mut buddy = fx.buddy();
     let mut cache = KmemCache::new("bench-64", 100, 64, 8, ZonePref::Normal).unwrap();
+    let _held = cache.alloc(&mut buddy).unwrap();
     g.bench_function("guest_mm_kmem_cache", |b| {
         b.iter(|| {
             let a = cache.alloc(&mut buddy).unwrap();
@@ -81,6 +86,7 @@ fn slab64_alloc_free<M: Measurement>(c: &mut Criterion<M>) {
         })
     });
     let mut km = Kmalloc::new(ZonePref::Normal);
+    let _held = km.alloc(&mut buddy, 64, 8).unwrap();
     g.bench_function("guest_mm_kmalloc", |b| {
         b.iter(|| {
             let a = km.alloc(&mut buddy, black_box(64), 8).unwrap();
@@ -90,6 +96,7 @@ fn slab64_alloc_free<M: Measurement>(c: &mut Criterion<M>) {
 
     let mut arena = PageArena::new(HOST_PAGES);
     let mut heap = their_heap(&mut arena);
+    let _held = heap.alloc(layout).unwrap();
     g.bench_function("buddy_system_allocator_heap", |b| {
         b.iter(|| {
             let p = heap.alloc(black_box(layout)).unwrap();
@@ -100,6 +107,7 @@ fn slab64_alloc_free<M: Measurement>(c: &mut Criterion<M>) {
 
     let mut arena = PageArena::new(HOST_PAGES);
     let mut sc: SCAllocator<'static, ObjectPage<'static>> = SCAllocator::new(64);
+    let _held = sc_alloc(&mut sc, &mut arena, layout);
     g.bench_function("slabmalloc_sc_allocator", |b| {
         b.iter(|| {
             let p = sc_alloc(&mut sc, &mut arena, black_box(layout));
@@ -109,6 +117,7 @@ fn slab64_alloc_free<M: Measurement>(c: &mut Criterion<M>) {
 
     let mut arena = PageArena::new(HOST_PAGES);
     let mut zone = ZoneAllocator::new();
+    let _held = zone_alloc(&mut zone, &mut arena, layout);
     g.bench_function("slabmalloc_zone_allocator", |b| {
         b.iter(|| {
             let p = zone_alloc(&mut zone, &mut arena, black_box(layout));
