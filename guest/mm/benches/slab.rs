@@ -17,7 +17,7 @@ use criterion::{Criterion, Throughput};
 use guest_abi::Gpa;
 use guest_mm::buddy::ZonePref;
 use guest_mm::slab::{Kmalloc, KmemCache};
-use slabmalloc::{Allocator, AllocationError, ObjectPage, SCAllocator, ZoneAllocator};
+use slabmalloc::{AllocationError, Allocator, ObjectPage, SCAllocator, ZoneAllocator};
 
 use common::{FRAMES, Fixture, Op, PageArena};
 
@@ -50,11 +50,7 @@ fn zone_alloc(z: &mut ZoneAllocator<'static>, arena: &mut PageArena, layout: Lay
 
 /// The same for one `SCAllocator`.
 #[inline]
-fn sc_alloc(
-    sc: &mut SCAllocator<'static, ObjectPage<'static>>,
-    arena: &mut PageArena,
-    layout: Layout,
-) -> NonNull<u8> {
+fn sc_alloc(sc: &mut SCAllocator<'static, ObjectPage<'static>>, arena: &mut PageArena, layout: Layout) -> NonNull<u8> {
     match sc.allocate(layout) {
         Ok(p) => p,
         Err(_) => {
@@ -130,18 +126,8 @@ fn slab64_alloc_free<M: Measurement>(c: &mut Criterion<M>) {
 /// Request sizes of the heap mix (bytes) and their weights: small objects
 /// dominate, as in a kernel heap; sizes that are not powers of two are
 /// rounded up by each allocator in its own way.
-const HEAP_SIZES: &[(u16, u32)] = &[
-    (8, 10),
-    (16, 15),
-    (24, 10),
-    (32, 15),
-    (48, 8),
-    (64, 15),
-    (96, 6),
-    (128, 10),
-    (200, 5),
-    (256, 6),
-];
+const HEAP_SIZES: &[(u16, u32)] =
+    &[(8, 10), (16, 15), (24, 10), (32, 15), (48, 8), (64, 15), (96, 6), (128, 10), (200, 5), (256, 6)];
 
 /// Working set of the heap mix.
 const HEAP_SLOTS: usize = 512;

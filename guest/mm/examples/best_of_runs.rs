@@ -8,9 +8,9 @@
 #[path = "../benches/common/mod.rs"]
 #[allow(unused)]
 mod common;
-use std::hint::black_box;
 use guest_mm::buddy::ZonePref;
-use guest_mm::slab::{KmemCache, Kmalloc};
+use guest_mm::slab::{Kmalloc, KmemCache};
+use std::hint::black_box;
 fn main() {
     let n: u64 = 5_000_000;
     let mut fx = common::Fixture::new(common::FRAMES);
@@ -23,9 +23,24 @@ fn main() {
         for (w, best) in best.iter_mut().enumerate() {
             let t = std::time::Instant::now();
             match w {
-                0 => for _ in 0..n { let p = b.alloc(black_box(0), ZonePref::Normal).unwrap(); b.free(black_box(p), 0).unwrap(); },
-                1 => for _ in 0..n { let a = c.alloc(&mut b).unwrap(); c.free(&mut b, black_box(a)).unwrap(); },
-                _ => for _ in 0..n { let a = k.alloc(&mut b, black_box(64), 8).unwrap(); k.free(&mut b, black_box(a), black_box(64), 8).unwrap(); },
+                0 => {
+                    for _ in 0..n {
+                        let p = b.alloc(black_box(0), ZonePref::Normal).unwrap();
+                        b.free(black_box(p), 0).unwrap();
+                    }
+                }
+                1 => {
+                    for _ in 0..n {
+                        let a = c.alloc(&mut b).unwrap();
+                        c.free(&mut b, black_box(a)).unwrap();
+                    }
+                }
+                _ => {
+                    for _ in 0..n {
+                        let a = k.alloc(&mut b, black_box(64), 8).unwrap();
+                        k.free(&mut b, black_box(a), black_box(64), 8).unwrap();
+                    }
+                }
             }
             *best = best.min(t.elapsed().as_nanos() as f64 / n as f64);
         }
