@@ -309,6 +309,26 @@ struct HotList {
     count: usize,
 }
 
+impl HotList {
+    /// Take the most recently freed frame, if any.
+    #[inline]
+    fn pop(&mut self) -> Option<u32> {
+        let n = self.count.checked_sub(1)?;
+        // `count <= HOT_HIGH` always; `get` turns the bounds check into the
+        // same branch as the empty test.
+        let idx = *self.frames.get(n)?;
+        self.count = n;
+        Some(idx)
+    }
+
+    /// Push a frame; the caller has made room (`count < HOT_HIGH`).
+    #[inline]
+    fn push(&mut self, idx: u32) {
+        self.frames[self.count] = idx;
+        self.count += 1;
+    }
+}
+
 /// One zone: its free areas, hot list and counters.
 #[derive(Clone, Copy, Debug)]
 struct Zone {
@@ -499,22 +519,27 @@ impl<'m, M: PhysMem> BuddyAllocator<'m, M> {
     /// (or `order > MAX_ORDER`). The contents are whatever was there.
     #[inline]
     pub fn alloc(&mut self, order: u8, pref: ZonePref) -> Option<Pfn> {
-        // Fast path: an order-0 frame from the preferred zone's hot list.
+        // Fast path: an order-0 frame from the preferred zone's hot list
+        // (Linux's `rmqueue_pcplist`).
         if order == 0 {
             let z = &mut self.zones[pref.zonelist()[0] as usize];
-            if z.hot.count > 0 {
-                z.hot.count -= 1;
-                let idx = z.hot.frames[z.hot.count];
+            if let Some(idx) = z.hot.pop() {
                 z.stats.allocs += 1;
-                // A hot frame's tag was cleared when it was freed.
-                self.meta[idx as usize].state = ALLOCATED;
-                return Some(Pfn(self.base + idx as u64));
+                // Hot frames are span indices, so `get_mut` never fails; it
+                // is the bounds check the compiler would otherwise insert,
+                // folded into the branch to the slow path.
+                if let Some(m) = self.meta.get_mut(idx as usize) {
+                    // A hot frame's tag was cleared when it was freed.
+                    m.state = ALLOCATED;
+                    return Some(Pfn(self.base + idx as u64));
+                }
             }
         }
         self.alloc_slow(order, pref)
     }
 
     /// Everything [`alloc`](Self::alloc) does beyond its fast path.
+    #[inline(never)]
     fn alloc_slow(&mut self, order: u8, pref: ZonePref) -> Option<Pfn> {
         let zonelist = pref.zonelist();
         if order == 0 {
@@ -548,24 +573,53 @@ impl<'m, M: PhysMem> BuddyAllocator<'m, M> {
     /// the reason and changes nothing.
     #[inline]
     pub fn free(&mut self, pfn: Pfn, order: u8) -> Result<(), FreeError> {
+        // Fast path (Linux's `free_unref_page`): an order-0 frame that heads
+        // an allocated order-0 block of an ordinary zone, onto a hot list
+        // with room. These are exactly the checks of `check_free` and the
+        // zone check below, in the order that costs least; anything else,
+        // including every bad free, takes the slow path, which reports it.
+        // An offset below the base wraps to a huge value and fails `get`.
+        let off = pfn.0.wrapping_sub(self.base);
+        if order == 0
+            && off < self.meta.len() as u64
+            && let Some(m) = self.meta.get_mut(off as usize)
+            && m.state == ALLOCATED
+            && m.order == 0
+        {
+            // One arm per ordinary zone, each with its zone as a constant:
+            // the hot list's address is then known before the metadata
+            // is read (a predicted branch, not a load on the critical
+            // path). Page-table frames are refused by the slow path.
+            let zone = m.zone;
+            let z = if zone == ZoneId::Normal as u8 {
+                &mut self.zones[ZoneId::Normal as usize]
+            } else if zone == ZoneId::Dma as u8 {
+                &mut self.zones[ZoneId::Dma as usize]
+            } else {
+                return self.free_slow(pfn, order);
+            };
+            if z.hot.count < HOT_HIGH {
+                m.clear_tag();
+                m.state = HOT;
+                z.stats.frees += 1;
+                z.hot.push(off as u32);
+                return Ok(());
+            }
+        }
+        self.free_slow(pfn, order)
+    }
+
+    /// Everything [`free`](Self::free) does beyond its fast path.
+    #[inline(never)]
+    fn free_slow(&mut self, pfn: Pfn, order: u8) -> Result<(), FreeError> {
         let idx = self.check_free(pfn, order)?;
         let m = &mut self.meta[idx as usize];
         let zone = m.zone;
         if zone == ZoneId::PageTables as u8 {
             return Err(FreeError::WrongZone);
         }
-        if m.prev | m.next | m.owner[0] | m.owner[1] != 0 {
-            m.clear_tag();
-        }
-        let z = &mut self.zones[zone as usize];
-        z.stats.frees += 1;
-        // Fast path: onto a hot list with room.
-        if order == 0 && z.hot.count < HOT_HIGH {
-            m.state = HOT;
-            z.hot.frames[z.hot.count] = idx;
-            z.hot.count += 1;
-            return Ok(());
-        }
+        m.clear_tag();
+        self.zones[zone as usize].stats.frees += 1;
         if order == 0 {
             self.hot_free(zone as usize, idx);
         } else {

@@ -68,6 +68,8 @@ use crate::phys::{PAGE_SHIFT, Pfn, PhysMem};
 const FREELIST_END: u64 = u64::MAX;
 /// End of a slab list, or of a descriptor's free list (as an offset).
 const NIL: u32 = u32::MAX;
+/// `KmemCache::cpu_base` when there is no CPU slab.
+const NO_CPU_SLAB: u64 = u64::MAX;
 /// High bits of a descriptor's list byte, so that a block that is not a
 /// slab (its tag is all zeroes when allocated) is never taken for one.
 const SLAB_MAGIC: u8 = 0xa0;
@@ -219,6 +221,10 @@ pub struct KmemCache {
     size: u32,
     /// `size - 1` if `size` is a power of two, else 0 (modulo by mask).
     size_mask: u32,
+    /// Bytes of a slab's objects, `objects * size` (the end of the last).
+    objects_bytes: u32,
+    /// `!(slab_bytes - 1)`: an address's slab base is `addr & slab_mask`.
+    slab_mask: u64,
     align: u32,
     order: u8,
     objects: u32,
@@ -226,6 +232,9 @@ pub struct KmemCache {
     max_empty: u32,
     /// The frozen CPU slab (pfn), or `NIL`.
     cpu_slab: u32,
+    /// The CPU slab's address, or `NO_CPU_SLAB` (never a slab address: a
+    /// slab is page-aligned), kept with `cpu_slab` for the free fast path.
+    cpu_base: u64,
     /// First free object of the CPU slab, or `FREELIST_END`.
     cpu_freelist: u64,
     partial: SlabListHead,
@@ -264,12 +273,15 @@ impl KmemCache {
             id,
             size,
             size_mask: if size.is_power_of_two() { size - 1 } else { 0 },
+            objects_bytes: objects * size,
+            slab_mask: !((PAGE_SIZE << order) - 1),
             align,
             order,
             objects,
             zone,
             max_empty: DEFAULT_MAX_EMPTY,
             cpu_slab: NIL,
+            cpu_base: NO_CPU_SLAB,
             cpu_freelist: FREELIST_END,
             partial: SlabListHead::EMPTY,
             full: SlabListHead::EMPTY,
@@ -321,38 +333,46 @@ impl KmemCache {
         self.max_empty = n;
     }
 
-    const fn slab_bytes(&self) -> u64 {
-        PAGE_SIZE << self.order
-    }
-
     /// Allocate an object; `None` when the buddy allocator is out of memory.
     /// Its contents are whatever was there (the first word is the stale
     /// free pointer).
-    #[inline]
+    // Always inlined, as Linux's `slab_alloc_node` and `slab_free` are:
+    // the fast path is a few instructions, the slow path a call.
+    #[inline(always)]
     pub fn alloc<M: PhysMem>(&mut self, buddy: &mut BuddyAllocator<'_, M>) -> Option<Gpa> {
         let obj = self.cpu_freelist;
         if obj != FREELIST_END {
-            let next = buddy.mem().read_u64(Gpa(obj));
-            // A free pointer that leaves the CPU slab was overwritten after
-            // a free: do not follow it.
-            if next != FREELIST_END && (next >> PAGE_SHIFT >> self.order) != (obj >> PAGE_SHIFT >> self.order) {
-                self.cpu_freelist = FREELIST_END;
-                self.stats.corruptions += 1;
-            } else {
-                self.cpu_freelist = next;
-            }
+            self.cpu_freelist = self.follow_free_pointer(buddy, obj);
             self.stats.allocs += 1;
             return Some(Gpa(obj));
         }
         self.alloc_slow(buddy)
     }
 
-    /// Take the next slab with free objects as the CPU slab.
+    /// The free pointer of the free CPU-slab object `obj`: the next object
+    /// of the CPU free list, or `FREELIST_END`. A free pointer that leaves
+    /// the CPU slab was overwritten after a free: it is not followed (the
+    /// rest of the list is dropped, and counted).
+    #[inline]
+    fn follow_free_pointer<M: PhysMem>(&mut self, buddy: &BuddyAllocator<'_, M>, obj: u64) -> u64 {
+        let next = buddy.mem().read_u64(Gpa(obj));
+        if (next ^ obj) & self.slab_mask != 0 && next != FREELIST_END {
+            self.stats.corruptions += 1;
+            return FREELIST_END;
+        }
+        next
+    }
+
+    /// Take the next slab with free objects as the CPU slab, and allocate
+    /// from it.
+    #[cold]
+    #[inline(never)]
     fn alloc_slow<M: PhysMem>(&mut self, buddy: &mut BuddyAllocator<'_, M>) -> Option<Gpa> {
         if self.cpu_slab != NIL {
             // The CPU free list ran dry: every object is in use.
             let slab = self.cpu_slab;
             self.cpu_slab = NIL;
+            self.cpu_base = NO_CPU_SLAB;
             let mut d = self.desc(buddy, slab);
             d.freelist = NIL;
             d.inuse = self.objects as u16;
@@ -382,7 +402,17 @@ impl KmemCache {
         d.next = NIL;
         self.set_desc(buddy, slab, d);
         self.cpu_slab = slab;
-        self.alloc(buddy)
+        self.cpu_base = base;
+        // Not `self.alloc`: a recursive fast path is not inlined.
+        let obj = self.cpu_freelist;
+        if obj == FREELIST_END {
+            // A slab on the partial or empty list always has a free object.
+            self.stats.failures += 1;
+            return None;
+        }
+        self.cpu_freelist = self.follow_free_pointer(buddy, obj);
+        self.stats.allocs += 1;
+        Some(Gpa(obj))
     }
 
     /// A fresh slab from the buddy allocator, every object on its free
@@ -409,10 +439,12 @@ impl KmemCache {
 
     /// Free the object at `addr`, allocated from this cache. A bad free is
     /// refused with the reason and changes nothing.
-    #[inline]
+    // Always inlined, as Linux's `slab_alloc_node` and `slab_free` are:
+    // the fast path is a few instructions, the slow path a call.
+    #[inline(always)]
     pub fn free<M: PhysMem>(&mut self, buddy: &mut BuddyAllocator<'_, M>, addr: Gpa) -> Result<(), SlabError> {
-        let slab_base = addr.0 & !(self.slab_bytes() - 1);
-        if slab_base >> PAGE_SHIFT == self.cpu_slab as u64 {
+        let slab_base = addr.0 & self.slab_mask;
+        if slab_base == self.cpu_base {
             self.check_offset(addr.0 - slab_base)?;
             if addr.0 == self.cpu_freelist {
                 return Err(SlabError::DoubleFree);
@@ -429,12 +461,14 @@ impl KmemCache {
     #[inline]
     fn check_offset(&self, off: u64) -> Result<(), SlabError> {
         let rem = if self.size_mask != 0 { off & self.size_mask as u64 } else { off % self.size as u64 };
-        if rem != 0 || off >= self.objects as u64 * self.size as u64 {
+        if rem != 0 || off >= self.objects_bytes as u64 {
             return Err(SlabError::NotObjectStart);
         }
         Ok(())
     }
 
+    #[cold]
+    #[inline(never)]
     fn free_slow<M: PhysMem>(
         &mut self,
         buddy: &mut BuddyAllocator<'_, M>,
@@ -502,6 +536,7 @@ impl KmemCache {
         d.freelist = if self.cpu_freelist == FREELIST_END { NIL } else { (self.cpu_freelist - base) as u32 };
         d.inuse = (self.objects - free) as u16;
         self.cpu_slab = NIL;
+        self.cpu_base = NO_CPU_SLAB;
         self.cpu_freelist = FREELIST_END;
         let list = match d.inuse {
             0 => SlabList::Empty,
@@ -619,6 +654,10 @@ impl KmemCache {
         if self.empty.len > self.max_empty {
             return Err("more empty slabs than max_empty");
         }
+        let cpu_base = if self.cpu_slab == NIL { NO_CPU_SLAB } else { (self.cpu_slab as u64) << PAGE_SHIFT };
+        if self.cpu_base != cpu_base {
+            return Err("CPU slab address disagrees with the CPU slab");
+        }
         if self.cpu_slab != NIL {
             live_slabs += 1;
             let (order, tag) = buddy.block_tag(Pfn(self.cpu_slab as u64)).ok_or("CPU slab not an allocated block")?;
@@ -707,14 +746,14 @@ pub enum SizeClass {
 
 /// The size class of a request (`align` a power of two, as `Layout`
 /// guarantees).
+#[inline]
 pub const fn size_class(size: usize, align: usize) -> SizeClass {
     let need = if size > align { size } else { align };
-    if need <= 8 {
-        return SizeClass::Cache(0);
-    }
     if need <= KMALLOC_MAX_CACHE_SIZE {
-        // ceil(log2(need)) - 3, with `need` in 9..=4096.
-        return SizeClass::Cache((usize::BITS - (need - 1).leading_zeros()) as usize - 3);
+        // ceil(log2(max(need, 8))) - 3 without a branch: the top bit of
+        // `(need - 1) | 7` is bit ceil(log2(need)) - 1 for `need >= 9`, and
+        // bit 2 for `need <= 8`.
+        return SizeClass::Cache((need.saturating_sub(1) | 7).ilog2() as usize - 2);
     }
     let pages = need.div_ceil(PAGE_SIZE as usize);
     let order = usize::BITS - (pages - 1).leading_zeros();
@@ -765,22 +804,30 @@ impl Kmalloc {
 
     /// Allocate `size` bytes aligned to `align` (a power of two); `None`
     /// when out of memory or the request cannot be served.
-    #[inline]
+    // Always inlined, as Linux's `slab_alloc_node` and `slab_free` are:
+    // the fast path is a few instructions, the slow path a call.
+    #[inline(always)]
     pub fn alloc<M: PhysMem>(&mut self, buddy: &mut BuddyAllocator<'_, M>, size: usize, align: usize) -> Option<Gpa> {
         match size_class(size, align) {
             SizeClass::Cache(i) => self.caches[i].alloc(buddy),
-            SizeClass::Pages(order) => {
-                let pfn = buddy.alloc(order, self.zone)?;
-                self.large_allocs += 1;
-                Some(pfn.addr())
-            }
-            SizeClass::TooLarge => None,
+            class => self.alloc_large(buddy, class),
         }
+    }
+
+    /// A request beyond the caches: a block from the buddy allocator.
+    #[inline(never)]
+    fn alloc_large<M: PhysMem>(&mut self, buddy: &mut BuddyAllocator<'_, M>, class: SizeClass) -> Option<Gpa> {
+        let SizeClass::Pages(order) = class else { return None };
+        let pfn = buddy.alloc(order, self.zone)?;
+        self.large_allocs += 1;
+        Some(pfn.addr())
     }
 
     /// Free `addr`, allocated by [`alloc`](Self::alloc) with the same `size`
     /// and `align`. A bad free is refused and changes nothing.
-    #[inline]
+    // Always inlined, as Linux's `slab_alloc_node` and `slab_free` are:
+    // the fast path is a few instructions, the slow path a call.
+    #[inline(always)]
     pub fn free<M: PhysMem>(
         &mut self,
         buddy: &mut BuddyAllocator<'_, M>,
@@ -790,14 +837,23 @@ impl Kmalloc {
     ) -> Result<(), SlabError> {
         match size_class(size, align) {
             SizeClass::Cache(i) => self.caches[i].free(buddy, addr),
-            SizeClass::Pages(order) => {
-                let pfn = Pfn::from_addr(addr).ok_or(SlabError::NotObjectStart)?;
-                buddy.free(pfn, order).map_err(SlabError::Pages)?;
-                self.large_frees += 1;
-                Ok(())
-            }
-            SizeClass::TooLarge => Err(SlabError::Foreign),
+            class => self.free_large(buddy, addr, class),
         }
+    }
+
+    /// Free a request beyond the caches: a block of the buddy allocator.
+    #[inline(never)]
+    fn free_large<M: PhysMem>(
+        &mut self,
+        buddy: &mut BuddyAllocator<'_, M>,
+        addr: Gpa,
+        class: SizeClass,
+    ) -> Result<(), SlabError> {
+        let SizeClass::Pages(order) = class else { return Err(SlabError::Foreign) };
+        let pfn = Pfn::from_addr(addr).ok_or(SlabError::NotObjectStart)?;
+        buddy.free(pfn, order).map_err(SlabError::Pages)?;
+        self.large_frees += 1;
+        Ok(())
     }
 
     /// [`KmemCache::shrink`] every cache.

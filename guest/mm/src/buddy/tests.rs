@@ -384,6 +384,26 @@ fn the_hot_list_stays_bounded_and_drains_its_oldest_frames() {
 }
 
 #[test]
+fn order0_frees_return_to_their_own_zones_hot_list() {
+    // 64 DMA frames below 16 MiB, 64 NORMAL frames above.
+    let base = Pfn(DMA_LIMIT.0 - 64);
+    let mut fx = Fixture::new(base, 128);
+    let mut a = fx.full(NO_PGTABLES);
+    let d = a.alloc(0, ZonePref::Dma).unwrap();
+    let n = a.alloc(0, ZonePref::Normal).unwrap();
+    assert_eq!((a.zone_of(d), a.zone_of(n)), (Some(ZoneId::Dma), Some(ZoneId::Normal)));
+    let (dma_hot, normal_hot) = (a.stats(ZoneId::Dma).hot_pages, a.stats(ZoneId::Normal).hot_pages);
+    a.free(d, 0).unwrap();
+    a.free(n, 0).unwrap();
+    assert_eq!(a.stats(ZoneId::Dma).hot_pages, dma_hot + 1);
+    assert_eq!(a.stats(ZoneId::Normal).hot_pages, normal_hot + 1);
+    assert_eq!((a.stats(ZoneId::Dma).frees, a.stats(ZoneId::Normal).frees), (1, 1));
+    assert_eq!(a.alloc(0, ZonePref::Dma), Some(d));
+    assert_eq!(a.alloc(0, ZonePref::Normal), Some(n));
+    a.check_invariants().unwrap();
+}
+
+#[test]
 fn a_high_order_allocation_drains_the_hot_list_rather_than_fail() {
     let mut fx = normal(4);
     let mut a = fx.full(NO_PGTABLES);

@@ -63,6 +63,23 @@ fn requests_map_to_the_smallest_class_that_fits() {
 }
 
 #[test]
+fn the_size_class_is_the_smallest_power_of_two_class_that_fits() {
+    // The branch-free formula against the obvious loop, for every request
+    // up to twice the largest cache and every alignment up to 8 KiB.
+    for size in 0..=2 * KMALLOC_MAX_CACHE_SIZE {
+        for align in (0..=13).map(|k| 1usize << k) {
+            let need = size.max(align);
+            let expected = if need <= KMALLOC_MAX_CACHE_SIZE {
+                SizeClass::Cache((0..NR_KMALLOC_CACHES).find(|&i| 8usize << i >= need).unwrap())
+            } else {
+                SizeClass::Pages(if need <= PAGE_SIZE as usize { 0 } else { 1 })
+            };
+            assert_eq!(size_class(size, align), expected, "size {size}, align {align}");
+        }
+    }
+}
+
+#[test]
 fn caches_size_their_slabs_for_at_least_eight_objects() {
     let k = Kmalloc::new(ZonePref::Normal);
     let geometry: Vec<_> = (0..NR_KMALLOC_CACHES)
