@@ -1,7 +1,7 @@
 //! Reading the VMM's boot record, the boot banner, and the boot report.
 
-use crate::{console, hypercall, kprint, kprintln};
-use guest_abi::report::{BootRecord, REPORT_MAGIC, ReportHeader, kind};
+use crate::{console, kprint, kprintln};
+use guest_abi::report::{BootRecord, kind};
 use guest_abi::{BootInfo, DIRECT_MAP_BASE, KERNEL_VMA, MemRegionKind, MmuMode};
 
 static mut INFO: Option<&'static BootInfo> = None;
@@ -94,17 +94,6 @@ pub fn print_banner(p: &BootParams) {
     kprintln!("cmdline: \"{}\"", p.cmdline());
 }
 
-#[repr(C)]
-struct BootReport {
-    header: ReportHeader,
-    body: BootRecord,
-}
-
-static mut BOOT_REPORT: BootReport = BootReport {
-    header: ReportHeader { magic: 0, kind: 0, len: 0, reserved: 0 },
-    body: BootRecord { tsc_at_entry: 0, tsc_at_ready: 0, regions: 0, reserved: 0 },
-};
-
 /// The guest-physical address of a kernel-image virtual address.
 pub fn kernel_va_to_gpa(va: u64) -> u64 {
     va - KERNEL_VMA
@@ -112,26 +101,13 @@ pub fn kernel_va_to_gpa(va: u64) -> u64 {
 
 /// Tell the VMM the kernel is up (a `REPORT` of kind `BOOT`).
 pub fn report_boot(p: &BootParams, tsc_at_entry: u64) {
-    // SAFETY: single-threaded; the record is only written here and read by
-    // the VMM during the hypercall.
-    let gpa = unsafe {
-        let r = &mut *core::ptr::addr_of_mut!(BOOT_REPORT);
-        r.header = ReportHeader {
-            magic: REPORT_MAGIC,
-            kind: kind::BOOT,
-            len: core::mem::size_of::<BootRecord>() as u32,
-            reserved: 0,
-        };
-        r.body = BootRecord {
-            tsc_at_entry,
-            tsc_at_ready: crate::arch::rdtsc(),
-            regions: p.info.regions().len() as u32,
-            reserved: 0,
-        };
-        kernel_va_to_gpa(r as *const BootReport as u64)
+    let rec = BootRecord {
+        tsc_at_entry,
+        tsc_at_ready: crate::arch::rdtsc(),
+        regions: p.info.regions().len() as u32,
+        reserved: 0,
     };
-    let res = hypercall::report(gpa, core::mem::size_of::<BootReport>() as u64);
-    if guest_abi::hypercall::is_error(res) {
-        panic!("REPORT of the boot record failed");
+    if let Err(why) = crate::report::send(kind::BOOT, &[crate::report::bytes_of(&[rec])]) {
+        crate::panic::fatal(why);
     }
 }

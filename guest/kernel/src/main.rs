@@ -25,6 +25,7 @@ mod ktest;
 mod mem;
 mod mm;
 mod panic;
+mod report;
 mod selftest;
 mod workload;
 

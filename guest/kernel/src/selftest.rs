@@ -7,20 +7,9 @@
 //!   direct-map address, and check the GPAs it answers against what the
 //!   boot layout says they must be.
 
-use crate::{arch, boot, hypercall, kprintln};
-use guest_abi::report::{CalibrationRecord, REPORT_MAGIC, ReportHeader, kind};
+use crate::{arch, hypercall, kprintln};
+use guest_abi::report::{CalibrationRecord, kind};
 use guest_abi::{DIRECT_MAP_BASE, KERNEL_VMA};
-
-#[repr(C)]
-struct CalibrationReport {
-    header: ReportHeader,
-    body: CalibrationRecord,
-}
-
-static mut CALIBRATION: CalibrationReport = CalibrationReport {
-    header: ReportHeader { magic: 0, kind: 0, len: 0, reserved: 0 },
-    body: CalibrationRecord { iterations: 0, ns: 0, cycles: 0 },
-};
 
 /// Run the calibration loop and report it.
 pub fn calibrate(iterations: u64) {
@@ -31,21 +20,9 @@ pub fn calibrate(iterations: u64) {
         core::arch::asm!("2: dec {n}", "jnz 2b", n = inout(reg) iterations => _, options(nomem, nostack));
     }
     let (c1, t1) = (arch::rdtsc(), hypercall::now_ns());
-    // SAFETY: single-threaded; the record is read by the VMM only during
-    // the REPORT hypercall below.
-    let gpa = unsafe {
-        let r = &mut *core::ptr::addr_of_mut!(CALIBRATION);
-        r.header = ReportHeader {
-            magic: REPORT_MAGIC,
-            kind: kind::CALIBRATION,
-            len: core::mem::size_of::<CalibrationRecord>() as u32,
-            reserved: 0,
-        };
-        r.body = CalibrationRecord { iterations, ns: t1.wrapping_sub(t0), cycles: c1.wrapping_sub(c0) };
-        boot::kernel_va_to_gpa(r as *const CalibrationReport as u64)
-    };
-    if guest_abi::hypercall::is_error(hypercall::report(gpa, core::mem::size_of::<CalibrationReport>() as u64)) {
-        panic!("REPORT of the calibration failed");
+    let rec = CalibrationRecord { iterations, ns: t1.wrapping_sub(t0), cycles: c1.wrapping_sub(c0) };
+    if let Err(why) = crate::report::send(kind::CALIBRATION, &[crate::report::bytes_of(&[rec])]) {
+        crate::panic::fatal(why);
     }
     kprintln!("calibration: {} iterations", iterations);
 }

@@ -14,39 +14,21 @@
 
 use crate::ktest::vm_suites::{USER_BASE, enter_user, leave_user};
 use crate::mm::{self, KernelMmu};
-use crate::{arch, boot, hypercall, kprintln};
+use crate::{arch, kprintln};
 use guest_abi::Gva;
-use guest_abi::report::{BenchRecord, REPORT_MAGIC, ReportHeader, kind};
+use guest_abi::report::{BenchRecord, kind};
 use guest_mm::aspace::AddressSpace;
 use guest_mm::buddy::ZonePref;
 use guest_mm::paging::MmuPlatform;
 use guest_mm::vma::Prot;
 
-#[repr(C)]
-struct BenchReport {
-    header: ReportHeader,
-    body: BenchRecord,
-}
-
-static mut REPORT: BenchReport = BenchReport {
-    header: ReportHeader { magic: 0, kind: 0, len: 0, reserved: 0 },
-    body: BenchRecord { name: [0; 16], ops: 0, cycles: 0, ok: 0 },
-};
-
 fn send(k: u32, name: &str, ops: u64, cycles: u64, ok: bool) {
     let mut n = [0u8; 16];
     let len = name.len().min(16);
     n[..len].copy_from_slice(&name.as_bytes()[..len]);
-    // SAFETY: single-threaded; read by the VMM only during the hypercall.
-    let gpa = unsafe {
-        let r = &mut *core::ptr::addr_of_mut!(REPORT);
-        r.header =
-            ReportHeader { magic: REPORT_MAGIC, kind: k, len: core::mem::size_of::<BenchRecord>() as u32, reserved: 0 };
-        r.body = BenchRecord { name: n, ops, cycles, ok: ok as u64 };
-        boot::kernel_va_to_gpa(r as *const BenchReport as u64)
-    };
-    if guest_abi::hypercall::is_error(hypercall::report(gpa, core::mem::size_of::<BenchReport>() as u64)) {
-        crate::panic::fatal("REPORT of a benchmark record failed");
+    let rec = BenchRecord { name: n, ops, cycles, ok: ok as u64 };
+    if let Err(why) = crate::report::send(k, &[crate::report::bytes_of(&[rec])]) {
+        crate::panic::fatal(why);
     }
 }
 

@@ -20,9 +20,9 @@
 
 use super::vm_suites::{USER_BASE, enter_user, leave_user};
 use crate::arch::mmu;
-use crate::{boot, hypercall, kprintln, mm};
+use crate::{hypercall, kprintln, mm};
 use core::sync::atomic::{AtomicU64, Ordering};
-use guest_abi::report::{MatrixChunk, REPORT_MAGIC, ReportHeader, kind};
+use guest_abi::report::{MatrixChunk, kind};
 use guest_abi::{Gpa, Gva};
 use guest_mm::paging::{FrameSource, Page, PhysFrame, PteFlags, Size4KiB};
 use guest_mm::phys::PhysMem;
@@ -253,38 +253,18 @@ pub fn run() -> Result<usize, &'static str> {
     Ok(case)
 }
 
-#[repr(C)]
-struct ChunkReport {
-    header: ReportHeader,
-    chunk: MatrixChunk,
-    records: [u16; CHUNK],
-}
-
+/// Records per `REPORT` (header + chunk header + records ≤ 4 KiB).
 const CHUNK: usize = 2000;
 
-static mut CHUNK_BUF: ChunkReport = ChunkReport {
-    header: ReportHeader { magic: 0, kind: 0, len: 0, reserved: 0 },
-    chunk: MatrixChunk { first: 0, count: 0 },
-    records: [0; CHUNK],
-};
-
 fn report(cases: usize) -> Result<(), &'static str> {
+    // SAFETY: single-threaded; the probes are done, nothing writes RECORDS.
+    let all = unsafe { &*core::ptr::addr_of!(RECORDS) };
     let mut first = 0;
     while first < cases {
         let n = (cases - first).min(CHUNK);
-        // SAFETY: single-threaded; read by the VMM during the hypercall.
-        let (gpa, len) = unsafe {
-            let r = &mut *core::ptr::addr_of_mut!(CHUNK_BUF);
-            let all = &*core::ptr::addr_of!(RECORDS);
-            r.records[..n].copy_from_slice(&all[first..first + n]);
-            let payload = core::mem::size_of::<MatrixChunk>() + n * 2;
-            r.header = ReportHeader { magic: REPORT_MAGIC, kind: kind::MATRIX, len: payload as u32, reserved: 0 };
-            r.chunk = MatrixChunk { first: first as u32, count: n as u32 };
-            (boot::kernel_va_to_gpa(r as *const ChunkReport as u64), core::mem::size_of::<ReportHeader>() + payload)
-        };
-        if guest_abi::hypercall::is_error(hypercall::report(gpa, len as u64)) {
-            return Err("REPORT of matrix records failed");
-        }
+        let chunk = MatrixChunk { first: first as u32, count: n as u32 };
+        let records = crate::report::bytes_of(&all[first..first + n]);
+        crate::report::send(kind::MATRIX, &[crate::report::bytes_of(&[chunk]), records])?;
         first += n;
     }
     Ok(())

@@ -17,8 +17,8 @@ mod mm_suites;
 mod suites;
 pub mod vm_suites;
 
-use crate::{arch, boot, hypercall, kprintln};
-use guest_abi::report::{MAX_TEST_TEXT, REPORT_MAGIC, ReportHeader, TestRecord, kind};
+use crate::{arch, kprintln};
+use guest_abi::report::{MAX_TEST_TEXT, TestRecord, kind};
 
 /// A test's verdict: `Err` carries a static reason.
 pub type TestResult = Result<(), &'static str>;
@@ -36,42 +36,19 @@ pub fn check(cond: bool, msg: &'static str) -> TestResult {
     if cond { Ok(()) } else { Err(msg) }
 }
 
-#[repr(C)]
-struct TestReport {
-    header: ReportHeader,
-    record: TestRecord,
-    text: [u8; MAX_TEST_TEXT],
-}
-
-static mut REPORT: TestReport = TestReport {
-    header: ReportHeader { magic: 0, kind: 0, len: 0, reserved: 0 },
-    record: TestRecord { passed: 0, name_len: 0, msg_len: 0, reserved: 0, cycles: 0 },
-    text: [0; MAX_TEST_TEXT],
-};
-
 fn report(name: &str, result: TestResult, cycles: u64) {
     let msg = result.err().unwrap_or("");
-    let name_len = name.len().min(MAX_TEST_TEXT);
-    let msg_len = msg.len().min(MAX_TEST_TEXT - name_len);
-    // SAFETY: single-threaded; the record is read by the VMM only during
-    // the REPORT hypercall below.
-    let (gpa, len) = unsafe {
-        let r = &mut *core::ptr::addr_of_mut!(REPORT);
-        r.text[..name_len].copy_from_slice(&name.as_bytes()[..name_len]);
-        r.text[name_len..name_len + msg_len].copy_from_slice(&msg.as_bytes()[..msg_len]);
-        r.record = TestRecord {
-            passed: result.is_ok() as u32,
-            name_len: name_len as u32,
-            msg_len: msg_len as u32,
-            reserved: 0,
-            cycles,
-        };
-        let payload = core::mem::size_of::<TestRecord>() + name_len + msg_len;
-        r.header = ReportHeader { magic: REPORT_MAGIC, kind: kind::TEST, len: payload as u32, reserved: 0 };
-        (boot::kernel_va_to_gpa(r as *const TestReport as u64), core::mem::size_of::<ReportHeader>() + payload)
+    let name = &name.as_bytes()[..name.len().min(MAX_TEST_TEXT)];
+    let msg = &msg.as_bytes()[..msg.len().min(MAX_TEST_TEXT - name.len())];
+    let rec = TestRecord {
+        passed: result.is_ok() as u32,
+        name_len: name.len() as u32,
+        msg_len: msg.len() as u32,
+        reserved: 0,
+        cycles,
     };
-    if guest_abi::hypercall::is_error(hypercall::report(gpa, len as u64)) {
-        panic!("REPORT of a test result failed");
+    if let Err(why) = crate::report::send(kind::TEST, &[crate::report::bytes_of(&[rec]), name, msg]) {
+        crate::panic::fatal(why);
     }
 }
 
