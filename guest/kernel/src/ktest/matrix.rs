@@ -10,6 +10,8 @@
 //! Record (u16): bit 0 faulted, bits 1..=5 the error code's P, W/R, U/S,
 //! RSVD, I/D bits, bit 6 PTE.A, bit 7 PTE.D, bit 8 PDE.A after the access.
 //! The PTE is rewritten for every case, the PDE once per PTE combination.
+//! For the 2 MiB cases (PDE with PS = 1, its own flags under test, bit 13 as
+//! the reserved bit) bits 6 and 7 are the PDE's A and D, bit 8 is 0.
 //!
 //! The probe: a stub page (user, executable) holds `mov rax,[rdi]; ud2`,
 //! `mov [rdi+8],rax; ud2` and `jmp rdi`; the target page starts with
@@ -31,8 +33,14 @@ const STUB: u64 = USER_BASE; // PD entry 0
 const TARGET: u64 = USER_BASE + (2 << 20); // PD entry 1: its PDE is under test
 const RSVD_BIT: u64 = 1 << 51;
 
-/// Cases: 7 PTE bits × 2 PDE bits × 3 accesses × 2 privileges × WP × NXE.
-pub const CASES: usize = 128 * 4 * 3 * 2 * 2 * 2;
+/// Cases per (WP, NXE) block: 4 KiB pages (7 PTE bits × 2 PDE bits ×
+/// 3 accesses × 2 privileges), then 2 MiB pages (7 bits of the PS=1 PDE,
+/// with reserved bit 13, × 3 × 2).
+pub const BLOCK: usize = 128 * 4 * 6 + 128 * 6;
+/// All cases: four blocks (NXE on/off × WP on/off).
+pub const CASES: usize = BLOCK * 4;
+/// Bit 13: reserved in a 2 MiB PDE leaf (its address bits 20:13 must be 0).
+const RSVD_2M: u64 = 1 << 13;
 
 static mut RECORDS: [u16; CASES] = [0; CASES];
 
@@ -146,6 +154,29 @@ fn controls_changed(cr0: u64) {
     mmu::load_cr3(mmu::read_cr3());
 }
 
+/// Run one probe of the target page: `access` 0 read, 1 write, 2 fetch;
+/// returns whether it faulted and the (guest) error code.
+fn probe(access: u64, user: bool) -> Result<(bool, u64), &'static str> {
+    mmu::invlpg(TARGET);
+    let stub = match access {
+        0 => STUB,
+        1 => STUB + 8,
+        _ => STUB + 16,
+    };
+    PROBE_VECTOR.store(0, Ordering::Relaxed);
+    PROBE_ACTIVE.store(1, Ordering::Relaxed);
+    // SAFETY: the probe ends in an exception the handler turns into a
+    // return to probe_return, which restores the callee-saved registers.
+    unsafe { probe_run(TARGET, stub, user as u64) };
+    PROBE_ACTIVE.store(0, Ordering::Relaxed);
+    let vec = PROBE_VECTOR.load(Ordering::Relaxed);
+    if vec != 1 + 14 && vec != 1 + 6 {
+        return Err("a probe ended in an unexpected exception");
+    }
+    let faulted = vec == 1 + 14;
+    Ok((faulted, if faulted { PROBE_EC.load(Ordering::Relaxed) & 0x1f } else { 0 }))
+}
+
 /// Run the matrix, report it, and return the number of cases.
 pub fn run() -> Result<usize, &'static str> {
     enter_user(0)?;
@@ -180,7 +211,21 @@ pub fn run() -> Result<usize, &'static str> {
     let mem = mm::with(|m| *m.buddy.mem()).ok_or("memory manager not initialised")?;
     let pde_base = mem.read_u64(pde_at) & 0x000f_ffff_ffff_f000;
     let pte_bits = [PteFlags::PRESENT.bits(), 1 << 1, 1 << 2, 1 << 5, 1 << 6, 1 << 63, RSVD_BIT];
+    // A 2 MiB-aligned block for the PS = 1 cases, starting with ud2.
+    let big = mm::with(|m| m.buddy.alloc(9, guest_mm::buddy::ZonePref::Normal))
+        .flatten()
+        .ok_or("no 2 MiB block for the large-page cases")?;
+    write_bytes(&mem, big.addr(), &[0x0f, 0x0b]);
+    let flag_word = |combo: u64, rsvd: u64| {
+        let bits = [1u64, 1 << 1, 1 << 2, 1 << 5, 1 << 6, 1 << 63, rsvd];
+        bits.iter().enumerate().filter(|(b, _)| combo & (1 << b) != 0).fold(0, |acc, (_, bit)| acc | bit)
+    };
     let mut case = 0usize;
+    let mut record = |rec: u16| {
+        // SAFETY: single-threaded; `case` < CASES by construction.
+        unsafe { (*core::ptr::addr_of_mut!(RECORDS))[case] = rec };
+        case += 1;
+    };
     for nxe in [true, false] {
         set_nxe(nxe);
         for wp in [true, false] {
@@ -189,12 +234,7 @@ pub fn run() -> Result<usize, &'static str> {
             for pde_combo in 0..4u64 {
                 let pde = pde_base | 1 | ((pde_combo & 1) << 1) | ((pde_combo >> 1) << 2);
                 for pte_combo in 0..128u64 {
-                    let mut pte = target_frame.0;
-                    for (b, bit) in pte_bits.iter().enumerate() {
-                        if pte_combo & (1 << b) != 0 {
-                            pte |= bit;
-                        }
-                    }
+                    let pte = target_frame.0 | flag_word(pte_combo, RSVD_BIT);
                     for access in 0..3u64 {
                         for user in [false, true] {
                             // The PDE is rewritten once per PTE combination
@@ -205,35 +245,33 @@ pub fn run() -> Result<usize, &'static str> {
                                 mem.write_u64(pde_at, pde);
                             }
                             mem.write_u64(pte_at, pte);
-                            mmu::invlpg(TARGET);
-                            let stub = match access {
-                                0 => STUB,
-                                1 => STUB + 8,
-                                _ => STUB + 16,
-                            };
-                            PROBE_VECTOR.store(0, Ordering::Relaxed);
-                            PROBE_ACTIVE.store(1, Ordering::Relaxed);
-                            // SAFETY: the probe ends in an exception the
-                            // handler turns into a return to probe_return,
-                            // which restores the callee-saved registers.
-                            unsafe { probe_run(TARGET, stub, user as u64) };
-                            PROBE_ACTIVE.store(0, Ordering::Relaxed);
-                            let vec = PROBE_VECTOR.load(Ordering::Relaxed);
-                            let faulted = vec == 1 + 14;
-                            let ec = if faulted { PROBE_EC.load(Ordering::Relaxed) & 0x1f } else { 0 };
+                            let (faulted, ec) = probe(access, user)?;
                             let (pte_after, pde_after) = (mem.read_u64(pte_at), mem.read_u64(pde_at));
-                            let rec = u16::from(faulted)
-                                | (ec as u16) << 1
-                                | (((pte_after >> 5) & 1) as u16) << 6
-                                | (((pte_after >> 6) & 1) as u16) << 7
-                                | (((pde_after >> 5) & 1) as u16) << 8;
-                            if vec != 1 + 14 && vec != 1 + 6 {
-                                return Err("a probe ended in an unexpected exception");
-                            }
-                            // SAFETY: single-threaded; `case` < CASES by construction.
-                            unsafe { (*core::ptr::addr_of_mut!(RECORDS))[case] = rec };
-                            case += 1;
+                            record(
+                                u16::from(faulted)
+                                    | (ec as u16) << 1
+                                    | (((pte_after >> 5) & 1) as u16) << 6
+                                    | (((pte_after >> 6) & 1) as u16) << 7
+                                    | (((pde_after >> 5) & 1) as u16) << 8,
+                            );
                         }
+                    }
+                }
+            }
+            // 2 MiB pages: the PDE itself is the leaf under test.
+            for leaf_combo in 0..128u64 {
+                let pde = big.addr().0 | (1 << 7) | flag_word(leaf_combo, RSVD_2M);
+                for access in 0..3u64 {
+                    for user in [false, true] {
+                        mem.write_u64(pde_at, pde);
+                        let (faulted, ec) = probe(access, user)?;
+                        let after = mem.read_u64(pde_at);
+                        record(
+                            u16::from(faulted)
+                                | (ec as u16) << 1
+                                | (((after >> 5) & 1) as u16) << 6
+                                | (((after >> 6) & 1) as u16) << 7,
+                        );
                     }
                 }
             }
@@ -247,6 +285,7 @@ pub fn run() -> Result<usize, &'static str> {
     mem.write_u64(pte_at, 0);
     mmu::invlpg(TARGET);
     let _ = stub_frame;
+    mm::with(|m| m.buddy.free(big, 9)).transpose().map_err(|e| e.as_str())?;
     leave_user()?;
     report(case)?;
     kprintln!("access matrix: {} cases", case);
