@@ -210,7 +210,6 @@ pub fn run() -> Result<usize, &'static str> {
     .ok_or("memory manager not initialised")??;
     let mem = mm::with(|m| *m.buddy.mem()).ok_or("memory manager not initialised")?;
     let pde_base = mem.read_u64(pde_at) & 0x000f_ffff_ffff_f000;
-    let pte_bits = [PteFlags::PRESENT.bits(), 1 << 1, 1 << 2, 1 << 5, 1 << 6, 1 << 63, RSVD_BIT];
     // A 2 MiB-aligned block for the PS = 1 cases, starting with ud2.
     let big = mm::with(|m| m.buddy.alloc(9, guest_mm::buddy::ZonePref::Normal))
         .flatten()
