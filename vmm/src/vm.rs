@@ -1,16 +1,18 @@
 //! One VM: creation from a [`VmConfig`], the vCPU loop, the end of the run.
 //!
 //! Lifecycle (the rust-vmm `vmm-reference` shape): [`Vm::new`] opens KVM,
-//! creates guest memory and registers it as a memslot, loads the kernel and
-//! the boot structures, and sets up the single vCPU; [`Vm::run`] runs the
-//! vCPU on its own thread until the guest writes to the exit device, the
-//! vCPU dies, or the timeout expires (the main thread then kicks the vCPU
-//! out of `KVM_RUN` with a signal).
+//! builds the memory map and its memslots, loads the kernel and the boot
+//! structures, and sets up the single vCPU (and, in shadow mode, the shadow
+//! MMU); [`Vm::run`] runs the vCPU on a scoped thread until the guest
+//! writes to the exit device, the vCPU dies, or the timeout expires (the
+//! main thread then kicks the vCPU out of `KVM_RUN` with a signal). The VM
+//! stays inspectable afterwards (`--explain`).
 //!
 //! Invariants:
 //! - Guest RAM is one host mapping at GPA `0..memory`, registered as the
-//!   slots of one `ept::MemoryMap` and nothing else, so the guest cannot
-//!   reach host memory beyond it.
+//!   slots of one `ept::MemoryMap` (plus, in shadow mode, the VMM-private
+//!   shadow pool, which no guest-visible mapping ever reaches), so the
+//!   guest cannot reach host memory beyond them.
 //! - Registers are read through the sync-regs area of `kvm_run`
 //!   (`KVM_SYNC_X86_REGS`), so a hypercall costs one exit and no extra
 //!   ioctl; the result goes back the same way.
