@@ -245,3 +245,24 @@ fn access_matrix_is_identical_in_both_modes() {
         diffs.join("\n")
     );
 }
+
+#[test]
+fn pool_exhaustion_is_survived_and_counted() {
+    if !kvm_available() {
+        return;
+    }
+    // 12 pages for 64 MiB: enough for the kernel half, too little for a
+    // fork's two address spaces, so the pool runs out and is rebuilt (and
+    // the vCPU must follow the root to its new page).
+    let (o, v) = stats_json(
+        &["run", "--mmu", "shadow", "--memory", "64M", "--shadow-pool", "48K", "--cmdline", "workload=fork size=8"],
+        "tiny-pool.json",
+    );
+    assert_exit(&o, 0);
+    assert_eq!(v["stats"]["bench"][0]["ok"], true, "{v}");
+    assert!(v["stats"]["shadow"]["stats"]["pool_exhaustions"].as_u64().unwrap() > 0, "{v}");
+    // And a pool below the minimum is refused up front, in one line.
+    let o = run(&["run", "--mmu", "shadow", "--memory", "64M", "--shadow-pool", "32K"]);
+    assert_exit(&o, 3);
+    assert!(error_line(&o).contains("shadow pool of 32 KiB is too small"), "{}", stderr(&o));
+}

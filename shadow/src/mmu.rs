@@ -236,8 +236,33 @@ impl ShadowMmu {
         self.pool_base + page as u64 * PAGE
     }
 
-    fn page_of(&self, gpa: u64) -> u32 {
-        ((gpa - self.pool_base) / PAGE) as u32
+    /// The pool page holding `gpa`, if `gpa` lies in the pool.
+    fn page_of(&self, gpa: u64) -> Option<u32> {
+        self.in_pool(gpa).then(|| ((gpa - self.pool_base) / PAGE) as u32)
+    }
+
+    /// The child shadow page a present non-leaf entry `e` of a level-`level`
+    /// page points at (`None` for a leaf or anything outside the pool).
+    fn child_of(&self, e: u64, level: u8) -> Option<u32> {
+        if e & P == 0 || level == 1 || e & PS != 0 {
+            return None;
+        }
+        self.page_of(e & ADDR)
+    }
+
+    /// Write leaf `spte` at entry `idx` of `page`: a child it replaces is
+    /// unlinked first, and a replaced leaf that granted more marks the host
+    /// stale.
+    fn set_leaf(&mut self, pool: &mut impl GuestPhys, page: u32, idx: u64, spte: u64) {
+        let at = self.page_gpa(page) + idx * 8;
+        let old = pool.read_u64(at);
+        let level = self.pages[page as usize].as_ref().map_or(1, |p| p.role.level);
+        if self.child_of(old, level).is_some() {
+            self.zap_entry(pool, page, idx);
+        } else if old & P != 0 && restricts(old, spte) {
+            self.stale = true;
+        }
+        pool.write_u64(at, spte);
     }
 
     /// Whether `gpa` lies in the pool.
@@ -356,7 +381,7 @@ impl ShadowMmu {
             let leaf = role.level == 1 || (role.level <= 3 && gpte & PS != 0);
             if leaf {
                 if let Some(spte) = self.leaf_spte(guest, role, gpte) {
-                    pool.write_u64(self.page_gpa(page) + idx * 8, spte);
+                    self.set_leaf(pool, page, idx, spte);
                 }
                 continue;
             }
@@ -454,12 +479,7 @@ impl ShadowMmu {
                 if access.write && !access.user && !self.mode.wp && spte & RW == 0 {
                     spte = (spte | RW) & !US;
                 }
-                let at = self.page_gpa(page) + idx * 8;
-                let old = pool.read_u64(at);
-                if old & P != 0 && restricts(old, spte) {
-                    self.stale = true;
-                }
-                pool.write_u64(at, spte);
+                self.set_leaf(pool, page, idx, spte);
                 return true;
             }
             let child_role = Role {
@@ -484,8 +504,12 @@ impl ShadowMmu {
         let at = self.page_gpa(page) + idx * 8;
         let old = pool.read_u64(at);
         if old & P != 0 {
-            let cur = self.page_of(old & ADDR);
-            if self.pages.get(cur as usize).and_then(|p| p.as_ref()).is_some_and(|p| p.role == child_role) {
+            // A leaf here (the guest turned a large page into a table) or a
+            // child of another role is zapped; only the right child is kept.
+            let level = self.pages[page as usize].as_ref().map_or(1, |p| p.role.level);
+            if let Some(cur) = self.child_of(old, level)
+                && self.pages.get(cur as usize).and_then(|p| p.as_ref()).is_some_and(|p| p.role == child_role)
+            {
                 return Some(cur);
             }
             self.zap_entry(pool, page, idx);
@@ -538,9 +562,7 @@ impl ShadowMmu {
             p.needs_prefill = true;
         }
         let level = self.pages[page as usize].as_ref().map_or(1, |p| p.role.level);
-        let leaf = level == 1 || old & PS != 0;
-        if !leaf && self.in_pool(old & ADDR) {
-            let child = self.page_of(old & ADDR);
+        if let Some(child) = self.child_of(old, level) {
             if let Some(c) = self.pages[child as usize].as_mut() {
                 c.parents.retain(|&(p, i)| !(p == page && i as u64 == idx));
             }
@@ -636,6 +658,17 @@ impl ShadowMmu {
                 _ => self.zap_entry(pool, page, idx),
             }
         }
+        self.refill_current_root(pool, guest);
+    }
+
+    /// After a change that zapped entries of the current root's kernel half,
+    /// shadow them again at once: the next fault must be deliverable.
+    fn refill_current_root(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys) {
+        if let Some((_, root)) = self.current
+            && self.pages[root as usize].as_ref().is_some_and(|p| p.needs_prefill)
+        {
+            self.prefill_kernel_half(pool, guest, root);
+        }
     }
 
     /// `FLUSH_TLB`: shadow entries are kept coherent on every write, so a
@@ -658,9 +691,7 @@ impl ShadowMmu {
                 return Some((e, level));
             }
             table = e & ADDR;
-            if !self.in_pool(table) {
-                return None;
-            }
+            self.page_of(table)?;
         }
         None
     }
@@ -688,7 +719,9 @@ impl ShadowMmu {
                         return Err(format!("page {i}[{idx}] maps outside guest RAM: {e:#x}"));
                     }
                 } else {
-                    let c = self.page_of(e & ADDR);
+                    let Some(c) = self.page_of(e & ADDR) else {
+                        return Err(format!("page {i}[{idx}] points outside the pool: {e:#x}"));
+                    };
                     match self.pages.get(c as usize).and_then(|p| p.as_ref()) {
                         Some(cp) if cp.parents.contains(&(i as u32, idx as u16)) => {}
                         _ => return Err(format!("page {i}[{idx}] points at {c} which does not list it")),

@@ -86,6 +86,13 @@ pub enum Error {
     MemoryMap(#[from] ept::memmap::MemoryMapError),
     #[error("{0}")]
     Backing(#[from] ept::backing::BackingError),
+    #[error(
+        "shadow pool of {} is too small: {} guest RAM needs at least {} (the kernel half of every root is shadowed eagerly)",
+        crate::size::format_size(*.0),
+        crate::size::format_size(*.1),
+        crate::size::format_size(*.2)
+    )]
+    ShadowPoolTooSmall(u64, u64, u64),
     #[error("command line is {0} bytes; the maximum is {1}")]
     CmdlineTooLong(usize, usize),
     #[error("guest memory access at {0:#x} failed: {1}")]

@@ -122,6 +122,14 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { what, source }
 }
 
+/// The smallest shadow pool for `memory` bytes of RAM: 10 pages for the
+/// roots, the kernel window and a few user paths, plus one page directory
+/// per GiB of direct map (the kernel half is shadowed eagerly, and fault
+/// delivery depends on it).
+pub fn min_shadow_pool(memory: u64) -> u64 {
+    (10 + memory.div_ceil(layout::GIB)) * layout::PAGE_SIZE
+}
+
 /// Check the memory size against the layout.
 pub fn check_memory_size(memory: u64) -> Result<()> {
     if memory < MIN_MEMORY {
@@ -141,6 +149,9 @@ impl Vm {
     /// console goes to `console`.
     pub fn new(config: VmConfig, console: Box<dyn Write + Send>) -> Result<Vm> {
         check_memory_size(config.memory)?;
+        if config.mmu == MmuMode::Shadow && config.shadow_pool < min_shadow_pool(config.memory) {
+            return Err(Error::ShadowPoolTooSmall(config.shadow_pool, config.memory, min_shadow_pool(config.memory)));
+        }
         let (name, image): (String, std::borrow::Cow<'static, [u8]>) = match &config.kernel {
             KernelSource::Bundled => ("(bundled)".into(), BUNDLED_KERNEL.into()),
             KernelSource::File(p) => {
@@ -445,7 +456,21 @@ impl Vm {
         let mut ram = RamView { mem, ram: self.config.memory };
         let mut pool = PoolView { mem: pool_mem, base: sh.pool_slot.gpa, len: sh.pool_slot.len };
         match nr {
-            hc::SHADOW_FAULT => Ok(Some(sh.fault(&mut ram, &mut pool, r.rdi, r.rsi, r.rflags & (1 << 18) != 0))),
+            hc::SHADOW_FAULT => {
+                let root_before = sh.mmu.current_root();
+                let result = sh.fault(&mut ram, &mut pool, r.rdi, r.rsi, r.rflags & (1 << 18) != 0);
+                // Pool exhaustion zaps everything and may rebuild the root in
+                // another pool page: the vCPU must follow it.
+                if let Some(root) = sh.mmu.current_root()
+                    && Some(root) != root_before
+                {
+                    let mut sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+                    sregs.cr3 = root;
+                    sregs.cr0 |= CR0_WP;
+                    self.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+                }
+                Ok(Some(result))
+            }
             hc::LOAD_CR3 => {
                 let t = Instant::now();
                 let root_gpa = r.rdi;
@@ -516,7 +541,12 @@ impl Vm {
                 unsafe { self.vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
             }
             Coherence::ReloadCr3 => {
+                // KVM flushes the guest TLB on KVM_SET_SREGS only when a
+                // paging control really changes: toggle CR4.PGE and back
+                // (a PGE change flushes everything, global entries too).
                 let sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+                let toggled = kvm_bindings::kvm_sregs { cr4: sregs.cr4 ^ (1 << 7), ..sregs };
+                self.vcpu.set_sregs(&toggled).map_err(kvm_err("KVM_SET_SREGS"))?;
                 self.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
             }
         }

@@ -316,3 +316,53 @@ fn a_reused_root_frame_gets_its_kernel_half_back_on_the_next_load() {
     assert!(mmu.shadow_leaf(&pool, kva).is_some(), "kernel half missing after a root-cache hit");
     mmu.check_invariants(&pool, &g).unwrap();
 }
+
+#[test]
+fn a_large_page_turned_into_a_table_behind_the_mmus_back_is_handled() {
+    // Nothing forces the guest to keep its tables in the trapped zone: a
+    // PD entry can change from a 2 MiB leaf to a table pointer without a
+    // pte_written call. The next fault must relink, not trip over the leaf.
+    let (mut mmu, mut pool) = setup(64);
+    let mut g = Mem::new(0, RAM);
+    g.write_u64(0x1000, 0x20000 | T);
+    g.write_u64(0x20000, 0x21000 | T);
+    g.write_u64(0x21000, 0x20_0000 | P | RW | US | A | PS); // clean 2 MiB page
+    mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
+    assert_eq!(mmu.handle_fault(&mut pool, &mut g, 0x1000, READ), Ok(FaultOutcome::Fixed));
+    assert_eq!(mmu.shadow_leaf(&pool, 0x1000).map(|(_, l)| l), Some(2));
+    // Untrapped rewrite: PD[0] now points at a page table.
+    g.write_u64(0x21000, 0x22000 | T);
+    g.write_u64(0x22000 + 8, 0x30_0000 | P | RW | US | A | D);
+    assert_eq!(mmu.handle_fault(&mut pool, &mut g, 0x1000, WRITE), Ok(FaultOutcome::Fixed));
+    assert_eq!(mmu.shadow_leaf(&pool, 0x1000).map(|(e, l)| (e & ADDR, l)), Some((0x30_0000, 1)));
+    assert!(mmu.host_stale(), "the old 2 MiB translation must be forgotten");
+    mmu.check_invariants(&pool, &g).unwrap();
+}
+
+#[test]
+fn pool_exhaustion_moves_the_root_and_says_where() {
+    // After a full zap the root is rebuilt, possibly in another pool page:
+    // current_root() must always name a page that really is the root, so
+    // the VMM can point the vCPU's CR3 at it (vm.rs does after every fault).
+    let (mut mmu, mut pool) = setup(6);
+    let mut g = Mem::new(0, RAM);
+    g.write_u64(0x1000, 0x20000 | T);
+    for i in 0..8u64 {
+        g.write_u64(0x20000 + i * 8, (0x30000 + i * 0x2000) | T);
+        g.write_u64(0x30000 + i * 0x2000, (0x31000 + i * 0x2000) | T);
+        g.write_u64(0x31000 + i * 0x2000, (0x80_0000 + i * PAGE) | P | RW | A | D);
+    }
+    let mut roots = vec![mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap()];
+    for i in 0..8u64 {
+        mmu.handle_fault(&mut pool, &mut g, i << 30, READ).unwrap();
+        let root = mmu.current_root().unwrap();
+        // The reported root is the live one: it holds the new path.
+        assert!(pool.get(root) & P != 0, "fault {i}: the reported root is empty");
+        assert_eq!(mmu.shadow_leaf(&pool, i << 30).map(|(e, _)| e & ADDR), Some(0x80_0000 + i * PAGE));
+        if roots.last() != Some(&root) {
+            roots.push(root);
+        }
+    }
+    assert!(mmu.stats().pool_exhaustions > 0);
+    assert!(roots.len() > 1, "this scenario moves the root; the VMM must follow it: {roots:x?}");
+}
