@@ -196,11 +196,12 @@ impl ShadowState {
         pool: &mut PoolView<'_>,
         cr2: u64,
         error_code: u64,
-        ac: bool,
+        mode: PagingMode,
     ) -> u64 {
         let t = Instant::now();
-        // Only AC can differ from the last CR3 load or flush; it never zaps.
-        let mode = PagingMode { ac, ..self.mmu.mode() };
+        // The controls as of this exit (sync regs): a guest that changed
+        // EFER.NXE or CR4 without FLUSH_TLB gets a rebuilt shadow here
+        // instead of a hidden fault that repeats forever.
         self.mmu.set_mode(pool, ram, mode);
         let r = match self.mmu.handle_fault(pool, ram, cr2, error_code as u32) {
             Ok(FaultOutcome::Fixed) => hc::FAULT_FIXED,

@@ -201,6 +201,12 @@ impl Vm {
         vcpu.set_fpu(&regs::reset_fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
         vcpu.set_regs(&regs::entry_regs(kernel.entry)).map_err(kvm_err("KVM_SET_REGS"))?;
         vcpu.set_sync_valid_reg(SyncReg::Register);
+        // Shadow mode reads the paging controls at every SHADOW_FAULT: have
+        // KVM copy the system registers out at each exit instead of paying
+        // a KVM_GET_SREGS ioctl per fault.
+        if config.mmu == MmuMode::Shadow {
+            vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
+        }
 
         let maxphyaddr =
             cpuid.as_slice().iter().find(|e| e.function == 0x8000_0008).map_or(36, |e| (e.eax & 0xff) as u8);
@@ -458,7 +464,8 @@ impl Vm {
         match nr {
             hc::SHADOW_FAULT => {
                 let root_before = sh.mmu.current_root();
-                let result = sh.fault(&mut ram, &mut pool, r.rdi, r.rsi, r.rflags & (1 << 18) != 0);
+                let mode = sh.guest_mode(&self.vcpu.sync_regs().sregs, r.rflags);
+                let result = sh.fault(&mut ram, &mut pool, r.rdi, r.rsi, mode);
                 // Pool exhaustion zaps everything and may rebuild the root in
                 // another pool page: the vCPU must follow it.
                 if let Some(root) = sh.mmu.current_root()
