@@ -13,7 +13,7 @@ mod common;
 use common::kvm_available;
 use shadow::{Access, GuestPhys, walk};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm::vm::{KernelSource, Vm, VmConfig};
+use vmm::vm::{Vm, VmConfig};
 
 struct View<'a> {
     mem: &'a GuestMemoryMmap,
@@ -50,16 +50,7 @@ fn walker_agrees_with_kvm_translate_on_random_tables() {
     if !kvm_available() {
         return;
     }
-    let config = VmConfig {
-        kernel: KernelSource::Bundled,
-        memory: 64 << 20,
-        mmu: guest_abi::MmuMode::Ept,
-        backing: ept::Backing::Anon4k,
-        shadow_pool: 0,
-        cmdline: String::new(),
-        timeout: std::time::Duration::from_secs(10),
-        process_start: std::time::Instant::now(),
-    };
+    let config = VmConfig::bundled(64 << 20, guest_abi::MmuMode::Ept);
     let mut vm = Vm::new(config, Box::new(std::io::sink())).expect("create a VM");
     let mode = vm.paging_mode().unwrap();
     let ram = 64u64 << 20;

@@ -10,7 +10,7 @@
 
 use crate::info::HostReport;
 use crate::stats::BenchPhase;
-use crate::vm::{KernelSource, Vm, VmConfig};
+use crate::vm::{Vm, VmConfig};
 use guest_abi::MmuMode;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -117,14 +117,11 @@ fn median(v: &mut [f64]) -> f64 {
 /// Run one workload once; its measured phase.
 pub fn run_once(plan: &BenchPlan, workload: &str, size: u64, mmu: MmuMode) -> Result<BenchPhase, String> {
     let config = VmConfig {
-        kernel: KernelSource::Bundled,
-        memory: plan.memory,
-        mmu,
-        backing: ept::Backing::Anon4k,
         shadow_pool: plan.shadow_pool,
         cmdline: format!("workload={workload} size={size}"),
         timeout: Duration::from_secs(600),
         process_start: plan.process_start,
+        ..VmConfig::bundled(plan.memory, mmu)
     };
     let mut vm = Vm::new(config, Box::new(std::io::sink())).map_err(|e| e.to_string())?;
     let outcome = vm.run();

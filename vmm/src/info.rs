@@ -9,7 +9,7 @@
 
 use crate::devices::hypercall::Report;
 use crate::error::Result;
-use crate::vm::{KernelSource, Vm, VmConfig};
+use crate::vm::{Vm, VmConfig};
 use ept::probe::HostFacts;
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -87,14 +87,10 @@ pub struct HostReport {
 /// Boot the guest on the calibration loop.
 pub fn calibrate(iterations: u64, process_start: Instant) -> Result<Calibration> {
     let config = VmConfig {
-        kernel: KernelSource::Bundled,
-        memory: 64 << 20,
-        mmu: guest_abi::MmuMode::Ept,
-        backing: ept::Backing::Anon4k,
-        shadow_pool: 0,
         cmdline: format!("calibrate={iterations}"),
         timeout: Duration::from_secs(120),
         process_start,
+        ..VmConfig::bundled(64 << 20, guest_abi::MmuMode::Ept)
     };
     let mut vm = Vm::new(config, Box::new(std::io::sink()))?;
     let outcome = vm.run();

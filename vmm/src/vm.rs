@@ -71,6 +71,24 @@ pub struct VmConfig {
     pub process_start: Instant,
 }
 
+impl VmConfig {
+    /// The bundled kernel on `memory` bytes of 4 KiB-backed RAM in `mmu`
+    /// mode, with the CLI's defaults for everything else (16 MiB shadow
+    /// pool, no command line, a 60 s timeout); change fields as needed.
+    pub fn bundled(memory: u64, mmu: MmuMode) -> VmConfig {
+        VmConfig {
+            kernel: KernelSource::Bundled,
+            memory,
+            mmu,
+            backing: Backing::Anon4k,
+            shadow_pool: 16 << 20,
+            cmdline: String::new(),
+            timeout: Duration::from_secs(60),
+            process_start: Instant::now(),
+        }
+    }
+}
+
 /// How the guest ended, when it ended by itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuestExit {

@@ -209,17 +209,24 @@ fn partial_writes_zap_the_whole_shadow_page() {
     mmu.check_invariants(&pool, &g).unwrap();
 }
 
-#[test]
-fn pool_exhaustion_zaps_everything_and_stays_correct() {
-    let (mut mmu, mut pool) = setup(6);
+/// One PML4 at 0x1000 over 8 PDPT entries, each with its own PD and PT
+/// mapping one page: 8 paths of 3 shadow pages each, far more than a tiny
+/// pool holds.
+fn eight_paths() -> Mem {
     let mut g = Mem::new(0, RAM);
     g.write_u64(0x1000, 0x20000 | T);
-    // 8 PDPT entries, each with its own PD and PT: far more than 6 pages.
     for i in 0..8u64 {
         g.write_u64(0x20000 + i * 8, (0x30000 + i * 0x2000) | T);
         g.write_u64(0x30000 + i * 0x2000, (0x31000 + i * 0x2000) | T);
         g.write_u64(0x31000 + i * 0x2000, (0x80_0000 + i * PAGE) | P | RW | A | D);
     }
+    g
+}
+
+#[test]
+fn pool_exhaustion_zaps_everything_and_stays_correct() {
+    let (mut mmu, mut pool) = setup(6);
+    let mut g = eight_paths();
     mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
     for i in 0..8u64 {
         assert_eq!(mmu.handle_fault(&mut pool, &mut g, i << 30, READ), Ok(FaultOutcome::Fixed));
@@ -345,13 +352,7 @@ fn pool_exhaustion_moves_the_root_and_says_where() {
     // current_root() must always name a page that really is the root, so
     // the VMM can point the vCPU's CR3 at it (vm.rs does after every fault).
     let (mut mmu, mut pool) = setup(6);
-    let mut g = Mem::new(0, RAM);
-    g.write_u64(0x1000, 0x20000 | T);
-    for i in 0..8u64 {
-        g.write_u64(0x20000 + i * 8, (0x30000 + i * 0x2000) | T);
-        g.write_u64(0x30000 + i * 0x2000, (0x31000 + i * 0x2000) | T);
-        g.write_u64(0x31000 + i * 0x2000, (0x80_0000 + i * PAGE) | P | RW | A | D);
-    }
+    let mut g = eight_paths();
     let mut roots = vec![mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap()];
     for i in 0..8u64 {
         mmu.handle_fault(&mut pool, &mut g, i << 30, READ).unwrap();
