@@ -22,22 +22,31 @@ use shadow::{FaultOutcome, GuestPhys, PagingMode, ShadowMmu, ShadowStats};
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-/// Guest RAM as the walker sees it: `[0, ram)` only.
-pub struct RamView<'a> {
-    /// Guest memory.
+/// A window of guest-physical memory as the shadow MMU sees it: words
+/// read and written through `vm-memory`, and only `[start, end)` counted as
+/// memory. Guest RAM is `[0, ram)`; the shadow pool is its own slot.
+pub struct MemWindow<'a> {
+    /// The memory behind the window.
     pub mem: &'a GuestMemoryMmap,
-    /// RAM size.
-    pub ram: u64,
+    /// First GPA inside.
+    pub start: u64,
+    /// One past the last GPA inside.
+    pub end: u64,
 }
 
-impl RamView<'_> {
-    /// Whether the page at `gpa` lies inside guest RAM.
+impl<'a> MemWindow<'a> {
+    /// Guest RAM, `[0, ram)`.
+    pub fn ram(mem: &'a GuestMemoryMmap, ram: u64) -> Self {
+        MemWindow { mem, start: 0, end: ram }
+    }
+
+    /// Whether the page at `gpa` lies inside the window.
     pub fn is_ram_page(&self, gpa: u64) -> bool {
         self.is_ram(gpa & !0xfff, 4096)
     }
 }
 
-impl GuestPhys for RamView<'_> {
+impl GuestPhys for MemWindow<'_> {
     fn read_u64(&self, gpa: u64) -> u64 {
         self.mem.read_obj(GuestAddress(gpa)).unwrap_or(0)
     }
@@ -45,29 +54,7 @@ impl GuestPhys for RamView<'_> {
         let _ = self.mem.write_obj(value, GuestAddress(gpa));
     }
     fn is_ram(&self, gpa: u64, len: u64) -> bool {
-        gpa.checked_add(len).is_some_and(|e| e <= self.ram)
-    }
-}
-
-/// The shadow pool (GPA-addressed, `[base, base + len)`).
-pub struct PoolView<'a> {
-    /// Pool memory.
-    pub mem: &'a GuestMemoryMmap,
-    /// First GPA of the pool.
-    pub base: u64,
-    /// Pool size.
-    pub len: u64,
-}
-
-impl GuestPhys for PoolView<'_> {
-    fn read_u64(&self, gpa: u64) -> u64 {
-        self.mem.read_obj(GuestAddress(gpa)).unwrap_or(0)
-    }
-    fn write_u64(&mut self, gpa: u64, value: u64) {
-        let _ = self.mem.write_obj(value, GuestAddress(gpa));
-    }
-    fn is_ram(&self, gpa: u64, len: u64) -> bool {
-        gpa >= self.base && gpa.checked_add(len).is_some_and(|e| e <= self.base + self.len)
+        gpa >= self.start && gpa.checked_add(len).is_some_and(|e| e <= self.end)
     }
 }
 
@@ -179,6 +166,11 @@ impl ShadowState {
         }
     }
 
+    /// The shadow pool as a window over its memory.
+    pub fn pool<'a>(&self, mem: &'a GuestMemoryMmap) -> MemWindow<'a> {
+        MemWindow { mem, start: self.pool_slot.gpa, end: self.pool_slot.gpa + self.pool_slot.len }
+    }
+
     /// The report for `--stats`.
     pub fn report(&self) -> ShadowReport {
         ShadowReport {
@@ -192,8 +184,8 @@ impl ShadowState {
     /// `SHADOW_FAULT(cr2, error_code)` → the hypercall result.
     pub fn fault(
         &mut self,
-        ram: &mut RamView<'_>,
-        pool: &mut PoolView<'_>,
+        ram: &mut MemWindow<'_>,
+        pool: &mut MemWindow<'_>,
         cr2: u64,
         error_code: u64,
         mode: PagingMode,
@@ -216,7 +208,7 @@ impl ShadowState {
     }
 
     /// A guest write of `data` to page-table GPA `gpa`.
-    pub fn pte_write(&mut self, ram: &mut RamView<'_>, pool: &mut PoolView<'_>, gpa: u64, data: &[u8]) {
+    pub fn pte_write(&mut self, ram: &mut MemWindow<'_>, pool: &mut MemWindow<'_>, gpa: u64, data: &[u8]) {
         let t = Instant::now();
         if ram.mem.write_slice(data, GuestAddress(gpa)).is_ok() {
             self.mmu.pte_written(pool, ram, gpa, data.len() as u64);

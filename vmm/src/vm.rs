@@ -23,7 +23,7 @@ use crate::devices::serial::{GuestSerial, new_serial};
 use crate::error::{Error, Result};
 use crate::explain::Explanation;
 use crate::layout::{self, MAX_MEMORY, MIN_MEMORY, PT_ZONE_START};
-use crate::shadow_mode::{CR0_WP, Coherence, PoolView, RamView, ShadowState, paging_mode};
+use crate::shadow_mode::{CR0_WP, Coherence, MemWindow, ShadowState, paging_mode};
 use crate::stats::RunStats;
 use ept::memmap::{MemoryMap, MemoryMapConfig};
 use ept::{Backing, GuestRam};
@@ -316,7 +316,7 @@ impl Vm {
             shadow_root: None,
         };
         if let (Some(sh), Some(pool_mem)) = (self.shadow.as_ref(), self.ram.pool()) {
-            let pool = PoolView { mem: pool_mem, base: sh.pool_slot.gpa, len: sh.pool_slot.len };
+            let pool = sh.pool(pool_mem);
             e.shadow_root = sh.mmu.current_root();
             e.shadow_leaf = sh.mmu.shadow_leaf(&pool, gva);
         }
@@ -465,8 +465,8 @@ impl Vm {
         let Some(sh) = self.shadow.as_mut() else { return };
         let mem = self.ram.memory();
         let pool_mem = self.ram.pool().expect("shadow mode has a pool");
-        let mut ram = RamView { mem, ram: self.config.memory };
-        let mut pool = PoolView { mem: pool_mem, base: sh.pool_slot.gpa, len: sh.pool_slot.len };
+        let mut ram = MemWindow::ram(mem, self.config.memory);
+        let mut pool = sh.pool(pool_mem);
         sh.pte_write(&mut ram, &mut pool, gpa, data);
     }
 
@@ -477,8 +477,8 @@ impl Vm {
         let Some(sh) = self.shadow.as_mut() else { return Ok(None) };
         let mem = self.ram.memory();
         let pool_mem = self.ram.pool().expect("shadow mode has a pool");
-        let mut ram = RamView { mem, ram: self.config.memory };
-        let mut pool = PoolView { mem: pool_mem, base: sh.pool_slot.gpa, len: sh.pool_slot.len };
+        let mut ram = MemWindow::ram(mem, self.config.memory);
+        let mut pool = sh.pool(pool_mem);
         match nr {
             hc::SHADOW_FAULT => {
                 let root_before = sh.mmu.current_root();
