@@ -1,7 +1,7 @@
 //! Builds the freestanding guest kernel (`guest/kernel`) and embeds it.
 //!
 //! The guest is built by a nested `cargo build` with the flags of
-//! `../shared/HOST.md` (static, kernel code model, no red zone, no SSE, our
+//! `docs/host.md` (static, kernel code model, no red zone, no SSE, our
 //! linker script), in its own target directory under `OUT_DIR`. The ELF is
 //! exposed to the crate as `GUEST_KERNEL_ELF` (for `include_bytes!`) and
 //! copied to `target/guest/guest-kernel.elf` for people and tools.
