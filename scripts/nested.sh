@@ -115,8 +115,14 @@ apt_update_once() {
 }
 missing=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)
-[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx insmod && ldd /bin/busybox 2>&1 | grep -q 'not a dynamic' \
-    || missing+=(busybox-static)
+static_busybox() { # a statically linked busybox with insmod (the initramfs has no libc for it)
+    [ -x /bin/busybox ] || return 1
+    local applets linkage
+    applets=$(/bin/busybox --list 2>/dev/null)
+    linkage=$(ldd /bin/busybox 2>&1)
+    [[ $'\n'"$applets"$'\n' == *$'\n'insmod$'\n'* && "$linkage" == *"not a dynamic"* ]]
+}
+static_busybox || missing+=(busybox-static)
 command -v cpio >/dev/null 2>&1 || missing+=(cpio)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then

@@ -97,7 +97,8 @@ pub struct WorkloadReport {
 pub struct BenchReport {
     /// [`SCHEMA`].
     pub schema: u32,
-    /// The host probe's verdict line.
+    /// The host probe's one-line description (its headline without the
+    /// `host: ` prefix).
     pub host: String,
     /// The host probe.
     pub probe: HostReport,
@@ -197,14 +198,17 @@ pub fn run(plan: &BenchPlan, probe: HostReport, mut progress: impl FnMut(&str)) 
         };
         workloads.push(WorkloadReport { workload: name.clone(), modes, time_ratio, cycles_ratio, extra_exits_per_op });
     }
-    Ok(BenchReport { schema: SCHEMA, host: probe.headline(), probe, workloads })
+    Ok(BenchReport { schema: SCHEMA, host: probe.summary(), probe, workloads })
 }
 
 impl BenchReport {
     /// The terminal table.
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "{}", self.host);
+        let _ = writeln!(s, "host: {}", self.host);
+        if let Some(note) = self.emulation_note() {
+            let _ = writeln!(s, "{note}");
+        }
         let _ = writeln!(
             s,
             "{:<7} {:<6} {:>6} {:>12} {:>12} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6}",
@@ -253,6 +257,14 @@ impl BenchReport {
             "per op = per workload operation (median of runs); hidden/guestpf/pte-wr/cr3 = shadow-MMU events; walk = modelled memory references per TLB miss (4 KiB pages)"
         );
         s
+    }
+
+    /// On a host the probe calls emulating, the one line that says the
+    /// ratios mean nothing there and where to get meaningful ones.
+    pub fn emulation_note(&self) -> Option<&'static str> {
+        (self.probe.verdict == crate::info::Verdict::Emulating).then_some(
+            "note: both modes are emulated instruction by instruction here, so the shadow/ept ratios carry no meaning on this host; `scripts/nested.sh --three-way` gives the nested three-way report (NPT, KVM's shadow MMU, ours)",
+        )
     }
 
     /// Write the SVG chart: per workload, the shadow/ept ratio of wall time
