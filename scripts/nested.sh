@@ -198,8 +198,10 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 share /share 2>/tmp/er
     || fail "cannot mount the 9p share: $(cat /tmp/err)"
 cd /share/work
 echo "NESTED:RUN"
-sh /run/cmd
-rc=$?
+# Through a pipe, so that the vmm's progress bar (drawn only on a
+# terminal) stays out of the console log.
+{ sh /run/cmd; echo $? >/tmp/rc; } 2>&1 | cat
+rc=$(cat /tmp/rc)
 cd /
 sync
 umount /share
@@ -239,6 +241,7 @@ q() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
 subcommand=${vmm_args[0]}
 cmd="/bin/vmm"
 outs=() # "share path<TAB>caller's path"
+kernels=() # input files copied in
 n=0
 i=0
 while [ $i -lt ${#vmm_args[@]} ]; do
@@ -256,13 +259,19 @@ while [ $i -lt ${#vmm_args[@]} ]; do
         --out=*|--json=*|--stats-json=*|--svg=*|--kernel=*) opt=${a%%=*}; val=${a#*=} ;;
     esac
     if [ -n "$opt" ]; then
-        n=$((n + 1))
-        rel="files/$n/$(basename -- "$val")"
-        mkdir -p "$run/share/work/files/$n"
+        # A relative path stays as it is (the command's working folder maps
+        # to the caller's); an absolute one, or one that climbs out with
+        # .., goes to files/N in the share and is copied back afterwards.
+        case "$val" in
+            /*|..|../*|*/../*|*/..) n=$((n + 1)); rel="files/$n/$(basename -- "$val")" ;;
+            *) rel=$val ;;
+        esac
+        mkdir -p "$run/share/work/$(dirname -- "$rel")"
         if [ "$opt" = --kernel ]; then
             [ -f "$val" ] || usage_error "--kernel $val: no such file"
             cp "$val" "$run/share/work/$rel"
-        else
+            kernels+=("$rel")
+        elif [ "$rel" != "$val" ]; then
             outs+=("$rel"$'\t'"$val")
         fi
         cmd="$cmd $opt $(q "$rel")"
@@ -316,6 +325,7 @@ for o in "${outs[@]}"; do
     fi
 done
 rm -rf "$run/share/work/files"
+for k in "${kernels[@]}"; do rm -f "$run/share/work/$k"; done
 # Anything else the command wrote in its working folder (bench's default
 # bench-report/) lands in the caller's working folder.
 if [ -n "$(ls -A "$run/share/work")" ]; then

@@ -180,7 +180,9 @@ impl HostIdentity {
             ))
         } else {
             self.hypervisor.map(|hv| {
-                format!("{what} inside a {hv} guest — nested virtualisation: times include the outer hypervisor's exits")
+                format!(
+                    "{what} inside a {hv} guest — nested virtualisation: times include the outer hypervisor's exits"
+                )
             })
         }
     }

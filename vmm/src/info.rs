@@ -132,7 +132,8 @@ pub fn probe(kvm: &kvm_ioctls::Kvm, iterations: u64, process_start: Instant) -> 
         None => Verdict::Emulating,
     };
     let nested = facts.identity.nested_label(facts.second_stage);
-    let mut report = HostReport { schema: 1, verdict, host: String::new(), nested, facts, calibration, calibration_error };
+    let mut report =
+        HostReport { schema: 1, verdict, host: String::new(), nested, facts, calibration, calibration_error };
     report.host = report.summary();
     report
 }
@@ -187,7 +188,11 @@ impl HostReport {
             }
         );
         if let Some(v) = &id.dmi_sys_vendor {
-            let _ = writeln!(s, "dmi:                  {v}{}", id.dmi_product_name.as_ref().map(|p| format!(" / {p}")).unwrap_or_default());
+            let _ = writeln!(
+                s,
+                "dmi:                  {v}{}",
+                id.dmi_product_name.as_ref().map(|p| format!(" / {p}")).unwrap_or_default()
+            );
         }
         if let Some(m) = id.kvm_module {
             let _ = writeln!(s, "kvm module:           {m}");
