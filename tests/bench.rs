@@ -31,11 +31,16 @@ fn bench_compares_modes_and_writes_json_and_svg() {
     assert!(first.starts_with("host: "), "the report starts with the host probe: {out}");
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
         assert!(first.starts_with("host: emulating"), "{out}");
+        // One line saying the ratios mean nothing here, and what to run instead.
+        let second = out.lines().nth(1).unwrap_or_default();
+        assert!(second.contains("carry no meaning") && second.contains("scripts/nested.sh --three-way"), "{out}");
     }
     assert!(out.contains("ctxsw   shadow/ept: wall time x"), "{out}");
 
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(v["schema"], 1);
+    let host = v["host"].as_str().unwrap();
+    assert_eq!(format!("host: {host}"), first, "the JSON's host line has no repeated 'host: ' prefix");
     let ws = v["workloads"].as_array().unwrap();
     assert_eq!(ws.len(), 2);
     for w in ws {
@@ -53,6 +58,13 @@ fn bench_compares_modes_and_writes_json_and_svg() {
     let chart = std::fs::read_to_string(&svg).unwrap();
     assert!(chart.starts_with("<svg"), "{}", &chart[..chart.len().min(200)]);
     assert!(chart.contains("ctxsw") && chart.contains("tlb"), "workload labels missing");
+    // The chart carries the host label, the labelled baseline and a value
+    // on every bar (2 workloads x 3 series).
+    assert!(chart.contains("host: "), "host label missing");
+    assert!(chart.contains("1 = ept mode"), "baseline label missing");
+    let labels = |prefix: char| chart.lines().filter(|l| l.trim_start().starts_with(prefix)).count();
+    assert_eq!(labels('×'), 4, "a ratio label per time bar: {chart}");
+    assert_eq!(labels('+'), 2, "an exits label per exits bar");
 }
 
 #[test]

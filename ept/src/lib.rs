@@ -14,6 +14,7 @@
 //!   translation (EPT, NPT, PVM or none), THP and hugetlb.
 
 pub mod backing;
+pub mod json;
 pub mod memmap;
 pub mod pagemap;
 pub mod probe;

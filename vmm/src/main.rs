@@ -156,7 +156,11 @@ fn test(args: TestArgs, process_start: Instant) -> i32 {
     let failed: usize = modes.iter().map(|m| m.failed()).sum::<usize>() + disagreements;
     println!("{passed} passed, {failed} failed");
     if let Some(path) = &args.json {
-        let json = serde_json::json!({ "schema": 1, "modes": modes, "passed": passed, "failed": failed });
+        // The host, from evidence only (no calibration run): the nested
+        // label (e.g. "AMD NPT inside QEMU TCG — ...") or the second stage.
+        let stage = ept::probe::second_stage();
+        let host = ept::probe::identity().nested_label(stage).unwrap_or_else(|| stage.describe().to_string());
+        let json = serde_json::json!({ "schema": 1, "host": host, "modes": modes, "passed": passed, "failed": failed });
         if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&json).unwrap_or_default() + "\n") {
             eprintln!("error: cannot write {}: {e}", path.display());
             return exit_code::SETUP;
