@@ -217,7 +217,8 @@ if [ ! -f "$initrd" ]; then
     mkdir -p "$ir"/{bin,proc,sys,dev,tmp,run,lib/modules}
     cp /bin/busybox "$ir/bin/busybox"
     printf '%s\n' "$init_script" >"$ir/init" && chmod +x "$ir/init"
-    cp "$vmm" "$ir/bin/vmm"
+    # Without debug information: a debug build shrinks from ~100 MB.
+    strip --strip-debug -o "$ir/bin/vmm" "$vmm" 2>/dev/null || cp "$vmm" "$ir/bin/vmm"
     # The shared libraries and the dynamic loader, at the paths ldd names.
     for lib in $(ldd "$vmm" | grep -o '/[^ ]*'); do
         mkdir -p "$ir$(dirname "$lib")" && cp -L "$lib" "$ir$lib"
