@@ -304,7 +304,7 @@ if [ "$qemu_rc" = 124 ] || [ "$qemu_rc" = 137 ]; then
     die 5 "timeout: the $host host was still running after ${timeout_s}s (console: $log)"
 fi
 if ! grep -q '^NESTED:INIT' "$log"; then
-    err=$(grep -v '^\s*$' "$run/qemu.err" | tail -1)
+    err=$(grep -v -e '^\s*$' -e 'warning:' "$run/qemu.err" | tail -1)
     [ -n "$err" ] && die 3 "QEMU failed before the nested kernel reached init: $err"
     die 3 "the nested kernel did not reach init (QEMU exit $qemu_rc; console: $log)"
 fi
