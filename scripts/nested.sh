@@ -282,6 +282,13 @@ while [ $i -lt ${#vmm_args[@]} ]; do
     i=$((i + 1))
 done
 printf '%s\n' "$cmd" >"$run/rd/run/cmd"
+# The console shows the caller's paths, not their stand-ins in the share.
+: >"$run/paths.sed"
+for o in "${outs[@]}"; do
+    from=$(printf '%s' "${o%%$'\t'*}" | sed 's/[]|&\\.*^$[]/\\&/g')
+    to=$(printf '%s' "${o#*$'\t'}" | sed 's/[|&\\]/\\&/g')
+    printf 's|%s|%s|g\n' "$from" "$to" >>"$run/paths.sed"
+done
 printf 'NPT=%s\n' "$npt" >"$run/rd/run/params"
 (cd "$run/rd" && find . | cpio -o -H newc --quiet | gzip -1) >"$run/params.cpio.gz"
 cat "$initrd" "$run/params.cpio.gz" >"$run/initrd.cpio.gz"
@@ -296,7 +303,7 @@ timeout -k 10 "$timeout_s" qemu-system-x86_64 -accel tcg -cpu "$cpu" -m "$qemu_m
     -append "console=ttyS0 quiet panic=-1 oops=panic" \
     -virtfs "local,path=$run/share,mount_tag=share,security_model=none,id=share" \
     </dev/null 2>"$run/qemu.err" \
-    | sed -u 's/\r$//' | tee "$log" | sed -u -e '/^NESTED:/d' -e '/reboot: Power down$/d'
+    | sed -u 's/\r$//' | tee "$log" | sed -u -e '/^NESTED:/d' -e '/reboot: Power down$/d' -f "$run/paths.sed"
 qemu_rc=${PIPESTATUS[0]}
 elapsed=$(($(date +%s) - start))
 
