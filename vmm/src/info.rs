@@ -6,6 +6,12 @@
 //! speed (well under 5 ns per instruction); KVM's instruction emulator
 //! takes hundreds of nanoseconds. Every report of this project starts with
 //! this verdict, so an emulated number is never mistaken for a hardware one.
+//!
+//! Speed alone cannot tell a nested host from hardware: QEMU's TCG runs a
+//! nested guest at a few ns per instruction, inside the "native" band. So
+//! the headline of a recognised nested host comes from evidence instead —
+//! the CPUID hypervisor signature, DMI and the KVM module
+//! (`ept::probe::HostIdentity`) — e.g. "AMD NPT inside QEMU TCG — ...".
 
 use crate::devices::hypercall::Report;
 use crate::error::Result;
