@@ -31,11 +31,16 @@ fn bench_compares_modes_and_writes_json_and_svg() {
     assert!(first.starts_with("host: "), "the report starts with the host probe: {out}");
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
         assert!(first.starts_with("host: emulating"), "{out}");
+        // One line saying the ratios mean nothing here, and what to run instead.
+        let second = out.lines().nth(1).unwrap_or_default();
+        assert!(second.contains("carry no meaning") && second.contains("scripts/nested.sh --three-way"), "{out}");
     }
     assert!(out.contains("ctxsw   shadow/ept: wall time x"), "{out}");
 
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(v["schema"], 1);
+    let host = v["host"].as_str().unwrap();
+    assert_eq!(format!("host: {host}"), first, "the JSON's host line has no repeated 'host: ' prefix");
     let ws = v["workloads"].as_array().unwrap();
     assert_eq!(ws.len(), 2);
     for w in ws {
@@ -53,6 +58,13 @@ fn bench_compares_modes_and_writes_json_and_svg() {
     let chart = std::fs::read_to_string(&svg).unwrap();
     assert!(chart.starts_with("<svg"), "{}", &chart[..chart.len().min(200)]);
     assert!(chart.contains("ctxsw") && chart.contains("tlb"), "workload labels missing");
+    // The chart carries the host label, the labelled baseline and a value
+    // on every bar (2 workloads x 3 series).
+    assert!(chart.contains("host: "), "host label missing");
+    assert!(chart.contains("1 = ept mode"), "baseline label missing");
+    let labels = |prefix: char| chart.lines().filter(|l| l.trim_start().starts_with(prefix)).count();
+    assert_eq!(labels('×'), 4, "a ratio label per time bar: {chart}");
+    assert_eq!(labels('+'), 2, "an exits label per exits bar");
 }
 
 #[test]
@@ -63,4 +75,75 @@ fn bench_refuses_unknown_workloads_and_a_chart_of_one_mode() {
     let o = run(&["bench", "--mmu", "ept", "--svg", "/tmp/x.svg"]);
     assert_exit(&o, 2);
     assert!(stderr(&o).contains("needs --mmu both"), "{}", stderr(&o));
+}
+
+/// A minimal `vmm bench` JSON report of one host.
+fn bench_json(second_stage: &str, host: &str, modes: &[(&str, f64, f64)]) -> String {
+    let modes: Vec<serde_json::Value> = modes
+        .iter()
+        .map(|&(mmu, t, x)| serde_json::json!({ "mmu": mmu, "ops": 8, "wall_ns_per_op": t, "exits_per_op": x }))
+        .collect();
+    serde_json::json!({
+        "schema": 1,
+        "host": host,
+        "probe": { "facts": { "second_stage": second_stage } },
+        "workloads": [ { "workload": "fork", "modes": modes } ],
+    })
+    .to_string()
+}
+
+#[test]
+fn compare_makes_the_three_way_report() {
+    let (npt, kvm) = (temp_path("npt.json"), temp_path("kvm.json"));
+    std::fs::write(&npt, bench_json("npt", "AMD NPT inside QEMU TCG", &[("ept", 1e6, 0.0), ("shadow", 12e6, 80.0)]))
+        .unwrap();
+    std::fs::write(
+        &kvm,
+        bench_json(
+            "host-shadow",
+            "KVM shadow MMU (npt=0) inside QEMU TCG",
+            &[("ept", 4e6, 0.0), ("shadow", 24e6, 80.0)],
+        ),
+    )
+    .unwrap();
+    let out = temp_path("three-way");
+    let o = run(&["compare", npt.to_str().unwrap(), kvm.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_exit(&o, 0);
+    let table = stdout(&o);
+    for line in [
+        "  npt          AMD NPT inside QEMU TCG",
+        "  kvm-shadow   KVM shadow MMU (npt=0) inside QEMU TCG",
+        "npt/ept            NPT: ept mode on the NPT host (npt=1)  [baseline]",
+        "kvm-shadow/ept     KVM's shadow MMU: ept mode on the KVM-shadow host (npt=0)",
+        "fork    kvm-shadow/ept          8     4.00 ms      0.00     ×4.0",
+        "fork    npt/shadow              8    12.00 ms     80.00      ×12",
+        "fork    kvm-shadow/shadow       8    24.00 ms     80.00      ×24",
+    ] {
+        assert!(table.contains(line), "missing {line:?} in\n{table}");
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(v["baseline"], "npt/ept");
+    let ratios: Vec<f64> = v["workloads"][0]["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["ratio_to_baseline"].as_f64().unwrap())
+        .collect();
+    assert_eq!(ratios, [1.0, 4.0, 12.0, 24.0]);
+    let chart = std::fs::read_to_string(out.join("report.svg")).unwrap();
+    assert!(chart.contains("1 = NPT: ept mode on the NPT host"), "the baseline is labelled");
+    assert!(chart.contains("kvm-shadow: KVM shadow MMU (npt=0) inside QEMU TCG"), "the host labels are drawn");
+
+    // An unknown baseline is a usage error naming the columns; a file that
+    // is not a bench report is refused with its name.
+    let o = run(&["compare", npt.to_str().unwrap(), "--baseline", "nope/ept", "--out", out.to_str().unwrap()]);
+    assert_exit(&o, 2);
+    assert_eq!(error_line(&o), "error: unknown --baseline 'nope/ept': the columns are npt/ept, npt/shadow");
+    let junk = temp_path("junk.json");
+    std::fs::write(&junk, "{\"schema\": 1}").unwrap();
+    let o = run(&["compare", junk.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_exit(&o, 3);
+    let want = format!("error: {} is not a vmm bench report", junk.display());
+    assert!(error_line(&o).starts_with(&want), "{}", error_line(&o));
 }

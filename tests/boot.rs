@@ -58,6 +58,11 @@ fn stats_count_exits_by_reason() {
     assert_eq!(v["reports"][0]["type"], "boot", "{v}");
     assert_eq!(v["reports"][0]["regions"], 6, "{v}");
     assert!(v["stats"]["guest_boot_cycles"].as_u64().unwrap() > 0);
+    // Durations are integer nanoseconds (not serde's {secs, nanos}).
+    let setup = v["stats"]["setup_time_ns"].as_u64().expect("setup_time_ns is an integer");
+    let run = v["stats"]["run_time_ns"].as_u64().expect("run_time_ns is an integer");
+    assert!(setup > 0 && run > 0, "{v}");
+    assert!(v["stats"].get("setup_time").is_none(), "{v}");
 }
 
 #[test]

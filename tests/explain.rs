@@ -37,13 +37,21 @@ fn explain_walks_the_chain_and_agrees_with_kvm_translate() {
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let explain = v["explain"].as_array().unwrap();
     assert_eq!(explain.len(), 3);
+    // Addresses are "0x…" strings: a JSON number loses the low bits of a
+    // kernel address in jq.
+    let hex = |v: &serde_json::Value| {
+        let s = v.as_str().unwrap_or_else(|| panic!("an address is a hex string: {v}"));
+        u64::from_str_radix(s.strip_prefix("0x").expect("0x prefix"), 16).unwrap()
+    };
+    assert_eq!(explain[0]["gva"], "0xffffffff80200000");
+    assert_eq!(explain[0]["walk"]["steps"][0]["table_gpa"], "0x9000");
     for e in &explain[..2] {
-        let gpa = e["walk"]["end"]["gpa"].as_u64().unwrap();
-        assert_eq!(e["kvm_translate"].as_u64(), Some(gpa), "{e}");
-        let hva = e["hva"].as_u64().unwrap();
+        let gpa = hex(&e["walk"]["end"]["gpa"]);
+        assert_eq!(hex(&e["kvm_translate"]), gpa, "{e}");
+        let hva = hex(&e["hva"]);
         match e["host"]["state"].as_str().unwrap() {
             // The HPA keeps the HVA's offset in its 4 KiB page.
-            "present" => assert_eq!(e["host"]["hpa"].as_u64().unwrap() & 0xfff, hva & 0xfff),
+            "present" => assert_eq!(hex(&e["host"]["hpa"]) & 0xfff, hva & 0xfff),
             "unavailable" => {}
             other => panic!("boot memory is touched, so it must be resident: {other}"),
         }
@@ -128,4 +136,18 @@ fn info_probes_the_host_and_calibrates() {
     assert_eq!(v["calibration"]["iterations"], 20000);
     assert!(v["calibration"]["ns_per_instruction"].as_f64().unwrap() > 0.0);
     assert_eq!(v["facts"]["kvm_api_version"], 12);
+    // The host line without a repeated "host: " prefix, and the evidence
+    // behind it.
+    let host = v["host"].as_str().unwrap();
+    assert!(!host.starts_with("host:"), "{host}");
+    let stem = host.split(" (").next().unwrap();
+    assert!(
+        first.starts_with(&format!("host: {stem} (")),
+        "the JSON's host is the text's first line: {host} / {first}"
+    );
+    assert!(v["facts"]["identity"].get("hypervisor_signature").is_some(), "{v}");
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert_eq!(v["facts"]["identity"]["kvm_module"], "kvm_pvm");
+        assert_eq!(v["nested"], serde_json::Value::Null, "the PVM host is not a nested SVM host");
+    }
 }

@@ -11,9 +11,13 @@
 //! - [`walk`]: a display-oriented walk of the guest's page tables (each
 //!   level's index and entry) and the two-dimensional walk cost model.
 //! - [`probe`]: what the host offers: KVM capabilities, the second-stage
-//!   translation (EPT, NPT, PVM or none), THP and hugetlb.
+//!   translation (EPT, NPT, PVM or none), what the host itself runs on
+//!   (CPUID hypervisor leaf, DMI), THP and hugetlb.
+//! - [`json`]: addresses as hex strings and durations as nanoseconds in
+//!   every JSON the project writes.
 
 pub mod backing;
+pub mod json;
 pub mod memmap;
 pub mod pagemap;
 pub mod probe;

@@ -56,6 +56,7 @@ impl RegionKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Region {
     /// First GPA.
+    #[serde(serialize_with = "crate::json::hex")]
     pub start: u64,
     /// Length in bytes.
     pub len: u64,
@@ -81,6 +82,7 @@ pub struct SlotSpec {
     /// Slot number.
     pub slot: u32,
     /// First GPA.
+    #[serde(serialize_with = "crate::json::hex")]
     pub gpa: u64,
     /// Length in bytes.
     pub len: u64,

@@ -27,6 +27,7 @@ pub enum HostPage {
     /// Resident: host-physical address and the host page size backing it.
     Present {
         /// Host-physical address of the byte at the HVA.
+        #[serde(serialize_with = "crate::json::hex")]
         hpa: u64,
         /// Host page size in bytes (4 KiB, or 2 MiB / 1 GiB when huge).
         page_size: u64,

@@ -55,10 +55,12 @@ pub struct Step {
     /// "PML4", "PDPT", "PD" or "PT".
     pub table: &'static str,
     /// GPA of the table page.
+    #[serde(serialize_with = "crate::json::hex")]
     pub table_gpa: u64,
     /// Index of the entry in the table.
     pub index: u64,
     /// The entry's value.
+    #[serde(serialize_with = "crate::json::hex")]
     pub entry: u64,
 }
 
@@ -69,6 +71,7 @@ pub enum WalkEnd {
     /// Mapped: the GPA and the guest page size.
     Mapped {
         /// Guest-physical address of the byte.
+        #[serde(serialize_with = "crate::json::hex")]
         gpa: u64,
         /// Guest page size (4 KiB, 2 MiB or 1 GiB).
         page_size: u64,
@@ -80,6 +83,7 @@ pub enum WalkEnd {
     /// A table pointer leads outside guest memory.
     TableOutsideMemory {
         /// The GPA that could not be read.
+        #[serde(serialize_with = "crate::json::hex")]
         gpa: u64,
     },
 }

@@ -97,7 +97,8 @@ pub struct WorkloadReport {
 pub struct BenchReport {
     /// [`SCHEMA`].
     pub schema: u32,
-    /// The host probe's verdict line.
+    /// The host probe's one-line description (its headline without the
+    /// `host: ` prefix).
     pub host: String,
     /// The host probe.
     pub probe: HostReport,
@@ -197,14 +198,17 @@ pub fn run(plan: &BenchPlan, probe: HostReport, mut progress: impl FnMut(&str)) 
         };
         workloads.push(WorkloadReport { workload: name.clone(), modes, time_ratio, cycles_ratio, extra_exits_per_op });
     }
-    Ok(BenchReport { schema: SCHEMA, host: probe.headline(), probe, workloads })
+    Ok(BenchReport { schema: SCHEMA, host: probe.summary(), probe, workloads })
 }
 
 impl BenchReport {
     /// The terminal table.
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "{}", self.host);
+        let _ = writeln!(s, "host: {}", self.host);
+        if let Some(note) = self.emulation_note() {
+            let _ = writeln!(s, "{note}");
+        }
         let _ = writeln!(
             s,
             "{:<7} {:<6} {:>6} {:>12} {:>12} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6}",
@@ -255,68 +259,45 @@ impl BenchReport {
         s
     }
 
+    /// On a host the probe calls emulating, the one line that says the
+    /// ratios mean nothing there and where to get meaningful ones.
+    pub fn emulation_note(&self) -> Option<&'static str> {
+        (self.probe.verdict == crate::info::Verdict::Emulating).then_some(
+            "note: both modes are emulated instruction by instruction here, so the shadow/ept ratios carry no meaning on this host; `scripts/nested.sh --three-way` gives the nested three-way report (NPT, KVM's shadow MMU, ours)",
+        )
+    }
+
     /// Write the SVG chart: per workload, the shadow/ept ratio of wall time
-    /// and of guest cycles (log scale), and shadow's extra exits per op.
+    /// and of guest cycles, and 1 + shadow's extra exits per op (ept takes
+    /// none), on a log scale around the baseline 1 = ept mode.
     pub fn write_svg(&self, path: &std::path::Path) -> Result<(), String> {
-        use plotters::prelude::*;
         let rows: Vec<&WorkloadReport> = self.workloads.iter().filter(|w| w.time_ratio.is_some()).collect();
         if rows.is_empty() {
             return Err("the chart needs both modes (--mmu both)".into());
         }
-        let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
-        let err = |e: &dyn std::fmt::Display| e.to_string();
-        root.fill(&WHITE).map_err(|e| err(&e))?;
-        let max = rows
-            .iter()
-            .flat_map(|w| {
-                [w.time_ratio.unwrap_or(1.0), w.cycles_ratio.unwrap_or(1.0), 1.0 + w.extra_exits_per_op.unwrap_or(0.0)]
-            })
-            .fold(2.0f64, f64::max)
-            * 1.5;
-        let mut chart = ChartBuilder::on(&root)
-            .caption("shadow paging vs EPT: cost ratio per operation (log scale)", ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0f64..rows.len() as f64, (0.1f64..max).log_scale())
-            .map_err(|e| err(&e))?;
-        chart.configure_mesh().disable_x_mesh().x_labels(0).y_desc("shadow / ept").draw().map_err(|e| err(&e))?;
-        // Workload names under each group of bars, below the x axis.
-        for (i, w) in rows.iter().enumerate() {
-            let (px, py) = chart.backend_coord(&(i as f64 + 0.3, 0.1));
-            root.draw(&Text::new(w.workload.clone(), (px, py + 8), ("sans-serif", 15).into_font()))
-                .map_err(|e| err(&e))?;
+        let values = |f: &dyn Fn(&WorkloadReport) -> Option<f64>| rows.iter().map(|w| f(w)).collect::<Vec<_>>();
+        use crate::chart::Series;
+        let mut hosts = vec![format!("host: {}", self.host)];
+        if let Some(note) = self.emulation_note() {
+            hosts.push(note.to_string());
         }
-        type Series<'a> = (&'a str, RGBColor, f64, Box<dyn Fn(&WorkloadReport) -> f64>);
-        let series: [Series<'_>; 3] = [
-            ("wall time ratio", RGBColor(31, 119, 180), 0.1, Box::new(|w| w.time_ratio.unwrap_or(1.0))),
-            ("guest cycles ratio", RGBColor(255, 127, 14), 0.37, Box::new(|w| w.cycles_ratio.unwrap_or(1.0))),
-            (
-                "1 + extra exits per op (ept: 0)",
-                RGBColor(44, 160, 44),
-                0.64,
-                Box::new(|w| 1.0 + w.extra_exits_per_op.unwrap_or(0.0)),
-            ),
-        ];
-        for (label, color, off, f) in series {
-            chart
-                .draw_series(rows.iter().enumerate().map(|(i, w)| {
-                    let x = i as f64 + off;
-                    Rectangle::new([(x, 0.1), (x + 0.25, f(w).max(0.11))], color.filled())
-                }))
-                .map_err(|e| err(&e))?
-                .label(label)
-                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+        crate::chart::RatioChart {
+            title: "shadow paging vs EPT: cost per operation, shadow / ept (log scale)".into(),
+            hosts,
+            baseline: "ept mode".into(),
+            y_desc: "shadow / ept".into(),
+            groups: rows.iter().map(|w| w.workload.clone()).collect(),
+            series: vec![
+                Series::ratios("wall time", values(&|w| w.time_ratio)),
+                Series::ratios("guest cycles", values(&|w| w.cycles_ratio)),
+                Series {
+                    label: "1 + extra exits per op (ept takes none; the bar says +extra)".into(),
+                    values: values(&|w| w.extra_exits_per_op.map(|x| 1.0 + x)),
+                    text: |v| format!("+{:.0}", v - 1.0),
+                },
+            ],
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE)
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| err(&e))?;
-        root.present().map_err(|e| err(&e))?;
-        Ok(())
+        .write_svg(path)
     }
 }
 

@@ -38,6 +38,42 @@ pub enum Command {
     /// Probe the host: KVM, its second-stage translation, huge pages, and a
     /// calibration run that tells hardware virtualisation from emulation.
     Info(InfoArgs),
+    /// Combine `vmm bench` JSON reports (e.g. from the nested NPT and
+    /// KVM-shadow hosts) into one report: a column per (host, MMU mode),
+    /// each column's time per operation relative to a baseline column.
+    #[command(after_help = COMPARE_EXIT_CODES)]
+    Compare(CompareArgs),
+}
+
+const COMPARE_EXIT_CODES: &str = "\
+Exit codes:
+  0  the report was written
+  2  bad command-line usage (an unknown --baseline column)
+  3  an input file unreadable or not a vmm bench report, or an output file not writable";
+
+/// Options of `vmm compare`.
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// `vmm bench` JSON reports, one per host (report.json of `vmm bench --out DIR`).
+    #[arg(value_name = "REPORT.json", required = true)]
+    pub reports: Vec<PathBuf>,
+
+    /// The column every ratio is relative to, as HOST/MODE (e.g. npt/ept)
+    /// [default: npt/ept or ept/ept when present, else the first column].
+    #[arg(long, value_name = "HOST/MODE")]
+    pub baseline: Option<String>,
+
+    /// Folder for the combined report (report.json, report.svg).
+    #[arg(long, value_name = "DIR", default_value = "compare-report")]
+    pub out: PathBuf,
+
+    /// Write the JSON report here instead of DIR/report.json.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    /// Write the SVG chart here instead of DIR/report.svg.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
 }
 
 /// Options of `vmm test`.

@@ -16,8 +16,10 @@ use std::fmt::Write as _;
 #[derive(Debug, Clone, Serialize)]
 pub struct Explanation {
     /// The address explained.
+    #[serde(serialize_with = "ept::json::hex")]
     pub gva: u64,
     /// The guest CR3 the walk started from.
+    #[serde(serialize_with = "ept::json::hex")]
     pub cr3: u64,
     /// The MMU mode.
     pub mmu: &'static str,
@@ -26,6 +28,7 @@ pub struct Explanation {
     /// The memslot holding the GPA.
     pub slot: Option<SlotSpec>,
     /// The host-virtual address of the GPA.
+    #[serde(serialize_with = "ept::json::hex_opt")]
     pub hva: Option<u64>,
     /// The host page behind the HVA.
     pub host: Option<HostPage>,
@@ -34,12 +37,29 @@ pub struct Explanation {
     /// The walk-cost model for this address.
     pub cost: Option<WalkCost>,
     /// What `KVM_TRANSLATE` says the GPA is (`None`: not mapped).
+    #[serde(serialize_with = "ept::json::hex_opt")]
     pub kvm_translate: Option<u64>,
     /// Shadow mode: the shadow leaf the vCPU really walks (entry, level),
     /// `None` when not shadowed (yet).
+    #[serde(serialize_with = "shadow_leaf_json")]
     pub shadow_leaf: Option<(u64, u8)>,
     /// Shadow mode: the shadow root the vCPU's CR3 holds.
+    #[serde(serialize_with = "ept::json::hex_opt")]
     pub shadow_root: Option<u64>,
+}
+
+/// The shadow leaf as `{"entry": "0x…", "level": N}`.
+fn shadow_leaf_json<S: serde::Serializer>(v: &Option<(u64, u8)>, s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Leaf {
+        #[serde(serialize_with = "ept::json::hex")]
+        entry: u64,
+        level: u8,
+    }
+    match v {
+        Some((entry, level)) => s.serialize_some(&Leaf { entry: *entry, level: *level }),
+        None => s.serialize_none(),
+    }
 }
 
 impl Explanation {

@@ -6,6 +6,12 @@
 //! speed (well under 5 ns per instruction); KVM's instruction emulator
 //! takes hundreds of nanoseconds. Every report of this project starts with
 //! this verdict, so an emulated number is never mistaken for a hardware one.
+//!
+//! Speed alone cannot tell a nested host from hardware: QEMU's TCG runs a
+//! nested guest at a few ns per instruction, inside the "native" band. So
+//! the headline of a recognised nested host comes from evidence instead —
+//! the CPUID hypervisor signature, DMI and the KVM module
+//! (`ept::probe::HostIdentity`) — e.g. "AMD NPT inside QEMU TCG — ...".
 
 use crate::devices::hypercall::Report;
 use crate::error::Result;
@@ -76,6 +82,11 @@ pub struct HostReport {
     pub schema: u32,
     /// The verdict, repeated at the top for readers of the JSON.
     pub verdict: Verdict,
+    /// The one-line description of the host every report carries (the
+    /// headline without its `host: ` prefix).
+    pub host: String,
+    /// For a recognised nested host (e.g. NPT inside QEMU TCG), its label.
+    pub nested: Option<String>,
     /// Static facts.
     pub facts: HostFacts,
     /// The calibration, if it ran.
@@ -126,23 +137,35 @@ pub fn probe(kvm: &kvm_ioctls::Kvm, iterations: u64, process_start: Instant) -> 
         None if facts.cpu_hw_virt => Verdict::Uncertain,
         None => Verdict::Emulating,
     };
-    HostReport { schema: 1, verdict, facts, calibration, calibration_error }
+    let nested = facts.identity.nested_label(facts.second_stage);
+    let mut report =
+        HostReport { schema: 1, verdict, host: String::new(), nested, facts, calibration, calibration_error };
+    report.host = report.summary();
+    report
 }
 
 impl HostReport {
     /// The one-line verdict that heads every report.
     pub fn headline(&self) -> String {
+        format!("host: {}", self.summary())
+    }
+
+    /// The headline without its `host: ` prefix (the JSON's `host` field).
+    pub fn summary(&self) -> String {
         let speed = self
             .calibration
             .as_ref()
             .map(|c| format!("{:.1} ns per guest instruction", c.ns_per_instruction))
             .unwrap_or_else(|| "calibration failed".into());
+        if let Some(label) = &self.nested {
+            return format!("{label} ({speed})");
+        }
         match self.verdict {
             Verdict::Emulating => format!(
-                "host: emulating — KVM runs the guest instruction by instruction ({speed}); times here are NOT hardware times"
+                "emulating — KVM runs the guest instruction by instruction ({speed}); times here are NOT hardware times"
             ),
-            Verdict::Native => format!("host: native — hardware virtualisation runs the guest ({speed})"),
-            Verdict::Uncertain => format!("host: uncertain — neither clearly native nor emulated ({speed})"),
+            Verdict::Native => format!("native — hardware virtualisation runs the guest ({speed})"),
+            Verdict::Uncertain => format!("uncertain — neither clearly native nor emulated ({speed})"),
         }
     }
 
@@ -160,6 +183,26 @@ impl HostReport {
         }
         let _ = writeln!(s, "second stage:         {}", f.second_stage.describe());
         let _ = writeln!(s, "cpu vmx/svm:          {}", if f.cpu_hw_virt { "yes" } else { "no" });
+        let id = &f.identity;
+        let _ = writeln!(
+            s,
+            "hypervisor (cpuid):   {}",
+            match (&id.hypervisor_signature, id.hypervisor) {
+                (Some(sig), Some(name)) => format!("{name} (\"{sig}\")"),
+                (Some(sig), None) => format!("unknown (\"{sig}\")"),
+                (None, _) => "none (bare metal, or the bit is hidden)".into(),
+            }
+        );
+        if let Some(v) = &id.dmi_sys_vendor {
+            let _ = writeln!(
+                s,
+                "dmi:                  {v}{}",
+                id.dmi_product_name.as_ref().map(|p| format!(" / {p}")).unwrap_or_default()
+            );
+        }
+        if let Some(m) = id.kvm_module {
+            let _ = writeln!(s, "kvm module:           {m}");
+        }
         let _ = writeln!(
             s,
             "host shadows tables:  {}",

@@ -10,7 +10,9 @@
 
 pub mod bench;
 pub mod boot;
+pub mod chart;
 pub mod cli;
+pub mod compare;
 pub mod devices;
 pub mod error;
 pub mod explain;

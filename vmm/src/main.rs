@@ -3,7 +3,7 @@
 use clap::Parser;
 use std::process::ExitCode;
 use std::time::Instant;
-use vmm::cli::{BenchArgs, Cli, Command, InfoArgs, MmuArg, RunArgs, TestArgs};
+use vmm::cli::{BenchArgs, Cli, Command, CompareArgs, InfoArgs, MmuArg, RunArgs, TestArgs};
 use vmm::error::exit_code;
 use vmm::vm::{KernelSource, Vm, VmConfig};
 
@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         Command::Info(args) => info(args, process_start),
         Command::Test(args) => test(args, process_start),
         Command::Bench(args) => bench(args, process_start),
+        Command::Compare(args) => compare(args),
     };
     ExitCode::from(code as u8)
 }
@@ -155,7 +156,11 @@ fn test(args: TestArgs, process_start: Instant) -> i32 {
     let failed: usize = modes.iter().map(|m| m.failed()).sum::<usize>() + disagreements;
     println!("{passed} passed, {failed} failed");
     if let Some(path) = &args.json {
-        let json = serde_json::json!({ "schema": 1, "modes": modes, "passed": passed, "failed": failed });
+        // The host, from evidence only (no calibration run): the nested
+        // label (e.g. "AMD NPT inside QEMU TCG — ...") or the second stage.
+        let stage = ept::probe::second_stage();
+        let host = ept::probe::identity().nested_label(stage).unwrap_or_else(|| stage.describe().to_string());
+        let json = serde_json::json!({ "schema": 1, "host": host, "modes": modes, "passed": passed, "failed": failed });
         if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&json).unwrap_or_default() + "\n") {
             eprintln!("error: cannot write {}: {e}", path.display());
             return exit_code::SETUP;
@@ -239,6 +244,44 @@ fn bench(args: BenchArgs, process_start: Instant) -> i32 {
     let mut written = vec![json.display().to_string()];
     if let Some(svg) = &svg {
         if let Err(e) = report.write_svg(svg) {
+            eprintln!("error: cannot write {}: {e}", svg.display());
+            return exit_code::SETUP;
+        }
+        written.push(svg.display().to_string());
+    }
+    eprintln!("wrote {}", written.join(", "));
+    exit_code::SUCCESS
+}
+
+fn compare(args: CompareArgs) -> i32 {
+    let report = match vmm::compare::compare(&args.reports, args.baseline.as_deref()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return match e {
+                vmm::compare::CompareError::Usage(_) => exit_code::USAGE,
+                vmm::compare::CompareError::Input(_) => exit_code::SETUP,
+            };
+        }
+    };
+    let json = args.json.clone().unwrap_or_else(|| args.out.join("report.json"));
+    let svg = args.svg.clone().unwrap_or_else(|| args.out.join("report.svg"));
+    for path in [&json, &svg] {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && let Err(e) = std::fs::create_dir_all(dir)
+        {
+            eprintln!("error: cannot create {}: {e}", dir.display());
+            return exit_code::SETUP;
+        }
+    }
+    print!("{}", report.render());
+    if let Err(e) = std::fs::write(&json, serde_json::to_string_pretty(&report).unwrap_or_default() + "\n") {
+        eprintln!("error: cannot write {}: {e}", json.display());
+        return exit_code::SETUP;
+    }
+    let mut written = vec![json.display().to_string()];
+    if report.columns.len() > 1 {
+        if let Err(e) = report.write_svg(&svg) {
             eprintln!("error: cannot write {}: {e}", svg.display());
             return exit_code::SETUP;
         }

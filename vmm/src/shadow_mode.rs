@@ -73,12 +73,16 @@ pub enum Coherence {
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct HandlerTimes {
     /// `SHADOW_FAULT` handling.
+    #[serde(rename = "fault_ns", serialize_with = "ept::json::ns")]
     pub fault: Duration,
     /// Page-table write traps.
+    #[serde(rename = "pte_write_ns", serialize_with = "ept::json::ns")]
     pub pte_write: Duration,
     /// `LOAD_CR3` handling (including `KVM_SET_SREGS`).
+    #[serde(rename = "load_cr3_ns", serialize_with = "ept::json::ns")]
     pub load_cr3: Duration,
     /// Host invalidations.
+    #[serde(rename = "invalidate_ns", serialize_with = "ept::json::ns")]
     pub invalidate: Duration,
 }
 

@@ -19,13 +19,15 @@ pub struct BenchPhase {
     pub cycles: u64,
     /// The workload's self-check passed.
     pub ok: bool,
-    /// Host wall time of the phase.
+    /// Host wall time of the phase (JSON: `wall_ns`).
+    #[serde(rename = "wall_ns", serialize_with = "ept::json::ns")]
     pub wall: Duration,
     /// Exits during the phase by reason (the closing `REPORT` excluded).
     pub exits: BTreeMap<&'static str, u64>,
     /// Shadow-MMU counters during the phase (shadow mode).
     pub shadow: Option<shadow::ShadowStats>,
     /// VMM time in shadow handlers during the phase.
+    #[serde(rename = "shadow_handler_time_ns", serialize_with = "ept::json::ns_opt")]
     pub shadow_handler_time: Option<Duration>,
 }
 
@@ -44,8 +46,10 @@ pub struct RunStats {
     /// Hypercalls by name.
     pub hypercalls: BTreeMap<&'static str, u64>,
     /// Process start → first `KVM_RUN` (the first guest instruction).
+    #[serde(rename = "setup_time_ns", serialize_with = "ept::json::ns")]
     pub setup_time: Duration,
     /// First `KVM_RUN` → the VM ended.
+    #[serde(rename = "run_time_ns", serialize_with = "ept::json::ns")]
     pub run_time: Duration,
     /// Guest RAM in bytes.
     pub memory: u64,

@@ -1,0 +1,91 @@
+//! `scripts/nested.sh`, the driver that runs a `vmm` command line on a
+//! nested KVM host inside QEMU: its usage errors (cheap: refused before
+//! anything is installed or booted) and, with one QEMU boot, that the
+//! inner command's exit code, console and output files come back.
+
+mod common;
+use common::*;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/nested.sh")
+}
+
+fn nested(args: &[&str], cache: &std::path::Path) -> Output {
+    Command::new(script())
+        .args(args)
+        .env("VMM_BIN", env!("CARGO_BIN_EXE_vmm"))
+        .env("NESTED_CACHE", cache)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run scripts/nested.sh")
+}
+
+#[test]
+fn usage_errors_are_refused_before_anything_is_installed_or_booted() {
+    let cache = temp_path("nested-cache-untouched");
+    let cases: [(&[&str], &str); 4] = [
+        (&["--host", "nosuch", "--", "info"], "unknown host 'nosuch': expected npt or kvm-shadow"),
+        (&["--host", "npt"], "no vmm command line"),
+        (&["--hots", "npt", "--", "info"], "unknown option '--hots'"),
+        (&["--host", "npt", "--timeout", "5m", "--", "info"], "--timeout '5m' is not a whole number of seconds"),
+    ];
+    for (args, message) in cases {
+        let o = nested(args, &cache);
+        assert_exit(&o, 2);
+        let err = stderr(&o);
+        assert!(err.lines().next().unwrap_or_default().contains(message), "{args:?}: {err}");
+        assert!(stdout(&o).is_empty(), "{args:?}: nothing booted, nothing printed: {}", stdout(&o));
+    }
+    assert!(!cache.exists(), "a usage error must not touch the cache (nor fetch, install or boot anything)");
+}
+
+/// Whether QEMU can run here: present, or installable because this is CI
+/// (root, apt-get). Otherwise the boot test says so loudly and is skipped.
+fn qemu_available() -> bool {
+    let present =
+        Command::new("sh").args(["-c", "command -v qemu-system-x86_64"]).output().is_ok_and(|o| o.status.success());
+    if present || std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        return true;
+    }
+    eprintln!("*** SKIPPED: qemu-system-x86_64 is not installed (scripts/nested.sh installs it as root; CI does) ***");
+    false
+}
+
+#[test]
+fn a_failing_inner_command_gives_its_exit_code_console_and_files() {
+    if !qemu_available() {
+        return;
+    }
+    let cache = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/nested");
+    let json = temp_path("nested-stats.json");
+    let o = nested(
+        &[
+            "--host",
+            "npt",
+            "--",
+            "run",
+            "--memory",
+            "64M",
+            "--cmdline",
+            "crash=panic",
+            "--stats-json",
+            json.to_str().unwrap(),
+        ],
+        &cache,
+    );
+    // The guest panics: the inner vmm exits 1 (a guest failure), and so
+    // does the driver — not 0, and not one of its own codes (2, 3, 5).
+    assert_exit(&o, 1);
+    let out = stdout(&o);
+    assert!(out.contains("deliberate panic (crash=panic)"), "the nested console streams: {out}");
+    assert!(out.contains("the guest ended with failure status"), "{out}");
+    assert!(!out.contains("NESTED:"), "the driver's markers stay out of the console: {out}");
+    assert!(stderr(&o).contains("exit code 1"), "{}", stderr(&o));
+    // The file the command wrote inside the nested host came back, at the
+    // absolute path it was given.
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("stats JSON copied back")).unwrap();
+    assert_eq!(v["stats"]["exits"]["io-out:exit"], 1, "{v}");
+}
