@@ -114,6 +114,20 @@ pub enum Error {
     GuestHalted { rip: u64 },
     #[error("timeout: the guest was still running after {}", crate::size::format_duration(*.0))]
     Timeout(std::time::Duration),
+    #[error(
+        "timeout: the guest was still running after {}, and the VMM was still busy handling its last exit; the VM was abandoned",
+        crate::size::format_duration(*.0)
+    )]
+    VcpuStuck(std::time::Duration),
+    #[error(
+        "timeout: the guest's console output ({unwritten} bytes) could not be written within {}: is the reader of stdout stopped?",
+        crate::size::format_duration(*timeout)
+    )]
+    ConsoleBlocked { timeout: std::time::Duration, unwritten: u64 },
+    #[error("the VMM's vCPU thread panicked (a VMM bug; please report it): {0}")]
+    VcpuPanicked(String),
+    #[error("the VM is no longer usable: its vCPU thread did not stop after the timeout")]
+    VmAbandoned,
 
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -129,8 +143,9 @@ impl Error {
             | InternalError { .. }
             | FailEntry(_)
             | UnexpectedExit { .. }
-            | GuestHalted { .. } => exit_code::GUEST_CRASH,
-            Timeout(_) => exit_code::TIMEOUT,
+            | GuestHalted { .. }
+            | VcpuPanicked(_) => exit_code::GUEST_CRASH,
+            Timeout(_) | VcpuStuck(_) | ConsoleBlocked { .. } | VmAbandoned => exit_code::TIMEOUT,
             _ => exit_code::SETUP,
         }
     }

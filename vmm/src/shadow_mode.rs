@@ -123,6 +123,8 @@ pub struct ShadowState {
     /// is emulated in the shadow instead (writable, supervisor-only
     /// leaves), and the guest reports its CR0 with `FLUSH_TLB(cr0)`.
     pub guest_wp: bool,
+    /// Warnings about `SHADOW_FAULT`s that could not be handled (bounded).
+    pub warnings: crate::limits::Limited,
     pool_pages: u32,
 }
 
@@ -162,6 +164,10 @@ impl ShadowState {
             times: HandlerTimes::default(),
             maxphyaddr,
             guest_wp: true,
+            warnings: crate::limits::Limited::new(
+                "warnings about SHADOW_FAULTs the VMM could not handle",
+                crate::limits::MAX_WARNINGS,
+            ),
             pool_pages: pages,
         }
     }
@@ -199,7 +205,11 @@ impl ShadowState {
             Ok(FaultOutcome::Fixed) => hc::FAULT_FIXED,
             Ok(FaultOutcome::GuestFault(ec)) => hc::FAULT_GUEST | ec as u64,
             Err(e) => {
-                log::warn!("SHADOW_FAULT({cr2:#x}, {error_code:#x}) failed: {e:?}");
+                // Bounded: a guest can send this before its first LOAD_CR3
+                // as often as it likes.
+                if self.warnings.allow() {
+                    log::warn!("SHADOW_FAULT({cr2:#x}, {error_code:#x}) failed: {e:?}");
+                }
                 hc::ERR_UNAVAILABLE
             }
         };
