@@ -21,14 +21,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs, process_start: Instant) -> i32 {
-    let mmu = match args.mmu {
-        MmuArg::Ept => guest_abi::MmuMode::Ept,
-        MmuArg::Shadow => guest_abi::MmuMode::Shadow,
-        MmuArg::Both => {
-            eprintln!("error: vmm run takes one mode: --mmu ept or --mmu shadow");
-            return exit_code::USAGE;
-        }
-    };
+    let mmu = args.mmu.mode();
     let config = VmConfig {
         kernel: args.kernel.clone().map_or(KernelSource::Bundled, KernelSource::File),
         memory: args.memory,
@@ -74,6 +67,11 @@ fn run(args: RunArgs, process_start: Instant) -> i32 {
     }
     match outcome.end {
         Ok(exit) if exit.success() => exit_code::SUCCESS,
+        Ok(exit) if exit.refused_cmdline_word(&args.cmdline).is_some() => {
+            let e = vmm::Error::GuestCmdline(exit.refused_cmdline_word(&args.cmdline).unwrap_or_default());
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
         Ok(exit) => {
             eprintln!(
                 "error: the guest ended with failure status {} (it wrote {:#x} to the exit device)",
@@ -150,6 +148,15 @@ fn test(args: TestArgs, process_start: Instant) -> i32 {
                 }
             }
         }
+    }
+    // A filter that matches nothing is a typo, not a success.
+    if modes.iter().all(|m| m.tests.is_empty() && m.error.is_none() && m.guest_success) {
+        if args.filter.is_empty() {
+            eprintln!("error: the guest kernel ran no tests (does it speak the test protocol?)");
+            return exit_code::GUEST_FAILURE;
+        }
+        eprintln!("error: no in-guest test name contains '{}' (--filter)", args.filter);
+        return exit_code::USAGE;
     }
     let passed: usize = modes.iter().map(|m| m.passed()).sum();
     let failed: usize = modes.iter().map(|m| m.failed()).sum::<usize>() + disagreements;

@@ -69,6 +69,15 @@ pub enum Coherence {
     ReloadCr3,
 }
 
+impl std::fmt::Display for Coherence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Coherence::ReregisterPoolSlot => "re-register the pool memslot",
+            Coherence::ReloadCr3 => "reload CR3",
+        })
+    }
+}
+
 /// Time spent in each handler, and how often.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct HandlerTimes {

@@ -138,7 +138,7 @@ impl RunStats {
         if let Some(sh) = &self.shadow {
             let st = &sh.stats;
             let us = |d: std::time::Duration, n: u64| if n == 0 { 0.0 } else { d.as_secs_f64() * 1e6 / n as f64 };
-            let _ = writeln!(s, "  shadow MMU (pool {} pages, coherence: {:?})", sh.pool_pages, sh.coherence);
+            let _ = writeln!(s, "  shadow MMU (pool {} pages, coherence: {})", sh.pool_pages, sh.coherence);
             let _ = writeln!(
                 s,
                 "    hidden faults       {:>10}   {:>8.2} us each in the VMM",

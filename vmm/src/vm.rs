@@ -30,6 +30,7 @@ use crate::devices::serial::{GuestSerial, new_serial};
 use crate::error::{Error, Result};
 use crate::explain::Explanation;
 use crate::layout::{self, MAX_MEMORY, MIN_MEMORY, PT_ZONE_START};
+use crate::limits::{Limited, ReportBudget};
 use crate::shadow_mode::{CR0_WP, Coherence, MemWindow, ShadowState, paging_mode};
 use crate::stats::RunStats;
 use ept::memmap::{MemoryMap, MemoryMapConfig};
@@ -41,7 +42,6 @@ use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
-use crate::limits::{Limited, ReportBudget};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -111,6 +111,18 @@ impl GuestExit {
     /// Whether the guest reported success.
     pub fn success(&self) -> bool {
         self.value == guest_abi::ports::EXIT_SUCCESS
+    }
+
+    /// The word of `cmdline` the guest refused, when it ended with
+    /// `EXIT_BAD_CMDLINE + index` (the bundled kernel checks its command
+    /// line before anything else).
+    pub fn refused_cmdline_word(&self, cmdline: &str) -> Option<String> {
+        use guest_abi::ports::{EXIT_BAD_CMDLINE, MAX_CMDLINE_WORD_INDEX};
+        let index = self.value.checked_sub(EXIT_BAD_CMDLINE).filter(|&i| i <= MAX_CMDLINE_WORD_INDEX)?;
+        Some(match cmdline.split_ascii_whitespace().nth(index as usize) {
+            Some(w) if index < MAX_CMDLINE_WORD_INDEX => w.to_string(),
+            _ => format!("number {index} or later"),
+        })
     }
 }
 
@@ -393,6 +405,14 @@ pub fn check_memory_size(memory: u64) -> Result<()> {
 impl VmCore {
     fn new(config: VmConfig, console: Box<dyn Write + Send>) -> Result<VmCore> {
         check_memory_size(config.memory)?;
+        let page = config.backing.alignment();
+        if page > 0 && !config.memory.is_multiple_of(page) {
+            return Err(Error::MemoryNotPageAligned {
+                memory: config.memory,
+                page,
+                backing: config.backing.to_string(),
+            });
+        }
         if config.mmu == MmuMode::Shadow && config.shadow_pool < min_shadow_pool(config.memory) {
             return Err(Error::ShadowPoolTooSmall(config.shadow_pool, config.memory, min_shadow_pool(config.memory)));
         }
@@ -908,7 +928,14 @@ impl VmCore {
                 }
                 Action::Hlt => {
                     stats.exit("hlt");
-                    return Err(Error::GuestHalted { rip: self.rip() });
+                    // No device of this VM ever raises an interrupt, so a
+                    // halt never ends either way; but say which halt it was
+                    // (RFLAGS.IF, bit 9: `sti; hlt` waits for an interrupt).
+                    let regs = self.vcpu.sync_regs().regs;
+                    if regs.rflags & (1 << 9) != 0 {
+                        return Err(Error::GuestIdle { rip: regs.rip });
+                    }
+                    return Err(Error::GuestHalted { rip: regs.rip });
                 }
                 Action::Shutdown => {
                     stats.exit("shutdown");
@@ -1057,4 +1084,75 @@ fn install_kick_handler() {
             log::warn!("cannot install the vCPU kick handler: {e}; --timeout may not interrupt a busy guest");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // These check what ends a run, not how fast: the bounds are far from
+    // the expected times and only catch a wait for the full timeout.
+
+    #[test]
+    fn a_panic_on_the_vcpu_thread_is_reported_at_once_with_its_message() {
+        let start = Instant::now();
+        let r = supervise(
+            "vcpu-test",
+            Duration::from_secs(120),
+            VCPU_STOP_GRACE,
+            || {},
+            || -> u32 { panic!("shadow walk hit an impossible entry") },
+        );
+        match r {
+            Supervised::Panicked(msg) => assert_eq!(msg, "shadow walk hit an impossible entry"),
+            other => panic!("{other:?}"),
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "reported at the timeout, not at once");
+    }
+
+    #[test]
+    fn a_thread_that_ignores_the_timeout_is_left_behind() {
+        let start = Instant::now();
+        let told = Arc::new(AtomicBool::new(false));
+        let t = told.clone();
+        // A handler that runs far past the deadline and never looks at it.
+        let r = supervise(
+            "vcpu-test",
+            Duration::from_millis(200),
+            Duration::from_millis(200),
+            move || t.store(true, Ordering::SeqCst),
+            || std::thread::sleep(Duration::from_secs(600)),
+        );
+        assert!(matches!(r, Supervised::Stuck), "{r:?}");
+        assert!(told.load(Ordering::SeqCst), "on_timeout ran");
+        assert!(start.elapsed() < Duration::from_secs(300), "waited for the handler");
+    }
+
+    #[test]
+    fn a_thread_that_stops_when_told_is_done() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let r = supervise(
+            "vcpu-test",
+            Duration::from_millis(100),
+            Duration::from_secs(60),
+            move || s.store(true, Ordering::SeqCst),
+            move || {
+                while !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                7
+            },
+        );
+        assert!(matches!(r, Supervised::Done(7)), "{r:?}");
+    }
+
+    #[test]
+    fn the_refused_command_line_word_is_named() {
+        let exit = |value| GuestExit { value, status: exit_status(value) };
+        let base = guest_abi::ports::EXIT_BAD_CMDLINE;
+        assert_eq!(exit(base + 1).refused_cmdline_word("test= worklaod=fault"), Some("worklaod=fault".into()));
+        assert_eq!(exit(guest_abi::ports::EXIT_FAILURE).refused_cmdline_word("x"), None);
+        assert_eq!(exit(guest_abi::ports::EXIT_SUCCESS).refused_cmdline_word("x"), None);
+    }
 }

@@ -233,7 +233,8 @@ mod tests {
         // Ten times the budget in records of the maximum length.
         let mut payload = vec![0u8; MAX_REPORT_LEN as usize - 16];
         payload[4..8].copy_from_slice(&4u32.to_le_bytes());
-        payload[8..12].copy_from_slice(&(payload.len() as u32 - 28).to_le_bytes());
+        let msg_len = payload.len() as u32 - 28;
+        payload[8..12].copy_from_slice(&msg_len.to_le_bytes());
         let rec = record(kind::TEST, &payload);
         assert_eq!(rec.len() as u64, MAX_REPORT_LEN);
         let per = MAX_REPORT_LEN + std::mem::size_of::<Report>() as u64;
