@@ -69,6 +69,10 @@ pub enum Error {
         what_start: u64,
         what_end: u64,
     },
+    #[error(
+        "kernel {name}: its segments span [{start:#x}-{end:#x}), which encloses the {what} [{what_start:#x}-{what_end:#x}); the image must lie in one piece on one side of it"
+    )]
+    KernelSpanOverlap { name: String, start: u64, end: u64, what: &'static str, what_start: u64, what_end: u64 },
     #[error("kernel {name}: {source}")]
     KernelLoad {
         name: String,
