@@ -1,6 +1,7 @@
 //! `vmm`: the command-line entry point.
 
 use clap::Parser;
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 use vmm::cli::{BenchArgs, Cli, Command, InfoArgs, MmuArg, RunArgs, TestArgs};
@@ -20,8 +21,43 @@ fn main() -> ExitCode {
     ExitCode::from(code as u8)
 }
 
+/// Check before a run that `path` can be written (creating its folder),
+/// so that a long run does not end in "cannot write". Leaves no new file
+/// behind.
+fn check_output(flag: &str, path: &Path) -> Result<(), String> {
+    let fail = |e: &dyn std::fmt::Display| format!("{flag} {}: {e}", path.display());
+    if path.is_dir() {
+        return Err(fail(&"is a folder; give a file name"));
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| fail(&format!("cannot create its folder: {e}")))?;
+    }
+    let existed = path.exists();
+    std::fs::OpenOptions::new().append(true).create(true).open(path).map_err(|e| fail(&e))?;
+    if !existed {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+/// [`check_output`] for each path; prints the error and gives the exit code.
+fn check_outputs(paths: &[(&str, Option<&Path>)]) -> Result<(), i32> {
+    for (flag, path) in paths {
+        if let Some(p) = path
+            && let Err(e) = check_output(flag, p)
+        {
+            eprintln!("error: {e}");
+            return Err(exit_code::USAGE);
+        }
+    }
+    Ok(())
+}
+
 fn run(args: RunArgs, process_start: Instant) -> i32 {
     let mmu = args.mmu.mode();
+    if let Err(code) = check_outputs(&[("--stats-json", args.stats_json.as_deref())]) {
+        return code;
+    }
     let config = VmConfig {
         kernel: args.kernel.clone().map_or(KernelSource::Bundled, KernelSource::File),
         memory: args.memory,
@@ -104,6 +140,9 @@ fn info(args: InfoArgs, process_start: Instant) -> i32 {
 }
 
 fn test(args: TestArgs, process_start: Instant) -> i32 {
+    if let Err(code) = check_outputs(&[("--json", args.json.as_deref())]) {
+        return code;
+    }
     let mut stdout = std::io::stdout();
     let mut modes = Vec::new();
     for mmu in args.mmu.modes() {
@@ -195,6 +234,13 @@ fn bench(args: BenchArgs, process_start: Instant) -> i32 {
         eprintln!("error: --svg charts shadow against ept: it needs --mmu both");
         return exit_code::USAGE;
     }
+    let json = args.json.clone().unwrap_or_else(|| args.out.join("report.json"));
+    let svg = args.svg.clone().or_else(|| (args.mmu == MmuArg::Both).then(|| args.out.join("report.svg")));
+    let json_flag = if args.json.is_some() { "--json" } else { "--out" };
+    let svg_flag = if args.svg.is_some() { "--svg" } else { "--out" };
+    if let Err(code) = check_outputs(&[(json_flag, Some(&json)), (svg_flag, svg.as_deref())]) {
+        return code;
+    }
     let kvm = match vmm::kvm::open() {
         Ok(k) => k,
         Err(e) => {
@@ -229,8 +275,14 @@ fn bench(args: BenchArgs, process_start: Instant) -> i32 {
         }
     };
     print!("{}", report.render());
-    let json = args.json.clone().unwrap_or_else(|| args.out.join("report.json"));
-    let svg = args.svg.clone().or_else(|| (args.mmu == MmuArg::Both).then(|| args.out.join("report.svg")));
+    // A chart from an earlier run must not sit beside this run's report.
+    let stale_svg = args.out.join("report.svg");
+    if svg.is_none() && args.json.is_none() && stale_svg.exists() {
+        match std::fs::remove_file(&stale_svg) {
+            Ok(()) => eprintln!("removed {} (an earlier run's chart; this run has one mode)", stale_svg.display()),
+            Err(e) => eprintln!("warning: cannot remove the earlier chart {}: {e}", stale_svg.display()),
+        }
+    }
     for path in [Some(&json), svg.as_ref()].into_iter().flatten() {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
             && let Err(e) = std::fs::create_dir_all(dir)

@@ -13,8 +13,8 @@
 //! | `storm` | random hypercalls and random page-table writes | survive (shadow mode: every write traps) |
 //! | `hlt` | `cli; hlt` | "halted with interrupts disabled" (exit 4) |
 //! | `sti-hlt` | `sti; hlt` | "halted with interrupts enabled", waiting forever (exit 4) |
-//! | `reports` | [`REPORT_FLOOD`] records of the maximum length | keep a bounded number, refuse the rest, say so once |
-//! | `explain` | [`EXPLAIN_FLOOD`] `EXPLAIN` hypercalls | answer all, print a bounded number, say so once |
+//! | `report-flood` | [`REPORT_FLOOD`] records of the maximum length | keep a bounded number, refuse the rest, say so once |
+//! | `explain-flood` | [`EXPLAIN_FLOOD`] `EXPLAIN` hypercalls | answer all, print a bounded number, say so once |
 //! | `chatter` | print lines forever | `--timeout` ends it even when stdout is blocked |
 
 use crate::{arch, console, hypercall, kprintln};
@@ -59,11 +59,11 @@ pub fn run(mode: &str) {
         // SAFETY: halts with interrupts on; no IDT entry beyond the
         // exceptions is needed because no device raises an interrupt.
         "sti-hlt" => unsafe { core::arch::asm!("sti", "hlt", options(nomem, nostack)) },
-        "reports" => {
+        "report-flood" => {
             report_flood();
             return;
         }
-        "explain" => {
+        "explain-flood" => {
             explain_flood();
             return;
         }
@@ -79,11 +79,11 @@ pub fn run(mode: &str) {
     arch::exit(guest_abi::ports::EXIT_FAILURE);
 }
 
-/// Records `crash=reports` sends: ten times what the VMM keeps (4 MiB of
+/// Records `crash=report-flood` sends: ten times what the VMM keeps (4 MiB of
 /// records, vmm/src/limits.rs).
 pub const REPORT_FLOOD: u64 = 10 * 1024;
 
-/// `EXPLAIN` calls `crash=explain` makes: ten times what the VMM prints.
+/// `EXPLAIN` calls `crash=explain-flood` makes: ten times what the VMM prints.
 pub const EXPLAIN_FLOOD: u64 = 10 * 64;
 
 /// Send [`REPORT_FLOOD`] test records of the maximum length (sent once,
