@@ -343,7 +343,7 @@ impl Vm {
         outcome.stats.console_unwritten = unwritten;
         if unwritten > 0 {
             log::warn!("{unwritten} bytes of guest console output were not written: the output was blocked");
-            if matches!(outcome.end, Ok(_)) {
+            if outcome.end.is_ok() {
                 outcome.end = Err(Error::ConsoleBlocked { timeout: self.timeout, unwritten });
             }
         }

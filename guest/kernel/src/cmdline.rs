@@ -23,8 +23,21 @@ pub fn parse_u64(s: &str) -> Option<u64> {
 }
 
 /// The crash modes `crash=` accepts (see `crash.rs`).
-pub const CRASH_MODES: &[&str] =
-    &["pf", "ud", "panic", "sse", "triple", "hang", "hypercall", "storm", "hlt", "sti-hlt", "report-flood", "explain-flood", "chatter"];
+pub const CRASH_MODES: &[&str] = &[
+    "pf",
+    "ud",
+    "panic",
+    "sse",
+    "triple",
+    "hang",
+    "hypercall",
+    "storm",
+    "hlt",
+    "sti-hlt",
+    "report-flood",
+    "explain-flood",
+    "chatter",
+];
 
 /// The workloads `workload=` accepts (see `workload.rs`).
 pub const WORKLOADS: &[&str] = &["fault", "fork", "ctxsw", "mmap", "tlb", "alloc"];
