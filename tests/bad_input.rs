@@ -276,3 +276,10 @@ fn fractional_timeout_is_accepted() {
     assert_exit(&o, 5);
     assert_eq!(error_line(&o), "error: timeout: the guest was still running after 1500ms");
 }
+
+#[test]
+fn an_empty_segment_with_file_bytes_is_refused_before_anything_is_copied() {
+    // p_memsz = 0 but 16 file bytes, aimed at the boot page tables.
+    let o = run_kernel("smuggle.elf", &elf(62, 0x9000, 0), &[]);
+    assert_one_line_error(&o, 3, "segment 0 has more file bytes (0x10) than memory bytes (0x0)");
+}
