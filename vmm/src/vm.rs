@@ -121,7 +121,7 @@ impl GuestExit {
         let index = self.value.checked_sub(EXIT_BAD_CMDLINE).filter(|&i| i <= MAX_CMDLINE_WORD_INDEX)?;
         Some(match cmdline.split_ascii_whitespace().nth(index as usize) {
             Some(w) if index < MAX_CMDLINE_WORD_INDEX => w.to_string(),
-            _ => format!("number {index} or later"),
+            _ => format!("#{index} or a later one"),
         })
     }
 }
@@ -139,7 +139,7 @@ pub struct RunOutcome {
 
 /// A VM ready to run.
 ///
-/// Its state lives in a [`VmCore`] that [`Vm::run`] moves onto the vCPU
+/// Its state lives in a `VmCore` that [`Vm::run`] moves onto the vCPU
 /// thread and gets back when the thread returns. If the thread does not
 /// return within [`VCPU_STOP_GRACE`] of the timeout (a VMM handler that
 /// runs long), the run ends anyway and the VM is abandoned: the thread is
