@@ -26,7 +26,7 @@
 
 use crate::boot::{bootinfo, gdt, loader, paging, regs};
 use crate::devices::hypercall::{self, HypercallContext, Report};
-use crate::devices::serial::{GuestSerial, new_serial};
+use crate::devices::serial::{ConsoleSink, GuestSerial, new_serial};
 use crate::error::{Error, Result};
 use crate::explain::Explanation;
 use crate::layout::{self, MAX_MEMORY, MIN_MEMORY, PT_ZONE_START};
@@ -150,6 +150,8 @@ pub struct Vm {
     memory: u64,
     mmu: MmuMode,
     console: Arc<crate::devices::serial::ConsoleQueue>,
+    /// What the vCPU thread prints to stderr (`EXPLAIN` chains).
+    diag: Arc<crate::devices::serial::ConsoleQueue>,
 }
 
 /// How long after the timeout the vCPU thread may take to stop before the
@@ -243,7 +245,8 @@ impl Vm {
         let (timeout, memory, mmu) = (config.timeout, config.memory, config.mmu);
         let core = VmCore::new(config, console)?;
         let console = core.serial.writer().queue();
-        Ok(Vm { core: Some(Box::new(core)), timeout, memory, mmu, console })
+        let diag = core.diag.queue();
+        Ok(Vm { core: Some(Box::new(core)), timeout, memory, mmu, console, diag })
     }
 
     fn core(&self) -> Result<&VmCore> {
@@ -304,6 +307,7 @@ impl Vm {
         let expired = Arc::new(AtomicBool::new(false));
         let stop = expired.clone();
         let console = self.console.clone();
+        let diag = self.diag.clone();
         let supervised = supervise(
             "vcpu0",
             self.timeout,
@@ -311,6 +315,7 @@ impl Vm {
             || {
                 stop.store(true, Ordering::SeqCst);
                 console.abort();
+                diag.abort();
             },
             move || {
                 let out = core.vcpu_loop(&expired);
@@ -330,6 +335,7 @@ impl Vm {
             }
             Supervised::Panicked(message) => {
                 self.console.abort();
+                self.diag.abort();
                 RunOutcome { end: Err(Error::VcpuPanicked(message)), stats: empty_stats(), reports: Vec::new() }
             }
             Supervised::Stuck => {
@@ -339,6 +345,8 @@ impl Vm {
         // Give the console until the run's deadline (and a little more
         // for a run that used all of it) to write what the guest printed.
         let deadline = (started + self.timeout).max(Instant::now()) + crate::devices::serial::CONSOLE_GRACE;
+        // The EXPLAIN chains the guest asked for: best effort, never an error.
+        self.diag.finish(deadline);
         let unwritten = self.console.finish(deadline);
         outcome.stats.console_unwritten = unwritten;
         if unwritten > 0 {
@@ -368,6 +376,8 @@ struct VmCore {
     bench_start: Option<BenchSnapshot>,
     /// MAXPHYADDR from the vCPU's CPUID.
     maxphyaddr: u8,
+    /// Where the vCPU thread's own output to stderr goes (a writer thread).
+    diag: ConsoleSink,
     /// `EXPLAIN` chains printed by the hypercall (bounded).
     explain_prints: Limited,
     /// Warnings about refused guest requests (bounded).
@@ -497,6 +507,7 @@ impl VmCore {
             map,
             ram,
             serial: new_serial(console),
+            diag: ConsoleSink::new(Box::new(std::io::stderr())),
             config,
             epoch,
             bench_start: None,
@@ -834,7 +845,10 @@ impl VmCore {
         match self.explain(gva) {
             Ok(e) => {
                 if self.explain_prints.allow() {
-                    eprint!("{}", e.render());
+                    // Through the diagnostics queue: a blocked stderr must
+                    // not block the vCPU thread.
+                    let _ = self.diag.write_all(e.render().as_bytes());
+                    self.diag.drain();
                 }
                 e.gpa().unwrap_or(guest_abi::hypercall::ERR_FAULT)
             }
