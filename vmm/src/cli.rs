@@ -10,9 +10,9 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  the guest ended with success
   1  the guest ended with a failure status (failed test, panic, exception)
-  2  bad command-line usage
+  2  bad command-line usage (also: a --cmdline word the guest kernel refused)
   3  the VM could not be set up (KVM, kernel image, memory)
-  4  the guest crashed the vCPU (triple fault, instruction the host cannot emulate)
+  4  the guest crashed the vCPU (triple fault, instruction the host cannot emulate, halt)
   5  --timeout expired";
 
 /// A KVM-based VMM that boots its own guest kernel and virtualises its MMU.
@@ -69,7 +69,7 @@ pub struct TestArgs {
     #[arg(long, value_name = "STR", default_value = "")]
     pub cmdline: String,
 
-    /// End a run that is still going after this long.
+    /// End a run that is still going after this long (ms, s, m, h).
     #[arg(long, value_name = "DURATION", default_value = "180s", value_parser = parse_duration)]
     pub timeout: Duration,
 
@@ -188,7 +188,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "ELF")]
     pub kernel: Option<PathBuf>,
 
-    /// Guest RAM, with a unit (K, M, G); a multiple of 2 MiB (of the huge
+    /// Guest RAM, with a unit (K, M, G; a bare number is refused); a multiple of 2 MiB (of the huge
     /// page size with hugetlb), at least 32M.
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
     pub memory: u64,
@@ -217,7 +217,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "STR", default_value = "")]
     pub cmdline: String,
 
-    /// End the guest if it is still running after this long (ms, s, m, h).
+    /// End the guest if it is still running after this long (ms, s, m, h;
+    /// fractions like 1.5s too). Holds even when stdout is blocked.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub timeout: Duration,
 
