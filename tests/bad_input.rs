@@ -154,3 +154,132 @@ fn bad_timeout_is_a_usage_error() {
     assert_exit(&o, 2);
     assert!(stderr(&o).contains("invalid duration"), "{}", stderr(&o));
 }
+
+#[test]
+fn guest_command_line_typos_are_refused_naming_the_word() {
+    if !kvm_available() {
+        return;
+    }
+    for (cmdline, word, why) in [
+        ("worklaod=fault", "worklaod=fault", "unknown word"),
+        ("workload=fault size=abc", "size=abc", "needs a number greater than zero"),
+        ("workload=nosuch", "workload=nosuch", "expected one of: fault fork"),
+        ("crash=nosuch", "crash=nosuch", "unknown value"),
+    ] {
+        let o = run(&["run", "--memory", "64M", "--cmdline", cmdline]);
+        assert_exit(&o, 2);
+        let line = error_line(&o);
+        assert!(line.contains(&format!("refused the command-line word '{word}'")), "{cmdline}: {line}");
+        assert!(stdout(&o).contains(why), "{cmdline}: {}", stdout(&o));
+    }
+}
+
+#[test]
+fn a_test_filter_that_matches_nothing_is_an_error() {
+    if !kvm_available() {
+        return;
+    }
+    let o = run(&["test", "--filter", "nosuch"]);
+    assert_exit(&o, 2);
+    assert!(error_line(&o).contains("no in-guest test name contains 'nosuch'"), "{}", error_line(&o));
+}
+
+#[test]
+fn zero_counts_are_usage_errors() {
+    for args in [&["bench", "--repeat", "0"][..], &["bench", "--size", "0"], &["info", "--calibration-loops", "0"]] {
+        let o = run(args);
+        assert_exit(&o, 2);
+        assert!(stderr(&o).contains(args[1]) && stderr(&o).contains("'0'"), "{}", stderr(&o));
+    }
+}
+
+#[test]
+fn output_paths_are_checked_before_the_run() {
+    // A file where a folder should be: nothing can be written below it.
+    let file = temp_path("not-a-folder");
+    std::fs::write(&file, b"x").unwrap();
+    let below = file.join("out.json");
+    let below = below.to_str().unwrap();
+    for args in [
+        vec!["run", "--stats-json", below],
+        vec!["test", "--json", below],
+        vec!["bench", "--json", below],
+        vec!["bench", "--out", below],
+        vec!["bench", "--svg", below],
+    ] {
+        let o = run(&args);
+        assert_exit(&o, 2);
+        let line = error_line(&o);
+        assert!(line.starts_with("error: --") && line.contains("not-a-folder"), "{args:?}: {line}");
+        // Refused up front: the guest never ran.
+        assert!(stdout(&o).is_empty(), "{args:?}: {}", stdout(&o));
+    }
+}
+
+#[test]
+fn a_one_mode_bench_leaves_no_earlier_chart() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = temp_path("bench-stale");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("report.svg"), b"<svg/>").unwrap();
+    let o = run(&[
+        "bench",
+        "--mmu",
+        "ept",
+        "--workload",
+        "tlb",
+        "--size",
+        "10",
+        "--repeat",
+        "1",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert_exit(&o, 0);
+    assert!(dir.join("report.json").exists());
+    assert!(!dir.join("report.svg").exists(), "an earlier run's chart sits beside the new report");
+}
+
+#[test]
+fn messages_use_units_and_give_hints() {
+    let o = run(&["run", "--memory", "33M"]);
+    assert_one_line_error(&o, 3, "memory size 33 MiB is not a multiple of 2 MiB");
+    let o = run(&["run", "--memory", "64"]);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("give a unit, like 64M"), "{}", stderr(&o));
+    let o = run(&["run", "--timeout", "99999999999999999999s"]);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("too long (at most"), "{}", stderr(&o));
+    let o = run(&["run", "--mmu", "both"]);
+    assert_exit(&o, 2);
+    let o = run(&["run", "--help"]);
+    assert!(!stdout(&o).contains("both"), "{}", stdout(&o));
+}
+
+#[test]
+fn hugetlb_1g_with_too_little_memory_names_the_size_to_use() {
+    if !kvm_available() {
+        return;
+    }
+    let o = run(&["run", "--backing", "hugetlb-1g"]);
+    assert_one_line_error(&o, 3, "use --memory 1G");
+}
+
+#[test]
+fn fractional_timeout_is_accepted() {
+    if !kvm_available() {
+        return;
+    }
+    let o = run(&["run", "--memory", "64M", "--timeout", "1.5s", "--cmdline", "crash=hang"]);
+    assert_exit(&o, 5);
+    assert_eq!(error_line(&o), "error: timeout: the guest was still running after 1500ms");
+}
+
+#[test]
+fn an_empty_segment_with_file_bytes_is_refused_before_anything_is_copied() {
+    // p_memsz = 0 but 16 file bytes, aimed at the boot page tables.
+    let o = run_kernel("smuggle.elf", &elf(62, 0x9000, 0), &[]);
+    assert_one_line_error(&o, 3, "segment 0 has more file bytes (0x10) than memory bytes (0x0)");
+}

@@ -27,13 +27,13 @@ fn memory_size_and_cmdline_reach_the_guest() {
     if !kvm_available() {
         return;
     }
-    let o = run(&["run", "--memory", "64M", "--cmdline", "hello world"]);
+    let o = run(&["run", "--memory", "64M", "--cmdline", "fail-on-request size=7"]);
     assert_exit(&o, 0);
     let out = stdout(&o);
     assert!(out.contains("RAM 64 MiB"), "{out}");
     assert!(out.contains("page-table zone: 0x1000000, 8 MiB"), "{out}");
     assert!(out.contains("[0x0001800000-0x0003ffffff] usable 40 MiB"), "{out}");
-    assert!(out.contains("cmdline: \"hello world\""), "{out}");
+    assert!(out.contains("cmdline: \"fail-on-request size=7\""), "{out}");
 }
 
 #[test]

@@ -113,7 +113,8 @@ pub enum BackingError {
     #[error("--backing thp: this host kernel has no transparent huge pages (no /sys/kernel/mm/transparent_hugepage)")]
     ThpUnsupported,
     #[error(
-        "--backing {backing}: needs {need} free {size} hugetlb pages, the host has {free}; reserve them with 'echo {need} > {dir}/nr_hugepages' (as root)"
+        "--backing {backing}: needs {need} free {size} hugetlb page{}, the host has {free}; reserve them with 'echo {need} > {dir}/nr_hugepages' (as root)",
+        if *need == 1 { "" } else { "s" }
     )]
     HugetlbShort { backing: Backing, size: &'static str, need: u64, free: u64, dir: String },
     #[error("--backing {backing}: this host has no {size} hugetlb pages ({dir} is missing)")]

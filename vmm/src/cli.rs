@@ -10,9 +10,9 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  the guest ended with success
   1  the guest ended with a failure status (failed test, panic, exception)
-  2  bad command-line usage
+  2  bad command-line usage (also: a --cmdline word the guest kernel refused)
   3  the VM could not be set up (KVM, kernel image, memory)
-  4  the guest crashed the vCPU (triple fault, instruction the host cannot emulate)
+  4  the guest crashed the vCPU (triple fault, instruction the host cannot emulate, halt)
   5  --timeout expired";
 
 /// A KVM-based VMM that boots its own guest kernel and virtualises its MMU.
@@ -105,7 +105,7 @@ pub struct TestArgs {
     #[arg(long, value_name = "STR", default_value = "")]
     pub cmdline: String,
 
-    /// End a run that is still going after this long.
+    /// End a run that is still going after this long (ms, s, m, h).
     #[arg(long, value_name = "DURATION", default_value = "180s", value_parser = parse_duration)]
     pub timeout: Duration,
 
@@ -125,12 +125,12 @@ pub struct BenchArgs {
     #[arg(long = "workload", value_name = "NAME")]
     pub workloads: Vec<String>,
 
-    /// Operations per run [default: each workload's own, see the README].
-    #[arg(long, value_name = "N")]
+    /// Operations per run, at least 1 [default: each workload's own, see the README].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub size: Option<u64>,
 
-    /// Measured runs per workload and mode (after one warm-up run).
-    #[arg(long, value_name = "N", default_value_t = 3)]
+    /// Measured runs per workload and mode (after one warm-up run), at least 1.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub repeat: u32,
 
     /// Guest RAM per run.
@@ -161,8 +161,8 @@ pub struct InfoArgs {
     #[arg(long)]
     pub json: bool,
 
-    /// Iterations of the calibration loop (two guest instructions each).
-    #[arg(long, value_name = "N", default_value_t = 200_000)]
+    /// Iterations of the calibration loop (two guest instructions each), at least 1.
+    #[arg(long, value_name = "N", default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub calibration_loops: u64,
 }
 
@@ -198,6 +198,25 @@ impl MmuArg {
     }
 }
 
+/// The MMU mode of `vmm run`: one mode (`both` is for `test` and `bench`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunMmuArg {
+    /// Hardware-assisted: the vCPU walks the guest's tables (EPT/NPT below).
+    Ept,
+    /// Software shadow page tables kept by the VMM.
+    Shadow,
+}
+
+impl RunMmuArg {
+    /// The mode.
+    pub fn mode(self) -> guest_abi::MmuMode {
+        match self {
+            RunMmuArg::Ept => guest_abi::MmuMode::Ept,
+            RunMmuArg::Shadow => guest_abi::MmuMode::Shadow,
+        }
+    }
+}
+
 /// Options of `vmm run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -205,14 +224,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "ELF")]
     pub kernel: Option<PathBuf>,
 
-    /// Guest RAM, with a unit (K, M, G); a multiple of 2 MiB (of the huge
+    /// Guest RAM, with a unit (K, M, G; a bare number is refused); a multiple of 2 MiB (of the huge
     /// page size with hugetlb), at least 32M.
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
     pub memory: u64,
 
     /// How the guest's memory is virtualised.
     #[arg(long, value_enum, default_value = "ept")]
-    pub mmu: MmuArg,
+    pub mmu: RunMmuArg,
 
     /// Size of the shadow pool (shadow mode): the VMM-private memory that
     /// holds the shadow page tables. When it fills up, everything is zapped.
@@ -234,7 +253,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "STR", default_value = "")]
     pub cmdline: String,
 
-    /// End the guest if it is still running after this long (ms, s, m, h).
+    /// End the guest if it is still running after this long (ms, s, m, h;
+    /// fractions like 1.5s too). Holds even when stdout is blocked.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub timeout: Duration,
 
@@ -310,5 +330,30 @@ mod tests {
         assert!(help.contains("[default: 60s]"), "{help}");
         assert!(help.contains("[default: 4k]"), "{help}");
         assert!(help.contains("Exit codes"), "{help}");
+        assert!(!help.contains("both"), "run takes one mode: {help}");
+    }
+
+    #[test]
+    fn zero_counts_are_refused_naming_the_flag() {
+        for args in [
+            &["vmm", "bench", "--repeat", "0"][..],
+            &["vmm", "bench", "--size", "0"],
+            &["vmm", "info", "--calibration-loops", "0"],
+        ] {
+            let e = Cli::try_parse_from(args).unwrap_err().to_string();
+            assert!(e.contains(args[2]) && e.contains("'0'"), "{e}");
+        }
+        let e = Cli::try_parse_from(["vmm", "run", "--mmu", "both"]).unwrap_err().to_string();
+        assert!(e.contains("'both'"), "{e}");
+    }
+
+    #[test]
+    fn sizes_need_units_and_durations_take_fractions() {
+        let e = Cli::try_parse_from(["vmm", "run", "--memory", "64"]).unwrap_err().to_string();
+        assert!(e.contains("give a unit"), "{e}");
+        let Command::Run(a) = Cli::try_parse_from(["vmm", "run", "--timeout", "1.5s"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(a.timeout, Duration::from_millis(1500));
     }
 }

@@ -69,6 +69,10 @@ pub enum Error {
         what_start: u64,
         what_end: u64,
     },
+    #[error(
+        "kernel {name}: its segments span [{start:#x}-{end:#x}), which encloses the {what} [{what_start:#x}-{what_end:#x}); the image must lie in one piece on one side of it"
+    )]
+    KernelSpanOverlap { name: String, start: u64, end: u64, what: &'static str, what_start: u64, what_end: u64 },
     #[error("kernel {name}: {source}")]
     KernelLoad {
         name: String,
@@ -80,8 +84,15 @@ pub enum Error {
     MemoryTooSmall(u64, u64),
     #[error("memory size {} is too large: the maximum is {}", crate::size::format_size(*.0), crate::size::format_size(*.1))]
     MemoryTooLarge(u64, u64),
-    #[error("memory size {0:#x} is not a multiple of 2 MiB")]
+    #[error("memory size {} is not a multiple of 2 MiB", crate::size::format_size(*.0))]
     MemoryUnaligned(u64),
+    #[error(
+        "memory size {} is not a multiple of the {} page size of --backing {backing}: use --memory {} (or a multiple of it)",
+        crate::size::format_size(*memory),
+        crate::size::format_size(*page),
+        crate::size::format_size(memory.next_multiple_of(*page)).replace(' ', "").replace("iB", "")
+    )]
+    MemoryNotPageAligned { memory: u64, page: u64, backing: String },
     #[error("memory map: {0}")]
     MemoryMap(#[from] ept::memmap::MemoryMapError),
     #[error("{0}")]
@@ -112,8 +123,28 @@ pub enum Error {
     UnexpectedExit { what: String, rip: u64 },
     #[error("the guest halted with interrupts disabled at rip={rip:#x} (it can never resume)")]
     GuestHalted { rip: u64 },
+    #[error(
+        "the guest halted with interrupts enabled at rip={rip:#x}, waiting for an interrupt, but no device of this VM raises interrupts: it would wait forever"
+    )]
+    GuestIdle { rip: u64 },
     #[error("timeout: the guest was still running after {}", crate::size::format_duration(*.0))]
     Timeout(std::time::Duration),
+    #[error(
+        "timeout: the guest was still running after {}, and the VMM was still busy handling its last exit; the VM was abandoned",
+        crate::size::format_duration(*.0)
+    )]
+    VcpuStuck(std::time::Duration),
+    #[error(
+        "timeout: the guest's console output ({unwritten} bytes) could not be written within {}: is the reader of stdout stopped?",
+        crate::size::format_duration(*timeout)
+    )]
+    ConsoleBlocked { timeout: std::time::Duration, unwritten: u64 },
+    #[error("the VMM's vCPU thread panicked (a VMM bug; please report it): {0}")]
+    VcpuPanicked(String),
+    #[error("the guest kernel refused the command-line word '{0}' (its console output above says why)")]
+    GuestCmdline(String),
+    #[error("the VM is no longer usable: its vCPU thread did not stop after the timeout")]
+    VmAbandoned,
 
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -129,8 +160,11 @@ impl Error {
             | InternalError { .. }
             | FailEntry(_)
             | UnexpectedExit { .. }
-            | GuestHalted { .. } => exit_code::GUEST_CRASH,
-            Timeout(_) => exit_code::TIMEOUT,
+            | GuestHalted { .. }
+            | GuestIdle { .. }
+            | VcpuPanicked(_) => exit_code::GUEST_CRASH,
+            GuestCmdline(_) => exit_code::USAGE,
+            Timeout(_) | VcpuStuck(_) | ConsoleBlocked { .. } | VmAbandoned => exit_code::TIMEOUT,
             _ => exit_code::SETUP,
         }
     }

@@ -79,9 +79,16 @@ impl ModeResults {
 pub fn run_mode(mut config: VmConfig, filter: &str, out: &mut dyn Write) -> Result<ModeResults> {
     let mmu = config.mmu.name();
     config.cmdline = format!("{} test={filter}", config.cmdline).trim().to_string();
+    let config_cmdline = config.cmdline.clone();
     let console = CapturedConsole::default();
     let mut vm = Vm::new(config, Box::new(console.clone()))?;
     let outcome = vm.run();
+    if let Ok(exit) = &outcome.end
+        && let Some(word) = exit.refused_cmdline_word(&config_cmdline)
+    {
+        let _ = write!(out, "{}", console.text());
+        return Err(crate::Error::GuestCmdline(word));
+    }
     let tests: Vec<TestOutcome> = outcome
         .reports
         .into_iter()

@@ -20,6 +20,7 @@ pub mod guest_tests;
 pub mod info;
 pub mod kvm;
 pub mod layout;
+pub mod limits;
 pub mod shadow_mode;
 pub mod size;
 pub mod stats;

@@ -1,6 +1,7 @@
 //! `vmm`: the command-line entry point.
 
 use clap::Parser;
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 use vmm::cli::{BenchArgs, Cli, Command, CompareArgs, InfoArgs, MmuArg, RunArgs, TestArgs};
@@ -21,15 +22,43 @@ fn main() -> ExitCode {
     ExitCode::from(code as u8)
 }
 
-fn run(args: RunArgs, process_start: Instant) -> i32 {
-    let mmu = match args.mmu {
-        MmuArg::Ept => guest_abi::MmuMode::Ept,
-        MmuArg::Shadow => guest_abi::MmuMode::Shadow,
-        MmuArg::Both => {
-            eprintln!("error: vmm run takes one mode: --mmu ept or --mmu shadow");
-            return exit_code::USAGE;
+/// Check before a run that `path` can be written (creating its folder),
+/// so that a long run does not end in "cannot write". Leaves no new file
+/// behind.
+fn check_output(flag: &str, path: &Path) -> Result<(), String> {
+    let fail = |e: &dyn std::fmt::Display| format!("{flag} {}: {e}", path.display());
+    if path.is_dir() {
+        return Err(fail(&"is a folder; give a file name"));
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| fail(&format!("cannot create its folder: {e}")))?;
+    }
+    let existed = path.exists();
+    std::fs::OpenOptions::new().append(true).create(true).open(path).map_err(|e| fail(&e))?;
+    if !existed {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+/// [`check_output`] for each path; prints the error and gives the exit code.
+fn check_outputs(paths: &[(&str, Option<&Path>)]) -> Result<(), i32> {
+    for (flag, path) in paths {
+        if let Some(p) = path
+            && let Err(e) = check_output(flag, p)
+        {
+            eprintln!("error: {e}");
+            return Err(exit_code::USAGE);
         }
-    };
+    }
+    Ok(())
+}
+
+fn run(args: RunArgs, process_start: Instant) -> i32 {
+    let mmu = args.mmu.mode();
+    if let Err(code) = check_outputs(&[("--stats-json", args.stats_json.as_deref())]) {
+        return code;
+    }
     let config = VmConfig {
         kernel: args.kernel.clone().map_or(KernelSource::Bundled, KernelSource::File),
         memory: args.memory,
@@ -75,6 +104,11 @@ fn run(args: RunArgs, process_start: Instant) -> i32 {
     }
     match outcome.end {
         Ok(exit) if exit.success() => exit_code::SUCCESS,
+        Ok(exit) if exit.refused_cmdline_word(&args.cmdline).is_some() => {
+            let e = vmm::Error::GuestCmdline(exit.refused_cmdline_word(&args.cmdline).unwrap_or_default());
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
         Ok(exit) => {
             eprintln!(
                 "error: the guest ended with failure status {} (it wrote {:#x} to the exit device)",
@@ -107,6 +141,9 @@ fn info(args: InfoArgs, process_start: Instant) -> i32 {
 }
 
 fn test(args: TestArgs, process_start: Instant) -> i32 {
+    if let Err(code) = check_outputs(&[("--json", args.json.as_deref())]) {
+        return code;
+    }
     let mut stdout = std::io::stdout();
     let mut modes = Vec::new();
     for mmu in args.mmu.modes() {
@@ -152,6 +189,15 @@ fn test(args: TestArgs, process_start: Instant) -> i32 {
             }
         }
     }
+    // A filter that matches nothing is a typo, not a success.
+    if modes.iter().all(|m| m.tests.is_empty() && m.error.is_none() && m.guest_success) {
+        if args.filter.is_empty() {
+            eprintln!("error: the guest kernel ran no tests (does it speak the test protocol?)");
+            return exit_code::GUEST_FAILURE;
+        }
+        eprintln!("error: no in-guest test name contains '{}' (--filter)", args.filter);
+        return exit_code::USAGE;
+    }
     let passed: usize = modes.iter().map(|m| m.passed()).sum();
     let failed: usize = modes.iter().map(|m| m.failed()).sum::<usize>() + disagreements;
     println!("{passed} passed, {failed} failed");
@@ -193,6 +239,13 @@ fn bench(args: BenchArgs, process_start: Instant) -> i32 {
         eprintln!("error: --svg charts shadow against ept: it needs --mmu both");
         return exit_code::USAGE;
     }
+    let json = args.json.clone().unwrap_or_else(|| args.out.join("report.json"));
+    let svg = args.svg.clone().or_else(|| (args.mmu == MmuArg::Both).then(|| args.out.join("report.svg")));
+    let json_flag = if args.json.is_some() { "--json" } else { "--out" };
+    let svg_flag = if args.svg.is_some() { "--svg" } else { "--out" };
+    if let Err(code) = check_outputs(&[(json_flag, Some(&json)), (svg_flag, svg.as_deref())]) {
+        return code;
+    }
     let kvm = match vmm::kvm::open() {
         Ok(k) => k,
         Err(e) => {
@@ -227,8 +280,14 @@ fn bench(args: BenchArgs, process_start: Instant) -> i32 {
         }
     };
     print!("{}", report.render());
-    let json = args.json.clone().unwrap_or_else(|| args.out.join("report.json"));
-    let svg = args.svg.clone().or_else(|| (args.mmu == MmuArg::Both).then(|| args.out.join("report.svg")));
+    // A chart from an earlier run must not sit beside this run's report.
+    let stale_svg = args.out.join("report.svg");
+    if svg.is_none() && args.json.is_none() && stale_svg.exists() {
+        match std::fs::remove_file(&stale_svg) {
+            Ok(()) => eprintln!("removed {} (an earlier run's chart; this run has one mode)", stale_svg.display()),
+            Err(e) => eprintln!("warning: cannot remove the earlier chart {}: {e}", stale_svg.display()),
+        }
+    }
     for path in [Some(&json), svg.as_ref()].into_iter().flatten() {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
             && let Err(e) = std::fs::create_dir_all(dir)

@@ -69,6 +69,15 @@ pub enum Coherence {
     ReloadCr3,
 }
 
+impl std::fmt::Display for Coherence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Coherence::ReregisterPoolSlot => "re-register the pool memslot",
+            Coherence::ReloadCr3 => "reload CR3",
+        })
+    }
+}
+
 /// Time spent in each handler, and how often.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct HandlerTimes {
@@ -127,6 +136,8 @@ pub struct ShadowState {
     /// is emulated in the shadow instead (writable, supervisor-only
     /// leaves), and the guest reports its CR0 with `FLUSH_TLB(cr0)`.
     pub guest_wp: bool,
+    /// Warnings about `SHADOW_FAULT`s that could not be handled (bounded).
+    pub warnings: crate::limits::Limited,
     pool_pages: u32,
 }
 
@@ -166,6 +177,10 @@ impl ShadowState {
             times: HandlerTimes::default(),
             maxphyaddr,
             guest_wp: true,
+            warnings: crate::limits::Limited::new(
+                "warnings about SHADOW_FAULTs the VMM could not handle",
+                crate::limits::MAX_WARNINGS,
+            ),
             pool_pages: pages,
         }
     }
@@ -203,7 +218,11 @@ impl ShadowState {
             Ok(FaultOutcome::Fixed) => hc::FAULT_FIXED,
             Ok(FaultOutcome::GuestFault(ec)) => hc::FAULT_GUEST | ec as u64,
             Err(e) => {
-                log::warn!("SHADOW_FAULT({cr2:#x}, {error_code:#x}) failed: {e:?}");
+                // Bounded: a guest can send this before its first LOAD_CR3
+                // as often as it likes.
+                if self.warnings.allow() {
+                    log::warn!("SHADOW_FAULT({cr2:#x}, {error_code:#x}) failed: {e:?}");
+                }
                 hc::ERR_UNAVAILABLE
             }
         };

@@ -66,6 +66,18 @@ pub struct RunStats {
     pub shadow: Option<crate::shadow_mode::ShadowReport>,
     /// Workload phases the guest measured.
     pub bench: Vec<BenchPhase>,
+    /// `REPORT` records refused because the run's budget was spent
+    /// (`limits::MAX_KEPT_REPORT_BYTES`).
+    pub reports_dropped: u64,
+    /// `EXPLAIN` hypercalls answered but not printed (past
+    /// `limits::MAX_EXPLAIN_PRINTS`).
+    pub explain_suppressed: u64,
+    /// Warnings about refused guest requests not printed (past
+    /// `limits::MAX_WARNINGS` of a kind).
+    pub warnings_suppressed: u64,
+    /// Bytes of guest console output never written (the output was
+    /// blocked until the end of the run).
+    pub console_unwritten: u64,
 }
 
 impl RunStats {
@@ -120,10 +132,17 @@ impl RunStats {
                 let _ = writeln!(s, "    {name:<22}{n:>10}");
             }
         }
+        if self.reports_dropped + self.explain_suppressed + self.warnings_suppressed + self.console_unwritten > 0 {
+            let _ = writeln!(s, "  bounded (what the guest caused beyond the VMM's limits)");
+            let _ = writeln!(s, "    reports refused     {:>10}", self.reports_dropped);
+            let _ = writeln!(s, "    EXPLAIN not printed {:>10}", self.explain_suppressed);
+            let _ = writeln!(s, "    warnings not shown  {:>10}", self.warnings_suppressed);
+            let _ = writeln!(s, "    console bytes lost  {:>10}", self.console_unwritten);
+        }
         if let Some(sh) = &self.shadow {
             let st = &sh.stats;
             let us = |d: std::time::Duration, n: u64| if n == 0 { 0.0 } else { d.as_secs_f64() * 1e6 / n as f64 };
-            let _ = writeln!(s, "  shadow MMU (pool {} pages, coherence: {:?})", sh.pool_pages, sh.coherence);
+            let _ = writeln!(s, "  shadow MMU (pool {} pages, coherence: {})", sh.pool_pages, sh.coherence);
             let _ = writeln!(
                 s,
                 "    hidden faults       {:>10}   {:>8.2} us each in the VMM",

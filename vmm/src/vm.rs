@@ -3,10 +3,17 @@
 //! Lifecycle (the rust-vmm `vmm-reference` shape): [`Vm::new`] opens KVM,
 //! builds the memory map and its memslots, loads the kernel and the boot
 //! structures, and sets up the single vCPU (and, in shadow mode, the shadow
-//! MMU); [`Vm::run`] runs the vCPU on a scoped thread until the guest
-//! writes to the exit device, the vCPU dies, or the timeout expires (the
-//! main thread then kicks the vCPU out of `KVM_RUN` with a signal). The VM
-//! stays inspectable afterwards (`--explain`).
+//! MMU); [`Vm::run`] moves the VM's state onto a vCPU thread and runs it
+//! until the guest writes to the exit device, the vCPU dies, or the timeout
+//! expires (the main thread then kicks the vCPU out of `KVM_RUN` with a
+//! signal). The VM stays inspectable afterwards (`--explain`).
+//!
+//! The timeout is a deadline for the whole run, whatever the vCPU thread is
+//! doing: the guest's console is written by a thread of its own through a
+//! bounded queue (`devices::serial`), a vCPU thread that is still in a VMM
+//! handler [`VCPU_STOP_GRACE`] after the timeout is abandoned, and a panic
+//! of the vCPU thread ends the run at once with its message. What a guest
+//! can make the VMM keep or print is bounded (`limits`).
 //!
 //! Invariants:
 //! - Guest RAM is one host mapping at GPA `0..memory`, registered as the
@@ -19,10 +26,11 @@
 
 use crate::boot::{bootinfo, gdt, loader, paging, regs};
 use crate::devices::hypercall::{self, HypercallContext, Report};
-use crate::devices::serial::{GuestSerial, new_serial};
+use crate::devices::serial::{ConsoleSink, GuestSerial, new_serial};
 use crate::error::{Error, Result};
 use crate::explain::Explanation;
 use crate::layout::{self, MAX_MEMORY, MIN_MEMORY, PT_ZONE_START};
+use crate::limits::{Limited, ReportBudget};
 use crate::shadow_mode::{CR0_WP, Coherence, MemWindow, ShadowState, paging_mode};
 use crate::stats::RunStats;
 use ept::memmap::{MemoryMap, MemoryMapConfig};
@@ -34,7 +42,8 @@ use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -103,6 +112,18 @@ impl GuestExit {
     pub fn success(&self) -> bool {
         self.value == guest_abi::ports::EXIT_SUCCESS
     }
+
+    /// The word of `cmdline` the guest refused, when it ended with
+    /// `EXIT_BAD_CMDLINE + index` (the bundled kernel checks its command
+    /// line before anything else).
+    pub fn refused_cmdline_word(&self, cmdline: &str) -> Option<String> {
+        use guest_abi::ports::{EXIT_BAD_CMDLINE, MAX_CMDLINE_WORD_INDEX};
+        let index = self.value.checked_sub(EXIT_BAD_CMDLINE).filter(|&i| i <= MAX_CMDLINE_WORD_INDEX)?;
+        Some(match cmdline.split_ascii_whitespace().nth(index as usize) {
+            Some(w) if index < MAX_CMDLINE_WORD_INDEX => w.to_string(),
+            _ => format!("#{index} or a later one"),
+        })
+    }
 }
 
 /// The result of a run that got as far as starting the guest.
@@ -117,7 +138,230 @@ pub struct RunOutcome {
 }
 
 /// A VM ready to run.
+///
+/// Its state lives in a `VmCore` that [`Vm::run`] moves onto the vCPU
+/// thread and gets back when the thread returns. If the thread does not
+/// return within [`VCPU_STOP_GRACE`] of the timeout (a VMM handler that
+/// runs long), the run ends anyway and the VM is abandoned: the thread is
+/// left to finish in the background and the VM can no longer be inspected.
 pub struct Vm {
+    core: Option<Box<VmCore>>,
+    timeout: Duration,
+    memory: u64,
+    mmu: MmuMode,
+    console: Arc<crate::devices::serial::ConsoleQueue>,
+    /// What the vCPU thread prints to stderr (`EXPLAIN` chains).
+    diag: Arc<crate::devices::serial::ConsoleQueue>,
+}
+
+/// How long after the timeout the vCPU thread may take to stop before the
+/// run ends without it.
+pub const VCPU_STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// How a supervised thread ended.
+#[derive(Debug)]
+pub enum Supervised<T> {
+    /// It returned this.
+    Done(T),
+    /// It panicked with this message.
+    Panicked(String),
+    /// It was still running [`VCPU_STOP_GRACE`] (or the given grace) after
+    /// the timeout; it was left running.
+    Stuck,
+}
+
+/// The text of a panic payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(a panic without a message)".to_string()
+    }
+}
+
+/// Run `work` on a thread named `name` and wait for it at most `timeout`.
+/// A panic is reported as soon as it happens, with its message. At the
+/// timeout, `on_timeout` runs once (it tells the work to stop) and the
+/// thread is kicked with the vCPU kick signal every 20 ms (out of
+/// `KVM_RUN`); if it has still not returned after `grace`, it is left
+/// running and `Stuck` is returned: the caller's deadline holds whatever
+/// the thread is doing.
+pub fn supervise<T: Send + 'static>(
+    name: &str,
+    timeout: Duration,
+    grace: Duration,
+    on_timeout: impl FnOnce(),
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Supervised<T> {
+    use std::os::unix::thread::JoinHandleExt;
+    use std::sync::mpsc::RecvTimeoutError;
+    install_kick_handler();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
+        // `tx` moves in: a panic drops it, which wakes the waiter at once.
+        let _ = tx.send(work());
+    });
+    let handle = match spawned {
+        Ok(h) => h,
+        Err(e) => return Supervised::Panicked(format!("cannot start the {name} thread: {e}")),
+    };
+    let finished = |handle: std::thread::JoinHandle<()>, got: Option<T>| match (handle.join(), got) {
+        (_, Some(v)) => Supervised::Done(v),
+        (Err(payload), None) => Supervised::Panicked(panic_message(&*payload)),
+        (Ok(()), None) => Supervised::Panicked("the thread ended without a result".into()),
+    };
+    match rx.recv_timeout(timeout) {
+        Ok(v) => return finished(handle, Some(v)),
+        Err(RecvTimeoutError::Disconnected) => return finished(handle, None),
+        Err(RecvTimeoutError::Timeout) => {}
+    }
+    on_timeout();
+    let expired_at = Instant::now();
+    loop {
+        // SAFETY: the handle is neither joined nor detached, so its
+        // pthread_t is valid (even if the thread has just ended); the kick
+        // handler is installed, so the signal only interrupts a blocking
+        // call such as KVM_RUN.
+        unsafe { libc::pthread_kill(handle.as_pthread_t(), kick_signal()) };
+        match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(v) => return finished(handle, Some(v)),
+            Err(RecvTimeoutError::Disconnected) => return finished(handle, None),
+            Err(RecvTimeoutError::Timeout) if expired_at.elapsed() >= grace => {
+                // Dropping the handle detaches the thread.
+                return Supervised::Stuck;
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+    }
+}
+
+impl Vm {
+    /// Create the VM: KVM, memory, kernel, boot structures, vCPU. The guest
+    /// console goes to `console` (through a writer thread: the vCPU never
+    /// blocks on it).
+    pub fn new(config: VmConfig, console: Box<dyn Write + Send>) -> Result<Vm> {
+        let (timeout, memory, mmu) = (config.timeout, config.memory, config.mmu);
+        let core = VmCore::new(config, console)?;
+        let console = core.serial.writer().queue();
+        let diag = core.diag.queue();
+        Ok(Vm { core: Some(Box::new(core)), timeout, memory, mmu, console, diag })
+    }
+
+    fn core(&self) -> Result<&VmCore> {
+        self.core.as_deref().ok_or(Error::VmAbandoned)
+    }
+
+    /// Guest memory (for tests and tools that inspect the guest).
+    ///
+    /// # Panics
+    /// If a run had to abandon the VM (its vCPU thread did not stop after
+    /// the timeout); check the run's outcome first.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        self.core.as_deref().expect("the VM was abandoned after a timeout").ram.memory()
+    }
+
+    /// `KVM_TRANSLATE` of `gva` with the vCPU's current CR3: the GPA, or
+    /// `None` when KVM says it is not mapped.
+    pub fn kvm_translate(&self, gva: u64) -> Result<Option<u64>> {
+        self.core()?.kvm_translate(gva)
+    }
+
+    /// Point the vCPU's CR3 at `cr3` (for tools and tests that walk their
+    /// own tables; the guest is not running).
+    pub fn set_cr3(&mut self, cr3: u64) -> Result<()> {
+        self.core.as_deref_mut().ok_or(Error::VmAbandoned)?.set_cr3(cr3)
+    }
+
+    /// The vCPU's paging controls as the shadow walker takes them.
+    pub fn paging_mode(&self) -> Result<shadow::PagingMode> {
+        self.core()?.paging_mode()
+    }
+
+    /// The guest-physical memory map.
+    ///
+    /// # Panics
+    /// As [`Vm::memory`].
+    pub fn memory_map(&self) -> &MemoryMap {
+        &self.core.as_deref().expect("the VM was abandoned after a timeout").map
+    }
+
+    /// The translation chain of `gva` in the guest's current address space.
+    /// Explaining changes nothing: no accessed or dirty bit is set.
+    pub fn explain(&self, gva: u64) -> Result<Explanation> {
+        self.core()?.explain(gva)
+    }
+
+    /// Run until the guest ends, the vCPU dies, or the timeout expires.
+    /// The timeout holds whatever the vCPU thread is doing: the console is
+    /// written by its own thread, and a vCPU thread that does not stop
+    /// within [`VCPU_STOP_GRACE`] is abandoned. A panic of the vCPU thread
+    /// ends the run at once, with its message. The VM stays inspectable
+    /// afterwards ([`Vm::explain`]) unless it was abandoned.
+    pub fn run(&mut self) -> RunOutcome {
+        let Some(mut core) = self.core.take() else {
+            return RunOutcome { end: Err(Error::VmAbandoned), stats: RunStats::default(), reports: Vec::new() };
+        };
+        let started = Instant::now();
+        let expired = Arc::new(AtomicBool::new(false));
+        let stop = expired.clone();
+        let console = self.console.clone();
+        let diag = self.diag.clone();
+        let supervised = supervise(
+            "vcpu0",
+            self.timeout,
+            VCPU_STOP_GRACE,
+            || {
+                stop.store(true, Ordering::SeqCst);
+                console.abort();
+                diag.abort();
+            },
+            move || {
+                let out = core.vcpu_loop(&expired);
+                (core, out)
+            },
+        );
+        let empty_stats = || RunStats {
+            memory: self.memory,
+            mmu: self.mmu.name(),
+            run_time: started.elapsed(),
+            ..Default::default()
+        };
+        let mut outcome = match supervised {
+            Supervised::Done((core, outcome)) => {
+                self.core = Some(core);
+                outcome
+            }
+            Supervised::Panicked(message) => {
+                self.console.abort();
+                self.diag.abort();
+                RunOutcome { end: Err(Error::VcpuPanicked(message)), stats: empty_stats(), reports: Vec::new() }
+            }
+            Supervised::Stuck => {
+                RunOutcome { end: Err(Error::VcpuStuck(self.timeout)), stats: empty_stats(), reports: Vec::new() }
+            }
+        };
+        // Give the console until the run's deadline (and a little more
+        // for a run that used all of it) to write what the guest printed.
+        let deadline = (started + self.timeout).max(Instant::now()) + crate::devices::serial::CONSOLE_GRACE;
+        // The EXPLAIN chains the guest asked for: best effort, never an error.
+        self.diag.finish(deadline);
+        let unwritten = self.console.finish(deadline);
+        outcome.stats.console_unwritten = unwritten;
+        if unwritten > 0 {
+            log::warn!("{unwritten} bytes of guest console output were not written: the output was blocked");
+            if outcome.end.is_ok() {
+                outcome.end = Err(Error::ConsoleBlocked { timeout: self.timeout, unwritten });
+            }
+        }
+        outcome
+    }
+}
+
+/// The VM's state: everything the vCPU thread needs, moved onto that thread
+/// for a run and back afterwards.
+struct VmCore {
     // Kept alive for the lifetime of the VM: the vCPU and memslots belong to it.
     _kvm: Kvm,
     vm: VmFd,
@@ -132,6 +376,12 @@ pub struct Vm {
     bench_start: Option<BenchSnapshot>,
     /// MAXPHYADDR from the vCPU's CPUID.
     maxphyaddr: u8,
+    /// Where the vCPU thread's own output to stderr goes (a writer thread).
+    diag: ConsoleSink,
+    /// `EXPLAIN` chains printed by the hypercall (bounded).
+    explain_prints: Limited,
+    /// Warnings about refused guest requests (bounded).
+    warnings: Limited,
 }
 
 type BenchSnapshot = (Instant, BTreeMap<&'static str, u64>, Option<(shadow::ShadowStats, Duration)>);
@@ -162,11 +412,17 @@ pub fn check_memory_size(memory: u64) -> Result<()> {
     Ok(())
 }
 
-impl Vm {
-    /// Create the VM: KVM, memory, kernel, boot structures, vCPU. The guest
-    /// console goes to `console`.
-    pub fn new(config: VmConfig, console: Box<dyn Write + Send>) -> Result<Vm> {
+impl VmCore {
+    fn new(config: VmConfig, console: Box<dyn Write + Send>) -> Result<VmCore> {
         check_memory_size(config.memory)?;
+        let page = config.backing.alignment();
+        if page > 0 && !config.memory.is_multiple_of(page) {
+            return Err(Error::MemoryNotPageAligned {
+                memory: config.memory,
+                page,
+                backing: config.backing.to_string(),
+            });
+        }
         if config.mmu == MmuMode::Shadow && config.shadow_pool < min_shadow_pool(config.memory) {
             return Err(Error::ShadowPoolTooSmall(config.shadow_pool, config.memory, min_shadow_pool(config.memory)));
         }
@@ -243,7 +499,7 @@ impl Vm {
             }
             None => None,
         };
-        Ok(Vm {
+        Ok(VmCore {
             _kvm: kvm,
             vm,
             vcpu,
@@ -251,16 +507,14 @@ impl Vm {
             map,
             ram,
             serial: new_serial(console),
+            diag: ConsoleSink::new(Box::new(std::io::stderr())),
             config,
             epoch,
             bench_start: None,
             maxphyaddr,
+            explain_prints: Limited::new("EXPLAIN outputs", crate::limits::MAX_EXPLAIN_PRINTS),
+            warnings: Limited::new("warnings about refused shadow-MMU requests", crate::limits::MAX_WARNINGS),
         })
-    }
-
-    /// Guest memory (for tests and tools that inspect the guest).
-    pub fn memory(&self) -> &GuestMemoryMmap {
-        self.ram.memory()
     }
 
     /// `KVM_TRANSLATE` of `gva` with the vCPU's current CR3: the GPA, or
@@ -286,11 +540,6 @@ impl Vm {
             Some(sh) => sh.guest_mode(&sregs, rflags),
             None => paging_mode(&sregs, rflags, self.maxphyaddr),
         })
-    }
-
-    /// The guest-physical memory map.
-    pub fn memory_map(&self) -> &MemoryMap {
-        &self.map
     }
 
     /// The translation chain of `gva` in the guest's current address space.
@@ -341,53 +590,54 @@ impl Vm {
             }
             e.cost = Some(ept::walk::walk_cost(page_size, host_page));
         }
-        e.kvm_translate = match self.vcpu.translate_gva(gva) {
-            Ok(t) if t.valid != 0 => Some(t.physical_address),
-            _ => None,
-        };
+        e.kvm_translate = self.translate_without_side_effects(hw_cr3, cr3, gva);
         Ok(e)
     }
 
-    /// Run until the guest ends, the vCPU dies, or the timeout expires.
-    /// The VM stays inspectable afterwards ([`Vm::explain`]).
-    pub fn run(&mut self) -> RunOutcome {
-        let timeout = self.config.timeout;
-        let expired = AtomicBool::new(false);
-        let vcpu_thread = AtomicU64::new(0);
-        let (tx, rx) = std::sync::mpsc::channel();
-        install_kick_handler();
-        std::thread::scope(|scope| {
-            let handle = std::thread::Builder::new()
-                .name("vcpu0".into())
-                .spawn_scoped(scope, || {
-                    // SAFETY: pthread_self has no preconditions.
-                    vcpu_thread.store(unsafe { libc::pthread_self() } as u64, Ordering::SeqCst);
-                    let out = self.vcpu_loop(&expired);
-                    let _ = tx.send(());
-                    out
-                })
-                .expect("spawn the vCPU thread");
-            if rx.recv_timeout(timeout).is_err() {
-                expired.store(true, Ordering::SeqCst);
-                // Kick the vCPU out of KVM_RUN until it notices. Repeated,
-                // because a signal that lands just before the thread enters
-                // KVM_RUN is not seen by KVM.
-                while rx.recv_timeout(Duration::from_millis(20)).is_err() && !handle.is_finished() {
-                    let tid = vcpu_thread.load(Ordering::SeqCst);
-                    if tid != 0 {
-                        // SAFETY: `tid` is the vCPU thread, alive (not
-                        // finished, and joined only below), with the kick
-                        // handler installed: the signal only interrupts KVM_RUN.
-                        unsafe { libc::pthread_kill(tid as libc::pthread_t, kick_signal()) };
-                    }
+    /// Read a page-table entry at `gpa` in guest RAM or the shadow pool.
+    fn read_table_entry(&self, gpa: u64) -> Option<u64> {
+        let mem = self.ram.memory();
+        mem.read_obj::<u64>(GuestAddress(gpa))
+            .ok()
+            .or_else(|| self.ram.pool().and_then(|p| p.read_obj::<u64>(GuestAddress(gpa)).ok()))
+    }
+
+    /// `KVM_TRANSLATE` of `gva`, leaving the page tables as they were.
+    ///
+    /// KVM's software walker sets the accessed bit in every entry it walks
+    /// through (Intel SDM Vol. 3A §4.8: a walk sets A), so a bare
+    /// `KVM_TRANSLATE` would change what `--explain` explains — and what
+    /// the guest's page aging sees. The entries on both walk paths (the
+    /// guest's tables from `guest_cr3`, and the tables the vCPU really
+    /// walks from `hw_cr3`: the shadow tables in shadow mode) are saved
+    /// first and any that changed are written back. The guest is not
+    /// running (this runs between exits or after the run), and
+    /// `KVM_TRANSLATE` installs no translation, so nothing can have used
+    /// the bit it set.
+    fn translate_without_side_effects(&self, hw_cr3: u64, guest_cr3: u64, gva: u64) -> Option<u64> {
+        let mut saved = Vec::new();
+        for root in [guest_cr3, hw_cr3] {
+            let w = ept::walk::walk(root, gva, |gpa| self.read_table_entry(gpa));
+            for st in &w.steps {
+                let at = st.table_gpa.wrapping_add(st.index * 8);
+                saved.push((at, st.entry));
+            }
+        }
+        let t = match self.vcpu.translate_gva(gva) {
+            Ok(t) if t.valid != 0 => Some(t.physical_address),
+            _ => None,
+        };
+        for (at, old) in saved {
+            if self.read_table_entry(at).is_some_and(|now| now != old) {
+                let mem = self.ram.memory();
+                let wrote = mem.write_obj(old, GuestAddress(at)).is_ok()
+                    || self.ram.pool().is_some_and(|p| p.write_obj(old, GuestAddress(at)).is_ok());
+                if !wrote {
+                    log::debug!("cannot restore the page-table entry at {at:#x} after KVM_TRANSLATE");
                 }
             }
-            handle.join().unwrap_or_else(|_| RunOutcome {
-                end: Err(Error::UnexpectedExit { what: "vCPU thread panicked".into(), rip: 0 }),
-                stats: RunStats::default(),
-                reports: Vec::new(),
-            })
-        })
+        }
+        t
     }
 
     fn vcpu_loop(&mut self, expired: &AtomicBool) -> RunOutcome {
@@ -398,9 +648,14 @@ impl Vm {
             ..Default::default()
         };
         let mut reports = Vec::new();
+        let mut budget = ReportBudget::default();
         let started = Instant::now();
         stats.setup_time = started.duration_since(self.config.process_start);
-        let end = self.run_until_end(expired, &mut stats, &mut reports);
+        let end = self.run_until_end(expired, &mut stats, &mut reports, &mut budget);
+        stats.reports_dropped = budget.dropped;
+        stats.explain_suppressed = self.explain_prints.suppressed();
+        stats.warnings_suppressed =
+            self.warnings.suppressed() + self.shadow.as_ref().map_or(0, |s| s.warnings.suppressed());
         stats.run_time = started.elapsed();
         self.serial.writer_mut().drain();
         stats.huge_backed = self.ram.huge_backed_bytes().ok();
@@ -507,7 +762,9 @@ impl Vm {
                 let root = match sh.mmu.load_cr3(&mut pool, &mut ram, root_gpa) {
                     Ok(root) => root,
                     Err(e) => {
-                        log::warn!("LOAD_CR3({root_gpa:#x}) failed: {e:?}");
+                        if self.warnings.allow() {
+                            log::warn!("LOAD_CR3({root_gpa:#x}) failed: {e:?}");
+                        }
                         return Ok(Some(hc::ERR_UNAVAILABLE));
                     }
                 };
@@ -580,16 +837,25 @@ impl Vm {
         Ok(())
     }
 
-    /// `EXPLAIN(gva)`: print the chain to stderr now; answer the GPA, or
-    /// `ERR_FAULT` when the address is not mapped.
-    fn explain_hypercall(&self, gva: u64) -> u64 {
+    /// `EXPLAIN(gva)`: print the chain to stderr now (the first
+    /// [`crate::limits::MAX_EXPLAIN_PRINTS`] of a run; the rest are only
+    /// counted); answer the GPA, or `ERR_FAULT` when the address is not
+    /// mapped.
+    fn explain_hypercall(&mut self, gva: u64) -> u64 {
         match self.explain(gva) {
             Ok(e) => {
-                eprint!("{}", e.render());
+                if self.explain_prints.allow() {
+                    // Through the diagnostics queue: a blocked stderr must
+                    // not block the vCPU thread.
+                    let _ = self.diag.write_all(e.render().as_bytes());
+                    self.diag.drain();
+                }
                 e.gpa().unwrap_or(guest_abi::hypercall::ERR_FAULT)
             }
             Err(err) => {
-                log::warn!("EXPLAIN({gva:#x}) failed: {err}");
+                if self.warnings.allow() {
+                    log::warn!("EXPLAIN({gva:#x}) failed: {err}");
+                }
                 guest_abi::hypercall::ERR_FAULT
             }
         }
@@ -604,6 +870,7 @@ impl Vm {
         expired: &AtomicBool,
         stats: &mut RunStats,
         reports: &mut Vec<Report>,
+        budget: &mut ReportBudget,
     ) -> Result<GuestExit> {
         loop {
             if expired.load(Ordering::SeqCst) {
@@ -642,6 +909,7 @@ impl Vm {
                             ram: self.config.memory,
                             epoch: self.epoch,
                             reports,
+                            budget,
                         };
                         hypercall::handle(&mut ctx, nr, [r.rdi, r.rsi, r.rcx, r.r8])
                     };
@@ -674,7 +942,14 @@ impl Vm {
                 }
                 Action::Hlt => {
                     stats.exit("hlt");
-                    return Err(Error::GuestHalted { rip: self.rip() });
+                    // No device of this VM ever raises an interrupt, so a
+                    // halt never ends either way; but say which halt it was
+                    // (RFLAGS.IF, bit 9: `sti; hlt` waits for an interrupt).
+                    let regs = self.vcpu.sync_regs().regs;
+                    if regs.rflags & (1 << 9) != 0 {
+                        return Err(Error::GuestIdle { rip: regs.rip });
+                    }
+                    return Err(Error::GuestHalted { rip: regs.rip });
                 }
                 Action::Shutdown => {
                     stats.exit("shutdown");
@@ -823,4 +1098,75 @@ fn install_kick_handler() {
             log::warn!("cannot install the vCPU kick handler: {e}; --timeout may not interrupt a busy guest");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // These check what ends a run, not how fast: the bounds are far from
+    // the expected times and only catch a wait for the full timeout.
+
+    #[test]
+    fn a_panic_on_the_vcpu_thread_is_reported_at_once_with_its_message() {
+        let start = Instant::now();
+        let r = supervise(
+            "vcpu-test",
+            Duration::from_secs(120),
+            VCPU_STOP_GRACE,
+            || {},
+            || -> u32 { panic!("shadow walk hit an impossible entry") },
+        );
+        match r {
+            Supervised::Panicked(msg) => assert_eq!(msg, "shadow walk hit an impossible entry"),
+            other => panic!("{other:?}"),
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "reported at the timeout, not at once");
+    }
+
+    #[test]
+    fn a_thread_that_ignores_the_timeout_is_left_behind() {
+        let start = Instant::now();
+        let told = Arc::new(AtomicBool::new(false));
+        let t = told.clone();
+        // A handler that runs far past the deadline and never looks at it.
+        let r = supervise(
+            "vcpu-test",
+            Duration::from_millis(200),
+            Duration::from_millis(200),
+            move || t.store(true, Ordering::SeqCst),
+            || std::thread::sleep(Duration::from_secs(600)),
+        );
+        assert!(matches!(r, Supervised::Stuck), "{r:?}");
+        assert!(told.load(Ordering::SeqCst), "on_timeout ran");
+        assert!(start.elapsed() < Duration::from_secs(300), "waited for the handler");
+    }
+
+    #[test]
+    fn a_thread_that_stops_when_told_is_done() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let r = supervise(
+            "vcpu-test",
+            Duration::from_millis(100),
+            Duration::from_secs(60),
+            move || s.store(true, Ordering::SeqCst),
+            move || {
+                while !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                7
+            },
+        );
+        assert!(matches!(r, Supervised::Done(7)), "{r:?}");
+    }
+
+    #[test]
+    fn the_refused_command_line_word_is_named() {
+        let exit = |value| GuestExit { value, status: exit_status(value) };
+        let base = guest_abi::ports::EXIT_BAD_CMDLINE;
+        assert_eq!(exit(base + 1).refused_cmdline_word("test= worklaod=fault"), Some("worklaod=fault".into()));
+        assert_eq!(exit(guest_abi::ports::EXIT_FAILURE).refused_cmdline_word("x"), None);
+        assert_eq!(exit(guest_abi::ports::EXIT_SUCCESS).refused_cmdline_word("x"), None);
+    }
 }

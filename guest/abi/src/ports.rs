@@ -13,6 +13,12 @@ pub const EXIT_SUCCESS: u8 = 0x10;
 /// The value the guest writes to [`EXIT_DEVICE`] for a failure (test
 /// failure, unhandled exception, panic).
 pub const EXIT_FAILURE: u8 = 0x11;
+/// The guest refused word `i` of its command line (a typo, an unknown
+/// word, a bad value): it writes `EXIT_BAD_CMDLINE + i` (`i` clamped to
+/// [`MAX_CMDLINE_WORD_INDEX`]) and the VMM names the word.
+pub const EXIT_BAD_CMDLINE: u8 = 0x20;
+/// The largest word index [`EXIT_BAD_CMDLINE`] can carry.
+pub const MAX_CMDLINE_WORD_INDEX: u8 = 0x1f;
 
 /// The status the VMM derives from a write of `v` to [`EXIT_DEVICE`].
 pub const fn exit_status(v: u8) -> u32 {

@@ -1,4 +1,9 @@
 //! Command-line parsing: whitespace-separated `key=value` or `key` words.
+//!
+//! [`check`] runs before anything else reads the command line: a word the
+//! kernel does not know, or a value it cannot use, ends the VM at once
+//! with [`guest_abi::ports::EXIT_BAD_CMDLINE`] + the word's index, so a
+//! typo (`worklaod=fault`, `size=abc`) is never silently ignored.
 
 /// The value of the first `key=value` word, or `Some("")` for a bare `key`.
 pub fn value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
@@ -15,4 +20,87 @@ pub fn parse_u64(s: &str) -> Option<u64> {
         Some(hex) => u64::from_str_radix(hex, 16).ok(),
         None => s.parse().ok(),
     }
+}
+
+/// The crash modes `crash=` accepts (see `crash.rs`).
+pub const CRASH_MODES: &[&str] = &[
+    "pf",
+    "ud",
+    "panic",
+    "sse",
+    "triple",
+    "hang",
+    "hypercall",
+    "storm",
+    "hlt",
+    "sti-hlt",
+    "report-flood",
+    "explain-flood",
+    "chatter",
+];
+
+/// The workloads `workload=` accepts (see `workload.rs`).
+pub const WORKLOADS: &[&str] = &["fault", "fork", "ctxsw", "mmap", "tlb", "alloc"];
+
+/// How a key takes its value.
+#[derive(Clone, Copy)]
+enum Takes {
+    /// No value: `explain`.
+    Nothing,
+    /// Optional text: `test` or `test=FILTER`.
+    AnyText,
+    /// A number greater than zero, optional (`calibrate`) or required (`size`).
+    Number { required: bool },
+    /// One of a list.
+    OneOf(&'static [&'static str]),
+}
+
+const KEYS: &[(&str, Takes)] = &[
+    ("crash", Takes::OneOf(CRASH_MODES)),
+    ("workload", Takes::OneOf(WORKLOADS)),
+    ("size", Takes::Number { required: true }),
+    ("calibrate", Takes::Number { required: false }),
+    ("test", Takes::AnyText),
+    ("explain", Takes::Nothing),
+    ("matrix", Takes::Nothing),
+    ("fail-on-request", Takes::Nothing),
+];
+
+/// The reason given for a word whose key the kernel does not know.
+pub const UNKNOWN_WORD: &str = "unknown word";
+
+/// Why a word was refused.
+pub struct BadWord<'a> {
+    /// Its index among the words.
+    pub index: usize,
+    /// The word.
+    pub word: &'a str,
+    /// What is wrong with it.
+    pub why: &'static str,
+    /// The values the key accepts, when it takes one of a list.
+    pub expected: &'static [&'static str],
+}
+
+/// Check every word of `cmdline`.
+pub fn check(cmdline: &str) -> Result<(), BadWord<'_>> {
+    for (index, word) in cmdline.split_ascii_whitespace().enumerate() {
+        let (key, val) = match word.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (word, None),
+        };
+        let bad = |why, expected| Err(BadWord { index, word, why, expected });
+        let Some(&(_, takes)) = KEYS.iter().find(|(k, _)| *k == key) else {
+            return bad(UNKNOWN_WORD, &[]);
+        };
+        match (takes, val) {
+            (Takes::Nothing, Some(_)) => return bad("takes no value", &[]),
+            (Takes::Number { required: true }, None) => return bad("needs a value", &[]),
+            (Takes::Number { .. }, Some(v)) if parse_u64(v).is_none_or(|n| n == 0) => {
+                return bad("needs a number greater than zero (decimal or 0x hexadecimal)", &[]);
+            }
+            (Takes::OneOf(list), v) if !list.contains(&v.unwrap_or("")) => return bad("unknown value", list),
+            _ => {}
+        }
+    }
+    Ok(())
 }

@@ -11,6 +11,11 @@
 //! | `hang` | an endless loop | `--timeout` ends it |
 //! | `hypercall` | nonsense hypercalls | each gets an error result; the guest checks them and succeeds |
 //! | `storm` | random hypercalls and random page-table writes | survive (shadow mode: every write traps) |
+//! | `hlt` | `cli; hlt` | "halted with interrupts disabled" (exit 4) |
+//! | `sti-hlt` | `sti; hlt` | "halted with interrupts enabled", waiting forever (exit 4) |
+//! | `report-flood` | [`REPORT_FLOOD`] records of the maximum length | keep a bounded number, refuse the rest, say so once |
+//! | `explain-flood` | [`EXPLAIN_FLOOD`] `EXPLAIN` hypercalls | answer all, print a bounded number, say so once |
+//! | `chatter` | print lines forever | `--timeout` ends it even when stdout is blocked |
 
 use crate::{arch, console, hypercall, kprintln};
 use guest_abi::hypercall as hc;
@@ -49,6 +54,22 @@ pub fn run(mode: &str) {
             storm();
             return;
         }
+        // SAFETY: halts with interrupts off; nothing can wake the vCPU.
+        "hlt" => unsafe { core::arch::asm!("cli", "hlt", options(nomem, nostack)) },
+        // SAFETY: halts with interrupts on; no IDT entry beyond the
+        // exceptions is needed because no device raises an interrupt.
+        "sti-hlt" => unsafe { core::arch::asm!("sti", "hlt", options(nomem, nostack)) },
+        "report-flood" => {
+            report_flood();
+            return;
+        }
+        "explain-flood" => {
+            explain_flood();
+            return;
+        }
+        "chatter" => loop {
+            console::println("chatter: the guest prints until the timeout ends it");
+        },
         _ => {
             kprintln!("unknown crash mode \"{}\"", mode);
             arch::exit(guest_abi::ports::EXIT_FAILURE);
@@ -56,6 +77,44 @@ pub fn run(mode: &str) {
     }
     console::println("crash mode did not crash");
     arch::exit(guest_abi::ports::EXIT_FAILURE);
+}
+
+/// Records `crash=report-flood` sends: ten times what the VMM keeps (4 MiB of
+/// records, vmm/src/limits.rs).
+pub const REPORT_FLOOD: u64 = 10 * 1024;
+
+/// `EXPLAIN` calls `crash=explain-flood` makes: ten times what the VMM prints.
+pub const EXPLAIN_FLOOD: u64 = 10 * 64;
+
+/// Send [`REPORT_FLOOD`] test records of the maximum length (sent once,
+/// then re-sent from the same buffer: no copying in the guest); print how
+/// many the VMM accepted and refused.
+fn report_flood() {
+    use guest_abi::report::{MAX_REPORT_LEN, ReportHeader, TestRecord, kind};
+    static FILL: [u8; MAX_REPORT_LEN as usize] = [b'x'; MAX_REPORT_LEN as usize];
+    let header = core::mem::size_of::<ReportHeader>();
+    let name = b"report-flood";
+    let room = MAX_REPORT_LEN as usize - header - core::mem::size_of::<TestRecord>() - name.len();
+    let rec = TestRecord { passed: 1, name_len: name.len() as u32, msg_len: room as u32, reserved: 0, cycles: 0 };
+    let recs = [rec];
+    let parts: [&[u8]; 3] = [crate::report::bytes_of(&recs), name, &FILL[..room]];
+    let (accepted, refused) = crate::report::send_repeatedly(kind::TEST, &parts, REPORT_FLOOD);
+    kprintln!("report flood: {} sent, {} accepted, {} refused", REPORT_FLOOD, accepted, refused);
+}
+
+/// Ask the VMM to explain one kernel address [`EXPLAIN_FLOOD`] times; every
+/// answer must be the same GPA.
+fn explain_flood() {
+    let va = explain_flood as fn() as usize as u64;
+    let want = va - guest_abi::KERNEL_VMA;
+    let mut wrong = 0u64;
+    for _ in 0..EXPLAIN_FLOOD {
+        wrong += u64::from(hypercall::call(hc::EXPLAIN, va, 0, 0, 0) != want);
+    }
+    kprintln!("explain flood: {} calls, {} wrong answers", EXPLAIN_FLOOD, wrong);
+    if wrong != 0 {
+        arch::exit(guest_abi::ports::EXIT_FAILURE);
+    }
 }
 
 // The kernel's only SSE instruction, in a function of its own so that

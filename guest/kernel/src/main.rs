@@ -69,6 +69,9 @@ extern "C" fn kmain(boot_info_gpa: u64) -> ! {
     boot::print_banner(&info);
     boot::report_boot(&info, tsc_at_entry);
     let cmdline = info.cmdline();
+    if let Err(bad) = cmdline::check(cmdline) {
+        refuse_cmdline(bad);
+    }
     if let Some(mode) = cmdline::value(cmdline, "crash") {
         crash::run(mode);
     }
@@ -99,4 +102,23 @@ extern "C" fn kmain(boot_info_gpa: u64) -> ! {
     }
     console::println("boot ok");
     arch::exit(guest_abi::ports::EXIT_SUCCESS)
+}
+
+/// Print why a command-line word was refused and end the VM with
+/// `EXIT_BAD_CMDLINE` + its index, so that the VMM can name it too.
+fn refuse_cmdline(bad: cmdline::BadWord<'_>) -> ! {
+    kprintln!("error: command-line word {} \"{}\": {}", bad.index, bad.word, bad.why);
+    if !bad.expected.is_empty() {
+        console::write_bytes(b"  expected one of:");
+        for v in bad.expected {
+            kprint!(" {}", *v);
+        }
+        console::write_bytes(b"\n");
+    } else if bad.why == cmdline::UNKNOWN_WORD {
+        console::println(
+            "  the kernel knows: crash=MODE workload=NAME size=N calibrate[=N] test[=FILTER] explain matrix fail-on-request",
+        );
+    }
+    let index = bad.index.min(guest_abi::ports::MAX_CMDLINE_WORD_INDEX as usize) as u8;
+    arch::exit(guest_abi::ports::EXIT_BAD_CMDLINE + index)
 }

@@ -47,9 +47,19 @@ pub fn bytes_of<T: Plain>(v: &[T]) -> &[u8] {
 
 /// Send one record of `kind` whose payload is `parts` concatenated.
 pub fn send(kind: u32, parts: &[&[u8]]) -> Result<(), &'static str> {
+    match send_repeatedly(kind, parts, 1) {
+        (_, 0) => Ok(()),
+        _ => Err("the VMM refused a report record"),
+    }
+}
+
+/// Build one record and send it `times` times (a flood, for the VMM's
+/// bounds); returns how many the VMM accepted and refused. A record too
+/// long for the buffer counts as refused every time.
+pub fn send_repeatedly(kind: u32, parts: &[&[u8]], times: u64) -> (u64, u64) {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     if HEADER + len > MAX_REPORT_LEN as usize {
-        return Err("report record too long");
+        return (0, times);
     }
     // SAFETY: single CPU, interrupts off: nothing else uses the buffer
     // while we fill it and the VMM reads it.
@@ -65,8 +75,9 @@ pub fn send(kind: u32, parts: &[&[u8]]) -> Result<(), &'static str> {
         at += p.len();
     }
     let gpa = boot::kernel_va_to_gpa(buf.as_ptr() as u64);
-    if guest_abi::hypercall::is_error(hypercall::report(gpa, at as u64)) {
-        return Err("the VMM refused a report record");
+    let mut refused = 0;
+    for _ in 0..times {
+        refused += u64::from(guest_abi::hypercall::is_error(hypercall::report(gpa, at as u64)));
     }
-    Ok(())
+    (times - refused, refused)
 }

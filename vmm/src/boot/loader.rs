@@ -3,12 +3,25 @@
 //! `linux-loader` copies the `PT_LOAD` segments to their physical
 //! addresses, but it does not check the machine, the class, the type, or
 //! whether the segments fit in guest RAM. So [`inspect`] reads the headers
-//! first and refuses anything that is not a 64-bit x86-64 executable whose
-//! segments lie inside RAM, outside the boot area and outside the
-//! page-table zone, with an entry point inside one of its segments.
+//! first and refuses anything that is not a 64-bit x86-64 executable with
+//! an entry point inside one of its segments, before anything is copied.
+//!
+//! Invariants of an accepted image (what [`load`] may then copy):
+//! - every `PT_LOAD` header, empty ones included, has `p_filesz ≤ p_memsz`
+//!   and its file bytes inside the file (`linux-loader` copies `p_filesz`
+//!   bytes at `p_paddr` for every `PT_LOAD` with file bytes, whatever
+//!   `p_memsz` says);
+//! - every byte of every segment lies inside guest RAM and inside the first
+//!   GiB (all the boot page tables map), outside the boot area (boot GDT,
+//!   IDT, `BootInfo`, command line, boot stack, boot page tables) and
+//!   outside the page-table zone;
+//! - the whole span of the image, lowest to highest segment byte, also
+//!   avoids the boot area and the page-table zone: the memory map gives the
+//!   guest one kernel region for that span, and it must not overlap
+//!   anything else (`bootinfo::memory_map`).
 
 use crate::error::{Error, Result};
-use crate::layout::{BOOT_AREA_END, KERNEL_VMA, LARGE_PAGE_SIZE, MAX_MEMORY};
+use crate::layout::{BOOT_AREA_END, BOOT_MAP_LIMIT, KERNEL_VMA, LARGE_PAGE_SIZE, MAX_MEMORY};
 use linux_loader::loader::{KernelLoader, elf::Elf};
 use std::io::Cursor;
 use vm_memory::GuestMemoryMmap;
@@ -115,11 +128,19 @@ pub fn inspect(name: &str, image: &[u8], ram: u64, pt_zone: (u64, u64)) -> Resul
         }
         let (offset, vaddr, paddr, filesz, memsz) =
             (u64_at(p, 8), u64_at(p, 16), u64_at(p, 24), u64_at(p, 32), u64_at(p, 40));
-        if memsz == 0 {
-            continue;
+        // Checked for every PT_LOAD, empty or not: linux-loader copies
+        // p_filesz bytes of any of them.
+        if filesz > memsz {
+            return Err(foreign(format!(
+                "segment {index} has more file bytes ({filesz:#x}) than memory bytes ({memsz:#x})"
+            )));
         }
-        if filesz > memsz || offset.checked_add(filesz).is_none_or(|e| e > image.len() as u64) {
+        if offset.checked_add(filesz).is_none_or(|e| e > image.len() as u64) {
             return Err(foreign(format!("segment {index} claims more file bytes than the file has")));
+        }
+        if memsz == 0 {
+            // Nothing to copy (p_filesz is 0 too) and nothing in the map.
+            continue;
         }
         let end = paddr.checked_add(memsz).ok_or_else(|| Error::SegmentOutsideRam {
             name: name.to_string(),
@@ -131,7 +152,7 @@ pub fn inspect(name: &str, image: &[u8], ram: u64, pt_zone: (u64, u64)) -> Resul
         if end > ram {
             // A segment that an allowed --memory would hold means the memory
             // is too small; one that no allowed size holds is outside RAM.
-            if paddr >= BOOT_AREA_END && end <= MAX_MEMORY {
+            if paddr >= BOOT_AREA_END && end <= MAX_MEMORY.min(BOOT_MAP_LIMIT) {
                 let needed = (end.max(crate::layout::MIN_MEMORY) + LARGE_PAGE_SIZE - 1) & !(LARGE_PAGE_SIZE - 1);
                 return Err(Error::MemoryTooSmallForKernel { name: name.to_string(), index, end, ram, needed });
             }
@@ -153,12 +174,32 @@ pub fn inspect(name: &str, image: &[u8], ram: u64, pt_zone: (u64, u64)) -> Resul
         };
         overlap("boot area", (0, BOOT_AREA_END))?;
         overlap("page-table zone", pt_zone)?;
+        if end > BOOT_MAP_LIMIT {
+            return Err(foreign(format!(
+                "segment {index} [{paddr:#x}-{end:#x}) reaches beyond the first GiB, which is all the boot page tables map"
+            )));
+        }
         segments.push(Segment { index, paddr, vaddr, memsz });
     }
     if segments.is_empty() {
         return Err(foreign("it has no loadable segments".into()));
     }
     let image = KernelImage { entry, segments };
+    // The memory map has one kernel region for the whole span: it must
+    // not swallow the page-table zone (or the boot area) between segments.
+    let (start, end) = image.phys_range();
+    for (what, (ws, we)) in [("boot area", (0, BOOT_AREA_END)), ("page-table zone", pt_zone)] {
+        if start < we && ws < end {
+            return Err(Error::KernelSpanOverlap {
+                name: name.to_string(),
+                start,
+                end,
+                what,
+                what_start: ws,
+                what_end: we,
+            });
+        }
+    }
     if !image.segments.iter().any(|s| entry >= s.vaddr && entry - s.vaddr < s.memsz) {
         return Err(foreign(format!("its entry point {entry:#x} lies outside its loadable segments")));
     }
@@ -256,6 +297,132 @@ mod tests {
         match e {
             Error::MemoryTooSmallForKernel { needed, .. } => assert_eq!(needed, 32 * MIB),
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// An ELF with `segs` PT_LOAD headers `(paddr, filesz, memsz)`, each
+    /// linked at the kernel window, entry at the first segment.
+    fn elf_with(segs: &[(u64, u64, u64)]) -> Vec<u8> {
+        let mut b = elf(62, 2, segs[0].0, segs[0].2, KERNEL_VMA.wrapping_add(segs[0].0));
+        b.resize(0x1000, 0);
+        b[56..58].copy_from_slice(&(segs.len() as u16).to_le_bytes());
+        for (i, &(paddr, filesz, memsz)) in segs.iter().enumerate() {
+            let p = &mut b[64 + i * 56..120 + i * 56];
+            p.fill(0);
+            p[0..4].copy_from_slice(&PT_LOAD.to_le_bytes());
+            p[8..16].copy_from_slice(&0x200u64.to_le_bytes());
+            p[16..24].copy_from_slice(&KERNEL_VMA.wrapping_add(paddr).to_le_bytes());
+            p[24..32].copy_from_slice(&paddr.to_le_bytes());
+            p[32..40].copy_from_slice(&filesz.to_le_bytes());
+            p[40..48].copy_from_slice(&memsz.to_le_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn an_empty_segment_cannot_smuggle_file_bytes() {
+        // p_memsz == 0 with file bytes at GPA 0, over the boot page tables,
+        // and into the page-table zone: linux-loader would copy them all.
+        for target in [0, crate::layout::PML4_START, ZONE.0] {
+            let e =
+                inspect("k", &elf_with(&[(0x20_0000, 0x10, 0x1000), (target, 0x100, 0)]), 32 * MIB, ZONE).unwrap_err();
+            assert!(e.to_string().contains("segment 1 has more file bytes (0x100) than memory bytes (0x0)"), "{e}");
+        }
+        // An empty segment with no file bytes is harmless and ignored.
+        let k = inspect("k", &elf_with(&[(0x20_0000, 0x10, 0x1000), (0, 0, 0)]), 32 * MIB, ZONE).unwrap();
+        assert_eq!(k.segments.len(), 1);
+    }
+
+    #[test]
+    fn segments_on_both_sides_of_the_zone_are_refused() {
+        let ram = 128 * MIB;
+        let zone = (16 * MIB, 32 * MIB);
+        for segs in [
+            [(2 * MIB, 0x10, 0x1000), (64 * MIB, 0x10, 0x1000)],
+            [(2 * MIB, 0x10, 0x1000), (ram - 0x1000, 0x10, 0x1000)],
+        ] {
+            let e = inspect("k", &elf_with(&segs), ram, zone).unwrap_err();
+            assert!(matches!(e, Error::KernelSpanOverlap { what: "page-table zone", .. }), "{e}");
+        }
+        // One ending exactly at the end of RAM, alone, is fine.
+        let k = inspect("k", &elf_with(&[(ram - 0x1000, 0x10, 0x1000)]), ram, zone).unwrap();
+        assert_eq!(k.phys_range(), (ram - 0x1000, ram));
+    }
+
+    #[test]
+    fn segments_beyond_the_boot_map_are_refused() {
+        let e = inspect("k", &elf_with(&[(2 << 30, 0x10, 0x1000)]), 4 << 30, (16 * MIB, 272 * MIB)).unwrap_err();
+        assert!(e.to_string().contains("beyond the first GiB"), "{e}");
+    }
+
+    mod layouts {
+        use super::*;
+        use crate::boot::bootinfo::{BootInfoParams, memory_map};
+        use guest_abi::{MemRegionKind, MmuMode};
+        use proptest::prelude::*;
+
+        fn size() -> impl Strategy<Value = u64> {
+            prop_oneof![Just(0u64), 1..0x1000u64, 0x1000..0x10_0000u64, Just(2 * MIB), 1..64 * MIB]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            /// Any layout of segments gives a well-formed memory map or a
+            /// clear error: the map covers RAM once, in order, without
+            /// empty regions, fits the boot record, and every segment lies
+            /// in the kernel region, which overlaps nothing the VMM builds.
+            #[test]
+            fn any_segment_layout_gives_a_well_formed_map_or_an_error(
+                ram_mib in prop_oneof![Just(32u64), Just(64), Just(256), Just(1024), Just(2048)],
+                raw in proptest::collection::vec((any::<u64>(), size(), size()), 1..5),
+                pick in proptest::collection::vec(any::<prop::sample::Index>(), 1..5),
+            ) {
+                let ram = ram_mib * MIB;
+                let zone = (crate::layout::PT_ZONE_START, crate::layout::PT_ZONE_START + crate::layout::pt_zone_size(ram));
+                let strategy_addrs: Vec<u64> = {
+                    // A third at the addresses that matter, the rest anywhere in RAM.
+                    let interesting = [0, BOOT_AREA_END, 2 * MIB, 16 * MIB, 64 * MIB, ram - 0x1000, ram - 2 * MIB, zone.1];
+                    raw.iter().zip(pick.iter().cycle()).map(|((r, _, _), ix)| {
+                        if r % 3 == 0 { ix.get(&interesting).to_owned() } else { (r % ram) & !0xfff }
+                    }).collect()
+                };
+                let segs: Vec<(u64, u64, u64)> = raw.iter().zip(&strategy_addrs)
+                    .map(|(&(_, a, b), &paddr)| (paddr, a.min(b).min(0x100), a.max(b)))
+                    .collect();
+                match inspect("k", &elf_with(&segs), ram, zone) {
+                    Err(e) => {
+                        let msg = e.to_string();
+                        prop_assert!(msg.starts_with("kernel k") || msg.starts_with("memory size"), "{}", msg);
+                    }
+                    Ok(k) => {
+                        let map = memory_map(&BootInfoParams {
+                            ram,
+                            boot_mapped: ram.min(BOOT_MAP_LIMIT),
+                            kernel: k.phys_range(),
+                            pt_zone: zone,
+                            mmu: MmuMode::Ept,
+                            cmdline: "",
+                        });
+                        prop_assert!(map.len() <= guest_abi::boot::MAX_MEM_REGIONS, "{:x?}", map);
+                        let mut cursor = 0;
+                        for r in &map {
+                            prop_assert_eq!(r.start, cursor, "gap or overlap in {:x?}", map);
+                            prop_assert!(r.len > 0, "empty region in {:x?}", map);
+                            cursor = r.start + r.len;
+                        }
+                        prop_assert_eq!(cursor, ram);
+                        let kernel: Vec<_> = map.iter().filter(|r| r.kind == MemRegionKind::Kernel as u32).collect();
+                        prop_assert_eq!(kernel.len(), 1);
+                        for s in &k.segments {
+                            prop_assert!(kernel[0].start <= s.paddr && s.paddr + s.memsz <= kernel[0].start + kernel[0].len);
+                        }
+                        let zones: Vec<_> = map.iter().filter(|r| r.kind == MemRegionKind::PageTables as u32).collect();
+                        prop_assert_eq!(zones.len(), 1);
+                        prop_assert_eq!((zones[0].start, zones[0].start + zones[0].len), zone);
+                    }
+                }
+            }
         }
     }
 

@@ -4,7 +4,9 @@
 //! checked against guest RAM before use, records are copied out of guest
 //! memory (at most `MAX_REPORT_LEN` bytes) before they are parsed, and any
 //! unknown number or malformed request gets an error result in `rax` —
-//! never a VMM panic.
+//! never a VMM panic. What the VMM keeps of the records is bounded
+//! ([`crate::limits::MAX_KEPT_REPORT_BYTES`]); past that, `REPORT` answers
+//! `ERR_UNAVAILABLE` and the record is only counted.
 
 use guest_abi::hypercall as hc;
 use guest_abi::report::{
@@ -87,6 +89,8 @@ pub struct HypercallContext<'a> {
     pub epoch: Instant,
     /// Where accepted reports go.
     pub reports: &'a mut Vec<Report>,
+    /// How much of [`crate::limits::MAX_KEPT_REPORT_BYTES`] they used.
+    pub budget: &'a mut crate::limits::ReportBudget,
 }
 
 fn le_u32(b: &[u8], off: usize) -> u32 {
@@ -166,6 +170,9 @@ fn report(ctx: &mut HypercallContext<'_>, gpa: u64, len: u64) -> u64 {
         return hc::ERR_FAULT;
     }
     match parse_report(&bytes) {
+        // A record the budget cannot hold is refused (and counted): the
+        // VMM keeps at most MAX_KEPT_REPORT_BYTES of them per run.
+        Some(_) if !ctx.budget.take(len + std::mem::size_of::<Report>() as u64) => hc::ERR_UNAVAILABLE,
         Some(r) => {
             log::debug!("guest report: {r:?}");
             ctx.reports.push(r);
@@ -209,9 +216,49 @@ mod tests {
     fn with_ctx<R>(f: impl FnOnce(&mut HypercallContext<'_>) -> R) -> (R, Vec<Report>) {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let mut reports = Vec::new();
-        let mut ctx = HypercallContext { mem: &mem, ram: 0x10000, epoch: Instant::now(), reports: &mut reports };
+        let mut budget = crate::limits::ReportBudget::default();
+        let mut ctx = HypercallContext {
+            mem: &mem,
+            ram: 0x10000,
+            epoch: Instant::now(),
+            reports: &mut reports,
+            budget: &mut budget,
+        };
         let r = f(&mut ctx);
         (r, reports)
+    }
+
+    #[test]
+    fn a_report_flood_is_bounded() {
+        // Ten times the budget in records of the maximum length.
+        let mut payload = vec![0u8; MAX_REPORT_LEN as usize - 16];
+        payload[4..8].copy_from_slice(&4u32.to_le_bytes());
+        let msg_len = payload.len() as u32 - 28;
+        payload[8..12].copy_from_slice(&msg_len.to_le_bytes());
+        let rec = record(kind::TEST, &payload);
+        assert_eq!(rec.len() as u64, MAX_REPORT_LEN);
+        let per = MAX_REPORT_LEN + std::mem::size_of::<Report>() as u64;
+        let n = 10 * crate::limits::MAX_KEPT_REPORT_BYTES / per;
+        let mut budget = crate::limits::ReportBudget::default();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        mem.write_slice(&rec, GuestAddress(0x2000)).unwrap();
+        let mut reports = Vec::new();
+        let mut results = Vec::new();
+        for _ in 0..n {
+            let mut ctx = HypercallContext {
+                mem: &mem,
+                ram: 0x10000,
+                epoch: Instant::now(),
+                reports: &mut reports,
+                budget: &mut budget,
+            };
+            results.push(handle(&mut ctx, hc::REPORT, [0x2000, rec.len() as u64, 0, 0]));
+        }
+        let kept = crate::limits::MAX_KEPT_REPORT_BYTES / per;
+        assert_eq!(reports.len() as u64, kept);
+        assert_eq!(budget.dropped, n - kept);
+        assert!(results[..kept as usize].iter().all(|&r| r == hc::OK));
+        assert!(results[kept as usize..].iter().all(|&r| r == hc::ERR_UNAVAILABLE));
     }
 
     #[test]

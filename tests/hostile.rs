@@ -1,0 +1,134 @@
+//! A hostile or broken guest must not make the VMM grow without bound,
+//! print without bound, or hold the run past its timeout; and explaining
+//! the guest must not change it. Each test provokes that with one of the
+//! bundled kernel's `crash=` modes (guest/kernel/src/crash.rs).
+
+mod common;
+use common::*;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// The count in a `name: ... N what` phrase of the guest's output.
+fn count_before(text: &str, what: &str) -> u64 {
+    let at = text.find(what).unwrap_or_else(|| panic!("no {what:?} in {text}"));
+    text[..at].split_whitespace().last().unwrap().trim_end_matches(',').parse().unwrap()
+}
+
+#[test]
+fn a_report_flood_keeps_a_bounded_number_and_says_so_once() {
+    if !kvm_available() {
+        return;
+    }
+    let json = temp_path("flood.json");
+    let o = run(&["run", "--memory", "64M", "--cmdline", "crash=report-flood", "--stats-json", json.to_str().unwrap()]);
+    assert_exit(&o, 0);
+    let out = stdout(&o);
+    // Ten times the 4 MiB budget in records of 4 KiB.
+    assert_eq!(count_before(&out, "sent"), 10240, "{out}");
+    let (accepted, refused) = (count_before(&out, "accepted"), count_before(&out, "refused"));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    // The boot record plus the accepted ones are kept; every refusal is counted.
+    assert_eq!(v["reports"].as_array().unwrap().len() as u64, accepted + 1, "{out}");
+    assert_eq!(v["stats"]["reports_dropped"].as_u64(), Some(refused), "{out}");
+    assert_eq!(accepted, 1008, "4 MiB / (4096 B + the parsed record): {out}");
+    let err = stderr(&o);
+    assert_eq!(err.matches("REPORT records").count(), 1, "said once: {err}");
+}
+
+#[test]
+fn an_explain_flood_prints_a_bounded_number_and_says_so_once() {
+    if !kvm_available() {
+        return;
+    }
+    let o = run(&["run", "--memory", "64M", "--cmdline", "crash=explain-flood", "--stats"]);
+    assert_exit(&o, 0);
+    assert!(stdout(&o).contains("explain flood: 640 calls, 0 wrong answers"), "{}", stdout(&o));
+    let err = stderr(&o);
+    assert_eq!(err.matches("explain GVA").count(), 64, "{err}");
+    assert_eq!(err.matches("more than 64 EXPLAIN outputs").count(), 1, "{err}");
+    assert!(err.lines().any(|l| l.contains("EXPLAIN not printed") && l.trim_end().ends_with(" 576")), "{err}");
+}
+
+#[test]
+fn the_timeout_holds_when_stdout_is_blocked() {
+    if !kvm_available() {
+        return;
+    }
+    // The guest prints forever into a pipe nobody reads: it fills after
+    // 64 KiB. The run must still end at its timeout.
+    let start = Instant::now();
+    let mut child = vmm()
+        .args(["run", "--memory", "64M", "--timeout", "3s", "--cmdline", "crash=chatter"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmm");
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        // Far beyond 3 s plus the grace: only a VMM stuck on the pipe gets here.
+        if start.elapsed() > Duration::from_secs(90) {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let status = status.expect("the VMM was still running 90 s into a 3 s timeout: it blocked on stdout");
+    assert_eq!(status.code(), Some(5));
+    let mut err = String::new();
+    use std::io::Read;
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(err.contains("error: timeout: the guest was still running after 3s"), "{err}");
+    assert!(err.contains("bytes of guest console output were not written"), "{err}");
+}
+
+#[test]
+fn halting_with_interrupts_enabled_is_not_called_disabled() {
+    if !kvm_available() {
+        return;
+    }
+    let o = run(&["run", "--memory", "64M", "--cmdline", "crash=sti-hlt"]);
+    assert_exit(&o, 4);
+    let line = error_line(&o);
+    assert!(line.contains("halted with interrupts enabled"), "{line}");
+    let o = run(&["run", "--memory", "64M", "--cmdline", "crash=hlt"]);
+    assert_exit(&o, 4);
+    assert!(error_line(&o).contains("halted with interrupts disabled"), "{}", error_line(&o));
+}
+
+/// The rendered explanations on stderr, one string each.
+fn explanations(err: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for l in err.lines() {
+        if l.starts_with("explain GVA") {
+            out.push(String::new());
+        }
+        if let Some(last) = out.last_mut()
+            && !l.trim_start().starts_with("HPA")
+        {
+            last.push_str(l);
+            last.push('\n');
+        }
+    }
+    out
+}
+
+#[test]
+fn explaining_does_not_set_accessed_bits() {
+    if !kvm_available() {
+        return;
+    }
+    for mmu in ["ept", "shadow"] {
+        // The identity map's entries: set up by the VMM, never used by the
+        // guest (it runs in the kernel window), so their A bits are clear.
+        let o = run(&["run", "--memory", "64M", "--mmu", mmu, "--explain", "0x1000", "--explain", "0x1000"]);
+        assert_exit(&o, 0);
+        let e = explanations(&stderr(&o));
+        assert_eq!(e.len(), 2, "{}", stderr(&o));
+        assert_eq!(e[0], e[1], "{mmu}: the second explanation differs from the first");
+        if mmu == "ept" {
+            assert!(e[0].lines().any(|l| l.contains("PML4") && !l.contains(" A")), "{}", e[0]);
+        }
+    }
+}
