@@ -52,7 +52,7 @@
 //! bits, which the walker sets as hardware would.
 
 use crate::walker::{self, A, Access, D, GuestPhys, P, PS, PagingMode, RW, US, XD};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 const ADDR: u64 = 0x000f_ffff_ffff_f000;
 const PAGE: u64 = 4096;
@@ -79,13 +79,21 @@ struct Role {
 #[derive(Debug)]
 struct ShadowPage {
     role: Role,
-    /// `(parent page, index)` of every shadow entry pointing here.
-    parents: Vec<(u32, u16)>,
+    /// `(parent page, index)` of every shadow entry pointing here: a set,
+    /// so unlinking one of 400,000 sharers is O(1), not a scan.
+    parents: HashSet<(u32, u16)>,
     /// Pinned as a root.
     root: bool,
     /// A root whose kernel half may have lost entries since it was last
     /// prefilled (set when an entry of a level-4 page is zapped).
     needs_prefill: bool,
+    /// Every guest entry of this page that prefill would shadow was
+    /// shadowed, and none of this page's entries was zapped since: a
+    /// prefill reaching it again need not descend (cleared by a zap).
+    prefilled: bool,
+    /// The page's 512 entries as the VMM wrote them: the truth. The pool
+    /// copy is written from here and never read back (the trust model).
+    entries: Box<[u64; 512]>,
 }
 
 /// Shadow-MMU counters.
@@ -176,6 +184,9 @@ pub struct ShadowMmu {
     mode: PagingMode,
     stale: bool,
     stats: ShadowStats,
+    /// Steps taken by the handlers (entries and list elements visited):
+    /// the deterministic measure of the VMM's work, see [`ShadowMmu::work`].
+    work: u64,
 }
 
 impl ShadowMmu {
@@ -194,12 +205,20 @@ impl ShadowMmu {
             mode,
             stale: false,
             stats: ShadowStats::default(),
+            work: 0,
         }
     }
 
     /// The counters.
     pub fn stats(&self) -> ShadowStats {
         self.stats
+    }
+
+    /// Steps the handlers have taken so far: one per shadow or guest entry
+    /// visited and per parent-list or reverse-map element touched. A
+    /// deterministic stand-in for the VMM's time, for tests that bound it.
+    pub fn work(&self) -> u64 {
+        self.work
     }
 
     /// The paging controls in force.
@@ -254,15 +273,30 @@ impl ShadowMmu {
     /// unlinked first, and a replaced leaf that granted more marks the host
     /// stale.
     fn set_leaf(&mut self, pool: &mut impl GuestPhys, page: u32, idx: u64, spte: u64) {
-        let at = self.page_gpa(page) + idx * 8;
-        let old = pool.read_u64(at);
+        let old = self.entry(page, idx);
         let level = self.pages[page as usize].as_ref().map_or(1, |p| p.role.level);
         if self.child_of(old, level).is_some() {
             self.zap_entry(pool, page, idx);
         } else if old & P != 0 && restricts(old, spte) {
             self.stale = true;
         }
-        pool.write_u64(at, spte);
+        self.put(pool, page, idx, spte);
+    }
+
+    /// Entry `idx` of shadow page `page`, from the VMM's copy (0 for a page
+    /// not in use). The pool is never read to decide anything: a guest
+    /// can write it (see the module doc, "Trust model").
+    fn entry(&self, page: u32, idx: u64) -> u64 {
+        self.pages[page as usize].as_ref().map_or(0, |p| p.entries[idx as usize])
+    }
+
+    /// Set entry `idx` of `page` in the VMM's copy and in the pool.
+    fn put(&mut self, pool: &mut impl GuestPhys, page: u32, idx: u64, value: u64) {
+        let at = self.page_gpa(page) + idx * 8;
+        if let Some(p) = self.pages[page as usize].as_mut() {
+            p.entries[idx as usize] = value;
+        }
+        pool.write_u64(at, value);
     }
 
     /// Whether `gpa` lies in the pool.
@@ -366,6 +400,7 @@ impl ShadowMmu {
     ) -> usize {
         let mut used = budget_used;
         for idx in range {
+            self.work += 1;
             if used > 4096 {
                 break;
             }
@@ -469,6 +504,7 @@ impl ShadowMmu {
         let (_, mut page) = self.current.expect("checked by the caller");
         let mut role = self.pages[page as usize].as_ref().expect("root exists").role;
         for depth in 0..t.levels as usize {
+            self.work += 1;
             let level = 4 - depth as u8;
             let idx = (va >> (12 + 9 * (level as u32 - 1))) & 0x1ff;
             let gpte = guest.read_u64(t.entry_gpas[depth]);
@@ -501,8 +537,7 @@ impl ShadowMmu {
     /// Make entry `idx` of `page` point at the shadow page for
     /// `child_role`, creating it if needed; `None` if the pool is empty.
     fn link_child(&mut self, pool: &mut impl GuestPhys, page: u32, idx: u64, child_role: Role) -> Option<u32> {
-        let at = self.page_gpa(page) + idx * 8;
-        let old = pool.read_u64(at);
+        let old = self.entry(page, idx);
         if old & P != 0 {
             // A leaf here (the guest turned a large page into a table) or a
             // child of another role is zapped; only the right child is kept.
@@ -515,9 +550,10 @@ impl ShadowMmu {
             self.zap_entry(pool, page, idx);
         }
         let child = self.get_or_create(pool, child_role)?;
-        pool.write_u64(at, self.page_gpa(child) | P | RW | US | A);
+        self.put(pool, page, idx, self.page_gpa(child) | P | RW | US | A);
+        self.work += 1;
         if let Some(c) = self.pages[child as usize].as_mut() {
-            c.parents.push((page, idx as u16));
+            c.parents.insert((page, idx as u16));
         }
         Some(child)
     }
@@ -535,10 +571,22 @@ impl ShadowMmu {
                 self.quarantine.pop()?
             }
         };
-        // Pages come back zeroed from zap; a never-used pool page is zero.
+        // The VMM zeroed this page when it was freed, but the guest may have
+        // written it since (see "Trust model"): zero it again, from nothing
+        // read back.
         let base = self.page_gpa(p);
-        debug_assert!((0..512).all(|i| pool.read_u64(base + i * 8) == 0), "pool page not clean");
-        self.pages[p as usize] = Some(ShadowPage { role, parents: Vec::new(), root: false, needs_prefill: true });
+        for i in 0..512 {
+            pool.write_u64(base + i * 8, 0);
+        }
+        self.work += 512;
+        self.pages[p as usize] = Some(ShadowPage {
+            role,
+            parents: HashSet::new(),
+            root: false,
+            needs_prefill: true,
+            prefilled: false,
+            entries: Box::new([0; 512]),
+        });
         self.by_role.insert(role, p);
         self.rmap.entry(role.gfn).or_default().push(p);
         self.stats.pages_in_use += 1;
@@ -548,23 +596,24 @@ impl ShadowMmu {
 
     /// Clear entry `idx` of `page`; unlink (and maybe free) its child.
     fn zap_entry(&mut self, pool: &mut impl GuestPhys, page: u32, idx: u64) {
-        let at = self.page_gpa(page) + idx * 8;
-        let old = pool.read_u64(at);
+        self.work += 1;
+        let old = self.entry(page, idx);
         if old & P == 0 {
             return;
         }
-        pool.write_u64(at, 0);
+        self.put(pool, page, idx, 0);
         self.stale = true;
         self.stats.zaps += 1;
-        if let Some(p) = self.pages[page as usize].as_mut()
-            && p.role.level == 4
-        {
-            p.needs_prefill = true;
+        if let Some(p) = self.pages[page as usize].as_mut() {
+            p.prefilled = false;
+            if p.role.level == 4 {
+                p.needs_prefill = true;
+            }
         }
         let level = self.pages[page as usize].as_ref().map_or(1, |p| p.role.level);
         if let Some(child) = self.child_of(old, level) {
             if let Some(c) = self.pages[child as usize].as_mut() {
-                c.parents.retain(|&(p, i)| !(p == page && i as u64 == idx));
+                c.parents.remove(&(page, idx as u16));
             }
             self.release_if_orphan(pool, child);
         }
@@ -579,12 +628,15 @@ impl ShadowMmu {
     }
 
     fn free_page(&mut self, pool: &mut impl GuestPhys, page: u32) {
+        self.work += 512;
         for idx in 0..512 {
             self.zap_entry(pool, page, idx);
         }
         let Some(sp) = self.pages[page as usize].take() else { return };
         self.by_role.remove(&sp.role);
         if let Some(v) = self.rmap.get_mut(&sp.role.gfn) {
+            // At most one page per (level, access) role of a frame: ≤ 32.
+            self.work += v.len() as u64;
             v.retain(|&p| p != page);
             if v.is_empty() {
                 self.rmap.remove(&sp.role.gfn);
@@ -606,14 +658,15 @@ impl ShadowMmu {
         }
         self.current = None;
         for page in 0..self.pages.len() as u32 {
-            if self.pages[page as usize].is_some() {
-                for idx in 0..512 {
-                    let at = self.page_gpa(page) + idx * 8;
-                    if pool.read_u64(at) != 0 {
-                        pool.write_u64(at, 0);
+            if let Some(sp) = self.pages[page as usize].take() {
+                // Re-zero what the VMM wrote (its copy says where).
+                let base = self.page_gpa(page);
+                for (idx, &e) in sp.entries.iter().enumerate() {
+                    if e != 0 {
+                        pool.write_u64(base + idx as u64 * 8, 0);
                     }
                 }
-                let sp = self.pages[page as usize].take().expect("checked");
+                self.work += 512;
                 self.by_role.remove(&sp.role);
                 self.quarantine.push(page);
                 self.stats.page_zaps += 1;
@@ -633,6 +686,7 @@ impl ShadowMmu {
         let Some(derived) = self.rmap.get(&gfn).cloned() else { return };
         let aligned = len == 8 && gpa.is_multiple_of(8);
         for page in derived {
+            self.work += 1;
             let Some(role) = self.pages[page as usize].as_ref().map(|p| p.role) else { continue };
             if !aligned {
                 self.stats.page_zaps += 1;
@@ -644,15 +698,14 @@ impl ShadowMmu {
             let idx = (gpa & 0xfff) / 8;
             let gpte = guest.read_u64(gpa & !7);
             let leaf = role.level == 1 || (role.level <= 3 && gpte & PS != 0);
-            let at = self.page_gpa(page) + idx * 8;
-            let old = pool.read_u64(at);
+            let old = self.entry(page, idx);
             let old_leaf = old & P != 0 && (role.level == 1 || old & PS != 0);
             match (leaf, self.leaf_spte(guest, role, gpte)) {
                 (true, Some(spte)) if old & P == 0 || old_leaf => {
                     if old & P != 0 && restricts(old, spte) {
                         self.stale = true;
                     }
-                    pool.write_u64(at, spte);
+                    self.put(pool, page, idx, spte);
                     self.stats.pte_updates_in_place += 1;
                 }
                 _ => self.zap_entry(pool, page, idx),
@@ -696,9 +749,10 @@ impl ShadowMmu {
         None
     }
 
-    /// Check the structural invariants (tests): every present non-leaf
-    /// shadow entry points at a live page whose parent list has it, and
-    /// every leaf maps guest RAM only.
+    /// Check the structural invariants (tests): the pool holds exactly the
+    /// VMM's copy of every page in use, every present non-leaf shadow entry
+    /// points at a live page whose parent list has it, and every leaf maps
+    /// guest RAM only.
     pub fn check_invariants(&self, pool: &impl GuestPhys, guest: &impl GuestPhys) -> Result<(), String> {
         for (i, sp) in self.pages.iter().enumerate() {
             let Some(sp) = sp else { continue };
@@ -709,7 +763,10 @@ impl ShadowMmu {
                 return Err(format!("page {i} missing from the reverse map"));
             }
             for idx in 0..512u64 {
-                let e = pool.read_u64(self.page_gpa(i as u32) + idx * 8);
+                let e = sp.entries[idx as usize];
+                if pool.read_u64(self.page_gpa(i as u32) + idx * 8) != e {
+                    return Err(format!("page {i}[{idx}] in the pool differs from the VMM's copy {e:#x}"));
+                }
                 if e & P == 0 {
                     continue;
                 }
@@ -759,3 +816,6 @@ fn restricts(old: u64, new: u64) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod bounds_tests;
