@@ -127,6 +127,9 @@ pub struct ShadowStats {
     pub pages_in_use: u64,
     /// Most shadow pages ever in use.
     pub pages_peak: u64,
+    /// Pool pages found written by the guest and rewritten from the VMM's
+    /// copy ([`ShadowMmu::repair_pool_pages`]).
+    pub pool_repairs: u64,
 }
 
 impl ShadowStats {
@@ -147,6 +150,7 @@ impl ShadowStats {
             flushes: self.flushes - earlier.flushes,
             pages_in_use: self.pages_in_use,
             pages_peak: self.pages_peak,
+            pool_repairs: self.pool_repairs - earlier.pool_repairs,
         }
     }
 }
@@ -722,6 +726,38 @@ impl ShadowMmu {
         {
             self.prefill_kernel_half(pool, guest, root);
         }
+    }
+
+    /// The pool pages numbered `pages` (0 = the first page of the pool)
+    /// may have been written by the guest (the host's dirty log says so):
+    /// make each hold exactly the VMM's copy again (zeros for a page not in
+    /// use). A page that differed marks the host stale — the host may have
+    /// cached the guest's entries — and counts as a repair. Returns the
+    /// number of pages repaired. Reading the pool here only *compares*; no
+    /// decision depends on what the guest wrote.
+    pub fn repair_pool_pages(&mut self, pool: &mut impl GuestPhys, pages: impl IntoIterator<Item = u64>) -> u64 {
+        let mut repaired = 0;
+        for page in pages {
+            if page >= self.pages.len() as u64 {
+                continue;
+            }
+            self.work += 512;
+            let base = self.page_gpa(page as u32);
+            let mut differed = false;
+            for idx in 0..512u64 {
+                let want = self.entry(page as u32, idx);
+                if pool.read_u64(base + idx * 8) != want {
+                    pool.write_u64(base + idx * 8, want);
+                    differed = true;
+                }
+            }
+            if differed {
+                repaired += 1;
+                self.stale = true;
+            }
+        }
+        self.stats.pool_repairs += repaired;
+        repaired
     }
 
     /// `FLUSH_TLB`: shadow entries are kept coherent on every write, so a

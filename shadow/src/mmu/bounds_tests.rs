@@ -109,3 +109,160 @@ fn one_page_table_under_400k_entries_costs_flat_work_per_operation() {
         assert!(l <= s + 1.0, "work per removed entry grows: {s} -> {l}");
     }
 }
+
+// ---- Item 9: the pool is guest-writable; nothing read back is trusted ----
+
+const POOL: u64 = 1 << 40;
+
+/// What a hostile guest writes over a pool page: entries that point into
+/// the pool (so the vCPU would walk into other scribbled pages) and large
+/// leaves over RAM and over the pool itself.
+fn scribble(pool: &mut Mem, pages: u64, seed: u64) {
+    for page in 0..pages {
+        for idx in 0..512u64 {
+            let r = (page * 512 + idx).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed;
+            let e = match r % 4 {
+                0 => (POOL + (r >> 8) % pages * PAGE) | P | RW | US | A,
+                1 => ((r >> 8) % 64 * 2 * MIB) | P | RW | US | A | D | PS,
+                2 => POOL | P | RW | US | A | D | PS,
+                _ => r,
+            };
+            pool.write_u64(POOL + page * PAGE + idx * 8, e);
+        }
+    }
+}
+
+/// A guest with a kernel half (2 MiB leaves) and eight user paths, each
+/// mapping one page; PML4s at 0x1000 and 0x2000 share everything.
+fn guest() -> Mem {
+    let mut g = Mem::new(0, 64 * MIB);
+    for root in [0x1000u64, 0x2000] {
+        g.write_u64(root, 0x20000 | T);
+        g.write_u64(root + 511 * 8, 0x60000 | T);
+    }
+    g.write_u64(0x60000 + 510 * 8, 0x61000 | T);
+    for i in 0..4u64 {
+        g.write_u64(0x61000 + i * 8, (0x20_0000 + i * 2 * MIB) | P | RW | A | D | PS);
+    }
+    for i in 0..8u64 {
+        g.write_u64(0x20000 + i * 8, (0x30000 + i * 0x2000) | T);
+        g.write_u64(0x30000 + i * 0x2000, (0x31000 + i * 0x2000) | T);
+        g.write_u64(0x31000 + i * 0x2000, (0x80_0000 + i * PAGE) | P | RW | US | A);
+    }
+    g
+}
+
+/// Every address of interest: the eight user pages, the kernel window, and
+/// addresses the guest never mapped.
+fn probe_vas() -> Vec<u64> {
+    let mut v: Vec<u64> = (0..8u64).map(|i| i << 30).collect();
+    v.extend((0..6u64).map(|i| 0xffff_ffff_8000_0000 + i * 2 * MIB));
+    v.extend((1..40u64).map(|i| (i << 39) | (i << 21)));
+    v.extend((8..40u64).map(|i| i << 30));
+    v
+}
+
+/// The shadow of the current root maps `va` only as a side-effect-free
+/// guest walk allows: present only if the walk succeeds for the access the
+/// shadow grants, to the same frame.
+fn shadow_is_exact(mmu: &ShadowMmu, pool: &Mem, g: &Mem) -> Result<(), String> {
+    let cr3 = mmu.guest_cr3().unwrap();
+    for va in probe_vas() {
+        let Some((spte, _)) = mmu.shadow_leaf(pool, va) else { continue };
+        let mut probe = g.clone();
+        let access = Access { write: spte & RW != 0, user: spte & US != 0, fetch: false };
+        match walker::walk(&mut probe, cr3, va, access, &PagingMode::default()) {
+            Ok(t) if t.gpa & ADDR == spte & ADDR => {}
+            other => return Err(format!("shadow maps {va:#x} as {spte:#x}; the guest walk says {other:?}")),
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_guest_scribbling_over_the_pool_changes_no_decision_and_is_repaired() {
+    // Two MMUs in lockstep over the same guest: one pool is scribbled over
+    // before every operation, the other never. A small pool forces reuse
+    // of freed (scribbled) pages and exhaustion. Every answer must be the
+    // same — the MMU decides from its own copy only — and no build panics.
+    let pages = 12u32;
+    let (mut clean_mmu, mut clean_pool) = (ShadowMmu::new(POOL, pages, PagingMode::default()), Mem::new(POOL, pages as u64 * PAGE));
+    let (mut mmu, mut pool) = (ShadowMmu::new(POOL, pages, PagingMode::default()), Mem::new(POOL, pages as u64 * PAGE));
+    let (mut g1, mut g2) = (guest(), guest());
+    clean_mmu.load_cr3(&mut clean_pool, &mut g1, 0x1000).unwrap();
+    mmu.load_cr3(&mut pool, &mut g2, 0x1000).unwrap();
+    for step in 0..64u64 {
+        scribble(&mut pool, pages as u64, step);
+        let i = step % 8;
+        let (a, b) = match step % 5 {
+            0 | 1 => (
+                clean_mmu.handle_fault(&mut clean_pool, &mut g1, i << 30, pf::U | pf::W),
+                mmu.handle_fault(&mut pool, &mut g2, i << 30, pf::U | pf::W),
+            ),
+            2 => {
+                for g in [&mut g1, &mut g2] {
+                    g.write_u64(0x31000 + i * 0x2000, (0x90_0000 + step * PAGE) | P | RW | US | A | (step & 1) * D);
+                }
+                clean_mmu.pte_written(&mut clean_pool, &mut g1, 0x31000 + i * 0x2000, 8);
+                mmu.pte_written(&mut pool, &mut g2, 0x31000 + i * 0x2000, 8);
+                (Ok(FaultOutcome::Fixed), Ok(FaultOutcome::Fixed))
+            }
+            3 => {
+                let cr3 = if step % 2 == 0 { 0x1000 } else { 0x2000 };
+                (
+                    clean_mmu.load_cr3(&mut clean_pool, &mut g1, cr3).map(|_| FaultOutcome::Fixed),
+                    mmu.load_cr3(&mut pool, &mut g2, cr3).map(|_| FaultOutcome::Fixed),
+                )
+            }
+            _ => {
+                // Unmap a whole path (frees shadow pages).
+                for g in [&mut g1, &mut g2] {
+                    g.write_u64(0x20000 + i * 8, 0);
+                }
+                clean_mmu.pte_written(&mut clean_pool, &mut g1, 0x20000 + i * 8, 8);
+                mmu.pte_written(&mut pool, &mut g2, 0x20000 + i * 8, 8);
+                for g in [&mut g1, &mut g2] {
+                    g.write_u64(0x20000 + i * 8, (0x30000 + i * 0x2000) | T);
+                }
+                clean_mmu.pte_written(&mut clean_pool, &mut g1, 0x20000 + i * 8, 8);
+                mmu.pte_written(&mut pool, &mut g2, 0x20000 + i * 8, 8);
+                (Ok(FaultOutcome::Fixed), Ok(FaultOutcome::Fixed))
+            }
+        };
+        assert_eq!(a, b, "step {step}: the scribbled MMU decided differently");
+        assert_eq!(g1, g2, "step {step}: guest A/D bits differ");
+        assert_eq!(clean_mmu.current_root(), mmu.current_root(), "step {step}");
+        // The dirty log names every page the guest wrote: repair them all.
+        mmu.repair_pool_pages(&mut pool, 0..pages as u64);
+        assert_eq!(pool, clean_pool, "step {step}: the repaired pool differs from the clean one");
+        mmu.check_invariants(&pool, &g2).unwrap();
+        shadow_is_exact(&mmu, &pool, &g2).unwrap();
+        mmu.host_invalidated();
+        clean_mmu.host_invalidated();
+    }
+    let (s, c) = (mmu.stats(), clean_mmu.stats());
+    // The same work, counted the same (repairs add host invalidations).
+    assert_eq!(ShadowStats { pool_repairs: 0, host_invalidations: 0, ..s }, ShadowStats { host_invalidations: 0, ..c });
+    assert!(s.pool_repairs >= 64, "every scribble was repaired: {}", s.pool_repairs);
+    assert!(c.pool_exhaustions > 0, "the scenario reuses freed pool pages");
+}
+
+#[test]
+fn a_new_shadow_page_is_zeroed_even_if_the_guest_wrote_it_while_free() {
+    // No repair in between: the page the MMU takes from the free list was
+    // scribbled over; it must still come up clean (the old code asserted
+    // this in debug builds and trusted it in release builds).
+    let (mut mmu, mut pool) = (ShadowMmu::new(POOL, 16, PagingMode::default()), Mem::new(POOL, 16 * PAGE));
+    let mut g = guest();
+    mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
+    scribble(&mut pool, 16, 7);
+    let used = mmu.stats().pages_in_use;
+    // Repair only the pages in use so far; the free ones stay scribbled.
+    mmu.repair_pool_pages(&mut pool, 0..used);
+    for i in 0..3u64 {
+        assert_eq!(mmu.handle_fault(&mut pool, &mut g, i << 30, pf::U), Ok(FaultOutcome::Fixed));
+    }
+    assert!(mmu.stats().pages_in_use > used);
+    mmu.check_invariants(&pool, &g).unwrap();
+    shadow_is_exact(&mmu, &pool, &g).unwrap();
+}
