@@ -477,6 +477,10 @@ impl Vm {
         let Some(sh) = self.shadow.as_mut() else { return Ok(None) };
         let mem = self.ram.memory();
         let pool_mem = self.ram.pool().expect("shadow mode has a pool");
+        if matches!(nr, hc::SHADOW_FAULT | hc::LOAD_CR3 | hc::FLUSH_TLB) {
+            // The guest may have written the pool through tables of its own.
+            sh.check_pool(&self.vm, pool_mem).map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+        }
         let mut ram = MemWindow::ram(mem, self.config.memory);
         let mut pool = sh.pool(pool_mem);
         match nr {
@@ -551,9 +555,12 @@ impl Vm {
         let t = Instant::now();
         match sh.coherence {
             Coherence::ReregisterPoolSlot => {
+                // Deleting the slot drops its dirty log: collect it first.
+                let pool_mem = self.ram.pool().expect("shadow mode has a pool");
+                sh.check_pool(&self.vm, pool_mem).map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
                 let mut region = kvm_bindings::kvm_userspace_memory_region {
                     slot: sh.pool_slot.slot,
-                    flags: 0,
+                    flags: sh.pool_slot.kvm_flags(),
                     guest_phys_addr: sh.pool_slot.gpa,
                     memory_size: 0,
                     userspace_addr: sh.pool_hva,
