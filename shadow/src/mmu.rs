@@ -56,6 +56,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 const ADDR: u64 = 0x000f_ffff_ffff_f000;
 const PAGE: u64 = 4096;
+/// Pool pages a kernel-half prefill leaves free: the path of the fault
+/// that follows (a PDPT, a PD and a PT).
+pub const PREFILL_RESERVE: usize = 3;
 /// Shadow roots kept for recent guest CR3s (KVM keeps 3 `prev_roots`; a
 /// handful of address spaces switching round-robin must not rebuild).
 pub const ROOT_CACHE: usize = 8;
@@ -170,7 +173,9 @@ pub enum FaultOutcome {
 pub enum ShadowError {
     /// No guest CR3 has been loaded yet.
     NoRoot,
-    /// The pool is too small to hold even one path.
+    /// The pool is too small to hold even one path, or what fault delivery
+    /// needs of the kernel half (the hinted slots of
+    /// [`ShadowMmu::set_prefill_hints`]) even when empty.
     PoolTooSmall,
 }
 
@@ -188,6 +193,8 @@ pub struct ShadowMmu {
     mode: PagingMode,
     stale: bool,
     stats: ShadowStats,
+    /// PML4 slots to prefill first ([`ShadowMmu::set_prefill_hints`]).
+    prefill_hints: Vec<u64>,
     /// Steps taken by the handlers (entries and list elements visited):
     /// the deterministic measure of the VMM's work, see [`ShadowMmu::work`].
     work: u64,
@@ -210,6 +217,7 @@ impl ShadowMmu {
             stale: false,
             stats: ShadowStats::default(),
             work: 0,
+            prefill_hints: Vec::new(),
         }
     }
 
@@ -340,6 +348,23 @@ impl ShadowMmu {
         guest_cr3: u64,
     ) -> Result<u64, ShadowError> {
         self.stats.cr3_loads += 1;
+        self.switch_root(pool, guest, guest_cr3).or_else(|_| {
+            // The pool cannot hold what fault delivery needs next to
+            // everything else in it: start over with an empty pool.
+            self.stats.pool_exhaustions += 1;
+            self.zap_all(pool);
+            self.switch_root(pool, guest, guest_cr3)
+        })
+    }
+
+    /// Find or build the root for `guest_cr3` and make it current; `Err`
+    /// when the pool cannot hold what its kernel half's hinted slots need.
+    fn switch_root(
+        &mut self,
+        pool: &mut impl GuestPhys,
+        guest: &mut impl GuestPhys,
+        guest_cr3: u64,
+    ) -> Result<u64, ShadowError> {
         let key = guest_cr3 & ADDR;
         if let Some(pos) = self.roots.iter().position(|&(g, _)| g == key) {
             let entry = self.roots.remove(pos).expect("position is valid");
@@ -350,7 +375,7 @@ impl ShadowMmu {
             // rewritten) zapped entries of this root: everything fault
             // delivery touches must be shadowed again before the guest runs.
             if self.pages[entry.1 as usize].as_ref().is_some_and(|p| p.needs_prefill) {
-                self.prefill_kernel_half(pool, guest, entry.1);
+                self.prefill_kernel_half(pool, guest, entry.1)?;
             }
             return Ok(self.page_gpa(entry.1));
         }
@@ -376,7 +401,7 @@ impl ShadowMmu {
             self.release_if_orphan(pool, old);
         }
         self.current = Some((key, page));
-        self.prefill_kernel_half(pool, guest, page);
+        self.prefill_kernel_half(pool, guest, page)?;
         Ok(self.page_gpa(page))
     }
 
@@ -385,14 +410,63 @@ impl ShadowMmu {
     /// stacks, handler code) lives there and must not fault. Only entries
     /// with A set are shadowed (invariant 2); the kernel maps itself with A
     /// (and D where writable) set.
-    fn prefill_kernel_half(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys, root: u32) {
+    ///
+    /// Order: the PML4 slots named by [`ShadowMmu::set_prefill_hints`] (what
+    /// fault delivery touches) first, then slot 511 (the kernel image, by
+    /// convention), then the rest. The budget is the pool itself: a prefill
+    /// stops when creating one more shadow page would leave fewer than
+    /// [`PREFILL_RESERVE`] pages free for the next fault's path; the rest of
+    /// the kernel half is then shadowed on demand. Subtrees already
+    /// prefilled (shared with another root) are linked, not walked again,
+    /// so a new root costs O(its new shadow pages), not O(kernel half).
+    ///
+    /// `Err` when not even the hinted slots fit in the pool.
+    fn prefill_kernel_half(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys, root: u32) -> Result<(), ShadowError> {
         let role = self.pages[root as usize].as_ref().map(|p| p.role).expect("root exists");
-        self.prefill(pool, guest, root, role, 256..512, 0);
+        let mut seen = [false; 256];
+        let hints = self.prefill_hints.clone();
+        let hinted = hints.len();
+        let mut result = Ok(());
+        for (n, slot) in hints.into_iter().chain([511]).chain(256..511).enumerate() {
+            if std::mem::replace(&mut seen[slot as usize - 256], true) {
+                continue;
+            }
+            if !self.prefill(pool, guest, root, role, slot..slot + 1) {
+                if n < hinted {
+                    result = Err(ShadowError::PoolTooSmall);
+                }
+                break;
+            }
+        }
         if let Some(p) = self.pages[root as usize].as_mut() {
             p.needs_prefill = false;
         }
+        result
     }
 
+    /// The PML4 slots fault delivery needs, from guest-virtual addresses
+    /// the VMM reads in the vCPU's registers (IDT, GDT and TSS bases, RIP,
+    /// RSP): a later prefill shadows them before anything else. Addresses
+    /// in the lower half are ignored (only the kernel half is prefilled).
+    pub fn set_prefill_hints(&mut self, gvas: &[u64]) {
+        self.prefill_hints.clear();
+        for &va in gvas {
+            let slot = (va >> 39) & 0x1ff;
+            if slot >= 256 && !self.prefill_hints.contains(&slot) {
+                self.prefill_hints.push(slot);
+            }
+        }
+    }
+
+    /// Free pool pages (quarantined ones included: they are reusable before
+    /// the guest runs again).
+    fn free_pages(&self) -> usize {
+        self.free.len() + self.quarantine.len()
+    }
+
+    /// Shadow entries `range` of `page` (role `role`) and, recursively, the
+    /// tables below them; `false` if it stopped early to keep
+    /// [`PREFILL_RESERVE`] pages free.
     fn prefill(
         &mut self,
         pool: &mut impl GuestPhys,
@@ -400,23 +474,17 @@ impl ShadowMmu {
         page: u32,
         role: Role,
         range: core::ops::Range<u64>,
-        budget_used: usize,
-    ) -> usize {
-        let mut used = budget_used;
+    ) -> bool {
         for idx in range {
             self.work += 1;
-            if used > 4096 {
-                break;
-            }
             let gpte_gpa = (role.gfn << 12) + idx * 8;
             if !guest.is_ram(gpte_gpa, 8) {
-                return used;
+                return true;
             }
             let gpte = guest.read_u64(gpte_gpa);
             if gpte & (P | A) != (P | A) || gpte & walker::reserved_mask(&self.mode, role.level, gpte) != 0 {
                 continue;
             }
-            used += 1;
             let leaf = role.level == 1 || (role.level <= 3 && gpte & PS != 0);
             if leaf {
                 if let Some(spte) = self.leaf_spte(guest, role, gpte) {
@@ -429,10 +497,21 @@ impl ShadowMmu {
                 level: role.level - 1,
                 access: child_access(role.access, gpte, &self.mode),
             };
-            let Some(child) = self.link_child(pool, page, idx, child_role) else { return used };
-            used = self.prefill(pool, guest, child, child_role, 0..512, used);
+            if !self.by_role.contains_key(&child_role) && self.free_pages() <= PREFILL_RESERVE {
+                return false;
+            }
+            let Some(child) = self.link_child(pool, page, idx, child_role) else { return false };
+            if self.pages[child as usize].as_ref().is_some_and(|c| c.prefilled) {
+                continue;
+            }
+            if !self.prefill(pool, guest, child, child_role, 0..512) {
+                return false;
+            }
+            if let Some(c) = self.pages[child as usize].as_mut() {
+                c.prefilled = true;
+            }
         }
-        used
+        true
     }
 
     /// The shadow leaf for guest leaf `gpte` under a page of role `role`,
@@ -721,10 +800,15 @@ impl ShadowMmu {
     /// After a change that zapped entries of the current root's kernel half,
     /// shadow them again at once: the next fault must be deliverable.
     fn refill_current_root(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys) {
-        if let Some((_, root)) = self.current
+        if let Some((cr3, root)) = self.current
             && self.pages[root as usize].as_ref().is_some_and(|p| p.needs_prefill)
+            && self.prefill_kernel_half(pool, guest, root).is_err()
         {
-            self.prefill_kernel_half(pool, guest, root);
+            // As in load_cr3: start over; if even that fails, the next
+            // LOAD_CR3 or SHADOW_FAULT reports it.
+            self.stats.pool_exhaustions += 1;
+            self.zap_all(pool);
+            let _ = self.switch_root(pool, guest, cr3);
         }
     }
 

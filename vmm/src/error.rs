@@ -93,6 +93,11 @@ pub enum Error {
         crate::size::format_size(*.2)
     )]
     ShadowPoolTooSmall(u64, u64, u64),
+    #[error(
+        "the shadow pool of {} cannot hold what exception delivery needs of the kernel half of guest CR3 {cr3:#x}, even when emptied: give a larger --shadow-pool",
+        crate::size::format_size(*.pool)
+    )]
+    ShadowPoolExhausted { pool: u64, cr3: u64 },
     #[error("command line is {0} bytes; the maximum is {1}")]
     CmdlineTooLong(usize, usize),
     #[error("guest memory access at {0:#x} failed: {1}")]

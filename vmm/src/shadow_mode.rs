@@ -154,6 +154,15 @@ impl ShadowState {
 /// CR0.WP.
 pub const CR0_WP: u64 = 1 << 16;
 
+/// What exception delivery touches, as guest-virtual addresses in the
+/// vCPU's registers: the IDT, GDT and TSS bases, RIP and RSP. The shadow
+/// MMU prefills their PML4 slots before the rest of the kernel half
+/// (`ShadowMmu::set_prefill_hints`), so a pool too small for the whole
+/// kernel half still leaves the guest able to take a fault.
+pub fn fault_path_gvas(sregs: &kvm_bindings::kvm_sregs, regs: &kvm_bindings::kvm_regs) -> [u64; 5] {
+    [sregs.idt.base, sregs.gdt.base, sregs.tr.base, regs.rip, regs.rsp]
+}
+
 /// The paging controls from the vCPU's system registers.
 pub fn paging_mode(sregs: &kvm_bindings::kvm_sregs, rflags: u64, maxphyaddr: u8) -> PagingMode {
     PagingMode {
@@ -227,7 +236,7 @@ impl ShadowState {
         cr2: u64,
         error_code: u64,
         mode: PagingMode,
-    ) -> u64 {
+    ) -> Result<u64, shadow::ShadowError> {
         let t = Instant::now();
         // The controls as of this exit (sync regs): a guest that changed
         // EFER.NXE or CR4 without FLUSH_TLB gets a rebuilt shadow here
@@ -236,13 +245,17 @@ impl ShadowState {
         let r = match self.mmu.handle_fault(pool, ram, cr2, error_code as u32) {
             Ok(FaultOutcome::Fixed) => hc::FAULT_FIXED,
             Ok(FaultOutcome::GuestFault(ec)) => hc::FAULT_GUEST | ec as u64,
+            Err(e @ shadow::ShadowError::PoolTooSmall) => {
+                self.times.fault += t.elapsed();
+                return Err(e);
+            }
             Err(e) => {
                 log::warn!("SHADOW_FAULT({cr2:#x}, {error_code:#x}) failed: {e:?}");
                 hc::ERR_UNAVAILABLE
             }
         };
         self.times.fault += t.elapsed();
-        r
+        Ok(r)
     }
 
     /// A guest write of `data` to page-table GPA `gpa`.

@@ -23,7 +23,7 @@ use crate::devices::serial::{GuestSerial, new_serial};
 use crate::error::{Error, Result};
 use crate::explain::Explanation;
 use crate::layout::{self, MAX_MEMORY, MIN_MEMORY, PT_ZONE_START};
-use crate::shadow_mode::{CR0_WP, Coherence, MemWindow, ShadowState, paging_mode};
+use crate::shadow_mode::{CR0_WP, Coherence, MemWindow, ShadowState, fault_path_gvas, paging_mode};
 use crate::stats::RunStats;
 use ept::memmap::{MemoryMap, MemoryMapConfig};
 use ept::{Backing, GuestRam};
@@ -480,14 +480,18 @@ impl Vm {
         if matches!(nr, hc::SHADOW_FAULT | hc::LOAD_CR3 | hc::FLUSH_TLB) {
             // The guest may have written the pool through tables of its own.
             sh.check_pool(&self.vm, pool_mem).map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+            sh.mmu.set_prefill_hints(&fault_path_gvas(&self.vcpu.sync_regs().sregs, r));
         }
+        let pool_exhausted = |cr3: u64| Error::ShadowPoolExhausted { pool: self.config.shadow_pool, cr3 };
         let mut ram = MemWindow::ram(mem, self.config.memory);
         let mut pool = sh.pool(pool_mem);
         match nr {
             hc::SHADOW_FAULT => {
                 let root_before = sh.mmu.current_root();
                 let mode = sh.guest_mode(&self.vcpu.sync_regs().sregs, r.rflags);
-                let result = sh.fault(&mut ram, &mut pool, r.rdi, r.rsi, mode);
+                let result = sh
+                    .fault(&mut ram, &mut pool, r.rdi, r.rsi, mode)
+                    .map_err(|_| pool_exhausted(sh.mmu.guest_cr3().unwrap_or(0)))?;
                 // Pool exhaustion zaps everything and may rebuild the root in
                 // another pool page: the vCPU must follow it.
                 if let Some(root) = sh.mmu.current_root()
@@ -510,6 +514,7 @@ impl Vm {
                 sh.mmu.set_mode(&mut pool, &mut ram, sh.guest_mode(&sregs, r.rflags));
                 let root = match sh.mmu.load_cr3(&mut pool, &mut ram, root_gpa) {
                     Ok(root) => root,
+                    Err(shadow::ShadowError::PoolTooSmall) => return Err(pool_exhausted(root_gpa)),
                     Err(e) => {
                         log::warn!("LOAD_CR3({root_gpa:#x}) failed: {e:?}");
                         return Ok(Some(hc::ERR_UNAVAILABLE));

@@ -266,3 +266,74 @@ fn a_new_shadow_page_is_zeroed_even_if_the_guest_wrote_it_while_free() {
     mmu.check_invariants(&pool, &g).unwrap();
     shadow_is_exact(&mmu, &pool, &g).unwrap();
 }
+
+// ---- Item 11: the kernel half of a large guest ----
+
+/// A guest with `gib` GiB of RAM direct-mapped with 2 MiB pages at PML4
+/// slot 273 (as the bundled kernel does) and the kernel image at slot 511,
+/// from PML4s at 0x1000 and 0x2000.
+fn big_kernel_half(gib: u64) -> Mem {
+    let mut g = Mem::new(0, gib * GIB);
+    for root in [0x1000u64, 0x2000] {
+        g.write_u64(root + 273 * 8, 0x10000 | T);
+        g.write_u64(root + 511 * 8, 0x11000 | T);
+    }
+    g.write_u64(0x11000 + 510 * 8, 0x12000 | T);
+    g.write_u64(0x12000 + 8, 0x20_0000 | P | RW | A | D | PS);
+    for d in 0..gib {
+        g.write_u64(0x10000 + d * 8, (0x100000 + d * PAGE) | T);
+        for i in 0..512 {
+            g.write_u64(0x100000 + d * PAGE + i * 8, (d * GIB + i * 2 * MIB) | P | RW | A | D | PS);
+        }
+    }
+    g
+}
+
+const KERNEL_IMAGE: u64 = 0xffff_ffff_8020_0000;
+const DIRECT_MAP: u64 = 0xffff_8880_0000_0000;
+
+#[test]
+fn the_kernel_image_is_shadowed_whatever_the_size_of_the_direct_map() {
+    // 16 GiB of direct map is 8,192 entries: the old fixed budget of 4,096
+    // ran out before slot 511 and the first exception triple-faulted.
+    let mut g = big_kernel_half(16);
+    let (mut mmu, mut pool) = (ShadowMmu::new(POOL, 64, PagingMode::default()), Mem::new(POOL, 64 * PAGE));
+    mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
+    assert!(mmu.shadow_leaf(&pool, KERNEL_IMAGE).is_some(), "the kernel image is not shadowed");
+    assert!(mmu.shadow_leaf(&pool, DIRECT_MAP + 15 * GIB + 511 * 2 * MIB).is_some(), "the direct map's end");
+    // A second root shares the prefilled subtrees: it costs zeroing its
+    // page and its own 256 slots, not another walk of 8,192 entries.
+    let w = mmu.work();
+    mmu.load_cr3(&mut pool, &mut g, 0x2000).unwrap();
+    assert!(mmu.work() - w < 1024, "a second root cost {} steps", mmu.work() - w);
+    assert!(mmu.shadow_leaf(&pool, KERNEL_IMAGE).is_some());
+    mmu.check_invariants(&pool, &g).unwrap();
+}
+
+#[test]
+fn a_pool_too_small_for_the_kernel_half_shadows_fault_delivery_first() {
+    // 16 GiB of direct map needs 16 PDs; an 8-page pool holds a few. The
+    // slots the VMM names (IDT, stacks, code: here the kernel image) come
+    // first, pages are left for the next fault, and the rest faults in.
+    let mut g = big_kernel_half(16);
+    g.write_u64(0x1000 + 8, 0x13000 | T); // a user path at 1 << 39
+    g.write_u64(0x13000, 0x14000 | T);
+    g.write_u64(0x14000, 0x15000 | T);
+    g.write_u64(0x15000, 0x40_0000 | P | RW | US | A | D);
+    let (mut mmu, mut pool) = (ShadowMmu::new(POOL, 8, PagingMode::default()), Mem::new(POOL, 8 * PAGE));
+    mmu.set_prefill_hints(&[KERNEL_IMAGE, 0x1234]);
+    mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
+    assert!(mmu.shadow_leaf(&pool, KERNEL_IMAGE).is_some());
+    assert_eq!(mmu.stats().pool_exhaustions, 0);
+    assert_eq!(mmu.handle_fault(&mut pool, &mut g, 1 << 39, pf::U), Ok(FaultOutcome::Fixed));
+    assert_eq!(mmu.stats().pool_exhaustions, 0, "the reserve holds a user path");
+    let far = DIRECT_MAP + 15 * GIB;
+    assert_eq!(mmu.handle_fault(&mut pool, &mut g, far, 0), Ok(FaultOutcome::Fixed));
+    assert!(mmu.shadow_leaf(&pool, far).is_some());
+    assert!(mmu.shadow_leaf(&pool, KERNEL_IMAGE).is_some(), "still there after an exhaustion");
+    mmu.check_invariants(&pool, &g).unwrap();
+    // A pool that cannot hold even the hinted slots says so.
+    let (mut tiny, mut tiny_pool) = (ShadowMmu::new(POOL, 4, PagingMode::default()), Mem::new(POOL, 4 * PAGE));
+    tiny.set_prefill_hints(&[DIRECT_MAP]);
+    assert_eq!(tiny.load_cr3(&mut tiny_pool, &mut g, 0x1000), Err(ShadowError::PoolTooSmall));
+}
