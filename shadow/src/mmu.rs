@@ -5,8 +5,8 @@
 //!
 //! The guest believes its CR3 points at its own PML4. In shadow mode the
 //! vCPU's CR3 points instead at a **shadow root** in the **shadow pool**, a
-//! VMM-private range of guest-physical memory the guest's memory map does
-//! not contain. Shadow tables translate GVA → GPA directly with the
+//! range of guest-physical memory the guest's memory map does not contain
+//! (and which, see the trust model below, the guest can still reach). Shadow tables translate GVA → GPA directly with the
 //! *effective* permissions of the guest walk; KVM's own second stage (or,
 //! on a host without EPT/NPT, KVM's own shadowing) does GPA → HPA below.
 //!
@@ -50,6 +50,56 @@
 //!
 //! Guest page-table pages are never written by the VMM except for A/D
 //! bits, which the walker sets as hardware would.
+//!
+//! ## Trust model
+//!
+//! The guest is hostile; ring 0 in the guest is not trusted either.
+//!
+//! - **The pool is guest-writable.** The vCPU walks the shadow tables, so
+//!   the pool must be guest-physical memory, and nothing traps a guest's own
+//!   `mov cr3`: a ring-0 guest can load tables of its own that map the pool
+//!   (its CR3 even reads back as a pool address) and write anything there.
+//!   (A read-only slot would stop the writes, but on Intel hosts with EPT
+//!   A/D bits the CPU treats guest page-table reads as writes, SDM vol. 3C
+//!   §29.3.5, so the vCPU could not walk it.) What the guest gains is only
+//!   what its own tables already give it — access to its RAM and the pool —
+//!   so the rule is: **no fact the MMU relies on lives in the pool.** Every
+//!   shadow page's entries are kept in VMM memory (`ShadowPage::entries`);
+//!   the pool is written from that copy and never read to decide anything
+//!   (only [`ShadowMmu::shadow_leaf`], a diagnostic of what the vCPU sees,
+//!   and [`ShadowMmu::repair_pool_pages`], which compares, read it). A page
+//!   taken from the free list is zeroed again, whatever it holds.
+//! - **Repair.** The VMM learns which pool pages the guest wrote from the
+//!   host (KVM's dirty log of the pool's slot) at every shadow hypercall and
+//!   before the slot is re-registered, and hands them to
+//!   [`ShadowMmu::repair_pool_pages`], which rewrites each from the copy and
+//!   marks the host stale. So a guest that scribbles over the pool and
+//!   comes back through `LOAD_CR3` gets exactly the shadow its own tables
+//!   imply; until it comes back it runs on whatever it wrote, which only
+//!   hurts itself. No guest input makes the MMU panic, in any build.
+//! - **Guest tables are read, never trusted**: the walker checks every
+//!   entry (reserved bits, RAM bounds); a shadow leaf maps guest RAM only.
+//!
+//! ## Bounds
+//!
+//! Every handler does work proportional to what the guest's change implies
+//! (deterministic steps, counted by [`ShadowMmu::work`]):
+//!
+//! - parent lists are hash sets, so unlinking one of the 400,000 entries a
+//!   guest can make point at one shadow page table is O(1), and freeing a
+//!   subtree costs O(its entries);
+//! - the reverse map holds at most one page per (level, access) role of a
+//!   guest frame (≤ 32);
+//! - a new root's kernel-half prefill links subtrees already prefilled for
+//!   another root without walking them again (`ShadowPage::prefilled`), so
+//!   a root costs O(its new shadow pages); its budget is the pool itself,
+//!   minus [`PREFILL_RESERVE`] pages for the next fault's path, and what
+//!   exception delivery touches ([`ShadowMmu::set_prefill_hints`]) comes
+//!   first — the kernel half of a 22 GiB guest is as deliverable as that of
+//!   a 64 MiB one;
+//! - the VMM's memory for the MMU is bounded by the pool: one 4 KiB copy
+//!   and one parent set per shadow page, and at most 512 parent entries
+//!   per pool page in all the sets together (each is an entry of one).
 
 use crate::walker::{self, A, Access, D, GuestPhys, P, PS, PagingMode, RW, US, XD};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -421,7 +471,12 @@ impl ShadowMmu {
     /// so a new root costs O(its new shadow pages), not O(kernel half).
     ///
     /// `Err` when not even the hinted slots fit in the pool.
-    fn prefill_kernel_half(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys, root: u32) -> Result<(), ShadowError> {
+    fn prefill_kernel_half(
+        &mut self,
+        pool: &mut impl GuestPhys,
+        guest: &mut impl GuestPhys,
+        root: u32,
+    ) -> Result<(), ShadowError> {
         let role = self.pages[root as usize].as_ref().map(|p| p.role).expect("root exists");
         let mut seen = [false; 256];
         let hints = self.prefill_hints.clone();

@@ -215,9 +215,10 @@ impl ShadowState {
     pub fn check_pool(&mut self, vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap) -> Result<u64, kvm_ioctls::Error> {
         let t = Instant::now();
         let bitmap = vm.get_dirty_log(self.pool_slot.slot, self.pool_slot.len as usize)?;
-        let dirty = bitmap.iter().enumerate().flat_map(|(w, &bits)| {
-            (0..64u64).filter(move |b| bits & (1 << b) != 0).map(move |b| w as u64 * 64 + b)
-        });
+        let dirty = bitmap
+            .iter()
+            .enumerate()
+            .flat_map(|(w, &bits)| (0..64u64).filter(move |b| bits & (1 << b) != 0).map(move |b| w as u64 * 64 + b));
         let mut pool = self.pool(mem);
         let repaired = self.mmu.repair_pool_pages(&mut pool, dirty);
         if repaired > 0 {

@@ -186,7 +186,8 @@ fn a_guest_scribbling_over_the_pool_changes_no_decision_and_is_repaired() {
     // of freed (scribbled) pages and exhaustion. Every answer must be the
     // same — the MMU decides from its own copy only — and no build panics.
     let pages = 12u32;
-    let (mut clean_mmu, mut clean_pool) = (ShadowMmu::new(POOL, pages, PagingMode::default()), Mem::new(POOL, pages as u64 * PAGE));
+    let (mut clean_mmu, mut clean_pool) =
+        (ShadowMmu::new(POOL, pages, PagingMode::default()), Mem::new(POOL, pages as u64 * PAGE));
     let (mut mmu, mut pool) = (ShadowMmu::new(POOL, pages, PagingMode::default()), Mem::new(POOL, pages as u64 * PAGE));
     let (mut g1, mut g2) = (guest(), guest());
     clean_mmu.load_cr3(&mut clean_pool, &mut g1, 0x1000).unwrap();
@@ -201,7 +202,7 @@ fn a_guest_scribbling_over_the_pool_changes_no_decision_and_is_repaired() {
             ),
             2 => {
                 for g in [&mut g1, &mut g2] {
-                    g.write_u64(0x31000 + i * 0x2000, (0x90_0000 + step * PAGE) | P | RW | US | A | (step & 1) * D);
+                    g.write_u64(0x31000 + i * 0x2000, (0x90_0000 + step * PAGE) | P | RW | US | A | ((step & 1) * D));
                 }
                 clean_mmu.pte_written(&mut clean_pool, &mut g1, 0x31000 + i * 0x2000, 8);
                 mmu.pte_written(&mut pool, &mut g2, 0x31000 + i * 0x2000, 8);
