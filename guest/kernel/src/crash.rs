@@ -290,7 +290,7 @@ fn scribble() -> ! {
                 let e = if x & 1 == 0 {
                     (pool + (x >> 8) % SCRIBBLED_PAGES * 4096) | PTE_P | PTE_RW | PTE_US | PTE_A
                 } else {
-                    ((x >> 8) % (ram >> 21) << 21) | PTE_P | PTE_RW | PTE_US | PTE_A | PTE_D | PTE_PS
+                    (((x >> 8) % (ram >> 21)) << 21) | PTE_P | PTE_RW | PTE_US | PTE_A | PTE_D | PTE_PS
                 };
                 base.add(i as usize).write_volatile(e);
             }
