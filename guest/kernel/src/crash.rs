@@ -215,7 +215,13 @@ fn kernel_gpa<T>(p: *const T) -> u64 {
 // The read probe: `mov rax, [rdi]` then `ud2`: the access ends in `#UD`
 // when it went through and in `#PF` when it did not; the exception handler
 // ends the probe either way (see ktest::matrix).
-core::arch::global_asm!(".section .text", ".global scribble_probe_read", "scribble_probe_read:", "    mov rax, [rdi]", "    ud2",);
+core::arch::global_asm!(
+    ".section .text",
+    ".global scribble_probe_read",
+    "scribble_probe_read:",
+    "    mov rax, [rdi]",
+    "    ud2",
+);
 
 unsafe extern "C" {
     fn scribble_probe_read();
