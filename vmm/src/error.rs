@@ -143,3 +143,18 @@ impl Error {
 
 /// Result alias.
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_exhausted_at_run_time_names_the_option_and_is_a_setup_error() {
+        let e = Error::ShadowPoolExhausted { pool: 48 << 10, cr3: 0x9000 };
+        assert_eq!(
+            e.to_string(),
+            "the shadow pool of 48 KiB cannot hold what exception delivery needs of the kernel half of guest CR3 0x9000, even when emptied: give a larger --shadow-pool"
+        );
+        assert_eq!(e.exit_code(), exit_code::SETUP);
+    }
+}
