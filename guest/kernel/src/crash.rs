@@ -225,6 +225,10 @@ core::arch::global_asm!(
 
 unsafe extern "C" {
     fn scribble_probe_read();
+    // The access matrix's probe entry (ktest::matrix, global asm): saves the
+    // callee-saved registers, runs `stub` in ring 0 when `user` is 0; the
+    // exception handler's `end_probe` resumes at its `probe_return`. Keep
+    // this declaration in step with it.
     fn probe_run(target: u64, stub: u64, user: u64);
 }
 
