@@ -354,7 +354,7 @@ impl GuestRam {
             let hva = self.hva(map, s.gpa).expect("slots lie in RAM or the pool");
             let region = kvm_bindings::kvm_userspace_memory_region {
                 slot: s.slot,
-                flags: if s.readonly { kvm_bindings::KVM_MEM_READONLY } else { 0 },
+                flags: s.kvm_flags(),
                 guest_phys_addr: s.gpa,
                 memory_size: s.len,
                 userspace_addr: hva,

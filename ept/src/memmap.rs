@@ -92,6 +92,24 @@ pub struct SlotSpec {
     pub kind: RegionKind,
 }
 
+impl SlotSpec {
+    /// The slot's `KVM_SET_USER_MEMORY_REGION` flags: `KVM_MEM_READONLY`
+    /// for the trapped page-table zone, and `KVM_MEM_LOG_DIRTY_PAGES` for
+    /// the shadow pool — the guest can map the pool with tables of its own
+    /// (nothing traps a `mov cr3`), so the VMM asks KVM which pool pages
+    /// the guest wrote and rewrites them (`vmm::shadow_mode`).
+    pub fn kvm_flags(&self) -> u32 {
+        let mut flags = 0;
+        if self.readonly {
+            flags |= kvm_bindings::KVM_MEM_READONLY;
+        }
+        if self.kind == RegionKind::ShadowPool {
+            flags |= kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+        }
+        flags
+    }
+}
+
 /// What the memory map is built from.
 #[derive(Debug, Clone, Copy)]
 pub struct MemoryMapConfig {

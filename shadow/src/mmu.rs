@@ -5,8 +5,8 @@
 //!
 //! The guest believes its CR3 points at its own PML4. In shadow mode the
 //! vCPU's CR3 points instead at a **shadow root** in the **shadow pool**, a
-//! VMM-private range of guest-physical memory the guest's memory map does
-//! not contain. Shadow tables translate GVA → GPA directly with the
+//! range of guest-physical memory the guest's memory map does not contain
+//! (and which, see the trust model below, the guest can still reach). Shadow tables translate GVA → GPA directly with the
 //! *effective* permissions of the guest walk; KVM's own second stage (or,
 //! on a host without EPT/NPT, KVM's own shadowing) does GPA → HPA below.
 //!
@@ -50,12 +50,65 @@
 //!
 //! Guest page-table pages are never written by the VMM except for A/D
 //! bits, which the walker sets as hardware would.
+//!
+//! ## Trust model
+//!
+//! The guest is hostile; ring 0 in the guest is not trusted either.
+//!
+//! - **The pool is guest-writable.** The vCPU walks the shadow tables, so
+//!   the pool must be guest-physical memory, and nothing traps a guest's own
+//!   `mov cr3`: a ring-0 guest can load tables of its own that map the pool
+//!   (its CR3 even reads back as a pool address) and write anything there.
+//!   (A read-only slot would stop the writes, but on Intel hosts with EPT
+//!   A/D bits the CPU treats guest page-table reads as writes, SDM vol. 3C
+//!   §29.3.5, so the vCPU could not walk it.) What the guest gains is only
+//!   what its own tables already give it — access to its RAM and the pool —
+//!   so the rule is: **no fact the MMU relies on lives in the pool.** Every
+//!   shadow page's entries are kept in VMM memory (`ShadowPage::entries`);
+//!   the pool is written from that copy and never read to decide anything
+//!   (only [`ShadowMmu::shadow_leaf`], a diagnostic of what the vCPU sees,
+//!   and [`ShadowMmu::repair_pool_pages`], which compares, read it). A page
+//!   taken from the free list is zeroed again, whatever it holds.
+//! - **Repair.** The VMM learns which pool pages the guest wrote from the
+//!   host (KVM's dirty log of the pool's slot) at every shadow hypercall and
+//!   before the slot is re-registered, and hands them to
+//!   [`ShadowMmu::repair_pool_pages`], which rewrites each from the copy and
+//!   marks the host stale. So a guest that scribbles over the pool and
+//!   comes back through `LOAD_CR3` gets exactly the shadow its own tables
+//!   imply; until it comes back it runs on whatever it wrote, which only
+//!   hurts itself. No guest input makes the MMU panic, in any build.
+//! - **Guest tables are read, never trusted**: the walker checks every
+//!   entry (reserved bits, RAM bounds); a shadow leaf maps guest RAM only.
+//!
+//! ## Bounds
+//!
+//! Every handler does work proportional to what the guest's change implies
+//! (deterministic steps, counted by [`ShadowMmu::work`]):
+//!
+//! - parent lists are hash sets, so unlinking one of the 400,000 entries a
+//!   guest can make point at one shadow page table is O(1), and freeing a
+//!   subtree costs O(its entries);
+//! - the reverse map holds at most one page per (level, access) role of a
+//!   guest frame (≤ 32);
+//! - a new root's kernel-half prefill links subtrees already prefilled for
+//!   another root without walking them again (`ShadowPage::prefilled`), so
+//!   a root costs O(its new shadow pages); its budget is the pool itself,
+//!   minus [`PREFILL_RESERVE`] pages for the next fault's path, and what
+//!   exception delivery touches ([`ShadowMmu::set_prefill_hints`]) comes
+//!   first — the kernel half of a 22 GiB guest is as deliverable as that of
+//!   a 64 MiB one;
+//! - the VMM's memory for the MMU is bounded by the pool: one 4 KiB copy
+//!   and one parent set per shadow page, and at most 512 parent entries
+//!   per pool page in all the sets together (each is an entry of one).
 
 use crate::walker::{self, A, Access, D, GuestPhys, P, PS, PagingMode, RW, US, XD};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 const ADDR: u64 = 0x000f_ffff_ffff_f000;
 const PAGE: u64 = 4096;
+/// Pool pages a kernel-half prefill leaves free: the path of the fault
+/// that follows (a PDPT, a PD and a PT).
+pub const PREFILL_RESERVE: usize = 3;
 /// Shadow roots kept for recent guest CR3s (KVM keeps 3 `prev_roots`; a
 /// handful of address spaces switching round-robin must not rebuild).
 pub const ROOT_CACHE: usize = 8;
@@ -79,13 +132,21 @@ struct Role {
 #[derive(Debug)]
 struct ShadowPage {
     role: Role,
-    /// `(parent page, index)` of every shadow entry pointing here.
-    parents: Vec<(u32, u16)>,
+    /// `(parent page, index)` of every shadow entry pointing here: a set,
+    /// so unlinking one of 400,000 sharers is O(1), not a scan.
+    parents: HashSet<(u32, u16)>,
     /// Pinned as a root.
     root: bool,
     /// A root whose kernel half may have lost entries since it was last
     /// prefilled (set when an entry of a level-4 page is zapped).
     needs_prefill: bool,
+    /// Every guest entry of this page that prefill would shadow was
+    /// shadowed, and none of this page's entries was zapped since: a
+    /// prefill reaching it again need not descend (cleared by a zap).
+    prefilled: bool,
+    /// The page's 512 entries as the VMM wrote them: the truth. The pool
+    /// copy is written from here and never read back (the trust model).
+    entries: Box<[u64; 512]>,
 }
 
 /// Shadow-MMU counters.
@@ -119,6 +180,9 @@ pub struct ShadowStats {
     pub pages_in_use: u64,
     /// Most shadow pages ever in use.
     pub pages_peak: u64,
+    /// Pool pages found written by the guest and rewritten from the VMM's
+    /// copy ([`ShadowMmu::repair_pool_pages`]).
+    pub pool_repairs: u64,
 }
 
 impl ShadowStats {
@@ -139,6 +203,7 @@ impl ShadowStats {
             flushes: self.flushes - earlier.flushes,
             pages_in_use: self.pages_in_use,
             pages_peak: self.pages_peak,
+            pool_repairs: self.pool_repairs - earlier.pool_repairs,
         }
     }
 }
@@ -158,7 +223,9 @@ pub enum FaultOutcome {
 pub enum ShadowError {
     /// No guest CR3 has been loaded yet.
     NoRoot,
-    /// The pool is too small to hold even one path.
+    /// The pool is too small to hold even one path, or what fault delivery
+    /// needs of the kernel half (the hinted slots of
+    /// [`ShadowMmu::set_prefill_hints`]) even when empty.
     PoolTooSmall,
 }
 
@@ -176,6 +243,11 @@ pub struct ShadowMmu {
     mode: PagingMode,
     stale: bool,
     stats: ShadowStats,
+    /// PML4 slots to prefill first ([`ShadowMmu::set_prefill_hints`]).
+    prefill_hints: Vec<u64>,
+    /// Steps taken by the handlers (entries and list elements visited):
+    /// the deterministic measure of the VMM's work, see [`ShadowMmu::work`].
+    work: u64,
 }
 
 impl ShadowMmu {
@@ -194,12 +266,21 @@ impl ShadowMmu {
             mode,
             stale: false,
             stats: ShadowStats::default(),
+            work: 0,
+            prefill_hints: Vec::new(),
         }
     }
 
     /// The counters.
     pub fn stats(&self) -> ShadowStats {
         self.stats
+    }
+
+    /// Steps the handlers have taken so far: one per shadow or guest entry
+    /// visited and per parent-list or reverse-map element touched. A
+    /// deterministic stand-in for the VMM's time, for tests that bound it.
+    pub fn work(&self) -> u64 {
+        self.work
     }
 
     /// The paging controls in force.
@@ -254,15 +335,30 @@ impl ShadowMmu {
     /// unlinked first, and a replaced leaf that granted more marks the host
     /// stale.
     fn set_leaf(&mut self, pool: &mut impl GuestPhys, page: u32, idx: u64, spte: u64) {
-        let at = self.page_gpa(page) + idx * 8;
-        let old = pool.read_u64(at);
+        let old = self.entry(page, idx);
         let level = self.pages[page as usize].as_ref().map_or(1, |p| p.role.level);
         if self.child_of(old, level).is_some() {
             self.zap_entry(pool, page, idx);
         } else if old & P != 0 && restricts(old, spte) {
             self.stale = true;
         }
-        pool.write_u64(at, spte);
+        self.put(pool, page, idx, spte);
+    }
+
+    /// Entry `idx` of shadow page `page`, from the VMM's copy (0 for a page
+    /// not in use). The pool is never read to decide anything: a guest
+    /// can write it (see the module doc, "Trust model").
+    fn entry(&self, page: u32, idx: u64) -> u64 {
+        self.pages[page as usize].as_ref().map_or(0, |p| p.entries[idx as usize])
+    }
+
+    /// Set entry `idx` of `page` in the VMM's copy and in the pool.
+    fn put(&mut self, pool: &mut impl GuestPhys, page: u32, idx: u64, value: u64) {
+        let at = self.page_gpa(page) + idx * 8;
+        if let Some(p) = self.pages[page as usize].as_mut() {
+            p.entries[idx as usize] = value;
+        }
+        pool.write_u64(at, value);
     }
 
     /// Whether `gpa` lies in the pool.
@@ -302,6 +398,23 @@ impl ShadowMmu {
         guest_cr3: u64,
     ) -> Result<u64, ShadowError> {
         self.stats.cr3_loads += 1;
+        self.switch_root(pool, guest, guest_cr3).or_else(|_| {
+            // The pool cannot hold what fault delivery needs next to
+            // everything else in it: start over with an empty pool.
+            self.stats.pool_exhaustions += 1;
+            self.zap_all(pool);
+            self.switch_root(pool, guest, guest_cr3)
+        })
+    }
+
+    /// Find or build the root for `guest_cr3` and make it current; `Err`
+    /// when the pool cannot hold what its kernel half's hinted slots need.
+    fn switch_root(
+        &mut self,
+        pool: &mut impl GuestPhys,
+        guest: &mut impl GuestPhys,
+        guest_cr3: u64,
+    ) -> Result<u64, ShadowError> {
         let key = guest_cr3 & ADDR;
         if let Some(pos) = self.roots.iter().position(|&(g, _)| g == key) {
             let entry = self.roots.remove(pos).expect("position is valid");
@@ -312,7 +425,7 @@ impl ShadowMmu {
             // rewritten) zapped entries of this root: everything fault
             // delivery touches must be shadowed again before the guest runs.
             if self.pages[entry.1 as usize].as_ref().is_some_and(|p| p.needs_prefill) {
-                self.prefill_kernel_half(pool, guest, entry.1);
+                self.prefill_kernel_half(pool, guest, entry.1)?;
             }
             return Ok(self.page_gpa(entry.1));
         }
@@ -338,7 +451,7 @@ impl ShadowMmu {
             self.release_if_orphan(pool, old);
         }
         self.current = Some((key, page));
-        self.prefill_kernel_half(pool, guest, page);
+        self.prefill_kernel_half(pool, guest, page)?;
         Ok(self.page_gpa(page))
     }
 
@@ -347,14 +460,68 @@ impl ShadowMmu {
     /// stacks, handler code) lives there and must not fault. Only entries
     /// with A set are shadowed (invariant 2); the kernel maps itself with A
     /// (and D where writable) set.
-    fn prefill_kernel_half(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys, root: u32) {
+    ///
+    /// Order: the PML4 slots named by [`ShadowMmu::set_prefill_hints`] (what
+    /// fault delivery touches) first, then slot 511 (the kernel image, by
+    /// convention), then the rest. The budget is the pool itself: a prefill
+    /// stops when creating one more shadow page would leave fewer than
+    /// [`PREFILL_RESERVE`] pages free for the next fault's path; the rest of
+    /// the kernel half is then shadowed on demand. Subtrees already
+    /// prefilled (shared with another root) are linked, not walked again,
+    /// so a new root costs O(its new shadow pages), not O(kernel half).
+    ///
+    /// `Err` when not even the hinted slots fit in the pool.
+    fn prefill_kernel_half(
+        &mut self,
+        pool: &mut impl GuestPhys,
+        guest: &mut impl GuestPhys,
+        root: u32,
+    ) -> Result<(), ShadowError> {
         let role = self.pages[root as usize].as_ref().map(|p| p.role).expect("root exists");
-        self.prefill(pool, guest, root, role, 256..512, 0);
+        let mut seen = [false; 256];
+        let hints = self.prefill_hints.clone();
+        let hinted = hints.len();
+        let mut result = Ok(());
+        for (n, slot) in hints.into_iter().chain([511]).chain(256..511).enumerate() {
+            if std::mem::replace(&mut seen[slot as usize - 256], true) {
+                continue;
+            }
+            if !self.prefill(pool, guest, root, role, slot..slot + 1) {
+                if n < hinted {
+                    result = Err(ShadowError::PoolTooSmall);
+                }
+                break;
+            }
+        }
         if let Some(p) = self.pages[root as usize].as_mut() {
             p.needs_prefill = false;
         }
+        result
     }
 
+    /// The PML4 slots fault delivery needs, from guest-virtual addresses
+    /// the VMM reads in the vCPU's registers (IDT, GDT and TSS bases, RIP,
+    /// RSP): a later prefill shadows them before anything else. Addresses
+    /// in the lower half are ignored (only the kernel half is prefilled).
+    pub fn set_prefill_hints(&mut self, gvas: &[u64]) {
+        self.prefill_hints.clear();
+        for &va in gvas {
+            let slot = (va >> 39) & 0x1ff;
+            if slot >= 256 && !self.prefill_hints.contains(&slot) {
+                self.prefill_hints.push(slot);
+            }
+        }
+    }
+
+    /// Free pool pages (quarantined ones included: they are reusable before
+    /// the guest runs again).
+    fn free_pages(&self) -> usize {
+        self.free.len() + self.quarantine.len()
+    }
+
+    /// Shadow entries `range` of `page` (role `role`) and, recursively, the
+    /// tables below them; `false` if it stopped early to keep
+    /// [`PREFILL_RESERVE`] pages free.
     fn prefill(
         &mut self,
         pool: &mut impl GuestPhys,
@@ -362,22 +529,17 @@ impl ShadowMmu {
         page: u32,
         role: Role,
         range: core::ops::Range<u64>,
-        budget_used: usize,
-    ) -> usize {
-        let mut used = budget_used;
+    ) -> bool {
         for idx in range {
-            if used > 4096 {
-                break;
-            }
+            self.work += 1;
             let gpte_gpa = (role.gfn << 12) + idx * 8;
             if !guest.is_ram(gpte_gpa, 8) {
-                return used;
+                return true;
             }
             let gpte = guest.read_u64(gpte_gpa);
             if gpte & (P | A) != (P | A) || gpte & walker::reserved_mask(&self.mode, role.level, gpte) != 0 {
                 continue;
             }
-            used += 1;
             let leaf = role.level == 1 || (role.level <= 3 && gpte & PS != 0);
             if leaf {
                 if let Some(spte) = self.leaf_spte(guest, role, gpte) {
@@ -390,10 +552,21 @@ impl ShadowMmu {
                 level: role.level - 1,
                 access: child_access(role.access, gpte, &self.mode),
             };
-            let Some(child) = self.link_child(pool, page, idx, child_role) else { return used };
-            used = self.prefill(pool, guest, child, child_role, 0..512, used);
+            if !self.by_role.contains_key(&child_role) && self.free_pages() <= PREFILL_RESERVE {
+                return false;
+            }
+            let Some(child) = self.link_child(pool, page, idx, child_role) else { return false };
+            if self.pages[child as usize].as_ref().is_some_and(|c| c.prefilled) {
+                continue;
+            }
+            if !self.prefill(pool, guest, child, child_role, 0..512) {
+                return false;
+            }
+            if let Some(c) = self.pages[child as usize].as_mut() {
+                c.prefilled = true;
+            }
         }
-        used
+        true
     }
 
     /// The shadow leaf for guest leaf `gpte` under a page of role `role`,
@@ -469,6 +642,7 @@ impl ShadowMmu {
         let (_, mut page) = self.current.expect("checked by the caller");
         let mut role = self.pages[page as usize].as_ref().expect("root exists").role;
         for depth in 0..t.levels as usize {
+            self.work += 1;
             let level = 4 - depth as u8;
             let idx = (va >> (12 + 9 * (level as u32 - 1))) & 0x1ff;
             let gpte = guest.read_u64(t.entry_gpas[depth]);
@@ -501,8 +675,7 @@ impl ShadowMmu {
     /// Make entry `idx` of `page` point at the shadow page for
     /// `child_role`, creating it if needed; `None` if the pool is empty.
     fn link_child(&mut self, pool: &mut impl GuestPhys, page: u32, idx: u64, child_role: Role) -> Option<u32> {
-        let at = self.page_gpa(page) + idx * 8;
-        let old = pool.read_u64(at);
+        let old = self.entry(page, idx);
         if old & P != 0 {
             // A leaf here (the guest turned a large page into a table) or a
             // child of another role is zapped; only the right child is kept.
@@ -515,9 +688,10 @@ impl ShadowMmu {
             self.zap_entry(pool, page, idx);
         }
         let child = self.get_or_create(pool, child_role)?;
-        pool.write_u64(at, self.page_gpa(child) | P | RW | US | A);
+        self.put(pool, page, idx, self.page_gpa(child) | P | RW | US | A);
+        self.work += 1;
         if let Some(c) = self.pages[child as usize].as_mut() {
-            c.parents.push((page, idx as u16));
+            c.parents.insert((page, idx as u16));
         }
         Some(child)
     }
@@ -535,10 +709,22 @@ impl ShadowMmu {
                 self.quarantine.pop()?
             }
         };
-        // Pages come back zeroed from zap; a never-used pool page is zero.
+        // The VMM zeroed this page when it was freed, but the guest may have
+        // written it since (see "Trust model"): zero it again, from nothing
+        // read back.
         let base = self.page_gpa(p);
-        debug_assert!((0..512).all(|i| pool.read_u64(base + i * 8) == 0), "pool page not clean");
-        self.pages[p as usize] = Some(ShadowPage { role, parents: Vec::new(), root: false, needs_prefill: true });
+        for i in 0..512 {
+            pool.write_u64(base + i * 8, 0);
+        }
+        self.work += 512;
+        self.pages[p as usize] = Some(ShadowPage {
+            role,
+            parents: HashSet::new(),
+            root: false,
+            needs_prefill: true,
+            prefilled: false,
+            entries: Box::new([0; 512]),
+        });
         self.by_role.insert(role, p);
         self.rmap.entry(role.gfn).or_default().push(p);
         self.stats.pages_in_use += 1;
@@ -548,23 +734,24 @@ impl ShadowMmu {
 
     /// Clear entry `idx` of `page`; unlink (and maybe free) its child.
     fn zap_entry(&mut self, pool: &mut impl GuestPhys, page: u32, idx: u64) {
-        let at = self.page_gpa(page) + idx * 8;
-        let old = pool.read_u64(at);
+        self.work += 1;
+        let old = self.entry(page, idx);
         if old & P == 0 {
             return;
         }
-        pool.write_u64(at, 0);
+        self.put(pool, page, idx, 0);
         self.stale = true;
         self.stats.zaps += 1;
-        if let Some(p) = self.pages[page as usize].as_mut()
-            && p.role.level == 4
-        {
-            p.needs_prefill = true;
+        if let Some(p) = self.pages[page as usize].as_mut() {
+            p.prefilled = false;
+            if p.role.level == 4 {
+                p.needs_prefill = true;
+            }
         }
         let level = self.pages[page as usize].as_ref().map_or(1, |p| p.role.level);
         if let Some(child) = self.child_of(old, level) {
             if let Some(c) = self.pages[child as usize].as_mut() {
-                c.parents.retain(|&(p, i)| !(p == page && i as u64 == idx));
+                c.parents.remove(&(page, idx as u16));
             }
             self.release_if_orphan(pool, child);
         }
@@ -579,12 +766,15 @@ impl ShadowMmu {
     }
 
     fn free_page(&mut self, pool: &mut impl GuestPhys, page: u32) {
+        self.work += 512;
         for idx in 0..512 {
             self.zap_entry(pool, page, idx);
         }
         let Some(sp) = self.pages[page as usize].take() else { return };
         self.by_role.remove(&sp.role);
         if let Some(v) = self.rmap.get_mut(&sp.role.gfn) {
+            // At most one page per (level, access) role of a frame: ≤ 32.
+            self.work += v.len() as u64;
             v.retain(|&p| p != page);
             if v.is_empty() {
                 self.rmap.remove(&sp.role.gfn);
@@ -606,14 +796,15 @@ impl ShadowMmu {
         }
         self.current = None;
         for page in 0..self.pages.len() as u32 {
-            if self.pages[page as usize].is_some() {
-                for idx in 0..512 {
-                    let at = self.page_gpa(page) + idx * 8;
-                    if pool.read_u64(at) != 0 {
-                        pool.write_u64(at, 0);
+            if let Some(sp) = self.pages[page as usize].take() {
+                // Re-zero what the VMM wrote (its copy says where).
+                let base = self.page_gpa(page);
+                for (idx, &e) in sp.entries.iter().enumerate() {
+                    if e != 0 {
+                        pool.write_u64(base + idx as u64 * 8, 0);
                     }
                 }
-                let sp = self.pages[page as usize].take().expect("checked");
+                self.work += 512;
                 self.by_role.remove(&sp.role);
                 self.quarantine.push(page);
                 self.stats.page_zaps += 1;
@@ -633,6 +824,7 @@ impl ShadowMmu {
         let Some(derived) = self.rmap.get(&gfn).cloned() else { return };
         let aligned = len == 8 && gpa.is_multiple_of(8);
         for page in derived {
+            self.work += 1;
             let Some(role) = self.pages[page as usize].as_ref().map(|p| p.role) else { continue };
             if !aligned {
                 self.stats.page_zaps += 1;
@@ -644,15 +836,14 @@ impl ShadowMmu {
             let idx = (gpa & 0xfff) / 8;
             let gpte = guest.read_u64(gpa & !7);
             let leaf = role.level == 1 || (role.level <= 3 && gpte & PS != 0);
-            let at = self.page_gpa(page) + idx * 8;
-            let old = pool.read_u64(at);
+            let old = self.entry(page, idx);
             let old_leaf = old & P != 0 && (role.level == 1 || old & PS != 0);
             match (leaf, self.leaf_spte(guest, role, gpte)) {
                 (true, Some(spte)) if old & P == 0 || old_leaf => {
                     if old & P != 0 && restricts(old, spte) {
                         self.stale = true;
                     }
-                    pool.write_u64(at, spte);
+                    self.put(pool, page, idx, spte);
                     self.stats.pte_updates_in_place += 1;
                 }
                 _ => self.zap_entry(pool, page, idx),
@@ -664,11 +855,48 @@ impl ShadowMmu {
     /// After a change that zapped entries of the current root's kernel half,
     /// shadow them again at once: the next fault must be deliverable.
     fn refill_current_root(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys) {
-        if let Some((_, root)) = self.current
+        if let Some((cr3, root)) = self.current
             && self.pages[root as usize].as_ref().is_some_and(|p| p.needs_prefill)
+            && self.prefill_kernel_half(pool, guest, root).is_err()
         {
-            self.prefill_kernel_half(pool, guest, root);
+            // As in load_cr3: start over; if even that fails, the next
+            // LOAD_CR3 or SHADOW_FAULT reports it.
+            self.stats.pool_exhaustions += 1;
+            self.zap_all(pool);
+            let _ = self.switch_root(pool, guest, cr3);
         }
+    }
+
+    /// The pool pages numbered `pages` (0 = the first page of the pool)
+    /// may have been written by the guest (the host's dirty log says so):
+    /// make each hold exactly the VMM's copy again (zeros for a page not in
+    /// use). A page that differed marks the host stale — the host may have
+    /// cached the guest's entries — and counts as a repair. Returns the
+    /// number of pages repaired. Reading the pool here only *compares*; no
+    /// decision depends on what the guest wrote.
+    pub fn repair_pool_pages(&mut self, pool: &mut impl GuestPhys, pages: impl IntoIterator<Item = u64>) -> u64 {
+        let mut repaired = 0;
+        for page in pages {
+            if page >= self.pages.len() as u64 {
+                continue;
+            }
+            self.work += 512;
+            let base = self.page_gpa(page as u32);
+            let mut differed = false;
+            for idx in 0..512u64 {
+                let want = self.entry(page as u32, idx);
+                if pool.read_u64(base + idx * 8) != want {
+                    pool.write_u64(base + idx * 8, want);
+                    differed = true;
+                }
+            }
+            if differed {
+                repaired += 1;
+                self.stale = true;
+            }
+        }
+        self.stats.pool_repairs += repaired;
+        repaired
     }
 
     /// `FLUSH_TLB`: shadow entries are kept coherent on every write, so a
@@ -696,9 +924,10 @@ impl ShadowMmu {
         None
     }
 
-    /// Check the structural invariants (tests): every present non-leaf
-    /// shadow entry points at a live page whose parent list has it, and
-    /// every leaf maps guest RAM only.
+    /// Check the structural invariants (tests): the pool holds exactly the
+    /// VMM's copy of every page in use, every present non-leaf shadow entry
+    /// points at a live page whose parent list has it, and every leaf maps
+    /// guest RAM only.
     pub fn check_invariants(&self, pool: &impl GuestPhys, guest: &impl GuestPhys) -> Result<(), String> {
         for (i, sp) in self.pages.iter().enumerate() {
             let Some(sp) = sp else { continue };
@@ -709,7 +938,10 @@ impl ShadowMmu {
                 return Err(format!("page {i} missing from the reverse map"));
             }
             for idx in 0..512u64 {
-                let e = pool.read_u64(self.page_gpa(i as u32) + idx * 8);
+                let e = sp.entries[idx as usize];
+                if pool.read_u64(self.page_gpa(i as u32) + idx * 8) != e {
+                    return Err(format!("page {i}[{idx}] in the pool differs from the VMM's copy {e:#x}"));
+                }
                 if e & P == 0 {
                     continue;
                 }
@@ -759,3 +991,6 @@ fn restricts(old: u64, new: u64) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod bounds_tests;

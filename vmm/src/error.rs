@@ -104,6 +104,11 @@ pub enum Error {
         crate::size::format_size(*.2)
     )]
     ShadowPoolTooSmall(u64, u64, u64),
+    #[error(
+        "the shadow pool of {} cannot hold what exception delivery needs of the kernel half of guest CR3 {cr3:#x}, even when emptied: give a larger --shadow-pool",
+        crate::size::format_size(*.pool)
+    )]
+    ShadowPoolExhausted { pool: u64, cr3: u64 },
     #[error("command line is {0} bytes; the maximum is {1}")]
     CmdlineTooLong(usize, usize),
     #[error("guest memory access at {0:#x} failed: {1}")]
@@ -172,3 +177,18 @@ impl Error {
 
 /// Result alias.
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_exhausted_at_run_time_names_the_option_and_is_a_setup_error() {
+        let e = Error::ShadowPoolExhausted { pool: 48 << 10, cr3: 0x9000 };
+        assert_eq!(
+            e.to_string(),
+            "the shadow pool of 48 KiB cannot hold what exception delivery needs of the kernel half of guest CR3 0x9000, even when emptied: give a larger --shadow-pool"
+        );
+        assert_eq!(e.exit_code(), exit_code::SETUP);
+    }
+}

@@ -14,6 +14,19 @@
 //!   VMM makes the host forget — on a host whose KVM shadows page tables by
 //!   deleting and re-adding the pool's memslot, on an EPT/NPT host by
 //!   reloading CR3 (a TLB flush). Counted and timed.
+//! - **The pool is guest-writable** (the trust model of `shadow::mmu`): the
+//!   vCPU must be able to walk the pool, so it is guest-physical memory, and
+//!   nothing traps a guest's own `mov cr3` to tables that map it. So the
+//!   MMU keeps its truth in VMM memory and only ever *writes* the pool, and
+//!   the pool's slot logs dirty pages (`KVM_MEM_LOG_DIRTY_PAGES`): at every
+//!   shadow hypercall, and before the slot is re-registered, the VMM asks
+//!   KVM which pool pages the guest wrote ([`ShadowState::check_pool`]) and
+//!   rewrites each that differs from the VMM's copy, then makes the host
+//!   forget. A guest that scribbles over the pool and comes back through
+//!   `LOAD_CR3` finds exactly the shadow its own tables imply. (A read-only
+//!   pool slot would be simpler, but with EPT A/D bits on, Intel CPUs treat
+//!   guest page-table reads as writes — SDM vol. 3C §29.3.5 — so the vCPU
+//!   could not walk it.)
 
 use ept::memmap::SlotSpec;
 use guest_abi::hypercall as hc;
@@ -93,12 +106,16 @@ pub struct HandlerTimes {
     /// Host invalidations.
     #[serde(rename = "invalidate_ns", serialize_with = "ept::json::ns")]
     pub invalidate: Duration,
+    /// Reading the pool's dirty log and repairing guest-written pool pages.
+    pub pool_check: Duration,
+    /// How many times the dirty log was read.
+    pub pool_checks: u64,
 }
 
 impl HandlerTimes {
     /// Time in all handlers.
     pub fn total(&self) -> Duration {
-        self.fault + self.pte_write + self.load_cr3 + self.invalidate
+        self.fault + self.pte_write + self.load_cr3 + self.invalidate + self.pool_check
     }
 }
 
@@ -152,6 +169,15 @@ impl ShadowState {
 /// CR0.WP.
 pub const CR0_WP: u64 = 1 << 16;
 
+/// What exception delivery touches, as guest-virtual addresses in the
+/// vCPU's registers: the IDT, GDT and TSS bases, RIP and RSP. The shadow
+/// MMU prefills their PML4 slots before the rest of the kernel half
+/// (`ShadowMmu::set_prefill_hints`), so a pool too small for the whole
+/// kernel half still leaves the guest able to take a fault.
+pub fn fault_path_gvas(sregs: &kvm_bindings::kvm_sregs, regs: &kvm_bindings::kvm_regs) -> [u64; 5] {
+    [sregs.idt.base, sregs.gdt.base, sregs.tr.base, regs.rip, regs.rsp]
+}
+
 /// The paging controls from the vCPU's system registers.
 pub fn paging_mode(sregs: &kvm_bindings::kvm_sregs, rflags: u64, maxphyaddr: u8) -> PagingMode {
     PagingMode {
@@ -200,6 +226,28 @@ impl ShadowState {
         }
     }
 
+    /// Ask KVM which pool pages the guest wrote since the last call (the
+    /// slot's dirty log; reading it clears it) and rewrite every one that
+    /// differs from the MMU's copy. Returns the number of pages repaired;
+    /// a repair leaves the host stale, so the caller invalidates before the
+    /// guest runs again (as after any change).
+    pub fn check_pool(&mut self, vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap) -> Result<u64, kvm_ioctls::Error> {
+        let t = Instant::now();
+        let bitmap = vm.get_dirty_log(self.pool_slot.slot, self.pool_slot.len as usize)?;
+        let dirty = bitmap
+            .iter()
+            .enumerate()
+            .flat_map(|(w, &bits)| (0..64u64).filter(move |b| bits & (1 << b) != 0).map(move |b| w as u64 * 64 + b));
+        let mut pool = self.pool(mem);
+        let repaired = self.mmu.repair_pool_pages(&mut pool, dirty);
+        if repaired > 0 {
+            log::debug!("the guest wrote {repaired} shadow pool page(s); rewritten from the VMM's copy");
+        }
+        self.times.pool_check += t.elapsed();
+        self.times.pool_checks += 1;
+        Ok(repaired)
+    }
+
     /// `SHADOW_FAULT(cr2, error_code)` → the hypercall result.
     pub fn fault(
         &mut self,
@@ -208,7 +256,7 @@ impl ShadowState {
         cr2: u64,
         error_code: u64,
         mode: PagingMode,
-    ) -> u64 {
+    ) -> Result<u64, shadow::ShadowError> {
         let t = Instant::now();
         // The controls as of this exit (sync regs): a guest that changed
         // EFER.NXE or CR4 without FLUSH_TLB gets a rebuilt shadow here
@@ -217,6 +265,10 @@ impl ShadowState {
         let r = match self.mmu.handle_fault(pool, ram, cr2, error_code as u32) {
             Ok(FaultOutcome::Fixed) => hc::FAULT_FIXED,
             Ok(FaultOutcome::GuestFault(ec)) => hc::FAULT_GUEST | ec as u64,
+            Err(e @ shadow::ShadowError::PoolTooSmall) => {
+                self.times.fault += t.elapsed();
+                return Err(e);
+            }
             Err(e) => {
                 // Bounded: a guest can send this before its first LOAD_CR3
                 // as often as it likes.
@@ -227,7 +279,7 @@ impl ShadowState {
             }
         };
         self.times.fault += t.elapsed();
-        r
+        Ok(r)
     }
 
     /// A guest write of `data` to page-table GPA `gpa`.

@@ -176,6 +176,13 @@ impl RunStats {
                 st.host_invalidations,
                 us(sh.times.invalidate, st.host_invalidations)
             );
+            let _ = writeln!(
+                s,
+                "    pool repairs        {:>10}   ({} dirty-log checks, {:.2} us each)",
+                st.pool_repairs,
+                sh.times.pool_checks,
+                us(sh.times.pool_check, sh.times.pool_checks)
+            );
             let _ = writeln!(s, "    TLB flushes         {:>10}", st.flushes);
             let _ = writeln!(s, "    shadow pages        {:>10}   (peak {})", st.pages_in_use, st.pages_peak);
         }

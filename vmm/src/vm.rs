@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::explain::Explanation;
 use crate::layout::{self, MAX_MEMORY, MIN_MEMORY, PT_ZONE_START};
 use crate::limits::{Limited, ReportBudget};
-use crate::shadow_mode::{CR0_WP, Coherence, MemWindow, ShadowState, paging_mode};
+use crate::shadow_mode::{CR0_WP, Coherence, MemWindow, ShadowState, fault_path_gvas, paging_mode};
 use crate::stats::RunStats;
 use ept::memmap::{MemoryMap, MemoryMapConfig};
 use ept::{Backing, GuestRam};
@@ -732,13 +732,21 @@ impl VmCore {
         let Some(sh) = self.shadow.as_mut() else { return Ok(None) };
         let mem = self.ram.memory();
         let pool_mem = self.ram.pool().expect("shadow mode has a pool");
+        if matches!(nr, hc::SHADOW_FAULT | hc::LOAD_CR3 | hc::FLUSH_TLB) {
+            // The guest may have written the pool through tables of its own.
+            sh.check_pool(&self.vm, pool_mem).map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+            sh.mmu.set_prefill_hints(&fault_path_gvas(&self.vcpu.sync_regs().sregs, r));
+        }
+        let pool_exhausted = |cr3: u64| Error::ShadowPoolExhausted { pool: self.config.shadow_pool, cr3 };
         let mut ram = MemWindow::ram(mem, self.config.memory);
         let mut pool = sh.pool(pool_mem);
         match nr {
             hc::SHADOW_FAULT => {
                 let root_before = sh.mmu.current_root();
                 let mode = sh.guest_mode(&self.vcpu.sync_regs().sregs, r.rflags);
-                let result = sh.fault(&mut ram, &mut pool, r.rdi, r.rsi, mode);
+                let result = sh
+                    .fault(&mut ram, &mut pool, r.rdi, r.rsi, mode)
+                    .map_err(|_| pool_exhausted(sh.mmu.guest_cr3().unwrap_or(0)))?;
                 // Pool exhaustion zaps everything and may rebuild the root in
                 // another pool page: the vCPU must follow it.
                 if let Some(root) = sh.mmu.current_root()
@@ -761,6 +769,7 @@ impl VmCore {
                 sh.mmu.set_mode(&mut pool, &mut ram, sh.guest_mode(&sregs, r.rflags));
                 let root = match sh.mmu.load_cr3(&mut pool, &mut ram, root_gpa) {
                     Ok(root) => root,
+                    Err(shadow::ShadowError::PoolTooSmall) => return Err(pool_exhausted(root_gpa)),
                     Err(e) => {
                         if self.warnings.allow() {
                             log::warn!("LOAD_CR3({root_gpa:#x}) failed: {e:?}");
@@ -808,9 +817,12 @@ impl VmCore {
         let t = Instant::now();
         match sh.coherence {
             Coherence::ReregisterPoolSlot => {
+                // Deleting the slot drops its dirty log: collect it first.
+                let pool_mem = self.ram.pool().expect("shadow mode has a pool");
+                sh.check_pool(&self.vm, pool_mem).map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
                 let mut region = kvm_bindings::kvm_userspace_memory_region {
                     slot: sh.pool_slot.slot,
-                    flags: 0,
+                    flags: sh.pool_slot.kvm_flags(),
                     guest_phys_addr: sh.pool_slot.gpa,
                     memory_size: 0,
                     userspace_addr: sh.pool_hva,

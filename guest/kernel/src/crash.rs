@@ -16,6 +16,8 @@
 //! | `report-flood` | [`REPORT_FLOOD`] records of the maximum length | keep a bounded number, refuse the rest, say so once |
 //! | `explain-flood` | [`EXPLAIN_FLOOD`] `EXPLAIN` hypercalls | answer all, print a bounded number, say so once |
 //! | `chatter` | print lines forever | `--timeout` ends it even when stdout is blocked |
+//! | `scribble` | shadow mode: `mov cr3` to tables of our own that map the shadow pool, garbage over the pool, back through `LOAD_CR3`, then probe | repair the pool: the guest succeeds only if the shadow maps exactly what its tables allow |
+//! | `sidt-zone` / `sgdt-zone` / `fxsave-zone` | store the IDTR / GDTR / FPU state into the page-table zone (read-only in shadow mode) | the host cannot emulate these: `--timeout` ends the hang, or the VMM reports the stop |
 
 use crate::{arch, console, hypercall, kprintln};
 use guest_abi::hypercall as hc;
@@ -70,6 +72,8 @@ pub fn run(mode: &str) {
         "chatter" => loop {
             console::println("chatter: the guest prints until the timeout ends it");
         },
+        "scribble" => scribble(),
+        "sidt-zone" | "sgdt-zone" | "fxsave-zone" => store_into_zone(mode),
         _ => {
             kprintln!("unknown crash mode \"{}\"", mode);
             arch::exit(guest_abi::ports::EXIT_FAILURE);
@@ -232,4 +236,217 @@ fn storm() {
     });
     let _ = crate::ktest::vm_suites::leave_user();
     kprintln!("storm survived: {} hypercalls refused, {} raw page-table writes", refused, wrote);
+}
+
+/// A page-aligned page table of our own, in `.bss` (reached through the
+/// kernel window: GPA = VA - `KERNEL_VMA`).
+#[repr(C, align(4096))]
+struct Table([u64; 512]);
+
+static mut OWN_PML4: Table = Table([0; 512]);
+static mut OWN_PDPT: Table = Table([0; 512]);
+static mut OWN_PD: Table = Table([0; 512]);
+
+/// Pool pages scribbled over (the MMU allocates from the pool's start).
+const SCRIBBLED_PAGES: u64 = 128;
+/// PML4 slot of the window onto the pool (nothing of ours lives there).
+const WINDOW_SLOT: u64 = 300;
+const WINDOW: u64 = 0xffff_0000_0000_0000 | (WINDOW_SLOT << 39);
+const GIB: u64 = 1 << 30;
+const PTE_P: u64 = 1;
+const PTE_RW: u64 = 2;
+const PTE_US: u64 = 4;
+const PTE_A: u64 = 0x20;
+const PTE_D: u64 = 0x40;
+const PTE_PS: u64 = 0x80;
+
+fn hardware_cr3() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR3 has no side effects; ring 0.
+    unsafe { core::arch::asm!("mov {}, cr3", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+fn kernel_gpa<T>(p: *const T) -> u64 {
+    p as u64 - guest_abi::KERNEL_VMA
+}
+
+// The read probe: `mov rax, [rdi]` then `ud2`: the access ends in `#UD`
+// when it went through and in `#PF` when it did not; the exception handler
+// ends the probe either way (see ktest::matrix).
+core::arch::global_asm!(
+    ".section .text",
+    ".global scribble_probe_read",
+    "scribble_probe_read:",
+    "    mov rax, [rdi]",
+    "    ud2",
+);
+
+unsafe extern "C" {
+    fn scribble_probe_read();
+    // The access matrix's probe entry (ktest::matrix, global asm): saves the
+    // callee-saved registers, runs `stub` in ring 0 when `user` is 0; the
+    // exception handler's `end_probe` resumes at its `probe_return`. Keep
+    // this declaration in step with it.
+    fn probe_run(target: u64, stub: u64, user: u64);
+}
+
+/// Whether a supervisor read of `va` goes through (`None`: the probe ended
+/// in something other than `#UD` or `#PF`).
+fn readable(va: u64) -> Option<bool> {
+    use crate::ktest::matrix::{PROBE_ACTIVE, PROBE_VECTOR};
+    use core::sync::atomic::Ordering;
+    PROBE_VECTOR.store(0, Ordering::Relaxed);
+    PROBE_ACTIVE.store(1, Ordering::Relaxed);
+    // SAFETY: the stub reads `va` and raises #UD, or the read raises #PF;
+    // the handler resumes at `probe_return`, which restores the registers
+    // `probe_run` saved.
+    unsafe { probe_run(va, scribble_probe_read as *const () as u64, 0) };
+    PROBE_ACTIVE.store(0, Ordering::Relaxed);
+    match PROBE_VECTOR.load(Ordering::Relaxed) {
+        7 => Some(true),   // 1 + #UD
+        15 => Some(false), // 1 + #PF
+        _ => None,
+    }
+}
+
+/// The hostile guest of issue 11, item 9: bypass `LOAD_CR3` with a
+/// `mov cr3` to tables of our own that map the shadow pool (its GPA: the
+/// hardware CR3 names a page of it), write garbage over the pool, come
+/// back through `LOAD_CR3`, and check that the shadow now maps exactly
+/// what our own (boot) tables allow: nothing they leave unmapped is
+/// readable, and mapped memory reads what it holds.
+fn scribble() -> ! {
+    use guest_abi::DIRECT_MAP_BASE;
+    if !arch::mmu::is_shadow() {
+        console::println("crash=scribble needs shadow mode");
+        arch::exit(guest_abi::ports::EXIT_FAILURE);
+    }
+    let ram = crate::boot::info().ram_size;
+    let pool = ram.next_multiple_of(GIB) + GIB; // ept::memmap::shadow_pool_base
+    let root = hardware_cr3() & !0xfff;
+    if !(pool..pool + GIB).contains(&root) {
+        kprintln!("scribble: CR3 {:#x} is not in the pool at {:#x}", root, pool);
+        arch::exit(guest_abi::ports::EXIT_FAILURE);
+    }
+    let guest_root = arch::mmu::read_cr3();
+    // SAFETY: single CPU, interrupts off; the tables are ours alone. The
+    // guest root is a RAM page the direct map covers.
+    unsafe {
+        let pml4 = &mut *core::ptr::addr_of_mut!(OWN_PML4);
+        let pdpt = &mut *core::ptr::addr_of_mut!(OWN_PDPT);
+        let pd = &mut *core::ptr::addr_of_mut!(OWN_PD);
+        let theirs = (DIRECT_MAP_BASE + guest_root) as *const u64;
+        for i in 0..512 {
+            pml4.0[i] = theirs.add(i).read_volatile();
+        }
+        for (i, e) in pd.0.iter_mut().enumerate() {
+            *e = (pool + i as u64 * (2 << 20)) | PTE_P | PTE_RW | PTE_A | PTE_D | PTE_PS;
+        }
+        pdpt.0[0] = kernel_gpa(pd) | PTE_P | PTE_RW | PTE_A;
+        pml4.0[WINDOW_SLOT as usize] = kernel_gpa(pdpt) | PTE_P | PTE_RW | PTE_A;
+        // The bypass: nothing traps this.
+        core::arch::asm!("mov cr3, {}", in(reg) kernel_gpa(pml4), options(nostack, preserves_flags));
+        // Garbage: entries pointing into the pool (so a walk wanders into
+        // other scribbled pages) and large user-writable leaves over RAM.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for page in 0..SCRIBBLED_PAGES {
+            let base = (WINDOW + page * 4096) as *mut u64;
+            for i in 0..512u64 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let e = if x & 1 == 0 {
+                    (pool + (x >> 8) % SCRIBBLED_PAGES * 4096) | PTE_P | PTE_RW | PTE_US | PTE_A
+                } else {
+                    (((x >> 8) % (ram >> 21)) << 21) | PTE_P | PTE_RW | PTE_US | PTE_A | PTE_D | PTE_PS
+                };
+                base.add(i as usize).write_volatile(e);
+            }
+        }
+        kprintln!("scribble: wrote {} pool pages at {:#x} behind the VMM's back", SCRIBBLED_PAGES, pool);
+    }
+    // Back through the front door.
+    arch::mmu::load_cr3(guest_root);
+    arch::idt::set_page_fault_hook(|_, _| false);
+    // What the boot tables leave unmapped: the identity map beyond RAM (up
+    // to its 1 GiB), the rest of the identity/direct-map PDPT, and other
+    // PML4 slots — our pool window among them.
+    let boot_mapped = ram.min(GIB);
+    let mut unmapped = 0u32;
+    let mut readable_count = 0u32;
+    let mut check = |va: u64| match readable(va) {
+        Some(r) => {
+            unmapped += 1;
+            readable_count += u32::from(r);
+        }
+        None => {
+            kprintln!("scribble: probe of {:#x} ended in an unexpected exception", va);
+            arch::exit(guest_abi::ports::EXIT_FAILURE);
+        }
+    };
+    for va in (boot_mapped..GIB).step_by(2 << 20) {
+        check(va);
+        check(DIRECT_MAP_BASE + va);
+    }
+    for g in 1..64u64 {
+        check(g * GIB);
+    }
+    for slot in (1..256u64).chain([WINDOW_SLOT, 256, 400, 510]) {
+        let high = if slot >= 256 { 0xffff_0000_0000_0000 } else { 0 };
+        check(high | slot << 39);
+        check(high | slot << 39 | (SCRIBBLED_PAGES * 4096 - 4096));
+    }
+    // Mapped memory reads what it holds: our own PD, read through the
+    // identity map and the direct map (not through the kernel window it
+    // was written through).
+    let mut wrong = 0u32;
+    // SAFETY: OWN_PD lies in the kernel image, in RAM the boot tables map
+    // identically and in the direct map.
+    unsafe {
+        let gpa = kernel_gpa(core::ptr::addr_of!(OWN_PD));
+        let want = &(*core::ptr::addr_of!(OWN_PD)).0;
+        for (i, &w) in want.iter().enumerate() {
+            for base in [0, DIRECT_MAP_BASE] {
+                if ((base + gpa) as *const u64).add(i).read_volatile() != w {
+                    wrong += 1;
+                }
+            }
+        }
+    }
+    kprintln!(
+        "scribble: {} of {} unmapped addresses readable, {} of 1024 mapped words wrong",
+        readable_count,
+        unmapped,
+        wrong
+    );
+    arch::exit(if readable_count == 0 && wrong == 0 {
+        guest_abi::ports::EXIT_SUCCESS
+    } else {
+        guest_abi::ports::EXIT_FAILURE
+    })
+}
+
+/// Store the IDTR, the GDTR or the FPU state into a page of the page-table
+/// zone (reached through the direct map; the kernel has not taken the zone
+/// into use yet). In ept mode the zone is ordinary RAM and this succeeds; in
+/// shadow mode the zone is a read-only memslot and the host must emulate
+/// the store as an MMIO write, which its emulator cannot do for these
+/// instructions (README, "What the host needs").
+fn store_into_zone(mode: &str) -> ! {
+    let zone = crate::boot::info().pt_zone.start;
+    let at = guest_abi::DIRECT_MAP_BASE + zone + 0x800;
+    kprintln!("{}: storing into the page-table zone at {:#x}", mode, at);
+    // SAFETY: `at` is an unused, 16-byte-aligned spot of the zone, mapped
+    // writable by the direct map; the instructions write 10 (sidt/sgdt) or
+    // 512 (fxsave) bytes there and nothing else.
+    unsafe {
+        match mode {
+            "sidt-zone" => core::arch::asm!("sidt [{}]", in(reg) at, options(nostack, preserves_flags)),
+            "sgdt-zone" => core::arch::asm!("sgdt [{}]", in(reg) at, options(nostack, preserves_flags)),
+            _ => core::arch::asm!("fxsave64 [{}]", in(reg) at, options(nostack, preserves_flags)),
+        }
+    }
+    kprintln!("{}: the store completed", mode);
+    arch::exit(guest_abi::ports::EXIT_SUCCESS)
 }
