@@ -133,7 +133,7 @@ mod shadow_warning_tests {
         // No root yet: every fault is refused, ten times the warning bound.
         for i in 0..10 * MAX_WARNINGS {
             let r = sh.fault(&mut ram, &mut pool, 0x1000 * i, 0, mode);
-            assert_eq!(r, guest_abi::hypercall::ERR_UNAVAILABLE);
+            assert_eq!(r, Ok(guest_abi::hypercall::ERR_UNAVAILABLE));
         }
         assert_eq!(sh.warnings.seen, 10 * MAX_WARNINGS);
         assert_eq!(sh.warnings.suppressed(), 9 * MAX_WARNINGS);
