@@ -18,5 +18,5 @@
 pub mod mmu;
 pub mod walker;
 
-pub use mmu::{FaultOutcome, ShadowError, ShadowMmu, ShadowStats};
+pub use mmu::{FaultOutcome, ShadowError, ShadowMmu, ShadowStats, TableFrames};
 pub use walker::{Access, GuestPhys, PageFault, PagingMode, Translation, walk};
