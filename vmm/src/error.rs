@@ -114,6 +114,8 @@ pub enum Error {
     GuestHalted { rip: u64 },
     #[error("timeout: the guest was still running after {}", crate::size::format_duration(*.0))]
     Timeout(std::time::Duration),
+    #[error("{0} (rip={1:#x})")]
+    ShadowMmu(shadow::ShadowError, u64),
 
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -129,7 +131,8 @@ impl Error {
             | InternalError { .. }
             | FailEntry(_)
             | UnexpectedExit { .. }
-            | GuestHalted { .. } => exit_code::GUEST_CRASH,
+            | GuestHalted { .. }
+            | ShadowMmu(..) => exit_code::GUEST_CRASH,
             Timeout(_) => exit_code::TIMEOUT,
             _ => exit_code::SETUP,
         }

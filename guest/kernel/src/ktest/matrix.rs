@@ -129,7 +129,8 @@ fn set_wp(on: bool) -> u64 {
     }
 }
 
-fn set_nxe(on: bool) {
+/// Set EFER.NXE; returns the new EFER.
+fn set_nxe(on: bool) -> u64 {
     // SAFETY: toggles EFER.NXE only (MSR 0xC0000080); no live mapping of
     // the kernel uses XD while it is clear (see mm.rs).
     unsafe {
@@ -142,14 +143,16 @@ fn set_nxe(on: bool) {
             v &= !(1 << 11)
         }
         core::arch::asm!("wrmsr", in("ecx") 0xc000_0080u32, in("eax") v as u32, in("edx") (v >> 32) as u32);
+        v
     }
 }
 
 /// Tell the VMM the paging controls changed (shadow mode re-reads them,
-/// with our CR0: the vCPU's own CR0.WP stays set in shadow mode).
-fn controls_changed(cr0: u64) {
+/// with our CR0 and EFER: the vCPU's own CR0.WP and EFER.NXE stay set in
+/// shadow mode, so reading them back would not tell).
+fn controls_changed(cr0: u64, efer: u64) {
     if mmu::is_shadow() {
-        hypercall::call(guest_abi::hypercall::FLUSH_TLB, cr0, 0, 0, 0);
+        hypercall::call(guest_abi::hypercall::FLUSH_TLB, cr0, efer, 0, 0);
     }
     mmu::load_cr3(mmu::read_cr3());
 }
@@ -226,10 +229,10 @@ pub fn run() -> Result<usize, &'static str> {
         case += 1;
     };
     for nxe in [true, false] {
-        set_nxe(nxe);
+        let efer = set_nxe(nxe);
         for wp in [true, false] {
             let cr0 = set_wp(wp);
-            controls_changed(cr0);
+            controls_changed(cr0, efer);
             for pde_combo in 0..4u64 {
                 let pde = pde_base | 1 | ((pde_combo & 1) << 1) | ((pde_combo >> 1) << 2);
                 for pte_combo in 0..128u64 {
@@ -276,9 +279,9 @@ pub fn run() -> Result<usize, &'static str> {
             }
         }
     }
-    set_nxe(true);
+    let efer = set_nxe(true);
     let cr0 = set_wp(true);
-    controls_changed(cr0);
+    controls_changed(cr0, efer);
     // Restore a sane target mapping so the address space tears down cleanly.
     mem.write_u64(pde_at, pde_base | 0x27);
     mem.write_u64(pte_at, 0);
