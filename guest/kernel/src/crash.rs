@@ -11,6 +11,7 @@
 //! | `hang` | an endless loop | `--timeout` ends it |
 //! | `hypercall` | nonsense hypercalls | each gets an error result; the guest checks them and succeeds |
 //! | `storm` | random hypercalls and random page-table writes | survive (shadow mode: every write traps) |
+//! | `livelock` | the same `SHADOW_FAULT` twice with nothing changed | shadow mode: a one-line livelock error, exit 4 (ept mode: both refused, the guest fails) |
 
 use crate::{arch, console, hypercall, kprintln};
 use guest_abi::hypercall as hc;
@@ -48,6 +49,15 @@ pub fn run(mode: &str) {
         "storm" => {
             storm();
             return;
+        }
+        "livelock" => {
+            // A fault on a mapped kernel address, reported twice in a row as
+            // if the vCPU kept faulting after the VMM fixed it.
+            let va = run as *const () as u64;
+            for _ in 0..2 {
+                let r = hypercall::call(hc::SHADOW_FAULT, va, 0, 0, 0);
+                kprintln!("SHADOW_FAULT answered {:#x}", r);
+            }
         }
         _ => {
             kprintln!("unknown crash mode \"{}\"", mode);
