@@ -336,7 +336,9 @@ impl ShadowMmu {
     /// frames whose writes trap. Everything derived so far is zapped.
     pub fn set_table_frames(&mut self, pool: &mut impl GuestPhys, tables: TableFrames) {
         self.tables = tables;
-        self.zap_all(pool);
+        if self.stats.pages_in_use > 0 || self.current.is_some() {
+            self.zap_all(pool);
+        }
         self.last_fixed = None;
     }
 

@@ -355,3 +355,44 @@ impl ShadowState {
         self.times.pte_write += t.elapsed();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(cpu: GuestCpu) -> ShadowState {
+        let slot =
+            SlotSpec { slot: 3, gpa: 2 << 30, len: 64 << 12, readonly: false, kind: ept::RegionKind::ShadowPool };
+        ShadowState::new(slot, 0, Coherence::ReloadCr3, cpu, TableFrames::ALL)
+    }
+
+    #[test]
+    fn guest_cpu_comes_from_the_cpuid_the_guest_was_given() {
+        // This host's KVM_GET_SUPPORTED_CPUID: NX, no 1 GiB pages, 48 bits.
+        let cpu = GuestCpu::from_cpuid([(0x8000_0001, 0, 0x23d3_fbff), (0x8000_0008, 0x3030, 0)].into_iter());
+        assert_eq!(cpu, GuestCpu { maxphyaddr: 48, nx: true, pdpe1gb: false });
+        let cpu = GuestCpu::from_cpuid([(0x8000_0001, 0, 1 << 26)].into_iter());
+        assert_eq!(cpu, GuestCpu { maxphyaddr: 36, nx: false, pdpe1gb: true });
+    }
+
+    #[test]
+    fn the_vcpu_runs_with_wp_and_nxe_while_the_guest_keeps_its_own() {
+        let mut sh = state(GuestCpu { maxphyaddr: 48, nx: true, pdpe1gb: false });
+        let guest = kvm_bindings::kvm_sregs { cr0: 0x8000_0011, efer: 0x500, ..Default::default() }; // WP = 0, NXE = 0
+        let vcpu = sh.vcpu_sregs(guest);
+        assert_eq!((vcpu.cr0 & CR0_WP, vcpu.efer & EFER_NXE), (CR0_WP, EFER_NXE));
+        // The guest cleared NXE with wrmsr: noticed once, then it is the guest's.
+        assert!(sh.note_vcpu_efer(guest.efer));
+        assert!(!sh.note_vcpu_efer(vcpu.efer));
+        let mode = sh.guest_mode(&vcpu, 0);
+        assert!(!mode.nxe && !mode.pdpe1gb && mode.maxphyaddr == 48);
+        // FLUSH_TLB(cr0, efer) reports both.
+        sh.note_guest_controls(guest.cr0, guest.efer | EFER_NXE);
+        let mode = sh.guest_mode(&vcpu, 0);
+        assert!(mode.nxe && !mode.wp);
+        // Without NX in the guest's CPUID nothing is forced.
+        let sh = state(GuestCpu { maxphyaddr: 48, nx: false, pdpe1gb: true });
+        assert_eq!(sh.vcpu_sregs(guest).efer & EFER_NXE, 0);
+        assert!(sh.guest_mode(&guest, 0).pdpe1gb);
+    }
+}

@@ -170,3 +170,41 @@ pub fn pdpte_ps_follows_the_cpuid() -> TestResult {
     leave_user()?;
     r
 }
+
+fn read_efer() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: reading EFER (MSR 0xC0000080) has no side effects; ring 0.
+    unsafe { core::arch::asm!("rdmsr", in("ecx") 0xc000_0080u32, out("eax") lo, out("edx") hi) };
+    (hi as u64) << 32 | lo as u64
+}
+
+fn write_efer(v: u64) {
+    // SAFETY: toggles EFER.NXE only; no live kernel mapping uses XD while it
+    // is clear (see mm.rs), and the caller restores it.
+    unsafe { core::arch::asm!("wrmsr", in("ecx") 0xc000_0080u32, in("eax") v as u32, in("edx") (v >> 32) as u32) };
+}
+
+/// Issue 11, item 3: shadow mode runs the vCPU with EFER.NXE = 1 whatever
+/// the guest sets, so that a fetch fault's error code always says "fetch"
+/// (with NXE = 0 and SMEP = 0 it would look like a read). The guest's own
+/// NXE still governs its walks (the access matrix's NXE = 0 blocks are
+/// identical in both modes); what it reads back from EFER is the
+/// documented difference.
+pub fn efer_nxe_is_forced_in_shadow_mode() -> TestResult {
+    const NXE: u64 = 1 << 11;
+    let efer = read_efer();
+    check(efer & NXE != 0, "EFER.NXE is clear at boot")?;
+    write_efer(efer & !NXE);
+    if arch::mmu::is_shadow() {
+        // The VMM notices the cleared NXE at the next exit and sets it again.
+        hypercall::call(hc::FLUSH_TLB, 0, efer & !NXE, 0, 0);
+    }
+    let seen = read_efer();
+    write_efer(efer);
+    if arch::mmu::is_shadow() {
+        hypercall::call(hc::FLUSH_TLB, 0, efer, 0, 0);
+        check(seen & NXE != 0, "shadow mode let the vCPU run with EFER.NXE = 0")
+    } else {
+        check(seen & NXE == 0, "EFER.NXE did not clear")
+    }
+}

@@ -33,6 +33,7 @@ pub static ALL: &[TestCase] = &[
     TestCase { name: "exact::tables_outside_the_zone_never_go_stale", run: exact::tables_outside_the_zone },
     TestCase { name: "exact::load_cr3_outside_the_zone_is_refused", run: exact::load_cr3_outside_the_zone },
     TestCase { name: "exact::pdpte_ps_follows_the_cpuid", run: exact::pdpte_ps_follows_the_cpuid },
+    TestCase { name: "exact::efer_nxe_is_forced_in_shadow_mode", run: exact::efer_nxe_is_forced_in_shadow_mode },
     TestCase { name: "meta::fails_when_asked", run: fails_when_asked },
 ];
 
