@@ -61,7 +61,9 @@
 //!    not do what the walk promised: the one known cause, an *implicit*
 //!    supervisor access with CR4.SMAP and RFLAGS.AC = 1 (the error code does
 //!    not say "implicit"; SDM vol. 3 §4.6.1 says it faults whatever AC is),
-//!    becomes the guest's own `#PF`; anything else is
+//!    becomes the guest's own `#PF` (the first walk, answered "fixed",
+//!    already set the entries' A bits, which the model of hardware here —
+//!    KVM's walker — leaves alone on a faulting access); anything else is
 //!    [`ShadowError::Livelock`], never an endless loop.
 //!
 //! # Paging controls (SDM vol. 3 §4.6 "Access rights", §4.7 "Page-fault exceptions")
@@ -78,8 +80,7 @@
 //!
 //! - **CR0.WP = 0** is emulated per fault, as KVM does: a supervisor write
 //!   to a read-only page gets a writable, supervisor-only leaf (a later
-//!   user access or supervisor read refaults and gets the ordinary
-//!   read-only user leaf back). With CR4.SMEP that leaf also gets XD: the
+//!   user access refaults and gets the ordinary read-only user leaf back). With CR4.SMEP that leaf also gets XD: the
 //!   page is a user page to the guest, and §4.6.1 forbids supervisor
 //!   fetches from it (`#PF` 0x11), which the now-supervisor leaf would let
 //!   through.
