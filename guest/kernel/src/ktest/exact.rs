@@ -203,8 +203,30 @@ pub fn efer_nxe_is_forced_in_shadow_mode() -> TestResult {
     write_efer(efer);
     if arch::mmu::is_shadow() {
         hypercall::call(hc::FLUSH_TLB, 0, efer, 0, 0);
-        check(seen & NXE != 0, "shadow mode let the vCPU run with EFER.NXE = 0")
+    }
+    // Cleared without telling the VMM: the next page fault's exit tells it
+    // (and that fault is retried with NXE = 1, so its error code is exact).
+    enter_user(0)?;
+    // A page whose PTE has no A bit (and no XD, reserved with NXE = 0):
+    // shadow mode must take a hidden fault on it.
+    let (_, pde_at) = map_user_base(7)?;
+    let pte_at = Gpa((read_phys(pde_at)? & ADDR) + ((USER_BASE >> 12) & 0x1ff) * 8);
+    write_phys(pte_at, read_phys(pte_at)? & !A)?;
+    arch::mmu::invlpg(USER_BASE);
+    write_efer(efer & !NXE);
+    // SAFETY: mapped just above.
+    let v = unsafe { user_ptr(0).read_volatile() };
+    let seen_after_fault = read_efer();
+    write_efer(efer);
+    if arch::mmu::is_shadow() {
+        hypercall::call(hc::FLUSH_TLB, 0, efer, 0, 0);
+    }
+    leave_user()?;
+    check(v == 7, "the page read back wrong")?;
+    if arch::mmu::is_shadow() {
+        check(seen & NXE != 0, "shadow mode let the vCPU run with EFER.NXE = 0")?;
+        check(seen_after_fault & NXE != 0, "shadow mode did not notice EFER.NXE cleared at a page fault")
     } else {
-        check(seen & NXE == 0, "EFER.NXE did not clear")
+        check(seen & NXE == 0 && seen_after_fault & NXE == 0, "EFER.NXE did not clear")
     }
 }
