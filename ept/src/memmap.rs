@@ -10,9 +10,12 @@
 //! - regions are sorted, page-aligned (to the backing's page size for RAM)
 //!   and do not overlap;
 //! - the page-table zone lies inside RAM;
-//! - RAM is always three slots (below the zone, the zone, above it) in both
-//!   modes, so the MMU mode is the only variable; only the zone's read-only
-//!   flag differs (set in shadow mode so every guest page-table write exits);
+//! - RAM is three slots (below the zone, the zone, above it) in both modes,
+//!   so the MMU mode is the only variable; only the zone's read-only flag
+//!   differs (set in shadow mode so every guest page-table write exits) —
+//!   and, in shadow mode, the VMM's boot page tables
+//!   ([`MemoryMapConfig::boot_tables`]) below the zone are a read-only slot
+//!   of their own, for the same reason;
 //! - the shadow pool, when present, lies above RAM after a reserved gap and
 //!   is not part of guest RAM: hypercalls and the guest's memory map never
 //!   name it;
