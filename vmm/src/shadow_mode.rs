@@ -14,8 +14,8 @@
 //!   whatever the guest set, as KVM does under shadow paging; the guest's
 //!   own WP comes with `FLUSH_TLB(cr0, efer)`, its own NXE with
 //!   `FLUSH_TLB` or, when it clears NXE with `wrmsr`, from the vCPU's EFER
-//!   at the next exit ([`ShadowState::note_vcpu_efer`]). 1 GiB pages and
-//!   MAXPHYADDR follow the CPUID the guest was given.
+//!   at the next shadow hypercall ([`ShadowState::note_vcpu_efer`]). 1 GiB
+//!   pages and MAXPHYADDR follow the CPUID the guest was given.
 //! - **Only trapped tables** (`shadow::mmu` invariant 6): the page-table
 //!   zone and the VMM's boot tables (a read-only slot of their own in
 //!   shadow mode) may hold guest paging structures; `LOAD_CR3` of a root

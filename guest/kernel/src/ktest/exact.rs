@@ -196,7 +196,7 @@ pub fn efer_nxe_is_forced_in_shadow_mode() -> TestResult {
     check(efer & NXE != 0, "EFER.NXE is clear at boot")?;
     write_efer(efer & !NXE);
     if arch::mmu::is_shadow() {
-        // The VMM notices the cleared NXE at the next exit and sets it again.
+        // The VMM notices the cleared NXE at this hypercall and sets it again.
         hypercall::call(hc::FLUSH_TLB, 0, efer & !NXE, 0, 0);
     }
     let seen = read_efer();
