@@ -319,5 +319,5 @@ fn exactness_tests_pass_in_both_modes_with_a_gib_of_ram() {
     let o = run(&["test", "--mmu", "both", "--memory", "1088M", "--filter", "exact::", "--timeout", "300s"]);
     assert_exit(&o, 0);
     let out = stdout(&o);
-    assert!(out.contains("ept: 4 passed, 0 failed") && out.contains("shadow: 4 passed, 0 failed"), "{out}");
+    assert!(out.contains("ept: 5 passed, 0 failed") && out.contains("shadow: 5 passed, 0 failed"), "{out}");
 }

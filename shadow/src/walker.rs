@@ -8,10 +8,13 @@
 //! - **Reserved bits.** In a present entry: physical-address bits at or
 //!   above MAXPHYADDR (up to bit 51; MAXPHYADDR is CPUID 0x80000008
 //!   EAX[7:0] of the guest's CPUID); bit 63 (XD) when EFER.NXE = 0; PS in
-//!   a PML4 entry; PS in a PDPT entry when the guest's CPUID has no 1 GiB
-//!   pages (CPUID 0x80000001 EDX bit 26, SDM vol. 3 §4.5, table 4-15); in a
-//!   1 GiB PDPT leaf the address bits 29:13, in a 2 MiB PD leaf bits 20:13.
-//!   The walk stops there: `#PF` with P = 1, RSVD = 1.
+//!   a PML4 entry, and bit 8 too on an AMD CPU (AMD APM vol. 2 §5.3.3,
+//!   figure 5-18; KVM's `__reset_rsvds_bits_mask`, `nonleaf_bit8_rsvd`:
+//!   the guest's CPUID vendor decides); PS in a PDPT entry when the
+//!   guest's CPUID has no 1 GiB pages (CPUID 0x80000001 EDX bit 26, SDM
+//!   vol. 3 §4.5, table 4-15); in a 1 GiB PDPT leaf the address bits
+//!   29:13, in a 2 MiB PD leaf bits 20:13. The walk stops there: `#PF`
+//!   with P = 1, RSVD = 1.
 //! - **Outside RAM.** A table or page that does not lie in guest RAM (the
 //!   caller's [`GuestPhys::is_ram`]) is treated like a reserved bit: shadow
 //!   mode must never build a translation to the shadow pool or to anything
@@ -106,11 +109,23 @@ pub struct PagingMode {
     /// 1 GiB pages (CPUID 0x80000001 EDX bit 26): without them PS in a
     /// PDPT entry is a reserved bit.
     pub pdpe1gb: bool,
+    /// An AMD (or Hygon) CPU by the guest's CPUID vendor: bit 8 of a PML4
+    /// entry is then reserved.
+    pub amd: bool,
 }
 
 impl Default for PagingMode {
     fn default() -> Self {
-        PagingMode { wp: true, nxe: true, smep: false, smap: false, ac: false, maxphyaddr: 46, pdpe1gb: true }
+        PagingMode {
+            wp: true,
+            nxe: true,
+            smep: false,
+            smap: false,
+            ac: false,
+            maxphyaddr: 46,
+            pdpe1gb: true,
+            amd: false,
+        }
     }
 }
 
@@ -178,7 +193,7 @@ pub fn reserved_mask(mode: &PagingMode, level: u8, entry: u64) -> u64 {
     }
     let ps = entry & PS != 0;
     match level {
-        4 => mask |= PS,
+        4 => mask |= PS | if mode.amd { 1 << 8 } else { 0 },
         3 if ps && !mode.pdpe1gb => mask |= PS,
         3 if ps => mask |= 0x3fff_e000, // bits 29:13
         2 if ps => mask |= 0x001f_e000, // bits 20:13

@@ -80,14 +80,23 @@ pub struct GuestCpu {
     pub nx: bool,
     /// 1 GiB pages (0x80000001 EDX bit 26).
     pub pdpe1gb: bool,
+    /// The vendor is AMD or Hygon (leaf 0): PML4E bit 8 is reserved.
+    pub amd: bool,
 }
 
 impl GuestCpu {
-    /// The facts from CPUID entries `(function, eax, edx)`.
-    pub fn from_cpuid(entries: impl Iterator<Item = (u32, u32, u32)>) -> GuestCpu {
-        let mut cpu = GuestCpu { maxphyaddr: 36, nx: false, pdpe1gb: false };
-        for (function, eax, edx) in entries {
+    /// The facts from CPUID entries `(function, eax, ebx, ecx, edx)`.
+    pub fn from_cpuid(entries: impl Iterator<Item = (u32, u32, u32, u32, u32)>) -> GuestCpu {
+        let mut cpu = GuestCpu { maxphyaddr: 36, nx: false, pdpe1gb: false, amd: false };
+        for (function, eax, ebx, ecx, edx) in entries {
             match function {
+                0 => {
+                    let mut vendor = [0u8; 12];
+                    vendor[..4].copy_from_slice(&ebx.to_le_bytes());
+                    vendor[4..8].copy_from_slice(&edx.to_le_bytes());
+                    vendor[8..].copy_from_slice(&ecx.to_le_bytes());
+                    cpu.amd = &vendor == b"AuthenticAMD" || &vendor == b"HygonGenuine";
+                }
                 0x8000_0001 => {
                     cpu.nx = edx & (1 << 20) != 0;
                     cpu.pdpe1gb = edx & (1 << 26) != 0;
@@ -204,6 +213,8 @@ pub struct ShadowState {
     pub force_nx: bool,
     /// 1 GiB pages in the guest's CPUID (0x80000001 EDX bit 26).
     pub pdpe1gb: bool,
+    /// An AMD vendor in the guest's CPUID.
+    pub amd: bool,
     pool_pages: u32,
 }
 
@@ -216,6 +227,7 @@ impl ShadowState {
             wp: self.guest_wp,
             nxe: if self.force_nx { self.guest_nxe } else { vcpu.nxe },
             pdpe1gb: self.pdpe1gb,
+            amd: self.amd,
             ..vcpu
         }
     }
@@ -268,8 +280,9 @@ pub fn paging_mode(sregs: &kvm_bindings::kvm_sregs, rflags: u64, maxphyaddr: u8)
         smap: sregs.cr4 & (1 << 21) != 0,
         ac: rflags & (1 << 18) != 0,
         maxphyaddr,
-        // Not a register: the caller sets it from the guest's CPUID.
+        // Not registers: the caller sets them from the guest's CPUID.
         pdpe1gb: true,
+        amd: false,
     }
 }
 
@@ -284,7 +297,8 @@ impl ShadowState {
         tables: TableFrames,
     ) -> ShadowState {
         let pages = (pool_slot.len / 4096) as u32;
-        let mode = PagingMode { maxphyaddr: cpu.maxphyaddr, pdpe1gb: cpu.pdpe1gb, ..PagingMode::default() };
+        let mode =
+            PagingMode { maxphyaddr: cpu.maxphyaddr, pdpe1gb: cpu.pdpe1gb, amd: cpu.amd, ..PagingMode::default() };
         let mut mmu = ShadowMmu::new(pool_slot.gpa, pages, mode);
         mmu.set_table_frames(&mut NoPool, tables);
         ShadowState {
@@ -298,6 +312,7 @@ impl ShadowState {
             guest_nxe: true,
             force_nx: cpu.nx,
             pdpe1gb: cpu.pdpe1gb,
+            amd: cpu.amd,
             pool_pages: pages,
         }
     }
@@ -369,15 +384,19 @@ mod tests {
     #[test]
     fn guest_cpu_comes_from_the_cpuid_the_guest_was_given() {
         // This host's KVM_GET_SUPPORTED_CPUID: NX, no 1 GiB pages, 48 bits.
-        let cpu = GuestCpu::from_cpuid([(0x8000_0001, 0, 0x23d3_fbff), (0x8000_0008, 0x3030, 0)].into_iter());
-        assert_eq!(cpu, GuestCpu { maxphyaddr: 48, nx: true, pdpe1gb: false });
-        let cpu = GuestCpu::from_cpuid([(0x8000_0001, 0, 1 << 26)].into_iter());
-        assert_eq!(cpu, GuestCpu { maxphyaddr: 36, nx: false, pdpe1gb: true });
+        let amd = (0, 0x10, 0x6874_7541, 0x444d_4163, 0x6974_6e65); // "AuthenticAMD"
+        let cpu = GuestCpu::from_cpuid(
+            [amd, (0x8000_0001, 0, 0, 0, 0x23d3_fbff), (0x8000_0008, 0x3030, 0, 0, 0)].into_iter(),
+        );
+        assert_eq!(cpu, GuestCpu { maxphyaddr: 48, nx: true, pdpe1gb: false, amd: true });
+        let intel = (0, 0x16, 0x756e_6547, 0x6c65_746e, 0x4965_6e69); // "GenuineIntel"
+        let cpu = GuestCpu::from_cpuid([intel, (0x8000_0001, 0, 0, 0, 1 << 26)].into_iter());
+        assert_eq!(cpu, GuestCpu { maxphyaddr: 36, nx: false, pdpe1gb: true, amd: false });
     }
 
     #[test]
     fn the_vcpu_runs_with_wp_and_nxe_while_the_guest_keeps_its_own() {
-        let mut sh = state(GuestCpu { maxphyaddr: 48, nx: true, pdpe1gb: false });
+        let mut sh = state(GuestCpu { maxphyaddr: 48, nx: true, pdpe1gb: false, amd: false });
         let guest = kvm_bindings::kvm_sregs { cr0: 0x8000_0011, efer: 0x500, ..Default::default() }; // WP = 0, NXE = 0
         let vcpu = sh.vcpu_sregs(guest);
         assert_eq!((vcpu.cr0 & CR0_WP, vcpu.efer & EFER_NXE), (CR0_WP, EFER_NXE));
@@ -391,7 +410,7 @@ mod tests {
         let mode = sh.guest_mode(&vcpu, 0);
         assert!(mode.nxe && !mode.wp);
         // Without NX in the guest's CPUID nothing is forced.
-        let sh = state(GuestCpu { maxphyaddr: 48, nx: false, pdpe1gb: true });
+        let sh = state(GuestCpu { maxphyaddr: 48, nx: false, pdpe1gb: true, amd: false });
         assert_eq!(sh.vcpu_sregs(guest).efer & EFER_NXE, 0);
         assert!(sh.guest_mode(&guest, 0).pdpe1gb);
     }

@@ -231,7 +231,7 @@ impl Vm {
             vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
         }
 
-        let cpu = GuestCpu::from_cpuid(cpuid.as_slice().iter().map(|e| (e.function, e.eax, e.edx)));
+        let cpu = GuestCpu::from_cpuid(cpuid.as_slice().iter().map(|e| (e.function, e.eax, e.ebx, e.ecx, e.edx)));
         let shadow = match map.shadow_pool() {
             Some(pool) => {
                 let slot = *map.slot_of(pool.start).expect("the pool has a slot");
@@ -289,7 +289,11 @@ impl Vm {
         let rflags = self.vcpu.sync_regs().regs.rflags;
         Ok(match &self.shadow {
             Some(sh) => sh.guest_mode(&sregs, rflags),
-            None => PagingMode { pdpe1gb: self.cpu.pdpe1gb, ..paging_mode(&sregs, rflags, self.cpu.maxphyaddr) },
+            None => PagingMode {
+                pdpe1gb: self.cpu.pdpe1gb,
+                amd: self.cpu.amd,
+                ..paging_mode(&sregs, rflags, self.cpu.maxphyaddr)
+            },
         })
     }
 

@@ -193,6 +193,23 @@ fn ps_in_a_pdpte_is_reserved_without_1g_pages() {
     assert_eq!((f.error_code, f.level), (pf::P | pf::RSVD, 3));
 }
 
+/// On an AMD CPU bit 8 of a PML4 entry is reserved (it is ignored on
+/// Intel): found by `tests/walker_vs_kvm.rs` on an AMD host, where KVM
+/// answered "not mapped" for a PML4E with bit 8 set.
+#[test]
+fn pml4e_bit_8_is_reserved_on_amd_only() {
+    let mut m = four_k(P | RW | US, P | RW | US);
+    m.set(0x1000, 0x2000 | P | RW | US | (1 << 8));
+    assert!(walk(&mut m, CR3, VA, R, &PagingMode::default()).is_ok());
+    let amd = PagingMode { amd: true, ..Default::default() };
+    let f = walk(&mut m, CR3, VA, R, &amd).unwrap_err();
+    assert_eq!((f.error_code, f.level), (pf::P | pf::RSVD, 4));
+    // Bit 8 lower down stays ignored.
+    let mut m = four_k(P | RW | US | (1 << 8), P | RW | US);
+    m.set(0x1000, 0x2000 | P | RW | US);
+    assert!(walk(&mut m, CR3, VA, R, &amd).is_ok());
+}
+
 /// Issue 11, item 6, the documented difference: a large page only partly in
 /// RAM (a 1 GiB page at 0 in a 64 MiB guest) faults as a whole, with RSVD.
 #[test]
@@ -265,6 +282,8 @@ fn reference(mem: &Mem, cr3: u64, va: u64, acc: Access, mode: &PagingMode) -> Re
         }
         bad |= !mode.nxe && e & (1 << 63) != 0;
         bad |= level == 4 && e & (1 << 7) != 0;
+        // AMD APM vol. 2 figure 5-18: PML4E bit 8 is reserved on AMD CPUs.
+        bad |= level == 4 && e & (1 << 8) != 0 && mode.amd;
         // SDM vol. 3 §4.5, table 4-15: PS in a PDPTE is reserved without
         // 1 GiB-page support (CPUID 0x80000001 EDX[26]).
         bad |= level == 3 && e & (1 << 7) != 0 && !mode.pdpe1gb;
@@ -345,7 +364,7 @@ fn entry_strategy() -> impl Strategy<Value = u64> {
 }
 
 fn mode_strategy() -> impl Strategy<Value = PagingMode> {
-    (any::<[bool; 6]>(), prop_oneof![Just(36u8), Just(40), Just(46), Just(52)]).prop_map(|(b, m)| PagingMode {
+    (any::<[bool; 7]>(), prop_oneof![Just(36u8), Just(40), Just(46), Just(52)]).prop_map(|(b, m)| PagingMode {
         wp: b[0],
         nxe: b[1],
         smep: b[2],
@@ -353,6 +372,7 @@ fn mode_strategy() -> impl Strategy<Value = PagingMode> {
         ac: b[4],
         maxphyaddr: m,
         pdpe1gb: b[5],
+        amd: b[6],
     })
 }
 

@@ -31,8 +31,13 @@ const PS: u64 = 1 << 7;
 /// Map [`USER_BASE`] to a fresh frame holding `value`; returns the GPAs of
 /// its PDPTE and PDE.
 fn map_user_base(value: u64) -> Result<(Gpa, Gpa), &'static str> {
+    map_user_base_at(value).map(|(_, pdpte, pde)| (pdpte, pde))
+}
+
+/// As [`map_user_base`], with the PML4E's GPA first.
+fn map_user_base_at(value: u64) -> Result<(Gpa, Gpa, Gpa), &'static str> {
     mm::with(|m| {
-        m.ctx(|cx, _, user| -> Result<(Gpa, Gpa), &'static str> {
+        m.ctx(|cx, _, user| -> Result<(Gpa, Gpa, Gpa), &'static str> {
             let a = user.as_mut().ok_or("no user space")?;
             let f = cx.frames.alloc_frame().ok_or("out of memory")?.addr();
             cx.mem.write_u64(f, value);
@@ -41,10 +46,10 @@ fn map_user_base(value: u64) -> Result<(Gpa, Gpa), &'static str> {
             let flags = PteFlags::WRITABLE | PteFlags::USER | PteFlags::ACCESSED | PteFlags::DIRTY | PteFlags::ANON;
             a.page_table_mut().map(cx.mem, &mut cx.frames, page, frame, flags).map_err(|e| e.as_str())?;
             let idx = |lvl: u32| (USER_BASE >> (12 + 9 * (lvl - 1))) & 0x1ff;
-            let root = a.page_table().root().addr().0;
-            let pdpte = Gpa((cx.mem.read_u64(Gpa(root + idx(4) * 8)) & ADDR) + idx(3) * 8);
+            let pml4e = Gpa(a.page_table().root().addr().0 + idx(4) * 8);
+            let pdpte = Gpa((cx.mem.read_u64(pml4e) & ADDR) + idx(3) * 8);
             let pde = Gpa((cx.mem.read_u64(pdpte) & ADDR) + idx(2) * 8);
-            Ok((pdpte, pde))
+            Ok((pml4e, pdpte, pde))
         })
     })
     .ok_or("memory manager not initialised")?
@@ -229,4 +234,35 @@ pub fn efer_nxe_is_forced_in_shadow_mode() -> TestResult {
     } else {
         check(seen & NXE == 0 && seen_after_fault & NXE == 0, "EFER.NXE did not clear")
     }
+}
+
+/// Whether the CPU the VMM gave us is an AMD (or Hygon) one (CPUID 0).
+fn is_amd() -> bool {
+    // SAFETY: as in `has_1g_pages`.
+    #[allow(unused_unsafe)]
+    let r = unsafe { core::arch::x86_64::__cpuid(0) };
+    let v = |x: u32| x.to_le_bytes();
+    let (b, d, c) = (v(r.ebx), v(r.edx), v(r.ecx));
+    let vendor = [b[0], b[1], b[2], b[3], d[0], d[1], d[2], d[3], c[0], c[1], c[2], c[3]];
+    &vendor == b"AuthenticAMD" || &vendor == b"HygonGenuine"
+}
+
+/// Bit 8 of a PML4E is reserved on AMD CPUs and ignored on Intel ones
+/// (AMD APM vol. 2 figure 5-18): shadow mode follows the vendor of the
+/// CPUID the guest was given, as the hardware walk in ept mode does.
+pub fn pml4e_bit_8_follows_the_vendor() -> TestResult {
+    enter_user(0)?;
+    let r = (|| -> TestResult {
+        let (pml4e_at, _, _) = map_user_base_at(0xa)?;
+        let pml4e = read_phys(pml4e_at)?;
+        let (v, fault) = probe_with(pml4e_at, pml4e | 1 << 8)?;
+        check(v == 0xa, "the mapping did not read back")?;
+        if is_amd() {
+            check(fault == Some(0x9), "PML4E bit 8 did not fault with P | RSVD on an AMD CPU")
+        } else {
+            check(fault.is_none(), "PML4E bit 8 faulted on a non-AMD CPU")
+        }
+    })();
+    leave_user()?;
+    r
 }
