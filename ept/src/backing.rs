@@ -386,6 +386,7 @@ mod tests {
         MemoryMap::new(&MemoryMapConfig {
             ram_size: ram,
             pt_zone: (16 * MIB, 20 * MIB),
+            boot_tables: (0, 0),
             shadow_pool: pool,
             mmu: MmuMode::Ept,
             alignment: 2 * MIB,

@@ -10,9 +10,12 @@
 //! - regions are sorted, page-aligned (to the backing's page size for RAM)
 //!   and do not overlap;
 //! - the page-table zone lies inside RAM;
-//! - RAM is always three slots (below the zone, the zone, above it) in both
-//!   modes, so the MMU mode is the only variable; only the zone's read-only
-//!   flag differs (set in shadow mode so every guest page-table write exits);
+//! - RAM is three slots (below the zone, the zone, above it) in both modes,
+//!   so the MMU mode is the only variable; only the zone's read-only flag
+//!   differs (set in shadow mode so every guest page-table write exits) —
+//!   and, in shadow mode, the VMM's boot page tables
+//!   ([`MemoryMapConfig::boot_tables`]) below the zone are a read-only slot
+//!   of their own, for the same reason;
 //! - the shadow pool, when present, lies above RAM after a reserved gap and
 //!   is not part of guest RAM: hypercalls and the guest's memory map never
 //!   name it;
@@ -117,6 +120,10 @@ pub struct MemoryMapConfig {
     pub ram_size: u64,
     /// Page-table zone `[start, end)`.
     pub pt_zone: (u64, u64),
+    /// Page tables the VMM wrote below the zone `[start, end)` (its boot
+    /// tables; empty: none). In shadow mode they get a read-only slot of
+    /// their own, like the zone, so guest writes to them trap too.
+    pub boot_tables: (u64, u64),
     /// Shadow pool size (0: none).
     pub shadow_pool: u64,
     /// The MMU mode.
@@ -178,10 +185,32 @@ impl MemoryMap {
             return Err(MemoryMapError::ZoneOutsideRam(zs, ze));
         }
 
-        let mut regions = vec![
-            Region { start: 0, len: zs, kind: RegionKind::Ram },
-            Region { start: zs, len: ze - zs, kind: RegionKind::PageTables },
-        ];
+        let (bs, be) = c.boot_tables;
+        let mut regions = if c.mmu == MmuMode::Shadow && bs < be {
+            check_align("the boot page tables", bs, be, PAGE_SIZE)?;
+            if be > zs {
+                return Err(MemoryMapError::Overlap {
+                    a: "boot page tables",
+                    a_start: bs,
+                    a_end: be,
+                    b: RegionKind::PageTables.name(),
+                    b_start: zs,
+                    b_end: ze,
+                });
+            }
+            let mut r = Vec::new();
+            if bs > 0 {
+                r.push(Region { start: 0, len: bs, kind: RegionKind::Ram });
+            }
+            r.push(Region { start: bs, len: be - bs, kind: RegionKind::PageTables });
+            if be < zs {
+                r.push(Region { start: be, len: zs - be, kind: RegionKind::Ram });
+            }
+            r
+        } else {
+            vec![Region { start: 0, len: zs, kind: RegionKind::Ram }]
+        };
+        regions.push(Region { start: zs, len: ze - zs, kind: RegionKind::PageTables });
         if c.ram_size > ze {
             regions.push(Region { start: ze, len: c.ram_size - ze, kind: RegionKind::Ram });
         }
@@ -254,6 +283,7 @@ mod tests {
         MemoryMapConfig {
             ram_size: 256 * MIB,
             pt_zone: (16 * MIB, 48 * MIB),
+            boot_tables: (0, 0),
             shadow_pool: 0,
             mmu,
             alignment: PAGE_SIZE,
@@ -270,6 +300,22 @@ mod tests {
         assert_eq!(m.slot_of(16 * MIB).unwrap().kind, RegionKind::PageTables);
         assert_eq!(m.slot_of(48 * MIB).unwrap().kind, RegionKind::Ram);
         assert!(m.slot_of(256 * MIB).is_none());
+    }
+
+    #[test]
+    fn shadow_mode_traps_the_boot_tables_with_a_read_only_slot_of_their_own() {
+        let c = MemoryMapConfig { shadow_pool: 16 * MIB, boot_tables: (0x9000, 0xd000), ..config(MmuMode::Shadow) };
+        let m = MemoryMap::new(&c).unwrap();
+        let boot = m.slot_of(0xa000).unwrap();
+        assert!(boot.readonly && boot.kind == RegionKind::PageTables);
+        assert_eq!((boot.gpa, boot.len), (0x9000, 0x4000));
+        assert!(!m.slot_of(0x8000).unwrap().readonly);
+        assert!(!m.slot_of(0xd000).unwrap().readonly);
+        assert_eq!(m.slots.iter().filter(|s| s.readonly).count(), 2);
+        assert_eq!(m.slots.iter().filter(|s| s.kind != RegionKind::ShadowPool).map(|s| s.len).sum::<u64>(), 256 * MIB);
+        // In ept mode nothing changes.
+        let m = MemoryMap::new(&MemoryMapConfig { mmu: MmuMode::Ept, shadow_pool: 0, ..c }).unwrap();
+        assert_eq!(m.slots.len(), 3);
     }
 
     #[test]

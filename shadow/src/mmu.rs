@@ -48,6 +48,50 @@
 //! 5. **Pool exhaustion** zaps everything (all roots included) and
 //!    rebuilds the current root: correct, counted, and rare.
 //!
+//! 6. **Only trapped tables are shadowed.** A guest paging structure must
+//!    lie in a frame whose writes trap ([`ShadowMmu::set_table_frames`]:
+//!    the page-table zone and the VMM's boot tables); a root outside is
+//!    refused ([`ShadowError::RootNotTrapped`]) and an entry pointing at a
+//!    table outside is treated like a reserved bit (`#PF` with RSVD), so no
+//!    shadow is ever derived from a table the VMM could not keep coherent.
+//! 7. **No livelock.** A `SHADOW_FAULT` answered [`FaultOutcome::Fixed`]
+//!    promises that the retried access passes. If the very same fault
+//!    (address and error code) comes back with nothing changed in between
+//!    (no page-table write, CR3 load, flush or rule change), the shadow did
+//!    not do what the walk promised: the one known cause, an *implicit*
+//!    supervisor access with CR4.SMAP and RFLAGS.AC = 1 (the error code does
+//!    not say "implicit"; SDM vol. 3 §4.6.1 says it faults whatever AC is),
+//!    becomes the guest's own `#PF` (the first walk, answered "fixed",
+//!    already set the entries' A bits, which the model of hardware here —
+//!    KVM's walker — leaves alone on a faulting access); anything else is
+//!    [`ShadowError::Livelock`], never an endless loop.
+//!
+//! # Paging controls (SDM vol. 3 §4.6 "Access rights", §4.7 "Page-fault exceptions")
+//!
+//! The vCPU runs with CR0.WP = 1 and EFER.NXE = 1 whatever the guest set,
+//! as KVM's shadow MMU does (`Documentation/virt/kvm/x86/mmu.rst`,
+//! "Emulating cr0.wp"): WP = 1 so that read-only shadow leaves trap
+//! supervisor writes (D-bit emulation), NXE = 1 so that shadow leaves can
+//! carry XD for reasons of their own and every fetch fault's error code
+//! has I/D set (with the guest's NXE = 0 and SMEP = 0 a fetch would
+//! otherwise look like a read, and with SMAP = 1 a supervisor fetch from a
+//! user page would get a spurious fault). The guest's own controls
+//! ([`PagingMode`]) govern the walk and the error code the guest sees.
+//!
+//! - **CR0.WP = 0** is emulated per fault, as KVM does: a supervisor write
+//!   to a read-only page gets a writable, supervisor-only leaf (a later
+//!   user access refaults and gets the ordinary read-only user leaf back). With CR4.SMEP that leaf also gets XD: the
+//!   page is a user page to the guest, and §4.6.1 forbids supervisor
+//!   fetches from it (`#PF` 0x11), which the now-supervisor leaf would let
+//!   through.
+//! - **CR0.WP = 0 with CR4.SMAP**: a supervisor write to a read-only *user*
+//!   page passes only with RFLAGS.AC = 1. No shadow leaf is exact for it:
+//!   a supervisor-only leaf would let later AC = 0 and implicit supervisor
+//!   accesses through (which must fault), a user-writable one would let
+//!   user writes through, and AC changes (`stac`/`clac`/`popf`) do not
+//!   exit. Shadow mode refuses it with [`ShadowError::WpOffSmapWrite`] —
+//!   the VMM stops with a clear error — rather than be silently wrong.
+//!
 //! Guest page-table pages are never written by the VMM except for A/D
 //! bits, which the walker sets as hardware would.
 //!
@@ -227,6 +271,92 @@ pub enum ShadowError {
     /// needs of the kernel half (the hinted slots of
     /// [`ShadowMmu::set_prefill_hints`]) even when empty.
     PoolTooSmall,
+    /// The guest root is not in a frame whose writes trap (invariant 6).
+    RootNotTrapped(u64),
+    /// The same fault came back right after it was answered "fixed", with
+    /// nothing changed in between (invariant 7).
+    Livelock {
+        /// The faulting address.
+        cr2: u64,
+        /// The error code, as the vCPU reported it.
+        error_code: u32,
+    },
+    /// A supervisor write to a read-only user page with CR0.WP = 0,
+    /// CR4.SMAP = 1 and RFLAGS.AC = 1, which no shadow leaf can emulate
+    /// exactly (module doc, "Paging controls").
+    WpOffSmapWrite(u64),
+}
+
+impl std::fmt::Display for ShadowError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ShadowError::NoRoot => write!(f, "no guest CR3 loaded yet"),
+            ShadowError::PoolTooSmall => write!(f, "the shadow pool cannot hold one path"),
+            ShadowError::RootNotTrapped(r) => {
+                write!(f, "guest root {r:#x} is outside the page-table zone, so its changes would not trap")
+            }
+            ShadowError::Livelock { cr2, error_code } => write!(
+                f,
+                "shadow MMU livelock: page fault at {cr2:#x} (error code {error_code:#x}) repeated right after it was fixed, with nothing changed"
+            ),
+            ShadowError::WpOffSmapWrite(cr2) => write!(
+                f,
+                "shadow mode cannot emulate a supervisor write with CR0.WP=0, CR4.SMAP=1 and RFLAGS.AC=1 to the read-only user page at {cr2:#x}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ShadowError {}
+
+/// The guest frames that may hold paging structures (invariant 6): up to
+/// four GPA ranges, or everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableFrames {
+    ranges: [(u64, u64); 4],
+    n: usize,
+    all: bool,
+}
+
+impl TableFrames {
+    /// Every frame (no trapping restriction: host tests).
+    pub const ALL: TableFrames = TableFrames { ranges: [(0, 0); 4], n: 0, all: true };
+
+    /// The frames in `ranges` (`[start, end)` each; at most four are kept).
+    pub fn new(ranges: &[(u64, u64)]) -> TableFrames {
+        let mut t = TableFrames { ranges: [(0, 0); 4], n: 0, all: false };
+        for &r in ranges.iter().take(4) {
+            t.ranges[t.n] = r;
+            t.n += 1;
+        }
+        t
+    }
+
+    /// Whether the frame holding `gpa` may hold a table.
+    pub fn contains(&self, gpa: u64) -> bool {
+        self.all || self.ranges[..self.n].iter().any(|&(s, e)| gpa >= s && gpa < e)
+    }
+}
+
+/// Guest memory seen through [`TableFrames`]: what the walker reads.
+struct Zoned<'a, G: GuestPhys> {
+    mem: &'a mut G,
+    tables: TableFrames,
+}
+
+impl<G: GuestPhys> GuestPhys for Zoned<'_, G> {
+    fn read_u64(&self, gpa: u64) -> u64 {
+        self.mem.read_u64(gpa)
+    }
+    fn write_u64(&mut self, gpa: u64, value: u64) {
+        self.mem.write_u64(gpa, value)
+    }
+    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+        self.mem.is_ram(gpa, len)
+    }
+    fn may_hold_tables(&self, gpa: u64) -> bool {
+        self.tables.contains(gpa) && self.mem.may_hold_tables(gpa)
+    }
 }
 
 /// The shadow MMU of one vCPU.
@@ -248,6 +378,10 @@ pub struct ShadowMmu {
     /// Steps taken by the handlers (entries and list elements visited):
     /// the deterministic measure of the VMM's work, see [`ShadowMmu::work`].
     work: u64,
+    tables: TableFrames,
+    /// The last fault answered `Fixed` (address, error code), until the
+    /// guest changes anything (invariant 7).
+    last_fixed: Option<(u64, u32)>,
 }
 
 impl ShadowMmu {
@@ -268,7 +402,19 @@ impl ShadowMmu {
             stats: ShadowStats::default(),
             work: 0,
             prefill_hints: Vec::new(),
+            tables: TableFrames::ALL,
+            last_fixed: None,
         }
+    }
+
+    /// Restrict guest paging structures to `tables` (invariant 6): the
+    /// frames whose writes trap. Everything derived so far is zapped.
+    pub fn set_table_frames(&mut self, pool: &mut impl GuestPhys, tables: TableFrames) {
+        self.tables = tables;
+        if self.stats.pages_in_use > 0 || self.current.is_some() {
+            self.zap_all(pool);
+        }
+        self.last_fixed = None;
     }
 
     /// The counters.
@@ -381,6 +527,7 @@ impl ShadowMmu {
         }
         {
             self.mode = mode;
+            self.last_fixed = None;
             let current = self.current.map(|(g, _)| g);
             self.zap_all(pool);
             if let Some(cr3) = current {
@@ -398,17 +545,26 @@ impl ShadowMmu {
         guest_cr3: u64,
     ) -> Result<u64, ShadowError> {
         self.stats.cr3_loads += 1;
-        self.switch_root(pool, guest, guest_cr3).or_else(|_| {
+        self.last_fixed = None;
+        let key = guest_cr3 & ADDR;
+        if !self.tables.contains(key) {
+            return Err(ShadowError::RootNotTrapped(key));
+        }
+        self.switch_root(pool, guest, guest_cr3).or_else(|e| match e {
             // The pool cannot hold what fault delivery needs next to
             // everything else in it: start over with an empty pool.
-            self.stats.pool_exhaustions += 1;
-            self.zap_all(pool);
-            self.switch_root(pool, guest, guest_cr3)
+            ShadowError::PoolTooSmall => {
+                self.stats.pool_exhaustions += 1;
+                self.zap_all(pool);
+                self.switch_root(pool, guest, guest_cr3)
+            }
+            e => Err(e),
         })
     }
 
-    /// Find or build the root for `guest_cr3` and make it current; `Err`
-    /// when the pool cannot hold what its kernel half's hinted slots need.
+    /// Find or build the root for `guest_cr3` (a trapped frame) and make it
+    /// current; `Err` when the pool cannot hold what its kernel half's
+    /// hinted slots need.
     fn switch_root(
         &mut self,
         pool: &mut impl GuestPhys,
@@ -547,6 +703,9 @@ impl ShadowMmu {
                 }
                 continue;
             }
+            if !self.tables.contains(gpte & ADDR) {
+                continue;
+            }
             let child_role = Role {
                 gfn: (gpte & ADDR) >> 12,
                 level: role.level - 1,
@@ -607,7 +766,26 @@ impl ShadowMmu {
     ) -> Result<FaultOutcome, ShadowError> {
         let (guest_cr3, _) = self.current.ok_or(ShadowError::NoRoot)?;
         let access = Access::from_error_code(error_code);
-        let t = match walker::walk(guest, guest_cr3, cr2, access, &self.mode) {
+        let repeat = self.last_fixed == Some((cr2, error_code));
+        self.last_fixed = None;
+        if repeat {
+            // Invariant 7. The retried access faulted again although the
+            // shadow now grants what the walk allowed. An implicit
+            // supervisor access (GDT, IDT, TSS, ...) with SMAP faults even
+            // with AC = 1 (SDM vol. 3 §4.6.1), and its error code looks like
+            // an explicit access: walk it as one with AC = 0.
+            if self.mode.smap && self.mode.ac && !access.user && !access.fetch {
+                let implicit = PagingMode { ac: false, ..self.mode };
+                let mut zoned = Zoned { mem: guest, tables: self.tables };
+                if let Err(f) = walker::walk(&mut zoned, guest_cr3, cr2, access, &implicit) {
+                    self.stats.guest_faults += 1;
+                    return Ok(FaultOutcome::GuestFault(f.error_code));
+                }
+            }
+            return Err(ShadowError::Livelock { cr2, error_code });
+        }
+        let mut zoned = Zoned { mem: guest, tables: self.tables };
+        let t = match walker::walk(&mut zoned, guest_cr3, cr2, access, &self.mode) {
             Ok(t) => t,
             Err(f) => {
                 self.stats.guest_faults += 1;
@@ -615,8 +793,9 @@ impl ShadowMmu {
             }
         };
         for attempt in 0..2 {
-            if self.install(pool, guest, cr2, &t, access) {
+            if self.install(pool, guest, cr2, &t, access)? {
                 self.stats.hidden_faults += 1;
+                self.last_fixed = Some((cr2, error_code));
                 return Ok(FaultOutcome::Fixed);
             }
             if attempt == 0 {
@@ -638,7 +817,7 @@ impl ShadowMmu {
         va: u64,
         t: &walker::Translation,
         access: Access,
-    ) -> bool {
+    ) -> Result<bool, ShadowError> {
         let (_, mut page) = self.current.expect("checked by the caller");
         let mut role = self.pages[page as usize].as_ref().expect("root exists").role;
         for depth in 0..t.levels as usize {
@@ -647,14 +826,10 @@ impl ShadowMmu {
             let idx = (va >> (12 + 9 * (level as u32 - 1))) & 0x1ff;
             let gpte = guest.read_u64(t.entry_gpas[depth]);
             if depth + 1 == t.levels as usize {
-                let Some(mut spte) = self.leaf_spte(guest, role, gpte) else { return true };
-                // CR0.WP = 0: a supervisor write to a read-only page is
-                // allowed; make it writable but supervisor-only, as KVM does.
-                if access.write && !access.user && !self.mode.wp && spte & RW == 0 {
-                    spte = (spte | RW) & !US;
-                }
+                let Some(spte) = self.leaf_spte(guest, role, gpte) else { return Ok(true) };
+                let spte = self.wp_off_write_leaf(spte, access).ok_or(ShadowError::WpOffSmapWrite(va))?;
                 self.set_leaf(pool, page, idx, spte);
-                return true;
+                return Ok(true);
             }
             let child_role = Role {
                 gfn: (gpte & ADDR) >> 12,
@@ -666,10 +841,32 @@ impl ShadowMmu {
                     page = child;
                     role = child_role;
                 }
-                None => return false,
+                None => return Ok(false),
             }
         }
-        true
+        Ok(true)
+    }
+
+    /// The leaf for `access` given the ordinary leaf `spte` (module doc,
+    /// "Paging controls"; KVM's `FNAME(page_fault)`, paging_tmpl.h). With
+    /// CR0.WP = 0 a supervisor write ignores R/W (SDM vol. 3 §4.6.1): the
+    /// leaf becomes writable and supervisor-only, and with CR4.SMEP also
+    /// XD if the guest page is a user page (a supervisor fetch from it must
+    /// still fault, `#PF` 0x11). `None` when no leaf is exact: the page is
+    /// a user page and CR4.SMAP is on (the write passed only with AC = 1).
+    fn wp_off_write_leaf(&self, spte: u64, access: Access) -> Option<u64> {
+        if !access.write || access.user || self.mode.wp || spte & RW != 0 {
+            return Some(spte);
+        }
+        let user_page = spte & US != 0;
+        if user_page && self.mode.smap {
+            return None;
+        }
+        let mut leaf = (spte | RW) & !US;
+        if user_page && self.mode.smep {
+            leaf |= XD;
+        }
+        Some(leaf)
     }
 
     /// Make entry `idx` of `page` point at the shadow page for
@@ -820,6 +1017,7 @@ impl ShadowMmu {
     /// from the written entry.
     pub fn pte_written(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys, gpa: u64, len: u64) {
         self.stats.pte_writes += 1;
+        self.last_fixed = None;
         let gfn = gpa >> 12;
         let Some(derived) = self.rmap.get(&gfn).cloned() else { return };
         let aligned = len == 8 && gpa.is_multiple_of(8);
@@ -903,6 +1101,7 @@ impl ShadowMmu {
     /// flush only matters to a host that caches shadow translations.
     pub fn flush(&mut self) {
         self.stats.flushes += 1;
+        self.last_fixed = None;
     }
 
     /// Walk the *shadow* tables of the current root for `va` (for

@@ -6,20 +6,36 @@
 //! - **Presence.** A walk stops at the first entry with P = 0: `#PF` with
 //!   error-code P = 0.
 //! - **Reserved bits.** In a present entry: physical-address bits at or
-//!   above MAXPHYADDR (up to bit 51); bit 63 (XD) when EFER.NXE = 0; PS in
-//!   a PML4 entry; in a 1 GiB PDPT leaf the address bits 29:13, in a 2 MiB
-//!   PD leaf bits 20:13. The walk stops there: `#PF` with P = 1, RSVD = 1.
+//!   above MAXPHYADDR (up to bit 51; MAXPHYADDR is CPUID 0x80000008
+//!   EAX[7:0] of the guest's CPUID); bit 63 (XD) when EFER.NXE = 0; PS in
+//!   a PML4 entry, and bit 8 too on an AMD CPU (AMD APM vol. 2 §5.3.3,
+//!   figure 5-18; KVM's `__reset_rsvds_bits_mask`, `nonleaf_bit8_rsvd`:
+//!   the guest's CPUID vendor decides); PS in a PDPT entry when the
+//!   guest's CPUID has no 1 GiB pages (CPUID 0x80000001 EDX bit 26, SDM
+//!   vol. 3 §4.5, table 4-15); in a 1 GiB PDPT leaf the address bits
+//!   29:13, in a 2 MiB PD leaf bits 20:13. The walk stops there: `#PF`
+//!   with P = 1, RSVD = 1.
 //! - **Outside RAM.** A table or page that does not lie in guest RAM (the
 //!   caller's [`GuestPhys::is_ram`]) is treated like a reserved bit: shadow
 //!   mode must never build a translation to the shadow pool or to anything
-//!   but guest RAM (the isolation property of DESIGN.md).
+//!   but guest RAM (the isolation property of DESIGN.md). A large page must
+//!   lie wholly in RAM: one that only partly does (a 1 GiB page at 0 in a
+//!   512 MiB guest) faults as a whole, where hardware would translate its
+//!   in-RAM part — a deliberate difference (README, "shadow mode").
+//! - **Untrapped tables.** A paging structure (the root included) in a
+//!   frame the caller cannot trap writes to ([`GuestPhys::may_hold_tables`]
+//!   false) is treated like a reserved bit in the entry that points at it
+//!   (for the root: in the PML4 entry used), so no shadow is ever built from
+//!   a table whose changes the VMM would not see.
 //! - **Permissions**, once the walk reaches a leaf: writable = RW at every
 //!   level, user = US at every level, executable = no XD at any level (when
 //!   NXE = 1). A user access needs a user page; a user write needs a
 //!   writable page; a supervisor write to a read-only page faults only with
 //!   CR0.WP = 1; a fetch from an XD page faults; with CR4.SMEP a supervisor
 //!   fetch from a user page faults; with CR4.SMAP a supervisor data access
-//!   to a user page faults unless RFLAGS.AC = 1.
+//!   to a user page faults unless RFLAGS.AC = 1 (§4.6.1; an *implicit*
+//!   supervisor access — GDT, IDT, TSS — faults even with AC = 1: walk it
+//!   with `ac = false`).
 //! - **Error code.** P (1 unless not present), W/R (the access writes),
 //!   U/S (CPL 3), RSVD, I/D (a fetch, when NXE = 1 or SMEP = 1).
 //! - **A/D bits.** Only a walk that succeeds sets them, as KVM's walker
@@ -66,6 +82,13 @@ pub trait GuestPhys {
     fn write_u64(&mut self, gpa: u64, value: u64);
     /// Whether `[gpa, gpa + len)` lies inside guest RAM.
     fn is_ram(&self, gpa: u64, len: u64) -> bool;
+    /// Whether the 4 KiB frame at `gpa` may hold a paging structure (shadow
+    /// mode: whether guest writes to it trap). Everything, unless the
+    /// caller says otherwise.
+    fn may_hold_tables(&self, gpa: u64) -> bool {
+        let _ = gpa;
+        true
+    }
 }
 
 /// The paging controls that change the rules.
@@ -83,11 +106,26 @@ pub struct PagingMode {
     pub ac: bool,
     /// MAXPHYADDR (CPUID 0x80000008 EAX[7:0]), 36..=52.
     pub maxphyaddr: u8,
+    /// 1 GiB pages (CPUID 0x80000001 EDX bit 26): without them PS in a
+    /// PDPT entry is a reserved bit.
+    pub pdpe1gb: bool,
+    /// An AMD (or Hygon) CPU by the guest's CPUID vendor: bit 8 of a PML4
+    /// entry is then reserved.
+    pub amd: bool,
 }
 
 impl Default for PagingMode {
     fn default() -> Self {
-        PagingMode { wp: true, nxe: true, smep: false, smap: false, ac: false, maxphyaddr: 46 }
+        PagingMode {
+            wp: true,
+            nxe: true,
+            smep: false,
+            smap: false,
+            ac: false,
+            maxphyaddr: 46,
+            pdpe1gb: true,
+            amd: false,
+        }
     }
 }
 
@@ -155,7 +193,8 @@ pub fn reserved_mask(mode: &PagingMode, level: u8, entry: u64) -> u64 {
     }
     let ps = entry & PS != 0;
     match level {
-        4 => mask |= PS,
+        4 => mask |= PS | if mode.amd { 1 << 8 } else { 0 },
+        3 if ps && !mode.pdpe1gb => mask |= PS,
         3 if ps => mask |= 0x3fff_e000, // bits 29:13
         2 if ps => mask |= 0x001f_e000, // bits 20:13
         _ => {}
@@ -220,6 +259,9 @@ pub fn walk(
 ) -> Result<Translation, PageFault> {
     let fault = |present, rsvd, level| Err(PageFault { error_code: error_code(mode, access, present, rsvd), level });
     let mut table = cr3 & ADDR_BITS;
+    if !mem.may_hold_tables(table) {
+        return fault(true, true, 4);
+    }
     let (mut writable, mut user, mut executable) = (true, true, true);
     let mut entry_gpas = [0u64; 4];
     let mut entries = [0u64; 4];
@@ -247,6 +289,9 @@ pub fn walk(
         let leaf = level == 1 || (level <= 3 && entry & PS != 0);
         if !leaf {
             table = entry & ADDR_BITS;
+            if !mem.may_hold_tables(table) {
+                return fault(true, true, level);
+            }
             continue;
         }
         let page_size = 1u64 << (12 + 9 * (level as u32 - 1));

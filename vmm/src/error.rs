@@ -150,6 +150,8 @@ pub enum Error {
     GuestCmdline(String),
     #[error("the VM is no longer usable: its vCPU thread did not stop after the timeout")]
     VmAbandoned,
+    #[error("{0} (rip={1:#x})")]
+    ShadowMmu(shadow::ShadowError, u64),
 
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -167,7 +169,8 @@ impl Error {
             | UnexpectedExit { .. }
             | GuestHalted { .. }
             | GuestIdle { .. }
-            | VcpuPanicked(_) => exit_code::GUEST_CRASH,
+            | VcpuPanicked(_)
+            | ShadowMmu(..) => exit_code::GUEST_CRASH,
             GuestCmdline(_) => exit_code::USAGE,
             Timeout(_) | VcpuStuck(_) | ConsoleBlocked { .. } | VmAbandoned => exit_code::TIMEOUT,
             _ => exit_code::SETUP,

@@ -57,6 +57,10 @@ pub const PDPT_LOW_START: u64 = 0xa000;
 pub const PDPT_HIGH_START: u64 = 0xb000;
 /// Boot PD: 512 × 2 MiB = the first GiB, shared by all three maps.
 pub const PD_START: u64 = 0xc000;
+/// The boot page tables `[start, end)`: in shadow mode a read-only slot of
+/// their own, so that guest writes to them trap like writes to the
+/// page-table zone (the shadow MMU shadows only tables whose writes trap).
+pub const BOOT_TABLES: (u64, u64) = (PML4_START, PD_START + PAGE_SIZE);
 /// End of the boot area.
 pub const BOOT_AREA_END: u64 = MIB;
 

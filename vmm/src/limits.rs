@@ -116,7 +116,7 @@ mod tests {
 #[cfg(test)]
 mod shadow_warning_tests {
     use super::MAX_WARNINGS;
-    use crate::shadow_mode::{Coherence, MemWindow, ShadowState};
+    use crate::shadow_mode::{Coherence, GuestCpu, MemWindow, ShadowState};
     use ept::RegionKind;
     use ept::memmap::SlotSpec;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -126,7 +126,8 @@ mod shadow_warning_tests {
         let ram_mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let pool_mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x100_0000), 0x4_0000)]).unwrap();
         let slot = SlotSpec { slot: 3, gpa: 0x100_0000, len: 0x4_0000, readonly: false, kind: RegionKind::ShadowPool };
-        let mut sh = ShadowState::new(slot, 0, Coherence::ReloadCr3, 36);
+        let cpu = GuestCpu { maxphyaddr: 36, nx: true, pdpe1gb: true, amd: false };
+        let mut sh = ShadowState::new(slot, 0, Coherence::ReloadCr3, cpu, shadow::TableFrames::ALL);
         let mut ram = MemWindow::ram(&ram_mem, 0x10_0000);
         let mut pool = sh.pool(&pool_mem);
         let mode = shadow::PagingMode::default();

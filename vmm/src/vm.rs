@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::explain::Explanation;
 use crate::layout::{self, MAX_MEMORY, MIN_MEMORY, PT_ZONE_START};
 use crate::limits::{Limited, ReportBudget};
-use crate::shadow_mode::{CR0_WP, Coherence, MemWindow, ShadowState, fault_path_gvas, paging_mode};
+use crate::shadow_mode::{Coherence, GuestCpu, MemWindow, ShadowState, fault_path_gvas, paging_mode};
 use crate::stats::RunStats;
 use ept::memmap::{MemoryMap, MemoryMapConfig};
 use ept::{Backing, GuestRam};
@@ -39,6 +39,7 @@ use guest_abi::MmuMode;
 use guest_abi::ports::{EXIT_DEVICE, HYPERCALL, SERIAL_COM1, SERIAL_PORT_COUNT, exit_status};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
+use shadow::{PagingMode, TableFrames};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
@@ -374,8 +375,8 @@ struct VmCore {
     epoch: Instant,
     /// Counters at the last `BENCH_BEGIN`.
     bench_start: Option<BenchSnapshot>,
-    /// MAXPHYADDR from the vCPU's CPUID.
-    maxphyaddr: u8,
+    /// What the guest's CPUID says (MAXPHYADDR, NX, 1 GiB pages, vendor).
+    cpu: GuestCpu,
     /// Where the vCPU thread's own output to stderr goes (a writer thread).
     diag: ConsoleSink,
     /// `EXPLAIN` chains printed by the hypercall (bounded).
@@ -440,6 +441,7 @@ impl VmCore {
         let map = MemoryMap::new(&MemoryMapConfig {
             ram_size: config.memory,
             pt_zone,
+            boot_tables: layout::BOOT_TABLES,
             shadow_pool: if config.mmu == MmuMode::Shadow { config.shadow_pool } else { 0 },
             mmu: config.mmu,
             alignment: config.backing.alignment(),
@@ -454,6 +456,9 @@ impl VmCore {
         loader::load(&name, &image, mem)?;
         gdt::write_gdt_and_idt(mem)?;
         let boot_mapped = paging::setup_page_tables(mem, config.memory)?;
+        if config.mmu == MmuMode::Shadow {
+            crate::shadow_mode::preset_accessed(mem, layout::BOOT_TABLES);
+        }
         bootinfo::write(
             mem,
             &bootinfo::BootInfoParams {
@@ -482,8 +487,7 @@ impl VmCore {
             vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
         }
 
-        let maxphyaddr =
-            cpuid.as_slice().iter().find(|e| e.function == 0x8000_0008).map_or(36, |e| (e.eax & 0xff) as u8);
+        let cpu = GuestCpu::from_cpuid(cpuid.as_slice().iter().map(|e| (e.function, e.eax, e.ebx, e.ecx, e.edx)));
         let shadow = match map.shadow_pool() {
             Some(pool) => {
                 let slot = *map.slot_of(pool.start).expect("the pool has a slot");
@@ -493,9 +497,10 @@ impl VmCore {
                 } else {
                     Coherence::ReloadCr3
                 };
-                let maxphyaddr =
-                    cpuid.as_slice().iter().find(|e| e.function == 0x8000_0008).map_or(36, |e| (e.eax & 0xff) as u8);
-                Some(ShadowState::new(slot, hva, coherence, maxphyaddr))
+                // Guest paging structures may live where writes trap: the
+                // page-table zone and the VMM's boot tables.
+                let tables = TableFrames::new(&[pt_zone, layout::BOOT_TABLES]);
+                Some(ShadowState::new(slot, hva, coherence, cpu, tables))
             }
             None => None,
         };
@@ -511,7 +516,7 @@ impl VmCore {
             config,
             epoch,
             bench_start: None,
-            maxphyaddr,
+            cpu,
             explain_prints: Limited::new("EXPLAIN outputs", crate::limits::MAX_EXPLAIN_PRINTS),
             warnings: Limited::new("warnings about refused shadow-MMU requests", crate::limits::MAX_WARNINGS),
         })
@@ -538,7 +543,11 @@ impl VmCore {
         let rflags = self.vcpu.sync_regs().regs.rflags;
         Ok(match &self.shadow {
             Some(sh) => sh.guest_mode(&sregs, rflags),
-            None => paging_mode(&sregs, rflags, self.maxphyaddr),
+            None => PagingMode {
+                pdpe1gb: self.cpu.pdpe1gb,
+                amd: self.cpu.amd,
+                ..paging_mode(&sregs, rflags, self.cpu.maxphyaddr)
+            },
         })
     }
 
@@ -743,18 +752,33 @@ impl VmCore {
         match nr {
             hc::SHADOW_FAULT => {
                 let root_before = sh.mmu.current_root();
-                let mode = sh.guest_mode(&self.vcpu.sync_regs().sregs, r.rflags);
-                let result = sh
-                    .fault(&mut ram, &mut pool, r.rdi, r.rsi, mode)
-                    .map_err(|_| pool_exhausted(sh.mmu.guest_cr3().unwrap_or(0)))?;
+                let vcpu_sregs = self.vcpu.sync_regs().sregs;
+                if sh.note_vcpu_efer(vcpu_sregs.efer) {
+                    // The guest cleared EFER.NXE since the last exit: this
+                    // error code cannot tell a fetch from a read. Give the
+                    // vCPU its NXE back and let the access retry.
+                    let sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+                    let mode = sh.guest_mode(&sregs, r.rflags);
+                    sh.mmu.set_mode(&mut pool, &mut ram, mode);
+                    let mut sregs = sh.vcpu_sregs(sregs);
+                    if let Some(root) = sh.mmu.current_root() {
+                        sregs.cr3 = root;
+                    }
+                    self.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+                    return Ok(Some(hc::FAULT_FIXED));
+                }
+                let mode = sh.guest_mode(&vcpu_sregs, r.rflags);
+                let result = sh.fault(&mut ram, &mut pool, r.rdi, r.rsi, mode).map_err(|e| match e {
+                    shadow::ShadowError::PoolTooSmall => pool_exhausted(sh.mmu.guest_cr3().unwrap_or(0)),
+                    e => Error::ShadowMmu(e, r.rip),
+                })?;
                 // Pool exhaustion zaps everything and may rebuild the root in
                 // another pool page: the vCPU must follow it.
                 if let Some(root) = sh.mmu.current_root()
                     && Some(root) != root_before
                 {
-                    let mut sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+                    let mut sregs = sh.vcpu_sregs(self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?);
                     sregs.cr3 = root;
-                    sregs.cr0 |= CR0_WP;
                     self.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
                 }
                 Ok(Some(result))
@@ -765,20 +789,24 @@ impl VmCore {
                 if !ram.is_ram_page(root_gpa) {
                     return Ok(Some(hc::ERR_FAULT));
                 }
-                let mut sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+                let sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+                sh.note_vcpu_efer(sregs.efer);
                 sh.mmu.set_mode(&mut pool, &mut ram, sh.guest_mode(&sregs, r.rflags));
                 let root = match sh.mmu.load_cr3(&mut pool, &mut ram, root_gpa) {
                     Ok(root) => root,
                     Err(shadow::ShadowError::PoolTooSmall) => return Err(pool_exhausted(root_gpa)),
+                    // A root outside the page-table zone: its changes would
+                    // not trap (shadow::mmu invariant 6).
+                    Err(shadow::ShadowError::RootNotTrapped(_)) => return Ok(Some(hc::ERR_FAULT)),
                     Err(e) => {
                         if self.warnings.allow() {
-                            log::warn!("LOAD_CR3({root_gpa:#x}) failed: {e:?}");
+                            log::warn!("LOAD_CR3({root_gpa:#x}) failed: {e}");
                         }
                         return Ok(Some(hc::ERR_UNAVAILABLE));
                     }
                 };
+                let mut sregs = sh.vcpu_sregs(sregs);
                 sregs.cr3 = root;
-                sregs.cr0 |= CR0_WP;
                 self.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
                 sh.times.load_cr3 += t.elapsed();
                 Ok(Some(hc::OK))
@@ -787,19 +815,19 @@ impl VmCore {
                 // The guest may have changed CR0.WP, EFER.NXE or CR4: a new
                 // rule set rebuilds the shadow (at a new root), and a CR3
                 // reload is the TLB flush anyway.
-                let mut sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-                // FLUSH_TLB(cr0): the guest's CR0 after it changed paging
-                // controls (0: unchanged). Its WP is the guest's own; the
-                // vCPU keeps WP = 1 (see ShadowState::guest_wp).
-                if r.rdi != 0 {
-                    sh.guest_wp = r.rdi & CR0_WP != 0;
-                }
+                let sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+                // FLUSH_TLB(cr0, efer): the guest's CR0 and EFER after it
+                // changed paging controls (0: unchanged). Its WP and NXE are
+                // the guest's own; the vCPU keeps WP = 1 and NXE = 1 (see
+                // ShadowState::guest_wp, guest_nxe).
+                sh.note_vcpu_efer(sregs.efer);
+                sh.note_guest_controls(r.rdi, r.rsi);
                 sh.mmu.set_mode(&mut pool, &mut ram, sh.guest_mode(&sregs, r.rflags));
                 sh.mmu.flush();
+                let mut sregs = sh.vcpu_sregs(sregs);
                 if let Some(root) = sh.mmu.current_root() {
                     sregs.cr3 = root;
                 }
-                sregs.cr0 |= CR0_WP;
                 self.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
                 Ok(Some(hc::OK))
             }

@@ -19,10 +19,11 @@ pub const NOW: u32 = 2;
 pub const LOAD_CR3: u32 = 3;
 /// Shadow mode: a `#PF` reached the guest: `SHADOW_FAULT(cr2, error_code)`.
 pub const SHADOW_FAULT: u32 = 4;
-/// Shadow mode: flush the guest's TLB: `FLUSH_TLB(cr0)`. After changing
-/// CR0.WP, EFER.NXE or CR4 the guest passes its new CR0 (0: unchanged): the
-/// VMM rebuilds the shadow for the new rules, and keeps the vCPU's own
-/// CR0.WP set (it emulates the guest's WP = 0 in the shadow).
+/// Shadow mode: flush the guest's TLB: `FLUSH_TLB(cr0, efer)`. After
+/// changing CR0.WP, EFER.NXE or CR4 the guest passes its new CR0 and EFER
+/// (0: unchanged): the VMM rebuilds the shadow for the new rules, and keeps
+/// the vCPU's own CR0.WP and EFER.NXE set (it emulates the guest's WP = 0
+/// and NXE = 0 in the shadow; a guest reading EFER back sees NXE = 1).
 pub const FLUSH_TLB: u32 = 5;
 /// Print the GVA→GPA→HVA→HPA chain of an address: `EXPLAIN(gva)`.
 pub const EXPLAIN: u32 = 6;

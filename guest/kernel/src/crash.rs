@@ -18,6 +18,7 @@
 //! | `chatter` | print lines forever | `--timeout` ends it even when stdout is blocked |
 //! | `scribble` | shadow mode: `mov cr3` to tables of our own that map the shadow pool, garbage over the pool, back through `LOAD_CR3`, then probe | repair the pool: the guest succeeds only if the shadow maps exactly what its tables allow |
 //! | `sidt-zone` / `sgdt-zone` / `fxsave-zone` | store the IDTR / GDTR / FPU state into the page-table zone (read-only in shadow mode) | the host cannot emulate these: `--timeout` ends the hang, or the VMM reports the stop |
+//! | `livelock` | the same `SHADOW_FAULT` twice with nothing changed | shadow mode: a one-line livelock error, exit 4 (ept mode: both refused, the guest fails) |
 
 use crate::{arch, console, hypercall, kprintln};
 use guest_abi::hypercall as hc;
@@ -74,6 +75,15 @@ pub fn run(mode: &str) {
         },
         "scribble" => scribble(),
         "sidt-zone" | "sgdt-zone" | "fxsave-zone" => store_into_zone(mode),
+        "livelock" => {
+            // A fault on a mapped kernel address, reported twice in a row as
+            // if the vCPU kept faulting after the VMM fixed it.
+            let va = run as *const () as u64;
+            for _ in 0..2 {
+                let r = hypercall::call(hc::SHADOW_FAULT, va, 0, 0, 0);
+                kprintln!("SHADOW_FAULT answered {:#x}", r);
+            }
+        }
         _ => {
             kprintln!("unknown crash mode \"{}\"", mode);
             arch::exit(guest_abi::ports::EXIT_FAILURE);

@@ -170,6 +170,87 @@ fn smep_and_smap() {
     assert_eq!(walk(&mut m, CR3, VA, sx, &smep_only).unwrap_err().error_code, pf::ID);
 }
 
+/// Without 1 GiB pages in the guest's CPUID, PS in a PDPTE is a reserved
+/// bit (issue 11, item 5: the walker accepted it and shadow mode then
+/// answered FIXED forever for a leaf the vCPU could not use).
+#[test]
+fn ps_in_a_pdpte_is_reserved_without_1g_pages() {
+    let mut m = Mem::new(64 * MIB);
+    m.set(CR3, 0x2000 | P | RW | US);
+    m.set(0x2000, P | RW | US | PS); // a 1 GiB page at GPA 0
+    let with = PagingMode::default();
+    assert!(with.pdpe1gb);
+    // 64 MiB of RAM: the 1 GiB page is not wholly in RAM either way, so
+    // put RAM at 2 GiB for the "with" case.
+    let mut big = Mem::new(2 << 30);
+    big.set(CR3, 0x2000 | P | RW | US);
+    big.set(0x2000, P | RW | US | PS);
+    assert_eq!(walk(&mut big, CR3, 0x1234, R, &with).unwrap().page_size, 1 << 30);
+    let without = PagingMode { pdpe1gb: false, ..with };
+    let f = walk(&mut big, CR3, 0x1234, R, &without).unwrap_err();
+    assert_eq!((f.error_code, f.level), (pf::P | pf::RSVD, 3));
+    let f = walk(&mut m, CR3, 0x1234, R, &without).unwrap_err();
+    assert_eq!((f.error_code, f.level), (pf::P | pf::RSVD, 3));
+}
+
+/// On an AMD CPU bit 8 of a PML4 entry is reserved (it is ignored on
+/// Intel): found by `tests/walker_vs_kvm.rs` on an AMD host, where KVM
+/// answered "not mapped" for a PML4E with bit 8 set.
+#[test]
+fn pml4e_bit_8_is_reserved_on_amd_only() {
+    let mut m = four_k(P | RW | US, P | RW | US);
+    m.set(0x1000, 0x2000 | P | RW | US | (1 << 8));
+    assert!(walk(&mut m, CR3, VA, R, &PagingMode::default()).is_ok());
+    let amd = PagingMode { amd: true, ..Default::default() };
+    let f = walk(&mut m, CR3, VA, R, &amd).unwrap_err();
+    assert_eq!((f.error_code, f.level), (pf::P | pf::RSVD, 4));
+    // Bit 8 lower down stays ignored.
+    let mut m = four_k(P | RW | US | (1 << 8), P | RW | US);
+    m.set(0x1000, 0x2000 | P | RW | US);
+    assert!(walk(&mut m, CR3, VA, R, &amd).is_ok());
+}
+
+/// Issue 11, item 6, the documented difference: a large page only partly in
+/// RAM (a 1 GiB page at 0 in a 64 MiB guest) faults as a whole, with RSVD.
+#[test]
+fn a_large_page_partly_outside_ram_faults_with_rsvd() {
+    let mut m = Mem::new(64 * MIB);
+    m.set(CR3, 0x2000 | P | RW | US);
+    m.set(0x2000, P | RW | US | PS);
+    let f = walk(&mut m, CR3, 0x1000, R, &PagingMode::default()).unwrap_err();
+    assert_eq!((f.error_code, f.level), (pf::P | pf::RSVD, 3));
+}
+
+/// A table in a frame the caller cannot trap is refused like a reserved
+/// bit in the entry pointing at it (issue 11, item 7).
+#[test]
+fn tables_outside_the_trapped_frames_fault_with_rsvd() {
+    struct Zoned(Mem);
+    impl GuestPhys for Zoned {
+        fn read_u64(&self, gpa: u64) -> u64 {
+            self.0.read_u64(gpa)
+        }
+        fn write_u64(&mut self, gpa: u64, value: u64) {
+            self.0.write_u64(gpa, value)
+        }
+        fn is_ram(&self, gpa: u64, len: u64) -> bool {
+            self.0.is_ram(gpa, len)
+        }
+        fn may_hold_tables(&self, gpa: u64) -> bool {
+            gpa != 0x5000
+        }
+    }
+    let mut m = Zoned(four_k(P | RW | US, P | RW | US));
+    assert!(walk(&mut m, CR3, VA, R, &PagingMode::default()).is_ok());
+    // The root itself outside: the PML4 entry used is "reserved".
+    let f = walk(&mut m, 0x5000, VA, R, &PagingMode::default()).unwrap_err();
+    assert_eq!((f.error_code, f.level), (pf::P | pf::RSVD, 4));
+    // A PT outside: the PDE is.
+    m.0.set(0x3000, 0x5000 | P | RW | US);
+    let f = walk(&mut m, CR3, VA, R, &PagingMode::default()).unwrap_err();
+    assert_eq!((f.error_code, f.level), (pf::P | pf::RSVD, 2));
+}
+
 // ---- Differential testing against a deliberately naive reference ----
 
 /// What the reference answers: `Ok((gpa, page size))` or `Err(error code)`,
@@ -201,6 +282,11 @@ fn reference(mem: &Mem, cr3: u64, va: u64, acc: Access, mode: &PagingMode) -> Re
         }
         bad |= !mode.nxe && e & (1 << 63) != 0;
         bad |= level == 4 && e & (1 << 7) != 0;
+        // AMD APM vol. 2 figure 5-18: PML4E bit 8 is reserved on AMD CPUs.
+        bad |= level == 4 && e & (1 << 8) != 0 && mode.amd;
+        // SDM vol. 3 §4.5, table 4-15: PS in a PDPTE is reserved without
+        // 1 GiB-page support (CPUID 0x80000001 EDX[26]).
+        bad |= level == 3 && e & (1 << 7) != 0 && !mode.pdpe1gb;
         if level == 3 && e & (1 << 7) != 0 {
             for bit in 13..30 {
                 bad |= e & (1 << bit) != 0;
@@ -278,13 +364,15 @@ fn entry_strategy() -> impl Strategy<Value = u64> {
 }
 
 fn mode_strategy() -> impl Strategy<Value = PagingMode> {
-    (any::<[bool; 5]>(), prop_oneof![Just(36u8), Just(40), Just(46), Just(52)]).prop_map(|(b, m)| PagingMode {
+    (any::<[bool; 7]>(), prop_oneof![Just(36u8), Just(40), Just(46), Just(52)]).prop_map(|(b, m)| PagingMode {
         wp: b[0],
         nxe: b[1],
         smep: b[2],
         smap: b[3],
         ac: b[4],
         maxphyaddr: m,
+        pdpe1gb: b[5],
+        amd: b[6],
     })
 }
 

@@ -12,6 +12,7 @@
 //! Keep tests small: the guest is emulated on the development machines
 //! (about 1 µs per instruction). Volume belongs in the host tests.
 
+mod exact;
 pub mod matrix;
 mod mm_suites;
 mod suites;

@@ -1,7 +1,7 @@
 //! The registered in-guest test suites. Add a test by adding a line to
 //! [`ALL`]; names are `suite::test`.
 
-use super::{TestCase, TestResult, check, mm_suites, vm_suites};
+use super::{TestCase, TestResult, check, exact, mm_suites, vm_suites};
 use crate::{arch, hypercall};
 use guest_abi::hypercall as hc;
 
@@ -30,6 +30,11 @@ pub static ALL: &[TestCase] = &[
     TestCase { name: "aging::follows_accessed_and_dirty_bits", run: vm_suites::aging_follows_accessed_and_dirty_bits },
     TestCase { name: "shadow::stale_mappings_fault_every_time", run: vm_suites::stale_mappings_fault },
     TestCase { name: "isolation::pte_beyond_ram", run: vm_suites::pte_beyond_ram },
+    TestCase { name: "exact::tables_outside_the_zone_never_go_stale", run: exact::tables_outside_the_zone },
+    TestCase { name: "exact::load_cr3_outside_the_zone_is_refused", run: exact::load_cr3_outside_the_zone },
+    TestCase { name: "exact::pdpte_ps_follows_the_cpuid", run: exact::pdpte_ps_follows_the_cpuid },
+    TestCase { name: "exact::efer_nxe_is_forced_in_shadow_mode", run: exact::efer_nxe_is_forced_in_shadow_mode },
+    TestCase { name: "exact::pml4e_bit_8_follows_the_vendor", run: exact::pml4e_bit_8_follows_the_vendor },
     TestCase { name: "meta::fails_when_asked", run: fails_when_asked },
 ];
 

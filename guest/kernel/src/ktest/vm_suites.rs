@@ -44,6 +44,12 @@ pub fn user_fault(cr2: u64, ec: u64) -> bool {
         EXPECTED_HITS.fetch_add(1, Ordering::Relaxed);
         EXPECTED_EC.store(ec, Ordering::Relaxed);
         EXPECT.store(0, Ordering::Relaxed);
+        // A test that rewrote one paging entry by hand asks for it back.
+        let restore_at = RESTORE_AT.swap(0, Ordering::Relaxed);
+        if restore_at != 0 {
+            let v = RESTORE_VALUE.load(Ordering::Relaxed);
+            return mm::with(|m| m.buddy.mem().write_u64(Gpa(restore_at), v)).is_some();
+        }
         // Map the page writable to the frame the test stashed (anonymous
         // when it is a real frame, so destroy frees it).
         return mm::with(|m| {
@@ -84,6 +90,11 @@ pub fn user_fault(cr2: u64, ec: u64) -> bool {
 }
 
 static STASH: AtomicU64 = AtomicU64::new(0);
+/// With [`EXPECT`]: instead of mapping a page, the hook writes
+/// [`RESTORE_VALUE`] to the paging entry at this GPA (0: none).
+pub static RESTORE_AT: AtomicU64 = AtomicU64::new(0);
+/// See [`RESTORE_AT`].
+pub static RESTORE_VALUE: AtomicU64 = AtomicU64::new(0);
 
 /// Install a fresh user address space with one read/write VMA of `pages`
 /// pages at [`USER_BASE`] and switch to it.
@@ -131,7 +142,7 @@ fn frames_in_use() -> u64 {
     .unwrap_or(0)
 }
 
-fn user_ptr(page: u64) -> *mut u64 {
+pub(crate) fn user_ptr(page: u64) -> *mut u64 {
     (USER_BASE + page * 4096) as *mut u64
 }
 
