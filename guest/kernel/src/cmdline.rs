@@ -37,6 +37,11 @@ pub const CRASH_MODES: &[&str] = &[
     "report-flood",
     "explain-flood",
     "chatter",
+    "scribble",
+    "sidt-zone",
+    "sgdt-zone",
+    "fxsave-zone",
+    "livelock",
 ];
 
 /// The workloads `workload=` accepts (see `workload.rs`).
