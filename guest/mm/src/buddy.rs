@@ -591,21 +591,26 @@ impl<'m, M: PhysMem> BuddyAllocator<'m, M> {
         // Validate everything before changing anything. Frames of untouched
         // sections are unmanaged (their metadata is all zeroes) and are not
         // read.
-        let mut pfn = range.start.0;
-        while pfn < range.end.0 {
-            let end = self.section_end(pfn).min(range.end.0);
-            let sec = self.section_of((pfn - self.base) as u32);
-            match self.section_state(sec) {
-                SEC_DEFERRED => return Err(InitError::AlreadyManaged),
-                SEC_INIT => {
-                    let (first, last) = ((pfn - self.base) as usize, (end - self.base) as usize);
-                    if self.meta[first..last].iter().any(|m| m.state != RESERVED) {
-                        return Err(InitError::AlreadyManaged);
+        let (first, last) = ((range.start.0 - self.base) as usize, (range.end.0 - self.base) as usize);
+        if self.sections.is_empty() {
+            if self.meta[first..last].iter().any(|m| m.state != RESERVED) {
+                return Err(InitError::AlreadyManaged);
+            }
+        } else {
+            for sec in self.section_of(first as u32)..=self.section_of(last as u32 - 1) {
+                match self.sections[sec] {
+                    SEC_UNTOUCHED => {}
+                    SEC_DEFERRED => return Err(InitError::AlreadyManaged),
+                    _ => {
+                        let start = self.section_start(sec).0.max(range.start.0);
+                        let end = self.section_end(start).min(range.end.0);
+                        let (a, b) = ((start - self.base) as usize, (end - self.base) as usize);
+                        if self.meta[a..b].iter().any(|m| m.state != RESERVED) {
+                            return Err(InitError::AlreadyManaged);
+                        }
                     }
                 }
-                _ => {}
             }
-            pfn = end;
         }
         if self.verify_pgtables {
             let start = range.start.max(self.pgtables.start);
@@ -616,21 +621,29 @@ impl<'m, M: PhysMem> BuddyAllocator<'m, M> {
         }
         let mut pfn = range.start.0;
         while pfn < range.end.0 {
-            let end = self.section_end(pfn).min(range.end.0);
             let sec = self.section_of((pfn - self.base) as u32);
             if self.section_state(sec) == SEC_UNTOUCHED {
-                if let Some(zone) = self.deferrable(pfn, end) {
-                    self.sections[sec] = SEC_DEFERRED;
-                    let z = &mut self.zones[zone as usize];
-                    z.stats.managed_pages += SECTION_FRAMES;
-                    z.stats.deferred_pages += SECTION_FRAMES;
-                    let cursor = &mut self.deferred_cursor[zone as usize];
-                    *cursor = (*cursor).min(sec);
-                    pfn = end;
-                    continue;
+                // A run of whole untouched sections inside one zone is
+                // deferred in one go.
+                let whole = self.zone_end(pfn).min(range.end.0) & !(SECTION_FRAMES - 1);
+                if pfn.is_multiple_of(SECTION_FRAMES) && whole > pfn {
+                    let most = ((whole - pfn) / SECTION_FRAMES) as usize;
+                    let run = &mut self.sections[sec..sec + most];
+                    let n = run.iter().position(|&st| st != SEC_UNTOUCHED).unwrap_or(most);
+                    run[..n].fill(SEC_DEFERRED);
+                    let zone = self.expected_zone(Pfn(pfn)) as usize;
+                    let frames = n as u64 * SECTION_FRAMES;
+                    self.zones[zone].stats.managed_pages += frames;
+                    self.zones[zone].stats.deferred_pages += frames;
+                    self.deferred_cursor[zone] = self.deferred_cursor[zone].min(sec);
+                    pfn += frames;
+                    if n > 0 {
+                        continue;
+                    }
                 }
                 self.init_section(sec);
             }
+            let end = self.section_end(pfn).min(range.end.0);
             self.add_initialised(pfn, end);
             pfn = end;
         }
@@ -1056,13 +1069,25 @@ impl<'m, M: PhysMem> BuddyAllocator<'m, M> {
     /// Write the metadata of the untouched section `sec` (its frames inside
     /// the span, reserved, with their zones) and mark it initialised.
     fn init_section(&mut self, sec: usize) {
-        let start = self.section_start(sec).0.max(self.base);
+        let mut start = self.section_start(sec).0.max(self.base);
         let end = self.section_end(start).min(self.base + self.meta.len() as u64);
-        for pfn in start..end {
-            let zone = self.expected_zone(Pfn(pfn)) as u8;
-            self.meta[(pfn - self.base) as usize] = FrameMeta { zone, ..FrameMeta::RESERVED };
+        while start < end {
+            let stop = self.zone_end(start).min(end);
+            let zone = self.expected_zone(Pfn(start)) as u8;
+            let (a, b) = ((start - self.base) as usize, (stop - self.base) as usize);
+            self.meta[a..b].fill(FrameMeta { zone, ..FrameMeta::RESERVED });
+            start = stop;
         }
         self.sections[sec] = SEC_INIT;
+    }
+
+    /// The first zone boundary above `pfn` (`u64::MAX` if none).
+    fn zone_end(&self, pfn: u64) -> u64 {
+        [DMA_LIMIT.0, self.pgtables.start.0, self.pgtables.end.0]
+            .into_iter()
+            .filter(|&b| b > pfn)
+            .min()
+            .unwrap_or(u64::MAX)
     }
 
     /// Initialise the lowest deferred section of `zone` as one free block
