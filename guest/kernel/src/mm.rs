@@ -122,9 +122,7 @@ pub fn init(info: &BootInfo) {
     let meta_len = meta_bytes(frames).next_multiple_of(8);
     let refs_len = (frames * 2).next_multiple_of(8);
     let need = (meta_len + refs_len + section_bytes(frames)).next_multiple_of(guest_mm::PAGE_SIZE);
-    let clamp = |start: u64, len: u64, lo: u64, hi: u64| {
-        (start.clamp(lo, hi), start.saturating_add(len).clamp(lo, hi))
-    };
+    let clamp = |start: u64, len: u64, lo: u64, hi: u64| (start.clamp(lo, hi), start.saturating_add(len).clamp(lo, hi));
     let home = info
         .regions()
         .iter()

@@ -98,9 +98,12 @@ pub fn buddy_all_ram_is_managed() -> TestResult {
                 let last = pfn.addr().0 + (guest_mm::PAGE_SIZE << ORDER) - 8;
                 let words = [pfn.addr().0, last];
                 for (i, &gpa) in words.iter().enumerate() {
-                    m.buddy.mem().write_u64(guest_abi::Gpa(gpa), 0x5ca1e_0000 + i as u64);
+                    m.buddy.mem().write_u64(guest_abi::Gpa(gpa), 0x0005_ca1e_0000 + i as u64);
                 }
-                words.iter().enumerate().all(|(i, &gpa)| m.buddy.mem().read_u64(guest_abi::Gpa(gpa)) == 0x5ca1e_0000 + i as u64)
+                words
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &gpa)| m.buddy.mem().read_u64(guest_abi::Gpa(gpa)) == 0x0005_ca1e_0000 + i as u64)
             }
             None => above == 0,
         };
