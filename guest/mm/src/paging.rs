@@ -848,17 +848,33 @@ impl PageTable {
         let mut i = 0;
         while i < pages {
             let (va, pa) = (page.start().0 + i * S::SIZE, frame.start().0 + i * S::SIZE);
-            let table = self.install(mem, src, va, S::LEVEL, PageTableEntry::new(Gpa(pa), flags))?;
+            let (table, fresh) = self.install(mem, src, va, S::LEVEL, PageTableEntry::new(Gpa(pa), flags))?;
             i += 1;
-            // The rest of this leaf table, entry by entry.
-            let mut idx = table_index(va, S::LEVEL) + 1;
-            while idx < ENTRIES && i < pages {
+            // The rest of this leaf table, entry by entry; a table this call
+            // just took from the source is all zeroes (the source's
+            // contract), so its entries need not be read first.
+            let first = table_index(va, S::LEVEL) + 1;
+            let n = (ENTRIES - first).min((pages - i) as usize);
+            // Consecutive frames: add the page size to the whole entry (the
+            // last frame's address was checked to fit below bit 52, so the
+            // flag bits above it never change).
+            let mut entry = PageTableEntry::new(Gpa(pa), flags).0;
+            if fresh {
+                // The guest kernel maps all of RAM with this loop at boot.
+                for idx in first..first + n {
+                    entry += S::SIZE;
+                    write_entry(mem, table, idx, PageTableEntry(entry));
+                }
+                i += n as u64;
+                continue;
+            }
+            for idx in first..first + n {
                 let e = read_entry(mem, table, idx);
                 if e.is_present() {
                     return Err(if e.is_leaf_at(S::LEVEL) { MapError::AlreadyMapped } else { MapError::TableInTheWay });
                 }
-                write_entry(mem, table, idx, PageTableEntry::new(Gpa(frame.start().0 + i * S::SIZE), flags));
-                idx += 1;
+                entry += S::SIZE;
+                write_entry(mem, table, idx, PageTableEntry(entry));
                 i += 1;
             }
         }
@@ -1134,7 +1150,8 @@ impl PageTable {
     // ---- internals ----
 
     /// Write the leaf `entry` at `level` for `va`, creating tables above it.
-    /// Returns the table that holds the entry.
+    /// Returns the table that holds the entry, and whether this call
+    /// created it (then its other entries are all zero).
     pub(crate) fn install<M: PhysMem, T: PageTableSource>(
         &mut self,
         mem: &M,
@@ -1142,14 +1159,16 @@ impl PageTable {
         va: u64,
         level: u8,
         entry: PageTableEntry,
-    ) -> Result<Pfn, MapError> {
+    ) -> Result<(Pfn, bool), MapError> {
         let mut path = Path { tables: [self.root; 5] };
         let mut table = self.root;
         let mut l = 4u8;
+        let mut fresh = false;
         while l > level {
             let idx = table_index(va, l);
             let e = read_entry(mem, table, idx);
-            table = if !e.is_present() {
+            fresh = !e.is_present();
+            table = if fresh {
                 let Some(t) = src.alloc_table() else {
                     // Free the tables this call created (they are empty).
                     self.prune(mem, src, &path, va, l);
@@ -1171,7 +1190,7 @@ impl PageTable {
             return Err(if e.is_leaf_at(level) { MapError::AlreadyMapped } else { MapError::TableInTheWay });
         }
         write_entry(mem, table, idx, entry);
-        Ok(table)
+        Ok((table, fresh))
     }
 
     /// Walk to the entry at `level` for `va`, which must be a leaf.

@@ -710,6 +710,30 @@ fn frees_and_adds_inside_deferred_sections_are_refused_and_change_nothing() {
 }
 
 #[test]
+fn long_runs_of_sections_are_deferred_around_an_initialised_one() {
+    let sec = |i: u64| DMA_LIMIT.add(i * SECTION_FRAMES);
+    let mut fx = normal(40 * SECTION_FRAMES);
+    let mut a = fx.empty_deferred(NO_PGTABLES);
+    // Part of section 21: it is initialised, the rest of it unmanaged.
+    a.add_free_range(FrameRange::new(sec(21).add(100), sec(21).add(200))).unwrap();
+    assert_eq!(a.add_free_range(FrameRange::new(sec(0), sec(40))), Err(InitError::AlreadyManaged));
+    assert_eq!(a.stats(ZoneId::Normal).deferred_pages, 0);
+    a.add_free_range(FrameRange::new(sec(0), sec(21))).unwrap();
+    a.add_free_range(FrameRange::new(sec(22), sec(40))).unwrap();
+    // Overlapping a deferred section far into a run is refused too.
+    assert_eq!(a.add_free_range(FrameRange::new(sec(39), sec(40))), Err(InitError::AlreadyManaged));
+    a.check_invariants().unwrap();
+    let s = a.stats(ZoneId::Normal);
+    assert_eq!((s.deferred_pages, s.free_pages), (39 * SECTION_FRAMES, 100));
+    let mut n = 0;
+    a.for_each_deferred_section(|p, _| {
+        assert_ne!(p, sec(21));
+        n += 1;
+    });
+    assert_eq!(n, 39);
+}
+
+#[test]
 fn a_short_section_array_is_refused() {
     let mut fx = deferred_fixture();
     let mem = ArenaMem::new(fx.base.addr(), &mut fx.backing);
