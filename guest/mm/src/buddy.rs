@@ -77,7 +77,11 @@
 //! on the free lists ("grown"), before the hot list is drained and before
 //! the allocation fails: so a deferred frame never causes a spurious
 //! failure, and every invariant above holds for the initialised sections
-//! unchanged. Deferred frames are never handed out and never read.
+//! unchanged ("fully merged" counts a deferred section as the free block of
+//! `MAX_ORDER` it will become). A frame of a deferred section is handed
+//! out only after its section is grown, and neither it nor its metadata is
+//! read before; freeing one is refused as a double free (it is free),
+//! freeing a frame of an untouched section as not managed.
 //!
 //! Trust assumption: the caller of `new_deferred` passes metadata and
 //! section arrays that are all zeroes (the guest carves them out of the
