@@ -75,27 +75,35 @@ pub fn buddy_all_ram_is_managed() -> TestResult {
         let managed: u64 = ZoneId::ALL.iter().map(|&z| m.buddy.stats(z).managed_pages).sum();
         // Everything but the metadata carve-out (under 0.6 % of RAM + 1 page).
         check(managed <= given && given - managed <= info.ram_size / guest_mm::PAGE_SIZE / 170 + 1, "RAM not managed")?;
-        let before = m.buddy.stats(ZoneId::Normal).free_total();
-        // Take 4 MiB blocks until one lies above the boot map (the allocator
-        // takes the lowest deferred section first, so this walks up through
-        // RAM), write it through the direct map, then give everything back.
-        const ORDER: u8 = guest_mm::buddy::MAX_ORDER;
-        // No heap here (the heap is this allocator): at most one block per
-        // 4 MiB of the boot map is taken.
-        const MAX_TAKEN: usize = 256;
-        let mut taken = [guest_mm::phys::Pfn(0); MAX_TAKEN];
+        let free = |m: &mut mm::MemoryManager| ZoneId::ALL.map(|z| m.buddy.stats(z).free_total());
+        let before = free(m);
+        // Take blocks, largest first, until one lies above the boot map (the
+        // allocator takes the lowest deferred section first, so this walks
+        // up through RAM; the RAM above may be smaller than 4 MiB), write
+        // it through the direct map, then give everything back. No heap
+        // here (the heap is this allocator): about one block per 4 MiB
+        // below the boot map, plus the ragged pieces, is taken.
+        const MAX_TAKEN: usize = 512;
+        let mut taken = [(guest_mm::phys::Pfn(0), 0u8); MAX_TAKEN];
         let (mut n, mut high) = (0, None);
+        let mut order = guest_mm::buddy::MAX_ORDER;
         while above > 0 && high.is_none() && n < MAX_TAKEN {
-            let Some(pfn) = m.buddy.alloc(ORDER, ZonePref::Normal) else { break };
+            let Some(pfn) = m.buddy.alloc(order, ZonePref::Normal) else {
+                if order == 0 {
+                    break;
+                }
+                order -= 1;
+                continue;
+            };
             if pfn.addr().0 >= limit {
-                high = Some(pfn);
+                high = Some((pfn, order));
             }
-            taken[n] = pfn;
+            taken[n] = (pfn, order);
             n += 1;
         }
         let ok = match high {
-            Some(pfn) => {
-                let last = pfn.addr().0 + (guest_mm::PAGE_SIZE << ORDER) - 8;
+            Some((pfn, order)) => {
+                let last = pfn.addr().0 + (guest_mm::PAGE_SIZE << order) - 8;
                 let words = [pfn.addr().0, last];
                 for (i, &gpa) in words.iter().enumerate() {
                     m.buddy.mem().write_u64(guest_abi::Gpa(gpa), 0x0005_ca1e_0000 + i as u64);
@@ -107,11 +115,11 @@ pub fn buddy_all_ram_is_managed() -> TestResult {
             }
             None => above == 0,
         };
-        for &pfn in &taken[..n] {
-            m.buddy.free(pfn, ORDER).map_err(|e| e.as_str())?;
+        for &(pfn, order) in &taken[..n] {
+            m.buddy.free(pfn, order).map_err(|e| e.as_str())?;
         }
         check(ok, "no block above the boot map could be allocated, written and read back")?;
-        check(m.buddy.stats(ZoneId::Normal).free_total() == before, "frames leaked")
+        check(free(m) == before, "frames leaked")
     })?
 }
 
