@@ -3,10 +3,21 @@
 //! kmalloc slab caches as the kernel's `#[global_allocator]`.
 //!
 //! Invariants:
-//! - The allocators manage only RAM the boot direct map covers
-//!   (`BootInfo::boot_mapped`), because they reach memory through it.
-//! - The per-frame metadata array is carved out of the start of the largest
-//!   usable region and never handed to the allocator.
+//! - The allocators manage all usable RAM and the page-table zone, in every
+//!   zone. They reach memory through the direct map, so until the kernel
+//!   runs on its own tables (which map all RAM) only RAM the boot direct
+//!   map covers (`BootInfo::boot_mapped`) is given to them; the rest is
+//!   added right after the switch, before anything else can allocate.
+//! - Per-frame initialisation is deferred (`BuddyAllocator::new_deferred`,
+//!   Linux's `DEFERRED_STRUCT_PAGE_INIT`): at boot only the ragged ends of
+//!   the usable regions get their metadata written; every whole 4 MiB
+//!   section is initialised when its zone's free lists first run dry. So
+//!   bring-up costs the same at 64 MiB and at 64 GiB.
+//! - The per-frame metadata array, the reference counts and the section
+//!   states are carved out of the start of the largest usable region below
+//!   `boot_mapped` and never handed to the allocator. They are all zeroes
+//!   (the VMM hands over zeroed RAM): the trust assumption of
+//!   `new_deferred`.
 //! - Single CPU, interrupts off: the manager lives in one static cell; a
 //!   re-entrant use (an allocation from inside the allocator) is a bug and
 //!   panics instead of corrupting state.
@@ -23,8 +34,8 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 use guest_abi::{BootInfo, DIRECT_MAP_BASE, Gpa, MemRegionKind};
 use guest_mm::aspace::{AddressSpace, FrameRefs, MmCtx};
-use guest_mm::buddy::{BuddyAllocator, FrameMeta, ZonePref, meta_bytes};
-use guest_mm::paging::{MmuPlatform, Page, PageTable, PhysFrame, PteFlags, Size2MiB};
+use guest_mm::buddy::{BuddyAllocator, FrameMeta, ZonePref, meta_bytes, section_bytes};
+use guest_mm::paging::{MmuPlatform, Page, PageSize, PageTable, PhysFrame, PteFlags, Size1GiB, Size2MiB};
 use guest_mm::phys::{DirectMap, FrameRange, Pfn};
 use guest_mm::slab::Kmalloc;
 
@@ -107,57 +118,73 @@ pub fn init(info: &BootInfo) {
         return;
     }
     let limit = info.boot_mapped.min(info.ram_size);
-    let frames = limit / guest_mm::PAGE_SIZE;
+    let frames = info.ram_size / guest_mm::PAGE_SIZE;
     let meta_len = meta_bytes(frames).next_multiple_of(8);
-    let need = (meta_len + frames * 2).next_multiple_of(guest_mm::PAGE_SIZE);
-    let clamp = |start: u64, len: u64| (start.min(limit), start.saturating_add(len).min(limit));
+    let refs_len = (frames * 2).next_multiple_of(8);
+    let need = (meta_len + refs_len + section_bytes(frames)).next_multiple_of(guest_mm::PAGE_SIZE);
+    let clamp = |start: u64, len: u64, lo: u64, hi: u64| (start.clamp(lo, hi), start.saturating_add(len).clamp(lo, hi));
     let home = info
         .regions()
         .iter()
         .filter(|r| r.kind == MemRegionKind::Usable as u32)
-        .map(|r| clamp(r.start, r.len))
+        .map(|r| clamp(r.start, r.len, 0, limit))
         .filter(|(s, e)| e - s >= need)
         .max_by_key(|(s, e)| e - s)
         .unwrap_or_else(|| fatal("no usable region can hold the frame metadata"));
+    let carve = DIRECT_MAP_BASE + home.0;
     // SAFETY: `home` is usable RAM inside the boot direct map that nothing
     // else uses; it becomes the metadata array for the kernel's lifetime and
-    // is never given to the allocator. FrameMeta is plain integers, so the
-    // zeroed RAM the VMM provides is a valid value (and `new` rewrites
-    // every entry anyway).
+    // is never given to the allocator. FrameMeta is plain integers, so any
+    // bytes are a valid value, and the VMM hands over zeroed RAM, which is
+    // what `new_deferred` assumes.
     let meta: &'static mut [FrameMeta] =
-        unsafe { core::slice::from_raw_parts_mut((DIRECT_MAP_BASE + home.0) as *mut FrameMeta, frames as usize) };
+        unsafe { core::slice::from_raw_parts_mut(carve as *mut FrameMeta, frames as usize) };
     // SAFETY: the reference counts follow the metadata in the same carved,
     // zeroed, never-allocated region; u16 has no invalid values.
     let refs: &'static mut [u16] =
-        unsafe { core::slice::from_raw_parts_mut((DIRECT_MAP_BASE + home.0 + meta_len) as *mut u16, frames as usize) };
+        unsafe { core::slice::from_raw_parts_mut((carve + meta_len) as *mut u16, frames as usize) };
+    // SAFETY: the section states follow the reference counts, in the same
+    // carved, zeroed region; u8 has no invalid values.
+    let sections: &'static mut [u8] = unsafe {
+        core::slice::from_raw_parts_mut((carve + meta_len + refs_len) as *mut u8, section_bytes(frames) as usize)
+    };
     let zone = info.pt_zone;
     let pgtables = FrameRange::from_bytes(Gpa(zone.start), zone.len);
     // SAFETY: all RAM below `limit` is mapped read-write at DIRECT_MAP_BASE
-    // by the boot page tables, and the allocator only touches frames it is
-    // given, which no Rust reference aliases.
+    // by the boot page tables (and all of RAM by the kernel's tables once
+    // loaded, before any frame above `limit` is given to the allocator);
+    // the allocator only touches frames it is given, which no Rust
+    // reference aliases.
     let mem = unsafe { DirectMap::new(DIRECT_MAP_BASE) };
-    let mut buddy = match BuddyAllocator::new(mem, meta, Pfn(0), pgtables) {
+    let mut buddy = match BuddyAllocator::new_deferred(mem, meta, sections, Pfn(0), pgtables) {
         Ok(b) => b,
         Err(e) => fatal(e.as_str()),
     };
-    for r in info.regions() {
-        let kind = MemRegionKind::from_raw(r.kind);
-        if kind != Some(MemRegionKind::Usable) && kind != Some(MemRegionKind::PageTables) {
-            continue;
-        }
-        let (mut start, end) = clamp(r.start, r.len);
-        if start == home.0 {
-            start += need;
-        }
-        if start < end {
-            let range = FrameRange::from_bytes(Gpa(start), end - start);
-            if let Err(e) = buddy.add_free_range(range) {
-                fatal(e.as_str());
+    // Usable RAM and the page-table zone between `lo` and `hi`, without
+    // the carved-out metadata.
+    let add = |buddy: &mut BuddyAllocator<'static, DirectMap>, lo: u64, hi: u64| {
+        for r in info.regions() {
+            let kind = MemRegionKind::from_raw(r.kind);
+            if kind != Some(MemRegionKind::Usable) && kind != Some(MemRegionKind::PageTables) {
+                continue;
+            }
+            let (mut start, end) = clamp(r.start, r.len, lo, hi);
+            if start == home.0 {
+                start += need;
+            }
+            if start < end {
+                let range = FrameRange::from_bytes(Gpa(start), end - start);
+                if let Err(e) = buddy.add_free_range(range) {
+                    fatal(e.as_str());
+                }
             }
         }
-    }
+    };
+    add(&mut buddy, 0, limit);
     let kernel_pt = build_kernel_tables(info, &mut buddy);
     KernelMmu.load_cr3(kernel_pt.root());
+    // The kernel's tables map all of RAM: the rest can be managed now.
+    add(&mut buddy, limit, info.ram_size);
     let mm = MemoryManager { buddy, kmalloc: Kmalloc::new(ZonePref::Normal), kernel_pt, refs, user: None };
     if MM.busy.swap(true, Ordering::Acquire) {
         panic!("memory manager re-entered");
@@ -168,9 +195,8 @@ pub fn init(info: &BootInfo) {
 }
 
 /// Build the kernel's own tables: the direct map of all RAM and the kernel
-/// window, with 2 MiB pages, every table page from the page-table zone.
+/// window, every table page from the page-table zone.
 fn build_kernel_tables(info: &BootInfo, buddy: &mut BuddyAllocator<'static, DirectMap>) -> PageTable {
-    let mem = *buddy.mem();
     // Only the PML4 entries the kernel uses (direct map, kernel window) are
     // created, not all 256 upper-half PDPTs: every address space copies the
     // present upper entries when created and clears them when destroyed,
@@ -179,29 +205,38 @@ fn build_kernel_tables(info: &BootInfo, buddy: &mut BuddyAllocator<'static, Dire
     let mut pt = PageTable::new_pinned_upper(buddy).unwrap_or_else(|| fatal("no page-table page for the kernel"));
     let two_mib = guest_mm::LARGE_PAGE_SIZE;
     let data = PteFlags::WRITABLE | PteFlags::ACCESSED | PteFlags::DIRTY;
-    let mut map = |va: u64, pa: u64, flags: PteFlags| {
-        let page =
-            Page::<Size2MiB>::from_start_address(guest_abi::Gva(va)).unwrap_or_else(|_| fatal("bad kernel page"));
-        let frame = PhysFrame::<Size2MiB>::from_start_address(Gpa(pa)).unwrap_or_else(|_| fatal("bad kernel frame"));
-        if let Err(e) = pt.map(&mem, buddy, page, frame, flags) {
-            fatal(e.as_str());
-        }
-    };
-    let mut pa = 0;
-    while pa + two_mib <= info.ram_size {
-        // Not NX: the access-matrix test runs with EFER.NXE clear, when bit
-        // 63 is a reserved bit and an NX direct map would fault.
-        map(DIRECT_MAP_BASE + pa, pa, data);
-        pa += two_mib;
-    }
+    // The direct map: 1 GiB pages where the CPU has them and a whole GiB of
+    // RAM is there, 2 MiB pages for the rest, so that it costs a handful of
+    // entries whatever the RAM size (in shadow mode each entry written is a
+    // trap). Not NX: the access-matrix test runs with EFER.NXE clear, when
+    // bit 63 is a reserved bit and an NX direct map would fault.
+    let gib = guest_mm::HUGE_PAGE_SIZE;
+    let whole_gibs = if crate::arch::has_1g_pages() { info.ram_size / gib } else { 0 };
+    map_kernel::<Size1GiB>(&mut pt, buddy, DIRECT_MAP_BASE, 0, whole_gibs, data);
+    let rest = whole_gibs * gib;
+    map_kernel::<Size2MiB>(&mut pt, buddy, DIRECT_MAP_BASE + rest, rest, (info.ram_size - rest) / two_mib, data);
     let kernel_end =
         info.regions().iter().filter(|r| r.kind == MemRegionKind::Kernel as u32).map(|r| r.end()).max().unwrap_or(0);
-    let mut pa = 0;
-    while pa < kernel_end {
-        map(guest_abi::KERNEL_VMA + pa, pa, data);
-        pa += two_mib;
-    }
+    map_kernel::<Size2MiB>(&mut pt, buddy, guest_abi::KERNEL_VMA, 0, kernel_end.div_ceil(two_mib), data);
     pt
+}
+
+/// Map `pages` kernel pages of size `S` from `va` to `pa` on, or stop the
+/// kernel.
+fn map_kernel<S: PageSize>(
+    pt: &mut PageTable,
+    buddy: &mut BuddyAllocator<'static, DirectMap>,
+    va: u64,
+    pa: u64,
+    pages: u64,
+    flags: PteFlags,
+) {
+    let mem = *buddy.mem();
+    let page = Page::<S>::from_start_address(guest_abi::Gva(va)).unwrap_or_else(|_| fatal("bad kernel page"));
+    let frame = PhysFrame::<S>::from_start_address(Gpa(pa)).unwrap_or_else(|_| fatal("bad kernel frame"));
+    if let Err(e) = pt.map_range(&mem, buddy, page, frame, pages, flags) {
+        fatal(e.as_str());
+    }
 }
 
 /// The kernel heap: kmalloc over the buddy allocator.

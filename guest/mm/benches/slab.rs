@@ -100,6 +100,23 @@ fn slab64_alloc_free<M: Measurement>(c: &mut Criterion<M>) {
             unsafe { heap.dealloc(black_box(p), layout) };
         })
     });
+    // The same two with the size known at compile time (as in
+    // `Box::new`, or a kernel's `kmalloc(sizeof(...))`): each allocator's
+    // size-class computation can fold to a constant. Only the pointer goes
+    // through `black_box`.
+    g.bench_function("guest_mm_kmalloc_const_size", |b| {
+        b.iter(|| {
+            let a = km.alloc(&mut buddy, 64, 8).unwrap();
+            km.free(&mut buddy, black_box(a), 64, 8).unwrap();
+        })
+    });
+    g.bench_function("buddy_system_allocator_heap_const_size", |b| {
+        b.iter(|| {
+            let p = heap.alloc(layout).unwrap();
+            // SAFETY: `p` was just allocated by `heap` with `layout`.
+            unsafe { heap.dealloc(black_box(p), layout) };
+        })
+    });
 
     let mut arena = PageArena::new(HOST_PAGES);
     let mut sc: SCAllocator<'static, ObjectPage<'static>> = SCAllocator::new(64);

@@ -48,6 +48,48 @@
 //! The hot lists hold order-0 frames that the buddy lists count as
 //! allocated; a higher-order allocation that fails drains its zone's hot
 //! list and retries, so hot frames never cause a spurious failure.
+//!
+//! # Deferred initialisation (Linux's `DEFERRED_STRUCT_PAGE_INIT`)
+//!
+//! Writing every frame's metadata up front costs `O(frames)` at boot,
+//! which under emulation is seconds per GiB. An allocator made with
+//! [`BuddyAllocator::new_deferred`] writes none at creation, and tracks the
+//! span by *section*: one naturally aligned block of [`MAX_ORDER`]
+//! ([`SECTION_FRAMES`] frames, 4 MiB; absolute pfns, so a block never
+//! crosses a section boundary). Each section is in one of three states,
+//! kept in a caller-supplied byte array:
+//!
+//! - *untouched*: its metadata has never been written and is all zeroes
+//!   (it reads as `Reserved`); none of its frames is managed.
+//! - *deferred*: wholly given to the allocator by
+//!   [`add_free_range`](BuddyAllocator::add_free_range), wholly inside one
+//!   zone, and entirely free; its metadata is still all zeroes and it is on
+//!   no free list. Its frames count in the zone's
+//!   [`ZoneStats::deferred_pages`] (and `managed_pages`), not `free_pages`.
+//! - *initialised*: its metadata is authoritative, as in the eager
+//!   allocator (every frame `Reserved` with its zone, or managed).
+//!
+//! [`add_free_range`](BuddyAllocator::add_free_range) defers every untouched
+//! section the range covers entirely and that lies in one zone, and
+//! initialises the rest (the range's ragged ends, zone boundaries). When a
+//! zone's free lists cannot serve an allocation, the lowest deferred section
+//! of that zone is initialised as one free block of `MAX_ORDER` and pushed
+//! on the free lists ("grown"), before the hot list is drained and before
+//! the allocation fails: so a deferred frame never causes a spurious
+//! failure, and every invariant above holds for the initialised sections
+//! unchanged ("fully merged" counts a deferred section as the free block of
+//! `MAX_ORDER` it will become). A frame of a deferred section is handed
+//! out only after its section is grown, and neither it nor its metadata is
+//! read before; freeing one is refused as a double free (it is free),
+//! freeing a frame of an untouched section as not managed.
+//!
+//! Trust assumption: the caller of `new_deferred` passes metadata and
+//! section arrays that are all zeroes (the guest carves them out of the
+//! zeroed RAM the VMM hands over). Metadata that is not zero inside an
+//! untouched or deferred section is not detected (reading it is what the
+//! deferral saves); [`BuddyAllocator::deferred_metadata_is_zero`] checks it
+//! for tests. An allocator made with [`BuddyAllocator::new`] has every
+//! section initialised from the start.
 
 use crate::phys::{FrameRange, Pfn, PhysMem};
 
@@ -68,6 +110,23 @@ pub const HOT_BATCH: usize = 16;
 
 /// Number of zones.
 pub const NR_ZONES: usize = 3;
+
+/// Frames per section, the unit of deferred initialisation: one block of
+/// [`MAX_ORDER`].
+pub const SECTION_FRAMES: u64 = 1 << MAX_ORDER;
+
+// Section states, as raw bytes so that an all-zero array is valid.
+const SEC_UNTOUCHED: u8 = 0;
+const SEC_DEFERRED: u8 = 1;
+const SEC_INIT: u8 = 2;
+// `untouched_run` tests eight states at once against zero.
+const _: () = assert!(SEC_UNTOUCHED == 0);
+
+/// Bytes of section-state array [`BuddyAllocator::new_deferred`] needs for a
+/// span of `frames` frames (whatever its base).
+pub const fn section_bytes(frames: u64) -> u64 {
+    frames.div_ceil(SECTION_FRAMES) + 1
+}
 
 /// End of a free list.
 const NIL: u32 = u32::MAX;
@@ -191,6 +250,9 @@ pub struct ZoneStats {
     pub managed_pages: u64,
     /// Frames on the zone's free lists.
     pub free_pages: u64,
+    /// Free frames in deferred sections: managed, free, but not yet on the
+    /// free lists (see the module documentation).
+    pub deferred_pages: u64,
     /// Frames on the zone's hot list (free for callers, allocated for the
     /// buddy lists).
     pub hot_pages: u64,
@@ -205,6 +267,14 @@ pub struct ZoneStats {
     /// Allocations for which this zone was the first choice and no zone
     /// of the zonelist could serve.
     pub failures: u64,
+}
+
+impl ZoneStats {
+    /// Frames free for callers: on the free lists, on the hot list, or in
+    /// deferred sections.
+    pub const fn free_total(&self) -> u64 {
+        self.free_pages + self.hot_pages + self.deferred_pages
+    }
 }
 
 /// Why a free was refused. The allocator's state is unchanged.
@@ -272,6 +342,8 @@ pub enum InitError {
     AlreadyManaged,
     /// A frame of the page-table zone being added is not all zeroes.
     PageTablesNotZeroed,
+    /// The section-state array is shorter than [`section_bytes`] of the span.
+    SectionArrayTooSmall,
 }
 
 impl InitError {
@@ -283,6 +355,7 @@ impl InitError {
             InitError::RangeOutsideSpan => "range outside the span",
             InitError::AlreadyManaged => "range already managed",
             InitError::PageTablesNotZeroed => "page-table zone frame not zeroed",
+            InitError::SectionArrayTooSmall => "section-state array too small for the span",
         }
     }
 }
@@ -344,6 +417,7 @@ impl Zone {
         stats: ZoneStats {
             managed_pages: 0,
             free_pages: 0,
+            deferred_pages: 0,
             hot_pages: 0,
             allocs: 0,
             frees: 0,
@@ -406,6 +480,11 @@ pub struct BuddyAllocator<'m, M> {
     pgtables: FrameRange,
     zones: [Zone; NR_ZONES],
     verify_pgtables: bool,
+    /// Per section (index 0 = the section holding `base`): `SEC_*`. Empty
+    /// for an eager allocator, whose sections are all initialised.
+    sections: &'m mut [u8],
+    /// Per zone: no deferred section of the zone has a lower index.
+    deferred_cursor: [usize; NR_ZONES],
 }
 
 impl<'m, M: PhysMem> BuddyAllocator<'m, M> {
@@ -414,6 +493,39 @@ impl<'m, M: PhysMem> BuddyAllocator<'m, M> {
     /// starts reserved: give the usable ones with
     /// [`add_free_range`](Self::add_free_range).
     pub fn new(mem: M, meta: &'m mut [FrameMeta], base: Pfn, pgtables: FrameRange) -> Result<Self, InitError> {
+        let a = Self::bare(mem, meta, &mut [], base, pgtables)?;
+        for i in 0..a.meta.len() {
+            let zone = a.expected_zone(base.add(i as u64));
+            a.meta[i] = FrameMeta { zone: zone as u8, ..FrameMeta::RESERVED };
+        }
+        Ok(a)
+    }
+
+    /// Like [`new`](Self::new), but with deferred initialisation (see the
+    /// module documentation): `O(1)`, nothing is written. `meta` and
+    /// `sections` must be all zeroes (the trust assumption documented
+    /// there); `sections` must hold at least [`section_bytes`]`(meta.len())`
+    /// bytes.
+    pub fn new_deferred(
+        mem: M,
+        meta: &'m mut [FrameMeta],
+        sections: &'m mut [u8],
+        base: Pfn,
+        pgtables: FrameRange,
+    ) -> Result<Self, InitError> {
+        if (sections.len() as u64) < section_bytes(meta.len() as u64) {
+            return Err(InitError::SectionArrayTooSmall);
+        }
+        Self::bare(mem, meta, sections, base, pgtables)
+    }
+
+    fn bare(
+        mem: M,
+        meta: &'m mut [FrameMeta],
+        sections: &'m mut [u8],
+        base: Pfn,
+        pgtables: FrameRange,
+    ) -> Result<Self, InitError> {
         let len = meta.len() as u64;
         if len >= NIL as u64 || base.0.checked_add(len).is_none_or(|end| end > u64::MAX >> 12) {
             return Err(InitError::SpanTooLarge);
@@ -422,19 +534,16 @@ impl<'m, M: PhysMem> BuddyAllocator<'m, M> {
         if !pgtables.is_empty() && (pgtables.start < span.start || pgtables.end > span.end) {
             return Err(InitError::PageTablesOutsideSpan);
         }
-        let a = Self {
+        Ok(Self {
             mem,
             meta,
             base: base.0,
             pgtables,
             zones: [Zone::EMPTY; NR_ZONES],
             verify_pgtables: cfg!(debug_assertions),
-        };
-        for i in 0..a.meta.len() {
-            let zone = a.expected_zone(base.add(i as u64));
-            a.meta[i] = FrameMeta { zone: zone as u8, ..FrameMeta::RESERVED };
-        }
-        Ok(a)
+            sections,
+            deferred_cursor: [0; NR_ZONES],
+        })
     }
 
     /// Whether page-table pages are read to check they are all zero when
@@ -461,6 +570,9 @@ impl<'m, M: PhysMem> BuddyAllocator<'m, M> {
     /// The zone of `pfn`, or `None` if it is outside the span.
     pub fn zone_of(&self, pfn: Pfn) -> Option<ZoneId> {
         let idx = self.index(pfn)?;
+        if self.section_state(self.section_of(idx)) != SEC_INIT {
+            return Some(self.expected_zone(pfn));
+        }
         ZoneId::from_raw(self.meta[idx as usize].zone)
     }
 
@@ -482,9 +594,34 @@ impl<'m, M: PhysMem> BuddyAllocator<'m, M> {
         if range.start < span.start || range.end > span.end {
             return Err(InitError::RangeOutsideSpan);
         }
+        // Validate everything before changing anything. Frames of untouched
+        // sections are unmanaged (their metadata is all zeroes) and are not
+        // read.
         let (first, last) = ((range.start.0 - self.base) as usize, (range.end.0 - self.base) as usize);
-        if self.meta[first..last].iter().any(|m| m.state != RESERVED) {
-            return Err(InitError::AlreadyManaged);
+        if self.sections.is_empty() {
+            if self.meta[first..last].iter().any(|m| m.state != RESERVED) {
+                return Err(InitError::AlreadyManaged);
+            }
+        } else {
+            let (s0, s1) = (self.section_of(first as u32), self.section_of(last as u32 - 1) + 1);
+            // Untouched sections are the common case: skip them in a tight
+            // scan (boot adds thousands of them).
+            let mut sec = s0 + self.untouched_run(s0, s1);
+            while sec < s1 {
+                match self.sections[sec] {
+                    SEC_DEFERRED => return Err(InitError::AlreadyManaged),
+                    _ => {
+                        let start = self.section_start(sec).0.max(range.start.0);
+                        let end = self.section_end(start).min(range.end.0);
+                        let (a, b) = ((start - self.base) as usize, (end - self.base) as usize);
+                        if self.meta[a..b].iter().any(|m| m.state != RESERVED) {
+                            return Err(InitError::AlreadyManaged);
+                        }
+                    }
+                }
+                sec += 1;
+                sec += self.untouched_run(sec, s1);
+            }
         }
         if self.verify_pgtables {
             let start = range.start.max(self.pgtables.start);
@@ -493,16 +630,50 @@ impl<'m, M: PhysMem> BuddyAllocator<'m, M> {
                 return Err(InitError::PageTablesNotZeroed);
             }
         }
+        let mut pfn = range.start.0;
+        while pfn < range.end.0 {
+            let sec = self.section_of((pfn - self.base) as u32);
+            if self.section_state(sec) == SEC_UNTOUCHED {
+                // A run of whole untouched sections inside one zone is
+                // deferred in one go.
+                let whole = self.zone_end(pfn).min(range.end.0) & !(SECTION_FRAMES - 1);
+                if pfn.is_multiple_of(SECTION_FRAMES) && whole > pfn {
+                    let most = ((whole - pfn) / SECTION_FRAMES) as usize;
+                    let n = self.untouched_run(sec, sec + most);
+                    self.sections[sec..sec + n].fill(SEC_DEFERRED);
+                    let zone = self.expected_zone(Pfn(pfn)) as usize;
+                    let frames = n as u64 * SECTION_FRAMES;
+                    self.zones[zone].stats.managed_pages += frames;
+                    self.zones[zone].stats.deferred_pages += frames;
+                    self.deferred_cursor[zone] = self.deferred_cursor[zone].min(sec);
+                    pfn += frames;
+                    if n > 0 {
+                        continue;
+                    }
+                }
+                self.init_section(sec);
+            }
+            let end = self.section_end(pfn).min(range.end.0);
+            self.add_initialised(pfn, end);
+            pfn = end;
+        }
+        Ok(())
+    }
+
+    /// Give `[start, end)` (inside one initialised section, all reserved)
+    /// to the free lists as maximal blocks.
+    fn add_initialised(&mut self, start: u64, end: u64) {
+        let (first, last) = ((start - self.base) as usize, (end - self.base) as usize);
         for m in &mut self.meta[first..last] {
             m.state = TAIL;
         }
         let boundaries = [DMA_LIMIT.0, self.pgtables.start.0, self.pgtables.end.0];
-        let mut pfn = range.start.0;
-        while pfn < range.end.0 {
+        let mut pfn = start;
+        while pfn < end {
             // The largest naturally aligned block at `pfn` that fits in the
             // range and does not straddle a zone boundary.
             let mut order = (pfn.trailing_zeros() as u8).min(MAX_ORDER);
-            while pfn + (1 << order) > range.end.0 || boundaries.iter().any(|&b| pfn < b && b < pfn + (1 << order)) {
+            while pfn + (1 << order) > end || boundaries.iter().any(|&b| pfn < b && b < pfn + (1 << order)) {
                 order -= 1;
             }
             let idx = (pfn - self.base) as u32;
@@ -511,7 +682,6 @@ impl<'m, M: PhysMem> BuddyAllocator<'m, M> {
             self.free_block(idx, order);
             pfn += 1 << order;
         }
-        Ok(())
     }
 
     /// Allocate a naturally aligned block of `2^order` frames from the first
@@ -723,9 +893,35 @@ impl<'m, M: PhysMem> BuddyAllocator<'m, M> {
         let mut heads = [[0u64; NR_ORDERS]; NR_ZONES];
         let mut free_pages = [0u64; NR_ZONES];
         let mut hot_frames = [0usize; NR_ZONES];
+        let mut deferred = [0u64; NR_ZONES];
         let len = self.meta.len();
         let mut idx = 0usize;
         while idx < len {
+            let sec = self.section_of(idx as u32);
+            let state = self.section_state(sec);
+            if state != SEC_INIT {
+                // Untouched or deferred: metadata not read (see
+                // `deferred_metadata_is_zero`). Blocks never cross a section
+                // boundary, so `idx` is at the section's start.
+                let start = self.base + idx as u64;
+                let end = self.section_end(start);
+                if state == SEC_DEFERRED {
+                    let Some(zone) = self.deferrable(start, end) else {
+                        return Err("deferred section not whole, or straddling zones");
+                    };
+                    if end > self.base + len as u64 {
+                        return Err("deferred section beyond the span");
+                    }
+                    if sec < self.deferred_cursor[zone as usize] {
+                        return Err("deferred section below its zone's cursor");
+                    }
+                    deferred[zone as usize] += SECTION_FRAMES;
+                } else if state != SEC_UNTOUCHED {
+                    return Err("section with an invalid state");
+                }
+                idx = (end - self.base) as usize;
+                continue;
+            }
             let m = self.meta[idx];
             let Some(zone) = ZoneId::from_raw(m.zone) else { return Err("frame with an invalid zone") };
             if zone != self.expected_zone(self.pfn(idx as u32)) {
@@ -809,6 +1005,9 @@ impl<'m, M: PhysMem> BuddyAllocator<'m, M> {
             if z.stats.free_pages != free_pages[zone as usize] {
                 return Err("free_pages counter wrong");
             }
+            if z.stats.deferred_pages != deferred[zone as usize] {
+                return Err("deferred_pages counter wrong");
+            }
             let hot = &z.hot.frames[..z.hot.count];
             if hot.len() != hot_frames[zone as usize] {
                 return Err("hot-list length differs from the hot frames");
@@ -823,7 +1022,125 @@ impl<'m, M: PhysMem> BuddyAllocator<'m, M> {
         Ok(())
     }
 
+    /// Call `f(first_frame, zone)` for every deferred section: free,
+    /// managed frames not yet on the free lists.
+    pub fn for_each_deferred_section(&self, mut f: impl FnMut(Pfn, ZoneId)) {
+        for (sec, &state) in self.sections.iter().enumerate() {
+            if state == SEC_DEFERRED {
+                let pfn = self.section_start(sec);
+                f(pfn, self.expected_zone(pfn));
+            }
+        }
+    }
+
+    /// Whether the metadata of every untouched and deferred section is all
+    /// zeroes, as [`new_deferred`](Self::new_deferred) assumes and the
+    /// allocator keeps. For tests: it reads the metadata deferral saves
+    /// reading, `O(frames)`.
+    pub fn deferred_metadata_is_zero(&self) -> bool {
+        let zero = FrameMeta::default();
+        (0..self.meta.len()).all(|i| self.section_state(self.section_of(i as u32)) == SEC_INIT || self.meta[i] == zero)
+    }
+
     // ---- internals ----
+
+    /// The section holding span index `idx`.
+    #[inline]
+    fn section_of(&self, idx: u32) -> usize {
+        (((self.base + idx as u64) >> MAX_ORDER) - (self.base >> MAX_ORDER)) as usize
+    }
+
+    /// Absolute first pfn of section `sec` (possibly below the span).
+    fn section_start(&self, sec: usize) -> Pfn {
+        Pfn(((self.base >> MAX_ORDER) + sec as u64) << MAX_ORDER)
+    }
+
+    /// First pfn after the section holding `pfn`.
+    fn section_end(&self, pfn: u64) -> u64 {
+        (pfn | (SECTION_FRAMES - 1)) + 1
+    }
+
+    #[inline]
+    fn section_state(&self, sec: usize) -> u8 {
+        if self.sections.is_empty() { SEC_INIT } else { self.sections[sec] }
+    }
+
+    /// The zone of `[start, end)` if it is one whole section inside one
+    /// zone of a deferring allocator, so that it can be deferred.
+    fn deferrable(&self, start: u64, end: u64) -> Option<ZoneId> {
+        let boundaries = [DMA_LIMIT.0, self.pgtables.start.0, self.pgtables.end.0];
+        let whole = start.is_multiple_of(SECTION_FRAMES) && end == start + SECTION_FRAMES;
+        if self.sections.is_empty() || !whole || boundaries.iter().any(|&b| start < b && b < end) {
+            return None;
+        }
+        Some(self.expected_zone(Pfn(start)))
+    }
+
+    /// Write the metadata of the untouched section `sec` (its frames inside
+    /// the span, reserved, with their zones) and mark it initialised.
+    fn init_section(&mut self, sec: usize) {
+        let mut start = self.section_start(sec).0.max(self.base);
+        let end = self.section_end(start).min(self.base + self.meta.len() as u64);
+        while start < end {
+            let stop = self.zone_end(start).min(end);
+            let zone = self.expected_zone(Pfn(start)) as u8;
+            let (a, b) = ((start - self.base) as usize, (stop - self.base) as usize);
+            self.meta[a..b].fill(FrameMeta { zone, ..FrameMeta::RESERVED });
+            start = stop;
+        }
+        self.sections[sec] = SEC_INIT;
+    }
+
+    /// How many sections from `from` on (before `to`) are untouched: a
+    /// scan eight state bytes at a time, because boot adds thousands of
+    /// sections and each instruction costs about 1 µs under emulation.
+    fn untouched_run(&self, from: usize, to: usize) -> usize {
+        let states = &self.sections[from..to];
+        let mut n = 0;
+        for chunk in states.chunks_exact(8) {
+            let Ok(word) = <[u8; 8]>::try_from(chunk) else { break };
+            if u64::from_ne_bytes(word) != 0 {
+                break;
+            }
+            n += 8;
+        }
+        n + states[n..].iter().position(|&st| st != SEC_UNTOUCHED).unwrap_or(states.len() - n)
+    }
+
+    /// The first zone boundary above `pfn` (`u64::MAX` if none).
+    fn zone_end(&self, pfn: u64) -> u64 {
+        [DMA_LIMIT.0, self.pgtables.start.0, self.pgtables.end.0]
+            .into_iter()
+            .filter(|&b| b > pfn)
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Initialise the lowest deferred section of `zone` as one free block
+    /// of `MAX_ORDER` on the free lists. `false` if the zone has none.
+    #[cold]
+    fn grow(&mut self, zone: ZoneId) -> bool {
+        let z = zone as usize;
+        let mut sec = self.deferred_cursor[z];
+        while sec < self.sections.len()
+            && (self.sections[sec] != SEC_DEFERRED || self.expected_zone(self.section_start(sec)) != zone)
+        {
+            sec += 1;
+        }
+        self.deferred_cursor[z] = sec;
+        if sec >= self.sections.len() {
+            return false;
+        }
+        let head = (self.section_start(sec).0 - self.base) as usize;
+        let tail = FrameMeta { zone: zone as u8, state: TAIL, ..FrameMeta::RESERVED };
+        self.meta[head..head + SECTION_FRAMES as usize].fill(tail);
+        self.meta[head] = FrameMeta { state: FREE, order: MAX_ORDER, ..tail };
+        self.sections[sec] = SEC_INIT;
+        let zn = &mut self.zones[z];
+        zn.stats.deferred_pages -= SECTION_FRAMES;
+        zn.push(self.meta, MAX_ORDER, head as u32);
+        true
+    }
 
     #[inline]
     fn pfn(&self, idx: u32) -> Pfn {
@@ -868,6 +1185,9 @@ impl<'m, M: PhysMem> BuddyAllocator<'m, M> {
             ALLOCATED => Err(FreeError::WrongOrder { allocated: m.order }),
             FREE | HOT => Err(FreeError::DoubleFree),
             TAIL => Err(FreeError::NotBlockHead),
+            // A deferred section's metadata reads as reserved; its frames
+            // are free.
+            _ if self.section_state(self.section_of(idx)) == SEC_DEFERRED => Err(FreeError::DoubleFree),
             _ => Err(FreeError::NotManaged),
         }
     }
@@ -903,17 +1223,21 @@ impl<'m, M: PhysMem> BuddyAllocator<'m, M> {
     /// one if needed (Linux's `__rmqueue_smallest` and `expand`). The block
     /// is returned marked allocated.
     fn rmqueue(&mut self, zone: ZoneId, order: u8) -> Option<u32> {
-        let z = &mut self.zones[zone as usize];
         let mut found = order;
         let idx = loop {
-            if let Some(idx) = z.pop(self.meta, found) {
+            if let Some(idx) = self.zones[zone as usize].pop(self.meta, found) {
                 break idx;
             }
             if found == MAX_ORDER {
-                return None;
+                // The free lists cannot serve: take a deferred section.
+                if !self.grow(zone) {
+                    return None;
+                }
+                continue;
             }
             found += 1;
         };
+        let z = &mut self.zones[zone as usize];
         // expand: give back the upper half until the block has `order`.
         while found > order {
             found -= 1;

@@ -667,6 +667,8 @@ pub enum MapError {
     TableInTheWay,
     /// The page-table source has no page left.
     OutOfTables,
+    /// A range to map leaves the canonical half it starts in, or wraps.
+    NotCanonical,
 }
 
 impl MapError {
@@ -677,6 +679,7 @@ impl MapError {
             MapError::ParentIsHuge => "a larger page covers the address",
             MapError::TableInTheWay => "smaller pages mapped inside the range",
             MapError::OutOfTables => "no page-table page left",
+            MapError::NotCanonical => "range leaves its canonical half",
         }
     }
 }
@@ -813,7 +816,69 @@ impl PageTable {
     ) -> Result<(), MapError> {
         let flags = flags.intersection(PteFlags::LEAF_SETTABLE).union(PteFlags::PRESENT);
         let flags = if S::LEVEL > 1 { flags.union(PteFlags::HUGE) } else { flags };
-        self.install(mem, src, page.start().0, S::LEVEL, PageTableEntry::new(frame.start(), flags))
+        self.install(mem, src, page.start().0, S::LEVEL, PageTableEntry::new(frame.start(), flags)).map(|_| ())
+    }
+
+    /// Map `pages` consecutive pages from `page` to consecutive frames from
+    /// `frame`, as that many [`map`](Self::map) calls would, but walking
+    /// the tables once per leaf table instead of once per page: the kernel
+    /// maps all of RAM with it at boot. On an error the pages before the
+    /// failing one stay mapped. Needs no TLB flush.
+    pub fn map_range<S: PageSize, M: PhysMem, T: PageTableSource>(
+        &mut self,
+        mem: &M,
+        src: &mut T,
+        page: Page<S>,
+        frame: PhysFrame<S>,
+        pages: u64,
+        flags: PteFlags,
+    ) -> Result<(), MapError> {
+        let Some(last_va) =
+            pages.checked_sub(1).map(|n| n.checked_mul(S::SIZE).and_then(|b| page.start().0.checked_add(b)))
+        else {
+            return Ok(());
+        };
+        let last_pa = frame.start().0.checked_add((pages - 1).saturating_mul(S::SIZE));
+        match (last_va, last_pa) {
+            (Some(v), Some(p)) if is_canonical(v) && (v ^ page.start().0) >> 47 == 0 && p < 1 << 52 => {}
+            _ => return Err(MapError::NotCanonical),
+        }
+        let flags = flags.intersection(PteFlags::LEAF_SETTABLE).union(PteFlags::PRESENT);
+        let flags = if S::LEVEL > 1 { flags.union(PteFlags::HUGE) } else { flags };
+        let mut i = 0;
+        while i < pages {
+            let (va, pa) = (page.start().0 + i * S::SIZE, frame.start().0 + i * S::SIZE);
+            let (table, fresh) = self.install(mem, src, va, S::LEVEL, PageTableEntry::new(Gpa(pa), flags))?;
+            i += 1;
+            // The rest of this leaf table, entry by entry; a table this call
+            // just took from the source is all zeroes (the source's
+            // contract), so its entries need not be read first.
+            let first = table_index(va, S::LEVEL) + 1;
+            let n = (ENTRIES - first).min((pages - i) as usize);
+            // Consecutive frames: add the page size to the whole entry (the
+            // last frame's address was checked to fit below bit 52, so the
+            // flag bits above it never change).
+            let mut entry = PageTableEntry::new(Gpa(pa), flags).0;
+            if fresh {
+                // The guest kernel maps all of RAM with this loop at boot.
+                for idx in first..first + n {
+                    entry += S::SIZE;
+                    write_entry(mem, table, idx, PageTableEntry(entry));
+                }
+                i += n as u64;
+                continue;
+            }
+            for idx in first..first + n {
+                let e = read_entry(mem, table, idx);
+                if e.is_present() {
+                    return Err(if e.is_leaf_at(S::LEVEL) { MapError::AlreadyMapped } else { MapError::TableInTheWay });
+                }
+                entry += S::SIZE;
+                write_entry(mem, table, idx, PageTableEntry(entry));
+                i += 1;
+            }
+        }
+        Ok(())
     }
 
     /// Remove the mapping of `page`. Returns the frame, the flags it had
@@ -1085,6 +1150,8 @@ impl PageTable {
     // ---- internals ----
 
     /// Write the leaf `entry` at `level` for `va`, creating tables above it.
+    /// Returns the table that holds the entry, and whether this call
+    /// created it (then its other entries are all zero).
     pub(crate) fn install<M: PhysMem, T: PageTableSource>(
         &mut self,
         mem: &M,
@@ -1092,14 +1159,16 @@ impl PageTable {
         va: u64,
         level: u8,
         entry: PageTableEntry,
-    ) -> Result<(), MapError> {
+    ) -> Result<(Pfn, bool), MapError> {
         let mut path = Path { tables: [self.root; 5] };
         let mut table = self.root;
         let mut l = 4u8;
+        let mut fresh = false;
         while l > level {
             let idx = table_index(va, l);
             let e = read_entry(mem, table, idx);
-            table = if !e.is_present() {
+            fresh = !e.is_present();
+            table = if fresh {
                 let Some(t) = src.alloc_table() else {
                     // Free the tables this call created (they are empty).
                     self.prune(mem, src, &path, va, l);
@@ -1121,7 +1190,7 @@ impl PageTable {
             return Err(if e.is_leaf_at(level) { MapError::AlreadyMapped } else { MapError::TableInTheWay });
         }
         write_entry(mem, table, idx, entry);
-        Ok(())
+        Ok((table, fresh))
     }
 
     /// Walk to the entry at `level` for `va`, which must be a leaf.

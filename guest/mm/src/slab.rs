@@ -760,6 +760,41 @@ pub const fn size_class(size: usize, align: usize) -> SizeClass {
     if order > MAX_ORDER as u32 { SizeClass::TooLarge } else { SizeClass::Pages(order as u8) }
 }
 
+/// The kmalloc cache of a request, as [`size_class`], by a tree of
+/// compares: each way through it ends in a constant index, so once the
+/// branches are predicted the cache's address does not wait for the size
+/// (a computed index puts the size computation on the critical path of
+/// every allocation: about 2 ns measured).
+#[inline(always)]
+const fn cache_of(size: usize, align: usize) -> Option<usize> {
+    let need = if size > align { size } else { align };
+    if need <= 64 {
+        if need <= 16 {
+            if need <= 8 { Some(0) } else { Some(1) }
+        } else if need <= 32 {
+            Some(2)
+        } else {
+            Some(3)
+        }
+    } else if need <= 512 {
+        if need <= 128 {
+            Some(4)
+        } else if need <= 256 {
+            Some(5)
+        } else {
+            Some(6)
+        }
+    } else if need <= 1024 {
+        Some(7)
+    } else if need <= 2048 {
+        Some(8)
+    } else if need <= KMALLOC_MAX_CACHE_SIZE {
+        Some(9)
+    } else {
+        None
+    }
+}
+
 /// The kmalloc caches (`kmalloc-8` … `kmalloc-4k`) in front of the buddy
 /// allocator: the guest's general-purpose heap.
 #[derive(Debug)]
@@ -808,9 +843,9 @@ impl Kmalloc {
     // the fast path is a few instructions, the slow path a call.
     #[inline(always)]
     pub fn alloc<M: PhysMem>(&mut self, buddy: &mut BuddyAllocator<'_, M>, size: usize, align: usize) -> Option<Gpa> {
-        match size_class(size, align) {
-            SizeClass::Cache(i) => self.caches[i].alloc(buddy),
-            class => self.alloc_large(buddy, class),
+        match cache_of(size, align) {
+            Some(i) => self.caches[i].alloc(buddy),
+            None => self.alloc_large(buddy, size_class(size, align)),
         }
     }
 
@@ -835,9 +870,9 @@ impl Kmalloc {
         size: usize,
         align: usize,
     ) -> Result<(), SlabError> {
-        match size_class(size, align) {
-            SizeClass::Cache(i) => self.caches[i].free(buddy, addr),
-            class => self.free_large(buddy, addr, class),
+        match cache_of(size, align) {
+            Some(i) => self.caches[i].free(buddy, addr),
+            None => self.free_large(buddy, addr, size_class(size, align)),
         }
     }
 

@@ -13,6 +13,15 @@ pub fn init() {
     idt::init();
 }
 
+/// Whether the CPU maps 1 GiB pages (CPUID.80000001H:EDX.Page1GB[bit 26],
+/// Intel SDM Vol. 3A §4.1.4).
+pub fn has_1g_pages() -> bool {
+    // `cpuid` exists on every x86-64 CPU; leaf 0x8000_0000 gives the
+    // highest extended leaf, checked before 0x8000_0001 is trusted.
+    let max = core::arch::x86_64::__cpuid(0x8000_0000).eax;
+    max >= 0x8000_0001 && core::arch::x86_64::__cpuid(0x8000_0001).edx & (1 << 26) != 0
+}
+
 /// Read the time-stamp counter.
 #[inline]
 pub fn rdtsc() -> u64 {

@@ -19,6 +19,7 @@ pub static ALL: &[TestCase] = &[
     TestCase { name: "buddy::alloc_is_aligned_and_returned", run: mm_suites::buddy_alloc_aligned_and_returned },
     TestCase { name: "buddy::pgtable_pages_come_zeroed", run: mm_suites::buddy_pgtable_pages_are_zero },
     TestCase { name: "buddy::double_free_is_refused", run: mm_suites::buddy_double_free_refused },
+    TestCase { name: "buddy::all_ram_is_managed", run: mm_suites::buddy_all_ram_is_managed },
     TestCase { name: "slab::objects_are_distinct_and_aligned", run: mm_suites::slab_objects_distinct_and_aligned },
     TestCase { name: "heap::vec_and_box", run: mm_suites::heap_vec_and_box },
     TestCase { name: "heap::oom_returns_null", run: mm_suites::heap_oom_returns_null },

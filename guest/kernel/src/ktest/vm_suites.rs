@@ -135,7 +135,7 @@ fn frames_in_use() -> u64 {
             .iter()
             .map(|&z| {
                 let s = m.buddy.stats(z);
-                s.managed_pages - s.free_pages - s.hot_pages
+                s.managed_pages - s.free_total()
             })
             .sum()
     })

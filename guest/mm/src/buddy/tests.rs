@@ -15,11 +15,22 @@ struct Fixture {
     base: Pfn,
     backing: Vec<u64>,
     meta: Vec<FrameMeta>,
+    sections: Vec<u8>,
 }
 
 impl Fixture {
     fn new(base: Pfn, frames: usize) -> Self {
-        Self { base, backing: vec![0; frames * FRAME_WORDS], meta: vec![FrameMeta::default(); frames] }
+        let sections = vec![0; section_bytes(frames as u64) as usize];
+        Self { base, backing: vec![0; frames * FRAME_WORDS], meta: vec![FrameMeta::default(); frames], sections }
+    }
+
+    /// Like [`empty`](Self::empty), with deferred initialisation (over the
+    /// fixture's zeroed metadata and section arrays).
+    fn empty_deferred(&mut self, pgtables: FrameRange) -> BuddyAllocator<'_, ArenaMem<'_>> {
+        let mem = ArenaMem::new(self.base.addr(), &mut self.backing);
+        let mut a = BuddyAllocator::new_deferred(mem, &mut self.meta, &mut self.sections, self.base, pgtables).unwrap();
+        a.set_verify_pgtables(true);
+        a
     }
 
     /// An allocator over the whole fixture with the given page-table zone,
@@ -549,6 +560,186 @@ fn an_allocated_block_carries_its_owners_tag_until_freed() {
     a.free_pgtable(t).unwrap();
     assert_eq!(a.alloc_pgtable(), Some(t));
     assert_eq!(a.block_tag(t), Some((0, [0; 4])));
+}
+
+// ---- deferred initialisation ----
+
+/// A span of DMA frames below 16 MiB, then NORMAL, with a 2-section
+/// page-table zone: `[DMA_LIMIT - 1024 - 7, DMA_LIMIT + 7 * 1024 + 5)`.
+const D_BASE: Pfn = Pfn(DMA_LIMIT.0 - SECTION_FRAMES - 7);
+const D_FRAMES: u64 = 8 * SECTION_FRAMES + 12;
+const D_PGTABLES: FrameRange =
+    FrameRange { start: Pfn(DMA_LIMIT.0 + 2 * SECTION_FRAMES), end: Pfn(DMA_LIMIT.0 + 4 * SECTION_FRAMES) };
+
+fn deferred_fixture() -> Fixture {
+    Fixture::new(D_BASE, D_FRAMES as usize)
+}
+
+#[test]
+fn whole_sections_are_deferred_without_writing_metadata() {
+    let mut fx = deferred_fixture();
+    let span = FrameRange::new(D_BASE, D_BASE.add(D_FRAMES));
+    let mut a = fx.empty_deferred(D_PGTABLES);
+    a.add_free_range(span).unwrap();
+    a.check_invariants().unwrap();
+    assert!(a.deferred_metadata_is_zero());
+    let mut deferred = Vec::new();
+    a.for_each_deferred_section(|p, z| deferred.push((p.0, z)));
+    // The ragged ends (7 DMA frames, 5 NORMAL frames at the top) and the
+    // partial first section are initialised; every whole section is
+    // deferred, the page-table zone's too.
+    let n = DMA_LIMIT.0;
+    let mut expect = vec![(n - SECTION_FRAMES, ZoneId::Dma)];
+    expect.extend((0..7).map(|i| {
+        let z = if (2..4).contains(&i) { ZoneId::PageTables } else { ZoneId::Normal };
+        (n + i * SECTION_FRAMES, z)
+    }));
+    assert_eq!(deferred, expect);
+    let (dma, normal, pt) = (a.stats(ZoneId::Dma), a.stats(ZoneId::Normal), a.stats(ZoneId::PageTables));
+    assert_eq!((dma.free_pages, dma.deferred_pages, dma.managed_pages), (7, 1024, 1024 + 7));
+    assert_eq!((normal.free_pages, normal.deferred_pages, normal.managed_pages), (5, 5 * 1024, 5 * 1024 + 5));
+    assert_eq!((pt.free_pages, pt.deferred_pages, pt.managed_pages), (0, 2 * 1024, 2 * 1024));
+    // Zones of deferred frames are answered by the layout.
+    assert_eq!(a.zone_of(Pfn(n + 2 * SECTION_FRAMES + 3)), Some(ZoneId::PageTables));
+    assert_eq!(a.zone_of(Pfn(n + 5 * SECTION_FRAMES + 3)), Some(ZoneId::Normal));
+}
+
+#[test]
+fn an_eager_allocator_defers_nothing() {
+    let mut fx = deferred_fixture();
+    let span = FrameRange::new(D_BASE, D_BASE.add(D_FRAMES));
+    let mut a = fx.empty(D_PGTABLES);
+    a.add_free_range(span).unwrap();
+    a.check_invariants().unwrap();
+    let mut n = 0;
+    a.for_each_deferred_section(|_, _| n += 1);
+    assert_eq!(n, 0);
+    assert_eq!(a.stats(ZoneId::Normal).free_pages, 5 * 1024 + 5);
+}
+
+#[test]
+fn deferred_sections_are_grown_lowest_first_when_the_free_lists_run_dry() {
+    let mut fx = deferred_fixture();
+    let span = FrameRange::new(D_BASE, D_BASE.add(D_FRAMES));
+    let mut a = fx.empty_deferred(D_PGTABLES);
+    a.add_free_range(span).unwrap();
+    let initial_free = free_blocks(&a);
+    // An order-3 block: the 5 ragged NORMAL frames (blocks of order 2 and
+    // 0) cannot serve it, so a section is grown, the lowest NORMAL one; the
+    // others stay deferred.
+    let p = a.alloc(3, ZonePref::Normal).unwrap();
+    assert!(FrameRange::new(DMA_LIMIT, DMA_LIMIT.add(SECTION_FRAMES)).contains(p), "{p:?}");
+    assert_eq!(a.stats(ZoneId::Normal).deferred_pages, 4 * 1024);
+    let small: Vec<_> = (0..5).map(|_| a.alloc(0, ZonePref::Normal).unwrap()).collect();
+    assert_eq!(a.stats(ZoneId::Normal).deferred_pages, 4 * 1024);
+    a.check_invariants().unwrap();
+    assert!(a.deferred_metadata_is_zero());
+    // Every NORMAL frame can be allocated (order 10 grows the rest), and no
+    // more; then everything comes back fully merged.
+    let mut big = Vec::new();
+    while let Some(b) = a.alloc(MAX_ORDER, ZonePref::Normal) {
+        big.push(b);
+    }
+    // The 4 NORMAL sections not yet grown, then the DMA one (the fallback).
+    let zones: Vec<_> = big.iter().map(|&b| a.zone_of(b).unwrap()).collect();
+    assert_eq!(zones, [ZoneId::Normal, ZoneId::Normal, ZoneId::Normal, ZoneId::Normal, ZoneId::Dma]);
+    assert_eq!(a.stats(ZoneId::Normal).deferred_pages + a.stats(ZoneId::Dma).deferred_pages, 0);
+    a.check_invariants().unwrap();
+    for b in big {
+        a.free(b, MAX_ORDER).unwrap();
+    }
+    a.check_invariants().unwrap();
+    for q in small {
+        a.free(q, 0).unwrap();
+    }
+    a.free(p, 3).unwrap();
+    a.drain_hot_lists();
+    a.check_invariants().unwrap();
+    let s = a.stats(ZoneId::Normal);
+    assert_eq!((s.free_pages, s.deferred_pages), (5 * 1024 + 5, 0));
+    let mut expect = initial_free;
+    expect.extend([0, 1, 4, 5, 6].map(|i| (DMA_LIMIT.0 + i * SECTION_FRAMES, MAX_ORDER, ZoneId::Normal)));
+    expect.push((DMA_LIMIT.0 - SECTION_FRAMES, MAX_ORDER, ZoneId::Dma));
+    expect.sort_by_key(|b| b.0);
+    assert_eq!(free_blocks(&a), expect);
+}
+
+#[test]
+fn page_table_pages_come_from_grown_sections_zeroed() {
+    let mut fx = deferred_fixture();
+    let span = FrameRange::new(D_BASE, D_BASE.add(D_FRAMES));
+    let mut a = fx.empty_deferred(D_PGTABLES);
+    a.add_free_range(span).unwrap();
+    let p = a.alloc_pgtable().unwrap();
+    assert!(D_PGTABLES.contains(p) && a.mem().frame_is_zero(p));
+    assert_eq!(a.stats(ZoneId::PageTables).deferred_pages, 1024);
+    a.free_pgtable(p).unwrap();
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn frees_and_adds_inside_deferred_sections_are_refused_and_change_nothing() {
+    let mut fx = deferred_fixture();
+    let span = FrameRange::new(D_BASE, D_BASE.add(D_FRAMES));
+    let mut a = fx.empty_deferred(D_PGTABLES);
+    a.add_free_range(FrameRange::new(D_BASE, DMA_LIMIT.add(3 * SECTION_FRAMES))).unwrap();
+    let before = (free_blocks(&a), ZoneId::ALL.map(|z| a.stats(z)));
+    let inside = DMA_LIMIT.add(SECTION_FRAMES + 8);
+    // Deferred frames are free: freeing one is a double free.
+    assert_eq!(a.free(inside, 0), Err(FreeError::DoubleFree));
+    assert_eq!(a.free(DMA_LIMIT.add(SECTION_FRAMES), MAX_ORDER), Err(FreeError::DoubleFree));
+    assert_eq!(a.free_pgtable(D_PGTABLES.start), Err(FreeError::DoubleFree));
+    // Untouched frames are not managed.
+    assert_eq!(a.free(DMA_LIMIT.add(3 * SECTION_FRAMES + 8), 0), Err(FreeError::NotManaged));
+    assert_eq!(a.block_tag(inside), None);
+    assert!(!a.set_block_tag(inside, [1, 2, 3, 4]));
+    // A range overlapping a deferred section, or a managed frame of an
+    // initialised one, is refused as a whole.
+    let over = FrameRange::new(DMA_LIMIT.add(3 * SECTION_FRAMES - 1), DMA_LIMIT.add(3 * SECTION_FRAMES + 10));
+    assert_eq!(a.add_free_range(over), Err(InitError::AlreadyManaged));
+    assert_eq!(a.add_free_range(span), Err(InitError::AlreadyManaged));
+    assert_eq!((free_blocks(&a), ZoneId::ALL.map(|z| a.stats(z))), before);
+    a.check_invariants().unwrap();
+    assert!(a.deferred_metadata_is_zero());
+    // The rest can still be added, and a section straddling nothing but
+    // untouched frames is deferred.
+    a.add_free_range(FrameRange::new(DMA_LIMIT.add(3 * SECTION_FRAMES), span.end)).unwrap();
+    a.check_invariants().unwrap();
+    assert_eq!(a.stats(ZoneId::Normal).deferred_pages, 5 * 1024);
+    assert_eq!(a.free(DMA_LIMIT.add(3 * SECTION_FRAMES + 8), 0), Err(FreeError::DoubleFree));
+}
+
+#[test]
+fn long_runs_of_sections_are_deferred_around_an_initialised_one() {
+    let sec = |i: u64| DMA_LIMIT.add(i * SECTION_FRAMES);
+    let mut fx = normal(40 * SECTION_FRAMES);
+    let mut a = fx.empty_deferred(NO_PGTABLES);
+    // Part of section 21: it is initialised, the rest of it unmanaged.
+    a.add_free_range(FrameRange::new(sec(21).add(100), sec(21).add(200))).unwrap();
+    assert_eq!(a.add_free_range(FrameRange::new(sec(0), sec(40))), Err(InitError::AlreadyManaged));
+    assert_eq!(a.stats(ZoneId::Normal).deferred_pages, 0);
+    a.add_free_range(FrameRange::new(sec(0), sec(21))).unwrap();
+    a.add_free_range(FrameRange::new(sec(22), sec(40))).unwrap();
+    // Overlapping a deferred section far into a run is refused too.
+    assert_eq!(a.add_free_range(FrameRange::new(sec(39), sec(40))), Err(InitError::AlreadyManaged));
+    a.check_invariants().unwrap();
+    let s = a.stats(ZoneId::Normal);
+    assert_eq!((s.deferred_pages, s.free_pages), (39 * SECTION_FRAMES, 100));
+    let mut n = 0;
+    a.for_each_deferred_section(|p, _| {
+        assert_ne!(p, sec(21));
+        n += 1;
+    });
+    assert_eq!(n, 39);
+}
+
+#[test]
+fn a_short_section_array_is_refused() {
+    let mut fx = deferred_fixture();
+    let mem = ArenaMem::new(fx.base.addr(), &mut fx.backing);
+    let mut short = vec![0u8; section_bytes(D_FRAMES) as usize - 1];
+    let r = BuddyAllocator::new_deferred(mem, &mut fx.meta, &mut short, fx.base, D_PGTABLES);
+    assert_eq!(r.err(), Some(InitError::SectionArrayTooSmall));
 }
 
 mod model;

@@ -121,6 +121,54 @@ fn large_and_huge_pages_are_leaves_with_ps_at_the_pd_and_pdpt() {
 }
 
 #[test]
+fn map_range_maps_what_one_map_per_page_would() {
+    with_mm(|mem, buddy| {
+        // 1100 pages of 4 KiB from just below a PD boundary: three leaf
+        // tables (the middle one whole), against one `map` per page.
+        let (va, pa, n) = (0x4000_0000 - 5 * 4096, 0x10_0000, 1100u64);
+        let mut range = PageTable::new(buddy).unwrap();
+        range.map_range(mem, buddy, page::<Size4KiB>(va), frame(pa), n, RW).unwrap();
+        let mut each = PageTable::new(buddy).unwrap();
+        for i in 0..n {
+            each.map(mem, buddy, page::<Size4KiB>(va + i * 4096), frame(pa + i * 4096), RW).unwrap();
+        }
+        for i in [0, 1, 4, 5, 6, 511, 516, 517, 1028, n - 1, n] {
+            let a = Gva(va + i * 4096 + 8);
+            assert_eq!(range.translate(mem, a), each.translate(mem, a), "page {i}");
+        }
+        assert_eq!(range.check_invariants(mem), each.check_invariants(mem));
+        // 2 MiB pages across a PDPT boundary, and no pages at all.
+        let mut big = PageTable::new(buddy).unwrap();
+        big.map_range(mem, buddy, page::<Size2MiB>(0x3fe0_0000), frame(0), 3, RW).unwrap();
+        assert_eq!(big.translate(mem, Gva(0x4020_0010)).unwrap().addr, Gpa(0x40_0010));
+        assert_eq!(big.translate(mem, Gva(0x4040_0000)), None);
+        big.map_range(mem, buddy, page::<Size2MiB>(0x8000_0000), frame(0), 0, RW).unwrap();
+        assert_eq!(big.translate(mem, Gva(0x8000_0000)), None);
+    })
+}
+
+#[test]
+fn map_range_stops_at_a_conflict_or_the_canonical_hole() {
+    with_mm(|mem, buddy| {
+        let mut pt = PageTable::new(buddy).unwrap();
+        pt.map(mem, buddy, page::<Size4KiB>(0x7000), frame(0x1000), RW).unwrap();
+        // Pages 0x5000 and 0x6000 are mapped, then 0x7000 is in the way.
+        assert_eq!(
+            pt.map_range(mem, buddy, page::<Size4KiB>(0x5000), frame(0x20_0000), 4, RW),
+            Err(MapError::AlreadyMapped)
+        );
+        assert_eq!(pt.translate(mem, Gva(0x6000)).unwrap().addr, Gpa(0x20_1000));
+        assert_eq!(pt.translate(mem, Gva(0x7000)).unwrap().addr, Gpa(0x1000));
+        assert_eq!(pt.translate(mem, Gva(0x8000)), None);
+        // A range running off the lower canonical half is refused up front.
+        let last = 0x0000_7fff_ffe0_0000;
+        assert_eq!(pt.map_range(mem, buddy, page::<Size2MiB>(last), frame(0), 2, RW), Err(MapError::NotCanonical));
+        assert_eq!(pt.translate(mem, Gva(last)), None);
+        pt.map_range(mem, buddy, page::<Size2MiB>(last), frame(0), 1, RW).unwrap();
+    })
+}
+
+#[test]
 fn conflicting_maps_are_refused_and_change_nothing() {
     with_mm(|mem, buddy| {
         let mut pt = PageTable::new(buddy).unwrap();

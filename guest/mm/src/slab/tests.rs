@@ -75,8 +75,16 @@ fn the_size_class_is_the_smallest_power_of_two_class_that_fits() {
                 SizeClass::Pages(if need <= PAGE_SIZE as usize { 0 } else { 1 })
             };
             assert_eq!(size_class(size, align), expected, "size {size}, align {align}");
+            // Kmalloc's dispatch (a tree of compares) agrees.
+            let cache = match expected {
+                SizeClass::Cache(i) => Some(i),
+                _ => None,
+            };
+            assert_eq!(cache_of(size, align), cache, "size {size}, align {align}");
         }
     }
+    assert_eq!(cache_of(usize::MAX, 8), None);
+    assert_eq!(cache_of(8, 1 << 63), None);
 }
 
 #[test]

@@ -116,23 +116,40 @@ fn check_against_model<M: PhysMem>(a: &BuddyAllocator<'_, M>, model: &Model) -> 
     let mut res = Ok(());
     a.for_each_free_block(|p, o, _| res = res.clone().and_then(|()| mark(p, o)));
     a.for_each_hot_frame(|p, _| res = res.clone().and_then(|()| mark(p, 0)));
+    a.for_each_deferred_section(|p, _| res = res.clone().and_then(|()| mark(p, MAX_ORDER)));
     res?;
     prop_assert!(free == model.free, "allocator's free frames differ from the model's");
+    prop_assert!(a.deferred_metadata_is_zero(), "metadata of a deferred section written");
     for zone in ZoneId::ALL {
         let s = a.stats(zone);
         let n = (0..FRAMES).filter(|&i| model.free[i as usize] && zone_of(BASE.add(i)) == zone).count();
-        prop_assert_eq!(s.free_pages + s.hot_pages, n as u64);
+        prop_assert_eq!(s.free_total(), n as u64);
     }
     Ok(())
 }
 
-fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+/// The free lists and the deferred sections (as blocks of `MAX_ORDER`), as
+/// a sorted list of `(head, order, zone)`.
+fn free_and_deferred<M: PhysMem>(a: &BuddyAllocator<'_, M>) -> Vec<(u64, u8, ZoneId)> {
+    let mut v = free_blocks(a);
+    a.for_each_deferred_section(|p, z| v.push((p.0, MAX_ORDER, z)));
+    v.sort_by_key(|b| b.0);
+    v
+}
+
+/// Run `ops` on an eager allocator (`deferred == false`) or on one with
+/// deferred initialisation, whose span then holds one deferred NORMAL
+/// section (`[5120, 6144)`) besides sections initialised at creation.
+fn run(ops: Vec<Op>, deferred: bool) -> Result<(), TestCaseError> {
     let mut fx = Fixture::new(BASE, FRAMES as usize);
-    let mut a = fx.empty(PGTABLES);
+    let mut a = if deferred { fx.empty_deferred(PGTABLES) } else { fx.empty(PGTABLES) };
     for r in ADDED {
         a.add_free_range(r).unwrap();
     }
-    let initial = free_blocks(&a);
+    let mut sections = 0;
+    a.for_each_deferred_section(|_, _| sections += 1);
+    prop_assert_eq!(sections, if deferred { 1 } else { 0 });
+    let initial = free_and_deferred(&a);
     let mut model = Model::new();
     check_against_model(&a, &model)?;
 
@@ -252,11 +269,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     }
     a.drain_hot_lists();
     check_against_model(&a, &model)?;
-    prop_assert_eq!(free_blocks(&a), initial, "buddies not fully merged once all is free");
+    prop_assert_eq!(free_and_deferred(&a), initial, "buddies not fully merged once all is free");
     for zone in ZoneId::ALL {
         let s = a.stats(zone);
         prop_assert_eq!(s.allocs, s.frees);
-        prop_assert_eq!(s.free_pages, s.managed_pages);
+        prop_assert_eq!(s.free_pages + s.deferred_pages, s.managed_pages);
     }
     Ok(())
 }
@@ -266,7 +283,12 @@ proptest! {
 
     #[test]
     fn random_alloc_free_sequences_match_the_model(ops in proptest::collection::vec(op(), 1..300)) {
-        run(ops)?;
+        run(ops, false)?;
+    }
+
+    #[test]
+    fn random_sequences_match_the_model_with_deferred_sections(ops in proptest::collection::vec(op(), 1..300)) {
+        run(ops, true)?;
     }
 }
 
@@ -290,5 +312,6 @@ fn a_long_churn_matches_the_model() {
             _ => Op::BadFree { pick, kind: (pick % 6) as u8 },
         });
     }
-    run(ops).unwrap();
+    run(ops.clone(), false).unwrap();
+    run(ops, true).unwrap();
 }
