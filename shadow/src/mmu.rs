@@ -153,9 +153,17 @@ const PAGE: u64 = 4096;
 /// Pool pages a kernel-half prefill leaves free: the path of the fault
 /// that follows (a PDPT, a PD and a PT).
 pub const PREFILL_RESERVE: usize = 3;
-/// Shadow roots kept for recent guest CR3s (KVM keeps 3 `prev_roots`; a
-/// handful of address spaces switching round-robin must not rebuild).
+/// The fewest shadow roots kept for recent guest CR3s (KVM keeps 3
+/// `prev_roots`; a handful of address spaces switching round-robin must not
+/// rebuild). The cache grows with the pool: one root per
+/// [`POOL_PAGES_PER_ROOT`] pool pages, up to [`MAX_ROOTS`].
 pub const ROOT_CACHE: usize = 8;
+/// Pool pages per cached root: a root, its user-half path (PDPT, PD, PT)
+/// and room for the tables its address space touches.
+pub const POOL_PAGES_PER_ROOT: usize = 32;
+/// The most shadow roots cached (what pv mode can publish:
+/// `guest_abi::pv::ROOTS_CAP`).
+pub const MAX_ROOTS: usize = guest_abi::pv::ROOTS_CAP;
 
 /// Access granted by the levels above a shadow page: bit 0 writable,
 /// bit 1 user, bit 2 executable.
@@ -227,6 +235,13 @@ pub struct ShadowStats {
     /// Pool pages found written by the guest and rewritten from the VMM's
     /// copy ([`ShadowMmu::repair_pool_pages`]).
     pub pool_repairs: u64,
+    /// pv mode: write-queue batches applied ([`ShadowMmu::apply_batch`]).
+    pub batches: u64,
+    /// pv mode: queue entries applied (each also counts in `pte_writes`).
+    pub batch_entries: u64,
+    /// pv mode: translations made current without a fault
+    /// ([`ShadowMmu::prefetch`]).
+    pub prefetches: u64,
 }
 
 impl ShadowStats {
@@ -248,6 +263,9 @@ impl ShadowStats {
             pages_in_use: self.pages_in_use,
             pages_peak: self.pages_peak,
             pool_repairs: self.pool_repairs - earlier.pool_repairs,
+            batches: self.batches - earlier.batches,
+            batch_entries: self.batch_entries - earlier.batch_entries,
+            prefetches: self.prefetches - earlier.prefetches,
         }
     }
 }
@@ -382,6 +400,8 @@ pub struct ShadowMmu {
     /// The last fault answered `Fixed` (address, error code), until the
     /// guest changes anything (invariant 7).
     last_fixed: Option<(u64, u32)>,
+    /// How many roots the cache keeps (sized from the pool).
+    root_cap: usize,
 }
 
 impl ShadowMmu {
@@ -404,7 +424,15 @@ impl ShadowMmu {
             prefill_hints: Vec::new(),
             tables: TableFrames::ALL,
             last_fixed: None,
+            root_cap: (pages as usize / POOL_PAGES_PER_ROOT).clamp(ROOT_CACHE, MAX_ROOTS),
         }
+    }
+
+    /// How many shadow roots the cache keeps: one per
+    /// [`POOL_PAGES_PER_ROOT`] pool pages, at least [`ROOT_CACHE`], at most
+    /// [`MAX_ROOTS`].
+    pub fn root_cache_capacity(&self) -> usize {
+        self.root_cap
     }
 
     /// Restrict guest paging structures to `tables` (invariant 6): the
@@ -599,7 +627,7 @@ impl ShadowMmu {
             p.root = true;
         }
         self.roots.push_front((key, page));
-        while self.roots.len() > ROOT_CACHE {
+        while self.roots.len() > self.root_cap {
             let (_, old) = self.roots.pop_back().expect("non-empty");
             if let Some(p) = self.pages[old as usize].as_mut() {
                 p.root = false;
@@ -1016,6 +1044,13 @@ impl ShadowMmu {
     /// applied to guest memory. Updates or zaps every shadow entry derived
     /// from the written entry.
     pub fn pte_written(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys, gpa: u64, len: u64) {
+        self.sync_written(pool, guest, gpa, len);
+        self.refill_current_root(pool, guest);
+    }
+
+    /// [`ShadowMmu::pte_written`] without the refill of the current root's
+    /// kernel half (a batch refills once, at its end).
+    fn sync_written(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys, gpa: u64, len: u64) {
         self.stats.pte_writes += 1;
         self.last_fixed = None;
         let gfn = gpa >> 12;
@@ -1047,7 +1082,6 @@ impl ShadowMmu {
                 _ => self.zap_entry(pool, page, idx),
             }
         }
-        self.refill_current_root(pool, guest);
     }
 
     /// After a change that zapped entries of the current root's kernel half,
@@ -1188,8 +1222,14 @@ fn restricts(old: u64, new: u64) -> bool {
     (old & RW != 0 && new & RW == 0) || (old & US != 0 && new & US == 0) || (old & XD == 0 && new & XD != 0)
 }
 
+mod pv;
+pub use pv::BatchOutcome;
+
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod pv_tests;
 
 #[cfg(test)]
 mod bounds_tests;

@@ -26,8 +26,13 @@ pub enum MmuMode {
     /// Hardware-assisted: the vCPU walks the guest's tables, KVM's
     /// second-stage tables map GPA→HPA.
     Ept = 1,
-    /// Software shadow page tables kept by the VMM.
+    /// Software shadow page tables kept by the VMM; every guest
+    /// page-table write traps.
     Shadow = 2,
+    /// Paravirtual shadow paging: the same shadow MMU, but the guest writes
+    /// its tables directly, records each write in a queue shared with the
+    /// VMM ([`crate::pv`]) and syncs at hypercalls.
+    Pv = 3,
 }
 
 impl MmuMode {
@@ -36,6 +41,7 @@ impl MmuMode {
         match v {
             1 => Some(Self::Ept),
             2 => Some(Self::Shadow),
+            3 => Some(Self::Pv),
             _ => None,
         }
     }
@@ -45,7 +51,13 @@ impl MmuMode {
         match self {
             Self::Ept => "ept",
             Self::Shadow => "shadow",
+            Self::Pv => "pv",
         }
+    }
+
+    /// Whether the VMM keeps shadow page tables (shadow and pv modes).
+    pub const fn is_shadowed(self) -> bool {
+        matches!(self, Self::Shadow | Self::Pv)
     }
 }
 

@@ -27,6 +27,17 @@ pub const SHADOW_FAULT: u32 = 4;
 pub const FLUSH_TLB: u32 = 5;
 /// Print the GVA→GPA→HVA→HPA chain of an address: `EXPLAIN(gva)`.
 pub const EXPLAIN: u32 = 6;
+/// pv mode: register the shared area: `PV_SETUP(gpa)`, the GPA of
+/// [`crate::pv::AREA_PAGES`] page-aligned pages of guest RAM (the write
+/// queue, then the published roots). Once per boot; `ERR_FAULT` outside
+/// RAM or unaligned, `ERR_INVALID` when already set up.
+pub const PV_SETUP: u32 = 7;
+/// pv mode: apply the write queue, then make `gva`'s translation current:
+/// `PV_FLUSH(gva, guest_cr3)` (`gva` = [`crate::pv::NO_GVA`]: none). The
+/// guest's own CR3 comes along, so a guest that switched to a cached
+/// shadow root by itself is followed. Answers [`OK`] or a batch error
+/// ([`crate::pv::batch_error`]).
+pub const PV_FLUSH: u32 = 8;
 
 /// Success.
 pub const OK: u64 = 0;
@@ -61,6 +72,8 @@ pub const fn name(nr: u32) -> &'static str {
         SHADOW_FAULT => "shadow_fault",
         FLUSH_TLB => "flush_tlb",
         EXPLAIN => "explain",
+        PV_SETUP => "pv_setup",
+        PV_FLUSH => "pv_flush",
         _ => "unknown",
     }
 }

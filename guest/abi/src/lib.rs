@@ -20,6 +20,7 @@ pub mod addr;
 pub mod boot;
 pub mod hypercall;
 pub mod ports;
+pub mod pv;
 pub mod report;
 
 pub use addr::{Gpa, Gva, Hpa, Hva};

@@ -4,17 +4,17 @@ use proptest::prelude::*;
 use std::collections::HashMap;
 
 #[derive(Clone, Debug, Default, PartialEq)]
-struct Mem {
+pub(super) struct Mem {
     words: HashMap<u64, u64>,
     base: u64,
     size: u64,
 }
 
 impl Mem {
-    fn new(base: u64, size: u64) -> Self {
+    pub(super) fn new(base: u64, size: u64) -> Self {
         Mem { words: HashMap::new(), base, size }
     }
-    fn get(&self, gpa: u64) -> u64 {
+    pub(super) fn get(&self, gpa: u64) -> u64 {
         *self.words.get(&gpa).unwrap_or(&0)
     }
 }
@@ -37,14 +37,14 @@ impl GuestPhys for Mem {
     }
 }
 
-const MIB: u64 = 1 << 20;
-const RAM: u64 = 64 * MIB;
-const POOL: u64 = 2 << 30;
-const T: u64 = P | RW | US | A; // an upper-level guest entry the guest has used
+pub(super) const MIB: u64 = 1 << 20;
+pub(super) const RAM: u64 = 64 * MIB;
+pub(super) const POOL: u64 = 2 << 30;
+pub(super) const T: u64 = P | RW | US | A; // an upper-level guest entry the guest has used
 
 /// Guest with PML4 at `cr3`, PDPT 0x20000, PD 0x21000, PT 0x22000 mapping
 /// VA 0x40_0000 + i*4K (PD index 2, PT index i) to 0x100000 + i*4K.
-fn guest_with(cr3: u64, leaf: u64, n: u64) -> Mem {
+pub(super) fn guest_with(cr3: u64, leaf: u64, n: u64) -> Mem {
     let mut g = Mem::new(0, RAM);
     g.write_u64(cr3, 0x20000 | T);
     g.write_u64(0x20000, 0x21000 | T);
@@ -55,16 +55,16 @@ fn guest_with(cr3: u64, leaf: u64, n: u64) -> Mem {
     g
 }
 
-fn va(i: u64) -> u64 {
+pub(super) fn va(i: u64) -> u64 {
     0x40_0000 + i * PAGE
 }
 
-fn setup(pages: u32) -> (ShadowMmu, Mem) {
+pub(super) fn setup(pages: u32) -> (ShadowMmu, Mem) {
     (ShadowMmu::new(POOL, pages, PagingMode::default()), Mem::new(POOL, pages as u64 * PAGE))
 }
 
-const READ: u32 = 0;
-const WRITE: u32 = pf::W;
+pub(super) const READ: u32 = 0;
+pub(super) const WRITE: u32 = pf::W;
 
 #[test]
 fn demand_fault_costs_one_hidden_fault_and_emulates_a_and_d() {
