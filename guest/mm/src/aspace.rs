@@ -249,6 +249,7 @@ impl AddressSpace {
     ) -> MapperFlushAll {
         let end = if end > USER_END { USER_END } else { end };
         let mut at = start;
+        cx.mmu.enter_lazy();
         while let Some(leaf) = self.pt.next_leaf(cx.mem, at, end) {
             if let Ok((_, flush)) = self.pt.unmap_leaf(cx.mem, &mut cx.frames, leaf.va) {
                 flush.ignore();
@@ -256,13 +257,20 @@ impl AddressSpace {
             cx.release(&leaf);
             at = Gva(leaf.va.0 + leaf.size.bytes());
         }
+        cx.mmu.leave_lazy();
         MapperFlushAll::new()
     }
 
     /// Destroy the address space: drop every user frame it maps, free every
     /// table page it owns (not the shared upper half). It must not be the
     /// current address space.
-    pub fn destroy<M: PhysMem, A: FrameSource, P: MmuPlatform>(mut self, cx: &mut MmCtx<'_, M, A, P>) {
+    pub fn destroy<M: PhysMem, A: FrameSource, P: MmuPlatform>(self, cx: &mut MmCtx<'_, M, A, P>) {
+        cx.mmu.enter_lazy();
+        self.destroy_tables(cx);
+        cx.mmu.leave_lazy();
+    }
+
+    fn destroy_tables<M: PhysMem, A: FrameSource, P: MmuPlatform>(mut self, cx: &mut MmCtx<'_, M, A, P>) {
         self.unmap_range(cx, Gva(0), USER_END).ignore();
         let root = self.pt.root();
         for idx in UPPER_HALF_FIRST..ENTRIES {
@@ -280,6 +288,16 @@ impl AddressSpace {
     /// has the same VMAs. The returned flush is for this (the parent's)
     /// address space.
     pub fn fork<M: PhysMem, A: FrameSource, P: MmuPlatform>(
+        &mut self,
+        cx: &mut MmCtx<'_, M, A, P>,
+    ) -> Result<(AddressSpace, MapperFlushAll), ForkError> {
+        cx.mmu.enter_lazy();
+        let r = self.fork_tables(cx);
+        cx.mmu.leave_lazy();
+        r
+    }
+
+    fn fork_tables<M: PhysMem, A: FrameSource, P: MmuPlatform>(
         &mut self,
         cx: &mut MmCtx<'_, M, A, P>,
     ) -> Result<(AddressSpace, MapperFlushAll), ForkError> {

@@ -532,6 +532,17 @@ pub trait MmuPlatform {
     fn invlpg(&self, va: Gva);
     /// Invalidate every non-global TLB entry (a CR3 reload).
     fn flush_all(&self);
+    /// Start a batch of page-table changes (Linux's
+    /// `arch_enter_lazy_mmu_mode`): until the matching
+    /// [`leave_lazy`](Self::leave_lazy) the platform may defer
+    /// [`invlpg`](Self::invlpg) and [`flush_all`](Self::flush_all) and do
+    /// them as one at the end. Brackets nest. No-op by default (hardware
+    /// paging, trapping shadow paging, host tests); paravirtual shadow
+    /// paging syncs its write queue once at the outermost `leave_lazy`.
+    fn enter_lazy(&self) {}
+    /// End a batch begun with [`enter_lazy`](Self::enter_lazy): every
+    /// deferred invalidation is done before this returns.
+    fn leave_lazy(&self) {}
 }
 
 impl<T: MmuPlatform + ?Sized> MmuPlatform for &T {
@@ -543,6 +554,12 @@ impl<T: MmuPlatform + ?Sized> MmuPlatform for &T {
     }
     fn flush_all(&self) {
         (**self).flush_all()
+    }
+    fn enter_lazy(&self) {
+        (**self).enter_lazy()
+    }
+    fn leave_lazy(&self) {
+        (**self).leave_lazy()
     }
 }
 

@@ -260,11 +260,30 @@ impl PhysMem for ArenaMem<'_> {
     }
 }
 
+/// Told of every write to watched frames through a [`DirectMap`]: how a
+/// paravirtual shadow-paging guest records its page-table writes for the
+/// VMM (`guest_abi::pv`), the way Xen PV and Linux's paravirt MMU ops hook
+/// `set_pte`.
+pub trait TableWrites: Sync {
+    /// The 8-byte word at `addr` (in a watched frame) was written.
+    fn entry_written(&self, addr: Gpa);
+    /// The whole watched `frame` was rewritten (zeroed or copied into).
+    fn frame_rewritten(&self, frame: Pfn);
+}
+
 /// The guest kernel's direct map: physical address `pa` is readable and
 /// writable at virtual address `offset + pa`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct DirectMap {
     offset: u64,
+    /// Frames whose writes are reported, and to whom.
+    watch: Option<(FrameRange, &'static dyn TableWrites)>,
+}
+
+impl core::fmt::Debug for DirectMap {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("DirectMap").field("offset", &self.offset).field("watch", &self.watch.map(|w| w.0)).finish()
+    }
 }
 
 impl DirectMap {
@@ -279,7 +298,23 @@ impl DirectMap {
     /// the memory manager accesses them.
     #[allow(unsafe_code)]
     pub const unsafe fn new(offset: u64) -> Self {
-        Self { offset }
+        Self { offset, watch: None }
+    }
+
+    /// The same map, reporting every write to a frame in `frames` to
+    /// `writes` (after the store): word writes with
+    /// [`TableWrites::entry_written`], whole-frame zeroing and copies with
+    /// [`TableWrites::frame_rewritten`].
+    pub const fn watching(self, frames: FrameRange, writes: &'static dyn TableWrites) -> Self {
+        Self { watch: Some((frames, writes)), ..self }
+    }
+
+    #[inline]
+    fn watched(&self, frame: Pfn) -> Option<&'static dyn TableWrites> {
+        match self.watch {
+            Some((range, w)) if range.contains(frame) => Some(w),
+            _ => None,
+        }
     }
 
     /// The virtual address at which `addr` is mapped.
@@ -312,6 +347,9 @@ impl PhysMem for DirectMap {
         debug_assert!(addr.0.is_multiple_of(8), "unaligned physical word access");
         // SAFETY: as in `read_u64`.
         unsafe { core::ptr::write_volatile(self.virt(addr) as *mut u64, value) }
+        if let Some(w) = self.watched(Pfn::containing(addr)) {
+            w.entry_written(addr);
+        }
     }
 
     #[inline]
@@ -319,6 +357,9 @@ impl PhysMem for DirectMap {
         // SAFETY: `new`'s contract covers the whole frame, which is
         // page-aligned and PAGE_SIZE bytes long.
         unsafe { core::ptr::write_bytes(self.virt(frame.addr()) as *mut u8, 0, PAGE_SIZE as usize) }
+        if let Some(w) = self.watched(frame) {
+            w.frame_rewritten(frame);
+        }
     }
 
     #[inline]
@@ -332,6 +373,9 @@ impl PhysMem for DirectMap {
                 self.virt(dst.addr()) as *mut u8,
                 PAGE_SIZE as usize,
             )
+        }
+        if let Some(w) = self.watched(dst) {
+            w.frame_rewritten(dst);
         }
     }
 }
@@ -407,5 +451,36 @@ mod tests {
         mem.zero_frame(Pfn(4));
         assert!(mem.frame_is_zero(Pfn(4)));
         assert_eq!(backing[FRAME_WORDS + 2], 7);
+    }
+
+    #[test]
+    #[allow(unsafe_code)]
+    fn a_watching_direct_map_reports_every_write_to_watched_frames_only() {
+        use std::sync::Mutex;
+        #[derive(Default)]
+        struct Log(Mutex<std::vec::Vec<(u64, bool)>>);
+        impl TableWrites for Log {
+            fn entry_written(&self, addr: Gpa) {
+                self.0.lock().unwrap().push((addr.0, false));
+            }
+            fn frame_rewritten(&self, frame: Pfn) {
+                self.0.lock().unwrap().push((frame.addr().0, true));
+            }
+        }
+        let log: &'static Log = std::boxed::Box::leak(std::boxed::Box::default());
+        let mut backing = vec![0u64; 3 * FRAME_WORDS];
+        let host = backing.as_mut_ptr() as u64;
+        // SAFETY: frames 4..7 are `backing`, alive and unreferenced while
+        // `mem` is used.
+        let mem = unsafe { DirectMap::new(host.wrapping_sub(0x4000)) }
+            .watching(FrameRange::from_bytes(Gpa(0x5000), 0x2000), log);
+        mem.write_u64(Gpa(0x4010), 1); // not watched
+        mem.write_u64(Gpa(0x5010), 2);
+        mem.zero_frame(Pfn(6));
+        mem.copy_frame(Pfn(5), Pfn(4));
+        mem.copy_frame(Pfn(4), Pfn(5)); // into an unwatched frame
+        mem.zero_frame(Pfn(4));
+        assert_eq!(*log.0.lock().unwrap(), [(0x5010, false), (0x6000, true), (0x5000, true)]);
+        assert_eq!(mem.read_u64(Gpa(0x5010)), 1, "the copy was made");
     }
 }

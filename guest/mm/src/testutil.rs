@@ -67,6 +67,10 @@ pub enum MmuEvent {
 #[derive(Default, Debug)]
 pub struct RecordingMmu {
     pub events: RefCell<Vec<MmuEvent>>,
+    /// Lazy-MMU brackets opened so far (`enter_lazy` calls).
+    pub brackets: core::cell::Cell<u32>,
+    /// Open brackets now (`enter_lazy` minus `leave_lazy`).
+    pub lazy_depth: core::cell::Cell<i32>,
 }
 
 impl RecordingMmu {
@@ -85,6 +89,13 @@ impl MmuPlatform for RecordingMmu {
     }
     fn flush_all(&self) {
         self.events.borrow_mut().push(MmuEvent::FlushAll);
+    }
+    fn enter_lazy(&self) {
+        self.brackets.set(self.brackets.get() + 1);
+        self.lazy_depth.set(self.lazy_depth.get() + 1);
+    }
+    fn leave_lazy(&self) {
+        self.lazy_depth.set(self.lazy_depth.get() - 1);
     }
 }
 

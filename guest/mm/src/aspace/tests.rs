@@ -388,3 +388,29 @@ proptest! {
         run_model(&ops);
     }
 }
+
+#[test]
+fn fork_munmap_and_teardown_each_run_in_one_lazy_mmu_bracket() {
+    with_mm(|mem, buddy| {
+        let k = kernel(mem, buddy);
+        let mut c = counts(buddy);
+        let mmu = RecordingMmu::default();
+        let mut cx = MmCtx { mem, frames: &mut *buddy, refs: FrameRefs::new(BASE, &mut c), mmu: &mmu };
+        let mut parent = AddressSpace::new(&mut cx, &k).unwrap();
+        parent.add_vma(Gva(0x10_0000), Gva(0x11_0000), Prot::RW).unwrap();
+        for i in 0..16 {
+            parent.handle_fault(&mut cx, Gva(0x10_0000 + i * 4096), W).unwrap();
+        }
+        mmu.take();
+        let (child, flush) = parent.fork(&mut cx).unwrap();
+        flush.ignore();
+        assert_eq!((mmu.brackets.get(), mmu.lazy_depth.get()), (1, 0), "fork: one bracket");
+        child.destroy(&mut cx);
+        // destroy's bracket holds unmap_range's (nested).
+        assert_eq!((mmu.brackets.get(), mmu.lazy_depth.get()), (3, 0), "teardown: one outer bracket");
+        let (_, flush) = parent.remove_vma(&mut cx, Gva(0x10_0000)).unwrap();
+        flush.ignore();
+        assert_eq!((mmu.brackets.get(), mmu.lazy_depth.get()), (4, 0), "munmap: one bracket");
+        assert!(mmu.take().is_empty(), "no per-page invalidation inside the brackets");
+    });
+}
