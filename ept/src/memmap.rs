@@ -186,7 +186,7 @@ impl MemoryMap {
         }
 
         let (bs, be) = c.boot_tables;
-        let mut regions = if c.mmu == MmuMode::Shadow && bs < be {
+        let mut regions = if c.mmu.is_shadowed() && bs < be {
             check_align("the boot page tables", bs, be, PAGE_SIZE)?;
             if be > zs {
                 return Err(MemoryMapError::Overlap {
@@ -242,7 +242,10 @@ impl MemoryMap {
                 slot: i as u32,
                 gpa: r.start,
                 len: r.len,
-                readonly: r.kind == RegionKind::PageTables && c.mmu == MmuMode::Shadow,
+                // Shadow mode traps every page-table write; pv mode only writes
+                // to the VMM's boot tables (the guest queues its own).
+                readonly: r.kind == RegionKind::PageTables
+                    && (c.mmu == MmuMode::Shadow || (c.mmu == MmuMode::Pv && r.start != zs)),
                 kind: r.kind,
             })
             .collect();
@@ -316,6 +319,17 @@ mod tests {
         // In ept mode nothing changes.
         let m = MemoryMap::new(&MemoryMapConfig { mmu: MmuMode::Ept, shadow_pool: 0, ..c }).unwrap();
         assert_eq!(m.slots.len(), 3);
+    }
+
+    #[test]
+    fn pv_mode_leaves_the_zone_writable_but_traps_the_boot_tables() {
+        let c = MemoryMapConfig { shadow_pool: 16 * MIB, boot_tables: (0x9000, 0xd000), ..config(MmuMode::Pv) };
+        let m = MemoryMap::new(&c).unwrap();
+        assert!(m.slot_of(0xa000).unwrap().readonly, "the VMM's boot tables still trap");
+        let zone = m.slot_of(20 * MIB).unwrap();
+        assert!(!zone.readonly && zone.kind == RegionKind::PageTables, "the guest writes its tables itself");
+        assert_eq!(m.slots.iter().filter(|s| s.readonly).count(), 1);
+        assert!(m.shadow_pool().is_some());
     }
 
     #[test]

@@ -25,5 +25,5 @@
 pub mod mmu;
 pub mod walker;
 
-pub use mmu::{FaultOutcome, ShadowError, ShadowMmu, ShadowStats, TableFrames};
+pub use mmu::{BatchOutcome, FaultOutcome, ShadowError, ShadowMmu, ShadowStats, TableFrames};
 pub use walker::{Access, GuestPhys, PageFault, PagingMode, Translation, walk};

@@ -1067,6 +1067,16 @@ impl ShadowMmu {
                 continue;
             }
             let idx = (gpa & 0xfff) / 8;
+            if role.level == 4
+                && idx >= 256
+                && let Some(p) = self.pages[page as usize].as_mut()
+            {
+                // A kernel-half slot of a root changed, present before or
+                // not: fault delivery may need it, so the root is refilled
+                // before it runs again (and pv mode does not publish it
+                // until then).
+                p.needs_prefill = true;
+            }
             let gpte = guest.read_u64(gpa & !7);
             let leaf = role.level == 1 || (role.level <= 3 && gpte & PS != 0);
             let old = self.entry(page, idx);

@@ -165,7 +165,7 @@ fn figures(mmu: MmuMode, phases: &[BenchPhase]) -> ModeFigures {
         vmm_handler_ns_per_op: per(&|p| p.shadow_handler_time.map_or(0.0, |d| d.as_nanos() as f64)),
         walk_refs_per_tlb_miss: match mmu {
             MmuMode::Ept => ept::walk::walk_cost(4096, 4096).nested,
-            MmuMode::Shadow => ept::walk::walk_cost(4096, 4096).shadow,
+            MmuMode::Shadow | MmuMode::Pv => ept::walk::walk_cost(4096, 4096).shadow,
         },
         runs: phases.len() as u32,
     }

@@ -79,11 +79,11 @@ pub struct CompareArgs {
 /// Options of `vmm test`.
 #[derive(Debug, Args)]
 pub struct TestArgs {
-    /// MMU mode(s) to run the suites in; with `both`, the results must agree.
-    #[arg(long, value_enum, default_value = "ept")]
+    /// MMU mode(s) to run the suites in; with more than one, the results must agree.
+    #[arg(long, value_enum, default_value = "all")]
     pub mmu: MmuArg,
 
-    /// Size of the shadow pool (shadow mode).
+    /// Size of the shadow pool (shadow and pv mode).
     #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size)]
     pub shadow_pool: u64,
 
@@ -117,7 +117,7 @@ pub struct TestArgs {
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// MMU mode(s) to measure.
-    #[arg(long, value_enum, default_value = "both")]
+    #[arg(long, value_enum, default_value = "all")]
     pub mmu: MmuArg,
 
     /// Workload to run (repeatable): fault, fork, ctxsw, mmap, tlb, alloc [default: all].
@@ -136,7 +136,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
     pub memory: u64,
 
-    /// Size of the shadow pool (shadow mode).
+    /// Size of the shadow pool (shadow and pv mode).
     #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size)]
     pub shadow_pool: u64,
 
@@ -148,7 +148,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
 
-    /// Write the SVG chart here instead of DIR/report.svg (needs --mmu both).
+    /// Write the SVG chart here instead of DIR/report.svg (needs ept and shadow: --mmu all or both).
     #[arg(long, value_name = "FILE")]
     pub svg: Option<PathBuf>,
 }
@@ -180,10 +180,14 @@ pub fn parse_address(s: &str) -> Result<u64, String> {
 pub enum MmuArg {
     /// Hardware-assisted: the vCPU walks the guest's tables (EPT/NPT below).
     Ept,
-    /// Software shadow page tables kept by the VMM.
+    /// Software shadow page tables kept by the VMM; every guest page-table write traps.
     Shadow,
-    /// Both, one after the other (`vmm test` and `vmm bench` only).
+    /// Paravirtual shadow paging: the guest queues its page-table writes and syncs at hypercalls.
+    Pv,
+    /// ept and shadow, one after the other (`vmm test` and `vmm bench` only).
     Both,
+    /// ept, shadow and pv, one after the other (`vmm test` and `vmm bench` only).
+    All,
 }
 
 impl MmuArg {
@@ -192,18 +196,22 @@ impl MmuArg {
         match self {
             MmuArg::Ept => vec![guest_abi::MmuMode::Ept],
             MmuArg::Shadow => vec![guest_abi::MmuMode::Shadow],
+            MmuArg::Pv => vec![guest_abi::MmuMode::Pv],
             MmuArg::Both => vec![guest_abi::MmuMode::Ept, guest_abi::MmuMode::Shadow],
+            MmuArg::All => vec![guest_abi::MmuMode::Ept, guest_abi::MmuMode::Shadow, guest_abi::MmuMode::Pv],
         }
     }
 }
 
-/// The MMU mode of `vmm run`: one mode (`both` is for `test` and `bench`).
+/// The MMU mode of `vmm run`: one mode (`both` and `all` are for `test` and `bench`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RunMmuArg {
     /// Hardware-assisted: the vCPU walks the guest's tables (EPT/NPT below).
     Ept,
-    /// Software shadow page tables kept by the VMM.
+    /// Software shadow page tables kept by the VMM; every guest page-table write traps.
     Shadow,
+    /// Paravirtual shadow paging: the guest queues its page-table writes and syncs at hypercalls.
+    Pv,
 }
 
 impl RunMmuArg {
@@ -212,6 +220,7 @@ impl RunMmuArg {
         match self {
             RunMmuArg::Ept => guest_abi::MmuMode::Ept,
             RunMmuArg::Shadow => guest_abi::MmuMode::Shadow,
+            RunMmuArg::Pv => guest_abi::MmuMode::Pv,
         }
     }
 }
@@ -232,7 +241,7 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "ept")]
     pub mmu: RunMmuArg,
 
-    /// Size of the shadow pool (shadow mode): the VMM-private memory that
+    /// Size of the shadow pool (shadow and pv mode). the VMM-private memory that
     /// holds the shadow page tables. When it fills up, everything is zapped.
     #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size)]
     pub shadow_pool: u64,

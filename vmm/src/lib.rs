@@ -21,6 +21,7 @@ pub mod info;
 pub mod kvm;
 pub mod layout;
 pub mod limits;
+pub mod pv_mode;
 pub mod shadow_mode;
 pub mod size;
 pub mod stats;

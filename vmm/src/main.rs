@@ -235,12 +235,13 @@ fn bench(args: BenchArgs, process_start: Instant) -> i32 {
             }
         }
     }
-    if args.svg.is_some() && args.mmu != MmuArg::Both {
-        eprintln!("error: --svg charts shadow against ept: it needs --mmu both");
+    let charted = matches!(args.mmu, MmuArg::Both | MmuArg::All);
+    if args.svg.is_some() && !charted {
+        eprintln!("error: --svg charts shadow against ept: it needs --mmu all or --mmu both");
         return exit_code::USAGE;
     }
     let json = args.json.clone().unwrap_or_else(|| args.out.join("report.json"));
-    let svg = args.svg.clone().or_else(|| (args.mmu == MmuArg::Both).then(|| args.out.join("report.svg")));
+    let svg = args.svg.clone().or_else(|| charted.then(|| args.out.join("report.svg")));
     let json_flag = if args.json.is_some() { "--json" } else { "--out" };
     let svg_flag = if args.svg.is_some() { "--svg" } else { "--out" };
     if let Err(code) = check_outputs(&[(json_flag, Some(&json)), (svg_flag, svg.as_deref())]) {

@@ -188,6 +188,9 @@ pub struct HandlerTimes {
     pub invalidate: Duration,
     /// Reading the pool's dirty log and repairing guest-written pool pages.
     pub pool_check: Duration,
+    /// pv mode: applying write-queue batches.
+    #[serde(rename = "batch_ns", serialize_with = "ept::json::ns")]
+    pub batch: Duration,
     /// How many times the dirty log was read.
     pub pool_checks: u64,
 }
@@ -195,7 +198,7 @@ pub struct HandlerTimes {
 impl HandlerTimes {
     /// Time in all handlers.
     pub fn total(&self) -> Duration {
-        self.fault + self.pte_write + self.load_cr3 + self.invalidate + self.pool_check
+        self.fault + self.pte_write + self.load_cr3 + self.invalidate + self.pool_check + self.batch
     }
 }
 
@@ -210,6 +213,10 @@ pub struct ShadowReport {
     pub coherence: Coherence,
     /// Pool size in pages.
     pub pool_pages: u32,
+    /// pv mode.
+    pub pv: bool,
+    /// pv mode: batches refused (a bad entry or queue length).
+    pub pv_refused: u64,
 }
 
 /// Shadow mode's state in a VM.
@@ -248,6 +255,15 @@ pub struct ShadowState {
     /// An AMD vendor in the guest's CPUID.
     pub amd: bool,
     pool_pages: u32,
+    /// pv mode (`guest_abi::pv`): the page-table zone is writable and the
+    /// guest queues its writes.
+    pub pv_mode: bool,
+    /// pv mode: the area the guest registered with `PV_SETUP`.
+    pub pv: Option<crate::pv_mode::PvArea>,
+    /// pv mode: batches refused.
+    pub pv_refused: u64,
+    /// The page-table zone, `[start, end)`: where queued entries may lie.
+    pub zone: (u64, u64),
 }
 
 impl ShadowState {
@@ -359,6 +375,41 @@ impl ShadowState {
             pdpe1gb: cpu.pdpe1gb,
             amd: cpu.amd,
             pool_pages: pages,
+            pv_mode: false,
+            pv: None,
+            pv_refused: 0,
+            zone: (0, 0),
+        }
+    }
+
+    /// pv mode: apply the guest's write queue (`guest_abi::pv`) as if each
+    /// write had trapped. Returns `OK`, or the batch error that says which
+    /// entries were not applied and why. Nothing to do before `PV_SETUP`.
+    pub fn pv_apply(&mut self, ram: &mut MemWindow<'_>, pool: &mut MemWindow<'_>) -> u64 {
+        let t = Instant::now();
+        let Some(area) = self.pv.as_mut() else { return hc::OK };
+        let r = match area.take_queue(ram.mem) {
+            Err(why) => guest_abi::pv::batch_error(0, why),
+            Ok([]) => return hc::OK,
+            Ok(entries) => match self.mmu.apply_batch(pool, ram, entries, self.zone) {
+                shadow::BatchOutcome { refused: None, .. } => hc::OK,
+                shadow::BatchOutcome { applied, refused: Some(why) } => guest_abi::pv::batch_error(applied, why),
+            },
+        };
+        if r != hc::OK {
+            self.pv_refused += 1;
+            if self.warnings.allow() {
+                log::warn!("pv write queue refused: {r:#x} (entries from the index in bits 8..32 on not applied)");
+            }
+        }
+        self.times.batch += t.elapsed();
+        r
+    }
+
+    /// pv mode: publish the cached roots to the guest if they changed.
+    pub fn pv_publish(&mut self, mem: &GuestMemoryMmap) {
+        if let Some(area) = self.pv.as_mut() {
+            area.publish(mem, self.mmu.published_roots());
         }
     }
 
@@ -374,6 +425,8 @@ impl ShadowState {
             times: self.times.clone(),
             coherence: self.coherence,
             pool_pages: self.pool_pages,
+            pv: self.pv_mode,
+            pv_refused: self.pv_refused,
         }
     }
 

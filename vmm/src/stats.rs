@@ -183,6 +183,17 @@ impl RunStats {
                 sh.times.pool_checks,
                 us(sh.times.pool_check, sh.times.pool_checks)
             );
+            if st.batches > 0 || sh.pv {
+                let _ = writeln!(
+                    s,
+                    "    pv batches          {:>10}   {:>8.2} us each ({} entries, {} refused, {} prefetches)",
+                    st.batches,
+                    us(sh.times.batch, st.batches),
+                    st.batch_entries,
+                    sh.pv_refused,
+                    st.prefetches
+                );
+            }
             let _ = writeln!(s, "    TLB flushes         {:>10}", st.flushes);
             let _ = writeln!(s, "    shadow pages        {:>10}   (peak {})", st.pages_in_use, st.pages_peak);
         }

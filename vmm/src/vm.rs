@@ -391,6 +391,19 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { what, source }
 }
 
+/// pv mode: point the vCPU's CR3 at the current shadow root if the guest
+/// left it elsewhere (a published root the MMU has since followed away
+/// from, or a root it loaded against the contract).
+fn pv_point_vcpu(vcpu: &VcpuFd, sh: &ShadowState) -> Result<()> {
+    let Some(root) = sh.mmu.current_root() else { return Ok(()) };
+    if vcpu.sync_regs().sregs.cr3 & !0xfff == root {
+        return Ok(());
+    }
+    let mut sregs = sh.vcpu_sregs(vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?);
+    sregs.cr3 = root;
+    vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))
+}
+
 /// The smallest shadow pool for `memory` bytes of RAM: 10 pages for the
 /// roots, the kernel window and a few user paths, plus one page directory
 /// per GiB of direct map (the kernel half is shadowed eagerly, and fault
@@ -424,7 +437,7 @@ impl VmCore {
                 backing: config.backing.to_string(),
             });
         }
-        if config.mmu == MmuMode::Shadow && config.shadow_pool < min_shadow_pool(config.memory) {
+        if config.mmu.is_shadowed() && config.shadow_pool < min_shadow_pool(config.memory) {
             return Err(Error::ShadowPoolTooSmall(config.shadow_pool, config.memory, min_shadow_pool(config.memory)));
         }
         let (name, image): (String, std::borrow::Cow<'static, [u8]>) = match &config.kernel {
@@ -442,7 +455,7 @@ impl VmCore {
             ram_size: config.memory,
             pt_zone,
             boot_tables: layout::BOOT_TABLES,
-            shadow_pool: if config.mmu == MmuMode::Shadow { config.shadow_pool } else { 0 },
+            shadow_pool: if config.mmu.is_shadowed() { config.shadow_pool } else { 0 },
             mmu: config.mmu,
             alignment: config.backing.alignment(),
             max_slots: kvm.get_nr_memslots(),
@@ -456,7 +469,7 @@ impl VmCore {
         loader::load(&name, &image, mem)?;
         gdt::write_gdt_and_idt(mem)?;
         let boot_mapped = paging::setup_page_tables(mem, config.memory)?;
-        if config.mmu == MmuMode::Shadow {
+        if config.mmu.is_shadowed() {
             crate::shadow_mode::preset_accessed(mem, layout::BOOT_TABLES);
         }
         bootinfo::write(
@@ -483,7 +496,7 @@ impl VmCore {
         // Shadow mode reads the paging controls at every SHADOW_FAULT: have
         // KVM copy the system registers out at each exit instead of paying
         // a KVM_GET_SREGS ioctl per fault.
-        if config.mmu == MmuMode::Shadow {
+        if config.mmu.is_shadowed() {
             vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
         }
 
@@ -500,7 +513,10 @@ impl VmCore {
                 // Guest paging structures may live where writes trap: the
                 // page-table zone and the VMM's boot tables.
                 let tables = TableFrames::new(&[pt_zone, layout::BOOT_TABLES]);
-                Some(ShadowState::new(slot, hva, coherence, cpu, tables))
+                let mut sh = ShadowState::new(slot, hva, coherence, cpu, tables);
+                sh.pv_mode = config.mmu == MmuMode::Pv;
+                sh.zone = pt_zone;
+                Some(sh)
             }
             None => None,
         };
@@ -732,24 +748,101 @@ impl VmCore {
         let mut ram = MemWindow::ram(mem, self.config.memory);
         let mut pool = sh.pool(pool_mem);
         sh.pte_write(&mut ram, &mut pool, gpa, data);
+        sh.pv_publish(mem);
     }
 
-    /// The shadow-mode hypercalls; `None` when `nr` is not one, or in ept
-    /// mode (the generic handler then answers `ERR_UNAVAILABLE`).
+    /// The shadow-mode hypercalls (and pv mode's); `None` when `nr` is not
+    /// one, or in ept mode (the generic handler then answers
+    /// `ERR_UNAVAILABLE`). In pv mode the cached roots are republished
+    /// before the guest runs again.
     fn shadow_hypercall(&mut self, nr: u32, r: &kvm_bindings::kvm_regs) -> Result<Option<u64>> {
+        let res = self.shadow_hypercall_inner(nr, r);
+        if let Some(sh) = self.shadow.as_mut() {
+            sh.pv_publish(self.ram.memory());
+        }
+        res
+    }
+
+    /// pv mode: point the vCPU's CR3 at the current shadow root if the
+    /// guest left it elsewhere (a published root the MMU has since
+    /// followed away from, or a root it loaded against the contract).
+
+    /// `PV_SETUP(gpa)`: register the shared area (pv mode, once).
+    fn pv_setup(&mut self, gpa: u64) -> u64 {
         use guest_abi::hypercall as hc;
+        let Some(sh) = self.shadow.as_mut().filter(|s| s.pv_mode) else { return hc::ERR_UNAVAILABLE };
+        if sh.pv.is_some() {
+            return hc::ERR_INVALID;
+        }
+        match crate::pv_mode::PvArea::setup(self.ram.memory(), self.config.memory, gpa) {
+            Ok(area) => {
+                sh.pv = Some(area);
+                hc::OK
+            }
+            Err(_) => hc::ERR_FAULT,
+        }
+    }
+
+    fn shadow_hypercall_inner(&mut self, nr: u32, r: &kvm_bindings::kvm_regs) -> Result<Option<u64>> {
+        use guest_abi::hypercall as hc;
+        if nr == hc::PV_SETUP {
+            return Ok(self.shadow.is_some().then(|| self.pv_setup(r.rdi)));
+        }
         let Some(sh) = self.shadow.as_mut() else { return Ok(None) };
         let mem = self.ram.memory();
         let pool_mem = self.ram.pool().expect("shadow mode has a pool");
-        if matches!(nr, hc::SHADOW_FAULT | hc::LOAD_CR3 | hc::FLUSH_TLB) {
-            // The guest may have written the pool through tables of its own.
+        let pv = sh.pv_mode;
+        if nr == hc::PV_FLUSH && !pv {
+            return Ok(Some(hc::ERR_UNAVAILABLE));
+        }
+        let sync_point = matches!(nr, hc::SHADOW_FAULT | hc::LOAD_CR3 | hc::FLUSH_TLB | hc::PV_FLUSH);
+        // The guest may have written the pool through tables of its own. pv
+        // mode reads the dirty log only where the guest comes back through
+        // LOAD_CR3 (`pv_mode`, "Trust").
+        if sync_point && (!pv || nr == hc::LOAD_CR3) {
             sh.check_pool(&self.vm, pool_mem).map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+        }
+        if sync_point {
             sh.mmu.set_prefill_hints(&fault_path_gvas(&self.vcpu.sync_regs().sregs, r));
         }
         let pool_exhausted = |cr3: u64| Error::ShadowPoolExhausted { pool: self.config.shadow_pool, cr3 };
         let mut ram = MemWindow::ram(mem, self.config.memory);
         let mut pool = sh.pool(pool_mem);
+        if pv && sync_point {
+            // The guest may have loaded a published root itself since the
+            // last exit: that root is the current one now.
+            let hw_root = self.vcpu.sync_regs().sregs.cr3;
+            if let Err(shadow::ShadowError::PoolTooSmall) = sh.mmu.follow_shadow_root(&mut pool, &mut ram, hw_root) {
+                return Err(pool_exhausted(hw_root));
+            }
+        }
+        let batch = if pv && sync_point { sh.pv_apply(&mut ram, &mut pool) } else { hc::OK };
+        // SHADOW_FAULT(cr2, ec, guest_cr3) and PV_FLUSH(gva, guest_cr3): a
+        // pv guest may have loaded a published root itself since the last
+        // exit; follow it (0: the caller does not say).
+        let guest_cr3 = match nr {
+            hc::SHADOW_FAULT => r.rcx,
+            hc::PV_FLUSH => r.rsi,
+            _ => 0,
+        };
+        if pv && guest_cr3 != 0 {
+            match sh.mmu.follow_guest_root(&mut pool, &mut ram, guest_cr3) {
+                Ok(_) => {}
+                Err(shadow::ShadowError::PoolTooSmall) => return Err(pool_exhausted(guest_cr3)),
+                Err(_) => return Ok(Some(hc::ERR_FAULT)),
+            }
+            pv_point_vcpu(&self.vcpu, sh)?;
+        }
         match nr {
+            hc::PV_FLUSH => {
+                let t = Instant::now();
+                sh.mmu.flush();
+                if r.rdi != guest_abi::pv::NO_GVA {
+                    sh.mmu.prefetch(&mut pool, &mut ram, r.rdi);
+                }
+                sh.times.batch += t.elapsed();
+                Ok(Some(batch))
+            }
             hc::SHADOW_FAULT => {
                 let root_before = sh.mmu.current_root();
                 let vcpu_sregs = self.vcpu.sync_regs().sregs;

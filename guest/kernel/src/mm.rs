@@ -55,8 +55,9 @@ pub struct MemoryManager {
     pub user: Option<AddressSpace>,
 }
 
-/// The MMU platform: CR3 loads and TLB flushes through `arch::mmu`, which
-/// takes the shadow path in shadow mode.
+/// The MMU platform: CR3 loads, TLB flushes and lazy-MMU brackets through
+/// `arch::mmu`, which takes the shadow path in shadow mode and the
+/// paravirtual one in pv mode.
 pub struct KernelMmu;
 
 impl MmuPlatform for KernelMmu {
@@ -67,7 +68,13 @@ impl MmuPlatform for KernelMmu {
         crate::arch::mmu::invlpg(va.0);
     }
     fn flush_all(&self) {
-        crate::arch::mmu::load_cr3(crate::arch::mmu::read_cr3());
+        crate::arch::mmu::flush_all();
+    }
+    fn enter_lazy(&self) {
+        crate::arch::mmu::enter_lazy();
+    }
+    fn leave_lazy(&self) {
+        crate::arch::mmu::leave_lazy();
     }
 }
 
@@ -156,6 +163,8 @@ pub fn init(info: &BootInfo) {
     // the allocator only touches frames it is given, which no Rust
     // reference aliases.
     let mem = unsafe { DirectMap::new(DIRECT_MAP_BASE) };
+    // pv mode: every write into the page-table zone is queued for the VMM.
+    let mem = if crate::arch::mmu::is_pv() { mem.watching(pgtables, &crate::arch::mmu::PV_WRITES) } else { mem };
     let mut buddy = match BuddyAllocator::new_deferred(mem, meta, sections, Pfn(0), pgtables) {
         Ok(b) => b,
         Err(e) => fatal(e.as_str()),
@@ -183,6 +192,7 @@ pub fn init(info: &BootInfo) {
     add(&mut buddy, 0, limit);
     let kernel_pt = build_kernel_tables(info, &mut buddy);
     KernelMmu.load_cr3(kernel_pt.root());
+    crate::arch::mmu::set_direct_limit(info.ram_size);
     // The kernel's tables map all of RAM: the rest can be managed now.
     add(&mut buddy, limit, info.ram_size);
     let mm = MemoryManager { buddy, kmalloc: Kmalloc::new(ZonePref::Normal), kernel_pt, refs, user: None };

@@ -136,6 +136,28 @@ impl ShadowMmu {
         }
     }
 
+    /// Make the cached root whose shadow root lies at `shadow_root` (the
+    /// vCPU's CR3) current, as if its guest root had been loaded: a pv guest
+    /// may switch to a published root without an exit. Returns whether it
+    /// is a cached root (anything else — a stale or made-up address — is
+    /// ignored: the guest then runs on what it loaded, which only hurts
+    /// itself).
+    pub fn follow_shadow_root(
+        &mut self,
+        pool: &mut impl GuestPhys,
+        guest: &mut impl GuestPhys,
+        shadow_root: u64,
+    ) -> Result<bool, ShadowError> {
+        let Some(page) = self.page_of(shadow_root & ADDR) else { return Ok(false) };
+        match self.current {
+            Some((_, p)) if p == page => Ok(true),
+            _ => match self.roots.iter().find(|&&(_, p)| p == page) {
+                Some(&(g, _)) => self.load_cr3(pool, guest, g).map(|_| true),
+                None => Ok(false),
+            },
+        }
+    }
+
     /// The roots a pv guest may load by itself, most recent first:
     /// `(guest root, shadow root GPA)` of every cached root whose kernel
     /// half is shadowed (one that lost entries is left out until the next

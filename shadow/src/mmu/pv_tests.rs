@@ -310,3 +310,28 @@ fn a_root_whose_kernel_half_was_zapped_is_not_published_until_reloaded() {
     mmu.follow_guest_root(&mut pool, &mut g, 0x2000).unwrap();
     assert_eq!(mmu.stats().cr3_loads, loads);
 }
+
+#[test]
+fn a_root_rebuilt_across_batches_is_published_only_with_its_kernel_half() {
+    let (mut mmu, mut pool) = setup(64);
+    let mut g = two_spaces();
+    mmu.load_cr3(&mut pool, &mut g, 0x2000).unwrap();
+    mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
+    // The guest frees the space at 0x2000 and builds a new one in the same
+    // frame: the zeroing is synced first (the queue filled up) ...
+    (0..512).for_each(|i| g.write_u64(0x2000 + i * 8, 0));
+    mmu.apply_batch(&mut pool, &mut g, &[0x2000 | ENTRY_PAGE], ZONE);
+    // ... and the empty root becomes current (the guest's CR3 was there).
+    assert!(mmu.follow_shadow_root(&mut pool, &mut g, mmu.published_roots().last().unwrap().1).is_ok());
+    mmu.follow_guest_root(&mut pool, &mut g, 0x2000).unwrap();
+    mmu.follow_guest_root(&mut pool, &mut g, 0x1000).unwrap();
+    // Then its kernel-half entry is written and synced.
+    g.write_u64(0x2000 + 511 * 8, 0x30000 | P | RW | A);
+    mmu.apply_batch(&mut pool, &mut g, &[0x2000 + 511 * 8], ZONE);
+    // It must not be published before it is refilled: a guest loading it
+    // could not take a fault.
+    assert!(mmu.published_roots().all(|(r, _)| r != 0x2000), "published without its kernel half");
+    let root = mmu.follow_guest_root(&mut pool, &mut g, 0x2000).unwrap();
+    assert_ne!(pool.read_u64(root + 511 * 8), 0, "refilled at the next load");
+    assert!(mmu.published_roots().any(|(r, _)| r == 0x2000));
+}

@@ -252,6 +252,7 @@ extern "C" fn exception_dispatch(frame: &mut TrapFrame) {
         if let Some(hook) = page_fault_hook()
             && hook(cr2, error_code)
         {
+            arch::mmu::fault_handled(cr2);
             return;
         }
         kprintln!("\nEXCEPTION {} ({}) error={:#x} rip={:#x} cr2={:#x}", v, vector_name(v), error_code, frame.rip, cr2);

@@ -1,23 +1,39 @@
-//! The MMU platform hooks: the two places where ept and shadow mode differ
-//! for the guest (DESIGN.md, "Shadow mode").
+//! The MMU platform hooks: the places where ept, shadow and pv mode differ
+//! for the guest (DESIGN.md, "Shadow mode"; `guest_abi::pv` for pv).
 //!
 //! - **CR3 loads** go through [`load_cr3`]: `mov cr3` in ept mode, the
 //!   `LOAD_CR3` hypercall in shadow mode (the VMM points the vCPU at the
-//!   shadow root).
+//!   shadow root). In pv mode, with an empty write queue, a shadow root the
+//!   VMM has published is loaded with `mov cr3` directly (no exit);
+//!   otherwise `LOAD_CR3`, which applies the queue first.
 //! - **Page faults** first ask the VMM (`SHADOW_FAULT`) in shadow mode:
 //!   most are hidden faults the VMM fixes; only true guest faults reach the
 //!   kernel's own handling, with the error code the guest's tables give.
+//!   In pv mode the kernel walks its own tables first ([`pv_true_fault`]):
+//!   a fault they explain is the kernel's at once, with no exit; only a
+//!   fault they allow goes to the VMM.
+//! - **pv mode: page-table writes** are recorded in the write queue of the
+//!   area shared with the VMM (the memory manager's direct map reports
+//!   them, [`PV_WRITES`]); `invlpg` and TLB flushes sync the queue with
+//!   `PV_FLUSH` when it holds anything — deferred to the end of a lazy-MMU
+//!   bracket ([`enter_lazy`], [`leave_lazy`]). A full queue syncs by itself.
 //!
 //! Nothing else in the kernel knows which mode it runs in.
 
 use crate::hypercall;
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use guest_abi::MmuMode;
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use guest_abi::hypercall as hc;
+use guest_abi::pv::{self, ENTRY_PAGE, NO_GVA, QUEUE_CAP, QUEUE_FIRST, ROOTS_CAP, ROOTS_FIRST};
+use guest_abi::{DIRECT_MAP_BASE, Gpa, KERNEL_VMA, MmuMode};
+use guest_mm::phys::{Pfn, TableWrites};
 
-static SHADOW: AtomicBool = AtomicBool::new(false);
-/// In shadow mode the hardware CR3 holds the shadow root; the guest's own
-/// root is remembered here.
+const EPT: u8 = 0;
+const SHADOW: u8 = 1;
+const PV: u8 = 2;
+static MODE: AtomicU8 = AtomicU8::new(EPT);
+/// In shadow and pv mode the hardware CR3 holds the shadow root; the
+/// guest's own root is remembered here.
 static GUEST_CR3: AtomicU64 = AtomicU64::new(0);
 
 fn hardware_cr3() -> u64 {
@@ -27,23 +43,39 @@ fn hardware_cr3() -> u64 {
     v
 }
 
-/// Record the mode and, in shadow mode, move the vCPU onto a shadow of the
-/// current tables.
+/// Record the mode and, in shadow and pv mode, move the vCPU onto a shadow
+/// of the current tables (pv: after registering the shared area).
 pub fn init(mode: Option<MmuMode>) {
-    if mode == Some(MmuMode::Shadow) {
-        let boot_root = hardware_cr3();
-        SHADOW.store(true, Ordering::Relaxed);
-        load_cr3(boot_root);
+    let boot_root = hardware_cr3();
+    match mode {
+        Some(MmuMode::Shadow) => MODE.store(SHADOW, Ordering::Relaxed),
+        Some(MmuMode::Pv) => {
+            let info = crate::boot::info();
+            ZONE.0.store(info.pt_zone.start, Ordering::Relaxed);
+            ZONE.1.store(info.pt_zone.end(), Ordering::Relaxed);
+            DIRECT_LIMIT.store(info.boot_mapped.min(info.ram_size), Ordering::Relaxed);
+            if hypercall::call(hc::PV_SETUP, area_gpa(), 0, 0, 0) != hc::OK {
+                crate::panic::fatal("PV_SETUP refused by the VMM");
+            }
+            MODE.store(PV, Ordering::Relaxed);
+        }
+        _ => return,
     }
+    load_cr3(boot_root);
 }
 
-/// Whether the VMM shadows our page tables.
+/// Whether the VMM shadows our page tables (shadow or pv mode).
 pub fn is_shadow() -> bool {
-    SHADOW.load(Ordering::Relaxed)
+    MODE.load(Ordering::Relaxed) != EPT
+}
+
+/// Whether we run paravirtualised (pv mode).
+pub fn is_pv() -> bool {
+    MODE.load(Ordering::Relaxed) == PV
 }
 
 /// The guest-physical root of the current address space (as the guest
-/// sees it: in shadow mode the VMM remembers the guest's value).
+/// sees it: in shadow and pv mode the VMM remembers the guest's value).
 #[allow(dead_code)] // used by the address-space code
 pub fn read_cr3() -> u64 {
     if is_shadow() { GUEST_CR3.load(Ordering::Relaxed) } else { hardware_cr3() }
@@ -51,6 +83,17 @@ pub fn read_cr3() -> u64 {
 
 /// Switch to the address space rooted at `root` (a GPA).
 pub fn load_cr3(root: u64) {
+    if is_pv()
+        && queue_len() == 0
+        && let Some(shadow_root) = published_root(root)
+    {
+        // SAFETY: a shadow root the VMM published for `root` (kept valid
+        // until the VMM republishes, which it does before we run again
+        // whenever a root changes); it maps the kernel as `root` does.
+        unsafe { core::arch::asm!("mov cr3, {}", in(reg) shadow_root, options(nostack, preserves_flags)) };
+        GUEST_CR3.store(root, Ordering::Relaxed);
+        return;
+    }
     if is_shadow() {
         let r = hypercall::call(hc::LOAD_CR3, root, 0, 0, 0);
         if hc::is_error(r) {
@@ -67,10 +110,56 @@ pub fn load_cr3(root: u64) {
 /// Flush the TLB entry of `va` after changing its mapping.
 #[allow(dead_code)] // used by the paging code
 pub fn invlpg(va: u64) {
+    if is_pv() {
+        if LAZY_DEPTH.load(Ordering::Relaxed) > 0 {
+            LAZY_PENDING.store(true, Ordering::Relaxed);
+        } else if queue_len() > 0 {
+            pv_flush(va);
+        }
+    }
     // SAFETY: invalidating a TLB entry has no memory effects. In shadow mode
-    // the VMM already updated the shadow on the PTE write; invlpg still
-    // flushes the hardware TLB, as on bare metal.
+    // the VMM already updated the shadow on the PTE write (in pv mode at
+    // the PV_FLUSH above); invlpg still flushes the hardware TLB, as on
+    // bare metal.
     unsafe { core::arch::asm!("invlpg [{}]", in(reg) va, options(nostack, preserves_flags)) };
+}
+
+/// Flush every non-global TLB entry (a CR3 reload; deferred inside a pv
+/// lazy-MMU bracket).
+pub fn flush_all() {
+    if is_pv() {
+        if LAZY_DEPTH.load(Ordering::Relaxed) > 0 {
+            LAZY_PENDING.store(true, Ordering::Relaxed);
+            return;
+        }
+        // Sync with the lighter PV_FLUSH; the reload below then finds the
+        // root published (no second exit).
+        if queue_len() > 0 {
+            pv_flush(NO_GVA);
+        }
+    }
+    load_cr3(read_cr3());
+}
+
+static LAZY_DEPTH: AtomicUsize = AtomicUsize::new(0);
+static LAZY_PENDING: AtomicBool = AtomicBool::new(false);
+
+/// Open a lazy-MMU bracket (`MmuPlatform::enter_lazy`): in pv mode
+/// invalidations wait for the outermost [`leave_lazy`].
+pub fn enter_lazy() {
+    LAZY_DEPTH.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Close a lazy-MMU bracket: the outermost one syncs the write queue once
+/// if an invalidation was deferred.
+pub fn leave_lazy() {
+    if LAZY_DEPTH.fetch_sub(1, Ordering::Relaxed) == 1
+        && LAZY_PENDING.swap(false, Ordering::Relaxed)
+        && is_pv()
+        && queue_len() > 0
+    {
+        pv_flush(NO_GVA);
+    }
 }
 
 /// What a page fault turned out to be.
@@ -86,7 +175,12 @@ pub fn classify_fault(cr2: u64, error_code: u64) -> Fault {
     if !is_shadow() {
         return Fault::Guest(error_code);
     }
-    let r = hypercall::call(hc::SHADOW_FAULT, cr2, error_code, 0, 0);
+    if is_pv()
+        && let Some(ec) = pv_true_fault(cr2, error_code)
+    {
+        return Fault::Guest(ec);
+    }
+    let r = hypercall::call(hc::SHADOW_FAULT, cr2, error_code, read_cr3(), 0);
     if r == hc::FAULT_FIXED {
         Fault::Hidden
     } else if r & hc::FAULT_GUEST != 0 && !hc::is_error(r) {
@@ -94,4 +188,210 @@ pub fn classify_fault(cr2: u64, error_code: u64) -> Fault {
     } else {
         crate::panic::fatal("SHADOW_FAULT refused by the VMM")
     }
+}
+
+/// The kernel's own handler resolved a true page fault at `cr2`: in pv
+/// mode, sync the writes it queued and have the VMM shadow `cr2` now
+/// (`PV_FLUSH(cr2)`), so the retried access does not fault again — one
+/// exit per demand or copy-on-write fault, and no second `#PF`.
+pub fn fault_handled(cr2: u64) {
+    if is_pv() && queue_len() > 0 && LAZY_DEPTH.load(Ordering::Relaxed) == 0 {
+        pv_flush(cr2);
+    }
+}
+
+// ---- pv mode ----
+
+/// The guest's own CR0.WP (pv mode's fault walk needs it: the vCPU runs
+/// with WP = 1 whatever the guest set, so reading CR0 would not tell).
+static GUEST_WP: AtomicBool = AtomicBool::new(true);
+/// The page-table zone, `[start, end)`.
+static ZONE: (AtomicU64, AtomicU64) = (AtomicU64::new(0), AtomicU64::new(0));
+/// RAM the direct map covers (the boot map's, then all of RAM).
+static DIRECT_LIMIT: AtomicU64 = AtomicU64::new(0);
+
+/// The guest's own EFER.NXE (as with WP, the vCPU's EFER may say
+/// otherwise: the VMM keeps NXE set).
+static GUEST_NXE: AtomicBool = AtomicBool::new(true);
+
+/// The guest changed CR0 (and tells the VMM with `FLUSH_TLB(cr0, ..)`).
+pub fn note_guest_cr0(cr0: u64) {
+    GUEST_WP.store(cr0 & (1 << 16) != 0, Ordering::Relaxed);
+}
+
+/// The guest wrote EFER (every `wrmsr` of EFER in the kernel says so).
+pub fn note_guest_efer(efer: u64) {
+    GUEST_NXE.store(efer & (1 << 11) != 0, Ordering::Relaxed);
+}
+
+/// The direct map now covers RAM up to `limit` (the kernel's own tables).
+pub fn set_direct_limit(limit: u64) {
+    DIRECT_LIMIT.store(limit, Ordering::Relaxed);
+}
+
+/// The area shared with the VMM: the write queue, then the published
+/// roots (layout in `guest_abi::pv`).
+#[repr(C, align(4096))]
+struct Area(UnsafeCell<[u64; 512 * pv::AREA_PAGES as usize]>);
+
+// SAFETY: one CPU, interrupts off; the words are only accessed with
+// volatile reads and writes through raw pointers, and the VMM writes them
+// only while the vCPU is stopped at an exit.
+unsafe impl Sync for Area {}
+
+static AREA: Area = Area(UnsafeCell::new([0; 512 * pv::AREA_PAGES as usize]));
+
+/// The area's guest-physical address: the kernel image is loaded at
+/// `GVA - KERNEL_VMA`.
+fn area_gpa() -> u64 {
+    AREA.0.get() as u64 - KERNEL_VMA
+}
+
+fn word(i: usize) -> *mut u64 {
+    (AREA.0.get() as *mut u64).wrapping_add(i)
+}
+
+fn read_word(i: usize) -> u64 {
+    // SAFETY: `i` < the area's length (callers' bounds); see `Area`.
+    unsafe { word(i).read_volatile() }
+}
+
+fn write_word(i: usize, v: u64) {
+    // SAFETY: as in `read_word`.
+    unsafe { word(i).write_volatile(v) }
+}
+
+fn queue_len() -> usize {
+    read_word(0) as usize
+}
+
+/// Queue one entry; a full queue is synced first.
+fn record(entry: u64) {
+    let mut n = queue_len();
+    if n >= QUEUE_CAP {
+        pv_flush(NO_GVA);
+        n = queue_len();
+        if n != 0 {
+            crate::panic::fatal("PV_FLUSH left the write queue full");
+        }
+    }
+    write_word(QUEUE_FIRST + n, entry);
+    write_word(0, n as u64 + 1);
+}
+
+/// Sync the write queue (and prefetch `va` unless it is `NO_GVA`).
+fn pv_flush(va: u64) {
+    let r = hypercall::call(hc::PV_FLUSH, va, read_cr3(), 0, 0);
+    if r != hc::OK {
+        crate::panic::fatal("PV_FLUSH refused by the VMM");
+    }
+}
+
+/// The shadow root the VMM published for guest root `root`, if any: an
+/// open-addressed table indexed by `root`'s frame number modulo
+/// `ROOTS_CAP`, probed linearly up to an empty slot.
+fn published_root(root: u64) -> Option<u64> {
+    let start = ((root >> 12) % ROOTS_CAP as u64) as usize;
+    for k in 0..ROOTS_CAP {
+        let slot = (start + k) % ROOTS_CAP;
+        let guest = read_word(512 + ROOTS_FIRST + 2 * slot);
+        if guest == 0 {
+            return None;
+        }
+        if guest == root {
+            return Some(read_word(512 + ROOTS_FIRST + 2 * slot + 1));
+        }
+    }
+    None
+}
+
+/// pv mode's page-table writes recorder: the memory manager's direct map
+/// reports every write into the page-table zone here.
+pub struct PvWrites;
+
+impl TableWrites for PvWrites {
+    fn entry_written(&self, addr: Gpa) {
+        record(addr.0);
+    }
+    fn frame_rewritten(&self, frame: Pfn) {
+        record(frame.addr().0 | ENTRY_PAGE);
+    }
+}
+
+/// The recorder the memory manager's direct map reports to in pv mode.
+pub static PV_WRITES: PvWrites = PvWrites;
+
+/// Walk our own tables for a fault at `cr2` with the vCPU's `error_code`:
+/// `Some(guest error code)` when they forbid the access — a true fault the
+/// kernel handles without asking the VMM — and `None` when they allow it
+/// or the walk meets anything this quick check does not model exactly
+/// (fetches, large pages, reserved or ignored high bits, tables outside
+/// the zone, CR4.SMEP/SMAP, supervisor writes with CR0.WP = 0): those go
+/// to the VMM's full walker (`SHADOW_FAULT`). What it answers is what the
+/// Intel SDM vol. 3 §4.7 gives for a 4 KiB walk: a not-present entry →
+/// P = 0; a present path whose RW or US forbids the access → P = 1; W and
+/// U from the access. Like the VMM's walker (and KVM's), a faulting walk
+/// sets no A bit, so nothing is written.
+fn pv_true_fault(cr2: u64, error_code: u64) -> Option<u64> {
+    const P: u64 = 1;
+    const RW: u64 = 2;
+    const US: u64 = 4;
+    const PS: u64 = 1 << 7;
+    const ADDR: u64 = 0x000f_ffff_ffff_f000;
+    // Bits 52..62 (protection keys, ignored bits) and 40..51 (beyond any
+    // RAM a guest here has): leave them to the full walker; so is XD
+    // (bit 63) when the guest's EFER.NXE = 0, where it is reserved.
+    const XD: u64 = 1 << 63;
+    const HIGH: u64 = 0x7fff_ff00_0000_0000;
+    let high = if GUEST_NXE.load(Ordering::Relaxed) { HIGH } else { HIGH | XD };
+    if error_code & !(pf_bits::W | pf_bits::U | pf_bits::P) != 0 {
+        return None;
+    }
+    let cr4: u64;
+    // SAFETY: reading CR4 has no side effects; ring 0.
+    unsafe { core::arch::asm!("mov {}, cr4", out(reg) cr4, options(nomem, nostack, preserves_flags)) };
+    if cr4 & (3 << 20) != 0 {
+        return None;
+    }
+    let (write, user) = (error_code & pf_bits::W != 0, error_code & pf_bits::U != 0);
+    let access = error_code & (pf_bits::W | pf_bits::U);
+    let (zone_lo, zone_hi) = (ZONE.0.load(Ordering::Relaxed), ZONE.1.load(Ordering::Relaxed));
+    let limit = DIRECT_LIMIT.load(Ordering::Relaxed);
+    let mut table = read_cr3() & ADDR;
+    let (mut rw, mut us) = (true, true);
+    for level in (1..=4u32).rev() {
+        if table < zone_lo || table >= zone_hi || table >= limit {
+            return None;
+        }
+        let idx = (cr2 >> (12 + 9 * (level - 1))) & 0x1ff;
+        // SAFETY: `table` is a page-table page in RAM the direct map covers
+        // (checked above); reading it has no side effects.
+        let e = unsafe { ((DIRECT_MAP_BASE + table + idx * 8) as *const u64).read_volatile() };
+        if e & P == 0 {
+            return Some(access);
+        }
+        if e & high != 0 || (level > 1 && e & PS != 0) {
+            return None;
+        }
+        rw &= e & RW != 0;
+        us &= e & US != 0;
+        table = e & ADDR;
+    }
+    if user && !us {
+        return Some(P | access);
+    }
+    if write && !rw {
+        if !user && !GUEST_WP.load(Ordering::Relaxed) {
+            return None;
+        }
+        return Some(P | access);
+    }
+    None
+}
+
+/// `#PF` error-code bits (SDM vol. 3 §4.7).
+mod pf_bits {
+    pub const P: u64 = 1;
+    pub const W: u64 = 2;
+    pub const U: u64 = 4;
 }

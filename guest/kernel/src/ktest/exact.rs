@@ -187,6 +187,7 @@ fn write_efer(v: u64) {
     // SAFETY: toggles EFER.NXE only; no live kernel mapping uses XD while it
     // is clear (see mm.rs), and the caller restores it.
     unsafe { core::arch::asm!("wrmsr", in("ecx") 0xc000_0080u32, in("eax") v as u32, in("edx") (v >> 32) as u32) };
+    arch::mmu::note_guest_efer(v);
 }
 
 /// Issue 11, item 3: shadow mode runs the vCPU with EFER.NXE = 1 whatever

@@ -156,6 +156,7 @@ fn set_nxe(on: bool) -> u64 {
             v &= !(1 << 11)
         }
         core::arch::asm!("wrmsr", in("ecx") 0xc000_0080u32, in("eax") v as u32, in("edx") (v >> 32) as u32);
+        mmu::note_guest_efer(v);
         v
     }
 }
@@ -164,6 +165,7 @@ fn set_nxe(on: bool) -> u64 {
 /// with our CR0 and EFER: the vCPU's own CR0.WP and EFER.NXE stay set in
 /// shadow mode, so reading them back would not tell).
 fn controls_changed(cr0: u64, efer: u64) {
+    mmu::note_guest_cr0(cr0);
     if mmu::is_shadow() {
         hypercall::call(guest_abi::hypercall::FLUSH_TLB, cr0, efer, 0, 0);
     }

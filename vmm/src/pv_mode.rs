@@ -1,0 +1,193 @@
+//! pv mode in the VMM: the area a paravirtual guest shares with the VMM
+//! (layout and guest contract: `guest_abi::pv`), on top of shadow mode's
+//! MMU (`shadow_mode`, `shadow::mmu`).
+//!
+//! - The page-table zone is ordinary writable RAM (`ept::memmap`): guest
+//!   page-table writes do not exit. The guest queues the GPA of each entry
+//!   it wrote; every pv sync point — `PV_FLUSH`, `SHADOW_FAULT`, `LOAD_CR3`,
+//!   `FLUSH_TLB` — first applies the queue ([`PvArea::take_queue`],
+//!   `ShadowMmu::apply_batch`), so the shadow is exactly what trapping each
+//!   write would have made it (the property test of `shadow::mmu::pv`).
+//! - After every hypercall that may have changed the root cache the VMM
+//!   republishes the cached roots ([`PvArea::publish`]); a guest with an
+//!   empty queue loads a published shadow root with its own `mov cr3`.
+//!   The table is rewritten before the vCPU runs again, so an entry the
+//!   guest finds is valid; `SHADOW_FAULT` and `PV_FLUSH` carry the guest's
+//!   own CR3, so the VMM follows a switch it did not see.
+//! - **Trust.** The area is guest memory and guest input: the queue length
+//!   is checked against the queue, every entry is validated
+//!   (`ShadowMmu::apply_batch`), and the VMM reads the area once per sync
+//!   into its own buffer. What the guest writes in the root table is
+//!   overwritten and never read. The pool's dirty log (the check that
+//!   repairs pool pages the guest wrote, `shadow_mode`) is read at
+//!   `LOAD_CR3` only, not at every sync: the guarantee of the trust model —
+//!   a guest that scribbles over the pool and comes back through
+//!   `LOAD_CR3` gets exactly what its tables allow — holds, while the
+//!   hypercalls on the fault and flush paths skip its cost (measured in
+//!   the README, "pv mode"). Between a scribble and the next `LOAD_CR3`
+//!   the guest runs on what it wrote, as in shadow mode; the VMM never
+//!   reads the pool to decide anything, and the shadow maps guest RAM only.
+
+use guest_abi::pv::{self as abi, BatchError};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// The registered shared area.
+#[derive(Debug)]
+pub struct PvArea {
+    gpa: u64,
+    generation: u64,
+    published: Vec<(u64, u64)>,
+    entries: Vec<u64>,
+}
+
+/// Why `PV_SETUP` was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetupError {
+    /// Not page-aligned, or not wholly inside guest RAM.
+    BadAddress,
+}
+
+impl PvArea {
+    /// `PV_SETUP(gpa)`: the area at `gpa` in RAM of `ram` bytes.
+    pub fn setup(mem: &GuestMemoryMmap, ram: u64, gpa: u64) -> Result<PvArea, SetupError> {
+        let len = abi::AREA_PAGES * 4096;
+        if !gpa.is_multiple_of(4096) || gpa.checked_add(len).is_none_or(|end| end > ram) {
+            return Err(SetupError::BadAddress);
+        }
+        let mut area =
+            PvArea { gpa, generation: 0, published: Vec::new(), entries: Vec::with_capacity(abi::QUEUE_CAP) };
+        let _ = mem.write_obj(0u64, GuestAddress(gpa));
+        area.write_roots(mem);
+        Ok(area)
+    }
+
+    /// Take the write queue out of guest memory (and empty it there): the
+    /// entries, or [`BatchError::Count`] when the length is beyond the queue
+    /// (nothing is applied then).
+    pub fn take_queue(&mut self, mem: &GuestMemoryMmap) -> Result<&[u64], BatchError> {
+        let len: u64 = mem.read_obj(GuestAddress(self.gpa)).unwrap_or(0);
+        if len == 0 {
+            return Ok(&[]);
+        }
+        let _ = mem.write_obj(0u64, GuestAddress(self.gpa));
+        if len > abi::QUEUE_CAP as u64 {
+            return Err(BatchError::Count);
+        }
+        let mut bytes = vec![0u8; len as usize * 8];
+        let _ = mem.read_slice(&mut bytes, GuestAddress(self.gpa + abi::QUEUE_FIRST as u64 * 8));
+        self.entries.clear();
+        self.entries.extend(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))));
+        Ok(&self.entries)
+    }
+
+    /// Publish `roots` (guest root, shadow root), most recent first, at
+    /// most `ROOTS_CAP`: rewritten only when they changed. Returns whether
+    /// the table was rewritten.
+    pub fn publish(&mut self, mem: &GuestMemoryMmap, roots: impl Iterator<Item = (u64, u64)>) -> bool {
+        let roots: Vec<(u64, u64)> = roots.take(abi::ROOTS_CAP).collect();
+        if roots == self.published {
+            return false;
+        }
+        self.published = roots;
+        self.write_roots(mem);
+        true
+    }
+
+    /// Write the root table: an open-addressed hash on the guest root's
+    /// frame number, probed linearly (the guest's look-up,
+    /// `arch::mmu::published_root`), then the generation and the count.
+    fn write_roots(&mut self, mem: &GuestMemoryMmap) {
+        let mut table = vec![0u64; 2 * abi::ROOTS_CAP];
+        for &(guest, shadow) in &self.published {
+            let start = ((guest >> 12) % abi::ROOTS_CAP as u64) as usize;
+            if let Some(slot) = (0..abi::ROOTS_CAP).map(|k| (start + k) % abi::ROOTS_CAP).find(|&s| table[2 * s] == 0) {
+                table[2 * slot] = guest;
+                table[2 * slot + 1] = shadow;
+            }
+        }
+        self.generation += 1;
+        let page = self.gpa + 4096;
+        let bytes: Vec<u8> = [self.generation, self.published.len() as u64]
+            .iter()
+            .chain(table.iter())
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        let _ = mem.write_slice(&bytes, GuestAddress(page));
+    }
+
+    /// The roots published now.
+    pub fn published(&self) -> &[(u64, u64)] {
+        &self.published
+    }
+
+    /// The area's GPA.
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    #[test]
+    fn setup_refuses_an_area_outside_ram_or_unaligned() {
+        let m = mem();
+        assert_eq!(PvArea::setup(&m, 1 << 20, 0x1001).unwrap_err(), SetupError::BadAddress);
+        assert_eq!(PvArea::setup(&m, 1 << 20, (1 << 20) - 4096).unwrap_err(), SetupError::BadAddress);
+        assert_eq!(PvArea::setup(&m, 1 << 20, u64::MAX & !0xfff).unwrap_err(), SetupError::BadAddress);
+        assert!(PvArea::setup(&m, 1 << 20, (1 << 20) - 8192).is_ok());
+    }
+
+    #[test]
+    fn the_queue_is_read_once_emptied_and_bounded() {
+        let m = mem();
+        let mut a = PvArea::setup(&m, 1 << 20, 0x8000).unwrap();
+        assert_eq!(a.take_queue(&m).unwrap(), &[] as &[u64]);
+        m.write_obj(3u64, GuestAddress(0x8000)).unwrap();
+        for (i, v) in [0x1000u64, 0x1008, 0x2001].iter().enumerate() {
+            m.write_obj(*v, GuestAddress(0x8010 + i as u64 * 8)).unwrap();
+        }
+        assert_eq!(a.take_queue(&m).unwrap(), &[0x1000, 0x1008, 0x2001]);
+        assert_eq!(m.read_obj::<u64>(GuestAddress(0x8000)).unwrap(), 0, "emptied");
+        // A hostile length: refused, emptied, nothing read.
+        m.write_obj(abi::QUEUE_CAP as u64 + 1, GuestAddress(0x8000)).unwrap();
+        assert_eq!(a.take_queue(&m).unwrap_err(), BatchError::Count);
+        m.write_obj(u64::MAX, GuestAddress(0x8000)).unwrap();
+        assert_eq!(a.take_queue(&m).unwrap_err(), BatchError::Count);
+        assert_eq!(m.read_obj::<u64>(GuestAddress(0x8000)).unwrap(), 0);
+    }
+
+    #[test]
+    fn published_roots_are_found_by_the_guests_probe_and_rewritten_only_on_change() {
+        let m = mem();
+        let mut a = PvArea::setup(&m, 1 << 20, 0x8000).unwrap();
+        // Two roots whose frames collide in the hash.
+        let roots = [(0x100_0000u64, 0x8000_0000u64), (0x100_0000 + abi::ROOTS_CAP as u64 * 4096, 0x8000_1000)];
+        assert!(a.publish(&m, roots.iter().copied()));
+        assert!(!a.publish(&m, roots.iter().copied()), "unchanged: not rewritten");
+        let word = |i: usize| m.read_obj::<u64>(GuestAddress(0x9000 + i as u64 * 8)).unwrap();
+        let probe = |root: u64| {
+            let start = ((root >> 12) % abi::ROOTS_CAP as u64) as usize;
+            for k in 0..abi::ROOTS_CAP {
+                let s = (start + k) % abi::ROOTS_CAP;
+                match word(abi::ROOTS_FIRST + 2 * s) {
+                    0 => return None,
+                    g if g == root => return Some(word(abi::ROOTS_FIRST + 2 * s + 1)),
+                    _ => {}
+                }
+            }
+            None
+        };
+        assert_eq!(probe(roots[0].0), Some(roots[0].1));
+        assert_eq!(probe(roots[1].0), Some(roots[1].1));
+        assert_eq!(probe(0x200_0000), None);
+        assert_eq!((word(0), word(1)), (2, 2), "generation 2 (setup, publish), two roots");
+        a.publish(&m, std::iter::empty());
+        assert_eq!(probe(roots[0].0), None, "an evicted root disappears");
+    }
+}
