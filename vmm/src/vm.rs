@@ -131,7 +131,7 @@ pub struct Vm {
     epoch: Instant,
     /// Counters at the last `BENCH_BEGIN`.
     bench_start: Option<BenchSnapshot>,
-    /// MAXPHYADDR from the vCPU's CPUID.
+    /// What the guest's CPUID says: MAXPHYADDR, NX, 1 GiB pages, vendor.
     cpu: GuestCpu,
 }
 
@@ -531,12 +531,24 @@ impl Vm {
                 sh.mmu.set_mode(&mut pool, &mut ram, sh.guest_mode(&sregs, r.rflags));
                 let root = match sh.mmu.load_cr3(&mut pool, &mut ram, root_gpa) {
                     Ok(root) => root,
-                    // A root outside the page-table zone: its changes would
-                    // not trap (shadow::mmu invariant 6).
-                    Err(shadow::ShadowError::RootNotTrapped(_)) => return Ok(Some(hc::ERR_FAULT)),
                     Err(e) => {
-                        log::warn!("LOAD_CR3({root_gpa:#x}) failed: {e}");
-                        return Ok(Some(hc::ERR_UNAVAILABLE));
+                        // A root outside the page-table zone (its changes
+                        // would not trap: shadow::mmu invariant 6) is the
+                        // guest's mistake; anything else is logged. Either
+                        // way the guest stays on its old root, which a rule
+                        // change above may have rebuilt elsewhere.
+                        let answer = if let shadow::ShadowError::RootNotTrapped(_) = e {
+                            hc::ERR_FAULT
+                        } else {
+                            log::warn!("LOAD_CR3({root_gpa:#x}) failed: {e}");
+                            hc::ERR_UNAVAILABLE
+                        };
+                        if let Some(root) = sh.mmu.current_root() {
+                            let mut sregs = sh.vcpu_sregs(sregs);
+                            sregs.cr3 = root;
+                            self.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+                        }
+                        return Ok(Some(answer));
                     }
                 };
                 let mut sregs = sh.vcpu_sregs(sregs);
