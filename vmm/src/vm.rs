@@ -506,7 +506,9 @@ impl Vm {
                     self.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
                     return Ok(Some(hc::FAULT_FIXED));
                 }
-                let mode = sh.guest_mode(&vcpu_sregs, r.rflags);
+                // SMAP checks the faulting context's RFLAGS.AC (passed in
+                // rcx), not the handler's.
+                let mode = sh.guest_mode(&vcpu_sregs, crate::shadow_mode::fault_rflags(r.rcx, r.rflags));
                 let result =
                     sh.fault(&mut ram, &mut pool, r.rdi, r.rsi, mode).map_err(|e| Error::ShadowMmu(e, r.rip))?;
                 // Pool exhaustion zaps everything and may rebuild the root in
