@@ -358,7 +358,7 @@ impl ShadowState {
         let r = match self.mmu.handle_fault(pool, ram, cr2, error_code as u32) {
             Ok(FaultOutcome::Fixed) => Ok(hc::FAULT_FIXED),
             Ok(FaultOutcome::GuestFault(ec)) => Ok(hc::FAULT_GUEST | ec as u64),
-            Err(e @ (ShadowError::Livelock { .. } | ShadowError::WpOffSmapWrite(_))) => Err(e),
+            Err(e @ ShadowError::Livelock { .. }) => Err(e),
             Err(e) => {
                 log::warn!("SHADOW_FAULT({cr2:#x}, {error_code:#x}) failed: {e}");
                 Ok(hc::ERR_UNAVAILABLE)
