@@ -605,7 +605,13 @@ impl ShadowMmu {
     /// supervisor write. O(pool), for a rare combination of controls.
     fn zap_user_leaves_except(&mut self, pool: &mut impl GuestPhys, keep: (u32, u64)) {
         for page in 0..self.pages.len() as u32 {
-            let Some(level) = self.pages[page as usize].as_ref().map(|p| p.role.level) else { continue };
+            let Some(role) = self.pages[page as usize].as_ref().map(|p| p.role) else { continue };
+            // A root holds no leaves, and under a supervisor-only parent no
+            // leaf is a user leaf.
+            if role.level == 4 || role.access & ACC_U == 0 {
+                continue;
+            }
+            let level = role.level;
             for idx in 0..512u64 {
                 if (page, idx) == keep {
                     continue;
