@@ -297,6 +297,13 @@ impl ShadowState {
     }
 }
 
+/// The RFLAGS whose AC the walk of `SHADOW_FAULT(cr2, error_code, rflags)`
+/// uses: the faulting context's, when the guest passed it (RFLAGS bit 1 is
+/// always set, so 0 means "not given"), else the vCPU's now.
+pub fn fault_rflags(passed: u64, vcpu_now: u64) -> u64 {
+    if passed != 0 { passed } else { vcpu_now }
+}
+
 /// CR0.WP.
 pub const CR0_WP: u64 = 1 << 16;
 /// EFER.NXE.
@@ -418,7 +425,7 @@ impl ShadowState {
         let r = match self.mmu.handle_fault(pool, ram, cr2, error_code as u32) {
             Ok(FaultOutcome::Fixed) => hc::FAULT_FIXED,
             Ok(FaultOutcome::GuestFault(ec)) => hc::FAULT_GUEST | ec as u64,
-            Err(e @ (ShadowError::PoolTooSmall | ShadowError::Livelock { .. } | ShadowError::WpOffSmapWrite(_))) => {
+            Err(e @ (ShadowError::PoolTooSmall | ShadowError::Livelock { .. })) => {
                 self.times.fault += t.elapsed();
                 return Err(e);
             }
@@ -453,6 +460,19 @@ mod tests {
         let slot =
             SlotSpec { slot: 3, gpa: 2 << 30, len: 64 << 12, readonly: false, kind: ept::RegionKind::ShadowPool };
         ShadowState::new(slot, 0, Coherence::ReloadCr3, cpu, TableFrames::ALL)
+    }
+
+    #[test]
+    fn smap_checks_the_ac_of_the_faulting_context() {
+        const AC: u64 = 1 << 18;
+        let sh = state(GuestCpu { maxphyaddr: 48, nx: true, pdpe1gb: false, amd: false });
+        let sregs = kvm_bindings::kvm_sregs { cr4: 1 << 21, efer: EFER_NXE, ..Default::default() };
+        // The handler cleared AC on entry; the faulting access had it set.
+        let rflags = fault_rflags(0x2 | AC, 0x2);
+        assert!(sh.guest_mode(&sregs, rflags).ac);
+        // An older guest that passes nothing: the vCPU's AC.
+        assert!(!sh.guest_mode(&sregs, fault_rflags(0, 0x2)).ac);
+        assert!(sh.guest_mode(&sregs, fault_rflags(0, 0x2 | AC)).ac);
     }
 
     #[test]

@@ -375,7 +375,7 @@ struct VmCore {
     epoch: Instant,
     /// Counters at the last `BENCH_BEGIN`.
     bench_start: Option<BenchSnapshot>,
-    /// What the guest's CPUID says (MAXPHYADDR, NX, 1 GiB pages, vendor).
+    /// What the guest's CPUID says: MAXPHYADDR, NX, 1 GiB pages, vendor.
     cpu: GuestCpu,
     /// Where the vCPU thread's own output to stderr goes (a writer thread).
     diag: ConsoleSink,
@@ -767,7 +767,9 @@ impl VmCore {
                     self.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
                     return Ok(Some(hc::FAULT_FIXED));
                 }
-                let mode = sh.guest_mode(&vcpu_sregs, r.rflags);
+                // SMAP checks the faulting context's RFLAGS.AC (passed in
+                // rcx), not the handler's.
+                let mode = sh.guest_mode(&vcpu_sregs, crate::shadow_mode::fault_rflags(r.rcx, r.rflags));
                 let result = sh.fault(&mut ram, &mut pool, r.rdi, r.rsi, mode).map_err(|e| match e {
                     shadow::ShadowError::PoolTooSmall => pool_exhausted(sh.mmu.guest_cr3().unwrap_or(0)),
                     e => Error::ShadowMmu(e, r.rip),
@@ -795,14 +797,26 @@ impl VmCore {
                 let root = match sh.mmu.load_cr3(&mut pool, &mut ram, root_gpa) {
                     Ok(root) => root,
                     Err(shadow::ShadowError::PoolTooSmall) => return Err(pool_exhausted(root_gpa)),
-                    // A root outside the page-table zone: its changes would
-                    // not trap (shadow::mmu invariant 6).
-                    Err(shadow::ShadowError::RootNotTrapped(_)) => return Ok(Some(hc::ERR_FAULT)),
                     Err(e) => {
-                        if self.warnings.allow() {
-                            log::warn!("LOAD_CR3({root_gpa:#x}) failed: {e}");
+                        // A root outside the page-table zone (its changes
+                        // would not trap: shadow::mmu invariant 6) is the
+                        // guest's mistake; anything else is logged (bounded).
+                        // Either way the guest stays on its old root, which a
+                        // rule change above may have rebuilt elsewhere.
+                        let answer = if let shadow::ShadowError::RootNotTrapped(_) = e {
+                            hc::ERR_FAULT
+                        } else {
+                            if self.warnings.allow() {
+                                log::warn!("LOAD_CR3({root_gpa:#x}) failed: {e}");
+                            }
+                            hc::ERR_UNAVAILABLE
+                        };
+                        if let Some(root) = sh.mmu.current_root() {
+                            let mut sregs = sh.vcpu_sregs(sregs);
+                            sregs.cr3 = root;
+                            self.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
                         }
-                        return Ok(Some(hc::ERR_UNAVAILABLE));
+                        return Ok(Some(answer));
                     }
                 };
                 let mut sregs = sh.vcpu_sregs(sregs);
