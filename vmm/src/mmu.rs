@@ -175,13 +175,30 @@ impl MmuBackend for EptBackend {
     }
 }
 
+/// The smallest shadow pool for `memory` bytes of RAM: 10 pages for the
+/// roots, the kernel window and a few user paths, plus one page directory
+/// per GiB of direct map (the kernel half is shadowed eagerly, and fault
+/// delivery depends on it).
+pub fn min_shadow_pool(memory: u64) -> u64 {
+    (10 + memory.div_ceil(crate::layout::GIB)) * crate::layout::PAGE_SIZE
+}
+
 /// Check a configuration's mode-specific sizes before anything is built.
 pub fn check_config(mmu: MmuMode, memory: u64, shadow_pool: u64) -> Result<()> {
     match mmu {
-        MmuMode::Shadow if shadow_pool < crate::vm::min_shadow_pool(memory) => {
-            Err(Error::ShadowPoolTooSmall(shadow_pool, memory, crate::vm::min_shadow_pool(memory)))
+        MmuMode::Shadow if shadow_pool < min_shadow_pool(memory) => {
+            Err(Error::ShadowPoolTooSmall(shadow_pool, memory, min_shadow_pool(memory)))
         }
         _ => Ok(()),
+    }
+}
+
+/// The size of the VMM-private shadow pool region mode `mmu` needs in the
+/// memory map (0: none).
+pub fn shadow_pool_size(mmu: MmuMode, shadow_pool: u64) -> u64 {
+    match mmu {
+        MmuMode::Shadow => shadow_pool,
+        MmuMode::Ept => 0,
     }
 }
 

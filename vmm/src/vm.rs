@@ -382,14 +382,6 @@ struct VmCore {
 
 type BenchSnapshot = (Instant, ExitCounts, Option<MmuCounters>);
 
-/// The smallest shadow pool for `memory` bytes of RAM: 10 pages for the
-/// roots, the kernel window and a few user paths, plus one page directory
-/// per GiB of direct map (the kernel half is shadowed eagerly, and fault
-/// delivery depends on it).
-pub fn min_shadow_pool(memory: u64) -> u64 {
-    (10 + memory.div_ceil(layout::GIB)) * layout::PAGE_SIZE
-}
-
 /// Check the memory size against the layout.
 pub fn check_memory_size(memory: u64) -> Result<()> {
     if memory < MIN_MEMORY {
@@ -431,7 +423,7 @@ impl VmCore {
             ram_size: config.memory,
             pt_zone,
             boot_tables: layout::BOOT_TABLES,
-            shadow_pool: if config.mmu == MmuMode::Shadow { config.shadow_pool } else { 0 },
+            shadow_pool: crate::mmu::shadow_pool_size(config.mmu, config.shadow_pool),
             mmu: config.mmu,
             alignment: config.backing.alignment(),
             max_slots: kvm.get_nr_memslots(),
