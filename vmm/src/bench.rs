@@ -145,10 +145,8 @@ fn figures(mmu: MmuMode, phases: &[BenchPhase]) -> ModeFigures {
     };
     let sh = |f: fn(&shadow::ShadowStats) -> u64| move |p: &BenchPhase| p.shadow.as_ref().map_or(0.0, |s| f(s) as f64);
     let mut reasons: BTreeMap<String, f64> = BTreeMap::new();
-    for r in phases.iter().flat_map(|p| p.exits.keys()) {
-        reasons
-            .entry(r.to_string())
-            .or_insert_with(|| per(&|p: &BenchPhase| p.exits.get(r).copied().unwrap_or(0) as f64));
+    for (r, _) in phases.iter().flat_map(|p| p.exits.iter()) {
+        reasons.entry(r.name().to_string()).or_insert_with(|| per(&|p: &BenchPhase| p.exits.get(r) as f64));
     }
     ModeFigures {
         mmu: mmu.name(),

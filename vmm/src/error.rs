@@ -152,6 +152,8 @@ pub enum Error {
     VmAbandoned,
     #[error("{0} (rip={1:#x})")]
     ShadowMmu(shadow::ShadowError, u64),
+    #[error("the memory map is inconsistent (a VMM bug; please report it): {0}")]
+    MemoryMapInconsistent(&'static str),
 
     #[error("{0}")]
     Io(#[from] std::io::Error),

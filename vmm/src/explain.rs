@@ -160,3 +160,105 @@ impl Explanation {
         s
     }
 }
+
+/// The translation chain of `gva` in the guest's current address space,
+/// as mode `backend` sees it. Explaining changes nothing: no accessed or
+/// dirty bit is set.
+pub fn explain(
+    m: &crate::mmu::Machine,
+    backend: &dyn crate::mmu::MmuBackend,
+    mmu: &'static str,
+    gva: u64,
+) -> crate::Result<Explanation> {
+    use vm_memory::{Bytes, GuestAddress};
+    let hw_cr3 = m.sregs()?.cr3;
+    let cr3 = backend.guest_root(hw_cr3).raw();
+    let mem = m.ram.memory();
+    let walk = ept::walk::walk(cr3, gva, |gpa| mem.read_obj::<u64>(GuestAddress(gpa)).ok());
+    let mut e = Explanation {
+        gva,
+        cr3,
+        mmu,
+        walk,
+        slot: None,
+        hva: None,
+        host: None,
+        host_error: None,
+        cost: None,
+        kvm_translate: None,
+        shadow_leaf: None,
+        shadow_root: None,
+    };
+    backend.explain(m, &mut e);
+    if let WalkEnd::Mapped { gpa, page_size } = e.walk.end {
+        e.slot = m.map.slot_of(gpa).copied();
+        e.hva = m.ram.hva(&m.map, gpa);
+        let hugetlb = match m.ram.backing() {
+            ept::Backing::Hugetlb(s) => Some(s.bytes()),
+            _ => None,
+        };
+        let mut host_page = hugetlb.unwrap_or(4096);
+        if let Some(hva) = e.hva {
+            match ept::pagemap::host_page(hva, hugetlb) {
+                Ok(h) => {
+                    if let HostPage::Present { page_size, .. } = h {
+                        host_page = page_size;
+                    }
+                    e.host = Some(h);
+                }
+                Err(err) => e.host_error = Some(err.to_string()),
+            }
+        }
+        e.cost = Some(ept::walk::walk_cost(page_size, host_page));
+    }
+    e.kvm_translate = translate_without_side_effects(m, hw_cr3, cr3, gva);
+    Ok(e)
+}
+
+/// Read a page-table entry at `gpa` in guest RAM or the VMM-private
+/// regions (the shadow pool).
+fn read_table_entry(m: &crate::mmu::Machine, gpa: u64) -> Option<u64> {
+    use vm_memory::{Bytes, GuestAddress};
+    let mem = m.ram.memory();
+    mem.read_obj::<u64>(GuestAddress(gpa))
+        .ok()
+        .or_else(|| m.ram.pool().and_then(|p| p.read_obj::<u64>(GuestAddress(gpa)).ok()))
+}
+
+/// `KVM_TRANSLATE` of `gva`, leaving the page tables as they were.
+///
+/// KVM's software walker sets the accessed bit in every entry it walks
+/// through (Intel SDM Vol. 3A §4.8: a walk sets A), so a bare
+/// `KVM_TRANSLATE` would change what `--explain` explains — and what the
+/// guest's page aging sees. The entries on both walk paths (the guest's
+/// tables from `guest_cr3`, and the tables the vCPU really walks from
+/// `hw_cr3`: the shadow tables in shadow mode) are saved first and any
+/// that changed are written back. The guest is not running (this runs
+/// between exits or after the run), and `KVM_TRANSLATE` installs no
+/// translation, so nothing can have used the bit it set.
+fn translate_without_side_effects(m: &crate::mmu::Machine, hw_cr3: u64, guest_cr3: u64, gva: u64) -> Option<u64> {
+    use vm_memory::{Bytes, GuestAddress};
+    let mut saved = Vec::new();
+    for root in [guest_cr3, hw_cr3] {
+        let w = ept::walk::walk(root, gva, |gpa| read_table_entry(m, gpa));
+        for st in &w.steps {
+            let at = st.table_gpa.wrapping_add(st.index * 8);
+            saved.push((at, st.entry));
+        }
+    }
+    let t = match m.vcpu.translate_gva(gva) {
+        Ok(t) if t.valid != 0 => Some(t.physical_address),
+        _ => None,
+    };
+    for (at, old) in saved {
+        if read_table_entry(m, at).is_some_and(|now| now != old) {
+            let mem = m.ram.memory();
+            let wrote = mem.write_obj(old, GuestAddress(at)).is_ok()
+                || m.ram.pool().is_some_and(|p| p.write_obj(old, GuestAddress(at)).is_ok());
+            if !wrote {
+                log::debug!("cannot restore the page-table entry at {at:#x} after KVM_TRANSLATE");
+            }
+        }
+    }
+    t
+}

@@ -4,7 +4,8 @@
 //!
 //! Module map: [`layout`] names every boot-time address; [`boot`] writes the
 //! boot structures and loads the kernel; [`devices`] are the UART, the exit
-//! device and the hypercall port; [`vm`] owns the VM and the vCPU loop;
+//! device and the hypercall port; [`vm`] owns the VM and the vCPU loop; [`mmu`] is the seam between that
+//! loop and the MMU modes (ept, [`shadow_mode`]);
 //! [`stats`] counts what happened; [`error`] says what went wrong and which
 //! exit code that means.
 
@@ -21,6 +22,7 @@ pub mod info;
 pub mod kvm;
 pub mod layout;
 pub mod limits;
+pub mod mmu;
 pub mod pv_mode;
 pub mod shadow_mode;
 pub mod size;

@@ -116,7 +116,8 @@ mod tests {
 #[cfg(test)]
 mod shadow_warning_tests {
     use super::MAX_WARNINGS;
-    use crate::shadow_mode::{Coherence, GuestCpu, MemWindow, ShadowState};
+    use crate::mmu::GuestCpu;
+    use crate::shadow_mode::{Coherence, MemWindow, ShadowState};
     use ept::RegionKind;
     use ept::memmap::SlotSpec;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -133,10 +134,10 @@ mod shadow_warning_tests {
         let mode = shadow::PagingMode::default();
         // No root yet: every fault is refused, ten times the warning bound.
         for i in 0..10 * MAX_WARNINGS {
-            let r = sh.fault(&mut ram, &mut pool, 0x1000 * i, 0, mode);
+            let r = sh.handle_fault(&mut ram, &mut pool, 0x1000 * i, 0, mode);
             assert_eq!(r, Ok(guest_abi::hypercall::ERR_UNAVAILABLE));
         }
-        assert_eq!(sh.warnings.seen, 10 * MAX_WARNINGS);
-        assert_eq!(sh.warnings.suppressed(), 9 * MAX_WARNINGS);
+        assert_eq!(sh.fault_warnings().seen, 10 * MAX_WARNINGS);
+        assert_eq!(sh.fault_warnings().suppressed(), 9 * MAX_WARNINGS);
     }
 }

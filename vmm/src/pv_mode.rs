@@ -28,8 +28,185 @@
 //!   the guest runs on what it wrote, as in shadow mode; the VMM never
 //!   reads the pool to decide anything, and the shadow maps guest RAM only.
 
+use crate::explain::Explanation;
+use crate::mmu::{Machine, MmuBackend, MmuCounters};
+use crate::shadow_mode::{ShadowReport, ShadowState};
+use crate::stats::ExitReason;
+use guest_abi::hypercall as hc;
 use guest_abi::pv::{self as abi, BatchError};
+use guest_abi::{Gpa, Gva};
+use kvm_bindings::{kvm_regs, kvm_sregs};
+use shadow::{BatchOutcome, PagingMode, ShadowError};
+use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// pv mode's backend: shadow mode's ([`ShadowState`]: the shadow MMU,
+/// host coherence, paging controls) plus the shared area. Every sync
+/// point first follows the root the vCPU is on and applies the write
+/// queue; every hypercall ends by republishing the roots.
+pub struct PvBackend {
+    sh: ShadowState,
+    area: Option<PvArea>,
+    refused: u64,
+    zone: (u64, u64),
+}
+
+impl PvBackend {
+    /// pv mode for a VM whose vCPU, RAM and boot tables are set up;
+    /// `pt_zone` is the page-table zone `[start, end)` (a writable slot in
+    /// pv mode: `ept::memmap`).
+    pub fn create(m: &mut Machine, pt_zone: (u64, u64)) -> crate::Result<PvBackend> {
+        let mut sh = ShadowState::create(m, pt_zone)?;
+        sh.check_pool_at_load_cr3_only();
+        Ok(PvBackend { sh, area: None, refused: 0, zone: pt_zone })
+    }
+
+    /// A sync point: follow a root the guest loaded itself (the vCPU's CR3,
+    /// then `guest_cr3` when the call names one), apply the write queue.
+    /// Returns `OK` or the batch error for the guest.
+    fn sync(&mut self, m: &mut Machine, guest_cr3: u64) -> crate::Result<u64> {
+        let t = Instant::now();
+        let hw_root = m.sync_sregs().cr3;
+        let batch = {
+            let (mut ram, mut pool) = self.sh.windows(m);
+            let mmu = self.sh.mmu_mut();
+            if let Err(ShadowError::PoolTooSmall) = mmu.follow_shadow_root(&mut pool, &mut ram, hw_root) {
+                return Err(self.sh.pool_too_small(hw_root));
+            }
+            let r = match self.area.as_mut().map(|a| a.take_queue(m.ram.memory())) {
+                None | Some(Ok([])) => hc::OK,
+                Some(Err(why)) => abi::batch_error(0, why),
+                Some(Ok(entries)) => match mmu.apply_batch(&mut pool, &mut ram, entries, self.zone) {
+                    BatchOutcome { refused: None, .. } => hc::OK,
+                    BatchOutcome { applied, refused: Some(why) } => abi::batch_error(applied, why),
+                },
+            };
+            if guest_cr3 != 0 {
+                match mmu.follow_guest_root(&mut pool, &mut ram, guest_cr3) {
+                    Ok(_) => {}
+                    Err(ShadowError::PoolTooSmall) => return Err(self.sh.pool_too_small(guest_cr3)),
+                    Err(_) => {} // not a trapped root: the call itself answers
+                }
+            }
+            r
+        };
+        if batch != hc::OK {
+            self.refused += 1;
+            if self.sh.warn_allowed() {
+                log::warn!("pv write queue refused: {batch:#x} (entries from the index in bits 8..32 on not applied)");
+            }
+        }
+        if self.sh.mmu().current_root().is_some_and(|r| r != hw_root & !0xfff) {
+            self.sh.point_vcpu(m)?;
+        }
+        self.sh.times_mut().batch += t.elapsed();
+        Ok(batch)
+    }
+
+    /// Republish the cached roots if they changed.
+    fn publish(&mut self, m: &Machine) {
+        if let Some(area) = self.area.as_mut() {
+            area.publish(m.ram.memory(), self.sh.mmu().published_roots());
+        }
+    }
+
+    /// `PV_FLUSH(gva, guest_cr3)`: sync, then make `gva` current.
+    fn pv_flush(&mut self, m: &mut Machine, regs: &kvm_regs) -> crate::Result<u64> {
+        let batch = self.sync(m, regs.rsi)?;
+        let t = Instant::now();
+        let (mut ram, mut pool) = self.sh.windows(m);
+        let mmu = self.sh.mmu_mut();
+        mmu.flush();
+        if regs.rdi != abi::NO_GVA {
+            mmu.prefetch(&mut pool, &mut ram, regs.rdi);
+        }
+        self.sh.times_mut().batch += t.elapsed();
+        Ok(batch)
+    }
+}
+
+impl MmuBackend for PvBackend {
+    fn hypercall(&mut self, m: &mut Machine, nr: u32, regs: &kvm_regs) -> crate::Result<Option<u64>> {
+        let r = match nr {
+            hc::PV_SETUP if self.area.is_some() => hc::ERR_INVALID,
+            hc::PV_SETUP => match PvArea::setup(m.ram.memory(), m.memory, regs.rdi) {
+                Ok(area) => {
+                    self.area = Some(area);
+                    hc::OK
+                }
+                Err(SetupError::BadAddress) => hc::ERR_FAULT,
+            },
+            hc::PV_FLUSH => self.pv_flush(m, regs)?,
+            _ => return Ok(None),
+        };
+        self.publish(m);
+        Ok(Some(r))
+    }
+
+    fn load_cr3(&mut self, m: &mut Machine, root: Gpa, regs: &kvm_regs) -> crate::Result<u64> {
+        self.sync(m, 0)?;
+        let r = self.sh.load_cr3(m, root, regs)?;
+        self.publish(m);
+        Ok(r)
+    }
+
+    fn fault(&mut self, m: &mut Machine, cr2: Gva, error_code: u64, regs: &kvm_regs) -> crate::Result<u64> {
+        // SHADOW_FAULT(cr2, error_code, rflags, guest_cr3) in pv mode.
+        self.sync(m, regs.r8)?;
+        let r = self.sh.fault(m, cr2, error_code, regs)?;
+        self.publish(m);
+        Ok(r)
+    }
+
+    fn flush(&mut self, m: &mut Machine, cr0: u64, efer: u64, regs: &kvm_regs) -> crate::Result<u64> {
+        self.sync(m, 0)?;
+        let r = self.sh.flush(m, cr0, efer, regs)?;
+        self.publish(m);
+        Ok(r)
+    }
+
+    fn mmio_write(&mut self, m: &mut Machine, gpa: Gpa, data: &[u8]) -> Option<ExitReason> {
+        // Only the VMM's boot tables trap in pv mode.
+        let r = self.sh.mmio_write(m, gpa, data);
+        if r.is_some() {
+            self.publish(m);
+        }
+        r
+    }
+
+    fn before_entry(&mut self, m: &mut Machine) -> crate::Result<()> {
+        self.sh.before_entry(m)
+    }
+
+    fn guest_paging_mode(&self, sregs: &kvm_sregs, rflags: u64) -> PagingMode {
+        self.sh.guest_paging_mode(sregs, rflags)
+    }
+
+    fn guest_root(&self, vcpu_cr3: u64) -> Gpa {
+        // A root the guest loaded itself is one the VMM published.
+        let published = self.area.as_ref().and_then(|a| a.published().iter().find(|&&(_, s)| s == vcpu_cr3 & !0xfff));
+        match published {
+            Some(&(guest, _)) => Gpa(guest),
+            None => self.sh.guest_root(vcpu_cr3),
+        }
+    }
+
+    fn explain(&self, m: &Machine, e: &mut Explanation) {
+        self.sh.explain(m, e)
+    }
+
+    fn counters(&self) -> Option<MmuCounters> {
+        self.sh.counters()
+    }
+
+    fn report(&self) -> Option<ShadowReport> {
+        self.sh.report().map(|r| ShadowReport { pv: true, pv_refused: self.refused, ..r })
+    }
+
+    fn warnings_suppressed(&self) -> u64 {
+        self.sh.warnings_suppressed()
+    }
+}
 
 /// The registered shared area.
 #[derive(Debug)]

@@ -40,85 +40,100 @@
 //!   guest page-table reads as writes — SDM vol. 3C §29.3.5 — so the vCPU
 //!   could not walk it.)
 
+use crate::error::Error;
+use crate::explain::Explanation;
+use crate::mmu::{GuestCpu, Machine, MmuBackend, MmuCounters, kvm_err, paging_mode};
+use crate::stats::ExitReason;
 use ept::memmap::SlotSpec;
 use guest_abi::hypercall as hc;
+use guest_abi::paging::{CR0_WP, CR4_PGE, EFER_NXE};
+use guest_abi::{Gpa, Gva};
+use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_ioctls::SyncReg;
 use serde::Serialize;
 use shadow::{FaultOutcome, GuestPhys, PagingMode, ShadowError, ShadowMmu, ShadowStats, TableFrames};
 use std::time::{Duration, Instant};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::volatile_memory::VolatileArrayRef;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, VolatileMemory};
 
-/// A window of guest-physical memory as the shadow MMU sees it: words
-/// read and written through `vm-memory`, and only `[start, end)` counted as
-/// memory. Guest RAM is `[0, ram)`; the shadow pool is its own slot.
+/// A window of guest-physical memory as the shadow MMU sees it: only
+/// `[start, end)` counts as memory. Guest RAM is `[0, ram)`; the shadow
+/// pool is its own slot.
+///
+/// Page-table entries are read and written as 8-byte words through a
+/// `vm-memory` [`VolatileArrayRef`] over the window's host mapping, made
+/// once per window: each access is an index check and one volatile load
+/// or store, where `Bytes::read_obj` would look the region up and copy
+/// through the generic slice path per entry (83 % of a root rebuild's time
+/// before). The view is bounds-checked and needs no `unsafe` here;
+/// anything it does not cover (an unaligned address, a window that spans
+/// several regions) takes the `Bytes` path.
 pub struct MemWindow<'a> {
-    /// The memory behind the window.
-    pub mem: &'a GuestMemoryMmap,
-    /// First GPA inside.
-    pub start: u64,
-    /// One past the last GPA inside.
-    pub end: u64,
+    mem: &'a GuestMemoryMmap,
+    start: u64,
+    end: u64,
+    /// The window as 8-byte words, word 0 at `start`, when the window lies
+    /// in one region.
+    words: Option<VolatileArrayRef<'a, u64, ()>>,
 }
 
 impl<'a> MemWindow<'a> {
+    /// `[start, end)` of `mem`.
+    pub fn new(mem: &'a GuestMemoryMmap, start: u64, end: u64) -> Self {
+        let words = (|| {
+            let region = mem.find_region(GuestAddress(start))?;
+            let offset = usize::try_from(start.checked_sub(region.start_addr().raw_value())?).ok()?;
+            let n = usize::try_from(end.checked_sub(start)? / 8).ok()?;
+            let mapping: &'a vm_memory::MmapRegion = region;
+            mapping.get_array_ref::<u64>(offset, n).ok()
+        })();
+        MemWindow { mem, start, end, words }
+    }
+
     /// Guest RAM, `[0, ram)`.
     pub fn ram(mem: &'a GuestMemoryMmap, ram: u64) -> Self {
-        MemWindow { mem, start: 0, end: ram }
+        Self::new(mem, 0, ram)
+    }
+
+    /// The memory behind the window.
+    pub fn memory(&self) -> &'a GuestMemoryMmap {
+        self.mem
     }
 
     /// Whether the page at `gpa` lies inside the window.
     pub fn is_ram_page(&self, gpa: u64) -> bool {
         self.is_ram(gpa & !0xfff, 4096)
     }
+
+    /// The index of the word at `gpa` in the fast view, if it has one.
+    #[inline]
+    fn word(&self, gpa: u64) -> Option<(&VolatileArrayRef<'a, u64, ()>, usize)> {
+        let words = self.words.as_ref()?;
+        let off = gpa.checked_sub(self.start)?;
+        let index = usize::try_from(off / 8).ok()?;
+        (off % 8 == 0 && index < words.len()).then_some((words, index))
+    }
 }
 
 impl GuestPhys for MemWindow<'_> {
+    #[inline]
     fn read_u64(&self, gpa: u64) -> u64 {
-        self.mem.read_obj(GuestAddress(gpa)).unwrap_or(0)
+        match self.word(gpa) {
+            Some((words, i)) => words.load(i),
+            None => self.mem.read_obj(GuestAddress(gpa)).unwrap_or(0),
+        }
     }
+    #[inline]
     fn write_u64(&mut self, gpa: u64, value: u64) {
-        let _ = self.mem.write_obj(value, GuestAddress(gpa));
+        match self.word(gpa) {
+            Some((words, i)) => words.store(i, value),
+            None => {
+                let _ = self.mem.write_obj(value, GuestAddress(gpa));
+            }
+        }
     }
     fn is_ram(&self, gpa: u64, len: u64) -> bool {
         gpa >= self.start && gpa.checked_add(len).is_some_and(|e| e <= self.end)
-    }
-}
-
-/// What shadow mode needs to know of the CPU the guest was given (its
-/// CPUID, as set with `KVM_SET_CPUID2`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GuestCpu {
-    /// MAXPHYADDR (0x80000008 EAX[7:0]).
-    pub maxphyaddr: u8,
-    /// NX (0x80000001 EDX bit 20).
-    pub nx: bool,
-    /// 1 GiB pages (0x80000001 EDX bit 26).
-    pub pdpe1gb: bool,
-    /// The vendor is AMD or Hygon (leaf 0): PML4E bit 8 is reserved.
-    pub amd: bool,
-}
-
-impl GuestCpu {
-    /// The facts from CPUID entries `(function, eax, ebx, ecx, edx)`.
-    pub fn from_cpuid(entries: impl Iterator<Item = (u32, u32, u32, u32, u32)>) -> GuestCpu {
-        let mut cpu = GuestCpu { maxphyaddr: 36, nx: false, pdpe1gb: false, amd: false };
-        for (function, eax, ebx, ecx, edx) in entries {
-            match function {
-                0 => {
-                    let mut vendor = [0u8; 12];
-                    vendor[..4].copy_from_slice(&ebx.to_le_bytes());
-                    vendor[4..8].copy_from_slice(&edx.to_le_bytes());
-                    vendor[8..].copy_from_slice(&ecx.to_le_bytes());
-                    cpu.amd = &vendor == b"AuthenticAMD" || &vendor == b"HygonGenuine";
-                }
-                0x8000_0001 => {
-                    cpu.nx = edx & (1 << 20) != 0;
-                    cpu.pdpe1gb = edx & (1 << 26) != 0;
-                }
-                0x8000_0008 => cpu.maxphyaddr = (eax & 0xff) as u8,
-                _ => {}
-            }
-        }
-        cpu
     }
 }
 
@@ -128,7 +143,7 @@ impl GuestCpu {
 /// `kvm_pvm`: the bits stay clear, and the shadow MMU shadows only entries
 /// with A set, so the first `LOAD_CR3` would find nothing to shadow).
 pub fn preset_accessed(mem: &GuestMemoryMmap, (start, end): (u64, u64)) {
-    use shadow::walker::{A, D, P, PS};
+    use guest_abi::paging::{A, D, P, PS};
     for gpa in (start..end).step_by(8) {
         let Ok(e) = mem.read_obj::<u64>(GuestAddress(gpa)) else { continue };
         if e & P != 0 {
@@ -219,51 +234,47 @@ pub struct ShadowReport {
     pub pv_refused: u64,
 }
 
-/// Shadow mode's state in a VM.
+/// Shadow mode's state in a VM: the [`MmuBackend`] of `--mmu shadow`.
+/// Everything in it is private: the run loop reaches it only through the
+/// backend's methods.
 pub struct ShadowState {
     /// The MMU.
-    pub mmu: ShadowMmu,
+    mmu: ShadowMmu,
     /// The pool's memslot.
-    pub pool_slot: SlotSpec,
+    pool_slot: SlotSpec,
     /// The pool's host address.
-    pub pool_hva: u64,
+    pool_hva: u64,
     /// The coherence strategy.
-    pub coherence: Coherence,
+    coherence: Coherence,
     /// Handler times.
-    pub times: HandlerTimes,
+    times: HandlerTimes,
     /// MAXPHYADDR of the vCPU.
-    pub maxphyaddr: u8,
+    maxphyaddr: u8,
     /// The guest's own CR0.WP. In shadow mode the vCPU always runs with
     /// CR0.WP = 1, as KVM's shadow MMU does (mmu.rst, `role.cr0_wp`): with
     /// WP = 0 the CPU would let supervisor writes through read-only shadow
     /// leaves and the VMM could not emulate the D bit. The guest's WP = 0
     /// is emulated in the shadow instead (writable, supervisor-only
     /// leaves), and the guest reports its CR0 with `FLUSH_TLB(cr0)`.
-    pub guest_wp: bool,
+    guest_wp: bool,
     /// Warnings about `SHADOW_FAULT`s that could not be handled (bounded).
-    pub warnings: crate::limits::Limited,
+    warnings: crate::limits::Limited,
     /// The guest's own EFER.NXE. When the guest's CPUID has NX the vCPU
     /// always runs with NXE = 1 (`force_nx`), as KVM does under shadow
     /// paging: shadow leaves can then carry XD of their own (CR0.WP = 0
     /// with SMEP), and every fetch fault says so in its error code (with
     /// NXE = 0 and SMEP = 0 it would look like a read: SDM vol. 3 §4.7).
-    pub guest_nxe: bool,
+    guest_nxe: bool,
     /// Whether the vCPU's EFER.NXE is forced on (the guest's CPUID has NX).
-    pub force_nx: bool,
+    force_nx: bool,
     /// 1 GiB pages in the guest's CPUID (0x80000001 EDX bit 26).
-    pub pdpe1gb: bool,
+    pdpe1gb: bool,
     /// An AMD vendor in the guest's CPUID.
-    pub amd: bool,
+    amd: bool,
     pool_pages: u32,
-    /// pv mode (`guest_abi::pv`): the page-table zone is writable and the
-    /// guest queues its writes.
-    pub pv_mode: bool,
-    /// pv mode: the area the guest registered with `PV_SETUP`.
-    pub pv: Option<crate::pv_mode::PvArea>,
-    /// pv mode: batches refused.
-    pub pv_refused: u64,
-    /// The page-table zone, `[start, end)`: where queued entries may lie.
-    pub zone: (u64, u64),
+    /// Read the pool's dirty log at every shadow hypercall (shadow mode),
+    /// or only at `LOAD_CR3` (pv mode: `pv_mode`, "Trust").
+    check_pool_always: bool,
 }
 
 impl ShadowState {
@@ -313,10 +324,12 @@ impl ShadowState {
     }
 }
 
-/// CR0.WP.
-pub const CR0_WP: u64 = 1 << 16;
-/// EFER.NXE.
-pub const EFER_NXE: u64 = 1 << 11;
+/// The RFLAGS whose AC the walk of `SHADOW_FAULT(cr2, error_code, rflags)`
+/// uses: the faulting context's, when the guest passed it (RFLAGS bit 1 is
+/// always set, so 0 means "not given"), else the vCPU's now.
+pub fn fault_rflags(passed: u64, vcpu_now: u64) -> u64 {
+    if passed != 0 { passed } else { vcpu_now }
+}
 
 /// What exception delivery touches, as guest-virtual addresses in the
 /// vCPU's registers: the IDT, GDT and TSS bases, RIP and RSP. The shadow
@@ -325,22 +338,6 @@ pub const EFER_NXE: u64 = 1 << 11;
 /// kernel half still leaves the guest able to take a fault.
 pub fn fault_path_gvas(sregs: &kvm_bindings::kvm_sregs, regs: &kvm_bindings::kvm_regs) -> [u64; 5] {
     [sregs.idt.base, sregs.gdt.base, sregs.tr.base, regs.rip, regs.rsp]
-}
-
-/// The paging controls from the vCPU's system registers (1 GiB pages
-/// assumed: the caller knows the guest's CPUID).
-pub fn paging_mode(sregs: &kvm_bindings::kvm_sregs, rflags: u64, maxphyaddr: u8) -> PagingMode {
-    PagingMode {
-        wp: sregs.cr0 & (1 << 16) != 0,
-        nxe: sregs.efer & EFER_NXE != 0,
-        smep: sregs.cr4 & (1 << 20) != 0,
-        smap: sregs.cr4 & (1 << 21) != 0,
-        ac: rflags & (1 << 18) != 0,
-        maxphyaddr,
-        // Not registers: the caller sets them from the guest's CPUID.
-        pdpe1gb: true,
-        amd: false,
-    }
 }
 
 impl ShadowState {
@@ -375,58 +372,29 @@ impl ShadowState {
             pdpe1gb: cpu.pdpe1gb,
             amd: cpu.amd,
             pool_pages: pages,
-            pv_mode: false,
-            pv: None,
-            pv_refused: 0,
-            zone: (0, 0),
+            check_pool_always: true,
         }
     }
 
-    /// pv mode: apply the guest's write queue (`guest_abi::pv`) as if each
-    /// write had trapped. Returns `OK`, or the batch error that says which
-    /// entries were not applied and why. Nothing to do before `PV_SETUP`.
-    pub fn pv_apply(&mut self, ram: &mut MemWindow<'_>, pool: &mut MemWindow<'_>) -> u64 {
-        let t = Instant::now();
-        let Some(area) = self.pv.as_mut() else { return hc::OK };
-        let r = match area.take_queue(ram.mem) {
-            Err(why) => guest_abi::pv::batch_error(0, why),
-            Ok([]) => return hc::OK,
-            Ok(entries) => match self.mmu.apply_batch(pool, ram, entries, self.zone) {
-                shadow::BatchOutcome { refused: None, .. } => hc::OK,
-                shadow::BatchOutcome { applied, refused: Some(why) } => guest_abi::pv::batch_error(applied, why),
-            },
-        };
-        if r != hc::OK {
-            self.pv_refused += 1;
-            if self.warnings.allow() {
-                log::warn!("pv write queue refused: {r:#x} (entries from the index in bits 8..32 on not applied)");
-            }
-        }
-        self.times.batch += t.elapsed();
-        r
-    }
-
-    /// pv mode: publish the cached roots to the guest if they changed.
-    pub fn pv_publish(&mut self, mem: &GuestMemoryMmap) {
-        if let Some(area) = self.pv.as_mut() {
-            area.publish(mem, self.mmu.published_roots());
-        }
+    /// The bounded warnings about `SHADOW_FAULT`s (for tests of the bound).
+    pub fn fault_warnings(&self) -> &crate::limits::Limited {
+        &self.warnings
     }
 
     /// The shadow pool as a window over its memory.
     pub fn pool<'a>(&self, mem: &'a GuestMemoryMmap) -> MemWindow<'a> {
-        MemWindow { mem, start: self.pool_slot.gpa, end: self.pool_slot.gpa + self.pool_slot.len }
+        MemWindow::new(mem, self.pool_slot.gpa, self.pool_slot.gpa + self.pool_slot.len)
     }
 
     /// The report for `--stats`.
-    pub fn report(&self) -> ShadowReport {
+    pub fn shadow_report(&self) -> ShadowReport {
         ShadowReport {
             stats: self.mmu.stats(),
             times: self.times.clone(),
             coherence: self.coherence,
             pool_pages: self.pool_pages,
-            pv: self.pv_mode,
-            pv_refused: self.pv_refused,
+            pv: false,
+            pv_refused: 0,
         }
     }
 
@@ -455,7 +423,7 @@ impl ShadowState {
     /// `SHADOW_FAULT(cr2, error_code)` → the hypercall result, or the
     /// MMU's verdict that the guest cannot go on (a livelock, or an access
     /// shadow paging cannot emulate: `shadow::mmu`'s module doc).
-    pub fn fault(
+    pub fn handle_fault(
         &mut self,
         ram: &mut MemWindow<'_>,
         pool: &mut MemWindow<'_>,
@@ -471,7 +439,7 @@ impl ShadowState {
         let r = match self.mmu.handle_fault(pool, ram, cr2, error_code as u32) {
             Ok(FaultOutcome::Fixed) => hc::FAULT_FIXED,
             Ok(FaultOutcome::GuestFault(ec)) => hc::FAULT_GUEST | ec as u64,
-            Err(e @ (ShadowError::PoolTooSmall | ShadowError::Livelock { .. } | ShadowError::WpOffSmapWrite(_))) => {
+            Err(e @ (ShadowError::PoolTooSmall | ShadowError::Livelock { .. })) => {
                 self.times.fault += t.elapsed();
                 return Err(e);
             }
@@ -491,10 +459,293 @@ impl ShadowState {
     /// A guest write of `data` to page-table GPA `gpa`.
     pub fn pte_write(&mut self, ram: &mut MemWindow<'_>, pool: &mut MemWindow<'_>, gpa: u64, data: &[u8]) {
         let t = Instant::now();
-        if ram.mem.write_slice(data, GuestAddress(gpa)).is_ok() {
+        if ram.memory().write_slice(data, GuestAddress(gpa)).is_ok() {
             self.mmu.pte_written(pool, ram, gpa, data.len() as u64);
         }
         self.times.pte_write += t.elapsed();
+    }
+}
+
+impl ShadowState {
+    /// Shadow mode for the VM in `m`, whose boot tables are written:
+    /// the pool is the map's shadow-pool slot, guest paging structures may
+    /// live in the page-table zone `pt_zone` and the boot tables only, and
+    /// the coherence strategy follows the host probe.
+    pub fn create(m: &mut Machine, pt_zone: (u64, u64)) -> crate::Result<ShadowState> {
+        let pool = m.map.shadow_pool().ok_or(Error::MemoryMapInconsistent("shadow mode without a shadow pool"))?;
+        let slot = *m.map.slot_of(pool.start).ok_or(Error::MemoryMapInconsistent("the shadow pool has no memslot"))?;
+        let hva = m.ram.hva(&m.map, pool.start).ok_or(Error::MemoryMapInconsistent("the shadow pool is not mapped"))?;
+        let coherence = if ept::probe::second_stage().host_shadows_page_tables() {
+            Coherence::ReregisterPoolSlot
+        } else {
+            Coherence::ReloadCr3
+        };
+        preset_accessed(m.ram.memory(), crate::layout::BOOT_TABLES);
+        // The paging controls are read at every SHADOW_FAULT: have KVM
+        // copy the system registers out at each exit instead of paying a
+        // KVM_GET_SREGS ioctl per fault.
+        m.vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
+        // Guest paging structures may live where writes trap: the
+        // page-table zone and the VMM's boot tables.
+        let tables = TableFrames::new(&[pt_zone, crate::layout::BOOT_TABLES]);
+        Ok(ShadowState::new(slot, hva, coherence, m.cpu, tables))
+    }
+
+    /// pv mode's backend (`pv_mode`) builds on this one: the MMU, the
+    /// handler times, and the dirty-log policy.
+    pub(crate) fn mmu_mut(&mut self) -> &mut ShadowMmu {
+        &mut self.mmu
+    }
+
+    /// The MMU, read-only.
+    pub(crate) fn mmu(&self) -> &ShadowMmu {
+        &self.mmu
+    }
+
+    /// The handler times.
+    pub(crate) fn times_mut(&mut self) -> &mut HandlerTimes {
+        &mut self.times
+    }
+
+    /// Read the pool's dirty log only at `LOAD_CR3` (pv mode).
+    pub(crate) fn check_pool_at_load_cr3_only(&mut self) {
+        self.check_pool_always = false;
+    }
+
+    /// Point the vCPU at the current shadow root (see `enter_root`).
+    pub(crate) fn point_vcpu(&self, m: &mut Machine) -> crate::Result<()> {
+        let sregs = m.sregs()?;
+        self.enter_root(m, sregs)
+    }
+
+    /// The error for a pool that cannot hold what the guest needs.
+    pub(crate) fn pool_too_small(&self, cr3: u64) -> Error {
+        self.pool_exhausted(cr3)
+    }
+
+    /// Warnings budget (bounded).
+    pub(crate) fn warn_allowed(&mut self) -> bool {
+        self.warnings.allow()
+    }
+
+    /// Guest RAM and the pool, as the MMU's two windows.
+    pub(crate) fn windows<'a>(&self, m: &'a Machine) -> (MemWindow<'a>, MemWindow<'a>) {
+        let pool_mem = m.ram.pool().expect("shadow mode has a pool");
+        (MemWindow::ram(m.ram.memory(), m.memory), self.pool(pool_mem))
+    }
+
+    /// At each shadow hypercall, first: repair what the guest wrote to the
+    /// pool through tables of its own, and tell the MMU what fault delivery
+    /// touches now.
+    fn enter_hypercall(&mut self, m: &Machine, regs: &kvm_regs, load_cr3: bool) -> crate::Result<()> {
+        if self.check_pool_always || load_cr3 {
+            let pool_mem = m.ram.pool().expect("shadow mode has a pool");
+            self.check_pool(&m.vm, pool_mem).map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+        }
+        self.mmu.set_prefill_hints(&fault_path_gvas(&m.sync_sregs(), regs));
+        Ok(())
+    }
+
+    /// Point the vCPU at the current shadow root with shadow mode's
+    /// controls (CR0.WP and, when forced, EFER.NXE set): `sregs` as read
+    /// from the vCPU, written back with one `KVM_SET_SREGS`. KVM flushes
+    /// the vCPU's TLB on a CR3 write, so this is a TLB flush too (but see
+    /// [`Coherence::ReloadCr3`] for what the *host* keeps).
+    fn enter_root(&self, m: &mut Machine, sregs: kvm_sregs) -> crate::Result<()> {
+        let mut sregs = self.vcpu_sregs(sregs);
+        if let Some(root) = self.mmu.current_root() {
+            sregs.cr3 = root;
+        }
+        m.set_sregs(&sregs)
+    }
+
+    fn pool_exhausted(&self, cr3: u64) -> Error {
+        Error::ShadowPoolExhausted { pool: self.pool_slot.len, cr3 }
+    }
+
+    /// If a shadow mapping was removed or restricted, make the host forget
+    /// its copy (the module doc, "Host coherence").
+    fn restore_host_coherence(&mut self, m: &mut Machine) -> crate::Result<()> {
+        if !self.mmu.host_stale() {
+            return Ok(());
+        }
+        let t = Instant::now();
+        match self.coherence {
+            Coherence::ReregisterPoolSlot => {
+                // Deleting the slot drops its dirty log: collect it first.
+                let pool_mem = m.ram.pool().expect("shadow mode has a pool");
+                self.check_pool(&m.vm, pool_mem).map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+                let mut region = kvm_bindings::kvm_userspace_memory_region {
+                    slot: self.pool_slot.slot,
+                    flags: self.pool_slot.kvm_flags(),
+                    guest_phys_addr: self.pool_slot.gpa,
+                    memory_size: 0,
+                    userspace_addr: self.pool_hva,
+                };
+                // SAFETY: deleting the pool slot, then adding it back over
+                // the same host mapping, which the GuestRam keeps alive.
+                unsafe { m.vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+                region.memory_size = self.pool_slot.len;
+                // SAFETY: as above.
+                unsafe { m.vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            }
+            Coherence::ReloadCr3 => {
+                // KVM flushes the guest TLB on KVM_SET_SREGS only when a
+                // paging control really changes: toggle CR4.PGE and back
+                // (a PGE change flushes everything, global entries too).
+                let sregs = m.sregs()?;
+                let toggled = kvm_sregs { cr4: sregs.cr4 ^ CR4_PGE, ..sregs };
+                m.set_sregs(&toggled)?;
+                m.set_sregs(&sregs)?;
+            }
+        }
+        self.mmu.host_invalidated();
+        self.times.invalidate += t.elapsed();
+        Ok(())
+    }
+}
+
+impl MmuBackend for ShadowState {
+    fn load_cr3(&mut self, m: &mut Machine, root: Gpa, regs: &kvm_regs) -> crate::Result<u64> {
+        self.enter_hypercall(m, regs, true)?;
+        let t = Instant::now();
+        let root_gpa = root.raw();
+        let sregs = m.sregs()?;
+        let result = {
+            let (mut ram, mut pool) = self.windows(m);
+            if !ram.is_ram_page(root_gpa) {
+                return Ok(hc::ERR_FAULT);
+            }
+            self.note_vcpu_efer(sregs.efer);
+            let mode = self.guest_mode(&sregs, regs.rflags);
+            self.mmu.set_mode(&mut pool, &mut ram, mode);
+            self.mmu.load_cr3(&mut pool, &mut ram, root_gpa)
+        };
+        match result {
+            Ok(_) => {}
+            Err(ShadowError::PoolTooSmall) => return Err(self.pool_exhausted(root_gpa)),
+            Err(e) => {
+                // A root outside the page-table zone (its changes would not
+                // trap: shadow::mmu invariant 6) is the guest's mistake;
+                // anything else is logged (bounded). Either way the guest
+                // stays on its old root, which a rule change above may have
+                // rebuilt elsewhere.
+                let answer = if let ShadowError::RootNotTrapped(_) = e {
+                    hc::ERR_FAULT
+                } else {
+                    if m.warnings.allow() {
+                        log::warn!("LOAD_CR3({root_gpa:#x}) failed: {e}");
+                    }
+                    hc::ERR_UNAVAILABLE
+                };
+                if self.mmu.current_root().is_some() {
+                    self.enter_root(m, sregs)?;
+                }
+                return Ok(answer);
+            }
+        }
+        self.enter_root(m, sregs)?;
+        self.times.load_cr3 += t.elapsed();
+        Ok(hc::OK)
+    }
+
+    fn fault(&mut self, m: &mut Machine, cr2: Gva, error_code: u64, regs: &kvm_regs) -> crate::Result<u64> {
+        self.enter_hypercall(m, regs, false)?;
+        let root_before = self.mmu.current_root();
+        let vcpu_sregs = m.sync_sregs();
+        if self.note_vcpu_efer(vcpu_sregs.efer) {
+            // The guest cleared EFER.NXE since the last exit: this error
+            // code cannot tell a fetch from a read. Give the vCPU its NXE
+            // back and let the access retry.
+            let sregs = m.sregs()?;
+            let mode = self.guest_mode(&sregs, regs.rflags);
+            let (mut ram, mut pool) = self.windows(m);
+            self.mmu.set_mode(&mut pool, &mut ram, mode);
+            self.enter_root(m, sregs)?;
+            return Ok(hc::FAULT_FIXED);
+        }
+        // SMAP checks the faulting context's RFLAGS.AC (passed in rcx), not
+        // the handler's.
+        let mode = self.guest_mode(&vcpu_sregs, fault_rflags(regs.rcx, regs.rflags));
+        let result = {
+            let pool_mem = m.ram.pool().expect("shadow mode has a pool");
+            let mut ram = MemWindow::ram(m.ram.memory(), m.memory);
+            let mut pool = self.pool(pool_mem);
+            self.handle_fault(&mut ram, &mut pool, cr2.raw(), error_code, mode)
+        };
+        let result = result.map_err(|e| match e {
+            ShadowError::PoolTooSmall => self.pool_exhausted(self.mmu.guest_cr3().unwrap_or(0)),
+            e => Error::ShadowMmu(e, regs.rip),
+        })?;
+        // Pool exhaustion zaps everything and may rebuild the root in
+        // another pool page: the vCPU must follow it.
+        if self.mmu.current_root().is_some() && self.mmu.current_root() != root_before {
+            self.enter_root(m, m.sregs()?)?;
+        }
+        Ok(result)
+    }
+
+    fn flush(&mut self, m: &mut Machine, cr0: u64, efer: u64, regs: &kvm_regs) -> crate::Result<u64> {
+        self.enter_hypercall(m, regs, false)?;
+        // The guest may have changed CR0.WP, EFER.NXE or CR4: a new rule
+        // set rebuilds the shadow (at a new root), and a CR3 reload is the
+        // TLB flush anyway. FLUSH_TLB(cr0, efer): the guest's CR0 and EFER
+        // after it changed paging controls (0: unchanged). Its WP and NXE
+        // are the guest's own; the vCPU keeps WP = 1 and NXE = 1 (see
+        // `guest_wp`, `guest_nxe`).
+        let sregs = m.sregs()?;
+        self.note_vcpu_efer(sregs.efer);
+        self.note_guest_controls(cr0, efer);
+        let mode = self.guest_mode(&sregs, regs.rflags);
+        let (mut ram, mut pool) = self.windows(m);
+        self.mmu.set_mode(&mut pool, &mut ram, mode);
+        self.mmu.flush();
+        self.enter_root(m, sregs)?;
+        Ok(hc::OK)
+    }
+
+    fn mmio_write(&mut self, m: &mut Machine, gpa: Gpa, data: &[u8]) -> Option<ExitReason> {
+        let trapped = m.map.slot_of(gpa.raw()).is_some_and(|s| s.readonly && s.kind == ept::RegionKind::PageTables);
+        if !trapped {
+            return None;
+        }
+        let (mut ram, mut pool) = self.windows(m);
+        self.pte_write(&mut ram, &mut pool, gpa.raw(), data);
+        Some(ExitReason::PageTableWrite)
+    }
+
+    fn before_entry(&mut self, m: &mut Machine) -> crate::Result<()> {
+        self.restore_host_coherence(m)
+    }
+
+    fn guest_paging_mode(&self, sregs: &kvm_sregs, rflags: u64) -> PagingMode {
+        self.guest_mode(sregs, rflags)
+    }
+
+    fn guest_root(&self, vcpu_cr3: u64) -> Gpa {
+        // The vCPU's CR3 is the shadow root once the guest has loaded one;
+        // the guest's own root is the one the shadow MMU shadows.
+        Gpa(self.mmu.guest_cr3().unwrap_or(vcpu_cr3))
+    }
+
+    fn explain(&self, m: &Machine, e: &mut Explanation) {
+        if let Some(pool_mem) = m.ram.pool() {
+            let pool = self.pool(pool_mem);
+            e.shadow_root = self.mmu.current_root();
+            e.shadow_leaf = self.mmu.shadow_leaf(&pool, e.gva);
+        }
+    }
+
+    fn counters(&self) -> Option<MmuCounters> {
+        Some(MmuCounters { shadow: self.mmu.stats(), handler_time: self.times.total() })
+    }
+
+    fn report(&self) -> Option<ShadowReport> {
+        Some(self.shadow_report())
+    }
+
+    fn warnings_suppressed(&self) -> u64 {
+        self.warnings.suppressed()
     }
 }
 
@@ -502,10 +753,45 @@ impl ShadowState {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_window_reads_and_writes_words_through_its_view_and_nothing_outside() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x10_0000), 0x4000)]).unwrap();
+        let mut w = MemWindow::new(&mem, 0x10_0000, 0x10_4000);
+        assert!(w.words.is_some(), "one region: the fast view is used");
+        w.write_u64(0x10_0008, 0x1122_3344_5566_7788);
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x10_0008)).unwrap(), 0x1122_3344_5566_7788);
+        assert_eq!(w.read_u64(0x10_0008), 0x1122_3344_5566_7788);
+        w.write_u64(0x10_3ff8, 7);
+        assert_eq!(w.read_u64(0x10_3ff8), 7);
+        // Unaligned: the Bytes path, same bytes.
+        assert_eq!(w.read_u64(0x10_000c), 0x1122_3344);
+        // Outside the memory: reads 0, writes vanish, no panic.
+        assert_eq!(w.read_u64(0x10_4000), 0);
+        w.write_u64(0x10_4000, 1);
+        assert_eq!(w.read_u64(0x0ff8), 0);
+        // A window larger than its region has no fast view but still works.
+        let w = MemWindow::new(&mem, 0x10_0000, 0x10_8000);
+        assert!(w.words.is_none());
+        assert_eq!(w.read_u64(0x10_3ff8), 7);
+    }
+
     fn state(cpu: GuestCpu) -> ShadowState {
         let slot =
             SlotSpec { slot: 3, gpa: 2 << 30, len: 64 << 12, readonly: false, kind: ept::RegionKind::ShadowPool };
         ShadowState::new(slot, 0, Coherence::ReloadCr3, cpu, TableFrames::ALL)
+    }
+
+    #[test]
+    fn smap_checks_the_ac_of_the_faulting_context() {
+        const AC: u64 = 1 << 18;
+        let sh = state(GuestCpu { maxphyaddr: 48, nx: true, pdpe1gb: false, amd: false });
+        let sregs = kvm_bindings::kvm_sregs { cr4: 1 << 21, efer: EFER_NXE, ..Default::default() };
+        // The handler cleared AC on entry; the faulting access had it set.
+        let rflags = fault_rflags(0x2 | AC, 0x2);
+        assert!(sh.guest_mode(&sregs, rflags).ac);
+        // An older guest that passes nothing: the vCPU's AC.
+        assert!(!sh.guest_mode(&sregs, fault_rflags(0, 0x2)).ac);
+        assert!(sh.guest_mode(&sregs, fault_rflags(0, 0x2 | AC)).ac);
     }
 
     #[test]

@@ -7,6 +7,124 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
+macro_rules! exit_reasons {
+    ($($(#[$doc:meta])* $variant:ident => $name:literal,)*) => {
+        /// Why the vCPU came back to the VMM, as counted by [`ExitCounts`].
+        /// The names are the keys of `--stats-json`'s `exits` object.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum ExitReason {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl ExitReason {
+            /// Every reason, in declaration order.
+            pub const ALL: &'static [ExitReason] = &[$(ExitReason::$variant,)*];
+
+            /// The reason's name in reports and `--stats-json`.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(ExitReason::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+exit_reasons! {
+    /// `KVM_RUN` returned `EINTR`/`EAGAIN` (the kick signal).
+    Interrupted => "interrupted",
+    /// A write to the UART.
+    SerialOut => "io-out:serial",
+    /// A read of the UART.
+    SerialIn => "io-in:serial",
+    /// A write to the exit device.
+    ExitDevice => "io-out:exit",
+    /// A hypercall.
+    Hypercall => "io-out:hypercall",
+    /// A write to a port nothing claims.
+    UnclaimedOut => "io-out:unclaimed",
+    /// A read of a port nothing claims.
+    UnclaimedIn => "io-in:unclaimed",
+    /// A trapped guest page-table write (shadow mode).
+    PageTableWrite => "mmio-write:page-table",
+    /// A write to guest-physical memory nothing backs.
+    MmioWrite => "mmio-write",
+    /// A read of guest-physical memory nothing backs.
+    MmioRead => "mmio-read",
+    /// `hlt`.
+    Hlt => "hlt",
+    /// A triple fault.
+    Shutdown => "shutdown",
+    /// `KVM_EXIT_INTERNAL_ERROR`.
+    InternalError => "internal-error",
+    /// `KVM_EXIT_FAIL_ENTRY`.
+    FailEntry => "fail-entry",
+    /// Anything else.
+    Unexpected => "unexpected",
+}
+
+/// Exits by [`ExitReason`]: one counter per reason. Serialises as an object
+/// of the non-zero counters by name, in name order (as the map it replaces).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitCounts([u64; ExitReason::ALL.len()]);
+
+impl Default for ExitCounts {
+    fn default() -> Self {
+        ExitCounts([0; ExitReason::ALL.len()])
+    }
+}
+
+impl ExitCounts {
+    /// Count one exit of `reason`.
+    pub fn count(&mut self, reason: ExitReason) {
+        self.0[reason as usize] += 1;
+    }
+
+    /// How many exits of `reason`.
+    pub fn get(&self, reason: ExitReason) -> u64 {
+        self.0[reason as usize]
+    }
+
+    /// All exits.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    /// The non-zero counters, in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (ExitReason, u64)> + '_ {
+        let mut v: Vec<(ExitReason, u64)> =
+            ExitReason::ALL.iter().map(|&r| (r, self.get(r))).filter(|&(_, n)| n > 0).collect();
+        v.sort_by_key(|(r, _)| r.name());
+        v.into_iter()
+    }
+
+    /// The counts since `earlier` (a snapshot of the same run).
+    pub fn since(&self, earlier: &ExitCounts) -> ExitCounts {
+        let mut d = ExitCounts::default();
+        for (i, n) in d.0.iter_mut().enumerate() {
+            *n = self.0[i].saturating_sub(earlier.0[i]);
+        }
+        d
+    }
+
+    /// Take one `reason` back (saturating).
+    pub fn uncount(&mut self, reason: ExitReason) {
+        let n = &mut self.0[reason as usize];
+        *n = n.saturating_sub(1);
+    }
+}
+
+impl Serialize for ExitCounts {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        for (r, n) in self.iter() {
+            m.serialize_entry(r.name(), &n)?;
+        }
+        m.end()
+    }
+}
+
 /// What one workload's measured phase cost, from the VMM's counters
 /// (snapshots at the `BENCH_BEGIN` and `BENCH` reports).
 #[derive(Debug, Clone, Serialize)]
@@ -23,7 +141,7 @@ pub struct BenchPhase {
     #[serde(rename = "wall_ns", serialize_with = "ept::json::ns")]
     pub wall: Duration,
     /// Exits during the phase by reason (the closing `REPORT` excluded).
-    pub exits: BTreeMap<&'static str, u64>,
+    pub exits: ExitCounts,
     /// Shadow-MMU counters during the phase (shadow mode).
     pub shadow: Option<shadow::ShadowStats>,
     /// VMM time in shadow handlers during the phase.
@@ -34,7 +152,7 @@ pub struct BenchPhase {
 impl BenchPhase {
     /// All exits of the phase.
     pub fn total_exits(&self) -> u64 {
-        self.exits.values().sum()
+        self.exits.total()
     }
 }
 
@@ -42,7 +160,7 @@ impl BenchPhase {
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct RunStats {
     /// VM exits by reason (`io-out:serial`, `io-out:hypercall`, ...).
-    pub exits: BTreeMap<&'static str, u64>,
+    pub exits: ExitCounts,
     /// Hypercalls by name.
     pub hypercalls: BTreeMap<&'static str, u64>,
     /// Process start → first `KVM_RUN` (the first guest instruction).
@@ -82,8 +200,8 @@ pub struct RunStats {
 
 impl RunStats {
     /// Count one exit of `reason`.
-    pub fn exit(&mut self, reason: &'static str) {
-        *self.exits.entry(reason).or_default() += 1;
+    pub fn exit(&mut self, reason: ExitReason) {
+        self.exits.count(reason);
     }
 
     /// Count one hypercall.
@@ -93,7 +211,7 @@ impl RunStats {
 
     /// All exits.
     pub fn total_exits(&self) -> u64 {
-        self.exits.values().sum()
+        self.exits.total()
     }
 
     /// The human-readable report printed by `--stats`.
@@ -123,8 +241,8 @@ impl RunStats {
         }
         let _ = writeln!(s, "  mmu                 {}", if self.mmu.is_empty() { "ept" } else { self.mmu });
         let _ = writeln!(s, "  exits               {}", self.total_exits());
-        for (reason, n) in &self.exits {
-            let _ = writeln!(s, "    {reason:<22}{n:>10}");
+        for (reason, n) in self.exits.iter() {
+            let _ = writeln!(s, "    {:<22}{n:>10}", reason.name());
         }
         if !self.hypercalls.is_empty() {
             let _ = writeln!(s, "  hypercalls");
@@ -208,14 +326,24 @@ mod tests {
     #[test]
     fn counts_and_renders_exits() {
         let mut st = RunStats { memory: 256 << 20, ..Default::default() };
-        st.exit("io-out:serial");
-        st.exit("io-out:serial");
-        st.exit("io-out:exit");
+        st.exit(ExitReason::SerialOut);
+        st.exit(ExitReason::SerialOut);
+        st.exit(ExitReason::ExitDevice);
         st.hypercall("report");
         assert_eq!(st.total_exits(), 3);
         let text = st.render();
         assert!(text.contains("256 MiB"));
         assert!(text.lines().any(|l| l.contains("io-out:serial") && l.trim_end().ends_with('2')));
         assert!(text.contains("report"));
+        let json = serde_json::to_value(st.exits).unwrap();
+        assert_eq!(json, serde_json::json!({"io-out:exit": 1, "io-out:serial": 2}));
+    }
+
+    #[test]
+    fn exit_reason_names_are_distinct() {
+        let mut names: Vec<&str> = ExitReason::ALL.iter().map(|r| r.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ExitReason::ALL.len());
     }
 }

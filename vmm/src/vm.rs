@@ -2,8 +2,9 @@
 //!
 //! Lifecycle (the rust-vmm `vmm-reference` shape): [`Vm::new`] opens KVM,
 //! builds the memory map and its memslots, loads the kernel and the boot
-//! structures, and sets up the single vCPU (and, in shadow mode, the shadow
-//! MMU); [`Vm::run`] moves the VM's state onto a vCPU thread and runs it
+//! structures, and sets up the single vCPU and the MMU mode's backend
+//! (`mmu`: the run loop calls it for every mode-specific event, and holds
+//! no mode-specific code itself); [`Vm::run`] moves the VM's state onto a vCPU thread and runs it
 //! until the guest writes to the exit device, the vCPU dies, or the timeout
 //! expires (the main thread then kicks the vCPU out of `KVM_RUN` with a
 //! signal). The VM stays inspectable afterwards (`--explain`).
@@ -31,16 +32,15 @@ use crate::error::{Error, Result};
 use crate::explain::Explanation;
 use crate::layout::{self, MAX_MEMORY, MIN_MEMORY, PT_ZONE_START};
 use crate::limits::{Limited, ReportBudget};
-use crate::shadow_mode::{Coherence, GuestCpu, MemWindow, ShadowState, fault_path_gvas, paging_mode};
-use crate::stats::RunStats;
+use crate::mmu::{GuestCpu, Machine, MmuBackend, MmuCounters, kvm_err};
+use crate::stats::{ExitCounts, ExitReason, RunStats};
 use ept::memmap::{MemoryMap, MemoryMapConfig};
 use ept::{Backing, GuestRam};
-use guest_abi::MmuMode;
+use guest_abi::hypercall as hc;
 use guest_abi::ports::{EXIT_DEVICE, HYPERCALL, SERIAL_COM1, SERIAL_PORT_COUNT, exit_status};
+use guest_abi::{Gpa, Gva, MmuMode};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
-use shadow::{PagingMode, TableFrames};
-use std::collections::BTreeMap;
+use kvm_ioctls::{Kvm, SyncReg, VcpuExit};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -260,7 +260,7 @@ impl Vm {
     /// If a run had to abandon the VM (its vCPU thread did not stop after
     /// the timeout); check the run's outcome first.
     pub fn memory(&self) -> &GuestMemoryMmap {
-        self.core.as_deref().expect("the VM was abandoned after a timeout").ram.memory()
+        self.core.as_deref().expect("the VM was abandoned after a timeout").m.ram.memory()
     }
 
     /// `KVM_TRANSLATE` of `gva` with the vCPU's current CR3: the GPA, or
@@ -285,7 +285,7 @@ impl Vm {
     /// # Panics
     /// As [`Vm::memory`].
     pub fn memory_map(&self) -> &MemoryMap {
-        &self.core.as_deref().expect("the VM was abandoned after a timeout").map
+        &self.core.as_deref().expect("the VM was abandoned after a timeout").m.map
     }
 
     /// The translation chain of `gva` in the guest's current address space.
@@ -365,52 +365,22 @@ impl Vm {
 struct VmCore {
     // Kept alive for the lifetime of the VM: the vCPU and memslots belong to it.
     _kvm: Kvm,
-    vm: VmFd,
-    vcpu: VcpuFd,
-    shadow: Option<ShadowState>,
-    map: MemoryMap,
-    ram: GuestRam,
+    /// The VM, its vCPU and memory: what the MMU backend may touch.
+    m: Machine,
+    /// The MMU mode's half of every exit (`mmu`).
+    mmu: Box<dyn MmuBackend>,
     serial: GuestSerial,
     config: VmConfig,
     epoch: Instant,
     /// Counters at the last `BENCH_BEGIN`.
     bench_start: Option<BenchSnapshot>,
-    /// What the guest's CPUID says (MAXPHYADDR, NX, 1 GiB pages, vendor).
-    cpu: GuestCpu,
     /// Where the vCPU thread's own output to stderr goes (a writer thread).
     diag: ConsoleSink,
     /// `EXPLAIN` chains printed by the hypercall (bounded).
     explain_prints: Limited,
-    /// Warnings about refused guest requests (bounded).
-    warnings: Limited,
 }
 
-type BenchSnapshot = (Instant, BTreeMap<&'static str, u64>, Option<(shadow::ShadowStats, Duration)>);
-
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
-    move |source| Error::Kvm { what, source }
-}
-
-/// pv mode: point the vCPU's CR3 at the current shadow root if the guest
-/// left it elsewhere (a published root the MMU has since followed away
-/// from, or a root it loaded against the contract).
-fn pv_point_vcpu(vcpu: &VcpuFd, sh: &ShadowState) -> Result<()> {
-    let Some(root) = sh.mmu.current_root() else { return Ok(()) };
-    if vcpu.sync_regs().sregs.cr3 & !0xfff == root {
-        return Ok(());
-    }
-    let mut sregs = sh.vcpu_sregs(vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?);
-    sregs.cr3 = root;
-    vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))
-}
-
-/// The smallest shadow pool for `memory` bytes of RAM: 10 pages for the
-/// roots, the kernel window and a few user paths, plus one page directory
-/// per GiB of direct map (the kernel half is shadowed eagerly, and fault
-/// delivery depends on it).
-pub fn min_shadow_pool(memory: u64) -> u64 {
-    (10 + memory.div_ceil(layout::GIB)) * layout::PAGE_SIZE
-}
+type BenchSnapshot = (Instant, ExitCounts, Option<MmuCounters>);
 
 /// Check the memory size against the layout.
 pub fn check_memory_size(memory: u64) -> Result<()> {
@@ -437,9 +407,7 @@ impl VmCore {
                 backing: config.backing.to_string(),
             });
         }
-        if config.mmu.is_shadowed() && config.shadow_pool < min_shadow_pool(config.memory) {
-            return Err(Error::ShadowPoolTooSmall(config.shadow_pool, config.memory, min_shadow_pool(config.memory)));
-        }
+        crate::mmu::check_config(config.mmu, config.memory, config.shadow_pool)?;
         let (name, image): (String, std::borrow::Cow<'static, [u8]>) = match &config.kernel {
             KernelSource::Bundled => ("(bundled)".into(), BUNDLED_KERNEL.into()),
             KernelSource::File(p) => {
@@ -455,7 +423,7 @@ impl VmCore {
             ram_size: config.memory,
             pt_zone,
             boot_tables: layout::BOOT_TABLES,
-            shadow_pool: if config.mmu.is_shadowed() { config.shadow_pool } else { 0 },
+            shadow_pool: crate::mmu::shadow_pool_size(config.mmu, config.shadow_pool),
             mmu: config.mmu,
             alignment: config.backing.alignment(),
             max_slots: kvm.get_nr_memslots(),
@@ -469,9 +437,6 @@ impl VmCore {
         loader::load(&name, &image, mem)?;
         gdt::write_gdt_and_idt(mem)?;
         let boot_mapped = paging::setup_page_tables(mem, config.memory)?;
-        if config.mmu.is_shadowed() {
-            crate::shadow_mode::preset_accessed(mem, layout::BOOT_TABLES);
-        }
         bootinfo::write(
             mem,
             &bootinfo::BootInfoParams {
@@ -484,185 +449,62 @@ impl VmCore {
             },
         )?;
 
-        let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let nx = cpuid.as_slice().iter().any(|e| e.function == 0x8000_0001 && e.edx & (1 << 20) != 0);
+        let cpu = GuestCpu::from_cpuid(cpuid.as_slice().iter().map(|e| (e.function, e.eax, e.ebx, e.ecx, e.edx)));
         vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        vcpu.set_sregs(&regs::long_mode_sregs(sregs, nx)).map_err(kvm_err("KVM_SET_SREGS"))?;
+        vcpu.set_sregs(&regs::long_mode_sregs(sregs, cpu.nx)).map_err(kvm_err("KVM_SET_SREGS"))?;
         vcpu.set_fpu(&regs::reset_fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
         vcpu.set_regs(&regs::entry_regs(kernel.entry)).map_err(kvm_err("KVM_SET_REGS"))?;
-        vcpu.set_sync_valid_reg(SyncReg::Register);
-        // Shadow mode reads the paging controls at every SHADOW_FAULT: have
-        // KVM copy the system registers out at each exit instead of paying
-        // a KVM_GET_SREGS ioctl per fault.
-        if config.mmu.is_shadowed() {
-            vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
-        }
-
-        let cpu = GuestCpu::from_cpuid(cpuid.as_slice().iter().map(|e| (e.function, e.eax, e.ebx, e.ecx, e.edx)));
-        let shadow = match map.shadow_pool() {
-            Some(pool) => {
-                let slot = *map.slot_of(pool.start).expect("the pool has a slot");
-                let hva = ram.hva(&map, pool.start).expect("the pool is mapped");
-                let coherence = if ept::probe::second_stage().host_shadows_page_tables() {
-                    Coherence::ReregisterPoolSlot
-                } else {
-                    Coherence::ReloadCr3
-                };
-                // Guest paging structures may live where writes trap: the
-                // page-table zone and the VMM's boot tables.
-                let tables = TableFrames::new(&[pt_zone, layout::BOOT_TABLES]);
-                let mut sh = ShadowState::new(slot, hva, coherence, cpu, tables);
-                sh.pv_mode = config.mmu == MmuMode::Pv;
-                sh.zone = pt_zone;
-                Some(sh)
-            }
-            None => None,
-        };
-        Ok(VmCore {
-            _kvm: kvm,
+        let mut m = Machine {
             vm,
             vcpu,
-            shadow,
-            map,
             ram,
+            map,
+            memory: config.memory,
+            cpu,
+            warnings: Limited::new("warnings about refused shadow-MMU requests", crate::limits::MAX_WARNINGS),
+        };
+        m.vcpu.set_sync_valid_reg(SyncReg::Register);
+        let mmu = crate::mmu::create(config.mmu, &mut m, pt_zone)?;
+        Ok(VmCore {
+            _kvm: kvm,
+            m,
+            mmu,
             serial: new_serial(console),
             diag: ConsoleSink::new(Box::new(std::io::stderr())),
             config,
             epoch,
             bench_start: None,
-            cpu,
             explain_prints: Limited::new("EXPLAIN outputs", crate::limits::MAX_EXPLAIN_PRINTS),
-            warnings: Limited::new("warnings about refused shadow-MMU requests", crate::limits::MAX_WARNINGS),
         })
     }
 
     /// `KVM_TRANSLATE` of `gva` with the vCPU's current CR3: the GPA, or
     /// `None` when KVM says it is not mapped.
     pub fn kvm_translate(&self, gva: u64) -> Result<Option<u64>> {
-        let t = self.vcpu.translate_gva(gva).map_err(kvm_err("KVM_TRANSLATE"))?;
+        let t = self.m.vcpu.translate_gva(gva).map_err(kvm_err("KVM_TRANSLATE"))?;
         Ok((t.valid != 0).then_some(t.physical_address))
     }
 
     /// Point the vCPU's CR3 at `cr3` (for tools and tests that walk their
     /// own tables; the guest is not running).
     pub fn set_cr3(&mut self, cr3: u64) -> Result<()> {
-        let mut sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let mut sregs = self.m.sregs()?;
         sregs.cr3 = cr3;
-        self.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))
+        self.m.set_sregs(&sregs)
     }
 
     /// The vCPU's paging controls as the shadow walker takes them.
     pub fn paging_mode(&self) -> Result<shadow::PagingMode> {
-        let sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        let rflags = self.vcpu.sync_regs().regs.rflags;
-        Ok(match &self.shadow {
-            Some(sh) => sh.guest_mode(&sregs, rflags),
-            None => PagingMode {
-                pdpe1gb: self.cpu.pdpe1gb,
-                amd: self.cpu.amd,
-                ..paging_mode(&sregs, rflags, self.cpu.maxphyaddr)
-            },
-        })
+        let sregs = self.m.sregs()?;
+        Ok(self.mmu.guest_paging_mode(&sregs, self.m.regs().rflags))
     }
 
     /// The translation chain of `gva` in the guest's current address space.
     pub fn explain(&self, gva: u64) -> Result<Explanation> {
-        let hw_cr3 = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?.cr3;
-        // In shadow mode the vCPU's CR3 is the shadow root; the guest's own
-        // root is the one the shadow MMU shadows.
-        let cr3 = self.shadow.as_ref().and_then(|s| s.mmu.guest_cr3()).unwrap_or(hw_cr3);
-        let mem = self.ram.memory();
-        let walk = ept::walk::walk(cr3, gva, |gpa| mem.read_obj::<u64>(GuestAddress(gpa)).ok());
-        let mut e = Explanation {
-            gva,
-            cr3,
-            mmu: self.config.mmu.name(),
-            walk,
-            slot: None,
-            hva: None,
-            host: None,
-            host_error: None,
-            cost: None,
-            kvm_translate: None,
-            shadow_leaf: None,
-            shadow_root: None,
-        };
-        if let (Some(sh), Some(pool_mem)) = (self.shadow.as_ref(), self.ram.pool()) {
-            let pool = sh.pool(pool_mem);
-            e.shadow_root = sh.mmu.current_root();
-            e.shadow_leaf = sh.mmu.shadow_leaf(&pool, gva);
-        }
-        if let ept::walk::WalkEnd::Mapped { gpa, page_size } = e.walk.end {
-            e.slot = self.map.slot_of(gpa).copied();
-            e.hva = self.ram.hva(&self.map, gpa);
-            let hugetlb = match self.config.backing {
-                Backing::Hugetlb(s) => Some(s.bytes()),
-                _ => None,
-            };
-            let mut host_page = hugetlb.unwrap_or(4096);
-            if let Some(hva) = e.hva {
-                match ept::pagemap::host_page(hva, hugetlb) {
-                    Ok(h) => {
-                        if let ept::pagemap::HostPage::Present { page_size, .. } = h {
-                            host_page = page_size;
-                        }
-                        e.host = Some(h);
-                    }
-                    Err(err) => e.host_error = Some(err.to_string()),
-                }
-            }
-            e.cost = Some(ept::walk::walk_cost(page_size, host_page));
-        }
-        e.kvm_translate = self.translate_without_side_effects(hw_cr3, cr3, gva);
-        Ok(e)
-    }
-
-    /// Read a page-table entry at `gpa` in guest RAM or the shadow pool.
-    fn read_table_entry(&self, gpa: u64) -> Option<u64> {
-        let mem = self.ram.memory();
-        mem.read_obj::<u64>(GuestAddress(gpa))
-            .ok()
-            .or_else(|| self.ram.pool().and_then(|p| p.read_obj::<u64>(GuestAddress(gpa)).ok()))
-    }
-
-    /// `KVM_TRANSLATE` of `gva`, leaving the page tables as they were.
-    ///
-    /// KVM's software walker sets the accessed bit in every entry it walks
-    /// through (Intel SDM Vol. 3A §4.8: a walk sets A), so a bare
-    /// `KVM_TRANSLATE` would change what `--explain` explains — and what
-    /// the guest's page aging sees. The entries on both walk paths (the
-    /// guest's tables from `guest_cr3`, and the tables the vCPU really
-    /// walks from `hw_cr3`: the shadow tables in shadow mode) are saved
-    /// first and any that changed are written back. The guest is not
-    /// running (this runs between exits or after the run), and
-    /// `KVM_TRANSLATE` installs no translation, so nothing can have used
-    /// the bit it set.
-    fn translate_without_side_effects(&self, hw_cr3: u64, guest_cr3: u64, gva: u64) -> Option<u64> {
-        let mut saved = Vec::new();
-        for root in [guest_cr3, hw_cr3] {
-            let w = ept::walk::walk(root, gva, |gpa| self.read_table_entry(gpa));
-            for st in &w.steps {
-                let at = st.table_gpa.wrapping_add(st.index * 8);
-                saved.push((at, st.entry));
-            }
-        }
-        let t = match self.vcpu.translate_gva(gva) {
-            Ok(t) if t.valid != 0 => Some(t.physical_address),
-            _ => None,
-        };
-        for (at, old) in saved {
-            if self.read_table_entry(at).is_some_and(|now| now != old) {
-                let mem = self.ram.memory();
-                let wrote = mem.write_obj(old, GuestAddress(at)).is_ok()
-                    || self.ram.pool().is_some_and(|p| p.write_obj(old, GuestAddress(at)).is_ok());
-                if !wrote {
-                    log::debug!("cannot restore the page-table entry at {at:#x} after KVM_TRANSLATE");
-                }
-            }
-        }
-        t
+        crate::explain::explain(&self.m, self.mmu.as_ref(), self.config.mmu.name(), gva)
     }
 
     fn vcpu_loop(&mut self, expired: &AtomicBool) -> RunOutcome {
@@ -679,12 +521,11 @@ impl VmCore {
         let end = self.run_until_end(expired, &mut stats, &mut reports, &mut budget);
         stats.reports_dropped = budget.dropped;
         stats.explain_suppressed = self.explain_prints.suppressed();
-        stats.warnings_suppressed =
-            self.warnings.suppressed() + self.shadow.as_ref().map_or(0, |s| s.warnings.suppressed());
+        stats.warnings_suppressed = self.m.warnings.suppressed() + self.mmu.warnings_suppressed();
         stats.run_time = started.elapsed();
         self.serial.writer_mut().drain();
-        stats.huge_backed = self.ram.huge_backed_bytes().ok();
-        stats.shadow = self.shadow.as_ref().map(|s| s.report());
+        stats.huge_backed = self.m.ram.huge_backed_bytes().ok();
+        stats.shadow = self.mmu.report();
         stats.guest_boot_cycles = reports.iter().find_map(|r| match r {
             Report::Boot { boot_cycles, .. } => Some(*boot_cycles),
             _ => None,
@@ -695,29 +536,20 @@ impl VmCore {
     /// Snapshot the counters at a workload's `BENCH_BEGIN`; turn the
     /// difference into a [`BenchPhase`] at its `BENCH`.
     fn bench_marker(&mut self, stats: &mut RunStats, report: Option<&Report>) {
-        let shadow_now = self.shadow.as_ref().map(|s| (s.mmu.stats(), s.times.total()));
+        let mmu_now = self.mmu.counters();
         match report {
             Some(Report::BenchBegin { .. }) => {
-                self.bench_start = Some((Instant::now(), stats.exits.clone(), shadow_now));
+                self.bench_start = Some((Instant::now(), stats.exits, mmu_now));
             }
             Some(Report::Bench { name, ops, cycles, ok }) => {
-                let Some((t0, exits0, shadow0)) = self.bench_start.take() else { return };
-                let mut exits = BTreeMap::new();
-                for (reason, n) in &stats.exits {
-                    let d = n - exits0.get(reason).copied().unwrap_or(0);
-                    if d > 0 {
-                        exits.insert(*reason, d);
-                    }
-                }
+                let Some((t0, exits0, mmu0)) = self.bench_start.take() else { return };
+                let mut exits = stats.exits.since(&exits0);
                 // The closing REPORT is the measurement's own exit.
-                if let Some(h) = exits.get_mut("io-out:hypercall") {
-                    *h -= 1;
-                    if *h == 0 {
-                        exits.remove("io-out:hypercall");
+                exits.uncount(ExitReason::Hypercall);
+                let (shadow, shadow_handler_time) = match (mmu0, mmu_now) {
+                    (Some(c0), Some(c1)) => {
+                        (Some(c1.shadow.since(&c0.shadow)), Some(c1.handler_time.saturating_sub(c0.handler_time)))
                     }
-                }
-                let (shadow, shadow_handler_time) = match (shadow0, shadow_now) {
-                    (Some((s0, t0)), Some((s1, t1))) => (Some(s1.since(&s0)), Some(t1.saturating_sub(t0))),
                     _ => (None, None),
                 };
                 stats.bench.push(crate::stats::BenchPhase {
@@ -735,241 +567,6 @@ impl VmCore {
         }
     }
 
-    /// Whether an MMIO write at `gpa` is a trapped guest page-table write.
-    fn is_pt_zone_write(&self, gpa: u64) -> bool {
-        self.shadow.is_some()
-            && self.map.slot_of(gpa).is_some_and(|s| s.readonly && s.kind == ept::RegionKind::PageTables)
-    }
-
-    fn page_table_write(&mut self, gpa: u64, data: &[u8]) {
-        let Some(sh) = self.shadow.as_mut() else { return };
-        let mem = self.ram.memory();
-        let pool_mem = self.ram.pool().expect("shadow mode has a pool");
-        let mut ram = MemWindow::ram(mem, self.config.memory);
-        let mut pool = sh.pool(pool_mem);
-        sh.pte_write(&mut ram, &mut pool, gpa, data);
-        sh.pv_publish(mem);
-    }
-
-    /// The shadow-mode hypercalls (and pv mode's); `None` when `nr` is not
-    /// one, or in ept mode (the generic handler then answers
-    /// `ERR_UNAVAILABLE`). In pv mode the cached roots are republished
-    /// before the guest runs again.
-    fn shadow_hypercall(&mut self, nr: u32, r: &kvm_bindings::kvm_regs) -> Result<Option<u64>> {
-        let res = self.shadow_hypercall_inner(nr, r);
-        if let Some(sh) = self.shadow.as_mut() {
-            sh.pv_publish(self.ram.memory());
-        }
-        res
-    }
-
-    /// pv mode: point the vCPU's CR3 at the current shadow root if the
-    /// guest left it elsewhere (a published root the MMU has since
-    /// followed away from, or a root it loaded against the contract).
-
-    /// `PV_SETUP(gpa)`: register the shared area (pv mode, once).
-    fn pv_setup(&mut self, gpa: u64) -> u64 {
-        use guest_abi::hypercall as hc;
-        let Some(sh) = self.shadow.as_mut().filter(|s| s.pv_mode) else { return hc::ERR_UNAVAILABLE };
-        if sh.pv.is_some() {
-            return hc::ERR_INVALID;
-        }
-        match crate::pv_mode::PvArea::setup(self.ram.memory(), self.config.memory, gpa) {
-            Ok(area) => {
-                sh.pv = Some(area);
-                hc::OK
-            }
-            Err(_) => hc::ERR_FAULT,
-        }
-    }
-
-    fn shadow_hypercall_inner(&mut self, nr: u32, r: &kvm_bindings::kvm_regs) -> Result<Option<u64>> {
-        use guest_abi::hypercall as hc;
-        if nr == hc::PV_SETUP {
-            return Ok(self.shadow.is_some().then(|| self.pv_setup(r.rdi)));
-        }
-        let Some(sh) = self.shadow.as_mut() else { return Ok(None) };
-        let mem = self.ram.memory();
-        let pool_mem = self.ram.pool().expect("shadow mode has a pool");
-        let pv = sh.pv_mode;
-        if nr == hc::PV_FLUSH && !pv {
-            return Ok(Some(hc::ERR_UNAVAILABLE));
-        }
-        let sync_point = matches!(nr, hc::SHADOW_FAULT | hc::LOAD_CR3 | hc::FLUSH_TLB | hc::PV_FLUSH);
-        // The guest may have written the pool through tables of its own. pv
-        // mode reads the dirty log only where the guest comes back through
-        // LOAD_CR3 (`pv_mode`, "Trust").
-        if sync_point && (!pv || nr == hc::LOAD_CR3) {
-            sh.check_pool(&self.vm, pool_mem).map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
-        }
-        if sync_point {
-            sh.mmu.set_prefill_hints(&fault_path_gvas(&self.vcpu.sync_regs().sregs, r));
-        }
-        let pool_exhausted = |cr3: u64| Error::ShadowPoolExhausted { pool: self.config.shadow_pool, cr3 };
-        let mut ram = MemWindow::ram(mem, self.config.memory);
-        let mut pool = sh.pool(pool_mem);
-        if pv && sync_point {
-            // The guest may have loaded a published root itself since the
-            // last exit: that root is the current one now.
-            let hw_root = self.vcpu.sync_regs().sregs.cr3;
-            if let Err(shadow::ShadowError::PoolTooSmall) = sh.mmu.follow_shadow_root(&mut pool, &mut ram, hw_root) {
-                return Err(pool_exhausted(hw_root));
-            }
-        }
-        let batch = if pv && sync_point { sh.pv_apply(&mut ram, &mut pool) } else { hc::OK };
-        // SHADOW_FAULT(cr2, ec, guest_cr3) and PV_FLUSH(gva, guest_cr3): a
-        // pv guest may have loaded a published root itself since the last
-        // exit; follow it (0: the caller does not say).
-        let guest_cr3 = match nr {
-            hc::SHADOW_FAULT => r.rcx,
-            hc::PV_FLUSH => r.rsi,
-            _ => 0,
-        };
-        if pv && guest_cr3 != 0 {
-            match sh.mmu.follow_guest_root(&mut pool, &mut ram, guest_cr3) {
-                Ok(_) => {}
-                Err(shadow::ShadowError::PoolTooSmall) => return Err(pool_exhausted(guest_cr3)),
-                Err(_) => return Ok(Some(hc::ERR_FAULT)),
-            }
-            pv_point_vcpu(&self.vcpu, sh)?;
-        }
-        match nr {
-            hc::PV_FLUSH => {
-                let t = Instant::now();
-                sh.mmu.flush();
-                if r.rdi != guest_abi::pv::NO_GVA {
-                    sh.mmu.prefetch(&mut pool, &mut ram, r.rdi);
-                }
-                sh.times.batch += t.elapsed();
-                Ok(Some(batch))
-            }
-            hc::SHADOW_FAULT => {
-                let root_before = sh.mmu.current_root();
-                let vcpu_sregs = self.vcpu.sync_regs().sregs;
-                if sh.note_vcpu_efer(vcpu_sregs.efer) {
-                    // The guest cleared EFER.NXE since the last exit: this
-                    // error code cannot tell a fetch from a read. Give the
-                    // vCPU its NXE back and let the access retry.
-                    let sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-                    let mode = sh.guest_mode(&sregs, r.rflags);
-                    sh.mmu.set_mode(&mut pool, &mut ram, mode);
-                    let mut sregs = sh.vcpu_sregs(sregs);
-                    if let Some(root) = sh.mmu.current_root() {
-                        sregs.cr3 = root;
-                    }
-                    self.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-                    return Ok(Some(hc::FAULT_FIXED));
-                }
-                let mode = sh.guest_mode(&vcpu_sregs, r.rflags);
-                let result = sh.fault(&mut ram, &mut pool, r.rdi, r.rsi, mode).map_err(|e| match e {
-                    shadow::ShadowError::PoolTooSmall => pool_exhausted(sh.mmu.guest_cr3().unwrap_or(0)),
-                    e => Error::ShadowMmu(e, r.rip),
-                })?;
-                // Pool exhaustion zaps everything and may rebuild the root in
-                // another pool page: the vCPU must follow it.
-                if let Some(root) = sh.mmu.current_root()
-                    && Some(root) != root_before
-                {
-                    let mut sregs = sh.vcpu_sregs(self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?);
-                    sregs.cr3 = root;
-                    self.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-                }
-                Ok(Some(result))
-            }
-            hc::LOAD_CR3 => {
-                let t = Instant::now();
-                let root_gpa = r.rdi;
-                if !ram.is_ram_page(root_gpa) {
-                    return Ok(Some(hc::ERR_FAULT));
-                }
-                let sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-                sh.note_vcpu_efer(sregs.efer);
-                sh.mmu.set_mode(&mut pool, &mut ram, sh.guest_mode(&sregs, r.rflags));
-                let root = match sh.mmu.load_cr3(&mut pool, &mut ram, root_gpa) {
-                    Ok(root) => root,
-                    Err(shadow::ShadowError::PoolTooSmall) => return Err(pool_exhausted(root_gpa)),
-                    // A root outside the page-table zone: its changes would
-                    // not trap (shadow::mmu invariant 6).
-                    Err(shadow::ShadowError::RootNotTrapped(_)) => return Ok(Some(hc::ERR_FAULT)),
-                    Err(e) => {
-                        if self.warnings.allow() {
-                            log::warn!("LOAD_CR3({root_gpa:#x}) failed: {e}");
-                        }
-                        return Ok(Some(hc::ERR_UNAVAILABLE));
-                    }
-                };
-                let mut sregs = sh.vcpu_sregs(sregs);
-                sregs.cr3 = root;
-                self.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-                sh.times.load_cr3 += t.elapsed();
-                Ok(Some(hc::OK))
-            }
-            hc::FLUSH_TLB => {
-                // The guest may have changed CR0.WP, EFER.NXE or CR4: a new
-                // rule set rebuilds the shadow (at a new root), and a CR3
-                // reload is the TLB flush anyway.
-                let sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-                // FLUSH_TLB(cr0, efer): the guest's CR0 and EFER after it
-                // changed paging controls (0: unchanged). Its WP and NXE are
-                // the guest's own; the vCPU keeps WP = 1 and NXE = 1 (see
-                // ShadowState::guest_wp, guest_nxe).
-                sh.note_vcpu_efer(sregs.efer);
-                sh.note_guest_controls(r.rdi, r.rsi);
-                sh.mmu.set_mode(&mut pool, &mut ram, sh.guest_mode(&sregs, r.rflags));
-                sh.mmu.flush();
-                let mut sregs = sh.vcpu_sregs(sregs);
-                if let Some(root) = sh.mmu.current_root() {
-                    sregs.cr3 = root;
-                }
-                self.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-                Ok(Some(hc::OK))
-            }
-            _ => Ok(None),
-        }
-    }
-
-    /// Before the guest runs again: if a shadow mapping was removed or
-    /// restricted, make the host forget its copy (see `shadow_mode`).
-    fn restore_host_coherence(&mut self) -> Result<()> {
-        let Some(sh) = self.shadow.as_mut() else { return Ok(()) };
-        if !sh.mmu.host_stale() {
-            return Ok(());
-        }
-        let t = Instant::now();
-        match sh.coherence {
-            Coherence::ReregisterPoolSlot => {
-                // Deleting the slot drops its dirty log: collect it first.
-                let pool_mem = self.ram.pool().expect("shadow mode has a pool");
-                sh.check_pool(&self.vm, pool_mem).map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
-                let mut region = kvm_bindings::kvm_userspace_memory_region {
-                    slot: sh.pool_slot.slot,
-                    flags: sh.pool_slot.kvm_flags(),
-                    guest_phys_addr: sh.pool_slot.gpa,
-                    memory_size: 0,
-                    userspace_addr: sh.pool_hva,
-                };
-                // SAFETY: deleting the pool slot, then adding it back over
-                // the same host mapping, which the GuestRam keeps alive.
-                unsafe { self.vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-                region.memory_size = sh.pool_slot.len;
-                // SAFETY: as above.
-                unsafe { self.vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-            }
-            Coherence::ReloadCr3 => {
-                // KVM flushes the guest TLB on KVM_SET_SREGS only when a
-                // paging control really changes: toggle CR4.PGE and back
-                // (a PGE change flushes everything, global entries too).
-                let sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-                let toggled = kvm_bindings::kvm_sregs { cr4: sregs.cr4 ^ (1 << 7), ..sregs };
-                self.vcpu.set_sregs(&toggled).map_err(kvm_err("KVM_SET_SREGS"))?;
-                self.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-            }
-        }
-        sh.mmu.host_invalidated();
-        sh.times.invalidate += t.elapsed();
-        Ok(())
-    }
-
     /// `EXPLAIN(gva)`: print the chain to stderr now (the first
     /// [`crate::limits::MAX_EXPLAIN_PRINTS`] of a run; the rest are only
     /// counted); answer the GPA, or `ERR_FAULT` when the address is not
@@ -983,19 +580,47 @@ impl VmCore {
                     let _ = self.diag.write_all(e.render().as_bytes());
                     self.diag.drain();
                 }
-                e.gpa().unwrap_or(guest_abi::hypercall::ERR_FAULT)
+                e.gpa().unwrap_or(hc::ERR_FAULT)
             }
             Err(err) => {
-                if self.warnings.allow() {
+                if self.m.warnings.allow() {
                     log::warn!("EXPLAIN({gva:#x}) failed: {err}");
                 }
-                guest_abi::hypercall::ERR_FAULT
+                hc::ERR_FAULT
             }
         }
     }
 
+    /// Hypercall `nr`, from one table: the MMU backend has first refusal
+    /// (a mode's own hypercalls), then the MMU events every mode answers
+    /// (`LOAD_CR3`, `SHADOW_FAULT`, `FLUSH_TLB`; ept mode answers
+    /// `ERR_UNAVAILABLE`), `EXPLAIN`, and the device's own (`REPORT`,
+    /// `NOW`, unknown numbers).
+    fn hypercall(&mut self, nr: u32, reports: &mut Vec<Report>, budget: &mut ReportBudget) -> Result<u64> {
+        let r = self.m.regs();
+        if let Some(result) = self.mmu.hypercall(&mut self.m, nr, &r)? {
+            return Ok(result);
+        }
+        Ok(match nr {
+            hc::LOAD_CR3 => self.mmu.load_cr3(&mut self.m, Gpa(r.rdi), &r)?,
+            hc::SHADOW_FAULT => self.mmu.fault(&mut self.m, Gva(r.rdi), r.rsi, &r)?,
+            hc::FLUSH_TLB => self.mmu.flush(&mut self.m, r.rdi, r.rsi, &r)?,
+            hc::EXPLAIN => self.explain_hypercall(r.rdi),
+            _ => {
+                let mut ctx = HypercallContext {
+                    mem: self.m.ram.memory(),
+                    ram: self.config.memory,
+                    epoch: self.epoch,
+                    reports,
+                    budget,
+                };
+                hypercall::handle(&mut ctx, nr, [r.rdi, r.rsi, r.rcx, r.r8])
+            }
+        })
+    }
+
     fn rip(&self) -> u64 {
-        self.vcpu.sync_regs().regs.rip
+        self.m.regs().rip
     }
 
     fn run_until_end(
@@ -1009,95 +634,80 @@ impl VmCore {
             if expired.load(Ordering::SeqCst) {
                 return Err(Error::Timeout(self.config.timeout));
             }
-            self.restore_host_coherence()?;
-            let action = match self.vcpu.run() {
+            self.mmu.before_entry(&mut self.m)?;
+            let action = match self.m.vcpu.run() {
                 Ok(exit) => Action::from_exit(exit, &mut self.serial),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    stats.exit("interrupted");
+                    stats.exit(ExitReason::Interrupted);
                     continue;
                 }
                 Err(e) => return Err(Error::Kvm { what: "KVM_RUN", source: e }),
             };
             match action {
                 Action::SerialOut => {
-                    stats.exit("io-out:serial");
+                    stats.exit(ExitReason::SerialOut);
                     self.serial.writer_mut().drain();
                 }
-                Action::SerialIn => stats.exit("io-in:serial"),
+                Action::SerialIn => stats.exit(ExitReason::SerialIn),
                 Action::ExitDevice(value) => {
-                    stats.exit("io-out:exit");
+                    stats.exit(ExitReason::ExitDevice);
                     return Ok(GuestExit { value, status: exit_status(value) });
                 }
                 Action::Hypercall(nr) => {
-                    stats.exit("io-out:hypercall");
-                    stats.hypercall(guest_abi::hypercall::name(nr));
-                    let r = self.vcpu.sync_regs().regs;
-                    let result = if nr == guest_abi::hypercall::EXPLAIN {
-                        self.explain_hypercall(r.rdi)
-                    } else if let Some(res) = self.shadow_hypercall(nr, &r)? {
-                        res
-                    } else {
-                        let mut ctx = HypercallContext {
-                            mem: self.ram.memory(),
-                            ram: self.config.memory,
-                            epoch: self.epoch,
-                            reports,
-                            budget,
-                        };
-                        hypercall::handle(&mut ctx, nr, [r.rdi, r.rsi, r.rcx, r.r8])
-                    };
-                    self.vcpu.sync_regs_mut().regs.rax = result;
-                    self.vcpu.set_sync_dirty_reg(SyncReg::Register);
-                    if nr == guest_abi::hypercall::REPORT && result == guest_abi::hypercall::OK {
+                    stats.exit(ExitReason::Hypercall);
+                    stats.hypercall(hc::name(nr));
+                    let result = self.hypercall(nr, reports, budget)?;
+                    self.m.vcpu.sync_regs_mut().regs.rax = result;
+                    self.m.vcpu.set_sync_dirty_reg(SyncReg::Register);
+                    if nr == hc::REPORT && result == hc::OK {
                         self.bench_marker(stats, reports.last());
                     }
                 }
                 Action::OtherIoOut(port) => {
-                    stats.exit("io-out:unclaimed");
+                    stats.exit(ExitReason::UnclaimedOut);
                     log::debug!("guest wrote to unclaimed port {port:#x}; ignored");
                 }
                 Action::OtherIoIn(port) => {
-                    stats.exit("io-in:unclaimed");
+                    stats.exit(ExitReason::UnclaimedIn);
                     log::debug!("guest read unclaimed port {port:#x}; reads as all ones");
                 }
-                Action::MmioWrite(addr, data, len) if self.is_pt_zone_write(addr) => {
-                    stats.exit("mmio-write:page-table");
-                    self.page_table_write(addr, &data[..len]);
-                }
-                Action::MmioWrite(addr, _, _) => {
-                    stats.exit("mmio-write");
-                    log::debug!("guest wrote unbacked GPA {addr:#x}");
-                }
-                Action::Mmio(addr, write) => {
-                    // No device lives outside RAM: reads see all ones, writes vanish.
-                    stats.exit(if write { "mmio-write" } else { "mmio-read" });
-                    log::debug!("guest {} unbacked GPA {addr:#x}", if write { "wrote" } else { "read" });
+                Action::MmioWrite(addr, data, len) => match self.mmu.mmio_write(&mut self.m, Gpa(addr), &data[..len]) {
+                    Some(reason) => stats.exit(reason),
+                    None => {
+                        stats.exit(ExitReason::MmioWrite);
+                        log::debug!("guest wrote unbacked GPA {addr:#x}");
+                    }
+                },
+                Action::MmioRead(addr) => {
+                    // No device lives outside RAM: reads see all ones.
+                    stats.exit(ExitReason::MmioRead);
+                    log::debug!("guest read unbacked GPA {addr:#x}");
                 }
                 Action::Hlt => {
-                    stats.exit("hlt");
+                    stats.exit(ExitReason::Hlt);
                     // No device of this VM ever raises an interrupt, so a
                     // halt never ends either way; but say which halt it was
-                    // (RFLAGS.IF, bit 9: `sti; hlt` waits for an interrupt).
-                    let regs = self.vcpu.sync_regs().regs;
-                    if regs.rflags & (1 << 9) != 0 {
+                    // (RFLAGS.IF: `sti; hlt` waits for an interrupt).
+                    let regs = self.m.regs();
+                    if regs.rflags & guest_abi::paging::RFLAGS_IF != 0 {
                         return Err(Error::GuestIdle { rip: regs.rip });
                     }
                     return Err(Error::GuestHalted { rip: regs.rip });
                 }
                 Action::Shutdown => {
-                    stats.exit("shutdown");
+                    stats.exit(ExitReason::Shutdown);
                     return Err(Error::TripleFault { rip: self.rip() });
                 }
                 Action::InternalError => {
-                    stats.exit("internal-error");
+                    stats.exit(ExitReason::InternalError);
                     return Err(self.internal_error());
                 }
                 Action::FailEntry(reason) => {
-                    stats.exit("fail-entry");
+                    stats.exit(ExitReason::FailEntry);
                     return Err(Error::FailEntry(reason));
                 }
                 Action::Other(what) => {
-                    stats.exit("unexpected");
+                    stats.exit(ExitReason::Unexpected);
                     return Err(Error::UnexpectedExit { what, rip: self.rip() });
                 }
             }
@@ -1108,7 +718,7 @@ impl VmCore {
     /// include the instruction bytes at `rip`.
     fn internal_error(&mut self) -> Error {
         let rip = self.rip();
-        let run = self.vcpu.get_kvm_run();
+        let run = self.m.vcpu.get_kvm_run();
         // SAFETY: this is a KVM_EXIT_INTERNAL_ERROR exit, so the `internal`
         // member of the exit union is the valid one.
         let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
@@ -1131,14 +741,14 @@ impl VmCore {
         let mut out = Vec::new();
         while out.len() < 15 {
             let va = rip.wrapping_add(out.len() as u64);
-            let Ok(t) = self.vcpu.translate_gva(va) else { break };
+            let Ok(t) = self.m.vcpu.translate_gva(va) else { break };
             if t.valid == 0 {
                 break;
             }
             let in_page = (0x1000 - (va & 0xfff)) as usize;
             let n = in_page.min(15 - out.len());
             let mut buf = vec![0u8; n];
-            if self.ram.memory().read_slice(&mut buf, GuestAddress(t.physical_address)).is_err() {
+            if self.m.ram.memory().read_slice(&mut buf, GuestAddress(t.physical_address)).is_err() {
                 break;
             }
             out.extend_from_slice(&buf);
@@ -1157,7 +767,7 @@ enum Action {
     Hypercall(u32),
     OtherIoOut(u16),
     OtherIoIn(u16),
-    Mmio(u64, bool),
+    MmioRead(u64),
     MmioWrite(u64, [u8; 8], usize),
     Hlt,
     Shutdown,
@@ -1199,7 +809,7 @@ impl Action {
             }
             VcpuExit::MmioRead(addr, data) => {
                 data.fill(0xff);
-                Action::Mmio(addr, false)
+                Action::MmioRead(addr)
             }
             VcpuExit::MmioWrite(addr, data) => {
                 let mut bytes = [0u8; 8];

@@ -19,6 +19,7 @@
 pub mod addr;
 pub mod boot;
 pub mod hypercall;
+pub mod paging;
 pub mod ports;
 pub mod pv;
 pub mod report;

@@ -170,8 +170,9 @@ pub enum Fault {
     Guest(u64),
 }
 
-/// The first step of `#PF` handling.
-pub fn classify_fault(cr2: u64, error_code: u64) -> Fault {
+/// The first step of `#PF` handling; `rflags` is the interrupted context's
+/// (its AC is the one SMAP checked).
+pub fn classify_fault(cr2: u64, error_code: u64, rflags: u64) -> Fault {
     if !is_shadow() {
         return Fault::Guest(error_code);
     }
@@ -180,7 +181,7 @@ pub fn classify_fault(cr2: u64, error_code: u64) -> Fault {
     {
         return Fault::Guest(ec);
     }
-    let r = hypercall::call(hc::SHADOW_FAULT, cr2, error_code, read_cr3(), 0);
+    let r = hypercall::call(hc::SHADOW_FAULT, cr2, error_code, rflags, read_cr3());
     if r == hc::FAULT_FIXED {
         Fault::Hidden
     } else if r & hc::FAULT_GUEST != 0 && !hc::is_error(r) {
