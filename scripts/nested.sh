@@ -29,7 +29,7 @@ Runs a vmm command line on a nested KVM host inside QEMU (TCG).
   --host NAME        npt: kvm_amd npt=1 (hardware-style nested paging, QEMU's model)
                      kvm-shadow: kvm_amd npt=0 (KVM's own shadow MMU)
   --three-way        vmm bench on both hosts, then one combined report
-                     (NPT, KVM's shadow MMU, our shadow MMU on each host)
+                     (NPT, KVM's shadow MMU, our shadow and pv MMUs on each host)
   --out DIR          --three-way: where the report goes [default: nested-report]
   --timeout SECS     end QEMU after this many seconds [default: 1800]
   --memory SIZE      QEMU's RAM [default: 2G]
@@ -84,9 +84,9 @@ if [ "$three_way" = 1 ]; then
     esac
     mkdir -p "$report_dir" || die 3 "cannot create $report_dir"
     for h in npt kvm-shadow; do
-        echo "== $h host: vmm bench --mmu both ${vmm_args[*]-}"
+        echo "== $h host: vmm bench --mmu all ${vmm_args[*]-}"
         "$0" --host "$h" --timeout "$timeout_s" --memory "$qemu_mem" --cpu "$cpu" -- \
-            bench --mmu both --out "$report_dir/$h-host" "${vmm_args[@]}"
+            bench --mmu all --out "$report_dir/$h-host" "${vmm_args[@]}"
         rc=$?
         [ "$rc" = 0 ] || { echo "$prog: error: vmm bench on the $h host failed (exit $rc)" >&2; exit "$rc"; }
     done

@@ -162,6 +162,12 @@ const PAGE: u64 = 4096;
 /// Pool pages a kernel-half prefill leaves free: the path of the fault
 /// that follows (a PDPT, a PD and a PT).
 pub const PREFILL_RESERVE: usize = 3;
+/// Deferred changed pages remembered ([`ShadowMmu::set_defer_unreachable`]);
+/// past that, the next root switch invalidates.
+pub const MAX_DEFERRED: usize = 1024;
+/// Steps of the walk up the parent sets that decides whether a root reaches
+/// a page; past that the answer is yes.
+pub const REACH_STEPS: usize = 64;
 /// The fewest shadow roots kept for recent guest CR3s (KVM keeps 3
 /// `prev_roots`; a handful of address spaces switching round-robin must not
 /// rebuild). The cache grows with the pool: one root per
@@ -403,6 +409,16 @@ pub struct ShadowMmu {
     last_fixed: Option<(u64, u32)>,
     /// How many roots the cache keeps (sized from the pool).
     root_cap: usize,
+    /// Defer the host invalidation of changes no root but the current one
+    /// could reach until a root that reaches them is loaded
+    /// ([`ShadowMmu::set_defer_unreachable`]).
+    defer: bool,
+    /// Pages changed while the host was not made stale for them (deferral):
+    /// loading a root that reaches one of them makes the host stale.
+    deferred: Vec<u32>,
+    /// More deferred pages than [`MAX_DEFERRED`]: any root switch makes the
+    /// host stale.
+    deferred_overflow: bool,
     /// Writable user leaves made for supervisor writes under CR0.WP = 0 and
     /// SMAP (module doc, "Paging controls"): `(page, index, entry)`. While
     /// any exists, no other user leaf lets user mode run.
@@ -430,6 +446,9 @@ impl ShadowMmu {
             tables: TableFrames::ALL,
             last_fixed: None,
             root_cap: (pages as usize / POOL_PAGES_PER_ROOT).clamp(ROOT_CACHE, MAX_ROOTS),
+            defer: false,
+            deferred: Vec::new(),
+            deferred_overflow: false,
             user_write_leaves: Vec::new(),
         }
     }
@@ -478,9 +497,82 @@ impl ShadowMmu {
     pub fn host_invalidated(&mut self) {
         if self.stale {
             self.stats.host_invalidations += 1;
+            self.deferred.clear();
+            self.deferred_overflow = false;
+            self.free.append(&mut self.quarantine);
         }
         self.stale = false;
-        self.free.append(&mut self.quarantine);
+    }
+
+    /// Trapping shadow mode: a change in shadow pages that only roots other
+    /// than the current one reach (an address space being torn down, a
+    /// root evicted from the cache) does not need the host to forget
+    /// anything until such a root is loaded again — the vCPU cannot reach
+    /// it before. So it is deferred to that `LOAD_CR3` (or to any earlier
+    /// invalidation), and tearing down an address space that is not loaded
+    /// costs no host invalidation per entry. A pool page freed meanwhile
+    /// stays in quarantine until the host has forgotten it. Off by default;
+    /// pv mode leaves it off (a pv guest loads published roots without an
+    /// exit, so every change is made coherent before it runs again).
+    pub fn set_defer_unreachable(&mut self, on: bool) {
+        self.defer = on;
+    }
+
+    /// Mark the host stale for a change in `page`, or defer it when no
+    /// loaded root reaches the page.
+    fn mark_stale(&mut self, page: u32) {
+        if self.stale {
+            return;
+        }
+        if !self.defer || self.current.is_some_and(|(_, cur)| self.reaches(cur, page)) {
+            self.stale = true;
+        } else if self.deferred.len() < MAX_DEFERRED {
+            if !self.deferred.contains(&page) {
+                self.deferred.push(page);
+            }
+        } else {
+            self.deferred_overflow = true;
+        }
+    }
+
+    /// Whether root page `root` reaches `page` through the shadow tables:
+    /// a bounded walk up the parent sets (past [`REACH_STEPS`] steps it
+    /// answers yes, which only invalidates earlier).
+    fn reaches(&mut self, root: u32, page: u32) -> bool {
+        let mut stack = vec![page];
+        let mut seen = HashSet::new();
+        while let Some(p) = stack.pop() {
+            if p == root {
+                return true;
+            }
+            if !seen.insert(p) {
+                continue;
+            }
+            self.work += 1;
+            let Some(sp) = self.pages[p as usize].as_ref() else { continue };
+            if seen.len() + sp.parents.len() > REACH_STEPS {
+                return true;
+            }
+            stack.extend(sp.parents.iter().map(|&(parent, _)| parent));
+        }
+        false
+    }
+
+    /// A root becomes current: changes deferred in pages it reaches must
+    /// be made coherent before it runs.
+    fn promote_deferred(&mut self, root: u32) {
+        if self.stale || (self.deferred.is_empty() && !self.deferred_overflow) {
+            return;
+        }
+        if self.deferred_overflow {
+            self.stale = true;
+            return;
+        }
+        let pending = std::mem::take(&mut self.deferred);
+        if pending.iter().any(|&p| self.pages[p as usize].is_some() && self.reaches(root, p)) {
+            self.stale = true;
+        }
+        self.deferred = pending;
     }
 
     /// The GPA of the current shadow root (what the vCPU's CR3 holds).
@@ -520,7 +612,7 @@ impl ShadowMmu {
         if self.child_of(old, level).is_some() {
             self.zap_entry(pool, page, idx);
         } else if old & P != 0 && restricts(old, spte) {
-            self.stale = true;
+            self.mark_stale(page);
         }
         self.put(pool, page, idx, spte);
     }
@@ -611,6 +703,7 @@ impl ShadowMmu {
             self.roots.push_front(entry);
             self.stats.root_hits += 1;
             self.current = Some(entry);
+            self.promote_deferred(entry.1);
             // A guest frame reused as a new PML4 (or kernel-half entries
             // rewritten) zapped entries of this root: everything fault
             // delivery touches must be shadowed again before the guest runs.
@@ -641,6 +734,7 @@ impl ShadowMmu {
             self.release_if_orphan(pool, old);
         }
         self.current = Some((key, page));
+        self.promote_deferred(page);
         self.prefill_kernel_half(pool, guest, page)?;
         Ok(self.page_gpa(page))
     }
@@ -994,8 +1088,12 @@ impl ShadowMmu {
         let p = match self.free.pop() {
             Some(p) => p,
             None => {
-                debug_assert!(self.quarantine.is_empty() || self.stale);
-                self.quarantine.pop()?
+                // The host may still cache translations through a
+                // quarantined page (a deferred change): it must forget them
+                // before the guest runs again.
+                let p = self.quarantine.pop()?;
+                self.stale = true;
+                p
             }
         };
         // The VMM zeroed this page when it was freed, but the guest may have
@@ -1029,7 +1127,7 @@ impl ShadowMmu {
             return;
         }
         self.put(pool, page, idx, 0);
-        self.stale = true;
+        self.mark_stale(page);
         self.stats.zaps += 1;
         if let Some(p) = self.pages[page as usize].as_mut() {
             p.prefilled = false;
@@ -1073,7 +1171,9 @@ impl ShadowMmu {
         // Its parents' entries were cleared by whoever unlinked it; the
         // host may still cache translations through it: quarantine.
         self.quarantine.push(page);
-        self.stale = true;
+        if !self.defer {
+            self.stale = true;
+        }
     }
 
     /// Zap everything: every shadow page, every root.
@@ -1149,7 +1249,7 @@ impl ShadowMmu {
             match (leaf, self.leaf_spte(guest, role, gpte)) {
                 (true, Some(spte)) if old & P == 0 || old_leaf => {
                     if old & P != 0 && restricts(old, spte) {
-                        self.stale = true;
+                        self.mark_stale(page);
                     }
                     self.put(pool, page, idx, spte);
                     self.stats.pte_updates_in_place += 1;

@@ -58,6 +58,10 @@ impl PvBackend {
     pub fn create(m: &mut Machine, pt_zone: (u64, u64)) -> crate::Result<PvBackend> {
         let mut sh = ShadowState::create(m, pt_zone)?;
         sh.check_pool_at_load_cr3_only();
+        // A pv guest loads published roots without an exit: every change
+        // must be coherent before it runs again (at most one invalidation
+        // per hypercall, whatever the batch held).
+        sh.mmu_mut().set_defer_unreachable(false);
         Ok(PvBackend { sh, area: None, refused: 0, zone: pt_zone })
     }
 

@@ -275,6 +275,8 @@ pub struct ShadowState {
     /// Read the pool's dirty log at every shadow hypercall (shadow mode),
     /// or only at `LOAD_CR3` (pv mode: `pv_mode`, "Trust").
     check_pool_always: bool,
+    /// The boot tables' slot is read-only (from the first `LOAD_CR3` on).
+    boot_tables_locked: bool,
 }
 
 impl ShadowState {
@@ -355,6 +357,9 @@ impl ShadowState {
             PagingMode { maxphyaddr: cpu.maxphyaddr, pdpe1gb: cpu.pdpe1gb, amd: cpu.amd, ..PagingMode::default() };
         let mut mmu = ShadowMmu::new(pool_slot.gpa, pages, mode);
         mmu.set_table_frames(&mut NoPool, tables);
+        // Tearing down an address space that is not loaded, or evicting a
+        // root, needs no host invalidation until such a root is loaded.
+        mmu.set_defer_unreachable(true);
         ShadowState {
             mmu,
             pool_slot,
@@ -373,6 +378,7 @@ impl ShadowState {
             amd: cpu.amd,
             pool_pages: pages,
             check_pool_always: true,
+            boot_tables_locked: false,
         }
     }
 
@@ -481,6 +487,14 @@ impl ShadowState {
             Coherence::ReloadCr3
         };
         preset_accessed(m.ram.memory(), crate::layout::BOOT_TABLES);
+        // Until the first LOAD_CR3 the vCPU walks the boot tables itself,
+        // and an AMD CPU's nested walk treats guest page-table accesses as
+        // writes (AMD APM vol. 2 §15.25.10), which a read-only slot turns
+        // into an exit KVM cannot complete (measured on the nested NPT
+        // host: a triple fault at the first instruction). So they stay
+        // writable until the first LOAD_CR3 — nothing is shadowed from them
+        // before — and trap from then on ([`ShadowState::lock_boot_tables`]).
+        set_boot_tables_readonly(m, false)?;
         // The paging controls are read at every SHADOW_FAULT: have KVM
         // copy the system registers out at each exit instead of paying a
         // KVM_GET_SREGS ioctl per fault.
@@ -605,8 +619,47 @@ impl ShadowState {
     }
 }
 
+/// Register the memslot of the VMM's boot page tables read-only (its
+/// steady state in shadow and pv mode: `ept::memmap`) or writable.
+fn set_boot_tables_readonly(m: &mut Machine, readonly: bool) -> crate::Result<()> {
+    let start = crate::layout::BOOT_TABLES.0;
+    let Some(slot) = m.map.slot_of(start).copied().filter(|s| s.gpa == start && s.kind == ept::RegionKind::PageTables)
+    else {
+        return Ok(());
+    };
+    let hva = m.ram.hva(&m.map, start).ok_or(Error::MemoryMapInconsistent("the boot tables are not mapped"))?;
+    let flags = if readonly { slot.kvm_flags() } else { slot.kvm_flags() & !kvm_bindings::KVM_MEM_READONLY };
+    let mut region = kvm_bindings::kvm_userspace_memory_region {
+        slot: slot.slot,
+        flags,
+        guest_phys_addr: slot.gpa,
+        memory_size: 0,
+        userspace_addr: hva,
+    };
+    // SAFETY: deleting the boot-table slot and adding it back over the same
+    // host mapping, which the GuestRam keeps alive; only the read-only flag
+    // changes (KVM needs a delete to change it).
+    unsafe { m.vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    region.memory_size = slot.len;
+    // SAFETY: as above.
+    unsafe { m.vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))
+}
+
+impl ShadowState {
+    /// At the first `LOAD_CR3`: the boot tables trap from now on (see
+    /// `create`), before anything is shadowed from them.
+    fn lock_boot_tables(&mut self, m: &mut Machine) -> crate::Result<()> {
+        if !self.boot_tables_locked {
+            set_boot_tables_readonly(m, true)?;
+            self.boot_tables_locked = true;
+        }
+        Ok(())
+    }
+}
+
 impl MmuBackend for ShadowState {
     fn load_cr3(&mut self, m: &mut Machine, root: Gpa, regs: &kvm_regs) -> crate::Result<u64> {
+        self.lock_boot_tables(m)?;
         self.enter_hypercall(m, regs, true)?;
         let t = Instant::now();
         let root_gpa = root.raw();

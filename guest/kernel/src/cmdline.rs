@@ -64,6 +64,7 @@ const KEYS: &[(&str, Takes)] = &[
     ("crash", Takes::OneOf(CRASH_MODES)),
     ("workload", Takes::OneOf(WORKLOADS)),
     ("size", Takes::Number { required: true }),
+    ("spaces", Takes::Number { required: true }),
     ("calibrate", Takes::Number { required: false }),
     ("test", Takes::AnyText),
     ("explain", Takes::Nothing),

@@ -7,7 +7,7 @@
 //! | --- | --- |
 //! | `fault` | first touch (write) of a fresh page: a demand-zero fault |
 //! | `fork` | fork a 16-page address space copy-on-write, write every page in the child, destroy it |
-//! | `ctxsw` | switch to the next of 4 address spaces (a CR3 load) and touch its page |
+//! | `ctxsw` | switch to the next of `spaces=N` address spaces (default 4; a CR3 load) and touch its page |
 //! | `mmap` | map a 4-page area, touch it, unmap it |
 //! | `tlb` | a read at a pseudo-random page of a 64-page working set with stable tables |
 //! | `alloc` | a kmalloc 64-byte alloc+free and an order-0 page alloc+free (no MMU change) |
@@ -127,8 +127,11 @@ fn fork(n: u64) -> Result<(), &'static str> {
 }
 
 fn ctxsw(n: u64) -> Result<(), &'static str> {
-    const SPACES: usize = 4;
-    let mut spaces: [Option<AddressSpace>; SPACES] = [None, None, None, None];
+    let count = crate::cmdline::value(crate::boot::cmdline(), "spaces")
+        .and_then(crate::cmdline::parse_u64)
+        .unwrap_or(4)
+        .clamp(2, 4096) as usize;
+    let mut spaces: alloc::vec::Vec<Option<AddressSpace>> = (0..count).map(|_| None).collect();
     let setup = mm::with(|m| {
         m.ctx(|cx, kpt, _| {
             for s in spaces.iter_mut() {
@@ -145,7 +148,7 @@ fn ctxsw(n: u64) -> Result<(), &'static str> {
     }
     // Touch each space's page once (demand faults happen here, not below).
     let mut next = 0usize;
-    let mut switch = |spaces: &mut [Option<AddressSpace>; SPACES], to: usize| {
+    let mut switch = |spaces: &mut [Option<AddressSpace>], to: usize| {
         mm::with(|m| {
             m.ctx(|cx, _, user| {
                 if let Some(prev) = user.take() {
@@ -158,14 +161,14 @@ fn ctxsw(n: u64) -> Result<(), &'static str> {
         });
         next = to;
     };
-    for s in 0..SPACES {
+    for s in 0..count {
         switch(&mut spaces, s);
         // SAFETY: inside the current space's VMA.
         unsafe { page(0).write_volatile(s as u64) };
     }
     let mut ok = true;
     let cycles = measure("ctxsw", n, |i| {
-        let to = (i as usize + 1) % SPACES;
+        let to = (i as usize + 1) % count;
         switch(&mut spaces, to);
         // SAFETY: mapped in every space.
         ok &= unsafe { page(0).read_volatile() } == to as u64;

@@ -335,3 +335,49 @@ fn a_root_rebuilt_across_batches_is_published_only_with_its_kernel_half() {
     assert_ne!(pool.read_u64(root + 511 * 8), 0, "refilled at the next load");
     assert!(mmu.published_roots().any(|(r, _)| r == 0x2000));
 }
+
+#[test]
+fn tearing_down_a_space_that_is_not_loaded_defers_the_host_invalidation_to_its_next_load() {
+    let (mut mmu, mut pool) = setup(64);
+    mmu.set_defer_unreachable(true);
+    let mut g = two_spaces();
+    for s in 8..16 {
+        g.write_u64(slot_gpa(s), (0x10_0000 + s as u64 * PAGE) | P | RW | US | A);
+    }
+    // Space 0x2000 has pages at slots 8..16 (its private PT): fault them in.
+    mmu.load_cr3(&mut pool, &mut g, 0x2000).unwrap();
+    for s in 8..16 {
+        assert_eq!(mmu.handle_fault(&mut pool, &mut g, slot_va(s), READ), Ok(FaultOutcome::Fixed));
+    }
+    mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
+    mmu.host_invalidated();
+    // Tear down its private PT while 0x1000 runs: eight trapped writes.
+    for s in 8..16 {
+        g.write_u64(slot_gpa(s), 0);
+        mmu.pte_written(&mut pool, &mut g, slot_gpa(s), 8);
+        assert!(!mmu.host_stale(), "slot {s}: nothing the loaded root reaches changed");
+    }
+    // A change the loaded root reaches is not deferred.
+    g.write_u64(slot_gpa(0), 0);
+    mmu.pte_written(&mut pool, &mut g, slot_gpa(0), 8);
+    assert!(mmu.host_stale());
+    mmu.host_invalidated();
+    // Loading the torn-down space again: nothing pending now (the
+    // invalidation above covered it).
+    mmu.load_cr3(&mut pool, &mut g, 0x2000).unwrap();
+    assert!(!mmu.host_stale());
+    // Defer again, then load: the host must forget first.
+    mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
+    g.write_u64(0x24000, 0x10_0000 | P | RW | US | A);
+    mmu.handle_fault(&mut pool, &mut g, slot_va(8), READ).ok();
+    mmu.load_cr3(&mut pool, &mut g, 0x2000).unwrap();
+    assert_eq!(mmu.handle_fault(&mut pool, &mut g, slot_va(8), READ), Ok(FaultOutcome::Fixed));
+    mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
+    mmu.host_invalidated();
+    g.write_u64(0x24000, 0);
+    mmu.pte_written(&mut pool, &mut g, 0x24000, 8);
+    assert!(!mmu.host_stale());
+    mmu.load_cr3(&mut pool, &mut g, 0x2000).unwrap();
+    assert!(mmu.host_stale(), "a root reaching a deferred change is loaded: the host must forget first");
+    mmu.check_invariants(&pool, &g).unwrap();
+}
