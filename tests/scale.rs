@@ -12,8 +12,11 @@ fn mmu_modes() -> Vec<String> {
     let help = stdout(&o);
     let mmu = help.lines().skip_while(|l| !l.trim_start().starts_with("--mmu")).collect::<Vec<_>>().join(" ");
     let values = mmu.split("[possible values: ").nth(1).and_then(|v| v.split(']').next()).expect("--mmu's values");
-    let modes: Vec<String> =
-        values.split(',').map(|m| m.trim().to_string()).filter(|m| !m.is_empty() && m != "both").collect();
+    let modes: Vec<String> = values
+        .split(',')
+        .map(|m| m.trim().to_string())
+        .filter(|m| !m.is_empty() && m != "both" && m != "all")
+        .collect();
     assert!(modes.iter().any(|m| m == "ept") && modes.iter().any(|m| m == "shadow"), "{modes:?}");
     modes
 }

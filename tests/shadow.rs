@@ -1,5 +1,6 @@
-//! Shadow mode end to end: the same guest and suites under `--mmu shadow`,
-//! with the shadow MMU's event counts (deterministic) asserted.
+//! Shadow and pv mode end to end: the same guest and suites under
+//! `--mmu shadow` and `--mmu pv`, with the shadow MMU's event counts
+//! (deterministic) asserted.
 
 mod common;
 use common::*;
@@ -14,16 +15,20 @@ fn stats_json(args: &[&str], name: &str) -> (std::process::Output, serde_json::V
 }
 
 #[test]
-fn suites_pass_in_both_modes_with_the_same_verdicts() {
+fn suites_pass_in_all_three_modes_with_the_same_verdicts() {
     if !kvm_available() {
         return;
     }
-    let o = run(&["test", "--mmu", "both"]);
+    // `vmm test` runs ept, shadow and pv by default.
+    let o = run(&["test"]);
     assert_exit(&o, 0);
     let out = stdout(&o);
-    let ept = out.lines().find(|l| l.starts_with("ept: ")).expect("ept summary").to_string();
-    let shadow = out.lines().find(|l| l.starts_with("shadow: ")).expect("shadow summary").to_string();
-    assert_eq!(ept.trim_start_matches("ept: "), shadow.trim_start_matches("shadow: "), "{out}");
+    let summary = |mode: &str| {
+        let prefix = format!("{mode}: ");
+        out.lines().find(|l| l.starts_with(&prefix)).expect("summary").trim_start_matches(&prefix).to_string()
+    };
+    assert_eq!(summary("ept"), summary("shadow"), "{out}");
+    assert_eq!(summary("ept"), summary("pv"), "{out}");
     assert!(!out.contains("DISAGREE"), "{out}");
 }
 
@@ -246,11 +251,17 @@ fn describe(case: usize) -> String {
 }
 
 #[test]
-fn access_matrix_is_identical_in_both_modes() {
+fn access_matrix_is_identical_in_all_three_modes() {
     if !kvm_available() {
         return;
     }
-    let (ept, shadow) = (matrix("ept"), matrix("shadow"));
+    let ept = matrix("ept");
+    for mode in ["shadow", "pv"] {
+        matrix_agrees(&ept, &matrix(mode), mode);
+    }
+}
+
+fn matrix_agrees(ept: &[u64], shadow: &[u64], mode: &str) {
     assert_eq!(ept.len(), 4 * BLOCK + 4 * PAIR_BLOCK, "case count");
     assert_eq!(shadow.len(), ept.len());
     let faults = ept.iter().filter(|r| *r & 1 != 0).count();
@@ -258,12 +269,12 @@ fn access_matrix_is_identical_in_both_modes() {
     let diffs: Vec<String> = (0..ept.len())
         .filter(|&i| ept[i] != shadow[i])
         .take(12)
-        .map(|i| format!("case {i} ({}): ept {:#05x}, shadow {:#05x}", describe(i), ept[i], shadow[i]))
+        .map(|i| format!("case {i} ({}): ept {:#05x}, {mode} {:#05x}", describe(i), ept[i], shadow[i]))
         .collect();
     let total = (0..ept.len()).filter(|&i| ept[i] != shadow[i]).count();
     assert!(
         diffs.is_empty(),
-        "{total} of {} cases differ (record: bit0 fault, bits1-5 error code, bit6 leaf A, bit7 leaf D, bit8 PDE.A for 4 KiB pages, bit9 a pair's first access faulted):\n{}",
+        "{mode}: {total} of {} cases differ (record: bit0 fault, bits1-5 error code, bit6 leaf A, bit7 leaf D, bit8 PDE.A for 4 KiB pages, bit9 a pair's first access faulted):\n{}",
         ept.len(),
         diffs.join("\n")
     );
@@ -320,4 +331,134 @@ fn exactness_tests_pass_in_both_modes_with_a_gib_of_ram() {
     assert_exit(&o, 0);
     let out = stdout(&o);
     assert!(out.contains("ept: 5 passed, 0 failed") && out.contains("shadow: 5 passed, 0 failed"), "{out}");
+}
+
+// ---- pv mode (issue 10): the exit targets, asserted as counts ----
+
+fn count(b: &serde_json::Value, key: &str) -> u64 {
+    b["shadow"][key].as_u64().unwrap_or_else(|| panic!("no {key}: {b}"))
+}
+
+/// Every hypercall or batch asks the host to forget at most once.
+fn at_most_one_invalidation_per_exit(b: &serde_json::Value, what: &str) {
+    assert!(count(b, "host_invalidations") <= exits(b), "{what}: more host invalidations than exits: {b}");
+}
+
+#[test]
+fn pv_demand_fault_costs_one_exit_per_page() {
+    if !kvm_available() {
+        return;
+    }
+    let b = phase("pv", "fault", 32);
+    // The guest resolves the fault from its own tables (no exit) and syncs
+    // once with PV_FLUSH(cr2), which also shadows the page: no hidden fault.
+    assert_eq!(exits(&b), 32, "{b}");
+    assert_eq!(b["exits"]["io-out:hypercall"], 32, "no page-table write traps: {b}");
+    assert_eq!((count(&b, "hidden_faults"), count(&b, "guest_faults")), (0, 0), "{b}");
+    assert_eq!(count(&b, "prefetches"), 32, "{b}");
+    at_most_one_invalidation_per_exit(&b, "fault");
+}
+
+#[test]
+fn pv_fork_takes_at_most_twenty_exits() {
+    if !kvm_available() {
+        return;
+    }
+    let b = phase("pv", "fork", 4);
+    // Per fork of 16 pages: one sync for the parent's write protection and
+    // the child's tables, one LOAD_CR3 of the child, one PV_FLUSH per
+    // copy-on-write break (16); the teardown rides on the next sync.
+    let per_op = exits(&b) as f64 / 4.0;
+    assert!(per_op <= 20.0, "{per_op} exits per fork: {b}");
+    assert_eq!(count(&b, "guest_faults"), 0, "copy-on-write faults are the guest's own: {b}");
+    at_most_one_invalidation_per_exit(&b, "fork");
+    // Trapping shadow mode, for contrast: 80.
+    let s = phase("shadow", "fork", 4);
+    assert!(exits(&s) as f64 / 4.0 >= 60.0, "{s}");
+}
+
+#[test]
+fn pv_mmap_takes_at_most_six_exits() {
+    if !kvm_available() {
+        return;
+    }
+    let b = phase("pv", "mmap", 8);
+    // Four demand faults and one sync for the unmap.
+    assert_eq!(exits(&b), 5 * 8, "{b}");
+    at_most_one_invalidation_per_exit(&b, "mmap");
+}
+
+#[test]
+fn pv_context_switch_among_cached_roots_takes_no_exit() {
+    if !kvm_available() {
+        return;
+    }
+    let b = phase("pv", "ctxsw", 40);
+    // The guest loads the published shadow root itself.
+    assert_eq!(exits(&b), 0, "{b}");
+    for w in ["tlb", "alloc"] {
+        let b = phase("pv", w, 32);
+        assert_eq!(exits(&b), 0, "{w}: {b}");
+    }
+}
+
+/// `ctxsw` among `spaces` address spaces, `ops` switches.
+fn ctxsw_among(mmu: &str, spaces: u64, ops: u64) -> serde_json::Value {
+    let cmd = format!("workload=ctxsw size={ops} spaces={spaces}");
+    let (o, v) =
+        stats_json(&["run", "--mmu", mmu, "--memory", "64M", "--cmdline", &cmd], &format!("ctxsw-{mmu}-{spaces}.json"));
+    assert_exit(&o, 0);
+    let b = v["stats"]["bench"][0].clone();
+    assert_eq!(b["ok"], true, "{v}");
+    b
+}
+
+#[test]
+fn switching_among_64_spaces_hits_the_root_cache_in_both_shadow_modes() {
+    if !kvm_available() {
+        return;
+    }
+    // The root cache is sized from the pool (16 MiB: 128 roots), not 8.
+    let s = ctxsw_among("shadow", 64, 128);
+    assert_eq!(exits(&s), 128, "one LOAD_CR3 per switch: {s}");
+    assert_eq!((count(&s, "root_misses"), count(&s, "zaps"), count(&s, "host_invalidations")), (0, 0, 0), "{s}");
+    let p = ctxsw_among("pv", 64, 128);
+    assert_eq!(exits(&p), 0, "{p}");
+    assert_eq!(count(&p, "zaps"), 0, "{p}");
+}
+
+#[test]
+fn a_root_cache_miss_costs_one_exit_and_only_the_evicted_roots_own_pages() {
+    if !kvm_available() {
+        return;
+    }
+    // 160 spaces round-robin through a cache of 128: every switch misses.
+    let p = ctxsw_among("pv", 160, 64);
+    assert_eq!(count(&p, "root_misses"), 64, "{p}");
+    // The LOAD_CR3 alone: the new root gets its used user half at once.
+    assert_eq!(exits(&p), 64, "{p}");
+    assert_eq!(count(&p, "hidden_faults"), 0, "{p}");
+    // The evicted root's own entries: its user-half link and its
+    // PDPT/PD/PT entries, and its two kernel-half links; nothing shared.
+    assert!(count(&p, "zaps") <= 6 * 64, "{p}");
+    assert_eq!(count(&p, "page_zaps"), 0, "{p}");
+    // Trapping shadow mode: the eviction needs no host invalidation at all
+    // (nothing the new root reaches changed).
+    let s = ctxsw_among("shadow", 160, 64);
+    assert_eq!(count(&s, "root_misses"), 64, "{s}");
+    assert!(count(&s, "zaps") <= 6 * 64, "{s}");
+    assert_eq!(count(&s, "host_invalidations"), 0, "{s}");
+}
+
+#[test]
+fn tearing_down_an_address_space_costs_at_most_one_host_invalidation_per_flush() {
+    if !kvm_available() {
+        return;
+    }
+    for mmu in ["shadow", "pv"] {
+        let b = phase(mmu, "fork", 4);
+        // Each fork's child (16 pages, its tables) is torn down while the
+        // parent runs: the host forgets at most once per fork.
+        assert!(count(&b, "host_invalidations") <= 4, "{mmu}: {b}");
+    }
 }

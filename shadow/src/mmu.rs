@@ -162,6 +162,8 @@ const PAGE: u64 = 4096;
 /// Pool pages a kernel-half prefill leaves free: the path of the fault
 /// that follows (a PDPT, a PD and a PT).
 pub const PREFILL_RESERVE: usize = 3;
+/// New shadow pages the user-half prefill of a new root may create.
+pub const USER_PREFILL_PAGES: usize = 16;
 /// Deferred changed pages remembered ([`ShadowMmu::set_defer_unreachable`]);
 /// past that, the next root switch invalidates.
 pub const MAX_DEFERRED: usize = 1024;
@@ -409,6 +411,11 @@ pub struct ShadowMmu {
     last_fixed: Option<(u64, u32)>,
     /// How many roots the cache keeps (sized from the pool).
     root_cap: usize,
+    /// New shadow pages a prefill may still create (the user-half prefill
+    /// of a new root is bounded; the kernel half's budget is the pool).
+    prefill_budget: usize,
+    /// Prefill the user half of a new root ([`ShadowMmu::set_prefill_user_half`]).
+    prefill_user: bool,
     /// Defer the host invalidation of changes no root but the current one
     /// could reach until a root that reaches them is loaded
     /// ([`ShadowMmu::set_defer_unreachable`]).
@@ -446,6 +453,8 @@ impl ShadowMmu {
             tables: TableFrames::ALL,
             last_fixed: None,
             root_cap: (pages as usize / POOL_PAGES_PER_ROOT).clamp(ROOT_CACHE, MAX_ROOTS),
+            prefill_budget: usize::MAX,
+            prefill_user: false,
             defer: false,
             deferred: Vec::new(),
             deferred_overflow: false,
@@ -502,6 +511,12 @@ impl ShadowMmu {
             self.free.append(&mut self.quarantine);
         }
         self.stale = false;
+    }
+
+    /// Prefill the used part of a new root's user half (see
+    /// `prefill_user_half`); off by default.
+    pub fn set_prefill_user_half(&mut self, on: bool) {
+        self.prefill_user = on;
     }
 
     /// Trapping shadow mode: a change in shadow pages that only roots other
@@ -736,6 +751,7 @@ impl ShadowMmu {
         self.current = Some((key, page));
         self.promote_deferred(page);
         self.prefill_kernel_half(pool, guest, page)?;
+        self.prefill_user_half(pool, guest, page);
         Ok(self.page_gpa(page))
     }
 
@@ -781,6 +797,24 @@ impl ShadowMmu {
             p.needs_prefill = false;
         }
         result
+    }
+
+    /// A root built anew (a cache miss: an address space not run for a
+    /// while, or never) gets the part of its user half the guest has used
+    /// — entries with A set, as the kernel half — up to
+    /// [`USER_PREFILL_PAGES`] new shadow pages: the first accesses after
+    /// the switch then take no hidden fault (a context switch that misses
+    /// the cache costs the `LOAD_CR3` alone). Past the budget the rest is
+    /// shadowed on demand. Only when enabled
+    /// ([`ShadowMmu::set_prefill_user_half`]: pv mode).
+    fn prefill_user_half(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys, root: u32) {
+        if !self.prefill_user {
+            return;
+        }
+        let Some(role) = self.pages[root as usize].as_ref().map(|p| p.role) else { return };
+        self.prefill_budget = USER_PREFILL_PAGES;
+        self.prefill(pool, guest, root, role, 0..256);
+        self.prefill_budget = usize::MAX;
     }
 
     /// The PML4 slots fault delivery needs, from guest-virtual addresses
@@ -839,8 +873,11 @@ impl ShadowMmu {
                 level: role.level - 1,
                 access: child_access(role.access, gpte, &self.mode),
             };
-            if !self.by_role.contains_key(&child_role) && self.free_pages() <= PREFILL_RESERVE {
-                return false;
+            if !self.by_role.contains_key(&child_role) {
+                if self.free_pages() <= PREFILL_RESERVE || self.prefill_budget == 0 {
+                    return false;
+                }
+                self.prefill_budget -= 1;
             }
             let Some(child) = self.link_child(pool, page, idx, child_role) else { return false };
             if self.pages[child as usize].as_ref().is_some_and(|c| c.prefilled) {

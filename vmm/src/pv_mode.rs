@@ -62,6 +62,9 @@ impl PvBackend {
         // must be coherent before it runs again (at most one invalidation
         // per hypercall, whatever the batch held).
         sh.mmu_mut().set_defer_unreachable(false);
+        // A context switch that misses the root cache costs the LOAD_CR3
+        // alone: the new root gets the used part of its user half at once.
+        sh.mmu_mut().set_prefill_user_half(true);
         Ok(PvBackend { sh, area: None, refused: 0, zone: pt_zone })
     }
 

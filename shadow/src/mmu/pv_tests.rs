@@ -341,43 +341,52 @@ fn tearing_down_a_space_that_is_not_loaded_defers_the_host_invalidation_to_its_n
     let (mut mmu, mut pool) = setup(64);
     mmu.set_defer_unreachable(true);
     let mut g = two_spaces();
-    for s in 8..16 {
-        g.write_u64(slot_gpa(s), (0x10_0000 + s as u64 * PAGE) | P | RW | US | A);
+    // A third space, 0x3000, sharing nothing below its root but the kernel
+    // half: PDPT 0x25000 -> PD 0x26000 -> PT 0x27000, 8 pages at VA 0.
+    g.write_u64(0x3000, 0x25000 | T);
+    g.write_u64(0x3000 + 511 * 8, 0x30000 | P | RW | A);
+    g.write_u64(0x25000, 0x26000 | T);
+    g.write_u64(0x26000, 0x27000 | T);
+    let pte = |i: u64| 0x27000 + i * 8;
+    for i in 0..8 {
+        g.write_u64(pte(i), (0x10_0000 + i * PAGE) | P | RW | US | A);
     }
-    // Space 0x2000 has pages at slots 8..16 (its private PT): fault them in.
-    mmu.load_cr3(&mut pool, &mut g, 0x2000).unwrap();
-    for s in 8..16 {
-        assert_eq!(mmu.handle_fault(&mut pool, &mut g, slot_va(s), READ), Ok(FaultOutcome::Fixed));
+    mmu.load_cr3(&mut pool, &mut g, 0x3000).unwrap();
+    for i in 0..8 {
+        assert_eq!(mmu.handle_fault(&mut pool, &mut g, i * PAGE, READ), Ok(FaultOutcome::Fixed));
     }
     mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
+    assert_eq!(mmu.handle_fault(&mut pool, &mut g, slot_va(0), READ), Ok(FaultOutcome::Fixed));
     mmu.host_invalidated();
-    // Tear down its private PT while 0x1000 runs: eight trapped writes.
-    for s in 8..16 {
-        g.write_u64(slot_gpa(s), 0);
-        mmu.pte_written(&mut pool, &mut g, slot_gpa(s), 8);
-        assert!(!mmu.host_stale(), "slot {s}: nothing the loaded root reaches changed");
+    // Tear down 0x3000's PT while 0x1000 runs: eight trapped writes, no
+    // host invalidation.
+    for i in 0..8 {
+        g.write_u64(pte(i), 0);
+        mmu.pte_written(&mut pool, &mut g, pte(i), 8);
+        assert!(!mmu.host_stale(), "entry {i}: nothing the loaded root reaches changed");
     }
-    // A change the loaded root reaches is not deferred.
-    g.write_u64(slot_gpa(0), 0);
-    mmu.pte_written(&mut pool, &mut g, slot_gpa(0), 8);
+    assert_eq!(mmu.stats().zaps, 8);
+    // Loading 0x3000 again: the host must forget first.
+    mmu.load_cr3(&mut pool, &mut g, 0x3000).unwrap();
+    assert!(mmu.host_stale(), "a root reaching a deferred change is loaded: the host must forget first");
+    mmu.host_invalidated();
+    // A change the loaded root reaches is never deferred.
+    g.write_u64(0x25000, 0);
+    mmu.pte_written(&mut pool, &mut g, 0x25000, 8);
     assert!(mmu.host_stale());
     mmu.host_invalidated();
-    // Loading the torn-down space again: nothing pending now (the
-    // invalidation above covered it).
-    mmu.load_cr3(&mut pool, &mut g, 0x2000).unwrap();
-    assert!(!mmu.host_stale());
-    // Defer again, then load: the host must forget first.
+    // Loading a root that reaches none of the deferred changes costs none.
     mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
-    g.write_u64(0x24000, 0x10_0000 | P | RW | US | A);
-    mmu.handle_fault(&mut pool, &mut g, slot_va(8), READ).ok();
-    mmu.load_cr3(&mut pool, &mut g, 0x2000).unwrap();
-    assert_eq!(mmu.handle_fault(&mut pool, &mut g, slot_va(8), READ), Ok(FaultOutcome::Fixed));
+    g.write_u64(0x3000, 0x25000 | T);
+    g.write_u64(0x25000, 0x26000 | T);
+    g.write_u64(pte(0), 0x10_0000 | P | RW | US | A);
+    mmu.load_cr3(&mut pool, &mut g, 0x3000).unwrap();
+    assert_eq!(mmu.handle_fault(&mut pool, &mut g, 0, READ), Ok(FaultOutcome::Fixed));
     mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
     mmu.host_invalidated();
-    g.write_u64(0x24000, 0);
-    mmu.pte_written(&mut pool, &mut g, 0x24000, 8);
-    assert!(!mmu.host_stale());
+    g.write_u64(pte(0), 0);
+    mmu.pte_written(&mut pool, &mut g, pte(0), 8);
     mmu.load_cr3(&mut pool, &mut g, 0x2000).unwrap();
-    assert!(mmu.host_stale(), "a root reaching a deferred change is loaded: the host must forget first");
+    assert!(!mmu.host_stale(), "0x2000 does not reach 0x3000's tables");
     mmu.check_invariants(&pool, &g).unwrap();
 }

@@ -107,6 +107,22 @@ pub fn load_cr3(root: u64) {
     unsafe { core::arch::asm!("mov cr3, {}", in(reg) root, options(nostack, preserves_flags)) };
 }
 
+/// Switch to `root` through the VMM's `LOAD_CR3` even in pv mode, where
+/// [`load_cr3`] may load a published shadow root itself: the way back for
+/// a guest that wrote the shadow pool behind the VMM's back (the VMM
+/// repairs the pool at `LOAD_CR3`; a published root may hold what the
+/// guest wrote until then).
+pub fn load_cr3_through_vmm(root: u64) {
+    if !is_shadow() {
+        return load_cr3(root);
+    }
+    let r = hypercall::call(hc::LOAD_CR3, root, 0, 0, 0);
+    if hc::is_error(r) {
+        crate::panic::fatal("LOAD_CR3 refused by the VMM");
+    }
+    GUEST_CR3.store(root, Ordering::Relaxed);
+}
+
 /// Flush the TLB entry of `va` after changing its mapping.
 #[allow(dead_code)] // used by the paging code
 pub fn invlpg(va: u64) {
