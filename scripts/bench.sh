@@ -11,5 +11,5 @@ mkdir -p "$out"
 cargo build --release --quiet
 ./target/release/vmm info > "$out/info.txt"
 ./target/release/vmm info --json > "$out/info.json"
-./target/release/vmm bench --mmu both --out "$out" "$@" | tee "$out/report.txt"
+./target/release/vmm bench --mmu all --out "$out" "$@" | tee "$out/report.txt"
 echo "wrote $out/report.txt, report.json, report.svg, info.txt, info.json"

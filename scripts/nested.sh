@@ -2,7 +2,7 @@
 # Run a `vmm` command line on a nested KVM host inside QEMU (README, "Nested hosts").
 #
 #   scripts/nested.sh --host npt        -- bench --repeat 3
-#   scripts/nested.sh --host kvm-shadow -- test --mmu both
+#   scripts/nested.sh --host kvm-shadow -- test --mmu all
 #   scripts/nested.sh --three-way [--out DIR] [-- BENCH ARGS]
 #
 # QEMU in TCG (software) mode emulates an AMD CPU with SVM and nested paging;
@@ -101,7 +101,7 @@ case "$host" in
     "") usage_error "which nested host? --host npt or --host kvm-shadow (or --three-way)" ;;
     *) usage_error "unknown host '$host': expected npt or kvm-shadow" ;;
 esac
-[ ${#vmm_args[@]} -gt 0 ] || usage_error "no vmm command line: put it after --, e.g. -- test --mmu both"
+[ ${#vmm_args[@]} -gt 0 ] || usage_error "no vmm command line: put it after --, e.g. -- test --mmu all"
 
 cache=${NESTED_CACHE:-$root/target/nested}
 mkdir -p "$cache" || die 3 "cannot create the cache folder $cache"

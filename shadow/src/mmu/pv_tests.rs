@@ -193,7 +193,7 @@ fn a_bad_entry_stops_the_batch_and_says_where() {
         (0x22004, BatchError::Unaligned),
         (0x22002, BatchError::Unaligned),
         (0x22008 | ENTRY_PAGE, BatchError::Unaligned),
-        (u64::MAX & !7, BatchError::OutsideZone),
+        (!7, BatchError::OutsideZone),
         (ZONE.1, BatchError::OutsideZone),
     ] {
         let out = mmu.apply_batch(&mut pool, &mut g, &[bad, 0x22008], ZONE);
