@@ -48,6 +48,14 @@
 //!    invalidates before the guest runs again and then calls
 //!    [`ShadowMmu::host_invalidated`]. Freed pool pages wait in quarantine
 //!    until then, so no page the host may still cache is reused early.
+//!    With [`ShadowMmu::set_defer_unreachable`] (trapping shadow mode) a
+//!    change in a page the loaded root does not reach is remembered instead
+//!    and makes the host stale when a root that reaches it is loaded (or a
+//!    quarantined page is reused): the vCPU cannot use it before.
+//!
+//! pv mode (`mmu::pv`) applies the guest's queued writes in batches
+//! through the same per-entry path, publishes the cached roots, and
+//! prefetches the translation a sync names.
 //! 5. **Pool exhaustion** zaps everything (all roots included) and
 //!    rebuilds the current root: correct, counted, and rare.
 //!

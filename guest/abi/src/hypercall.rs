@@ -22,6 +22,8 @@ pub const LOAD_CR3: u32 = 3;
 /// frame; 0: the vCPU's current RFLAGS). Its AC is the one SMAP checked at
 /// the faulting access: a handler that clears AC on entry, as Linux's does,
 /// would otherwise turn every fault taken with AC = 1 into an SMAP fault.
+/// In pv mode a fourth argument carries the guest's own CR3 (0: not
+/// given), so the VMM follows a root the guest loaded itself.
 pub const SHADOW_FAULT: u32 = 4;
 /// Shadow mode: flush the guest's TLB: `FLUSH_TLB(cr0, efer)`. After
 /// changing CR0.WP, EFER.NXE or CR4 the guest passes its new CR0 and EFER
