@@ -45,7 +45,9 @@ fn bench_compares_modes_and_writes_json_and_svg() {
     assert_eq!(ws.len(), 2);
     for w in ws {
         let modes = w["modes"].as_array().unwrap();
-        assert_eq!(modes.len(), 2, "{w}");
+        assert_eq!(modes.len(), 3, "the default is all three modes: {w}");
+        assert_eq!((modes[1]["mmu"].as_str(), modes[2]["mmu"].as_str()), (Some("shadow"), Some("pv")), "{w}");
+        assert_eq!(modes[2]["walk_refs_per_tlb_miss"], 4);
         assert_eq!(modes[0]["mmu"], "ept");
         assert_eq!(modes[0]["exits_per_op"], 0.0, "ept takes no exits: {w}");
         assert_eq!(modes[0]["walk_refs_per_tlb_miss"], 24);
@@ -54,6 +56,7 @@ fn bench_compares_modes_and_writes_json_and_svg() {
     }
     assert_eq!(ws[0]["modes"][1]["exits_per_op"], 1.0, "a shadow context switch is one exit");
     assert_eq!(ws[1]["modes"][1]["exits_per_op"], 0.0, "tlb takes no exits in shadow mode");
+    assert_eq!(ws[0]["modes"][2]["exits_per_op"], 0.0, "a pv context switch among cached roots takes none");
 
     let chart = std::fs::read_to_string(&svg).unwrap();
     assert!(chart.starts_with("<svg"), "{}", &chart[..chart.len().min(200)]);

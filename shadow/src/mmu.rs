@@ -527,6 +527,16 @@ impl ShadowMmu {
         self.prefill_user = on;
     }
 
+    /// The guest itself will flush its TLB after the change that made the
+    /// host stale (pv mode on an EPT/NPT host, where the CPU walks the
+    /// shadow tables from memory and the guest's `invlpg` or CR3 load is
+    /// the invalidation): the host is no longer stale on the MMU's
+    /// account. Freed pages stay in quarantine until a real invalidation
+    /// (or are reused only after one: `get_or_create` marks the host stale).
+    pub fn host_flush_left_to_guest(&mut self) {
+        self.stale = false;
+    }
+
     /// Trapping shadow mode: a change in shadow pages that only roots other
     /// than the current one reach (an address space being torn down, a
     /// root evicted from the cache) does not need the host to forget

@@ -14,6 +14,15 @@
 //!   The table is rewritten before the vCPU runs again, so an entry the
 //!   guest finds is valid; `SHADOW_FAULT` and `PV_FLUSH` carry the guest's
 //!   own CR3, so the VMM follows a switch it did not see.
+//! - **Host coherence.** A batch marks the host stale at most once, so a
+//!   hypercall costs at most one invalidation. On an EPT/NPT host (the
+//!   `ReloadCr3` strategy) a batch costs none: the CPU walks the shadow
+//!   tables from memory, and the guest flushes its own TLB after the sync
+//!   where hardware needs it (`invlpg`, a CR3 reload — the pv contract),
+//!   which is all the invalidation there is; a guest that does not only
+//!   keeps stale translations of its own memory. Where the host shadows
+//!   page tables (re-registering the pool's slot) every batch that
+//!   restricts a mapping still costs one.
 //! - **Trust.** The area is guest memory and guest input: the queue length
 //!   is checked against the queue, every entry is validated
 //!   (`ShadowMmu::apply_batch`), and the VMM reads the area once per sync
@@ -74,12 +83,14 @@ impl PvBackend {
     fn sync(&mut self, m: &mut Machine, guest_cr3: u64) -> crate::Result<u64> {
         let t = Instant::now();
         let hw_root = m.sync_sregs().cr3;
+        let guest_flushes = self.sh.coherence() == crate::shadow_mode::Coherence::ReloadCr3;
         let batch = {
             let (mut ram, mut pool) = self.sh.windows(m);
             let mmu = self.sh.mmu_mut();
             if let Err(ShadowError::PoolTooSmall) = mmu.follow_shadow_root(&mut pool, &mut ram, hw_root) {
                 return Err(self.sh.pool_too_small(hw_root));
             }
+            let stale_before = mmu.host_stale();
             let r = match self.area.as_mut().map(|a| a.take_queue(m.ram.memory())) {
                 None | Some(Ok([])) => hc::OK,
                 Some(Err(why)) => abi::batch_error(0, why),
@@ -88,6 +99,15 @@ impl PvBackend {
                     BatchOutcome { applied, refused: Some(why) } => abi::batch_error(applied, why),
                 },
             };
+            // On an EPT/NPT host the CPU walks the shadow tables from
+            // memory, and the guest's own invlpg or CR3 reload after its
+            // sync is the TLB flush the contract asks of it: a batch needs
+            // no host invalidation there (the quarantine still waits for a
+            // real one). Changes the VMM makes on its own account (evictions,
+            // rebuilds, repairs) still get theirs.
+            if !stale_before && mmu.host_stale() && guest_flushes {
+                mmu.host_flush_left_to_guest();
+            }
             if guest_cr3 != 0 {
                 match mmu.follow_guest_root(&mut pool, &mut ram, guest_cr3) {
                     Ok(_) => {}

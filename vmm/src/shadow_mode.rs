@@ -521,6 +521,11 @@ impl ShadowState {
         &mut self.times
     }
 
+    /// How the host is made to forget.
+    pub(crate) fn coherence(&self) -> Coherence {
+        self.coherence
+    }
+
     /// Read the pool's dirty log only at `LOAD_CR3` (pv mode).
     pub(crate) fn check_pool_at_load_cr3_only(&mut self) {
         self.check_pool_always = false;

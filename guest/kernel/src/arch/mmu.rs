@@ -169,12 +169,14 @@ pub fn enter_lazy() {
 /// Close a lazy-MMU bracket: the outermost one syncs the write queue once
 /// if an invalidation was deferred.
 pub fn leave_lazy() {
-    if LAZY_DEPTH.fetch_sub(1, Ordering::Relaxed) == 1
-        && LAZY_PENDING.swap(false, Ordering::Relaxed)
-        && is_pv()
-        && queue_len() > 0
-    {
-        pv_flush(NO_GVA);
+    if LAZY_DEPTH.fetch_sub(1, Ordering::Relaxed) == 1 && LAZY_PENDING.swap(false, Ordering::Relaxed) && is_pv() {
+        if queue_len() > 0 {
+            pv_flush(NO_GVA);
+        }
+        // The deferred invalidations themselves: a full TLB flush (the VMM
+        // leaves them to us on an EPT/NPT host).
+        // SAFETY: reloading the current (shadow) root; no mapping changes.
+        unsafe { core::arch::asm!("mov cr3, {}", in(reg) hardware_cr3(), options(nostack, preserves_flags)) };
     }
 }
 
