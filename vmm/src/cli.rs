@@ -360,6 +360,24 @@ mod tests {
     }
 
     #[test]
+    fn test_and_bench_run_all_three_modes_by_default_and_take_each_alone() {
+        use guest_abi::MmuMode::{Ept, Pv, Shadow};
+        let Command::Test(t) = Cli::try_parse_from(["vmm", "test"]).unwrap().command else { panic!() };
+        assert_eq!(t.mmu.modes(), [Ept, Shadow, Pv]);
+        let Command::Bench(b) = Cli::try_parse_from(["vmm", "bench"]).unwrap().command else { panic!() };
+        assert_eq!(b.mmu.modes(), [Ept, Shadow, Pv]);
+        // `both` keeps its meaning: ept and shadow.
+        let Command::Bench(b) = Cli::try_parse_from(["vmm", "bench", "--mmu", "both"]).unwrap().command else { panic!() };
+        assert_eq!(b.mmu.modes(), [Ept, Shadow]);
+        let Command::Test(t) = Cli::try_parse_from(["vmm", "test", "--mmu", "pv"]).unwrap().command else { panic!() };
+        assert_eq!(t.mmu.modes(), [Pv]);
+        let Command::Run(r) = Cli::try_parse_from(["vmm", "run", "--mmu", "pv"]).unwrap().command else { panic!() };
+        assert_eq!(r.mmu.mode(), Pv);
+        let e = Cli::try_parse_from(["vmm", "run", "--mmu", "all"]).unwrap_err().to_string();
+        assert!(e.contains("'all'") && e.contains("pv"), "{e}");
+    }
+
+    #[test]
     fn sizes_need_units_and_durations_take_fractions() {
         let e = Cli::try_parse_from(["vmm", "run", "--memory", "64"]).unwrap_err().to_string();
         assert!(e.contains("give a unit"), "{e}");
