@@ -367,7 +367,9 @@ mod tests {
         let Command::Bench(b) = Cli::try_parse_from(["vmm", "bench"]).unwrap().command else { panic!() };
         assert_eq!(b.mmu.modes(), [Ept, Shadow, Pv]);
         // `both` keeps its meaning: ept and shadow.
-        let Command::Bench(b) = Cli::try_parse_from(["vmm", "bench", "--mmu", "both"]).unwrap().command else { panic!() };
+        let Command::Bench(b) = Cli::try_parse_from(["vmm", "bench", "--mmu", "both"]).unwrap().command else {
+            panic!()
+        };
         assert_eq!(b.mmu.modes(), [Ept, Shadow]);
         let Command::Test(t) = Cli::try_parse_from(["vmm", "test", "--mmu", "pv"]).unwrap().command else { panic!() };
         assert_eq!(t.mmu.modes(), [Pv]);
