@@ -17,7 +17,7 @@ fn all_guest_tests_pass_and_are_counted() {
         return;
     }
     let json = temp_path("guest-tests.json");
-    let o = run(&["test", "--json", json.to_str().unwrap()]);
+    let o = run(&["test", "--mmu", "ept", "--json", json.to_str().unwrap()]);
     assert_exit(&o, 0);
     let out = stdout(&o);
     let ok_lines = out.lines().filter(|l| l.starts_with("test ") && l.ends_with(" ... ok")).count();
@@ -36,7 +36,7 @@ fn filter_selects_tests_by_name() {
     if !kvm_available() {
         return;
     }
-    let o = run(&["test", "--filter", "mem::"]);
+    let o = run(&["test", "--mmu", "ept", "--filter", "mem::"]);
     assert_exit(&o, 0);
     let out = stdout(&o);
     assert_eq!(totals(&out), (2, 0), "{out}");
@@ -48,7 +48,7 @@ fn a_failing_guest_test_fails_the_run_and_shows_why() {
     if !kvm_available() {
         return;
     }
-    let o = run(&["test", "--filter", "meta::", "--cmdline", "fail-on-request"]);
+    let o = run(&["test", "--mmu", "ept", "--filter", "meta::", "--cmdline", "fail-on-request"]);
     assert_exit(&o, 1);
     let out = stdout(&o);
     assert!(out.contains("test meta::fails_when_asked ... FAILED\n    failed on request"), "{out}");
@@ -62,7 +62,7 @@ fn a_crashing_guest_counts_as_a_failure() {
         return;
     }
     // The crash happens before the tests start.
-    let o = run(&["test", "--cmdline", "crash=triple"]);
+    let o = run(&["test", "--mmu", "ept", "--cmdline", "crash=triple"]);
     assert_exit(&o, 1);
     let out = stdout(&o);
     assert!(out.contains("error: the ept run ended early: guest triple fault"), "{out}");
