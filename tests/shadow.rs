@@ -161,7 +161,7 @@ fn a_storm_of_random_hypercalls_and_page_table_writes_never_crashes_the_vmm() {
     if !kvm_available() {
         return;
     }
-    for mmu in ["shadow", "ept"] {
+    for mmu in ["shadow", "ept", "pv"] {
         let o = run(&["run", "--mmu", mmu, "--memory", "64M", "--cmdline", "crash=storm", "--stats"]);
         assert_exit(&o, 0);
         assert!(stdout(&o).contains("storm survived"), "{mmu}: {}", stdout(&o));

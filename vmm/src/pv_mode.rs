@@ -12,8 +12,9 @@
 //!   republishes the cached roots ([`PvArea::publish`]); a guest with an
 //!   empty queue loads a published shadow root with its own `mov cr3`.
 //!   The table is rewritten before the vCPU runs again, so an entry the
-//!   guest finds is valid; `SHADOW_FAULT` and `PV_FLUSH` carry the guest's
-//!   own CR3, so the VMM follows a switch it did not see.
+//!   guest finds is valid; at every sync point the VMM follows a switch it
+//!   did not see from the vCPU's CR3 (a published shadow root names its
+//!   guest root), never from anything the guest claims.
 //! - **Host coherence.** A batch marks the host stale at most once, so a
 //!   hypercall costs at most one invalidation. On an EPT/NPT host (the
 //!   `ReloadCr3` strategy) a batch costs none: the CPU walks the shadow
@@ -77,10 +78,10 @@ impl PvBackend {
         Ok(PvBackend { sh, area: None, refused: 0, zone: pt_zone })
     }
 
-    /// A sync point: follow a root the guest loaded itself (the vCPU's CR3,
-    /// then `guest_cr3` when the call names one), apply the write queue.
-    /// Returns `OK` or the batch error for the guest.
-    fn sync(&mut self, m: &mut Machine, guest_cr3: u64) -> crate::Result<u64> {
+    /// A sync point: follow a published root the guest loaded itself (the
+    /// vCPU's CR3: the VMM trusts no claim about it), apply the write
+    /// queue. Returns `OK` or the batch error for the guest.
+    fn sync(&mut self, m: &mut Machine) -> crate::Result<u64> {
         let t = Instant::now();
         let hw_root = m.sync_sregs().cr3;
         let guest_flushes = self.sh.coherence() == crate::shadow_mode::Coherence::ReloadCr3;
@@ -90,6 +91,7 @@ impl PvBackend {
             if let Err(ShadowError::PoolTooSmall) = mmu.follow_shadow_root(&mut pool, &mut ram, hw_root) {
                 return Err(self.sh.pool_too_small(hw_root));
             }
+            let followed = mmu.current_root();
             let stale_before = mmu.host_stale();
             let r = match self.area.as_mut().map(|a| a.take_queue(m.ram.memory())) {
                 None | Some(Ok([])) => hc::OK,
@@ -108,22 +110,19 @@ impl PvBackend {
             if !stale_before && mmu.host_stale() && guest_flushes {
                 mmu.host_flush_left_to_guest();
             }
-            if guest_cr3 != 0 {
-                match mmu.follow_guest_root(&mut pool, &mut ram, guest_cr3) {
-                    Ok(_) => {}
-                    Err(ShadowError::PoolTooSmall) => return Err(self.sh.pool_too_small(guest_cr3)),
-                    Err(_) => {} // not a trapped root: the call itself answers
-                }
-            }
-            r
+            (r, followed)
         };
+        let (batch, followed) = batch;
         if batch != hc::OK {
             self.refused += 1;
             if self.sh.warn_allowed() {
                 log::warn!("pv write queue refused: {batch:#x} (entries from the index in bits 8..32 on not applied)");
             }
         }
-        if self.sh.mmu().current_root().is_some_and(|r| r != hw_root & !0xfff) {
+        // A batch that exhausted the pool rebuilt the root the vCPU is on
+        // elsewhere: follow it (a vCPU on tables of the guest's own making
+        // is left where it is).
+        if followed == Some(hw_root & !0xfff) && self.sh.mmu().current_root() != followed {
             self.sh.point_vcpu(m)?;
         }
         self.sh.times_mut().batch += t.elapsed();
@@ -137,9 +136,9 @@ impl PvBackend {
         }
     }
 
-    /// `PV_FLUSH(gva, guest_cr3)`: sync, then make `gva` current.
+    /// `PV_FLUSH(gva)`: sync, then make `gva` current.
     fn pv_flush(&mut self, m: &mut Machine, regs: &kvm_regs) -> crate::Result<u64> {
-        let batch = self.sync(m, regs.rsi)?;
+        let batch = self.sync(m)?;
         let t = Instant::now();
         let (mut ram, mut pool) = self.sh.windows(m);
         let mmu = self.sh.mmu_mut();
@@ -171,22 +170,21 @@ impl MmuBackend for PvBackend {
     }
 
     fn load_cr3(&mut self, m: &mut Machine, root: Gpa, regs: &kvm_regs) -> crate::Result<u64> {
-        self.sync(m, 0)?;
+        self.sync(m)?;
         let r = self.sh.load_cr3(m, root, regs)?;
         self.publish(m);
         Ok(r)
     }
 
     fn fault(&mut self, m: &mut Machine, cr2: Gva, error_code: u64, regs: &kvm_regs) -> crate::Result<u64> {
-        // SHADOW_FAULT(cr2, error_code, rflags, guest_cr3) in pv mode.
-        self.sync(m, regs.r8)?;
+        self.sync(m)?;
         let r = self.sh.fault(m, cr2, error_code, regs)?;
         self.publish(m);
         Ok(r)
     }
 
     fn flush(&mut self, m: &mut Machine, cr0: u64, efer: u64, regs: &kvm_regs) -> crate::Result<u64> {
-        self.sync(m, 0)?;
+        self.sync(m)?;
         let r = self.sh.flush(m, cr0, efer, regs)?;
         self.publish(m);
         Ok(r)

@@ -22,8 +22,6 @@ pub const LOAD_CR3: u32 = 3;
 /// frame; 0: the vCPU's current RFLAGS). Its AC is the one SMAP checked at
 /// the faulting access: a handler that clears AC on entry, as Linux's does,
 /// would otherwise turn every fault taken with AC = 1 into an SMAP fault.
-/// In pv mode a fourth argument carries the guest's own CR3 (0: not
-/// given), so the VMM follows a root the guest loaded itself.
 pub const SHADOW_FAULT: u32 = 4;
 /// Shadow mode: flush the guest's TLB: `FLUSH_TLB(cr0, efer)`. After
 /// changing CR0.WP, EFER.NXE or CR4 the guest passes its new CR0 and EFER
@@ -39,10 +37,8 @@ pub const EXPLAIN: u32 = 6;
 /// RAM or unaligned, `ERR_INVALID` when already set up.
 pub const PV_SETUP: u32 = 7;
 /// pv mode: apply the write queue, then make `gva`'s translation current:
-/// `PV_FLUSH(gva, guest_cr3)` (`gva` = [`crate::pv::NO_GVA`]: none). The
-/// guest's own CR3 comes along, so a guest that switched to a cached
-/// shadow root by itself is followed. Answers [`OK`] or a batch error
-/// ([`crate::pv::batch_error`]).
+/// `PV_FLUSH(gva)` (`gva` = [`crate::pv::NO_GVA`]: none). Answers [`OK`] or
+/// a batch error ([`crate::pv::batch_error`]).
 pub const PV_FLUSH: u32 = 8;
 
 /// Success.

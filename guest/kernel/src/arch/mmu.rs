@@ -199,7 +199,7 @@ pub fn classify_fault(cr2: u64, error_code: u64, rflags: u64) -> Fault {
     {
         return Fault::Guest(ec);
     }
-    let r = hypercall::call(hc::SHADOW_FAULT, cr2, error_code, rflags, read_cr3());
+    let r = hypercall::call(hc::SHADOW_FAULT, cr2, error_code, rflags, 0);
     if r == hc::FAULT_FIXED {
         Fault::Hidden
     } else if r & hc::FAULT_GUEST != 0 && !hc::is_error(r) {
@@ -300,7 +300,7 @@ fn record(entry: u64) {
 
 /// Sync the write queue (and prefetch `va` unless it is `NO_GVA`).
 fn pv_flush(va: u64) {
-    let r = hypercall::call(hc::PV_FLUSH, va, read_cr3(), 0, 0);
+    let r = hypercall::call(hc::PV_FLUSH, va, 0, 0, 0);
     if r != hc::OK {
         crate::panic::fatal("PV_FLUSH refused by the VMM");
     }
