@@ -12,7 +12,12 @@ fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/nested.sh")
 }
 
+/// QEMU boots share the kernel and initramfs cache: one at a time (the
+/// test harness runs tests in parallel threads).
+static ONE_BOOT_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn nested(args: &[&str], cache: &std::path::Path) -> Output {
+    let _one = ONE_BOOT_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     Command::new(script())
         .args(args)
         .env("VMM_BIN", env!("CARGO_BIN_EXE_vmm"))
