@@ -22,18 +22,10 @@ pub fn is_canonical(va: u64) -> bool {
 }
 
 /// Entry flag names, low bit first.
-const FLAGS: [(u64, &str); 10] = [
-    (1 << 0, "P"),
-    (1 << 1, "RW"),
-    (1 << 2, "US"),
-    (1 << 3, "PWT"),
-    (1 << 4, "PCD"),
-    (1 << 5, "A"),
-    (1 << 6, "D"),
-    (1 << 7, "PS"),
-    (1 << 8, "G"),
-    (1 << 63, "NX"),
-];
+const FLAGS: [(u64, &str); 10] = {
+    use guest_abi::paging::{A, D, G, P, PCD, PS, PWT, RW, US, XD};
+    [(P, "P"), (RW, "RW"), (US, "US"), (PWT, "PWT"), (PCD, "PCD"), (A, "A"), (D, "D"), (PS, "PS"), (G, "G"), (XD, "NX")]
+};
 
 /// The flags of a page-table entry as text ("P RW A PS").
 pub fn flags_string(entry: u64) -> String {
@@ -98,7 +90,7 @@ pub struct Walk {
 }
 
 const NAMES: [&str; 4] = ["PML4", "PDPT", "PD", "PT"];
-const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+use guest_abi::paging::{ADDR_MASK, P, PS};
 
 /// Walk `va` from the root table at `cr3`, reading 8-byte entries with
 /// `read(gpa)` (`None` when the GPA is not guest memory).
@@ -110,15 +102,15 @@ pub fn walk(cr3: u64, va: u64, read: impl Fn(u64) -> Option<u64>) -> Walk {
     let mut table = cr3 & ADDR_MASK;
     for (depth, name) in NAMES.iter().enumerate() {
         let level = 4 - depth as u32; // 4 = PML4 … 1 = PT
-        let index = (va >> (12 + 9 * (level - 1))) & 0x1ff;
+        let index = guest_abi::paging::table_index(va, level as u8) as u64;
         let Some(entry) = read(table + index * 8) else {
             return Walk { steps, end: WalkEnd::TableOutsideMemory { gpa: table + index * 8 } };
         };
         steps.push(Step { table: name, table_gpa: table, index, entry });
-        if entry & 1 == 0 {
+        if entry & P == 0 {
             return Walk { steps, end: WalkEnd::NotPresent };
         }
-        let leaf = level == 1 || ((level == 2 || level == 3) && entry & (1 << 7) != 0);
+        let leaf = level == 1 || ((level == 2 || level == 3) && entry & PS != 0);
         if leaf {
             let page_size = 1u64 << (12 + 9 * (level - 1));
             let base = entry & ADDR_MASK & !(page_size - 1);

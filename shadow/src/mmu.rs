@@ -148,8 +148,7 @@
 use crate::walker::{self, A, Access, D, GuestPhys, P, PS, PagingMode, RW, US, XD};
 use std::collections::{HashMap, HashSet, VecDeque};
 
-const ADDR: u64 = 0x000f_ffff_ffff_f000;
-const PAGE: u64 = 4096;
+use guest_abi::paging::{ADDR_MASK as ADDR, PAGE_SIZE as PAGE};
 /// Pool pages a kernel-half prefill leaves free: the path of the fault
 /// that follows (a PDPT, a PD and a PT).
 pub const PREFILL_RESERVE: usize = 3;
@@ -662,7 +661,7 @@ impl ShadowMmu {
     pub fn set_prefill_hints(&mut self, gvas: &[u64]) {
         self.prefill_hints.clear();
         for &va in gvas {
-            let slot = (va >> 39) & 0x1ff;
+            let slot = guest_abi::paging::table_index(va, 4) as u64;
             if slot >= 256 && !self.prefill_hints.contains(&slot) {
                 self.prefill_hints.push(slot);
             }
@@ -823,7 +822,7 @@ impl ShadowMmu {
         for depth in 0..t.levels as usize {
             self.work += 1;
             let level = 4 - depth as u8;
-            let idx = (va >> (12 + 9 * (level as u32 - 1))) & 0x1ff;
+            let idx = guest_abi::paging::table_index(va, level) as u64;
             let gpte = guest.read_u64(t.entry_gpas[depth]);
             if depth + 1 == t.levels as usize {
                 let Some(spte) = self.leaf_spte(guest, role, gpte) else { return Ok(true) };
@@ -1109,7 +1108,7 @@ impl ShadowMmu {
     pub fn shadow_leaf(&self, pool: &impl GuestPhys, va: u64) -> Option<(u64, u8)> {
         let mut table = self.current_root()?;
         for level in (1..=4u8).rev() {
-            let idx = (va >> (12 + 9 * (level as u32 - 1))) & 0x1ff;
+            let idx = guest_abi::paging::table_index(va, level) as u64;
             let e = pool.read_u64(table + idx * 8);
             if e & P == 0 {
                 return None;

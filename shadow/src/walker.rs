@@ -45,34 +45,9 @@
 //! The walk reads at most four entries and never follows a pointer twice,
 //! so self-referencing or cyclic tables cannot make it loop.
 
-/// Present.
-pub const P: u64 = 1 << 0;
-/// Writable.
-pub const RW: u64 = 1 << 1;
-/// User.
-pub const US: u64 = 1 << 2;
-/// Accessed.
-pub const A: u64 = 1 << 5;
-/// Dirty.
-pub const D: u64 = 1 << 6;
-/// Page size (leaf at PDPT/PD level).
-pub const PS: u64 = 1 << 7;
-/// Execute disable.
-pub const XD: u64 = 1 << 63;
-
-/// `#PF` error-code bits (SDM vol. 3 §4.7).
-pub mod pf {
-    /// The fault was a protection violation (the page was present).
-    pub const P: u32 = 1 << 0;
-    /// The access was a write.
-    pub const W: u32 = 1 << 1;
-    /// The access was made in user mode.
-    pub const U: u32 = 1 << 2;
-    /// A reserved bit was set in a paging-structure entry.
-    pub const RSVD: u32 = 1 << 3;
-    /// The access was an instruction fetch.
-    pub const ID: u32 = 1 << 4;
-}
+// The entry flags and `#PF` error-code bits: the one definition in
+// `guest_abi::paging`.
+pub use guest_abi::paging::{A, D, P, PS, RW, US, XD, pf};
 
 /// Guest-physical memory as the walker sees it.
 pub trait GuestPhys {
@@ -182,24 +157,11 @@ pub struct PageFault {
     pub level: u8,
 }
 
-const ADDR_BITS: u64 = 0x000f_ffff_ffff_f000;
+use guest_abi::paging::ADDR_MASK as ADDR_BITS;
 
 /// The reserved bits of a present entry at `level` (4..=1), given PS.
 pub fn reserved_mask(mode: &PagingMode, level: u8, entry: u64) -> u64 {
-    let maxphy = mode.maxphyaddr.clamp(32, 52) as u32;
-    let mut mask = ((1u64 << 52) - 1) & !((1u64 << maxphy) - 1); // bits maxphy..51
-    if !mode.nxe {
-        mask |= XD;
-    }
-    let ps = entry & PS != 0;
-    match level {
-        4 => mask |= PS | if mode.amd { 1 << 8 } else { 0 },
-        3 if ps && !mode.pdpe1gb => mask |= PS,
-        3 if ps => mask |= 0x3fff_e000, // bits 29:13
-        2 if ps => mask |= 0x001f_e000, // bits 20:13
-        _ => {}
-    }
-    mask
+    guest_abi::paging::reserved_bits(level, entry, mode.maxphyaddr, mode.nxe, mode.pdpe1gb, mode.amd)
 }
 
 fn error_code(mode: &PagingMode, access: Access, present: bool, rsvd: bool) -> u32 {
@@ -267,7 +229,7 @@ pub fn walk(
     let mut entries = [0u64; 4];
     for level in (1..=4u8).rev() {
         let slot = (4 - level) as usize;
-        let index = (va >> (12 + 9 * (level as u32 - 1))) & 0x1ff;
+        let index = guest_abi::paging::table_index(va, level) as u64;
         let entry_gpa = table + index * 8;
         if !mem.is_ram(entry_gpa, 8) {
             return fault(true, true, level);

@@ -46,6 +46,40 @@ pub struct Explanation {
     /// Shadow mode: the shadow root the vCPU's CR3 holds.
     #[serde(serialize_with = "ept::json::hex_opt")]
     pub shadow_root: Option<u64>,
+    /// The walk reaches a page, but the architectural rules (the shadow
+    /// walker's: reserved bits by level, MAXPHYADDR and vendor, the
+    /// paging controls, RAM bounds) refuse a supervisor read of it: the
+    /// `#PF` it would take. `None` when they allow it, or when nothing is
+    /// mapped.
+    pub refused: Option<Refused>,
+}
+
+/// A `#PF` the architectural walk gives where the display walk found a page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Refused {
+    /// The error code.
+    #[serde(serialize_with = "hex32")]
+    pub error_code: u32,
+    /// The level whose entry caused it (0: a permission fault at the leaf).
+    pub level: u8,
+}
+
+fn hex32<S: serde::Serializer>(v: &u32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{v:#x}"))
+}
+
+/// Guest RAM, read-only, for the architectural walk of `--explain`: the
+/// walker's A/D updates are dropped, so explaining changes nothing.
+struct ReadOnly<'a>(crate::shadow_mode::MemWindow<'a>);
+
+impl shadow::GuestPhys for ReadOnly<'_> {
+    fn read_u64(&self, gpa: u64) -> u64 {
+        self.0.read_u64(gpa)
+    }
+    fn write_u64(&mut self, _gpa: u64, _value: u64) {}
+    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+        self.0.is_ram(gpa, len)
+    }
 }
 
 /// The shadow leaf as `{"entry": "0x…", "level": N}`.
@@ -99,6 +133,14 @@ impl Explanation {
             WalkEnd::TableOutsideMemory { gpa } => {
                 let _ = writeln!(s, "  GPA   none: a table pointer leads outside guest memory ({gpa:#x})");
             }
+        }
+        if let Some(r) = &self.refused {
+            let _ = writeln!(
+                s,
+                "  rules a supervisor read faults here all the same: #PF error code {:#x} ({})",
+                r.error_code,
+                if r.level == 0 { "permissions".to_string() } else { format!("the level-{} entry", r.level) }
+            );
         }
         if let Some(slot) = &self.slot {
             let _ = writeln!(
@@ -188,8 +230,17 @@ pub fn explain(
         kvm_translate: None,
         shadow_leaf: None,
         shadow_root: None,
+        refused: None,
     };
     backend.explain(m, &mut e);
+    if matches!(e.walk.end, WalkEnd::Mapped { .. }) {
+        let mode = backend.guest_paging_mode(&m.sregs()?, m.regs().rflags);
+        let mut ram = ReadOnly(crate::shadow_mode::MemWindow::ram(mem, m.memory));
+        let read = shadow::walker::Access { write: false, user: false, fetch: false };
+        if let Err(pf) = shadow::walker::walk(&mut ram, cr3, gva, read, &mode) {
+            e.refused = Some(Refused { error_code: pf.error_code, level: pf.level });
+        }
+    }
     if let WalkEnd::Mapped { gpa, page_size } = e.walk.end {
         e.slot = m.map.slot_of(gpa).copied();
         e.hva = m.ram.hva(&m.map, gpa);

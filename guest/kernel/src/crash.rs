@@ -263,12 +263,7 @@ const SCRIBBLED_PAGES: u64 = 128;
 const WINDOW_SLOT: u64 = 300;
 const WINDOW: u64 = 0xffff_0000_0000_0000 | (WINDOW_SLOT << 39);
 const GIB: u64 = 1 << 30;
-const PTE_P: u64 = 1;
-const PTE_RW: u64 = 2;
-const PTE_US: u64 = 4;
-const PTE_A: u64 = 0x20;
-const PTE_D: u64 = 0x40;
-const PTE_PS: u64 = 0x80;
+use guest_abi::paging::{A as PTE_A, D as PTE_D, P as PTE_P, PS as PTE_PS, RW as PTE_RW, US as PTE_US};
 
 fn hardware_cr3() -> u64 {
     let v: u64;

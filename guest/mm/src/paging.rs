@@ -59,7 +59,7 @@ pub const ENTRIES: usize = FRAME_WORDS;
 pub const UPPER_HALF_FIRST: usize = 256;
 /// Bits 12..=51 of an entry: the physical address it points at (SDM
 /// §4.5.4, MAXPHYADDR at most 52).
-pub const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+pub use guest_abi::paging::ADDR_MASK;
 /// The highest physical address + 1 an entry can name.
 pub const PHYS_LIMIT: u64 = 1 << 52;
 /// The 48 bits of a linear address that the tables translate.
@@ -70,6 +70,9 @@ pub const TABLE_FLAGS: PteFlags =
 
 // ---------------------------------------------------------------- flags
 
+/// The architectural bits, defined once for the guest and the VMM.
+use guest_abi::paging as x86;
+
 /// The flag bits of a page-table entry (everything but the address).
 /// A hand-written bitflags type: values hold only the bits of
 /// [`PteFlags::ALL`].
@@ -79,23 +82,23 @@ pub struct PteFlags(u64);
 
 impl PteFlags {
     /// P: the entry maps something.
-    pub const PRESENT: Self = Self(1 << 0);
+    pub const PRESENT: Self = Self(x86::P);
     /// R/W: writes allowed.
-    pub const WRITABLE: Self = Self(1 << 1);
+    pub const WRITABLE: Self = Self(x86::RW);
     /// U/S: user-mode accesses allowed.
-    pub const USER: Self = Self(1 << 2);
+    pub const USER: Self = Self(x86::US);
     /// PWT: write-through caching.
-    pub const WRITE_THROUGH: Self = Self(1 << 3);
+    pub const WRITE_THROUGH: Self = Self(x86::PWT);
     /// PCD: caching disabled.
-    pub const NO_CACHE: Self = Self(1 << 4);
+    pub const NO_CACHE: Self = Self(x86::PCD);
     /// A: set by the CPU when the entry is used for a translation.
-    pub const ACCESSED: Self = Self(1 << 5);
+    pub const ACCESSED: Self = Self(x86::A);
     /// D: set by the CPU on the first write through a leaf.
-    pub const DIRTY: Self = Self(1 << 6);
+    pub const DIRTY: Self = Self(x86::D);
     /// PS: the entry at level 2 or 3 maps a 2 MiB or 1 GiB page.
-    pub const HUGE: Self = Self(1 << 7);
+    pub const HUGE: Self = Self(x86::PS);
     /// G: global translation, kept across CR3 loads (with CR4.PGE).
-    pub const GLOBAL: Self = Self(1 << 8);
+    pub const GLOBAL: Self = Self(x86::G);
     /// Software (available bit 9): a copy-on-write page, read-only until
     /// its first write is resolved by the fault handler.
     pub const COW: Self = Self(1 << 9);
@@ -103,13 +106,13 @@ impl PteFlags {
     /// address space and reference-counted (freed with its last mapping).
     pub const ANON: Self = Self(1 << 10);
     /// XD/NX: instruction fetches not allowed (with EFER.NXE).
-    pub const NO_EXECUTE: Self = Self(1 << 63);
+    pub const NO_EXECUTE: Self = Self(x86::XD);
 
     /// Every flag bit.
-    pub const ALL: Self = Self(0xfff | (1 << 63));
+    pub const ALL: Self = Self(0xfff | x86::XD);
     /// The bits `map` and `protect` accept for a leaf (all but P and PS,
     /// which the mapper owns, and bit 11).
-    pub const LEAF_SETTABLE: Self = Self(0x7fe & !(1 << 7) | (1 << 63));
+    pub const LEAF_SETTABLE: Self = Self(0x7fe & !x86::PS | x86::XD);
 
     /// No flag.
     pub const fn empty() -> Self {
