@@ -372,7 +372,9 @@ fn scribble() -> ! {
         kprintln!("scribble: wrote {} pool pages at {:#x} behind the VMM's back", SCRIBBLED_PAGES, pool);
     }
     // Back through the front door.
-    arch::mmu::load_cr3(guest_root);
+    // SAFETY: the guest's own root from before the scribble: it maps the
+    // kernel (only the shadow pool was written).
+    unsafe { arch::mmu::load_cr3(guest_root) };
     arch::idt::set_page_fault_hook(|_, _| false);
     // What the boot tables leave unmapped: the identity map beyond RAM (up
     // to its 1 GiB), the rest of the identity/direct-map PDPT, and other

@@ -33,7 +33,8 @@ pub fn init(mode: Option<MmuMode>) {
     if mode == Some(MmuMode::Shadow) {
         let boot_root = hardware_cr3();
         SHADOW.store(true, Ordering::Relaxed);
-        load_cr3(boot_root);
+        // SAFETY: the tables the CPU runs on now: they map the kernel.
+        unsafe { load_cr3(boot_root) };
     }
 }
 
@@ -50,7 +51,14 @@ pub fn read_cr3() -> u64 {
 }
 
 /// Switch to the address space rooted at `root` (a GPA).
-pub fn load_cr3(root: u64) {
+///
+/// # Safety
+/// `root` must be the root of a valid four-level address space that maps
+/// the running kernel (its code, stacks, IDT/GDT/TSS and data) as the
+/// current one does — the kernel half every address space shares — and
+/// stays so while it is loaded. Anything else faults the next instruction
+/// or silently maps other memory.
+pub unsafe fn load_cr3(root: u64) {
     if is_shadow() {
         let r = hypercall::call(hc::LOAD_CR3, root, 0, 0, 0);
         if hc::is_error(r) {
@@ -60,7 +68,7 @@ pub fn load_cr3(root: u64) {
         return;
     }
     // SAFETY: the caller passes the root of a valid address space that maps
-    // the kernel (the same kernel half in every address space).
+    // the kernel (this function's contract).
     unsafe { core::arch::asm!("mov cr3, {}", in(reg) root, options(nostack, preserves_flags)) };
 }
 

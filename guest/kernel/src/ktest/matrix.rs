@@ -167,7 +167,8 @@ fn controls_changed(cr0: u64, efer: u64) {
     if mmu::is_shadow() {
         hypercall::call(guest_abi::hypercall::FLUSH_TLB, cr0, efer, 0, 0);
     }
-    mmu::load_cr3(mmu::read_cr3());
+    // SAFETY: reloading the current root (a TLB flush).
+    unsafe { mmu::load_cr3(mmu::read_cr3()) };
 }
 
 /// Run one probe of the target page: `access` 0 read, 1 write, 2 fetch;
