@@ -157,6 +157,7 @@ fn info_probes_the_host_and_calibrates() {
 /// with the `#PF` a supervisor read takes, and no entry gains an A bit.
 #[test]
 fn explain_applies_the_walker_rules_and_sets_no_accessed_bit() {
+    use guest_abi::{Gpa, Gva};
     use vm_memory::{Bytes, GuestAddress};
     if !common::kvm_available() {
         return;
@@ -177,12 +178,12 @@ fn explain_applies_the_walker_rules_and_sets_no_accessed_bit() {
     ] {
         mem.write_obj(v, GuestAddress(at)).unwrap();
     }
-    vm.set_cr3(pml4).unwrap();
-    let ok = vm.explain(0x1000).unwrap();
-    assert_eq!(ok.gpa(), Some(36 << 20));
+    vm.set_cr3(Gpa(pml4)).unwrap();
+    let ok = vm.explain(Gva(0x1000)).unwrap();
+    assert_eq!(ok.gpa(), Some(Gpa(36 << 20)));
     assert_eq!(ok.refused, None, "{}", ok.render());
-    let bad = vm.explain(0x2000).unwrap();
-    assert_eq!(bad.gpa(), Some((1 << 51) | (36 << 20)), "the display walk shows what the entry says");
+    let bad = vm.explain(Gva(0x2000)).unwrap();
+    assert_eq!(bad.gpa(), Some(Gpa((1 << 51) | (36 << 20))), "the display walk shows what the entry says");
     let r = bad.refused.expect("a reserved bit refuses the access");
     assert_eq!((r.error_code, r.level), (0x9, 1), "P | RSVD at the PT entry");
     assert!(bad.render().contains("#PF error code 0x9"), "{}", bad.render());

@@ -21,6 +21,7 @@
 //!   name it;
 //! - the number of slots fits the host's limit.
 
+use guest_abi::Gpa;
 use guest_abi::MmuMode;
 use serde::Serialize;
 
@@ -253,13 +254,14 @@ impl MemoryMap {
     }
 
     /// The slot holding `gpa`, if any.
-    pub fn slot_of(&self, gpa: u64) -> Option<&SlotSpec> {
+    pub fn slot_of(&self, gpa: Gpa) -> Option<&SlotSpec> {
+        let gpa = gpa.raw();
         self.slots.iter().find(|s| gpa >= s.gpa && gpa - s.gpa < s.len)
     }
 
     /// The region holding `gpa`, if any.
-    pub fn region_of(&self, gpa: u64) -> Option<&Region> {
-        self.regions.iter().find(|r| r.contains(gpa))
+    pub fn region_of(&self, gpa: Gpa) -> Option<&Region> {
+        self.regions.iter().find(|r| r.contains(gpa.raw()))
     }
 
     /// Whether `[gpa, gpa + len)` lies inside guest RAM.
@@ -297,20 +299,20 @@ mod tests {
         assert_eq!(m.slots.len(), 3);
         assert!(m.slots.iter().all(|s| !s.readonly));
         assert_eq!(m.slots.iter().map(|s| s.len).sum::<u64>(), 256 * MIB);
-        assert_eq!(m.slot_of(16 * MIB).unwrap().kind, RegionKind::PageTables);
-        assert_eq!(m.slot_of(48 * MIB).unwrap().kind, RegionKind::Ram);
-        assert!(m.slot_of(256 * MIB).is_none());
+        assert_eq!(m.slot_of(Gpa(16 * MIB)).unwrap().kind, RegionKind::PageTables);
+        assert_eq!(m.slot_of(Gpa(48 * MIB)).unwrap().kind, RegionKind::Ram);
+        assert!(m.slot_of(Gpa(256 * MIB)).is_none());
     }
 
     #[test]
     fn shadow_mode_traps_the_boot_tables_with_a_read_only_slot_of_their_own() {
         let c = MemoryMapConfig { shadow_pool: 16 * MIB, boot_tables: (0x9000, 0xd000), ..config(MmuMode::Shadow) };
         let m = MemoryMap::new(&c).unwrap();
-        let boot = m.slot_of(0xa000).unwrap();
+        let boot = m.slot_of(Gpa(0xa000)).unwrap();
         assert!(boot.readonly && boot.kind == RegionKind::PageTables);
         assert_eq!((boot.gpa, boot.len), (0x9000, 0x4000));
-        assert!(!m.slot_of(0x8000).unwrap().readonly);
-        assert!(!m.slot_of(0xd000).unwrap().readonly);
+        assert!(!m.slot_of(Gpa(0x8000)).unwrap().readonly);
+        assert!(!m.slot_of(Gpa(0xd000)).unwrap().readonly);
         assert_eq!(m.slots.iter().filter(|s| s.readonly).count(), 2);
         assert_eq!(m.slots.iter().filter(|s| s.kind != RegionKind::ShadowPool).map(|s| s.len).sum::<u64>(), 256 * MIB);
         // In ept mode nothing changes.
@@ -321,13 +323,13 @@ mod tests {
     #[test]
     fn shadow_mode_makes_the_zone_read_only_and_adds_the_pool_above_a_gap() {
         let m = MemoryMap::new(&MemoryMapConfig { shadow_pool: 16 * MIB, ..config(MmuMode::Shadow) }).unwrap();
-        let zone = m.slot_of(20 * MIB).unwrap();
+        let zone = m.slot_of(Gpa(20 * MIB)).unwrap();
         assert!(zone.readonly);
         assert_eq!(m.slots.iter().filter(|s| s.readonly).count(), 1);
         let pool = m.shadow_pool().unwrap();
         assert_eq!(pool.start, 2 * GIB);
-        assert_eq!(m.region_of(GIB).unwrap().kind, RegionKind::Reserved);
-        assert!(m.slot_of(GIB).is_none(), "the gap has no slot");
+        assert_eq!(m.region_of(Gpa(GIB)).unwrap().kind, RegionKind::Reserved);
+        assert!(m.slot_of(Gpa(GIB)).is_none(), "the gap has no slot");
         assert!(!m.ram_contains(pool.start, 8), "the pool is not guest RAM");
         assert_eq!(m.slots.len(), 4);
     }

@@ -48,19 +48,20 @@
 // The entry flags and `#PF` error-code bits: the one definition in
 // `guest_abi::paging`.
 pub use guest_abi::paging::{A, D, P, PS, RW, US, XD, pf};
+pub use guest_abi::{Gpa, Gva};
 
 /// Guest-physical memory as the walker sees it.
 pub trait GuestPhys {
     /// Read the 8-byte entry at `gpa` (8-aligned, inside RAM).
-    fn read_u64(&self, gpa: u64) -> u64;
+    fn read_u64(&self, gpa: Gpa) -> u64;
     /// Write the 8-byte entry at `gpa` (to set A/D bits).
-    fn write_u64(&mut self, gpa: u64, value: u64);
+    fn write_u64(&mut self, gpa: Gpa, value: u64);
     /// Whether `[gpa, gpa + len)` lies inside guest RAM.
-    fn is_ram(&self, gpa: u64, len: u64) -> bool;
+    fn is_ram(&self, gpa: Gpa, len: u64) -> bool;
     /// Whether the 4 KiB frame at `gpa` may hold a paging structure (shadow
     /// mode: whether guest writes to it trap). Everything, unless the
     /// caller says otherwise.
-    fn may_hold_tables(&self, gpa: u64) -> bool {
+    fn may_hold_tables(&self, gpa: Gpa) -> bool {
         let _ = gpa;
         true
     }
@@ -126,7 +127,7 @@ impl Access {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Translation {
     /// Guest-physical address of the byte.
-    pub gpa: u64,
+    pub gpa: Gpa,
     /// Page size: 4 KiB, 2 MiB or 1 GiB.
     pub page_size: u64,
     /// Effective permissions: writable (RW everywhere).
@@ -140,11 +141,11 @@ pub struct Translation {
     /// The leaf entry after the walk (A/D updated).
     pub leaf: u64,
     /// Where the leaf entry lives.
-    pub leaf_gpa: u64,
+    pub leaf_gpa: Gpa,
     /// How many levels the walk used (4 for a 4 KiB page).
     pub levels: u8,
     /// The entries' addresses, root first (`levels` of them valid).
-    pub entry_gpas: [u64; 4],
+    pub entry_gpas: [Gpa; 4],
 }
 
 /// A page fault the walk produces.
@@ -214,23 +215,24 @@ pub fn permitted(mode: &PagingMode, access: Access, writable: bool, user: bool, 
 /// returned; otherwise nothing changes and the `#PF` is returned.
 pub fn walk(
     mem: &mut impl GuestPhys,
-    cr3: u64,
-    va: u64,
+    cr3: Gpa,
+    va: Gva,
     access: Access,
     mode: &PagingMode,
 ) -> Result<Translation, PageFault> {
     let fault = |present, rsvd, level| Err(PageFault { error_code: error_code(mode, access, present, rsvd), level });
-    let mut table = cr3 & ADDR_BITS;
-    if !mem.may_hold_tables(table) {
+    let va = va.raw();
+    let mut table = cr3.raw() & ADDR_BITS;
+    if !mem.may_hold_tables(Gpa(table)) {
         return fault(true, true, 4);
     }
     let (mut writable, mut user, mut executable) = (true, true, true);
-    let mut entry_gpas = [0u64; 4];
+    let mut entry_gpas = [Gpa(0); 4];
     let mut entries = [0u64; 4];
     for level in (1..=4u8).rev() {
         let slot = (4 - level) as usize;
         let index = guest_abi::paging::table_index(va, level) as u64;
-        let entry_gpa = table + index * 8;
+        let entry_gpa = Gpa(table + index * 8);
         if !mem.is_ram(entry_gpa, 8) {
             return fault(true, true, level);
         }
@@ -251,14 +253,14 @@ pub fn walk(
         let leaf = level == 1 || (level <= 3 && entry & PS != 0);
         if !leaf {
             table = entry & ADDR_BITS;
-            if !mem.may_hold_tables(table) {
+            if !mem.may_hold_tables(Gpa(table)) {
                 return fault(true, true, level);
             }
             continue;
         }
         let page_size = 1u64 << (12 + 9 * (level as u32 - 1));
         let base = entry & ADDR_BITS & !(page_size - 1);
-        if !mem.is_ram(base, page_size) {
+        if !mem.is_ram(Gpa(base), page_size) {
             return fault(true, true, level);
         }
         if !permitted(mode, access, writable, user, executable) {
@@ -277,7 +279,7 @@ pub fn walk(
             mem.write_u64(entry_gpas[last], entries[last]);
         }
         return Ok(Translation {
-            gpa: base | (va & (page_size - 1)),
+            gpa: Gpa(base | (va & (page_size - 1))),
             page_size,
             writable,
             user,

@@ -47,7 +47,7 @@ use crate::stats::ExitReason;
 use ept::memmap::SlotSpec;
 use guest_abi::hypercall as hc;
 use guest_abi::paging::{CR0_WP, CR4_PGE, EFER_NXE};
-use guest_abi::{Gpa, Gva};
+use guest_abi::{Gpa, Gva, Hva};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::SyncReg;
 use serde::Serialize;
@@ -79,7 +79,8 @@ pub struct MemWindow<'a> {
 
 impl<'a> MemWindow<'a> {
     /// `[start, end)` of `mem`.
-    pub fn new(mem: &'a GuestMemoryMmap, start: u64, end: u64) -> Self {
+    pub fn new(mem: &'a GuestMemoryMmap, start: Gpa, end: Gpa) -> Self {
+        let (start, end) = (start.raw(), end.raw());
         let words = (|| {
             let region = mem.find_region(GuestAddress(start))?;
             let offset = usize::try_from(start.checked_sub(region.start_addr().raw_value())?).ok()?;
@@ -92,7 +93,7 @@ impl<'a> MemWindow<'a> {
 
     /// Guest RAM, `[0, ram)`.
     pub fn ram(mem: &'a GuestMemoryMmap, ram: u64) -> Self {
-        Self::new(mem, 0, ram)
+        Self::new(mem, Gpa(0), Gpa(ram))
     }
 
     /// The memory behind the window.
@@ -101,8 +102,9 @@ impl<'a> MemWindow<'a> {
     }
 
     /// Whether the page at `gpa` lies inside the window.
-    pub fn is_ram_page(&self, gpa: u64) -> bool {
-        self.is_ram(gpa & !0xfff, 4096)
+    pub fn is_ram_page(&self, gpa: Gpa) -> bool {
+        let gpa = gpa.raw();
+        self.is_ram(Gpa(gpa & !0xfff), 4096)
     }
 
     /// The index of the word at `gpa` in the fast view, if it has one.
@@ -117,14 +119,16 @@ impl<'a> MemWindow<'a> {
 
 impl GuestPhys for MemWindow<'_> {
     #[inline]
-    fn read_u64(&self, gpa: u64) -> u64 {
+    fn read_u64(&self, gpa: Gpa) -> u64 {
+        let gpa = gpa.raw();
         match self.word(gpa) {
             Some((words, i)) => words.load(i),
             None => self.mem.read_obj(GuestAddress(gpa)).unwrap_or(0),
         }
     }
     #[inline]
-    fn write_u64(&mut self, gpa: u64, value: u64) {
+    fn write_u64(&mut self, gpa: Gpa, value: u64) {
+        let gpa = gpa.raw();
         match self.word(gpa) {
             Some((words, i)) => words.store(i, value),
             None => {
@@ -132,7 +136,8 @@ impl GuestPhys for MemWindow<'_> {
             }
         }
     }
-    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+    fn is_ram(&self, gpa: Gpa, len: u64) -> bool {
+        let gpa = gpa.raw();
         gpa >= self.start && gpa.checked_add(len).is_some_and(|e| e <= self.end)
     }
 }
@@ -157,11 +162,11 @@ pub fn preset_accessed(mem: &GuestMemoryMmap, (start, end): (u64, u64)) {
 struct NoPool;
 
 impl GuestPhys for NoPool {
-    fn read_u64(&self, _: u64) -> u64 {
+    fn read_u64(&self, _: Gpa) -> u64 {
         0
     }
-    fn write_u64(&mut self, _: u64, _: u64) {}
-    fn is_ram(&self, _: u64, _: u64) -> bool {
+    fn write_u64(&mut self, _: Gpa, _: u64) {}
+    fn is_ram(&self, _: Gpa, _: u64) -> bool {
         false
     }
 }
@@ -236,7 +241,7 @@ pub struct ShadowState {
     /// The pool's memslot.
     pool_slot: SlotSpec,
     /// The pool's host address.
-    pool_hva: u64,
+    pool_hva: Hva,
     /// The coherence strategy.
     coherence: Coherence,
     /// Handler times.
@@ -319,8 +324,8 @@ impl ShadowState {
 /// MMU prefills their PML4 slots before the rest of the kernel half
 /// (`ShadowMmu::set_prefill_hints`), so a pool too small for the whole
 /// kernel half still leaves the guest able to take a fault.
-pub fn fault_path_gvas(sregs: &kvm_bindings::kvm_sregs, regs: &kvm_bindings::kvm_regs) -> [u64; 5] {
-    [sregs.idt.base, sregs.gdt.base, sregs.tr.base, regs.rip, regs.rsp]
+pub fn fault_path_gvas(sregs: &kvm_bindings::kvm_sregs, regs: &kvm_bindings::kvm_regs) -> [Gva; 5] {
+    [sregs.idt.base, sregs.gdt.base, sregs.tr.base, regs.rip, regs.rsp].map(Gva)
 }
 
 impl ShadowState {
@@ -328,7 +333,7 @@ impl ShadowState {
     /// CPU facts, whose page tables may live in `tables` only.
     pub fn new(
         pool_slot: SlotSpec,
-        pool_hva: u64,
+        pool_hva: Hva,
         coherence: Coherence,
         cpu: GuestCpu,
         tables: TableFrames,
@@ -336,7 +341,7 @@ impl ShadowState {
         let pages = (pool_slot.len / 4096) as u32;
         let mode =
             PagingMode { maxphyaddr: cpu.maxphyaddr, pdpe1gb: cpu.pdpe1gb, amd: cpu.amd, ..PagingMode::default() };
-        let mut mmu = ShadowMmu::new(pool_slot.gpa, pages, mode);
+        let mut mmu = ShadowMmu::new(Gpa(pool_slot.gpa), pages, mode);
         mmu.set_table_frames(&mut NoPool, tables);
         ShadowState {
             mmu,
@@ -365,7 +370,7 @@ impl ShadowState {
 
     /// The shadow pool as a window over its memory.
     pub fn pool<'a>(&self, mem: &'a GuestMemoryMmap) -> MemWindow<'a> {
-        MemWindow::new(mem, self.pool_slot.gpa, self.pool_slot.gpa + self.pool_slot.len)
+        MemWindow::new(mem, Gpa(self.pool_slot.gpa), Gpa(self.pool_slot.gpa + self.pool_slot.len))
     }
 
     /// The report for `--stats`.
@@ -407,7 +412,7 @@ impl ShadowState {
         &mut self,
         ram: &mut MemWindow<'_>,
         pool: &mut MemWindow<'_>,
-        cr2: u64,
+        cr2: Gva,
         error_code: u64,
         mode: PagingMode,
     ) -> Result<u64, ShadowError> {
@@ -437,9 +442,9 @@ impl ShadowState {
     }
 
     /// A guest write of `data` to page-table GPA `gpa`.
-    pub fn pte_write(&mut self, ram: &mut MemWindow<'_>, pool: &mut MemWindow<'_>, gpa: u64, data: &[u8]) {
+    pub fn pte_write(&mut self, ram: &mut MemWindow<'_>, pool: &mut MemWindow<'_>, gpa: Gpa, data: &[u8]) {
         let t = Instant::now();
-        if ram.memory().write_slice(data, GuestAddress(gpa)).is_ok() {
+        if ram.memory().write_slice(data, GuestAddress(gpa.raw())).is_ok() {
             self.mmu.pte_written(pool, ram, gpa, data.len() as u64);
         }
         self.times.pte_write += t.elapsed();
@@ -453,8 +458,10 @@ impl ShadowState {
     /// the coherence strategy follows the host probe.
     pub fn create(m: &mut Machine, pt_zone: (u64, u64)) -> crate::Result<ShadowState> {
         let pool = m.map.shadow_pool().ok_or(Error::MemoryMapInconsistent("shadow mode without a shadow pool"))?;
-        let slot = *m.map.slot_of(pool.start).ok_or(Error::MemoryMapInconsistent("the shadow pool has no memslot"))?;
-        let hva = m.ram.hva(&m.map, pool.start).ok_or(Error::MemoryMapInconsistent("the shadow pool is not mapped"))?;
+        let slot =
+            *m.map.slot_of(Gpa(pool.start)).ok_or(Error::MemoryMapInconsistent("the shadow pool has no memslot"))?;
+        let hva =
+            m.ram.hva(&m.map, Gpa(pool.start)).ok_or(Error::MemoryMapInconsistent("the shadow pool is not mapped"))?;
         let coherence = if ept::probe::second_stage().host_shadows_page_tables() {
             Coherence::ReregisterPoolSlot
         } else {
@@ -467,7 +474,8 @@ impl ShadowState {
         m.vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
         // Guest paging structures may live where writes trap: the
         // page-table zone and the VMM's boot tables.
-        let tables = TableFrames::new(&[pt_zone, crate::layout::BOOT_TABLES]);
+        let (boot_start, boot_end) = crate::layout::BOOT_TABLES;
+        let tables = TableFrames::new(&[(Gpa(pt_zone.0), Gpa(pt_zone.1)), (Gpa(boot_start), Gpa(boot_end))]);
         Ok(ShadowState::new(slot, hva, coherence, m.cpu, tables))
     }
 
@@ -495,13 +503,13 @@ impl ShadowState {
     fn enter_root(&self, m: &mut Machine, sregs: kvm_sregs) -> crate::Result<()> {
         let mut sregs = self.vcpu_sregs(sregs);
         if let Some(root) = self.mmu.current_root() {
-            sregs.cr3 = root;
+            sregs.cr3 = root.gpa().raw();
         }
         m.set_sregs(&sregs)
     }
 
-    fn pool_exhausted(&self, cr3: u64) -> Error {
-        Error::ShadowPoolExhausted { pool: self.pool_slot.len, cr3 }
+    fn pool_exhausted(&self, cr3: Gpa) -> Error {
+        Error::ShadowPoolExhausted { pool: self.pool_slot.len, cr3: cr3.raw() }
     }
 
     /// If a shadow mapping was removed or restricted, make the host forget
@@ -521,7 +529,7 @@ impl ShadowState {
                     flags: self.pool_slot.kvm_flags(),
                     guest_phys_addr: self.pool_slot.gpa,
                     memory_size: 0,
-                    userspace_addr: self.pool_hva,
+                    userspace_addr: self.pool_hva.raw(),
                 };
                 // SAFETY: deleting the pool slot, then adding it back over
                 // the same host mapping, which the GuestRam keeps alive.
@@ -550,27 +558,26 @@ impl MmuBackend for ShadowState {
     fn load_cr3(&mut self, m: &mut Machine, root: Gpa, regs: &kvm_regs) -> crate::Result<u64> {
         self.enter_hypercall(m, regs)?;
         let t = Instant::now();
-        let root_gpa = root.raw();
         let sregs = m.sregs()?;
         let result = {
             let (mut ram, mut pool) = self.windows(m);
-            if !ram.is_ram_page(root_gpa) {
+            if !ram.is_ram_page(root) {
                 return Ok(hc::ERR_FAULT);
             }
             self.note_vcpu_efer(sregs.efer);
             let mode = self.guest_mode(&sregs, regs.rflags);
             self.mmu.set_mode(&mut pool, &mut ram, mode);
-            self.mmu.load_cr3(&mut pool, &mut ram, root_gpa)
+            self.mmu.load_cr3(&mut pool, &mut ram, root)
         };
         match result {
             Ok(_) => {}
-            Err(ShadowError::PoolTooSmall) => return Err(self.pool_exhausted(root_gpa)),
+            Err(ShadowError::PoolTooSmall) => return Err(self.pool_exhausted(root)),
             // A root outside the page-table zone: its changes would not
             // trap (shadow::mmu invariant 6).
             Err(ShadowError::RootNotTrapped(_)) => return Ok(hc::ERR_FAULT),
             Err(e) => {
                 if m.warnings.allow() {
-                    log::warn!("LOAD_CR3({root_gpa:#x}) failed: {e}");
+                    log::warn!("LOAD_CR3({root:#x}) failed: {e}");
                 }
                 return Ok(hc::ERR_UNAVAILABLE);
             }
@@ -600,10 +607,10 @@ impl MmuBackend for ShadowState {
             let pool_mem = m.ram.pool().expect("shadow mode has a pool");
             let mut ram = MemWindow::ram(m.ram.memory(), m.memory);
             let mut pool = self.pool(pool_mem);
-            self.handle_fault(&mut ram, &mut pool, cr2.raw(), error_code, mode)
+            self.handle_fault(&mut ram, &mut pool, cr2, error_code, mode)
         };
         let result = result.map_err(|e| match e {
-            ShadowError::PoolTooSmall => self.pool_exhausted(self.mmu.guest_cr3().unwrap_or(0)),
+            ShadowError::PoolTooSmall => self.pool_exhausted(self.mmu.guest_cr3().unwrap_or_default()),
             e => Error::ShadowMmu(e, regs.rip),
         })?;
         // Pool exhaustion zaps everything and may rebuild the root in
@@ -634,12 +641,12 @@ impl MmuBackend for ShadowState {
     }
 
     fn mmio_write(&mut self, m: &mut Machine, gpa: Gpa, data: &[u8]) -> Option<ExitReason> {
-        let trapped = m.map.slot_of(gpa.raw()).is_some_and(|s| s.readonly && s.kind == ept::RegionKind::PageTables);
+        let trapped = m.map.slot_of(gpa).is_some_and(|s| s.readonly && s.kind == ept::RegionKind::PageTables);
         if !trapped {
             return None;
         }
         let (mut ram, mut pool) = self.windows(m);
-        self.pte_write(&mut ram, &mut pool, gpa.raw(), data);
+        self.pte_write(&mut ram, &mut pool, gpa, data);
         Some(ExitReason::PageTableWrite)
     }
 
@@ -654,7 +661,9 @@ impl MmuBackend for ShadowState {
     fn guest_root(&self, vcpu_cr3: u64) -> Gpa {
         // The vCPU's CR3 is the shadow root once the guest has loaded one;
         // the guest's own root is the one the shadow MMU shadows.
-        Gpa(self.mmu.guest_cr3().unwrap_or(vcpu_cr3))
+        // (Before the first LOAD_CR3 the vCPU still runs on the guest's
+        // own boot tables: its CR3 is then the guest's root.)
+        self.mmu.guest_cr3().unwrap_or(Gpa(vcpu_cr3))
     }
 
     fn explain(&self, m: &Machine, e: &mut Explanation) {
@@ -685,29 +694,29 @@ mod tests {
     #[test]
     fn a_window_reads_and_writes_words_through_its_view_and_nothing_outside() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x10_0000), 0x4000)]).unwrap();
-        let mut w = MemWindow::new(&mem, 0x10_0000, 0x10_4000);
+        let mut w = MemWindow::new(&mem, Gpa(0x10_0000), Gpa(0x10_4000));
         assert!(w.words.is_some(), "one region: the fast view is used");
-        w.write_u64(0x10_0008, 0x1122_3344_5566_7788);
+        w.write_u64(Gpa(0x10_0008), 0x1122_3344_5566_7788);
         assert_eq!(mem.read_obj::<u64>(GuestAddress(0x10_0008)).unwrap(), 0x1122_3344_5566_7788);
-        assert_eq!(w.read_u64(0x10_0008), 0x1122_3344_5566_7788);
-        w.write_u64(0x10_3ff8, 7);
-        assert_eq!(w.read_u64(0x10_3ff8), 7);
+        assert_eq!(w.read_u64(Gpa(0x10_0008)), 0x1122_3344_5566_7788);
+        w.write_u64(Gpa(0x10_3ff8), 7);
+        assert_eq!(w.read_u64(Gpa(0x10_3ff8)), 7);
         // Unaligned: the Bytes path, same bytes.
-        assert_eq!(w.read_u64(0x10_000c), 0x1122_3344);
+        assert_eq!(w.read_u64(Gpa(0x10_000c)), 0x1122_3344);
         // Outside the memory: reads 0, writes vanish, no panic.
-        assert_eq!(w.read_u64(0x10_4000), 0);
-        w.write_u64(0x10_4000, 1);
-        assert_eq!(w.read_u64(0x0ff8), 0);
+        assert_eq!(w.read_u64(Gpa(0x10_4000)), 0);
+        w.write_u64(Gpa(0x10_4000), 1);
+        assert_eq!(w.read_u64(Gpa(0x0ff8)), 0);
         // A window larger than its region has no fast view but still works.
-        let w = MemWindow::new(&mem, 0x10_0000, 0x10_8000);
+        let w = MemWindow::new(&mem, Gpa(0x10_0000), Gpa(0x10_8000));
         assert!(w.words.is_none());
-        assert_eq!(w.read_u64(0x10_3ff8), 7);
+        assert_eq!(w.read_u64(Gpa(0x10_3ff8)), 7);
     }
 
     fn state(cpu: GuestCpu) -> ShadowState {
         let slot =
             SlotSpec { slot: 3, gpa: 2 << 30, len: 64 << 12, readonly: false, kind: ept::RegionKind::ShadowPool };
-        ShadowState::new(slot, 0, Coherence::ReloadCr3, cpu, TableFrames::ALL)
+        ShadowState::new(slot, Hva(0), Coherence::ReloadCr3, cpu, TableFrames::ALL)
     }
 
     #[test]

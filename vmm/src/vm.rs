@@ -265,13 +265,13 @@ impl Vm {
 
     /// `KVM_TRANSLATE` of `gva` with the vCPU's current CR3: the GPA, or
     /// `None` when KVM says it is not mapped.
-    pub fn kvm_translate(&self, gva: u64) -> Result<Option<u64>> {
+    pub fn kvm_translate(&self, gva: Gva) -> Result<Option<Gpa>> {
         self.core()?.kvm_translate(gva)
     }
 
     /// Point the vCPU's CR3 at `cr3` (for tools and tests that walk their
     /// own tables; the guest is not running).
-    pub fn set_cr3(&mut self, cr3: u64) -> Result<()> {
+    pub fn set_cr3(&mut self, cr3: Gpa) -> Result<()> {
         self.core.as_deref_mut().ok_or(Error::VmAbandoned)?.set_cr3(cr3)
     }
 
@@ -290,7 +290,7 @@ impl Vm {
 
     /// The translation chain of `gva` in the guest's current address space.
     /// Explaining changes nothing: no accessed or dirty bit is set.
-    pub fn explain(&self, gva: u64) -> Result<Explanation> {
+    pub fn explain(&self, gva: Gva) -> Result<Explanation> {
         self.core()?.explain(gva)
     }
 
@@ -483,16 +483,16 @@ impl VmCore {
 
     /// `KVM_TRANSLATE` of `gva` with the vCPU's current CR3: the GPA, or
     /// `None` when KVM says it is not mapped.
-    pub fn kvm_translate(&self, gva: u64) -> Result<Option<u64>> {
-        let t = self.m.vcpu.translate_gva(gva).map_err(kvm_err("KVM_TRANSLATE"))?;
-        Ok((t.valid != 0).then_some(t.physical_address))
+    pub fn kvm_translate(&self, gva: Gva) -> Result<Option<Gpa>> {
+        let t = self.m.vcpu.translate_gva(gva.raw()).map_err(kvm_err("KVM_TRANSLATE"))?;
+        Ok((t.valid != 0).then_some(Gpa(t.physical_address)))
     }
 
     /// Point the vCPU's CR3 at `cr3` (for tools and tests that walk their
     /// own tables; the guest is not running).
-    pub fn set_cr3(&mut self, cr3: u64) -> Result<()> {
+    pub fn set_cr3(&mut self, cr3: Gpa) -> Result<()> {
         let mut sregs = self.m.sregs()?;
-        sregs.cr3 = cr3;
+        sregs.cr3 = cr3.raw();
         self.m.set_sregs(&sregs)
     }
 
@@ -503,7 +503,7 @@ impl VmCore {
     }
 
     /// The translation chain of `gva` in the guest's current address space.
-    pub fn explain(&self, gva: u64) -> Result<Explanation> {
+    pub fn explain(&self, gva: Gva) -> Result<Explanation> {
         crate::explain::explain(&self.m, self.mmu.as_ref(), self.config.mmu.name(), gva)
     }
 
@@ -571,7 +571,7 @@ impl VmCore {
     /// [`crate::limits::MAX_EXPLAIN_PRINTS`] of a run; the rest are only
     /// counted); answer the GPA, or `ERR_FAULT` when the address is not
     /// mapped.
-    fn explain_hypercall(&mut self, gva: u64) -> u64 {
+    fn explain_hypercall(&mut self, gva: Gva) -> u64 {
         match self.explain(gva) {
             Ok(e) => {
                 if self.explain_prints.allow() {
@@ -580,7 +580,7 @@ impl VmCore {
                     let _ = self.diag.write_all(e.render().as_bytes());
                     self.diag.drain();
                 }
-                e.gpa().unwrap_or(hc::ERR_FAULT)
+                e.gpa().map_or(hc::ERR_FAULT, Gpa::raw)
             }
             Err(err) => {
                 if self.m.warnings.allow() {
@@ -605,7 +605,7 @@ impl VmCore {
             hc::LOAD_CR3 => self.mmu.load_cr3(&mut self.m, Gpa(r.rdi), &r)?,
             hc::SHADOW_FAULT => self.mmu.fault(&mut self.m, Gva(r.rdi), r.rsi, &r)?,
             hc::FLUSH_TLB => self.mmu.flush(&mut self.m, r.rdi, r.rsi, &r)?,
-            hc::EXPLAIN => self.explain_hypercall(r.rdi),
+            hc::EXPLAIN => self.explain_hypercall(Gva(r.rdi)),
             _ => {
                 let mut ctx = HypercallContext {
                     mem: self.m.ram.memory(),
