@@ -22,8 +22,10 @@ cargo fmt --all -- --check
 phase "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 # The guest kernel is not a workspace member (it needs its own flags);
-# clippy checks it for the host target (no linking needed).
-(cd guest/kernel && CARGO_TARGET_DIR=../../target/guest-clippy \
+# clippy checks it for the host target (no linking needed), in the target
+# directory of the guest build (vmm/build.rs), whose proc macros (ufmt's)
+# it reuses.
+(cd guest/kernel && CARGO_TARGET_DIR=../../target/guest-build \
     cargo clippy --release --target x86_64-unknown-linux-gnu -- -D warnings)
 
 phase "cargo test --workspace"
