@@ -24,9 +24,12 @@
 //! ## Invariants
 //!
 //! 1. A present shadow leaf maps exactly the GPA the guest walk gives for
-//!    that GVA, never more permissively than the walk allows, and only
-//!    guest RAM (the walker refuses anything else). The shadow pool is
-//!    never mapped: the isolation property.
+//!    that GVA, never more permissively than the walk allows for the
+//!    accesses that can reach it, and only guest RAM (the walker refuses
+//!    anything else). The shadow pool is never mapped: the isolation
+//!    property. (The one leaf whose bits alone would grant more — a user
+//!    leaf made writable for a supervisor write under CR0.WP = 0 and SMAP —
+//!    exists only while user mode cannot run; see "Paging controls".)
 //! 2. A shadow leaf exists only for a guest leaf whose A bit is set, and is
 //!    writable only when the guest leaf's D bit is set. So the first access
 //!    to a page, and the first write to a clean page, fault to the VMM,
@@ -85,12 +88,18 @@
 //!   fetches from it (`#PF` 0x11), which the now-supervisor leaf would let
 //!   through.
 //! - **CR0.WP = 0 with CR4.SMAP**: a supervisor write to a read-only *user*
-//!   page passes only with RFLAGS.AC = 1. No shadow leaf is exact for it:
-//!   a supervisor-only leaf would let later AC = 0 and implicit supervisor
-//!   accesses through (which must fault), a user-writable one would let
-//!   user writes through, and AC changes (`stac`/`clac`/`popf`) do not
-//!   exit. Shadow mode refuses it with [`ShadowError::WpOffSmapWrite`] —
-//!   the VMM stops with a clear error — rather than be silently wrong.
+//!   page passes only with RFLAGS.AC = 1, and AC changes (`stac`, `clac`,
+//!   `popf`) do not exit. A supervisor-only leaf (KVM's choice) would let
+//!   later AC = 0 and implicit supervisor accesses through, which must
+//!   fault. So the leaf stays a *user* leaf, made writable (and XD): SMAP
+//!   then checks every later supervisor access exactly, and only user-mode
+//!   code could misuse it. User mode cannot run without first fetching an
+//!   instruction, so while such a leaf exists every other user-accessible
+//!   shadow leaf is zapped and new ones are made XD (or, for a supervisor
+//!   fetch, supervisor-only): the first user-mode access faults, and that
+//!   fault puts the ordinary read-only leaf back before anything else. It
+//!   costs a scan of the pool and refaults of the user working set, for
+//!   what is a rare combination of controls.
 //!
 //! Guest page-table pages are never written by the VMM except for A/D
 //! bits, which the walker sets as hardware would.
@@ -301,10 +310,6 @@ pub enum ShadowError {
         /// The error code, as the vCPU reported it.
         error_code: u32,
     },
-    /// A supervisor write to a read-only user page with CR0.WP = 0,
-    /// CR4.SMAP = 1 and RFLAGS.AC = 1, which no shadow leaf can emulate
-    /// exactly (module doc, "Paging controls").
-    WpOffSmapWrite(Gva),
 }
 
 impl std::fmt::Display for ShadowError {
@@ -318,10 +323,6 @@ impl std::fmt::Display for ShadowError {
             ShadowError::Livelock { cr2, error_code } => write!(
                 f,
                 "shadow MMU livelock: page fault at {cr2:#x} (error code {error_code:#x}) repeated right after it was fixed, with nothing changed"
-            ),
-            ShadowError::WpOffSmapWrite(cr2) => write!(
-                f,
-                "shadow mode cannot emulate a supervisor write with CR0.WP=0, CR4.SMAP=1 and RFLAGS.AC=1 to the read-only user page at {cr2:#x}"
             ),
         }
     }
@@ -403,6 +404,10 @@ pub struct ShadowMmu {
     /// The last fault answered `Fixed` (address, error code), until the
     /// guest changes anything (invariant 7).
     last_fixed: Option<(u64, u32)>,
+    /// Writable user leaves made for supervisor writes under CR0.WP = 0 and
+    /// SMAP (module doc, "Paging controls"): `(page, index, entry)`. While
+    /// any exists, no other user leaf lets user mode run.
+    user_write_leaves: Vec<(u32, u64, u64)>,
 }
 
 impl ShadowMmu {
@@ -425,6 +430,7 @@ impl ShadowMmu {
             prefill_hints: Vec::new(),
             tables: TableFrames::ALL,
             last_fixed: None,
+            user_write_leaves: Vec::new(),
         }
     }
 
@@ -781,7 +787,48 @@ impl ShadowMmu {
         if self.mode.nxe && access & ACC_X == 0 {
             spte |= XD;
         }
+        // No user leaf may be executable while a user-writable leaf for a
+        // supervisor write exists: user mode must fault first.
+        if !self.user_write_leaves.is_empty() && spte & US != 0 {
+            spte |= XD;
+        }
         Some(spte)
+    }
+
+    /// A user-mode access: the user-writable leaves made for supervisor
+    /// writes (module doc, "Paging controls") must not serve it. Zap them;
+    /// the access refaults and gets the ordinary leaf.
+    fn end_user_write_leaves(&mut self, pool: &mut impl GuestPhys) {
+        for (page, idx, spte) in std::mem::take(&mut self.user_write_leaves) {
+            if self.pages[page as usize].is_some() && pool.read_u64(Gpa(self.page_gpa(page) + idx * 8)) == spte {
+                self.zap_entry(pool, page, idx);
+            }
+        }
+    }
+
+    /// Zap every user-accessible leaf in the pool except `keep`: user mode
+    /// must fault before it can use a user-writable leaf made for a
+    /// supervisor write. O(pool), for a rare combination of controls.
+    fn zap_user_leaves_except(&mut self, pool: &mut impl GuestPhys, keep: (u32, u64)) {
+        for page in 0..self.pages.len() as u32 {
+            let Some(role) = self.pages[page as usize].as_ref().map(|p| p.role) else { continue };
+            // A root holds no leaves, and under a supervisor-only parent no
+            // leaf is a user leaf.
+            if role.level == 4 || role.access & ACC_U == 0 {
+                continue;
+            }
+            let level = role.level;
+            for idx in 0..512u64 {
+                if (page, idx) == keep {
+                    continue;
+                }
+                let e = pool.read_u64(Gpa(self.page_gpa(page) + idx * 8));
+                let leaf = e & P != 0 && (level == 1 || e & PS != 0);
+                if leaf && e & US != 0 {
+                    self.zap_entry(pool, page, idx);
+                }
+            }
+        }
     }
 
     /// `SHADOW_FAULT(cr2, error_code)`.
@@ -814,6 +861,12 @@ impl ShadowMmu {
             }
             return Err(ShadowError::Livelock { cr2: Gva(cr2), error_code });
         }
+        // User mode is running (even if this access faults for the
+        // guest): the user-writable leaves made for supervisor writes must
+        // go before it can use them (module doc, "Paging controls").
+        if access.user && !self.user_write_leaves.is_empty() {
+            self.end_user_write_leaves(pool);
+        }
         let mut zoned = Zoned { mem: guest, tables: self.tables };
         let t = match walker::walk(&mut zoned, guest_cr3, Gva(cr2), access, &self.mode) {
             Ok(t) => t,
@@ -822,6 +875,12 @@ impl ShadowMmu {
                 return Ok(FaultOutcome::GuestFault(f.error_code));
             }
         };
+        // A supervisor fetch from a user page (SMEP off) needs an
+        // executable user leaf, which user mode could then run: end them
+        // too.
+        if access.fetch && t.user && !self.user_write_leaves.is_empty() {
+            self.end_user_write_leaves(pool);
+        }
         for attempt in 0..2 {
             if self.install(pool, guest, cr2, &t, access)? {
                 self.stats.hidden_faults += 1;
@@ -857,8 +916,12 @@ impl ShadowMmu {
             let gpte = guest.read_u64(t.entry_gpas[depth]);
             if depth + 1 == t.levels as usize {
                 let Some(spte) = self.leaf_spte(guest, role, gpte) else { return Ok(true) };
-                let spte = self.wp_off_write_leaf(spte, access).ok_or(ShadowError::WpOffSmapWrite(Gva(va)))?;
+                let (spte, user_write) = self.wp_off_write_leaf(spte, access);
                 self.set_leaf(pool, page, idx, spte);
+                if user_write {
+                    self.zap_user_leaves_except(pool, (page, idx));
+                    self.user_write_leaves.push((page, idx, spte));
+                }
                 return Ok(true);
             }
             let child_role = Role {
@@ -878,25 +941,26 @@ impl ShadowMmu {
     }
 
     /// The leaf for `access` given the ordinary leaf `spte` (module doc,
-    /// "Paging controls"; KVM's `FNAME(page_fault)`, paging_tmpl.h). With
+    /// "Paging controls"; KVM's `FNAME(page_fault)`, paging_tmpl.h), and
+    /// whether it is a user-writable leaf for a supervisor write. With
     /// CR0.WP = 0 a supervisor write ignores R/W (SDM vol. 3 §4.6.1): the
-    /// leaf becomes writable and supervisor-only, and with CR4.SMEP also
-    /// XD if the guest page is a user page (a supervisor fetch from it must
-    /// still fault, `#PF` 0x11). `None` when no leaf is exact: the page is
-    /// a user page and CR4.SMAP is on (the write passed only with AC = 1).
-    fn wp_off_write_leaf(&self, spte: u64, access: Access) -> Option<u64> {
-        if !access.write || access.user || self.mode.wp || spte & RW != 0 {
-            return Some(spte);
-        }
+    /// leaf becomes writable and supervisor-only, and with CR4.SMEP also XD
+    /// if the guest page is a user page (a supervisor fetch from it must
+    /// still fault, `#PF` 0x11). Under CR4.SMAP a user page stays a user
+    /// leaf (writable, XD) so that SMAP keeps checking supervisor accesses.
+    fn wp_off_write_leaf(&self, spte: u64, access: Access) -> (u64, bool) {
         let user_page = spte & US != 0;
+        if !access.write || access.user || self.mode.wp || spte & RW != 0 {
+            return (spte, false);
+        }
         if user_page && self.mode.smap {
-            return None;
+            return (spte | RW | XD, true);
         }
         let mut leaf = (spte | RW) & !US;
         if user_page && self.mode.smep {
             leaf |= XD;
         }
-        Some(leaf)
+        (leaf, false)
     }
 
     /// Make entry `idx` of `page` point at the shadow page for
@@ -1022,6 +1086,7 @@ impl ShadowMmu {
             }
         }
         self.current = None;
+        self.user_write_leaves.clear();
         for page in 0..self.pages.len() as u32 {
             if let Some(sp) = self.pages[page as usize].take() {
                 // Re-zero what the VMM wrote (its copy says where).

@@ -319,6 +319,13 @@ impl ShadowState {
     }
 }
 
+/// The RFLAGS whose AC the walk of `SHADOW_FAULT(cr2, error_code, rflags)`
+/// uses: the faulting context's, when the guest passed it (RFLAGS bit 1 is
+/// always set, so 0 means "not given"), else the vCPU's now.
+pub fn fault_rflags(passed: u64, vcpu_now: u64) -> u64 {
+    if passed != 0 { passed } else { vcpu_now }
+}
+
 /// What exception delivery touches, as guest-virtual addresses in the
 /// vCPU's registers: the IDT, GDT and TSS bases, RIP and RSP. The shadow
 /// MMU prefills their PML4 slots before the rest of the kernel half
@@ -424,7 +431,7 @@ impl ShadowState {
         let r = match self.mmu.handle_fault(pool, ram, cr2, error_code as u32) {
             Ok(FaultOutcome::Fixed) => hc::FAULT_FIXED,
             Ok(FaultOutcome::GuestFault(ec)) => hc::FAULT_GUEST | ec as u64,
-            Err(e @ (ShadowError::PoolTooSmall | ShadowError::Livelock { .. } | ShadowError::WpOffSmapWrite(_))) => {
+            Err(e @ (ShadowError::PoolTooSmall | ShadowError::Livelock { .. })) => {
                 self.times.fault += t.elapsed();
                 return Err(e);
             }
@@ -572,14 +579,24 @@ impl MmuBackend for ShadowState {
         match result {
             Ok(_) => {}
             Err(ShadowError::PoolTooSmall) => return Err(self.pool_exhausted(root)),
-            // A root outside the page-table zone: its changes would not
-            // trap (shadow::mmu invariant 6).
-            Err(ShadowError::RootNotTrapped(_)) => return Ok(hc::ERR_FAULT),
             Err(e) => {
-                if m.warnings.allow() {
-                    log::warn!("LOAD_CR3({root:#x}) failed: {e}");
+                // A root outside the page-table zone (its changes would not
+                // trap: shadow::mmu invariant 6) is the guest's mistake;
+                // anything else is logged (bounded). Either way the guest
+                // stays on its old root, which a rule change above may have
+                // rebuilt elsewhere.
+                let answer = if let ShadowError::RootNotTrapped(_) = e {
+                    hc::ERR_FAULT
+                } else {
+                    if m.warnings.allow() {
+                        log::warn!("LOAD_CR3({root:#x}) failed: {e}");
+                    }
+                    hc::ERR_UNAVAILABLE
+                };
+                if self.mmu.current_root().is_some() {
+                    self.enter_root(m, sregs)?;
                 }
-                return Ok(hc::ERR_UNAVAILABLE);
+                return Ok(answer);
             }
         }
         self.enter_root(m, sregs)?;
@@ -602,7 +619,9 @@ impl MmuBackend for ShadowState {
             self.enter_root(m, sregs)?;
             return Ok(hc::FAULT_FIXED);
         }
-        let mode = self.guest_mode(&vcpu_sregs, regs.rflags);
+        // SMAP checks the faulting context's RFLAGS.AC (passed in rcx), not
+        // the handler's.
+        let mode = self.guest_mode(&vcpu_sregs, fault_rflags(regs.rcx, regs.rflags));
         let result = {
             let pool_mem = m.ram.pool().expect("shadow mode has a pool");
             let mut ram = MemWindow::ram(m.ram.memory(), m.memory);
@@ -717,6 +736,19 @@ mod tests {
         let slot =
             SlotSpec { slot: 3, gpa: 2 << 30, len: 64 << 12, readonly: false, kind: ept::RegionKind::ShadowPool };
         ShadowState::new(slot, Hva(0), Coherence::ReloadCr3, cpu, TableFrames::ALL)
+    }
+
+    #[test]
+    fn smap_checks_the_ac_of_the_faulting_context() {
+        const AC: u64 = guest_abi::paging::RFLAGS_AC;
+        let sh = state(GuestCpu { maxphyaddr: 48, nx: true, pdpe1gb: false, amd: false });
+        let sregs = kvm_bindings::kvm_sregs { cr4: guest_abi::paging::CR4_SMAP, efer: EFER_NXE, ..Default::default() };
+        // The handler cleared AC on entry; the faulting access had it set.
+        let rflags = fault_rflags(0x2 | AC, 0x2);
+        assert!(sh.guest_mode(&sregs, rflags).ac);
+        // An older guest that passes nothing: the vCPU's AC.
+        assert!(!sh.guest_mode(&sregs, fault_rflags(0, 0x2)).ac);
+        assert!(sh.guest_mode(&sregs, fault_rflags(0, 0x2 | AC)).ac);
     }
 
     #[test]

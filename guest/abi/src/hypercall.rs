@@ -17,7 +17,11 @@ pub const REPORT: u32 = 1;
 pub const NOW: u32 = 2;
 /// Shadow mode: load a guest CR3: `LOAD_CR3(root, flags)`.
 pub const LOAD_CR3: u32 = 3;
-/// Shadow mode: a `#PF` reached the guest: `SHADOW_FAULT(cr2, error_code)`.
+/// Shadow mode: a `#PF` reached the guest: `SHADOW_FAULT(cr2, error_code,
+/// rflags)`, `rflags` being the interrupted context's (from the exception
+/// frame; 0: the vCPU's current RFLAGS). Its AC is the one SMAP checked at
+/// the faulting access: a handler that clears AC on entry, as Linux's does,
+/// would otherwise turn every fault taken with AC = 1 into an SMAP fault.
 pub const SHADOW_FAULT: u32 = 4;
 /// Shadow mode: flush the guest's TLB: `FLUSH_TLB(cr0, efer)`. After
 /// changing CR0.WP, EFER.NXE or CR4 the guest passes its new CR0 and EFER

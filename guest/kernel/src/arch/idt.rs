@@ -241,7 +241,7 @@ extern "C" fn exception_dispatch(frame: &mut TrapFrame) {
     }
     if v == 14 {
         let cr2 = arch::read_cr2();
-        let error_code = match arch::mmu::classify_fault(cr2, frame.error_code) {
+        let error_code = match arch::mmu::classify_fault(cr2, frame.error_code, frame.rflags) {
             arch::mmu::Fault::Hidden => return,
             arch::mmu::Fault::Guest(ec) => ec,
         };

@@ -89,12 +89,13 @@ pub enum Fault {
     Guest(u64),
 }
 
-/// The first step of `#PF` handling.
-pub fn classify_fault(cr2: u64, error_code: u64) -> Fault {
+/// The first step of `#PF` handling; `rflags` is the interrupted context's
+/// (its AC is the one SMAP checked).
+pub fn classify_fault(cr2: u64, error_code: u64, rflags: u64) -> Fault {
     if !is_shadow() {
         return Fault::Guest(error_code);
     }
-    let r = hypercall::call(hc::SHADOW_FAULT, cr2, error_code, 0, 0);
+    let r = hypercall::call(hc::SHADOW_FAULT, cr2, error_code, rflags, 0);
     if r == hc::FAULT_FIXED {
         Fault::Hidden
     } else if r & hc::FAULT_GUEST != 0 && !hc::is_error(r) {
