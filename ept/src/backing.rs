@@ -312,7 +312,7 @@ impl GuestRam {
         let (pool, pool_mapping) = match map.shadow_pool() {
             Some(r) => {
                 let m = mmap_anon(r.len, 0, "the shadow pool")?;
-                (Some(memory_over(&m, r.start)?), Some(m))
+                (Some(memory_over(&m, r.start.raw())?), Some(m))
             }
             None => (None, None),
         };
@@ -345,7 +345,9 @@ impl GuestRam {
         let gpa = gpa.raw();
         match region.kind {
             RegionKind::Ram | RegionKind::PageTables => Some(Hva(self.ram_mapping.addr as u64 + gpa)),
-            RegionKind::ShadowPool => self.pool_mapping.as_ref().map(|m| Hva(m.addr as u64 + (gpa - region.start))),
+            RegionKind::ShadowPool => {
+                self.pool_mapping.as_ref().map(|m| Hva(m.addr as u64 + (gpa - region.start.raw())))
+            }
             RegionKind::Reserved => None,
         }
     }
@@ -353,11 +355,11 @@ impl GuestRam {
     /// Register every slot of `map` with KVM.
     pub fn register(&self, map: &MemoryMap, vm: &kvm_ioctls::VmFd) -> Result<(), kvm_ioctls::Error> {
         for s in &map.slots {
-            let hva = self.hva(map, Gpa(s.gpa)).expect("slots lie in RAM or the pool");
+            let hva = self.hva(map, s.gpa).expect("slots lie in RAM or the pool");
             let region = kvm_bindings::kvm_userspace_memory_region {
                 slot: s.slot,
                 flags: s.kvm_flags(),
-                guest_phys_addr: s.gpa,
+                guest_phys_addr: s.gpa.raw(),
                 memory_size: s.len,
                 userspace_addr: hva.raw(),
             };
@@ -414,7 +416,7 @@ mod tests {
         assert_eq!(ram.hva(&m, Gpa(0)), Some(Hva(base)));
         assert_eq!(ram.hva(&m, Gpa(17 * MIB)), Some(Hva(base + 17 * MIB)));
         let pool = m.shadow_pool().unwrap();
-        let pool_hva = ram.hva(&m, Gpa(pool.start)).unwrap().raw();
+        let pool_hva = ram.hva(&m, pool.start).unwrap().raw();
         assert!(pool_hva < base || pool_hva >= base + 64 * MIB, "the pool is a separate mapping");
         assert_eq!(ram.hva(&m, Gpa(64 * MIB)), None, "the gap has no HVA");
         // Writes through vm-memory land at the HVA.
@@ -423,8 +425,8 @@ mod tests {
         let v = unsafe { std::ptr::read_volatile((base + 17 * MIB) as *const u64) };
         assert_eq!(v, 0xfeed);
         // The pool is not guest RAM.
-        assert!(ram.memory().read_obj::<u64>(GuestAddress(pool.start)).is_err());
-        assert!(ram.pool().unwrap().read_obj::<u64>(GuestAddress(pool.start)).is_ok());
+        assert!(ram.memory().read_obj::<u64>(GuestAddress(pool.start.raw())).is_err());
+        assert!(ram.pool().unwrap().read_obj::<u64>(GuestAddress(pool.start.raw())).is_ok());
     }
 
     #[test]

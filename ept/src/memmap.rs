@@ -61,7 +61,7 @@ impl RegionKind {
 pub struct Region {
     /// First GPA.
     #[serde(serialize_with = "crate::json::hex")]
-    pub start: u64,
+    pub start: Gpa,
     /// Length in bytes.
     pub len: u64,
     /// What it holds.
@@ -70,12 +70,12 @@ pub struct Region {
 
 impl Region {
     /// One past the last GPA.
-    pub fn end(&self) -> u64 {
-        self.start + self.len
+    pub fn end(&self) -> Gpa {
+        Gpa(self.start.raw() + self.len)
     }
 
     /// Whether `gpa` lies inside.
-    pub fn contains(&self, gpa: u64) -> bool {
+    pub fn contains(&self, gpa: Gpa) -> bool {
         gpa >= self.start && gpa < self.end()
     }
 }
@@ -87,7 +87,7 @@ pub struct SlotSpec {
     pub slot: u32,
     /// First GPA.
     #[serde(serialize_with = "crate::json::hex")]
-    pub gpa: u64,
+    pub gpa: Gpa,
     /// Length in bytes.
     pub len: u64,
     /// `KVM_MEM_READONLY`: guest writes exit as MMIO.
@@ -201,36 +201,36 @@ impl MemoryMap {
             }
             let mut r = Vec::new();
             if bs > 0 {
-                r.push(Region { start: 0, len: bs, kind: RegionKind::Ram });
+                r.push(Region { start: Gpa(0), len: bs, kind: RegionKind::Ram });
             }
-            r.push(Region { start: bs, len: be - bs, kind: RegionKind::PageTables });
+            r.push(Region { start: Gpa(bs), len: be - bs, kind: RegionKind::PageTables });
             if be < zs {
-                r.push(Region { start: be, len: zs - be, kind: RegionKind::Ram });
+                r.push(Region { start: Gpa(be), len: zs - be, kind: RegionKind::Ram });
             }
             r
         } else {
-            vec![Region { start: 0, len: zs, kind: RegionKind::Ram }]
+            vec![Region { start: Gpa(0), len: zs, kind: RegionKind::Ram }]
         };
-        regions.push(Region { start: zs, len: ze - zs, kind: RegionKind::PageTables });
+        regions.push(Region { start: Gpa(zs), len: ze - zs, kind: RegionKind::PageTables });
         if c.ram_size > ze {
-            regions.push(Region { start: ze, len: c.ram_size - ze, kind: RegionKind::Ram });
+            regions.push(Region { start: Gpa(ze), len: c.ram_size - ze, kind: RegionKind::Ram });
         }
         if c.shadow_pool > 0 {
             check_align("the shadow pool", 0, c.shadow_pool, PAGE_SIZE)?;
             let base = shadow_pool_base(c.ram_size).ok_or(MemoryMapError::Overflow)?;
             base.checked_add(c.shadow_pool).ok_or(MemoryMapError::Overflow)?;
-            regions.push(Region { start: c.ram_size, len: base - c.ram_size, kind: RegionKind::Reserved });
-            regions.push(Region { start: base, len: c.shadow_pool, kind: RegionKind::ShadowPool });
+            regions.push(Region { start: Gpa(c.ram_size), len: base - c.ram_size, kind: RegionKind::Reserved });
+            regions.push(Region { start: Gpa(base), len: c.shadow_pool, kind: RegionKind::ShadowPool });
         }
         for w in regions.windows(2) {
             if w[0].end() > w[1].start {
                 return Err(MemoryMapError::Overlap {
                     a: w[0].kind.name(),
-                    a_start: w[0].start,
-                    a_end: w[0].end(),
+                    a_start: w[0].start.raw(),
+                    a_end: w[0].end().raw(),
                     b: w[1].kind.name(),
-                    b_start: w[1].start,
-                    b_end: w[1].end(),
+                    b_start: w[1].start.raw(),
+                    b_end: w[1].end().raw(),
                 });
             }
         }
@@ -255,13 +255,12 @@ impl MemoryMap {
 
     /// The slot holding `gpa`, if any.
     pub fn slot_of(&self, gpa: Gpa) -> Option<&SlotSpec> {
-        let gpa = gpa.raw();
-        self.slots.iter().find(|s| gpa >= s.gpa && gpa - s.gpa < s.len)
+        self.slots.iter().find(|s| gpa >= s.gpa && gpa.raw() - s.gpa.raw() < s.len)
     }
 
     /// The region holding `gpa`, if any.
     pub fn region_of(&self, gpa: Gpa) -> Option<&Region> {
-        self.regions.iter().find(|r| r.contains(gpa.raw()))
+        self.regions.iter().find(|r| r.contains(gpa))
     }
 
     /// Whether `[gpa, gpa + len)` lies inside guest RAM.
@@ -310,7 +309,7 @@ mod tests {
         let m = MemoryMap::new(&c).unwrap();
         let boot = m.slot_of(Gpa(0xa000)).unwrap();
         assert!(boot.readonly && boot.kind == RegionKind::PageTables);
-        assert_eq!((boot.gpa, boot.len), (0x9000, 0x4000));
+        assert_eq!((boot.gpa, boot.len), (Gpa(0x9000), 0x4000));
         assert!(!m.slot_of(Gpa(0x8000)).unwrap().readonly);
         assert!(!m.slot_of(Gpa(0xd000)).unwrap().readonly);
         assert_eq!(m.slots.iter().filter(|s| s.readonly).count(), 2);
@@ -327,10 +326,10 @@ mod tests {
         assert!(zone.readonly);
         assert_eq!(m.slots.iter().filter(|s| s.readonly).count(), 1);
         let pool = m.shadow_pool().unwrap();
-        assert_eq!(pool.start, 2 * GIB);
+        assert_eq!(pool.start, Gpa(2 * GIB));
         assert_eq!(m.region_of(Gpa(GIB)).unwrap().kind, RegionKind::Reserved);
         assert!(m.slot_of(Gpa(GIB)).is_none(), "the gap has no slot");
-        assert!(!m.ram_contains(pool.start, 8), "the pool is not guest RAM");
+        assert!(!m.ram_contains(pool.start.raw(), 8), "the pool is not guest RAM");
         assert_eq!(m.slots.len(), 4);
     }
 

@@ -149,7 +149,7 @@ impl Explanation {
                 "  slot  {} [{:#x}-{:#x}) {}{}",
                 slot.slot,
                 slot.gpa,
-                slot.gpa + slot.len,
+                slot.gpa.raw() + slot.len,
                 slot.kind.name(),
                 if slot.readonly { ", read-only" } else { "" }
             );

@@ -348,7 +348,7 @@ impl ShadowState {
         let pages = (pool_slot.len / 4096) as u32;
         let mode =
             PagingMode { maxphyaddr: cpu.maxphyaddr, pdpe1gb: cpu.pdpe1gb, amd: cpu.amd, ..PagingMode::default() };
-        let mut mmu = ShadowMmu::new(Gpa(pool_slot.gpa), pages, mode);
+        let mut mmu = ShadowMmu::new(pool_slot.gpa, pages, mode);
         mmu.set_table_frames(&mut NoPool, tables);
         ShadowState {
             mmu,
@@ -377,7 +377,7 @@ impl ShadowState {
 
     /// The shadow pool as a window over its memory.
     pub fn pool<'a>(&self, mem: &'a GuestMemoryMmap) -> MemWindow<'a> {
-        MemWindow::new(mem, Gpa(self.pool_slot.gpa), Gpa(self.pool_slot.gpa + self.pool_slot.len))
+        MemWindow::new(mem, self.pool_slot.gpa, Gpa(self.pool_slot.gpa.raw() + self.pool_slot.len))
     }
 
     /// The report for `--stats`.
@@ -465,10 +465,8 @@ impl ShadowState {
     /// the coherence strategy follows the host probe.
     pub fn create(m: &mut Machine, pt_zone: (u64, u64)) -> crate::Result<ShadowState> {
         let pool = m.map.shadow_pool().ok_or(Error::MemoryMapInconsistent("shadow mode without a shadow pool"))?;
-        let slot =
-            *m.map.slot_of(Gpa(pool.start)).ok_or(Error::MemoryMapInconsistent("the shadow pool has no memslot"))?;
-        let hva =
-            m.ram.hva(&m.map, Gpa(pool.start)).ok_or(Error::MemoryMapInconsistent("the shadow pool is not mapped"))?;
+        let slot = *m.map.slot_of(pool.start).ok_or(Error::MemoryMapInconsistent("the shadow pool has no memslot"))?;
+        let hva = m.ram.hva(&m.map, pool.start).ok_or(Error::MemoryMapInconsistent("the shadow pool is not mapped"))?;
         let coherence = if ept::probe::second_stage().host_shadows_page_tables() {
             Coherence::ReregisterPoolSlot
         } else {
@@ -534,7 +532,7 @@ impl ShadowState {
                 let mut region = kvm_bindings::kvm_userspace_memory_region {
                     slot: self.pool_slot.slot,
                     flags: self.pool_slot.kvm_flags(),
-                    guest_phys_addr: self.pool_slot.gpa,
+                    guest_phys_addr: self.pool_slot.gpa.raw(),
                     memory_size: 0,
                     userspace_addr: self.pool_hva.raw(),
                 };
@@ -734,7 +732,7 @@ mod tests {
 
     fn state(cpu: GuestCpu) -> ShadowState {
         let slot =
-            SlotSpec { slot: 3, gpa: 2 << 30, len: 64 << 12, readonly: false, kind: ept::RegionKind::ShadowPool };
+            SlotSpec { slot: 3, gpa: Gpa(2 << 30), len: 64 << 12, readonly: false, kind: ept::RegionKind::ShadowPool };
         ShadowState::new(slot, Hva(0), Coherence::ReloadCr3, cpu, TableFrames::ALL)
     }
 
