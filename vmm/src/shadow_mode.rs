@@ -502,9 +502,12 @@ impl ShadowState {
 
     /// Point the vCPU at the current shadow root with shadow mode's
     /// controls (CR0.WP and, when forced, EFER.NXE set): `sregs` as read
-    /// from the vCPU, written back with one `KVM_SET_SREGS`. KVM flushes
-    /// the vCPU's TLB on a CR3 write, so this is a TLB flush too (but see
-    /// [`Coherence::ReloadCr3`] for what the *host* keeps).
+    /// from the vCPU, written back with one `KVM_SET_SREGS`. KVM resets
+    /// the vCPU's MMU context (a TLB flush) on `KVM_SET_SREGS` only when
+    /// CR3 or a paging control changes (`__set_sregs_common`,
+    /// `mmu_reset_needed`); writing the values it already has changes
+    /// nothing — which is why host coherence toggles CR4.PGE
+    /// ([`Coherence::ReloadCr3`]) rather than rewriting CR3.
     fn enter_root(&self, m: &mut Machine, sregs: kvm_sregs) -> crate::Result<()> {
         let mut sregs = self.vcpu_sregs(sregs);
         if let Some(root) = self.mmu.current_root() {
@@ -641,8 +644,11 @@ impl MmuBackend for ShadowState {
     fn flush(&mut self, m: &mut Machine, cr0: u64, efer: u64, regs: &kvm_regs) -> crate::Result<u64> {
         self.enter_hypercall(m, regs)?;
         // The guest may have changed CR0.WP, EFER.NXE or CR4: a new rule
-        // set rebuilds the shadow (at a new root), and a CR3 reload is the
-        // TLB flush anyway. FLUSH_TLB(cr0, efer): the guest's CR0 and EFER
+        // set rebuilds the shadow at a new root, which the vCPU is pointed
+        // at (a CR3 change: KVM flushes). Otherwise there is nothing to
+        // flush: the shadow follows every trapped write, and what a write
+        // restricted the host forgets before re-entry (host coherence).
+        // FLUSH_TLB(cr0, efer): the guest's CR0 and EFER
         // after it changed paging controls (0: unchanged). Its WP and NXE
         // are the guest's own; the vCPU keeps WP = 1 and NXE = 1 (see
         // `guest_wp`, `guest_nxe`).
