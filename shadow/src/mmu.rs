@@ -1286,6 +1286,8 @@ fn restricts(old: u64, new: u64) -> bool {
 }
 
 #[cfg(test)]
+mod test_mem;
+#[cfg(test)]
 mod tests;
 
 #[cfg(test)]
