@@ -6,18 +6,29 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== cargo fmt --check"
+# Each phase says how long the one before it took (the README's Tests
+# section quotes the total from a fresh clone).
+start=$SECONDS
+last=$SECONDS
+phase() {
+    echo "== $1 (previous phase: $((SECONDS - last)) s)"
+    last=$SECONDS
+}
+
+phase "cargo fmt --check"
 cargo fmt --all -- --check
 (cd guest/kernel && cargo fmt -- --check)
 
-echo "== cargo clippy"
+phase "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 # The guest kernel is not a workspace member (it needs its own flags);
-# clippy checks it for the host target (no linking needed).
-(cd guest/kernel && CARGO_TARGET_DIR=../../target/guest-clippy \
+# clippy checks it for the host target (no linking needed), in the target
+# directory of the guest build (vmm/build.rs), whose proc macros (ufmt's)
+# it reuses.
+(cd guest/kernel && CARGO_TARGET_DIR=../../target/guest-build \
     cargo clippy --release --target x86_64-unknown-linux-gnu -- -D warnings)
 
-echo "== cargo test --workspace"
+phase "cargo test --workspace"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
@@ -28,4 +39,5 @@ set -e
 # the last is often an empty doc-test run).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
      END { printf "total: %d passed, %d failed\n", p, f }' "$log"
+echo "test.sh took $((SECONDS - start)) s (tests: $((SECONDS - last)) s)"
 exit "$status"

@@ -6,15 +6,6 @@
 mod common;
 use common::*;
 
-fn stats_json(args: &[&str], name: &str) -> (std::process::Output, serde_json::Value) {
-    let json = temp_path(name);
-    let mut all = args.to_vec();
-    all.extend_from_slice(&["--stats-json", json.to_str().unwrap()]);
-    let o = run(&all);
-    let v = serde_json::from_str(&std::fs::read_to_string(&json).unwrap_or_default()).unwrap_or_default();
-    (o, v)
-}
-
 #[test]
 fn a_guest_that_scribbles_over_the_pool_finds_exactly_its_own_tables() {
     if !kvm_available() {

@@ -11,7 +11,7 @@
 
 mod common;
 use common::kvm_available;
-use shadow::{Access, GuestPhys, walk};
+use shadow::{Access, Gpa, GuestPhys, Gva, walk};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::vm::{Vm, VmConfig};
 
@@ -22,15 +22,18 @@ struct View<'a> {
 }
 
 impl GuestPhys for View<'_> {
-    fn read_u64(&self, gpa: u64) -> u64 {
+    fn read_u64(&self, gpa: Gpa) -> u64 {
+        let gpa = gpa.raw();
         if gpa + 8 <= self.ram { self.mem.read_obj(GuestAddress(gpa)).unwrap_or(0) } else { 0 }
     }
-    fn write_u64(&mut self, gpa: u64, value: u64) {
+    fn write_u64(&mut self, gpa: Gpa, value: u64) {
+        let gpa = gpa.raw();
         if gpa + 8 <= self.ram {
             self.mem.write_obj(value, GuestAddress(gpa)).unwrap();
         }
     }
-    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+    fn is_ram(&self, gpa: Gpa, len: u64) -> bool {
+        let gpa = gpa.raw();
         gpa.checked_add(len).is_some_and(|e| e <= 1u64 << self.maxphy)
     }
 }
@@ -84,7 +87,7 @@ fn walker_agrees_with_kvm_translate_on_random_tables() {
             vm.memory().write_obj(target | flags | extra, GuestAddress(t + idx * 8)).unwrap();
         }
         let cr3 = tables[round % 8];
-        vm.set_cr3(cr3).unwrap();
+        vm.set_cr3(Gpa(cr3)).unwrap();
         for _ in 0..64 {
             let va = ((rng.next() % 4) << 39)
                 | ((rng.next() % 4) << 30)
@@ -93,9 +96,9 @@ fn walker_agrees_with_kvm_translate_on_random_tables() {
                 | (rng.next() & 0xfff);
             // The walker sets A/D on success; so does KVM's walk: compare on
             // the same memory, walker first on a read access.
-            let kvm = vm.kvm_translate(va).unwrap();
+            let kvm = vm.kvm_translate(Gva(va)).unwrap();
             let mut view = View { mem: vm.memory(), ram, maxphy: mode.maxphyaddr };
-            let ours = walk(&mut view, cr3, va, Access::default(), &mode).ok().map(|t| t.gpa);
+            let ours = walk(&mut view, Gpa(cr3), Gva(va), Access::default(), &mode).ok().map(|t| t.gpa);
             assert_eq!(ours, kvm, "round {round} cr3 {cr3:#x} va {va:#x}: walker {ours:x?} vs KVM_TRANSLATE {kvm:x?}");
             compared += 1;
             mapped += usize::from(kvm.is_some());

@@ -2,7 +2,10 @@
 //!
 //! The guest is built by a nested `cargo build` with the flags of
 //! `docs/host.md` (static, kernel code model, no red zone, no SSE, our
-//! linker script), in its own target directory under `OUT_DIR`. The ELF is
+//! linker script), in a target directory of its own, `<target>/guest-build`,
+//! shared by every profile and tool of the outer build (`cargo clippy`,
+//! `cargo test`, `--release`: the guest is always built the same way, so
+//! it is built once). The ELF is
 //! exposed to the crate as `GUEST_KERNEL_ELF` (for `include_bytes!`) and
 //! copied to `target/guest/guest-kernel.elf` for people and tools.
 //!
@@ -19,7 +22,7 @@ fn main() {
     let root = manifest_dir.parent().expect("workspace root").to_path_buf();
     let kernel_dir = root.join("guest/kernel");
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
-    let guest_target = out_dir.join("guest-target");
+    let guest_target = target_dir_of(&out_dir).map_or_else(|| out_dir.join("guest-target"), |t| t.join("guest-build"));
 
     for p in ["guest/kernel/src", "guest/kernel/Cargo.toml", "guest/kernel/Cargo.lock", "guest/kernel/linker.ld"] {
         println!("cargo:rerun-if-changed={}", root.join(p).display());

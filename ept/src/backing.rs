@@ -15,6 +15,7 @@
 //! `Drop`, after the `vm-memory` views of them are gone).
 
 use crate::memmap::{MemoryMap, RegionKind};
+use guest_abi::{Gpa, Hva};
 use serde::Serialize;
 use std::fmt;
 use std::str::FromStr;
@@ -311,7 +312,7 @@ impl GuestRam {
         let (pool, pool_mapping) = match map.shadow_pool() {
             Some(r) => {
                 let m = mmap_anon(r.len, 0, "the shadow pool")?;
-                (Some(memory_over(&m, r.start)?), Some(m))
+                (Some(memory_over(&m, r.start.raw())?), Some(m))
             }
             None => (None, None),
         };
@@ -339,11 +340,14 @@ impl GuestRam {
     }
 
     /// GPA→HVA for RAM and the pool: the memory-map step of the chain.
-    pub fn hva(&self, map: &MemoryMap, gpa: u64) -> Option<u64> {
+    pub fn hva(&self, map: &MemoryMap, gpa: Gpa) -> Option<Hva> {
         let region = map.region_of(gpa)?;
+        let gpa = gpa.raw();
         match region.kind {
-            RegionKind::Ram | RegionKind::PageTables => Some(self.ram_mapping.addr as u64 + gpa),
-            RegionKind::ShadowPool => self.pool_mapping.as_ref().map(|m| m.addr as u64 + (gpa - region.start)),
+            RegionKind::Ram | RegionKind::PageTables => Some(Hva(self.ram_mapping.addr as u64 + gpa)),
+            RegionKind::ShadowPool => {
+                self.pool_mapping.as_ref().map(|m| Hva(m.addr as u64 + (gpa - region.start.raw())))
+            }
             RegionKind::Reserved => None,
         }
     }
@@ -355,9 +359,9 @@ impl GuestRam {
             let region = kvm_bindings::kvm_userspace_memory_region {
                 slot: s.slot,
                 flags: s.kvm_flags(),
-                guest_phys_addr: s.gpa,
+                guest_phys_addr: s.gpa.raw(),
                 memory_size: s.len,
-                userspace_addr: hva,
+                userspace_addr: hva.raw(),
             };
             // SAFETY: the host range lies inside a mapping owned by this
             // GuestRam, which the VMM keeps alive as long as the VM.
@@ -409,20 +413,20 @@ mod tests {
         let m = map(64 * MIB, 4 * MIB);
         let ram = GuestRam::new(&m, Backing::Anon4k).unwrap();
         let base = ram.ram_hva();
-        assert_eq!(ram.hva(&m, 0), Some(base));
-        assert_eq!(ram.hva(&m, 17 * MIB), Some(base + 17 * MIB));
+        assert_eq!(ram.hva(&m, Gpa(0)), Some(Hva(base)));
+        assert_eq!(ram.hva(&m, Gpa(17 * MIB)), Some(Hva(base + 17 * MIB)));
         let pool = m.shadow_pool().unwrap();
-        let pool_hva = ram.hva(&m, pool.start).unwrap();
+        let pool_hva = ram.hva(&m, pool.start).unwrap().raw();
         assert!(pool_hva < base || pool_hva >= base + 64 * MIB, "the pool is a separate mapping");
-        assert_eq!(ram.hva(&m, 64 * MIB), None, "the gap has no HVA");
+        assert_eq!(ram.hva(&m, Gpa(64 * MIB)), None, "the gap has no HVA");
         // Writes through vm-memory land at the HVA.
         ram.memory().write_obj(0xfeed_u64, GuestAddress(17 * MIB)).unwrap();
         // SAFETY: the address lies inside the live RAM mapping.
         let v = unsafe { std::ptr::read_volatile((base + 17 * MIB) as *const u64) };
         assert_eq!(v, 0xfeed);
         // The pool is not guest RAM.
-        assert!(ram.memory().read_obj::<u64>(GuestAddress(pool.start)).is_err());
-        assert!(ram.pool().unwrap().read_obj::<u64>(GuestAddress(pool.start)).is_ok());
+        assert!(ram.memory().read_obj::<u64>(GuestAddress(pool.start.raw())).is_err());
+        assert!(ram.pool().unwrap().read_obj::<u64>(GuestAddress(pool.start.raw())).is_ok());
     }
 
     #[test]

@@ -7,13 +7,13 @@
 use serde::Serializer;
 use std::time::Duration;
 
-/// An address as a `"0x…"` string.
-pub fn hex<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+/// An address (a `u64` or a typed address) as a `"0x…"` string.
+pub fn hex<S: Serializer, T: std::fmt::LowerHex>(v: &T, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{v:#x}"))
 }
 
 /// An optional address as a `"0x…"` string or `null`.
-pub fn hex_opt<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+pub fn hex_opt<S: Serializer, T: std::fmt::LowerHex>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
     match v {
         Some(v) => hex(v, s),
         None => s.serialize_none(),

@@ -21,6 +21,7 @@
 //!   name it;
 //! - the number of slots fits the host's limit.
 
+use guest_abi::Gpa;
 use guest_abi::MmuMode;
 use serde::Serialize;
 
@@ -60,7 +61,7 @@ impl RegionKind {
 pub struct Region {
     /// First GPA.
     #[serde(serialize_with = "crate::json::hex")]
-    pub start: u64,
+    pub start: Gpa,
     /// Length in bytes.
     pub len: u64,
     /// What it holds.
@@ -69,12 +70,12 @@ pub struct Region {
 
 impl Region {
     /// One past the last GPA.
-    pub fn end(&self) -> u64 {
-        self.start + self.len
+    pub fn end(&self) -> Gpa {
+        Gpa(self.start.raw() + self.len)
     }
 
     /// Whether `gpa` lies inside.
-    pub fn contains(&self, gpa: u64) -> bool {
+    pub fn contains(&self, gpa: Gpa) -> bool {
         gpa >= self.start && gpa < self.end()
     }
 }
@@ -86,7 +87,7 @@ pub struct SlotSpec {
     pub slot: u32,
     /// First GPA.
     #[serde(serialize_with = "crate::json::hex")]
-    pub gpa: u64,
+    pub gpa: Gpa,
     /// Length in bytes.
     pub len: u64,
     /// `KVM_MEM_READONLY`: guest writes exit as MMIO.
@@ -200,36 +201,36 @@ impl MemoryMap {
             }
             let mut r = Vec::new();
             if bs > 0 {
-                r.push(Region { start: 0, len: bs, kind: RegionKind::Ram });
+                r.push(Region { start: Gpa(0), len: bs, kind: RegionKind::Ram });
             }
-            r.push(Region { start: bs, len: be - bs, kind: RegionKind::PageTables });
+            r.push(Region { start: Gpa(bs), len: be - bs, kind: RegionKind::PageTables });
             if be < zs {
-                r.push(Region { start: be, len: zs - be, kind: RegionKind::Ram });
+                r.push(Region { start: Gpa(be), len: zs - be, kind: RegionKind::Ram });
             }
             r
         } else {
-            vec![Region { start: 0, len: zs, kind: RegionKind::Ram }]
+            vec![Region { start: Gpa(0), len: zs, kind: RegionKind::Ram }]
         };
-        regions.push(Region { start: zs, len: ze - zs, kind: RegionKind::PageTables });
+        regions.push(Region { start: Gpa(zs), len: ze - zs, kind: RegionKind::PageTables });
         if c.ram_size > ze {
-            regions.push(Region { start: ze, len: c.ram_size - ze, kind: RegionKind::Ram });
+            regions.push(Region { start: Gpa(ze), len: c.ram_size - ze, kind: RegionKind::Ram });
         }
         if c.shadow_pool > 0 {
             check_align("the shadow pool", 0, c.shadow_pool, PAGE_SIZE)?;
             let base = shadow_pool_base(c.ram_size).ok_or(MemoryMapError::Overflow)?;
             base.checked_add(c.shadow_pool).ok_or(MemoryMapError::Overflow)?;
-            regions.push(Region { start: c.ram_size, len: base - c.ram_size, kind: RegionKind::Reserved });
-            regions.push(Region { start: base, len: c.shadow_pool, kind: RegionKind::ShadowPool });
+            regions.push(Region { start: Gpa(c.ram_size), len: base - c.ram_size, kind: RegionKind::Reserved });
+            regions.push(Region { start: Gpa(base), len: c.shadow_pool, kind: RegionKind::ShadowPool });
         }
         for w in regions.windows(2) {
             if w[0].end() > w[1].start {
                 return Err(MemoryMapError::Overlap {
                     a: w[0].kind.name(),
-                    a_start: w[0].start,
-                    a_end: w[0].end(),
+                    a_start: w[0].start.raw(),
+                    a_end: w[0].end().raw(),
                     b: w[1].kind.name(),
-                    b_start: w[1].start,
-                    b_end: w[1].end(),
+                    b_start: w[1].start.raw(),
+                    b_end: w[1].end().raw(),
                 });
             }
         }
@@ -245,7 +246,7 @@ impl MemoryMap {
                 // Shadow mode traps every page-table write; pv mode only writes
                 // to the VMM's boot tables (the guest queues its own).
                 readonly: r.kind == RegionKind::PageTables
-                    && (c.mmu == MmuMode::Shadow || (c.mmu == MmuMode::Pv && r.start != zs)),
+                    && (c.mmu == MmuMode::Shadow || (c.mmu == MmuMode::Pv && r.start != Gpa(zs))),
                 kind: r.kind,
             })
             .collect();
@@ -256,12 +257,12 @@ impl MemoryMap {
     }
 
     /// The slot holding `gpa`, if any.
-    pub fn slot_of(&self, gpa: u64) -> Option<&SlotSpec> {
-        self.slots.iter().find(|s| gpa >= s.gpa && gpa - s.gpa < s.len)
+    pub fn slot_of(&self, gpa: Gpa) -> Option<&SlotSpec> {
+        self.slots.iter().find(|s| gpa >= s.gpa && gpa.raw() - s.gpa.raw() < s.len)
     }
 
     /// The region holding `gpa`, if any.
-    pub fn region_of(&self, gpa: u64) -> Option<&Region> {
+    pub fn region_of(&self, gpa: Gpa) -> Option<&Region> {
         self.regions.iter().find(|r| r.contains(gpa))
     }
 
@@ -300,20 +301,20 @@ mod tests {
         assert_eq!(m.slots.len(), 3);
         assert!(m.slots.iter().all(|s| !s.readonly));
         assert_eq!(m.slots.iter().map(|s| s.len).sum::<u64>(), 256 * MIB);
-        assert_eq!(m.slot_of(16 * MIB).unwrap().kind, RegionKind::PageTables);
-        assert_eq!(m.slot_of(48 * MIB).unwrap().kind, RegionKind::Ram);
-        assert!(m.slot_of(256 * MIB).is_none());
+        assert_eq!(m.slot_of(Gpa(16 * MIB)).unwrap().kind, RegionKind::PageTables);
+        assert_eq!(m.slot_of(Gpa(48 * MIB)).unwrap().kind, RegionKind::Ram);
+        assert!(m.slot_of(Gpa(256 * MIB)).is_none());
     }
 
     #[test]
     fn shadow_mode_traps_the_boot_tables_with_a_read_only_slot_of_their_own() {
         let c = MemoryMapConfig { shadow_pool: 16 * MIB, boot_tables: (0x9000, 0xd000), ..config(MmuMode::Shadow) };
         let m = MemoryMap::new(&c).unwrap();
-        let boot = m.slot_of(0xa000).unwrap();
+        let boot = m.slot_of(Gpa(0xa000)).unwrap();
         assert!(boot.readonly && boot.kind == RegionKind::PageTables);
-        assert_eq!((boot.gpa, boot.len), (0x9000, 0x4000));
-        assert!(!m.slot_of(0x8000).unwrap().readonly);
-        assert!(!m.slot_of(0xd000).unwrap().readonly);
+        assert_eq!((boot.gpa, boot.len), (Gpa(0x9000), 0x4000));
+        assert!(!m.slot_of(Gpa(0x8000)).unwrap().readonly);
+        assert!(!m.slot_of(Gpa(0xd000)).unwrap().readonly);
         assert_eq!(m.slots.iter().filter(|s| s.readonly).count(), 2);
         assert_eq!(m.slots.iter().filter(|s| s.kind != RegionKind::ShadowPool).map(|s| s.len).sum::<u64>(), 256 * MIB);
         // In ept mode nothing changes.
@@ -325,8 +326,8 @@ mod tests {
     fn pv_mode_leaves_the_zone_writable_but_traps_the_boot_tables() {
         let c = MemoryMapConfig { shadow_pool: 16 * MIB, boot_tables: (0x9000, 0xd000), ..config(MmuMode::Pv) };
         let m = MemoryMap::new(&c).unwrap();
-        assert!(m.slot_of(0xa000).unwrap().readonly, "the VMM's boot tables still trap");
-        let zone = m.slot_of(20 * MIB).unwrap();
+        assert!(m.slot_of(Gpa(0xa000)).unwrap().readonly, "the VMM's boot tables still trap");
+        let zone = m.slot_of(Gpa(20 * MIB)).unwrap();
         assert!(!zone.readonly && zone.kind == RegionKind::PageTables, "the guest writes its tables itself");
         assert_eq!(m.slots.iter().filter(|s| s.readonly).count(), 1);
         assert!(m.shadow_pool().is_some());
@@ -335,14 +336,14 @@ mod tests {
     #[test]
     fn shadow_mode_makes_the_zone_read_only_and_adds_the_pool_above_a_gap() {
         let m = MemoryMap::new(&MemoryMapConfig { shadow_pool: 16 * MIB, ..config(MmuMode::Shadow) }).unwrap();
-        let zone = m.slot_of(20 * MIB).unwrap();
+        let zone = m.slot_of(Gpa(20 * MIB)).unwrap();
         assert!(zone.readonly);
         assert_eq!(m.slots.iter().filter(|s| s.readonly).count(), 1);
         let pool = m.shadow_pool().unwrap();
-        assert_eq!(pool.start, 2 * GIB);
-        assert_eq!(m.region_of(GIB).unwrap().kind, RegionKind::Reserved);
-        assert!(m.slot_of(GIB).is_none(), "the gap has no slot");
-        assert!(!m.ram_contains(pool.start, 8), "the pool is not guest RAM");
+        assert_eq!(pool.start, Gpa(2 * GIB));
+        assert_eq!(m.region_of(Gpa(GIB)).unwrap().kind, RegionKind::Reserved);
+        assert!(m.slot_of(Gpa(GIB)).is_none(), "the gap has no slot");
+        assert!(!m.ram_contains(pool.start.raw(), 8), "the pool is not guest RAM");
         assert_eq!(m.slots.len(), 4);
     }
 

@@ -7,6 +7,7 @@
 //! the kernel reports the PFN as zero; that is reported as "HPA
 //! unavailable", never as physical address 0.
 
+use guest_abi::{Hpa, Hva};
 use serde::Serialize;
 use std::fs::File;
 use std::io;
@@ -28,7 +29,7 @@ pub enum HostPage {
     Present {
         /// Host-physical address of the byte at the HVA.
         #[serde(serialize_with = "crate::json::hex")]
-        hpa: u64,
+        hpa: Hpa,
         /// Host page size in bytes (4 KiB, or 2 MiB / 1 GiB when huge).
         page_size: u64,
     },
@@ -63,7 +64,8 @@ fn read_u64_at(path: &str, index: u64) -> io::Result<u64> {
 
 /// Decode a pagemap entry for `hva`; `huge` gives the huge page size of
 /// the frame (from kpageflags or the backing), if any.
-pub fn decode(entry: u64, hva: u64, huge: impl FnOnce(u64) -> Option<u64>) -> HostPage {
+pub fn decode(entry: u64, hva: Hva, huge: impl FnOnce(u64) -> Option<u64>) -> HostPage {
+    let hva = hva.raw();
     if entry & PRESENT == 0 {
         return if entry & SWAPPED != 0 { HostPage::Swapped } else { HostPage::NotPresent };
     }
@@ -72,14 +74,14 @@ pub fn decode(entry: u64, hva: u64, huge: impl FnOnce(u64) -> Option<u64>) -> Ho
         return HostPage::Unavailable;
     }
     let page_size = huge(pfn).unwrap_or(1 << PAGE_SHIFT);
-    HostPage::Present { hpa: (pfn << PAGE_SHIFT) | (hva & ((1 << PAGE_SHIFT) - 1)), page_size }
+    HostPage::Present { hpa: Hpa((pfn << PAGE_SHIFT) | (hva & ((1 << PAGE_SHIFT) - 1))), page_size }
 }
 
 /// Look up the host page behind `hva` in this process. `hugetlb_size` is
 /// the page size when the mapping is hugetlb-backed (kpageflags cannot
 /// tell 2 MiB from 1 GiB); otherwise THP is detected from kpageflags.
-pub fn host_page(hva: u64, hugetlb_size: Option<u64>) -> io::Result<HostPage> {
-    let entry = read_u64_at("/proc/self/pagemap", hva >> PAGE_SHIFT)?;
+pub fn host_page(hva: Hva, hugetlb_size: Option<u64>) -> io::Result<HostPage> {
+    let entry = read_u64_at("/proc/self/pagemap", hva.raw() >> PAGE_SHIFT)?;
     Ok(decode(entry, hva, |pfn| {
         if hugetlb_size.is_some() {
             return hugetlb_size;
@@ -126,16 +128,16 @@ mod tests {
 
     #[test]
     fn decode_entries() {
-        assert_eq!(decode(0, 0x1234, |_| None), HostPage::NotPresent);
-        assert_eq!(decode(SWAPPED | 5, 0x1234, |_| None), HostPage::Swapped);
-        assert_eq!(decode(PRESENT, 0x1234, |_| None), HostPage::Unavailable);
+        assert_eq!(decode(0, Hva(0x1234), |_| None), HostPage::NotPresent);
+        assert_eq!(decode(SWAPPED | 5, Hva(0x1234), |_| None), HostPage::Swapped);
+        assert_eq!(decode(PRESENT, Hva(0x1234), |_| None), HostPage::Unavailable);
         assert_eq!(
-            decode(PRESENT | 0xabcde, 0x7f00_0000_1234, |_| None),
-            HostPage::Present { hpa: 0xabcde234, page_size: 4096 }
+            decode(PRESENT | 0xabcde, Hva(0x7f00_0000_1234), |_| None),
+            HostPage::Present { hpa: Hpa(0xabcde234), page_size: 4096 }
         );
         assert_eq!(
-            decode(PRESENT | 0x200, 0x10, |_| Some(2 << 20)),
-            HostPage::Present { hpa: 0x200010, page_size: 2 << 20 }
+            decode(PRESENT | 0x200, Hva(0x10), |_| Some(2 << 20)),
+            HostPage::Present { hpa: Hpa(0x200010), page_size: 2 << 20 }
         );
     }
 
@@ -158,9 +160,9 @@ AnonHugePages:      4096 kB
     fn a_touched_page_of_this_process_is_resident() {
         let v = Box::new(0x5au8);
         let hva = &*v as *const u8 as u64;
-        match host_page(hva, None).unwrap() {
+        match host_page(Hva(hva), None).unwrap() {
             HostPage::Present { hpa, page_size } => {
-                assert_eq!(hpa & 0xfff, hva & 0xfff, "the page offset carries over");
+                assert_eq!(hpa.raw() & 0xfff, hva & 0xfff, "the page offset carries over");
                 assert!(page_size >= 4096);
             }
             // Not root: the PFN is hidden, and must say so.

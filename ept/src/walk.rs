@@ -13,6 +13,7 @@
 //! `(n + 1)(m + 1) - 1` memory references — 24 for 4 KiB pages at both
 //! stages, against `n` natively and `n` for a walk of shadow tables.
 
+use guest_abi::{Gpa, Gva};
 use serde::Serialize;
 
 /// Canonical-address check for 48-bit virtual addresses.
@@ -22,18 +23,10 @@ pub fn is_canonical(va: u64) -> bool {
 }
 
 /// Entry flag names, low bit first.
-const FLAGS: [(u64, &str); 10] = [
-    (1 << 0, "P"),
-    (1 << 1, "RW"),
-    (1 << 2, "US"),
-    (1 << 3, "PWT"),
-    (1 << 4, "PCD"),
-    (1 << 5, "A"),
-    (1 << 6, "D"),
-    (1 << 7, "PS"),
-    (1 << 8, "G"),
-    (1 << 63, "NX"),
-];
+const FLAGS: [(u64, &str); 10] = {
+    use guest_abi::paging::{A, D, G, P, PCD, PS, PWT, RW, US, XD};
+    [(P, "P"), (RW, "RW"), (US, "US"), (PWT, "PWT"), (PCD, "PCD"), (A, "A"), (D, "D"), (PS, "PS"), (G, "G"), (XD, "NX")]
+};
 
 /// The flags of a page-table entry as text ("P RW A PS").
 pub fn flags_string(entry: u64) -> String {
@@ -56,7 +49,7 @@ pub struct Step {
     pub table: &'static str,
     /// GPA of the table page.
     #[serde(serialize_with = "crate::json::hex")]
-    pub table_gpa: u64,
+    pub table_gpa: Gpa,
     /// Index of the entry in the table.
     pub index: u64,
     /// The entry's value.
@@ -72,7 +65,7 @@ pub enum WalkEnd {
     Mapped {
         /// Guest-physical address of the byte.
         #[serde(serialize_with = "crate::json::hex")]
-        gpa: u64,
+        gpa: Gpa,
         /// Guest page size (4 KiB, 2 MiB or 1 GiB).
         page_size: u64,
     },
@@ -84,7 +77,7 @@ pub enum WalkEnd {
     TableOutsideMemory {
         /// The GPA that could not be read.
         #[serde(serialize_with = "crate::json::hex")]
-        gpa: u64,
+        gpa: Gpa,
     },
 }
 
@@ -98,11 +91,12 @@ pub struct Walk {
 }
 
 const NAMES: [&str; 4] = ["PML4", "PDPT", "PD", "PT"];
-const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+use guest_abi::paging::{ADDR_MASK, P, PS};
 
 /// Walk `va` from the root table at `cr3`, reading 8-byte entries with
 /// `read(gpa)` (`None` when the GPA is not guest memory).
-pub fn walk(cr3: u64, va: u64, read: impl Fn(u64) -> Option<u64>) -> Walk {
+pub fn walk(cr3: Gpa, va: Gva, read: impl Fn(Gpa) -> Option<u64>) -> Walk {
+    let (cr3, va) = (cr3.raw(), va.raw());
     let mut steps = Vec::new();
     if !is_canonical(va) {
         return Walk { steps, end: WalkEnd::NonCanonical };
@@ -110,19 +104,20 @@ pub fn walk(cr3: u64, va: u64, read: impl Fn(u64) -> Option<u64>) -> Walk {
     let mut table = cr3 & ADDR_MASK;
     for (depth, name) in NAMES.iter().enumerate() {
         let level = 4 - depth as u32; // 4 = PML4 … 1 = PT
-        let index = (va >> (12 + 9 * (level - 1))) & 0x1ff;
-        let Some(entry) = read(table + index * 8) else {
-            return Walk { steps, end: WalkEnd::TableOutsideMemory { gpa: table + index * 8 } };
+        let index = guest_abi::paging::table_index(va, level as u8) as u64;
+        let at = Gpa(table + index * 8);
+        let Some(entry) = read(at) else {
+            return Walk { steps, end: WalkEnd::TableOutsideMemory { gpa: at } };
         };
-        steps.push(Step { table: name, table_gpa: table, index, entry });
-        if entry & 1 == 0 {
+        steps.push(Step { table: name, table_gpa: Gpa(table), index, entry });
+        if entry & P == 0 {
             return Walk { steps, end: WalkEnd::NotPresent };
         }
-        let leaf = level == 1 || ((level == 2 || level == 3) && entry & (1 << 7) != 0);
+        let leaf = level == 1 || ((level == 2 || level == 3) && entry & PS != 0);
         if leaf {
             let page_size = 1u64 << (12 + 9 * (level - 1));
             let base = entry & ADDR_MASK & !(page_size - 1);
-            return Walk { steps, end: WalkEnd::Mapped { gpa: base | (va & (page_size - 1)), page_size } };
+            return Walk { steps, end: WalkEnd::Mapped { gpa: Gpa(base | (va & (page_size - 1))), page_size } };
         }
         table = entry & ADDR_MASK;
     }
@@ -179,9 +174,9 @@ mod tests {
         assert_eq!(walk_cost(4096, 1 << 30), WalkCost { native: 4, nested: 14, shadow: 4 });
     }
 
-    fn tables(entries: &[(u64, u64)]) -> impl Fn(u64) -> Option<u64> {
+    fn tables(entries: &[(u64, u64)]) -> impl Fn(Gpa) -> Option<u64> {
         let m: HashMap<u64, u64> = entries.iter().copied().collect();
-        move |gpa| if gpa < 0x10_0000 { Some(*m.get(&gpa).unwrap_or(&0)) } else { None }
+        move |gpa| if gpa.raw() < 0x10_0000 { Some(*m.get(&gpa.raw()).unwrap_or(&0)) } else { None }
     }
 
     #[test]
@@ -189,27 +184,27 @@ mod tests {
         // PML4 at 0x1000, PDPT at 0x2000, PD at 0x3000, PT at 0x4000.
         let read =
             tables(&[(0x1000, 0x2003), (0x2000, 0x3003), (0x3000, 0x4003), (0x3008, 0x40_0083), (0x4008, 0x9063)]);
-        let w = walk(0x1000, 0x1234, &read);
-        assert_eq!(w.end, WalkEnd::Mapped { gpa: 0x9234, page_size: 4096 });
+        let w = walk(Gpa(0x1000), Gva(0x1234), &read);
+        assert_eq!(w.end, WalkEnd::Mapped { gpa: Gpa(0x9234), page_size: 4096 });
         assert_eq!(w.steps.len(), 4);
         assert_eq!((w.steps[3].table, w.steps[3].index), ("PT", 1));
         assert_eq!(flags_string(w.steps[3].entry), "P RW A D");
-        let w = walk(0x1000, 0x20_0042, &read);
-        assert_eq!(w.end, WalkEnd::Mapped { gpa: 0x40_0042, page_size: 2 << 20 });
+        let w = walk(Gpa(0x1000), Gva(0x20_0042), &read);
+        assert_eq!(w.end, WalkEnd::Mapped { gpa: Gpa(0x40_0042), page_size: 2 << 20 });
         assert_eq!(w.steps.len(), 3);
     }
 
     #[test]
     fn hostile_tables_end_the_walk() {
-        assert_eq!(walk(0x1000, 0x8000_0000_0000, |_| Some(0)).end, WalkEnd::NonCanonical);
-        assert_eq!(walk(0x1000, 0x1000, tables(&[])).end, WalkEnd::NotPresent);
+        assert_eq!(walk(Gpa(0x1000), Gva(0x8000_0000_0000), |_| Some(0)).end, WalkEnd::NonCanonical);
+        assert_eq!(walk(Gpa(0x1000), Gva(0x1000), tables(&[])).end, WalkEnd::NotPresent);
         // A PML4 entry pointing far outside memory.
-        let w = walk(0x1000, 0, tables(&[(0x1000, 0x7_0000_0003)]));
-        assert_eq!(w.end, WalkEnd::TableOutsideMemory { gpa: 0x7_0000_0000 });
+        let w = walk(Gpa(0x1000), Gva(0), tables(&[(0x1000, 0x7_0000_0003)]));
+        assert_eq!(w.end, WalkEnd::TableOutsideMemory { gpa: Gpa(0x7_0000_0000) });
         // A self-referencing PML4 still ends after four levels.
-        let w = walk(0x1000, 0, tables(&[(0x1000, 0x1003)]));
+        let w = walk(Gpa(0x1000), Gva(0), tables(&[(0x1000, 0x1003)]));
         assert_eq!(w.steps.len(), 4);
-        assert!(matches!(w.end, WalkEnd::Mapped { gpa: 0x1000, .. }));
+        assert!(matches!(w.end, WalkEnd::Mapped { gpa: Gpa(0x1000), .. }));
     }
 
     #[test]

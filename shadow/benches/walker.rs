@@ -2,20 +2,23 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use shadow::walker::{A, D, P, RW, US};
-use shadow::{Access, GuestPhys, PagingMode, walk};
+use shadow::{Access, Gpa, GuestPhys, Gva, PagingMode, walk};
 use std::hint::black_box;
 
 /// 16 MiB of guest RAM as a flat word array.
 struct Flat(Vec<u64>);
 
 impl GuestPhys for Flat {
-    fn read_u64(&self, gpa: u64) -> u64 {
+    fn read_u64(&self, gpa: Gpa) -> u64 {
+        let gpa = gpa.raw();
         self.0[(gpa / 8) as usize]
     }
-    fn write_u64(&mut self, gpa: u64, value: u64) {
+    fn write_u64(&mut self, gpa: Gpa, value: u64) {
+        let gpa = gpa.raw();
         self.0[(gpa / 8) as usize] = value;
     }
-    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+    fn is_ram(&self, gpa: Gpa, len: u64) -> bool {
+        let gpa = gpa.raw();
         gpa.checked_add(len).is_some_and(|e| e <= self.0.len() as u64 * 8)
     }
 }
@@ -30,7 +33,7 @@ fn bench(c: &mut Criterion) {
     let mode = PagingMode::default();
     let acc = Access { write: true, user: true, fetch: false };
     c.bench_function("walk 4-level 4KiB, A/D already set", |b| {
-        b.iter(|| walk(&mut m, black_box(0x1000), black_box(0x5123), acc, &mode).unwrap())
+        b.iter(|| walk(&mut m, Gpa(black_box(0x1000)), Gva(black_box(0x5123)), acc, &mode).unwrap())
     });
 }
 

@@ -25,5 +25,6 @@
 pub mod mmu;
 pub mod walker;
 
-pub use mmu::{BatchOutcome, FaultOutcome, ShadowError, ShadowMmu, ShadowStats, TableFrames};
+pub use guest_abi::{Gpa, Gva};
+pub use mmu::{BatchOutcome, FaultOutcome, ShadowError, ShadowMmu, ShadowRoot, ShadowStats, TableFrames};
 pub use walker::{Access, GuestPhys, PageFault, PagingMode, Translation, walk};

@@ -163,10 +163,10 @@
 //!   per pool page in all the sets together (each is an entry of one).
 
 use crate::walker::{self, A, Access, D, GuestPhys, P, PS, PagingMode, RW, US, XD};
+use guest_abi::{Gpa, Gva};
 use std::collections::{HashMap, HashSet, VecDeque};
 
-const ADDR: u64 = 0x000f_ffff_ffff_f000;
-const PAGE: u64 = 4096;
+use guest_abi::paging::{ADDR_MASK as ADDR, PAGE_SIZE as PAGE};
 /// Pool pages a kernel-half prefill leaves free: the path of the fault
 /// that follows (a PDPT, a PD and a PT).
 pub const PREFILL_RESERVE: usize = 3;
@@ -305,6 +305,26 @@ pub enum FaultOutcome {
     GuestFault(u32),
 }
 
+/// The root of a shadow address space: a page of the VMM's shadow pool,
+/// what the vCPU's CR3 holds in shadow mode — never a guest table. Only
+/// [`ShadowMmu`] makes one, so a guest root cannot pass for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ShadowRoot(Gpa);
+
+impl std::fmt::LowerHex for ShadowRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
+impl ShadowRoot {
+    /// Its guest-physical address in the pool (the value for the vCPU's
+    /// CR3).
+    pub const fn gpa(self) -> Gpa {
+        self.0
+    }
+}
+
 /// Why the MMU cannot proceed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShadowError {
@@ -315,12 +335,12 @@ pub enum ShadowError {
     /// [`ShadowMmu::set_prefill_hints`]) even when empty.
     PoolTooSmall,
     /// The guest root is not in a frame whose writes trap (invariant 6).
-    RootNotTrapped(u64),
+    RootNotTrapped(Gpa),
     /// The same fault came back right after it was answered "fixed", with
     /// nothing changed in between (invariant 7).
     Livelock {
         /// The faulting address.
-        cr2: u64,
+        cr2: Gva,
         /// The error code, as the vCPU reported it.
         error_code: u32,
     },
@@ -358,17 +378,18 @@ impl TableFrames {
     pub const ALL: TableFrames = TableFrames { ranges: [(0, 0); 4], n: 0, all: true };
 
     /// The frames in `ranges` (`[start, end)` each; at most four are kept).
-    pub fn new(ranges: &[(u64, u64)]) -> TableFrames {
+    pub fn new(ranges: &[(Gpa, Gpa)]) -> TableFrames {
         let mut t = TableFrames { ranges: [(0, 0); 4], n: 0, all: false };
         for &r in ranges.iter().take(4) {
-            t.ranges[t.n] = r;
+            t.ranges[t.n] = (r.0.raw(), r.1.raw());
             t.n += 1;
         }
         t
     }
 
     /// Whether the frame holding `gpa` may hold a table.
-    pub fn contains(&self, gpa: u64) -> bool {
+    pub fn contains(&self, gpa: Gpa) -> bool {
+        let gpa = gpa.raw();
         self.all || self.ranges[..self.n].iter().any(|&(s, e)| gpa >= s && gpa < e)
     }
 }
@@ -380,16 +401,16 @@ struct Zoned<'a, G: GuestPhys> {
 }
 
 impl<G: GuestPhys> GuestPhys for Zoned<'_, G> {
-    fn read_u64(&self, gpa: u64) -> u64 {
+    fn read_u64(&self, gpa: Gpa) -> u64 {
         self.mem.read_u64(gpa)
     }
-    fn write_u64(&mut self, gpa: u64, value: u64) {
+    fn write_u64(&mut self, gpa: Gpa, value: u64) {
         self.mem.write_u64(gpa, value)
     }
-    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+    fn is_ram(&self, gpa: Gpa, len: u64) -> bool {
         self.mem.is_ram(gpa, len)
     }
-    fn may_hold_tables(&self, gpa: u64) -> bool {
+    fn may_hold_tables(&self, gpa: Gpa) -> bool {
         self.tables.contains(gpa) && self.mem.may_hold_tables(gpa)
     }
 }
@@ -443,9 +464,9 @@ pub struct ShadowMmu {
 impl ShadowMmu {
     /// A shadow MMU whose pool is `pages` 4 KiB pages at `pool_base`
     /// (zeroed memory).
-    pub fn new(pool_base: u64, pages: u32, mode: PagingMode) -> ShadowMmu {
+    pub fn new(pool_base: Gpa, pages: u32, mode: PagingMode) -> ShadowMmu {
         ShadowMmu {
-            pool_base,
+            pool_base: pool_base.raw(),
             pages: (0..pages).map(|_| None).collect(),
             free: (0..pages).rev().collect(),
             quarantine: Vec::new(),
@@ -609,13 +630,13 @@ impl ShadowMmu {
     }
 
     /// The GPA of the current shadow root (what the vCPU's CR3 holds).
-    pub fn current_root(&self) -> Option<u64> {
-        self.current.map(|(_, p)| self.page_gpa(p))
+    pub fn current_root(&self) -> Option<ShadowRoot> {
+        self.current.map(|(_, p)| ShadowRoot(Gpa(self.page_gpa(p))))
     }
 
     /// The guest CR3 the current root shadows.
-    pub fn guest_cr3(&self) -> Option<u64> {
-        self.current.map(|(g, _)| g)
+    pub fn guest_cr3(&self) -> Option<Gpa> {
+        self.current.map(|(g, _)| Gpa(g))
     }
 
     fn page_gpa(&self, page: u32) -> u64 {
@@ -624,7 +645,7 @@ impl ShadowMmu {
 
     /// The pool page holding `gpa`, if `gpa` lies in the pool.
     fn page_of(&self, gpa: u64) -> Option<u32> {
-        self.in_pool(gpa).then(|| ((gpa - self.pool_base) / PAGE) as u32)
+        self.in_pool_raw(gpa).then(|| ((gpa - self.pool_base) / PAGE) as u32)
     }
 
     /// The child shadow page a present non-leaf entry `e` of a level-`level`
@@ -663,11 +684,15 @@ impl ShadowMmu {
         if let Some(p) = self.pages[page as usize].as_mut() {
             p.entries[idx as usize] = value;
         }
-        pool.write_u64(at, value);
+        pool.write_u64(Gpa(at), value);
     }
 
     /// Whether `gpa` lies in the pool.
-    pub fn in_pool(&self, gpa: u64) -> bool {
+    pub fn in_pool(&self, gpa: Gpa) -> bool {
+        self.in_pool_raw(gpa.raw())
+    }
+
+    fn in_pool_raw(&self, gpa: u64) -> bool {
         gpa >= self.pool_base && gpa < self.pool_base + self.pages.len() as u64 * PAGE
     }
 
@@ -690,35 +715,38 @@ impl ShadowMmu {
             let current = self.current.map(|(g, _)| g);
             self.zap_all(pool);
             if let Some(cr3) = current {
-                let _ = self.load_cr3(pool, guest, cr3);
+                let _ = self.load_cr3(pool, guest, Gpa(cr3));
             }
         }
     }
 
-    /// `LOAD_CR3(guest_cr3)`: find or build the shadow root; returns the
-    /// GPA for the vCPU's CR3.
+    /// `LOAD_CR3(guest_cr3)`: find or build the shadow root of the guest's
+    /// root `guest_cr3`; returns it (what the vCPU's CR3 must hold).
     pub fn load_cr3(
         &mut self,
         pool: &mut impl GuestPhys,
         guest: &mut impl GuestPhys,
-        guest_cr3: u64,
-    ) -> Result<u64, ShadowError> {
+        guest_cr3: Gpa,
+    ) -> Result<ShadowRoot, ShadowError> {
         self.stats.cr3_loads += 1;
         self.last_fixed = None;
+        let guest_cr3 = guest_cr3.raw();
         let key = guest_cr3 & ADDR;
-        if !self.tables.contains(key) {
-            return Err(ShadowError::RootNotTrapped(key));
+        if !self.tables.contains(Gpa(key)) {
+            return Err(ShadowError::RootNotTrapped(Gpa(key)));
         }
-        self.switch_root(pool, guest, guest_cr3).or_else(|e| match e {
-            // The pool cannot hold what fault delivery needs next to
-            // everything else in it: start over with an empty pool.
-            ShadowError::PoolTooSmall => {
-                self.stats.pool_exhaustions += 1;
-                self.zap_all(pool);
-                self.switch_root(pool, guest, guest_cr3)
-            }
-            e => Err(e),
-        })
+        self.switch_root(pool, guest, guest_cr3)
+            .or_else(|e| match e {
+                // The pool cannot hold what fault delivery needs next to
+                // everything else in it: start over with an empty pool.
+                ShadowError::PoolTooSmall => {
+                    self.stats.pool_exhaustions += 1;
+                    self.zap_all(pool);
+                    self.switch_root(pool, guest, guest_cr3)
+                }
+                e => Err(e),
+            })
+            .map(|root| ShadowRoot(Gpa(root)))
     }
 
     /// Find or build the root for `guest_cr3` (a trapped frame) and make it
@@ -839,10 +867,10 @@ impl ShadowMmu {
     /// the VMM reads in the vCPU's registers (IDT, GDT and TSS bases, RIP,
     /// RSP): a later prefill shadows them before anything else. Addresses
     /// in the lower half are ignored (only the kernel half is prefilled).
-    pub fn set_prefill_hints(&mut self, gvas: &[u64]) {
+    pub fn set_prefill_hints(&mut self, gvas: &[Gva]) {
         self.prefill_hints.clear();
         for &va in gvas {
-            let slot = (va >> 39) & 0x1ff;
+            let slot = guest_abi::paging::table_index(va.raw(), 4) as u64;
             if slot >= 256 && !self.prefill_hints.contains(&slot) {
                 self.prefill_hints.push(slot);
             }
@@ -869,10 +897,10 @@ impl ShadowMmu {
         for idx in range {
             self.work += 1;
             let gpte_gpa = (role.gfn << 12) + idx * 8;
-            if !guest.is_ram(gpte_gpa, 8) {
+            if !guest.is_ram(Gpa(gpte_gpa), 8) {
                 return true;
             }
-            let gpte = guest.read_u64(gpte_gpa);
+            let gpte = guest.read_u64(Gpa(gpte_gpa));
             if gpte & (P | A) != (P | A) || gpte & walker::reserved_mask(&self.mode, role.level, gpte) != 0 {
                 continue;
             }
@@ -883,7 +911,7 @@ impl ShadowMmu {
                 }
                 continue;
             }
-            if !self.tables.contains(gpte & ADDR) {
+            if !self.tables.contains(Gpa(gpte & ADDR)) {
                 continue;
             }
             let child_role = Role {
@@ -919,7 +947,7 @@ impl ShadowMmu {
         }
         let size = 1u64 << (12 + 9 * (role.level as u32 - 1));
         let base = gpte & ADDR & !(size - 1);
-        if !guest.is_ram(base, size) {
+        if !guest.is_ram(Gpa(base), size) {
             return None;
         }
         let access = child_access(role.access, gpte, &self.mode);
@@ -949,7 +977,7 @@ impl ShadowMmu {
     /// the access refaults and gets the ordinary leaf.
     fn end_user_write_leaves(&mut self, pool: &mut impl GuestPhys) {
         for (page, idx, spte) in std::mem::take(&mut self.user_write_leaves) {
-            if self.pages[page as usize].is_some() && pool.read_u64(self.page_gpa(page) + idx * 8) == spte {
+            if self.pages[page as usize].is_some() && pool.read_u64(Gpa(self.page_gpa(page) + idx * 8)) == spte {
                 self.zap_entry(pool, page, idx);
             }
         }
@@ -971,7 +999,7 @@ impl ShadowMmu {
                 if (page, idx) == keep {
                     continue;
                 }
-                let e = pool.read_u64(self.page_gpa(page) + idx * 8);
+                let e = pool.read_u64(Gpa(self.page_gpa(page) + idx * 8));
                 let leaf = e & P != 0 && (level == 1 || e & PS != 0);
                 if leaf && e & US != 0 {
                     self.zap_entry(pool, page, idx);
@@ -985,10 +1013,12 @@ impl ShadowMmu {
         &mut self,
         pool: &mut impl GuestPhys,
         guest: &mut impl GuestPhys,
-        cr2: u64,
+        cr2: Gva,
         error_code: u32,
     ) -> Result<FaultOutcome, ShadowError> {
         let (guest_cr3, _) = self.current.ok_or(ShadowError::NoRoot)?;
+        let guest_cr3 = Gpa(guest_cr3);
+        let cr2 = cr2.raw();
         let access = Access::from_error_code(error_code);
         let repeat = self.last_fixed == Some((cr2, error_code));
         self.last_fixed = None;
@@ -1001,12 +1031,12 @@ impl ShadowMmu {
             if self.mode.smap && self.mode.ac && !access.user && !access.fetch {
                 let implicit = PagingMode { ac: false, ..self.mode };
                 let mut zoned = Zoned { mem: guest, tables: self.tables };
-                if let Err(f) = walker::walk(&mut zoned, guest_cr3, cr2, access, &implicit) {
+                if let Err(f) = walker::walk(&mut zoned, guest_cr3, Gva(cr2), access, &implicit) {
                     self.stats.guest_faults += 1;
                     return Ok(FaultOutcome::GuestFault(f.error_code));
                 }
             }
-            return Err(ShadowError::Livelock { cr2, error_code });
+            return Err(ShadowError::Livelock { cr2: Gva(cr2), error_code });
         }
         // User mode is running (even if this access faults for the
         // guest): the user-writable leaves made for supervisor writes must
@@ -1015,7 +1045,7 @@ impl ShadowMmu {
             self.end_user_write_leaves(pool);
         }
         let mut zoned = Zoned { mem: guest, tables: self.tables };
-        let t = match walker::walk(&mut zoned, guest_cr3, cr2, access, &self.mode) {
+        let t = match walker::walk(&mut zoned, guest_cr3, Gva(cr2), access, &self.mode) {
             Ok(t) => t,
             Err(f) => {
                 self.stats.guest_faults += 1;
@@ -1059,7 +1089,7 @@ impl ShadowMmu {
         for depth in 0..t.levels as usize {
             self.work += 1;
             let level = 4 - depth as u8;
-            let idx = (va >> (12 + 9 * (level as u32 - 1))) & 0x1ff;
+            let idx = guest_abi::paging::table_index(va, level) as u64;
             let gpte = guest.read_u64(t.entry_gpas[depth]);
             if depth + 1 == t.levels as usize {
                 let Some(spte) = self.leaf_spte(guest, role, gpte) else { return Ok(true) };
@@ -1156,7 +1186,7 @@ impl ShadowMmu {
         // read back.
         let base = self.page_gpa(p);
         for i in 0..512 {
-            pool.write_u64(base + i * 8, 0);
+            pool.write_u64(Gpa(base + i * 8), 0);
         }
         self.work += 512;
         self.pages[p as usize] = Some(ShadowPage {
@@ -1246,7 +1276,7 @@ impl ShadowMmu {
                 let base = self.page_gpa(page);
                 for (idx, &e) in sp.entries.iter().enumerate() {
                     if e != 0 {
-                        pool.write_u64(base + idx as u64 * 8, 0);
+                        pool.write_u64(Gpa(base + idx as u64 * 8), 0);
                     }
                 }
                 self.work += 512;
@@ -1263,8 +1293,8 @@ impl ShadowMmu {
     /// A guest write of `len` bytes at `gpa` to a page-table page, already
     /// applied to guest memory. Updates or zaps every shadow entry derived
     /// from the written entry.
-    pub fn pte_written(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys, gpa: u64, len: u64) {
-        self.sync_written(pool, guest, gpa, len);
+    pub fn pte_written(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys, gpa: Gpa, len: u64) {
+        self.sync_written(pool, guest, gpa.raw(), len);
         self.refill_current_root(pool, guest);
     }
 
@@ -1297,7 +1327,7 @@ impl ShadowMmu {
                 // until then).
                 p.needs_prefill = true;
             }
-            let gpte = guest.read_u64(gpa & !7);
+            let gpte = guest.read_u64(Gpa(gpa & !7));
             let leaf = role.level == 1 || (role.level <= 3 && gpte & PS != 0);
             let old = self.entry(page, idx);
             let old_leaf = old & P != 0 && (role.level == 1 || old & PS != 0);
@@ -1347,8 +1377,8 @@ impl ShadowMmu {
             let mut differed = false;
             for idx in 0..512u64 {
                 let want = self.entry(page as u32, idx);
-                if pool.read_u64(base + idx * 8) != want {
-                    pool.write_u64(base + idx * 8, want);
+                if pool.read_u64(Gpa(base + idx * 8)) != want {
+                    pool.write_u64(Gpa(base + idx * 8), want);
                     differed = true;
                 }
             }
@@ -1370,11 +1400,12 @@ impl ShadowMmu {
 
     /// Walk the *shadow* tables of the current root for `va` (for
     /// `--explain` and tests): the shadow leaf entry, if present.
-    pub fn shadow_leaf(&self, pool: &impl GuestPhys, va: u64) -> Option<(u64, u8)> {
-        let mut table = self.current_root()?;
+    pub fn shadow_leaf(&self, pool: &impl GuestPhys, va: Gva) -> Option<(u64, u8)> {
+        let va = va.raw();
+        let mut table = self.current_root()?.gpa().raw();
         for level in (1..=4u8).rev() {
-            let idx = (va >> (12 + 9 * (level as u32 - 1))) & 0x1ff;
-            let e = pool.read_u64(table + idx * 8);
+            let idx = guest_abi::paging::table_index(va, level) as u64;
+            let e = pool.read_u64(Gpa(table + idx * 8));
             if e & P == 0 {
                 return None;
             }
@@ -1402,7 +1433,7 @@ impl ShadowMmu {
             }
             for idx in 0..512u64 {
                 let e = sp.entries[idx as usize];
-                if pool.read_u64(self.page_gpa(i as u32) + idx * 8) != e {
+                if pool.read_u64(Gpa(self.page_gpa(i as u32) + idx * 8)) != e {
                     return Err(format!("page {i}[{idx}] in the pool differs from the VMM's copy {e:#x}"));
                 }
                 if e & P == 0 {
@@ -1410,7 +1441,7 @@ impl ShadowMmu {
                 }
                 if sp.role.level == 1 || e & PS != 0 {
                     let size = 1u64 << (12 + 9 * (sp.role.level as u32 - 1));
-                    if !guest.is_ram(e & ADDR & !(size - 1), size) || self.in_pool(e & ADDR) {
+                    if !guest.is_ram(Gpa(e & ADDR & !(size - 1)), size) || self.in_pool_raw(e & ADDR) {
                         return Err(format!("page {i}[{idx}] maps outside guest RAM: {e:#x}"));
                     }
                 } else {
@@ -1455,6 +1486,8 @@ fn restricts(old: u64, new: u64) -> bool {
 mod pv;
 pub use pv::BatchOutcome;
 
+#[cfg(test)]
+mod test_mem;
 #[cfg(test)]
 mod tests;
 

@@ -45,47 +45,23 @@
 //! The walk reads at most four entries and never follows a pointer twice,
 //! so self-referencing or cyclic tables cannot make it loop.
 
-/// Present.
-pub const P: u64 = 1 << 0;
-/// Writable.
-pub const RW: u64 = 1 << 1;
-/// User.
-pub const US: u64 = 1 << 2;
-/// Accessed.
-pub const A: u64 = 1 << 5;
-/// Dirty.
-pub const D: u64 = 1 << 6;
-/// Page size (leaf at PDPT/PD level).
-pub const PS: u64 = 1 << 7;
-/// Execute disable.
-pub const XD: u64 = 1 << 63;
-
-/// `#PF` error-code bits (SDM vol. 3 §4.7).
-pub mod pf {
-    /// The fault was a protection violation (the page was present).
-    pub const P: u32 = 1 << 0;
-    /// The access was a write.
-    pub const W: u32 = 1 << 1;
-    /// The access was made in user mode.
-    pub const U: u32 = 1 << 2;
-    /// A reserved bit was set in a paging-structure entry.
-    pub const RSVD: u32 = 1 << 3;
-    /// The access was an instruction fetch.
-    pub const ID: u32 = 1 << 4;
-}
+// The entry flags and `#PF` error-code bits: the one definition in
+// `guest_abi::paging`.
+pub use guest_abi::paging::{A, D, P, PS, RW, US, XD, pf};
+pub use guest_abi::{Gpa, Gva};
 
 /// Guest-physical memory as the walker sees it.
 pub trait GuestPhys {
     /// Read the 8-byte entry at `gpa` (8-aligned, inside RAM).
-    fn read_u64(&self, gpa: u64) -> u64;
+    fn read_u64(&self, gpa: Gpa) -> u64;
     /// Write the 8-byte entry at `gpa` (to set A/D bits).
-    fn write_u64(&mut self, gpa: u64, value: u64);
+    fn write_u64(&mut self, gpa: Gpa, value: u64);
     /// Whether `[gpa, gpa + len)` lies inside guest RAM.
-    fn is_ram(&self, gpa: u64, len: u64) -> bool;
+    fn is_ram(&self, gpa: Gpa, len: u64) -> bool;
     /// Whether the 4 KiB frame at `gpa` may hold a paging structure (shadow
     /// mode: whether guest writes to it trap). Everything, unless the
     /// caller says otherwise.
-    fn may_hold_tables(&self, gpa: u64) -> bool {
+    fn may_hold_tables(&self, gpa: Gpa) -> bool {
         let _ = gpa;
         true
     }
@@ -151,7 +127,7 @@ impl Access {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Translation {
     /// Guest-physical address of the byte.
-    pub gpa: u64,
+    pub gpa: Gpa,
     /// Page size: 4 KiB, 2 MiB or 1 GiB.
     pub page_size: u64,
     /// Effective permissions: writable (RW everywhere).
@@ -165,11 +141,11 @@ pub struct Translation {
     /// The leaf entry after the walk (A/D updated).
     pub leaf: u64,
     /// Where the leaf entry lives.
-    pub leaf_gpa: u64,
+    pub leaf_gpa: Gpa,
     /// How many levels the walk used (4 for a 4 KiB page).
     pub levels: u8,
     /// The entries' addresses, root first (`levels` of them valid).
-    pub entry_gpas: [u64; 4],
+    pub entry_gpas: [Gpa; 4],
 }
 
 /// A page fault the walk produces.
@@ -182,24 +158,11 @@ pub struct PageFault {
     pub level: u8,
 }
 
-const ADDR_BITS: u64 = 0x000f_ffff_ffff_f000;
+use guest_abi::paging::ADDR_MASK as ADDR_BITS;
 
 /// The reserved bits of a present entry at `level` (4..=1), given PS.
 pub fn reserved_mask(mode: &PagingMode, level: u8, entry: u64) -> u64 {
-    let maxphy = mode.maxphyaddr.clamp(32, 52) as u32;
-    let mut mask = ((1u64 << 52) - 1) & !((1u64 << maxphy) - 1); // bits maxphy..51
-    if !mode.nxe {
-        mask |= XD;
-    }
-    let ps = entry & PS != 0;
-    match level {
-        4 => mask |= PS | if mode.amd { 1 << 8 } else { 0 },
-        3 if ps && !mode.pdpe1gb => mask |= PS,
-        3 if ps => mask |= 0x3fff_e000, // bits 29:13
-        2 if ps => mask |= 0x001f_e000, // bits 20:13
-        _ => {}
-    }
-    mask
+    guest_abi::paging::reserved_bits(level, entry, mode.maxphyaddr, mode.nxe, mode.pdpe1gb, mode.amd)
 }
 
 fn error_code(mode: &PagingMode, access: Access, present: bool, rsvd: bool) -> u32 {
@@ -252,23 +215,24 @@ pub fn permitted(mode: &PagingMode, access: Access, writable: bool, user: bool, 
 /// returned; otherwise nothing changes and the `#PF` is returned.
 pub fn walk(
     mem: &mut impl GuestPhys,
-    cr3: u64,
-    va: u64,
+    cr3: Gpa,
+    va: Gva,
     access: Access,
     mode: &PagingMode,
 ) -> Result<Translation, PageFault> {
     let fault = |present, rsvd, level| Err(PageFault { error_code: error_code(mode, access, present, rsvd), level });
-    let mut table = cr3 & ADDR_BITS;
-    if !mem.may_hold_tables(table) {
+    let va = va.raw();
+    let mut table = cr3.raw() & ADDR_BITS;
+    if !mem.may_hold_tables(Gpa(table)) {
         return fault(true, true, 4);
     }
     let (mut writable, mut user, mut executable) = (true, true, true);
-    let mut entry_gpas = [0u64; 4];
+    let mut entry_gpas = [Gpa(0); 4];
     let mut entries = [0u64; 4];
     for level in (1..=4u8).rev() {
         let slot = (4 - level) as usize;
-        let index = (va >> (12 + 9 * (level as u32 - 1))) & 0x1ff;
-        let entry_gpa = table + index * 8;
+        let index = guest_abi::paging::table_index(va, level) as u64;
+        let entry_gpa = Gpa(table + index * 8);
         if !mem.is_ram(entry_gpa, 8) {
             return fault(true, true, level);
         }
@@ -289,14 +253,14 @@ pub fn walk(
         let leaf = level == 1 || (level <= 3 && entry & PS != 0);
         if !leaf {
             table = entry & ADDR_BITS;
-            if !mem.may_hold_tables(table) {
+            if !mem.may_hold_tables(Gpa(table)) {
                 return fault(true, true, level);
             }
             continue;
         }
         let page_size = 1u64 << (12 + 9 * (level as u32 - 1));
         let base = entry & ADDR_BITS & !(page_size - 1);
-        if !mem.is_ram(base, page_size) {
+        if !mem.is_ram(Gpa(base), page_size) {
             return fault(true, true, level);
         }
         if !permitted(mode, access, writable, user, executable) {
@@ -315,7 +279,7 @@ pub fn walk(
             mem.write_u64(entry_gpas[last], entries[last]);
         }
         return Ok(Translation {
-            gpa: base | (va & (page_size - 1)),
+            gpa: Gpa(base | (va & (page_size - 1))),
             page_size,
             writable,
             user,

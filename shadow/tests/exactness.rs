@@ -17,7 +17,7 @@
 //! §4.6.1). Every sequence of two accesses, every leaf, every control.
 
 use shadow::walker::{A, D, P, PS, RW, US, XD, pf};
-use shadow::{Access, FaultOutcome, GuestPhys, PagingMode, ShadowError, ShadowMmu, walk};
+use shadow::{Access, FaultOutcome, Gpa, GuestPhys, Gva, PagingMode, ShadowError, ShadowMmu, walk};
 use std::collections::HashMap;
 
 const PAGE: u64 = 4096;
@@ -46,15 +46,18 @@ impl Mem {
 }
 
 impl GuestPhys for Mem {
-    fn read_u64(&self, gpa: u64) -> u64 {
-        assert!(self.is_ram(gpa, 8), "read outside {gpa:#x}");
+    fn read_u64(&self, gpa: Gpa) -> u64 {
+        let gpa = gpa.raw();
+        assert!(self.is_ram(Gpa(gpa), 8), "read outside {gpa:#x}");
         *self.words.get(&gpa).unwrap_or(&0)
     }
-    fn write_u64(&mut self, gpa: u64, value: u64) {
-        assert!(self.is_ram(gpa, 8), "write outside {gpa:#x}");
+    fn write_u64(&mut self, gpa: Gpa, value: u64) {
+        let gpa = gpa.raw();
+        assert!(self.is_ram(Gpa(gpa), 8), "write outside {gpa:#x}");
         self.words.insert(gpa, value);
     }
-    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+    fn is_ram(&self, gpa: Gpa, len: u64) -> bool {
+        let gpa = gpa.raw();
         gpa >= self.base && gpa.checked_add(len).is_some_and(|e| e <= self.base + self.size)
     }
 }
@@ -66,14 +69,17 @@ struct VcpuView<'a> {
 }
 
 impl GuestPhys for VcpuView<'_> {
-    fn read_u64(&self, gpa: u64) -> u64 {
-        self.pool.read_u64(gpa)
+    fn read_u64(&self, gpa: Gpa) -> u64 {
+        let gpa = gpa.raw();
+        self.pool.read_u64(Gpa(gpa))
     }
-    fn write_u64(&mut self, gpa: u64, value: u64) {
-        self.pool.write_u64(gpa, value)
+    fn write_u64(&mut self, gpa: Gpa, value: u64) {
+        let gpa = gpa.raw();
+        self.pool.write_u64(Gpa(gpa), value)
     }
-    fn is_ram(&self, gpa: u64, len: u64) -> bool {
-        self.pool.is_ram(gpa, len) || gpa.checked_add(len).is_some_and(|e| e <= RAM)
+    fn is_ram(&self, gpa: Gpa, len: u64) -> bool {
+        let gpa = gpa.raw();
+        self.pool.is_ram(Gpa(gpa), len) || gpa.checked_add(len).is_some_and(|e| e <= RAM)
     }
 }
 
@@ -120,18 +126,18 @@ enum Outcome {
 fn guest(leaf: u64, large: bool) -> Mem {
     let mut g = Mem::new(0, RAM);
     let t = P | RW | US | A;
-    g.write_u64(CR3, 0x20000 | t);
-    g.write_u64(0x20000, 0x21000 | t);
+    g.write_u64(Gpa(CR3), 0x20000 | t);
+    g.write_u64(Gpa(0x20000), 0x21000 | t);
     if large {
-        g.write_u64(0x21000 + 2 * 8, 0x20_0000 | PS | P | leaf);
+        g.write_u64(Gpa(0x21000 + 2 * 8), 0x20_0000 | PS | P | leaf);
     } else {
-        g.write_u64(0x21000 + 2 * 8, 0x22000 | t);
-        g.write_u64(0x22000, FRAME | P | leaf);
+        g.write_u64(Gpa(0x21000 + 2 * 8), 0x22000 | t);
+        g.write_u64(Gpa(0x22000), FRAME | P | leaf);
     }
     // The user code page (PD index 3 for the 2 MiB case).
-    g.write_u64(0x21000 + 3 * 8, 0x23000 | t);
-    g.write_u64(0x23000 + 8, (FRAME + 0x1000) | P | US | A | D);
-    g.write_u64(0x22000 + 8, (FRAME + 0x1000) | P | US | A | D);
+    g.write_u64(Gpa(0x21000 + 3 * 8), 0x23000 | t);
+    g.write_u64(Gpa(0x23000 + 8), (FRAME + 0x1000) | P | US | A | D);
+    g.write_u64(Gpa(0x22000 + 8), (FRAME + 0x1000) | P | US | A | D);
     g
 }
 
@@ -174,11 +180,11 @@ fn run_at(
     let seen = PagingMode { ac: acc.ac, ..base };
     for _ in 0..6 {
         let root = mmu.current_root().expect("a root is loaded");
-        match walk(&mut VcpuView { pool }, root, va, acc.access(), &vcpu) {
-            Ok(t) => return Ok(Outcome::Done(t.gpa)),
+        match walk(&mut VcpuView { pool }, root.gpa(), Gva(va), acc.access(), &vcpu) {
+            Ok(t) => return Ok(Outcome::Done(t.gpa.raw())),
             Err(f) => {
                 mmu.set_mode(pool, g, seen);
-                match mmu.handle_fault(pool, g, va, f.error_code)? {
+                match mmu.handle_fault(pool, g, Gva(va), f.error_code)? {
                     FaultOutcome::Fixed => continue,
                     FaultOutcome::GuestFault(ec) => return Ok(Outcome::Fault(ec)),
                 }
@@ -193,8 +199,8 @@ fn reference(g: &mut Mem, base: PagingMode, acc: &Acc) -> Outcome {
 }
 
 fn reference_at(g: &mut Mem, base: PagingMode, acc: &Acc, va: u64) -> Outcome {
-    match walk(g, CR3, va, acc.access(), &guest_mode(base, acc)) {
-        Ok(t) => Outcome::Done(t.gpa),
+    match walk(g, Gpa(CR3), Gva(va), acc.access(), &guest_mode(base, acc)) {
+        Ok(t) => Outcome::Done(t.gpa.raw()),
         Err(f) => Outcome::Fault(f.error_code),
     }
 }
@@ -253,8 +259,8 @@ fn check_modes(modes: &[PagingMode]) -> u64 {
                         let mut g = guest(leaf, large);
                         let mut want = g.clone();
                         let mut pool = Mem::new(POOL, POOL_PAGES as u64 * PAGE);
-                        let mut mmu = ShadowMmu::new(POOL, POOL_PAGES, PagingMode { ac: first.ac, ..base });
-                        mmu.load_cr3(&mut pool, &mut g, CR3).unwrap();
+                        let mut mmu = ShadowMmu::new(Gpa(POOL), POOL_PAGES, PagingMode { ac: first.ac, ..base });
+                        mmu.load_cr3(&mut pool, &mut g, Gpa(CR3)).unwrap();
                         for (i, acc) in [first, second].into_iter().enumerate() {
                             let what = || format!("{base:?} large={large} leaf={leaf:#x} access {i} {acc:?}");
                             // User mode runs only after a return from the
@@ -298,8 +304,8 @@ fn wp_off_smep_supervisor_fetch_after_a_write_faults() {
     let base = PagingMode { wp: false, smep: true, ..PagingMode::default() };
     let mut g = guest(US | A | D, false);
     let mut pool = Mem::new(POOL, POOL_PAGES as u64 * PAGE);
-    let mut mmu = ShadowMmu::new(POOL, POOL_PAGES, base);
-    mmu.load_cr3(&mut pool, &mut g, CR3).unwrap();
+    let mut mmu = ShadowMmu::new(Gpa(POOL), POOL_PAGES, base);
+    mmu.load_cr3(&mut pool, &mut g, Gpa(CR3)).unwrap();
     let w = Acc { write: true, fetch: false, user: false, ac: false, implicit: false };
     assert_eq!(run(&mut mmu, &mut pool, &mut g, base, &w, true), Ok(Outcome::Done(FRAME | 0x123)));
     let x = Acc { write: false, fetch: true, ..w };
@@ -318,8 +324,8 @@ fn wp_off_smap_write_with_ac_leaves_smap_and_user_protection_intact() {
     let base = PagingMode { wp: false, smap: true, ..PagingMode::default() };
     let mut g = guest(US | A | D, false);
     let mut pool = Mem::new(POOL, POOL_PAGES as u64 * PAGE);
-    let mut mmu = ShadowMmu::new(POOL, POOL_PAGES, base);
-    mmu.load_cr3(&mut pool, &mut g, CR3).unwrap();
+    let mut mmu = ShadowMmu::new(Gpa(POOL), POOL_PAGES, base);
+    mmu.load_cr3(&mut pool, &mut g, Gpa(CR3)).unwrap();
     let done = Ok(Outcome::Done(FRAME | 0x123));
     // The user code page was in use before the kernel ran.
     assert_eq!(
@@ -357,8 +363,8 @@ fn fetches_are_told_from_reads_only_with_nx_forced() {
     for (force_nx, want) in [(true, Outcome::Done(FRAME | 0x123)), (false, Outcome::Fault(pf::P))] {
         let mut g = guest(US | A | D, false);
         let mut pool = Mem::new(POOL, POOL_PAGES as u64 * PAGE);
-        let mut mmu = ShadowMmu::new(POOL, POOL_PAGES, base);
-        mmu.load_cr3(&mut pool, &mut g, CR3).unwrap();
+        let mut mmu = ShadowMmu::new(Gpa(POOL), POOL_PAGES, base);
+        mmu.load_cr3(&mut pool, &mut g, Gpa(CR3)).unwrap();
         assert_eq!(run(&mut mmu, &mut pool, &mut g, base, &x, force_nx), Ok(want), "force_nx={force_nx}");
     }
 }
@@ -372,8 +378,8 @@ fn implicit_supervisor_access_with_smap_and_ac_faults_instead_of_looping() {
     let base = PagingMode { smap: true, ..PagingMode::default() };
     let mut g = guest(RW | US | A | D, false);
     let mut pool = Mem::new(POOL, POOL_PAGES as u64 * PAGE);
-    let mut mmu = ShadowMmu::new(POOL, POOL_PAGES, PagingMode { ac: true, ..base });
-    mmu.load_cr3(&mut pool, &mut g, CR3).unwrap();
+    let mut mmu = ShadowMmu::new(Gpa(POOL), POOL_PAGES, PagingMode { ac: true, ..base });
+    mmu.load_cr3(&mut pool, &mut g, Gpa(CR3)).unwrap();
     for write in [false, true] {
         let imp = Acc { write, fetch: false, user: false, ac: true, implicit: true };
         let ec = pf::P | if write { pf::W } else { 0 };
@@ -390,20 +396,20 @@ fn a_fault_that_repeats_after_being_fixed_is_a_livelock_error() {
     let mode = PagingMode::default();
     let mut g = guest(RW | US | A | D, false);
     let mut pool = Mem::new(POOL, POOL_PAGES as u64 * PAGE);
-    let mut mmu = ShadowMmu::new(POOL, POOL_PAGES, mode);
-    mmu.load_cr3(&mut pool, &mut g, CR3).unwrap();
-    assert_eq!(mmu.handle_fault(&mut pool, &mut g, VA, pf::P | pf::W), Ok(FaultOutcome::Fixed));
+    let mut mmu = ShadowMmu::new(Gpa(POOL), POOL_PAGES, mode);
+    mmu.load_cr3(&mut pool, &mut g, Gpa(CR3)).unwrap();
+    assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(VA), pf::P | pf::W), Ok(FaultOutcome::Fixed));
     assert_eq!(
-        mmu.handle_fault(&mut pool, &mut g, VA, pf::P | pf::W),
-        Err(ShadowError::Livelock { cr2: VA, error_code: pf::P | pf::W })
+        mmu.handle_fault(&mut pool, &mut g, Gva(VA), pf::P | pf::W),
+        Err(ShadowError::Livelock { cr2: Gva(VA), error_code: pf::P | pf::W })
     );
     // Anything the guest changes in between makes a repeat legitimate.
-    assert_eq!(mmu.handle_fault(&mut pool, &mut g, VA, pf::P | pf::W), Ok(FaultOutcome::Fixed));
+    assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(VA), pf::P | pf::W), Ok(FaultOutcome::Fixed));
     mmu.flush();
-    assert_eq!(mmu.handle_fault(&mut pool, &mut g, VA, pf::P | pf::W), Ok(FaultOutcome::Fixed));
-    g.write_u64(0x22000, FRAME | P | RW | US | A | D);
-    mmu.pte_written(&mut pool, &mut g, 0x22000, 8);
-    assert_eq!(mmu.handle_fault(&mut pool, &mut g, VA, pf::P | pf::W), Ok(FaultOutcome::Fixed));
+    assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(VA), pf::P | pf::W), Ok(FaultOutcome::Fixed));
+    g.write_u64(Gpa(0x22000), FRAME | P | RW | US | A | D);
+    mmu.pte_written(&mut pool, &mut g, Gpa(0x22000), 8);
+    assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(VA), pf::P | pf::W), Ok(FaultOutcome::Fixed));
 }
 
 /// Issue 11, item 5: a guest whose CPUID has no 1 GiB pages gets a RSVD
@@ -413,16 +419,16 @@ fn a_fault_that_repeats_after_being_fixed_is_a_livelock_error() {
 fn a_1g_page_without_cpuid_support_is_a_reserved_bit_fault() {
     let mode = PagingMode { pdpe1gb: false, ..PagingMode::default() };
     let mut g = Mem::new(0, 2 << 30); // 2 GiB of RAM: the page lies wholly in it
-    g.write_u64(CR3, 0x20000 | P | RW | US | A);
-    g.write_u64(0x20000, PS | P | RW | US | A | D); // 1 GiB at 0
+    g.write_u64(Gpa(CR3), 0x20000 | P | RW | US | A);
+    g.write_u64(Gpa(0x20000), PS | P | RW | US | A | D); // 1 GiB at 0
     let mut pool = Mem::new(POOL, POOL_PAGES as u64 * PAGE);
-    let mut mmu = ShadowMmu::new(POOL, POOL_PAGES, mode);
-    mmu.load_cr3(&mut pool, &mut g, CR3).unwrap();
-    assert_eq!(mmu.handle_fault(&mut pool, &mut g, 0x1000, 0), Ok(FaultOutcome::GuestFault(pf::P | pf::RSVD)));
+    let mut mmu = ShadowMmu::new(Gpa(POOL), POOL_PAGES, mode);
+    mmu.load_cr3(&mut pool, &mut g, Gpa(CR3)).unwrap();
+    assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(0x1000), 0), Ok(FaultOutcome::GuestFault(pf::P | pf::RSVD)));
     // With them (the default), the same page is mapped.
-    let mut mmu = ShadowMmu::new(POOL, POOL_PAGES, PagingMode::default());
-    mmu.load_cr3(&mut pool, &mut g, CR3).unwrap();
-    assert_eq!(mmu.handle_fault(&mut pool, &mut g, 0x1000, 0), Ok(FaultOutcome::Fixed));
+    let mut mmu = ShadowMmu::new(Gpa(POOL), POOL_PAGES, PagingMode::default());
+    mmu.load_cr3(&mut pool, &mut g, Gpa(CR3)).unwrap();
+    assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(0x1000), 0), Ok(FaultOutcome::Fixed));
 }
 
 /// Issue 11, item 7: tables outside the trapped frames are never shadowed:
@@ -434,15 +440,15 @@ fn tables_outside_the_trapped_frames_are_refused() {
     let mode = PagingMode::default();
     let mut g = guest(RW | US | A | D, false); // tables at 0x1000, 0x20000, 0x21000, 0x22000
     let mut pool = Mem::new(POOL, POOL_PAGES as u64 * PAGE);
-    let mut mmu = ShadowMmu::new(POOL, POOL_PAGES, mode);
-    mmu.set_table_frames(&mut pool, TableFrames::new(&[(0x20000, 0x22000)]));
-    assert_eq!(mmu.load_cr3(&mut pool, &mut g, CR3), Err(ShadowError::RootNotTrapped(CR3)));
-    mmu.set_table_frames(&mut pool, TableFrames::new(&[(0x1000, 0x2000), (0x20000, 0x22000)]));
-    mmu.load_cr3(&mut pool, &mut g, CR3).unwrap();
+    let mut mmu = ShadowMmu::new(Gpa(POOL), POOL_PAGES, mode);
+    mmu.set_table_frames(&mut pool, TableFrames::new(&[(Gpa(0x20000), Gpa(0x22000))]));
+    assert_eq!(mmu.load_cr3(&mut pool, &mut g, Gpa(CR3)), Err(ShadowError::RootNotTrapped(Gpa(CR3))));
+    mmu.set_table_frames(&mut pool, TableFrames::new(&[(Gpa(0x1000), Gpa(0x2000)), (Gpa(0x20000), Gpa(0x22000))]));
+    mmu.load_cr3(&mut pool, &mut g, Gpa(CR3)).unwrap();
     // The PT at 0x22000 is outside: the PDE pointing at it is "reserved".
-    assert_eq!(mmu.handle_fault(&mut pool, &mut g, VA, 0), Ok(FaultOutcome::GuestFault(pf::P | pf::RSVD)));
-    assert_eq!(mmu.shadow_leaf(&pool, VA), None);
-    mmu.set_table_frames(&mut pool, TableFrames::new(&[(0x1000, 0x2000), (0x20000, 0x23000)]));
-    mmu.load_cr3(&mut pool, &mut g, CR3).unwrap();
-    assert_eq!(mmu.handle_fault(&mut pool, &mut g, VA, 0), Ok(FaultOutcome::Fixed));
+    assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(VA), 0), Ok(FaultOutcome::GuestFault(pf::P | pf::RSVD)));
+    assert_eq!(mmu.shadow_leaf(&pool, Gva(VA)), None);
+    mmu.set_table_frames(&mut pool, TableFrames::new(&[(Gpa(0x1000), Gpa(0x2000)), (Gpa(0x20000), Gpa(0x23000))]));
+    mmu.load_cr3(&mut pool, &mut g, Gpa(CR3)).unwrap();
+    assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(VA), 0), Ok(FaultOutcome::Fixed));
 }

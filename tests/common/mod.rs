@@ -59,3 +59,15 @@ pub fn assert_exit(o: &Output, code: i32) {
 pub fn error_line(o: &Output) -> String {
     stderr(o).lines().last().unwrap_or_default().to_string()
 }
+
+/// Run the `vmm` binary with `args` plus `--stats-json` into a temporary
+/// file called `name`: the output, and the JSON (`null` when none was
+/// written). Counts are read from here, never from `--stats` text.
+pub fn stats_json(args: &[&str], name: &str) -> (Output, serde_json::Value) {
+    let json = temp_path(name);
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--stats-json", json.to_str().unwrap()]);
+    let o = run(&all);
+    let v = serde_json::from_str(&std::fs::read_to_string(&json).unwrap_or_default()).unwrap_or_default();
+    (o, v)
+}

@@ -9,6 +9,7 @@
 use ept::memmap::SlotSpec;
 use ept::pagemap::HostPage;
 use ept::walk::{Walk, WalkCost, WalkEnd, flags_string, size_name};
+use guest_abi::{Gpa, Gva, Hva};
 use serde::Serialize;
 use std::fmt::Write as _;
 
@@ -17,10 +18,10 @@ use std::fmt::Write as _;
 pub struct Explanation {
     /// The address explained.
     #[serde(serialize_with = "ept::json::hex")]
-    pub gva: u64,
-    /// The guest CR3 the walk started from.
+    pub gva: Gva,
+    /// The guest's root (its CR3) the walk started from.
     #[serde(serialize_with = "ept::json::hex")]
-    pub cr3: u64,
+    pub cr3: Gpa,
     /// The MMU mode.
     pub mmu: &'static str,
     /// The guest page-table walk.
@@ -29,7 +30,7 @@ pub struct Explanation {
     pub slot: Option<SlotSpec>,
     /// The host-virtual address of the GPA.
     #[serde(serialize_with = "ept::json::hex_opt")]
-    pub hva: Option<u64>,
+    pub hva: Option<Hva>,
     /// The host page behind the HVA.
     pub host: Option<HostPage>,
     /// Why the host page could not be read, if it could not.
@@ -38,14 +39,48 @@ pub struct Explanation {
     pub cost: Option<WalkCost>,
     /// What `KVM_TRANSLATE` says the GPA is (`None`: not mapped).
     #[serde(serialize_with = "ept::json::hex_opt")]
-    pub kvm_translate: Option<u64>,
+    pub kvm_translate: Option<Gpa>,
     /// Shadow mode: the shadow leaf the vCPU really walks (entry, level),
     /// `None` when not shadowed (yet).
     #[serde(serialize_with = "shadow_leaf_json")]
     pub shadow_leaf: Option<(u64, u8)>,
     /// Shadow mode: the shadow root the vCPU's CR3 holds.
     #[serde(serialize_with = "ept::json::hex_opt")]
-    pub shadow_root: Option<u64>,
+    pub shadow_root: Option<shadow::ShadowRoot>,
+    /// The walk reaches a page, but the architectural rules (the shadow
+    /// walker's: reserved bits by level, MAXPHYADDR and vendor, the
+    /// paging controls, RAM bounds) refuse a supervisor read of it: the
+    /// `#PF` it would take. `None` when they allow it, or when nothing is
+    /// mapped.
+    pub refused: Option<Refused>,
+}
+
+/// A `#PF` the architectural walk gives where the display walk found a page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Refused {
+    /// The error code.
+    #[serde(serialize_with = "hex32")]
+    pub error_code: u32,
+    /// The level whose entry caused it (0: a permission fault at the leaf).
+    pub level: u8,
+}
+
+fn hex32<S: serde::Serializer>(v: &u32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{v:#x}"))
+}
+
+/// Guest RAM, read-only, for the architectural walk of `--explain`: the
+/// walker's A/D updates are dropped, so explaining changes nothing.
+struct ReadOnly<'a>(crate::shadow_mode::MemWindow<'a>);
+
+impl shadow::GuestPhys for ReadOnly<'_> {
+    fn read_u64(&self, gpa: Gpa) -> u64 {
+        self.0.read_u64(gpa)
+    }
+    fn write_u64(&mut self, _gpa: Gpa, _value: u64) {}
+    fn is_ram(&self, gpa: Gpa, len: u64) -> bool {
+        self.0.is_ram(gpa, len)
+    }
 }
 
 /// The shadow leaf as `{"entry": "0x…", "level": N}`.
@@ -64,7 +99,7 @@ fn shadow_leaf_json<S: serde::Serializer>(v: &Option<(u64, u8)>, s: S) -> Result
 
 impl Explanation {
     /// The GPA the guest's tables give, if mapped.
-    pub fn gpa(&self) -> Option<u64> {
+    pub fn gpa(&self) -> Option<Gpa> {
         match self.walk.end {
             WalkEnd::Mapped { gpa, .. } => Some(gpa),
             _ => None,
@@ -100,13 +135,21 @@ impl Explanation {
                 let _ = writeln!(s, "  GPA   none: a table pointer leads outside guest memory ({gpa:#x})");
             }
         }
+        if let Some(r) = &self.refused {
+            let _ = writeln!(
+                s,
+                "  rules a supervisor read faults here all the same: #PF error code {:#x} ({})",
+                r.error_code,
+                if r.level == 0 { "permissions".to_string() } else { format!("the level-{} entry", r.level) }
+            );
+        }
         if let Some(slot) = &self.slot {
             let _ = writeln!(
                 s,
                 "  slot  {} [{:#x}-{:#x}) {}{}",
                 slot.slot,
                 slot.gpa,
-                slot.gpa + slot.len,
+                slot.gpa.raw() + slot.len,
                 slot.kind.name(),
                 if slot.readonly { ", read-only" } else { "" }
             );
@@ -168,13 +211,13 @@ pub fn explain(
     m: &crate::mmu::Machine,
     backend: &dyn crate::mmu::MmuBackend,
     mmu: &'static str,
-    gva: u64,
+    gva: Gva,
 ) -> crate::Result<Explanation> {
     use vm_memory::{Bytes, GuestAddress};
     let hw_cr3 = m.sregs()?.cr3;
-    let cr3 = backend.guest_root(hw_cr3).raw();
+    let cr3 = backend.guest_root(hw_cr3);
     let mem = m.ram.memory();
-    let walk = ept::walk::walk(cr3, gva, |gpa| mem.read_obj::<u64>(GuestAddress(gpa)).ok());
+    let walk = ept::walk::walk(cr3, gva, |gpa| mem.read_obj::<u64>(GuestAddress(gpa.raw())).ok());
     let mut e = Explanation {
         gva,
         cr3,
@@ -188,8 +231,17 @@ pub fn explain(
         kvm_translate: None,
         shadow_leaf: None,
         shadow_root: None,
+        refused: None,
     };
     backend.explain(m, &mut e);
+    if matches!(e.walk.end, WalkEnd::Mapped { .. }) {
+        let mode = backend.guest_paging_mode(&m.sregs()?, m.regs().rflags);
+        let mut ram = ReadOnly(crate::shadow_mode::MemWindow::ram(mem, m.memory));
+        let read = shadow::walker::Access { write: false, user: false, fetch: false };
+        if let Err(pf) = shadow::walker::walk(&mut ram, cr3, gva, read, &mode) {
+            e.refused = Some(Refused { error_code: pf.error_code, level: pf.level });
+        }
+    }
     if let WalkEnd::Mapped { gpa, page_size } = e.walk.end {
         e.slot = m.map.slot_of(gpa).copied();
         e.hva = m.ram.hva(&m.map, gpa);
@@ -217,8 +269,9 @@ pub fn explain(
 
 /// Read a page-table entry at `gpa` in guest RAM or the VMM-private
 /// regions (the shadow pool).
-fn read_table_entry(m: &crate::mmu::Machine, gpa: u64) -> Option<u64> {
+fn read_table_entry(m: &crate::mmu::Machine, gpa: Gpa) -> Option<u64> {
     use vm_memory::{Bytes, GuestAddress};
+    let gpa = gpa.raw();
     let mem = m.ram.memory();
     mem.read_obj::<u64>(GuestAddress(gpa))
         .ok()
@@ -236,25 +289,28 @@ fn read_table_entry(m: &crate::mmu::Machine, gpa: u64) -> Option<u64> {
 /// that changed are written back. The guest is not running (this runs
 /// between exits or after the run), and `KVM_TRANSLATE` installs no
 /// translation, so nothing can have used the bit it set.
-fn translate_without_side_effects(m: &crate::mmu::Machine, hw_cr3: u64, guest_cr3: u64, gva: u64) -> Option<u64> {
+fn translate_without_side_effects(m: &crate::mmu::Machine, hw_cr3: u64, guest_cr3: Gpa, gva: Gva) -> Option<Gpa> {
     use vm_memory::{Bytes, GuestAddress};
     let mut saved = Vec::new();
-    for root in [guest_cr3, hw_cr3] {
+    // The vCPU's CR3: in shadow mode a shadow root, walked here only to
+    // save and restore its entries.
+    for root in [guest_cr3, Gpa(hw_cr3)] {
         let w = ept::walk::walk(root, gva, |gpa| read_table_entry(m, gpa));
         for st in &w.steps {
-            let at = st.table_gpa.wrapping_add(st.index * 8);
+            let at = Gpa(st.table_gpa.raw().wrapping_add(st.index * 8));
             saved.push((at, st.entry));
         }
     }
-    let t = match m.vcpu.translate_gva(gva) {
-        Ok(t) if t.valid != 0 => Some(t.physical_address),
+    let t = match m.vcpu.translate_gva(gva.raw()) {
+        Ok(t) if t.valid != 0 => Some(Gpa(t.physical_address)),
         _ => None,
     };
     for (at, old) in saved {
+        let at_raw = at.raw();
         if read_table_entry(m, at).is_some_and(|now| now != old) {
             let mem = m.ram.memory();
-            let wrote = mem.write_obj(old, GuestAddress(at)).is_ok()
-                || m.ram.pool().is_some_and(|p| p.write_obj(old, GuestAddress(at)).is_ok());
+            let wrote = mem.write_obj(old, GuestAddress(at_raw)).is_ok()
+                || m.ram.pool().is_some_and(|p| p.write_obj(old, GuestAddress(at_raw)).is_ok());
             if !wrote {
                 log::debug!("cannot restore the page-table entry at {at:#x} after KVM_TRANSLATE");
             }

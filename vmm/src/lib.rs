@@ -4,10 +4,11 @@
 //!
 //! Module map: [`layout`] names every boot-time address; [`boot`] writes the
 //! boot structures and loads the kernel; [`devices`] are the UART, the exit
-//! device and the hypercall port; [`vm`] owns the VM and the vCPU loop; [`mmu`] is the seam between that
-//! loop and the MMU modes (ept, [`shadow_mode`]);
-//! [`stats`] counts what happened; [`error`] says what went wrong and which
-//! exit code that means.
+//! device and the hypercall port; [`vm`] owns the VM and the vCPU loop
+//! ([`supervise`] runs it under the deadline); [`mmu`] is the seam between
+//! that loop and the MMU modes (ept, [`shadow_mode`]); [`stats`] counts
+//! what happened; [`error`] says what went wrong and which exit code that
+//! means.
 
 pub mod bench;
 pub mod boot;
@@ -27,6 +28,8 @@ pub mod pv_mode;
 pub mod shadow_mode;
 pub mod size;
 pub mod stats;
+pub mod supervise;
+mod vcpu_exit;
 pub mod vm;
 
 pub use error::{Error, Result};

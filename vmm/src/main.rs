@@ -82,7 +82,7 @@ fn run(args: RunArgs, process_start: Instant) -> i32 {
     }
     let mut explanations = Vec::new();
     for &gva in &args.explain {
-        match vm.explain(gva) {
+        match vm.explain(guest_abi::Gva(gva)) {
             Ok(e) => {
                 eprint!("{}", e.render());
                 explanations.push(e);

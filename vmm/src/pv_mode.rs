@@ -88,7 +88,7 @@ impl PvBackend {
         let batch = {
             let (mut ram, mut pool) = self.sh.windows(m);
             let mmu = self.sh.mmu_mut();
-            if let Err(ShadowError::PoolTooSmall) = mmu.follow_shadow_root(&mut pool, &mut ram, hw_root) {
+            if let Err(ShadowError::PoolTooSmall) = mmu.follow_shadow_root(&mut pool, &mut ram, Gpa(hw_root)) {
                 return Err(self.sh.pool_too_small(hw_root));
             }
             let followed = mmu.current_root();
@@ -96,10 +96,12 @@ impl PvBackend {
             let r = match self.area.as_mut().map(|a| a.take_queue(m.ram.memory())) {
                 None | Some(Ok([])) => hc::OK,
                 Some(Err(why)) => abi::batch_error(0, why),
-                Some(Ok(entries)) => match mmu.apply_batch(&mut pool, &mut ram, entries, self.zone) {
-                    BatchOutcome { refused: None, .. } => hc::OK,
-                    BatchOutcome { applied, refused: Some(why) } => abi::batch_error(applied, why),
-                },
+                Some(Ok(entries)) => {
+                    match mmu.apply_batch(&mut pool, &mut ram, entries, (Gpa(self.zone.0), Gpa(self.zone.1))) {
+                        BatchOutcome { refused: None, .. } => hc::OK,
+                        BatchOutcome { applied, refused: Some(why) } => abi::batch_error(applied, why),
+                    }
+                }
             };
             // On an EPT/NPT host the CPU walks the shadow tables from
             // memory, and the guest's own invlpg or CR3 reload after its
@@ -122,7 +124,7 @@ impl PvBackend {
         // A batch that exhausted the pool rebuilt the root the vCPU is on
         // elsewhere: follow it (a vCPU on tables of the guest's own making
         // is left where it is).
-        if followed == Some(hw_root & !0xfff) && self.sh.mmu().current_root() != followed {
+        if followed.map(|r| r.gpa().raw()) == Some(hw_root & !0xfff) && self.sh.mmu().current_root() != followed {
             self.sh.point_vcpu(m)?;
         }
         self.sh.times_mut().batch += t.elapsed();
@@ -132,7 +134,7 @@ impl PvBackend {
     /// Republish the cached roots if they changed.
     fn publish(&mut self, m: &Machine) {
         if let Some(area) = self.area.as_mut() {
-            area.publish(m.ram.memory(), self.sh.mmu().published_roots());
+            area.publish(m.ram.memory(), self.sh.mmu().published_roots().map(|(g, s)| (g.raw(), s.gpa().raw())));
         }
     }
 
@@ -144,7 +146,7 @@ impl PvBackend {
         let mmu = self.sh.mmu_mut();
         mmu.flush();
         if regs.rdi != abi::NO_GVA {
-            mmu.prefetch(&mut pool, &mut ram, regs.rdi);
+            mmu.prefetch(&mut pool, &mut ram, Gva(regs.rdi));
         }
         self.sh.times_mut().batch += t.elapsed();
         Ok(batch)

@@ -34,13 +34,15 @@ use crate::layout::{self, MAX_MEMORY, MIN_MEMORY, PT_ZONE_START};
 use crate::limits::{Limited, ReportBudget};
 use crate::mmu::{GuestCpu, Machine, MmuBackend, MmuCounters, kvm_err};
 use crate::stats::{ExitCounts, ExitReason, RunStats};
+pub use crate::supervise::{Supervised, VCPU_STOP_GRACE, supervise};
+use crate::vcpu_exit::Action;
 use ept::memmap::{MemoryMap, MemoryMapConfig};
 use ept::{Backing, GuestRam};
 use guest_abi::hypercall as hc;
-use guest_abi::ports::{EXIT_DEVICE, HYPERCALL, SERIAL_COM1, SERIAL_PORT_COUNT, exit_status};
+use guest_abi::ports::exit_status;
 use guest_abi::{Gpa, Gva, MmuMode};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::{Kvm, SyncReg, VcpuExit};
+use kvm_ioctls::{Kvm, SyncReg};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -155,89 +157,6 @@ pub struct Vm {
     diag: Arc<crate::devices::serial::ConsoleQueue>,
 }
 
-/// How long after the timeout the vCPU thread may take to stop before the
-/// run ends without it.
-pub const VCPU_STOP_GRACE: Duration = Duration::from_secs(1);
-
-/// How a supervised thread ended.
-#[derive(Debug)]
-pub enum Supervised<T> {
-    /// It returned this.
-    Done(T),
-    /// It panicked with this message.
-    Panicked(String),
-    /// It was still running [`VCPU_STOP_GRACE`] (or the given grace) after
-    /// the timeout; it was left running.
-    Stuck,
-}
-
-/// The text of a panic payload.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        s.to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "(a panic without a message)".to_string()
-    }
-}
-
-/// Run `work` on a thread named `name` and wait for it at most `timeout`.
-/// A panic is reported as soon as it happens, with its message. At the
-/// timeout, `on_timeout` runs once (it tells the work to stop) and the
-/// thread is kicked with the vCPU kick signal every 20 ms (out of
-/// `KVM_RUN`); if it has still not returned after `grace`, it is left
-/// running and `Stuck` is returned: the caller's deadline holds whatever
-/// the thread is doing.
-pub fn supervise<T: Send + 'static>(
-    name: &str,
-    timeout: Duration,
-    grace: Duration,
-    on_timeout: impl FnOnce(),
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Supervised<T> {
-    use std::os::unix::thread::JoinHandleExt;
-    use std::sync::mpsc::RecvTimeoutError;
-    install_kick_handler();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
-        // `tx` moves in: a panic drops it, which wakes the waiter at once.
-        let _ = tx.send(work());
-    });
-    let handle = match spawned {
-        Ok(h) => h,
-        Err(e) => return Supervised::Panicked(format!("cannot start the {name} thread: {e}")),
-    };
-    let finished = |handle: std::thread::JoinHandle<()>, got: Option<T>| match (handle.join(), got) {
-        (_, Some(v)) => Supervised::Done(v),
-        (Err(payload), None) => Supervised::Panicked(panic_message(&*payload)),
-        (Ok(()), None) => Supervised::Panicked("the thread ended without a result".into()),
-    };
-    match rx.recv_timeout(timeout) {
-        Ok(v) => return finished(handle, Some(v)),
-        Err(RecvTimeoutError::Disconnected) => return finished(handle, None),
-        Err(RecvTimeoutError::Timeout) => {}
-    }
-    on_timeout();
-    let expired_at = Instant::now();
-    loop {
-        // SAFETY: the handle is neither joined nor detached, so its
-        // pthread_t is valid (even if the thread has just ended); the kick
-        // handler is installed, so the signal only interrupts a blocking
-        // call such as KVM_RUN.
-        unsafe { libc::pthread_kill(handle.as_pthread_t(), kick_signal()) };
-        match rx.recv_timeout(Duration::from_millis(20)) {
-            Ok(v) => return finished(handle, Some(v)),
-            Err(RecvTimeoutError::Disconnected) => return finished(handle, None),
-            Err(RecvTimeoutError::Timeout) if expired_at.elapsed() >= grace => {
-                // Dropping the handle detaches the thread.
-                return Supervised::Stuck;
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-        }
-    }
-}
-
 impl Vm {
     /// Create the VM: KVM, memory, kernel, boot structures, vCPU. The guest
     /// console goes to `console` (through a writer thread: the vCPU never
@@ -265,13 +184,13 @@ impl Vm {
 
     /// `KVM_TRANSLATE` of `gva` with the vCPU's current CR3: the GPA, or
     /// `None` when KVM says it is not mapped.
-    pub fn kvm_translate(&self, gva: u64) -> Result<Option<u64>> {
+    pub fn kvm_translate(&self, gva: Gva) -> Result<Option<Gpa>> {
         self.core()?.kvm_translate(gva)
     }
 
     /// Point the vCPU's CR3 at `cr3` (for tools and tests that walk their
     /// own tables; the guest is not running).
-    pub fn set_cr3(&mut self, cr3: u64) -> Result<()> {
+    pub fn set_cr3(&mut self, cr3: Gpa) -> Result<()> {
         self.core.as_deref_mut().ok_or(Error::VmAbandoned)?.set_cr3(cr3)
     }
 
@@ -290,7 +209,7 @@ impl Vm {
 
     /// The translation chain of `gva` in the guest's current address space.
     /// Explaining changes nothing: no accessed or dirty bit is set.
-    pub fn explain(&self, gva: u64) -> Result<Explanation> {
+    pub fn explain(&self, gva: Gva) -> Result<Explanation> {
         self.core()?.explain(gva)
     }
 
@@ -483,16 +402,16 @@ impl VmCore {
 
     /// `KVM_TRANSLATE` of `gva` with the vCPU's current CR3: the GPA, or
     /// `None` when KVM says it is not mapped.
-    pub fn kvm_translate(&self, gva: u64) -> Result<Option<u64>> {
-        let t = self.m.vcpu.translate_gva(gva).map_err(kvm_err("KVM_TRANSLATE"))?;
-        Ok((t.valid != 0).then_some(t.physical_address))
+    pub fn kvm_translate(&self, gva: Gva) -> Result<Option<Gpa>> {
+        let t = self.m.vcpu.translate_gva(gva.raw()).map_err(kvm_err("KVM_TRANSLATE"))?;
+        Ok((t.valid != 0).then_some(Gpa(t.physical_address)))
     }
 
     /// Point the vCPU's CR3 at `cr3` (for tools and tests that walk their
     /// own tables; the guest is not running).
-    pub fn set_cr3(&mut self, cr3: u64) -> Result<()> {
+    pub fn set_cr3(&mut self, cr3: Gpa) -> Result<()> {
         let mut sregs = self.m.sregs()?;
-        sregs.cr3 = cr3;
+        sregs.cr3 = cr3.raw();
         self.m.set_sregs(&sregs)
     }
 
@@ -503,7 +422,7 @@ impl VmCore {
     }
 
     /// The translation chain of `gva` in the guest's current address space.
-    pub fn explain(&self, gva: u64) -> Result<Explanation> {
+    pub fn explain(&self, gva: Gva) -> Result<Explanation> {
         crate::explain::explain(&self.m, self.mmu.as_ref(), self.config.mmu.name(), gva)
     }
 
@@ -571,7 +490,7 @@ impl VmCore {
     /// [`crate::limits::MAX_EXPLAIN_PRINTS`] of a run; the rest are only
     /// counted); answer the GPA, or `ERR_FAULT` when the address is not
     /// mapped.
-    fn explain_hypercall(&mut self, gva: u64) -> u64 {
+    fn explain_hypercall(&mut self, gva: Gva) -> u64 {
         match self.explain(gva) {
             Ok(e) => {
                 if self.explain_prints.allow() {
@@ -580,7 +499,7 @@ impl VmCore {
                     let _ = self.diag.write_all(e.render().as_bytes());
                     self.diag.drain();
                 }
-                e.gpa().unwrap_or(hc::ERR_FAULT)
+                e.gpa().map_or(hc::ERR_FAULT, Gpa::raw)
             }
             Err(err) => {
                 if self.m.warnings.allow() {
@@ -605,7 +524,7 @@ impl VmCore {
             hc::LOAD_CR3 => self.mmu.load_cr3(&mut self.m, Gpa(r.rdi), &r)?,
             hc::SHADOW_FAULT => self.mmu.fault(&mut self.m, Gva(r.rdi), r.rsi, &r)?,
             hc::FLUSH_TLB => self.mmu.flush(&mut self.m, r.rdi, r.rsi, &r)?,
-            hc::EXPLAIN => self.explain_hypercall(r.rdi),
+            hc::EXPLAIN => self.explain_hypercall(Gva(r.rdi)),
             _ => {
                 let mut ctx = HypercallContext {
                     mem: self.m.ram.memory(),
@@ -757,152 +676,9 @@ impl VmCore {
     }
 }
 
-/// What to do about an exit, with the data copied out of `kvm_run` so the
-/// vCPU can be borrowed again. Port reads are answered in place (the data
-/// slice is KVM's I/O data area), serial writes go to the UART directly.
-enum Action {
-    SerialOut,
-    SerialIn,
-    ExitDevice(u8),
-    Hypercall(u32),
-    OtherIoOut(u16),
-    OtherIoIn(u16),
-    MmioRead(u64),
-    MmioWrite(u64, [u8; 8], usize),
-    Hlt,
-    Shutdown,
-    InternalError,
-    FailEntry(u64),
-    Other(String),
-}
-
-impl Action {
-    fn from_exit(exit: VcpuExit<'_>, serial: &mut GuestSerial) -> Action {
-        let uart = SERIAL_COM1..SERIAL_COM1 + SERIAL_PORT_COUNT;
-        match exit {
-            VcpuExit::IoOut(port, data) if uart.contains(&port) => {
-                // `rep outsb` delivers a whole string in one exit.
-                for b in data {
-                    // The sink never fails and NoInterrupt cannot either.
-                    let _ = serial.write((port - SERIAL_COM1) as u8, *b);
-                }
-                Action::SerialOut
-            }
-            VcpuExit::IoOut(EXIT_DEVICE, data) => Action::ExitDevice(data.first().copied().unwrap_or(0)),
-            VcpuExit::IoOut(HYPERCALL, data) => {
-                let mut nr = [0u8; 4];
-                for (d, s) in nr.iter_mut().zip(data) {
-                    *d = *s;
-                }
-                Action::Hypercall(u32::from_le_bytes(nr))
-            }
-            VcpuExit::IoOut(port, _) => Action::OtherIoOut(port),
-            VcpuExit::IoIn(port, data) if uart.contains(&port) => {
-                for d in data.iter_mut() {
-                    *d = serial.read((port - SERIAL_COM1) as u8);
-                }
-                Action::SerialIn
-            }
-            VcpuExit::IoIn(port, data) => {
-                data.fill(0xff);
-                Action::OtherIoIn(port)
-            }
-            VcpuExit::MmioRead(addr, data) => {
-                data.fill(0xff);
-                Action::MmioRead(addr)
-            }
-            VcpuExit::MmioWrite(addr, data) => {
-                let mut bytes = [0u8; 8];
-                let len = data.len().min(8);
-                bytes[..len].copy_from_slice(&data[..len]);
-                Action::MmioWrite(addr, bytes, len)
-            }
-            VcpuExit::Hlt => Action::Hlt,
-            VcpuExit::Shutdown => Action::Shutdown,
-            VcpuExit::InternalError => Action::InternalError,
-            VcpuExit::FailEntry(reason, _cpu) => Action::FailEntry(reason),
-            other => Action::Other(format!("{other:?}")),
-        }
-    }
-}
-
-fn kick_signal() -> libc::c_int {
-    vmm_sys_util::signal::SIGRTMIN()
-}
-
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// Install the (empty) handler of the signal that kicks the vCPU out of
-/// `KVM_RUN`; without it the signal would kill the process.
-fn install_kick_handler() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {
-            log::warn!("cannot install the vCPU kick handler: {e}; --timeout may not interrupt a busy guest");
-        }
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    // These check what ends a run, not how fast: the bounds are far from
-    // the expected times and only catch a wait for the full timeout.
-
-    #[test]
-    fn a_panic_on_the_vcpu_thread_is_reported_at_once_with_its_message() {
-        let start = Instant::now();
-        let r = supervise(
-            "vcpu-test",
-            Duration::from_secs(120),
-            VCPU_STOP_GRACE,
-            || {},
-            || -> u32 { panic!("shadow walk hit an impossible entry") },
-        );
-        match r {
-            Supervised::Panicked(msg) => assert_eq!(msg, "shadow walk hit an impossible entry"),
-            other => panic!("{other:?}"),
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "reported at the timeout, not at once");
-    }
-
-    #[test]
-    fn a_thread_that_ignores_the_timeout_is_left_behind() {
-        let start = Instant::now();
-        let told = Arc::new(AtomicBool::new(false));
-        let t = told.clone();
-        // A handler that runs far past the deadline and never looks at it.
-        let r = supervise(
-            "vcpu-test",
-            Duration::from_millis(200),
-            Duration::from_millis(200),
-            move || t.store(true, Ordering::SeqCst),
-            || std::thread::sleep(Duration::from_secs(600)),
-        );
-        assert!(matches!(r, Supervised::Stuck), "{r:?}");
-        assert!(told.load(Ordering::SeqCst), "on_timeout ran");
-        assert!(start.elapsed() < Duration::from_secs(300), "waited for the handler");
-    }
-
-    #[test]
-    fn a_thread_that_stops_when_told_is_done() {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let r = supervise(
-            "vcpu-test",
-            Duration::from_millis(100),
-            Duration::from_secs(60),
-            move || s.store(true, Ordering::SeqCst),
-            move || {
-                while !stop.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                7
-            },
-        );
-        assert!(matches!(r, Supervised::Done(7)), "{r:?}");
-    }
 
     #[test]
     fn the_refused_command_line_word_is_named() {

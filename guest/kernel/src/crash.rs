@@ -263,12 +263,7 @@ const SCRIBBLED_PAGES: u64 = 128;
 const WINDOW_SLOT: u64 = 300;
 const WINDOW: u64 = 0xffff_0000_0000_0000 | (WINDOW_SLOT << 39);
 const GIB: u64 = 1 << 30;
-const PTE_P: u64 = 1;
-const PTE_RW: u64 = 2;
-const PTE_US: u64 = 4;
-const PTE_A: u64 = 0x20;
-const PTE_D: u64 = 0x40;
-const PTE_PS: u64 = 0x80;
+use guest_abi::paging::{A as PTE_A, D as PTE_D, P as PTE_P, PS as PTE_PS, RW as PTE_RW, US as PTE_US};
 
 fn hardware_cr3() -> u64 {
     let v: u64;
@@ -377,7 +372,9 @@ fn scribble() -> ! {
         kprintln!("scribble: wrote {} pool pages at {:#x} behind the VMM's back", SCRIBBLED_PAGES, pool);
     }
     // Back through the front door.
-    arch::mmu::load_cr3_through_vmm(guest_root);
+    // SAFETY: the guest's own root from before the scribble: it maps the
+    // kernel (only the shadow pool was written).
+    unsafe { arch::mmu::load_cr3_through_vmm(guest_root) };
     arch::idt::set_page_fault_hook(|_, _| false);
     // What the boot tables leave unmapped: the identity map beyond RAM (up
     // to its 1 GiB), the rest of the identity/direct-map PDPT, and other

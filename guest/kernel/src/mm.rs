@@ -62,7 +62,10 @@ pub struct KernelMmu;
 
 impl MmuPlatform for KernelMmu {
     fn load_cr3(&self, root: Pfn) {
-        crate::arch::mmu::load_cr3(root.addr().0);
+        // SAFETY: guest_mm calls this with the root of an address space it
+        // built, whose upper half is the kernel's (paging.rs: every root
+        // shares the kernel half).
+        unsafe { crate::arch::mmu::load_cr3(root.addr().0) };
     }
     fn invlpg(&self, va: guest_abi::Gva) {
         crate::arch::mmu::invlpg(va.0);

@@ -97,7 +97,9 @@ fn slab64_alloc_free<M: Measurement>(c: &mut Criterion<M>) {
         b.iter(|| {
             let p = heap.alloc(black_box(layout)).unwrap();
             // SAFETY: `p` was just allocated by `heap` with `layout`.
-            unsafe { heap.dealloc(black_box(p), layout) };
+            // The layout goes through `black_box` here too, as the size
+            // does in both of Kmalloc's calls above: run time on both sides.
+            unsafe { heap.dealloc(black_box(p), black_box(layout)) };
         })
     });
     // The same two with the size known at compile time (as in

@@ -4,42 +4,8 @@
 
 use super::*;
 use crate::walker::pf;
-use std::collections::HashMap;
 
-/// Sparse memory: guest RAM at 0, or the pool at its base.
-#[derive(Clone, Debug, Default, PartialEq)]
-struct Mem {
-    words: HashMap<u64, u64>,
-    base: u64,
-    size: u64,
-}
-
-impl Mem {
-    fn new(base: u64, size: u64) -> Self {
-        Mem { words: HashMap::new(), base, size }
-    }
-    fn get(&self, gpa: u64) -> u64 {
-        *self.words.get(&gpa).unwrap_or(&0)
-    }
-}
-
-impl GuestPhys for Mem {
-    fn read_u64(&self, gpa: u64) -> u64 {
-        assert!(gpa >= self.base && gpa + 8 <= self.base + self.size, "read outside {gpa:#x}");
-        self.get(gpa)
-    }
-    fn write_u64(&mut self, gpa: u64, value: u64) {
-        assert!(gpa >= self.base && gpa + 8 <= self.base + self.size, "write outside {gpa:#x}");
-        if value == 0 {
-            self.words.remove(&gpa);
-        } else {
-            self.words.insert(gpa, value);
-        }
-    }
-    fn is_ram(&self, gpa: u64, len: u64) -> bool {
-        gpa >= self.base && gpa.checked_add(len).is_some_and(|e| e <= self.base + self.size)
-    }
-}
+use super::test_mem::Mem;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -53,16 +19,16 @@ const T: u64 = P | RW | US | A;
 /// reach one guest PT, so its one shadow page gets `pds × 512` parents.
 fn shared_pt_guest(pds: u64) -> (Mem, Vec<u64>) {
     let mut g = Mem::new(0, 64 * MIB);
-    g.write_u64(0x1000, 0x2000 | T);
-    g.write_u64(0x1008, 0x3000 | T);
-    g.write_u64(0x4000, 0x5000 | P | RW | A | D);
+    g.write_u64(Gpa(0x1000), 0x2000 | T);
+    g.write_u64(Gpa(0x1008), 0x3000 | T);
+    g.write_u64(Gpa(0x4000), 0x5000 | P | RW | A | D);
     let mut vas = Vec::new();
     for k in 0..pds {
         let pd = 0x10_0000 + k * PAGE;
         let (pml4i, pdpti) = (k / 512, k % 512);
-        g.write_u64(0x2000 + pml4i * PAGE + pdpti * 8, pd | T);
+        g.write_u64(Gpa(0x2000 + pml4i * PAGE + pdpti * 8), pd | T);
         for i in 0..512 {
-            g.write_u64(pd + i * 8, 0x4000 | T);
+            g.write_u64(Gpa(pd + i * 8), 0x4000 | T);
             vas.push((pml4i << 39) | (pdpti << 30) | (i << 21));
         }
     }
@@ -75,11 +41,11 @@ fn shared_pt_work(pds: u64) -> (f64, f64, f64) {
     let (mut g, vas) = shared_pt_guest(pds);
     let pool_pages = 16 + pds as u32;
     let mut pool = Mem::new(1 << 40, pool_pages as u64 * PAGE);
-    let mut mmu = ShadowMmu::new(1 << 40, pool_pages, PagingMode::default());
-    mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
+    let mut mmu = ShadowMmu::new(Gpa(1 << 40), pool_pages, PagingMode::default());
+    mmu.load_cr3(&mut pool, &mut g, Gpa(0x1000)).unwrap();
     let w0 = mmu.work();
     for &va in &vas {
-        assert_eq!(mmu.handle_fault(&mut pool, &mut g, va, pf::W), Ok(FaultOutcome::Fixed));
+        assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(va), pf::W), Ok(FaultOutcome::Fixed));
     }
     let per_fault = (mmu.work() - w0) as f64 / vas.len() as f64;
     assert_eq!(mmu.stats().pool_exhaustions, 0);
@@ -87,8 +53,8 @@ fn shared_pt_work(pds: u64) -> (f64, f64, f64) {
     for (i, slot) in per_parent.iter_mut().enumerate() {
         let parents = if i == 0 { pds.min(512) } else { pds.saturating_sub(512) } * 512;
         let w = mmu.work();
-        g.write_u64(0x1000 + i as u64 * 8, 0);
-        mmu.pte_written(&mut pool, &mut g, 0x1000 + i as u64 * 8, 8);
+        g.write_u64(Gpa(0x1000 + i as u64 * 8), 0);
+        mmu.pte_written(&mut pool, &mut g, Gpa(0x1000 + i as u64 * 8), 8);
         *slot = (mmu.work() - w) as f64 / parents.max(1) as f64;
     }
     mmu.check_invariants(&pool, &g).unwrap();
@@ -127,7 +93,7 @@ fn scribble(pool: &mut Mem, pages: u64, seed: u64) {
                 2 => POOL | P | RW | US | A | D | PS,
                 _ => r,
             };
-            pool.write_u64(POOL + page * PAGE + idx * 8, e);
+            pool.write_u64(Gpa(POOL + page * PAGE + idx * 8), e);
         }
     }
 }
@@ -137,17 +103,17 @@ fn scribble(pool: &mut Mem, pages: u64, seed: u64) {
 fn guest() -> Mem {
     let mut g = Mem::new(0, 64 * MIB);
     for root in [0x1000u64, 0x2000] {
-        g.write_u64(root, 0x20000 | T);
-        g.write_u64(root + 511 * 8, 0x60000 | T);
+        g.write_u64(Gpa(root), 0x20000 | T);
+        g.write_u64(Gpa(root + 511 * 8), 0x60000 | T);
     }
-    g.write_u64(0x60000 + 510 * 8, 0x61000 | T);
+    g.write_u64(Gpa(0x60000 + 510 * 8), 0x61000 | T);
     for i in 0..4u64 {
-        g.write_u64(0x61000 + i * 8, (0x20_0000 + i * 2 * MIB) | P | RW | A | D | PS);
+        g.write_u64(Gpa(0x61000 + i * 8), (0x20_0000 + i * 2 * MIB) | P | RW | A | D | PS);
     }
     for i in 0..8u64 {
-        g.write_u64(0x20000 + i * 8, (0x30000 + i * 0x2000) | T);
-        g.write_u64(0x30000 + i * 0x2000, (0x31000 + i * 0x2000) | T);
-        g.write_u64(0x31000 + i * 0x2000, (0x80_0000 + i * PAGE) | P | RW | US | A);
+        g.write_u64(Gpa(0x20000 + i * 8), (0x30000 + i * 0x2000) | T);
+        g.write_u64(Gpa(0x30000 + i * 0x2000), (0x31000 + i * 0x2000) | T);
+        g.write_u64(Gpa(0x31000 + i * 0x2000), (0x80_0000 + i * PAGE) | P | RW | US | A);
     }
     g
 }
@@ -168,11 +134,11 @@ fn probe_vas() -> Vec<u64> {
 fn shadow_is_exact(mmu: &ShadowMmu, pool: &Mem, g: &Mem) -> Result<(), String> {
     let cr3 = mmu.guest_cr3().unwrap();
     for va in probe_vas() {
-        let Some((spte, _)) = mmu.shadow_leaf(pool, va) else { continue };
+        let Some((spte, _)) = mmu.shadow_leaf(pool, Gva(va)) else { continue };
         let mut probe = g.clone();
         let access = Access { write: spte & RW != 0, user: spte & US != 0, fetch: false };
-        match walker::walk(&mut probe, cr3, va, access, &PagingMode::default()) {
-            Ok(t) if t.gpa & ADDR == spte & ADDR => {}
+        match walker::walk(&mut probe, cr3, Gva(va), access, &PagingMode::default()) {
+            Ok(t) if t.gpa.raw() & ADDR == spte & ADDR => {}
             other => return Err(format!("shadow maps {va:#x} as {spte:#x}; the guest walk says {other:?}")),
         }
     }
@@ -187,46 +153,50 @@ fn a_guest_scribbling_over_the_pool_changes_no_decision_and_is_repaired() {
     // same — the MMU decides from its own copy only — and no build panics.
     let pages = 12u32;
     let (mut clean_mmu, mut clean_pool) =
-        (ShadowMmu::new(POOL, pages, PagingMode::default()), Mem::new(POOL, pages as u64 * PAGE));
-    let (mut mmu, mut pool) = (ShadowMmu::new(POOL, pages, PagingMode::default()), Mem::new(POOL, pages as u64 * PAGE));
+        (ShadowMmu::new(Gpa(POOL), pages, PagingMode::default()), Mem::new(POOL, pages as u64 * PAGE));
+    let (mut mmu, mut pool) =
+        (ShadowMmu::new(Gpa(POOL), pages, PagingMode::default()), Mem::new(POOL, pages as u64 * PAGE));
     let (mut g1, mut g2) = (guest(), guest());
-    clean_mmu.load_cr3(&mut clean_pool, &mut g1, 0x1000).unwrap();
-    mmu.load_cr3(&mut pool, &mut g2, 0x1000).unwrap();
+    clean_mmu.load_cr3(&mut clean_pool, &mut g1, Gpa(0x1000)).unwrap();
+    mmu.load_cr3(&mut pool, &mut g2, Gpa(0x1000)).unwrap();
     for step in 0..64u64 {
         scribble(&mut pool, pages as u64, step);
         let i = step % 8;
         let (a, b) = match step % 5 {
             0 | 1 => (
-                clean_mmu.handle_fault(&mut clean_pool, &mut g1, i << 30, pf::U | pf::W),
-                mmu.handle_fault(&mut pool, &mut g2, i << 30, pf::U | pf::W),
+                clean_mmu.handle_fault(&mut clean_pool, &mut g1, Gva(i << 30), pf::U | pf::W),
+                mmu.handle_fault(&mut pool, &mut g2, Gva(i << 30), pf::U | pf::W),
             ),
             2 => {
                 for g in [&mut g1, &mut g2] {
-                    g.write_u64(0x31000 + i * 0x2000, (0x90_0000 + step * PAGE) | P | RW | US | A | ((step & 1) * D));
+                    g.write_u64(
+                        Gpa(0x31000 + i * 0x2000),
+                        (0x90_0000 + step * PAGE) | P | RW | US | A | ((step & 1) * D),
+                    );
                 }
-                clean_mmu.pte_written(&mut clean_pool, &mut g1, 0x31000 + i * 0x2000, 8);
-                mmu.pte_written(&mut pool, &mut g2, 0x31000 + i * 0x2000, 8);
+                clean_mmu.pte_written(&mut clean_pool, &mut g1, Gpa(0x31000 + i * 0x2000), 8);
+                mmu.pte_written(&mut pool, &mut g2, Gpa(0x31000 + i * 0x2000), 8);
                 (Ok(FaultOutcome::Fixed), Ok(FaultOutcome::Fixed))
             }
             3 => {
                 let cr3 = if step % 2 == 0 { 0x1000 } else { 0x2000 };
                 (
-                    clean_mmu.load_cr3(&mut clean_pool, &mut g1, cr3).map(|_| FaultOutcome::Fixed),
-                    mmu.load_cr3(&mut pool, &mut g2, cr3).map(|_| FaultOutcome::Fixed),
+                    clean_mmu.load_cr3(&mut clean_pool, &mut g1, Gpa(cr3)).map(|_| FaultOutcome::Fixed),
+                    mmu.load_cr3(&mut pool, &mut g2, Gpa(cr3)).map(|_| FaultOutcome::Fixed),
                 )
             }
             _ => {
                 // Unmap a whole path (frees shadow pages).
                 for g in [&mut g1, &mut g2] {
-                    g.write_u64(0x20000 + i * 8, 0);
+                    g.write_u64(Gpa(0x20000 + i * 8), 0);
                 }
-                clean_mmu.pte_written(&mut clean_pool, &mut g1, 0x20000 + i * 8, 8);
-                mmu.pte_written(&mut pool, &mut g2, 0x20000 + i * 8, 8);
+                clean_mmu.pte_written(&mut clean_pool, &mut g1, Gpa(0x20000 + i * 8), 8);
+                mmu.pte_written(&mut pool, &mut g2, Gpa(0x20000 + i * 8), 8);
                 for g in [&mut g1, &mut g2] {
-                    g.write_u64(0x20000 + i * 8, (0x30000 + i * 0x2000) | T);
+                    g.write_u64(Gpa(0x20000 + i * 8), (0x30000 + i * 0x2000) | T);
                 }
-                clean_mmu.pte_written(&mut clean_pool, &mut g1, 0x20000 + i * 8, 8);
-                mmu.pte_written(&mut pool, &mut g2, 0x20000 + i * 8, 8);
+                clean_mmu.pte_written(&mut clean_pool, &mut g1, Gpa(0x20000 + i * 8), 8);
+                mmu.pte_written(&mut pool, &mut g2, Gpa(0x20000 + i * 8), 8);
                 (Ok(FaultOutcome::Fixed), Ok(FaultOutcome::Fixed))
             }
         };
@@ -253,15 +223,15 @@ fn a_new_shadow_page_is_zeroed_even_if_the_guest_wrote_it_while_free() {
     // No repair in between: the page the MMU takes from the free list was
     // scribbled over; it must still come up clean (the old code asserted
     // this in debug builds and trusted it in release builds).
-    let (mut mmu, mut pool) = (ShadowMmu::new(POOL, 16, PagingMode::default()), Mem::new(POOL, 16 * PAGE));
+    let (mut mmu, mut pool) = (ShadowMmu::new(Gpa(POOL), 16, PagingMode::default()), Mem::new(POOL, 16 * PAGE));
     let mut g = guest();
-    mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
+    mmu.load_cr3(&mut pool, &mut g, Gpa(0x1000)).unwrap();
     scribble(&mut pool, 16, 7);
     let used = mmu.stats().pages_in_use;
     // Repair only the pages in use so far; the free ones stay scribbled.
     mmu.repair_pool_pages(&mut pool, 0..used);
     for i in 0..3u64 {
-        assert_eq!(mmu.handle_fault(&mut pool, &mut g, i << 30, pf::U), Ok(FaultOutcome::Fixed));
+        assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(i << 30), pf::U), Ok(FaultOutcome::Fixed));
     }
     assert!(mmu.stats().pages_in_use > used);
     mmu.check_invariants(&pool, &g).unwrap();
@@ -276,15 +246,15 @@ fn a_new_shadow_page_is_zeroed_even_if_the_guest_wrote_it_while_free() {
 fn big_kernel_half(gib: u64) -> Mem {
     let mut g = Mem::new(0, gib * GIB);
     for root in [0x1000u64, 0x2000] {
-        g.write_u64(root + 273 * 8, 0x10000 | T);
-        g.write_u64(root + 511 * 8, 0x11000 | T);
+        g.write_u64(Gpa(root + 273 * 8), 0x10000 | T);
+        g.write_u64(Gpa(root + 511 * 8), 0x11000 | T);
     }
-    g.write_u64(0x11000 + 510 * 8, 0x12000 | T);
-    g.write_u64(0x12000 + 8, 0x20_0000 | P | RW | A | D | PS);
+    g.write_u64(Gpa(0x11000 + 510 * 8), 0x12000 | T);
+    g.write_u64(Gpa(0x12000 + 8), 0x20_0000 | P | RW | A | D | PS);
     for d in 0..gib {
-        g.write_u64(0x10000 + d * 8, (0x100000 + d * PAGE) | T);
+        g.write_u64(Gpa(0x10000 + d * 8), (0x100000 + d * PAGE) | T);
         for i in 0..512 {
-            g.write_u64(0x100000 + d * PAGE + i * 8, (d * GIB + i * 2 * MIB) | P | RW | A | D | PS);
+            g.write_u64(Gpa(0x100000 + d * PAGE + i * 8), (d * GIB + i * 2 * MIB) | P | RW | A | D | PS);
         }
     }
     g
@@ -298,16 +268,16 @@ fn the_kernel_image_is_shadowed_whatever_the_size_of_the_direct_map() {
     // 16 GiB of direct map is 8,192 entries: the old fixed budget of 4,096
     // ran out before slot 511 and the first exception triple-faulted.
     let mut g = big_kernel_half(16);
-    let (mut mmu, mut pool) = (ShadowMmu::new(POOL, 64, PagingMode::default()), Mem::new(POOL, 64 * PAGE));
-    mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
-    assert!(mmu.shadow_leaf(&pool, KERNEL_IMAGE).is_some(), "the kernel image is not shadowed");
-    assert!(mmu.shadow_leaf(&pool, DIRECT_MAP + 15 * GIB + 511 * 2 * MIB).is_some(), "the direct map's end");
+    let (mut mmu, mut pool) = (ShadowMmu::new(Gpa(POOL), 64, PagingMode::default()), Mem::new(POOL, 64 * PAGE));
+    mmu.load_cr3(&mut pool, &mut g, Gpa(0x1000)).unwrap();
+    assert!(mmu.shadow_leaf(&pool, Gva(KERNEL_IMAGE)).is_some(), "the kernel image is not shadowed");
+    assert!(mmu.shadow_leaf(&pool, Gva(DIRECT_MAP + 15 * GIB + 511 * 2 * MIB)).is_some(), "the direct map's end");
     // A second root shares the prefilled subtrees: it costs zeroing its
     // page and its own 256 slots, not another walk of 8,192 entries.
     let w = mmu.work();
-    mmu.load_cr3(&mut pool, &mut g, 0x2000).unwrap();
+    mmu.load_cr3(&mut pool, &mut g, Gpa(0x2000)).unwrap();
     assert!(mmu.work() - w < 1024, "a second root cost {} steps", mmu.work() - w);
-    assert!(mmu.shadow_leaf(&pool, KERNEL_IMAGE).is_some());
+    assert!(mmu.shadow_leaf(&pool, Gva(KERNEL_IMAGE)).is_some());
     mmu.check_invariants(&pool, &g).unwrap();
 }
 
@@ -317,24 +287,24 @@ fn a_pool_too_small_for_the_kernel_half_shadows_fault_delivery_first() {
     // slots the VMM names (IDT, stacks, code: here the kernel image) come
     // first, pages are left for the next fault, and the rest faults in.
     let mut g = big_kernel_half(16);
-    g.write_u64(0x1000 + 8, 0x13000 | T); // a user path at 1 << 39
-    g.write_u64(0x13000, 0x14000 | T);
-    g.write_u64(0x14000, 0x15000 | T);
-    g.write_u64(0x15000, 0x40_0000 | P | RW | US | A | D);
-    let (mut mmu, mut pool) = (ShadowMmu::new(POOL, 8, PagingMode::default()), Mem::new(POOL, 8 * PAGE));
-    mmu.set_prefill_hints(&[KERNEL_IMAGE, 0x1234]);
-    mmu.load_cr3(&mut pool, &mut g, 0x1000).unwrap();
-    assert!(mmu.shadow_leaf(&pool, KERNEL_IMAGE).is_some());
+    g.write_u64(Gpa(0x1000 + 8), 0x13000 | T); // a user path at 1 << 39
+    g.write_u64(Gpa(0x13000), 0x14000 | T);
+    g.write_u64(Gpa(0x14000), 0x15000 | T);
+    g.write_u64(Gpa(0x15000), 0x40_0000 | P | RW | US | A | D);
+    let (mut mmu, mut pool) = (ShadowMmu::new(Gpa(POOL), 8, PagingMode::default()), Mem::new(POOL, 8 * PAGE));
+    mmu.set_prefill_hints(&[Gva(KERNEL_IMAGE), Gva(0x1234)]);
+    mmu.load_cr3(&mut pool, &mut g, Gpa(0x1000)).unwrap();
+    assert!(mmu.shadow_leaf(&pool, Gva(KERNEL_IMAGE)).is_some());
     assert_eq!(mmu.stats().pool_exhaustions, 0);
-    assert_eq!(mmu.handle_fault(&mut pool, &mut g, 1 << 39, pf::U), Ok(FaultOutcome::Fixed));
+    assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(1 << 39), pf::U), Ok(FaultOutcome::Fixed));
     assert_eq!(mmu.stats().pool_exhaustions, 0, "the reserve holds a user path");
     let far = DIRECT_MAP + 15 * GIB;
-    assert_eq!(mmu.handle_fault(&mut pool, &mut g, far, 0), Ok(FaultOutcome::Fixed));
-    assert!(mmu.shadow_leaf(&pool, far).is_some());
-    assert!(mmu.shadow_leaf(&pool, KERNEL_IMAGE).is_some(), "still there after an exhaustion");
+    assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(far), 0), Ok(FaultOutcome::Fixed));
+    assert!(mmu.shadow_leaf(&pool, Gva(far)).is_some());
+    assert!(mmu.shadow_leaf(&pool, Gva(KERNEL_IMAGE)).is_some(), "still there after an exhaustion");
     mmu.check_invariants(&pool, &g).unwrap();
     // A pool that cannot hold even the hinted slots says so.
-    let (mut tiny, mut tiny_pool) = (ShadowMmu::new(POOL, 4, PagingMode::default()), Mem::new(POOL, 4 * PAGE));
-    tiny.set_prefill_hints(&[DIRECT_MAP]);
-    assert_eq!(tiny.load_cr3(&mut tiny_pool, &mut g, 0x1000), Err(ShadowError::PoolTooSmall));
+    let (mut tiny, mut tiny_pool) = (ShadowMmu::new(Gpa(POOL), 4, PagingMode::default()), Mem::new(POOL, 4 * PAGE));
+    tiny.set_prefill_hints(&[Gva(DIRECT_MAP)]);
+    assert_eq!(tiny.load_cr3(&mut tiny_pool, &mut g, Gpa(0x1000)), Err(ShadowError::PoolTooSmall));
 }

@@ -52,7 +52,7 @@ impl ShadowMmu {
         pool: &mut impl GuestPhys,
         guest: &mut impl GuestPhys,
         entries: &[u64],
-        zone: (u64, u64),
+        zone: (Gpa, Gpa),
     ) -> BatchOutcome {
         self.stats.batches += 1;
         let mut outcome = BatchOutcome { applied: 0, refused: None };
@@ -63,7 +63,7 @@ impl ShadowMmu {
                 outcome.refused = Some(BatchError::Unaligned);
                 break;
             }
-            if gpa < zone.0 || gpa >= zone.1 {
+            if gpa < zone.0.raw() || gpa >= zone.1.raw() {
                 outcome.refused = Some(BatchError::OutsideZone);
                 break;
             }
@@ -83,17 +83,18 @@ impl ShadowMmu {
     /// gets the same permissions a hidden fault would give it (writable only
     /// if the guest entry is dirty). KVM's `pte_prefetch`, for the address
     /// the guest just mapped. Returns whether a leaf was installed.
-    pub fn prefetch(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys, va: u64) -> bool {
+    pub fn prefetch(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys, va: Gva) -> bool {
+        let va = va.raw();
         let Some((_, mut page)) = self.current else { return false };
         let Some(mut role) = self.pages[page as usize].as_ref().map(|p| p.role) else { return false };
         for level in (1..=4u8).rev() {
             self.work += 1;
             let idx = (va >> (12 + 9 * (level as u32 - 1))) & 0x1ff;
             let gpa = (role.gfn << 12) + idx * 8;
-            if !guest.is_ram(gpa, 8) {
+            if !guest.is_ram(Gpa(gpa), 8) {
                 return false;
             }
-            let gpte = guest.read_u64(gpa);
+            let gpte = guest.read_u64(Gpa(gpa));
             if gpte & (P | A) != (P | A) || gpte & walker::reserved_mask(&self.mode, level, gpte) != 0 {
                 return false;
             }
@@ -103,7 +104,7 @@ impl ShadowMmu {
                 self.stats.prefetches += 1;
                 return true;
             }
-            if !self.tables.contains(gpte & ADDR) {
+            if !self.tables.contains(Gpa(gpte & ADDR)) {
                 return false;
             }
             let child_role = Role {
@@ -128,10 +129,10 @@ impl ShadowMmu {
         &mut self,
         pool: &mut impl GuestPhys,
         guest: &mut impl GuestPhys,
-        guest_cr3: u64,
-    ) -> Result<u64, ShadowError> {
+        guest_cr3: Gpa,
+    ) -> Result<ShadowRoot, ShadowError> {
         match self.current {
-            Some((g, p)) if g == guest_cr3 & ADDR => Ok(self.page_gpa(p)),
+            Some((g, p)) if g == guest_cr3.raw() & ADDR => Ok(ShadowRoot(Gpa(self.page_gpa(p)))),
             _ => self.load_cr3(pool, guest, guest_cr3),
         }
     }
@@ -146,13 +147,13 @@ impl ShadowMmu {
         &mut self,
         pool: &mut impl GuestPhys,
         guest: &mut impl GuestPhys,
-        shadow_root: u64,
+        shadow_root: Gpa,
     ) -> Result<bool, ShadowError> {
-        let Some(page) = self.page_of(shadow_root & ADDR) else { return Ok(false) };
+        let Some(page) = self.page_of(shadow_root.raw() & ADDR) else { return Ok(false) };
         match self.current {
             Some((_, p)) if p == page => Ok(true),
             _ => match self.roots.iter().find(|&&(_, p)| p == page) {
-                Some(&(g, _)) => self.load_cr3(pool, guest, g).map(|_| true),
+                Some(&(g, _)) => self.load_cr3(pool, guest, Gpa(g)).map(|_| true),
                 None => Ok(false),
             },
         }
@@ -162,10 +163,10 @@ impl ShadowMmu {
     /// `(guest root, shadow root GPA)` of every cached root whose kernel
     /// half is shadowed (one that lost entries is left out until the next
     /// `LOAD_CR3` refills it: fault delivery must not fault).
-    pub fn published_roots(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+    pub fn published_roots(&self) -> impl Iterator<Item = (Gpa, ShadowRoot)> + '_ {
         self.roots
             .iter()
             .filter(|&&(_, p)| self.pages[p as usize].as_ref().is_some_and(|sp| !sp.needs_prefill))
-            .map(|&(g, p)| (g, self.page_gpa(p)))
+            .map(|&(g, p)| (Gpa(g), ShadowRoot(Gpa(self.page_gpa(p)))))
     }
 }

@@ -19,15 +19,18 @@ impl Mem {
 }
 
 impl GuestPhys for Mem {
-    fn read_u64(&self, gpa: u64) -> u64 {
+    fn read_u64(&self, gpa: Gpa) -> u64 {
+        let gpa = gpa.raw();
         assert!(gpa + 8 <= self.ram, "walker read outside RAM at {gpa:#x}");
         *self.words.get(&gpa).unwrap_or(&0)
     }
-    fn write_u64(&mut self, gpa: u64, value: u64) {
+    fn write_u64(&mut self, gpa: Gpa, value: u64) {
+        let gpa = gpa.raw();
         assert!(gpa + 8 <= self.ram, "walker wrote outside RAM at {gpa:#x}");
         self.words.insert(gpa, value);
     }
-    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+    fn is_ram(&self, gpa: Gpa, len: u64) -> bool {
+        let gpa = gpa.raw();
         gpa.checked_add(len).is_some_and(|e| e <= self.ram)
     }
 }
@@ -55,7 +58,7 @@ const UW: Access = Access { write: true, user: true, fetch: false };
 const UX: Access = Access { write: false, user: true, fetch: true };
 
 fn ec(m: &mut Mem, access: Access, mode: &PagingMode) -> u32 {
-    walk(m, CR3, VA, access, mode).unwrap_err().error_code
+    walk(m, Gpa(CR3), Gva(VA), access, mode).unwrap_err().error_code
 }
 
 #[test]
@@ -72,13 +75,13 @@ fn error_codes_measured_on_the_host() {
 #[test]
 fn translation_and_permissions() {
     let mut m = four_k(P | RW | US, P | RW | US);
-    let t = walk(&mut m, CR3, VA, UR, &PagingMode::default()).unwrap();
-    assert_eq!((t.gpa, t.page_size, t.levels), (0x9123, 4096, 4));
+    let t = walk(&mut m, Gpa(CR3), Gva(VA), UR, &PagingMode::default()).unwrap();
+    assert_eq!((t.gpa, t.page_size, t.levels), (Gpa(0x9123), 4096, 4));
     assert!(t.writable && t.user && t.executable);
     // Supervisor write to a read-only page is fine with CR0.WP = 0.
     let mut m = four_k(P | RW | US, P);
     let mode = PagingMode { wp: false, ..Default::default() };
-    assert!(walk(&mut m, CR3, VA, W, &mode).is_ok());
+    assert!(walk(&mut m, Gpa(CR3), Gva(VA), W, &mode).is_ok());
     // RW clear at an upper level makes the page read-only for users.
     let mut m = four_k(P | US, P | RW | US);
     assert_eq!(ec(&mut m, UW, &PagingMode::default()), 0x7);
@@ -88,31 +91,31 @@ fn translation_and_permissions() {
 fn a_and_d_bits_like_kvm() {
     let mode = PagingMode::default();
     let mut m = four_k(P | RW | US, P | RW | US);
-    walk(&mut m, CR3, VA, UR, &mode).unwrap();
+    walk(&mut m, Gpa(CR3), Gva(VA), UR, &mode).unwrap();
     for gpa in [0x1000, 0x2000, 0x3000, 0x4028] {
         assert!(m.words[&gpa] & A != 0, "A not set at {gpa:#x}");
     }
     assert_eq!(m.words[&0x4028] & D, 0, "a read must not set D");
-    let t = walk(&mut m, CR3, VA, UW, &mode).unwrap();
+    let t = walk(&mut m, Gpa(CR3), Gva(VA), UW, &mode).unwrap();
     assert!(t.dirty && m.words[&0x4028] & D != 0);
     assert_eq!(m.words[&0x3000] & D, 0, "D only in the leaf");
     // A faulting access sets nothing.
     let mut m = four_k(P | RW | US, P | US);
     let before = m.clone();
-    walk(&mut m, CR3, VA, UW, &mode).unwrap_err();
+    walk(&mut m, Gpa(CR3), Gva(VA), UW, &mode).unwrap_err();
     assert_eq!(m, before);
 }
 
 #[test]
 fn reserved_bits() {
     let mode = PagingMode { maxphyaddr: 40, ..Default::default() };
-    let rsvd = |m: &mut Mem, mode: &PagingMode| walk(m, CR3, VA, UR, mode).unwrap_err();
+    let rsvd = |m: &mut Mem, mode: &PagingMode| walk(m, Gpa(CR3), Gva(VA), UR, mode).unwrap_err();
     let mut m = four_k(P | RW | US, P | US | (1 << 45));
     assert_eq!(rsvd(&mut m, &mode), PageFault { error_code: pf::P | pf::U | pf::RSVD, level: 1 });
     // XD is reserved without EFER.NXE; fetch then has no I/D bit.
     let mut m = four_k(P | RW | US, P | US | XD);
     let no_nx = PagingMode { nxe: false, ..Default::default() };
-    assert_eq!(walk(&mut m, CR3, VA, UX, &no_nx).unwrap_err().error_code, pf::P | pf::U | pf::RSVD);
+    assert_eq!(walk(&mut m, Gpa(CR3), Gva(VA), UX, &no_nx).unwrap_err().error_code, pf::P | pf::U | pf::RSVD);
     // PS in a PML4 entry.
     let mut m = four_k(P | RW | US, P | US);
     m.set(0x1000, 0x2000 | P | RW | US | PS);
@@ -122,10 +125,10 @@ fn reserved_bits() {
     m.set(0x1000, 0x2000 | P | RW | US);
     m.set(0x2000, 0x3000 | P | RW | US);
     m.set(0x3000, 0x20_0000 | (1 << 13) | P | US | PS);
-    assert_eq!(walk(&mut m, CR3, 0x1234, UR, &mode).unwrap_err().error_code, pf::P | pf::U | pf::RSVD);
+    assert_eq!(walk(&mut m, Gpa(CR3), Gva(0x1234), UR, &mode).unwrap_err().error_code, pf::P | pf::U | pf::RSVD);
     m.set(0x3000, 0x20_0000 | P | US | PS);
-    let t = walk(&mut m, CR3, 0x1234, UR, &mode).unwrap();
-    assert_eq!((t.gpa, t.page_size, t.levels), (0x20_1234, 2 * MIB, 3));
+    let t = walk(&mut m, Gpa(CR3), Gva(0x1234), UR, &mode).unwrap();
+    assert_eq!((t.gpa, t.page_size, t.levels), (Gpa(0x20_1234), 2 * MIB, 3));
 }
 
 #[test]
@@ -135,24 +138,24 @@ fn nothing_outside_ram_is_ever_translated() {
     // the PD entry there (level 2), with reserved-bit semantics.
     let mut m = four_k(P | RW | US, P | US);
     m.set(0x2000, 0x10_0000_0000 | P | RW | US);
-    assert_eq!(walk(&mut m, CR3, VA, UR, &mode).unwrap_err(), PageFault { error_code: 0xd, level: 2 });
+    assert_eq!(walk(&mut m, Gpa(CR3), Gva(VA), UR, &mode).unwrap_err(), PageFault { error_code: 0xd, level: 2 });
     // A leaf page beyond RAM (the shadow pool, say).
     let mut m = four_k(P | RW | US, P | US);
     m.set(0x4028, 0x8000_0000 | P | US);
-    assert_eq!(walk(&mut m, CR3, VA, UR, &mode).unwrap_err().error_code, 0xd);
+    assert_eq!(walk(&mut m, Gpa(CR3), Gva(VA), UR, &mode).unwrap_err().error_code, 0xd);
     // A 1 GiB page that runs past the end of a 64 MiB RAM.
     let mut m = Mem::new(64 * MIB);
     m.set(0x1000, 0x2000 | P | RW | US);
     m.set(0x2000, P | RW | US | PS);
-    assert_eq!(walk(&mut m, CR3, 0x1000, UR, &mode).unwrap_err().error_code, 0xd);
+    assert_eq!(walk(&mut m, Gpa(CR3), Gva(0x1000), UR, &mode).unwrap_err().error_code, 0xd);
 }
 
 #[test]
 fn self_referencing_tables_terminate() {
     let mut m = Mem::new(64 * MIB);
     m.set(0x1000, 0x1000 | P | RW | US);
-    let t = walk(&mut m, CR3, 0, UR, &PagingMode::default()).unwrap();
-    assert_eq!((t.gpa, t.levels), (0x1000, 4));
+    let t = walk(&mut m, Gpa(CR3), Gva(0), UR, &PagingMode::default()).unwrap();
+    assert_eq!((t.gpa, t.levels), (Gpa(0x1000), 4));
 }
 
 #[test]
@@ -160,14 +163,14 @@ fn smep_and_smap() {
     let mode = PagingMode { smep: true, smap: true, ..Default::default() };
     let mut m = four_k(P | RW | US, P | RW | US);
     let sx = Access { write: false, user: false, fetch: true };
-    assert_eq!(walk(&mut m, CR3, VA, sx, &mode).unwrap_err().error_code, pf::P | pf::ID);
-    assert_eq!(walk(&mut m, CR3, VA, R, &mode).unwrap_err().error_code, pf::P);
+    assert_eq!(walk(&mut m, Gpa(CR3), Gva(VA), sx, &mode).unwrap_err().error_code, pf::P | pf::ID);
+    assert_eq!(walk(&mut m, Gpa(CR3), Gva(VA), R, &mode).unwrap_err().error_code, pf::P);
     let ac = PagingMode { ac: true, ..mode };
-    assert!(walk(&mut m, CR3, VA, R, &ac).is_ok());
+    assert!(walk(&mut m, Gpa(CR3), Gva(VA), R, &ac).is_ok());
     // SMEP alone makes a fetch report I/D even without NXE.
     let smep_only = PagingMode { nxe: false, smep: true, ..Default::default() };
     let mut m = four_k(P | RW | US, 0);
-    assert_eq!(walk(&mut m, CR3, VA, sx, &smep_only).unwrap_err().error_code, pf::ID);
+    assert_eq!(walk(&mut m, Gpa(CR3), Gva(VA), sx, &smep_only).unwrap_err().error_code, pf::ID);
 }
 
 /// Without 1 GiB pages in the guest's CPUID, PS in a PDPTE is a reserved
@@ -185,11 +188,11 @@ fn ps_in_a_pdpte_is_reserved_without_1g_pages() {
     let mut big = Mem::new(2 << 30);
     big.set(CR3, 0x2000 | P | RW | US);
     big.set(0x2000, P | RW | US | PS);
-    assert_eq!(walk(&mut big, CR3, 0x1234, R, &with).unwrap().page_size, 1 << 30);
+    assert_eq!(walk(&mut big, Gpa(CR3), Gva(0x1234), R, &with).unwrap().page_size, 1 << 30);
     let without = PagingMode { pdpe1gb: false, ..with };
-    let f = walk(&mut big, CR3, 0x1234, R, &without).unwrap_err();
+    let f = walk(&mut big, Gpa(CR3), Gva(0x1234), R, &without).unwrap_err();
     assert_eq!((f.error_code, f.level), (pf::P | pf::RSVD, 3));
-    let f = walk(&mut m, CR3, 0x1234, R, &without).unwrap_err();
+    let f = walk(&mut m, Gpa(CR3), Gva(0x1234), R, &without).unwrap_err();
     assert_eq!((f.error_code, f.level), (pf::P | pf::RSVD, 3));
 }
 
@@ -200,14 +203,14 @@ fn ps_in_a_pdpte_is_reserved_without_1g_pages() {
 fn pml4e_bit_8_is_reserved_on_amd_only() {
     let mut m = four_k(P | RW | US, P | RW | US);
     m.set(0x1000, 0x2000 | P | RW | US | (1 << 8));
-    assert!(walk(&mut m, CR3, VA, R, &PagingMode::default()).is_ok());
+    assert!(walk(&mut m, Gpa(CR3), Gva(VA), R, &PagingMode::default()).is_ok());
     let amd = PagingMode { amd: true, ..Default::default() };
-    let f = walk(&mut m, CR3, VA, R, &amd).unwrap_err();
+    let f = walk(&mut m, Gpa(CR3), Gva(VA), R, &amd).unwrap_err();
     assert_eq!((f.error_code, f.level), (pf::P | pf::RSVD, 4));
     // Bit 8 lower down stays ignored.
     let mut m = four_k(P | RW | US | (1 << 8), P | RW | US);
     m.set(0x1000, 0x2000 | P | RW | US);
-    assert!(walk(&mut m, CR3, VA, R, &amd).is_ok());
+    assert!(walk(&mut m, Gpa(CR3), Gva(VA), R, &amd).is_ok());
 }
 
 /// Issue 11, item 6, the documented difference: a large page only partly in
@@ -217,7 +220,7 @@ fn a_large_page_partly_outside_ram_faults_with_rsvd() {
     let mut m = Mem::new(64 * MIB);
     m.set(CR3, 0x2000 | P | RW | US);
     m.set(0x2000, P | RW | US | PS);
-    let f = walk(&mut m, CR3, 0x1000, R, &PagingMode::default()).unwrap_err();
+    let f = walk(&mut m, Gpa(CR3), Gva(0x1000), R, &PagingMode::default()).unwrap_err();
     assert_eq!((f.error_code, f.level), (pf::P | pf::RSVD, 3));
 }
 
@@ -227,27 +230,31 @@ fn a_large_page_partly_outside_ram_faults_with_rsvd() {
 fn tables_outside_the_trapped_frames_fault_with_rsvd() {
     struct Zoned(Mem);
     impl GuestPhys for Zoned {
-        fn read_u64(&self, gpa: u64) -> u64 {
-            self.0.read_u64(gpa)
+        fn read_u64(&self, gpa: Gpa) -> u64 {
+            let gpa = gpa.raw();
+            self.0.read_u64(Gpa(gpa))
         }
-        fn write_u64(&mut self, gpa: u64, value: u64) {
-            self.0.write_u64(gpa, value)
+        fn write_u64(&mut self, gpa: Gpa, value: u64) {
+            let gpa = gpa.raw();
+            self.0.write_u64(Gpa(gpa), value)
         }
-        fn is_ram(&self, gpa: u64, len: u64) -> bool {
-            self.0.is_ram(gpa, len)
+        fn is_ram(&self, gpa: Gpa, len: u64) -> bool {
+            let gpa = gpa.raw();
+            self.0.is_ram(Gpa(gpa), len)
         }
-        fn may_hold_tables(&self, gpa: u64) -> bool {
+        fn may_hold_tables(&self, gpa: Gpa) -> bool {
+            let gpa = gpa.raw();
             gpa != 0x5000
         }
     }
     let mut m = Zoned(four_k(P | RW | US, P | RW | US));
-    assert!(walk(&mut m, CR3, VA, R, &PagingMode::default()).is_ok());
+    assert!(walk(&mut m, Gpa(CR3), Gva(VA), R, &PagingMode::default()).is_ok());
     // The root itself outside: the PML4 entry used is "reserved".
-    let f = walk(&mut m, 0x5000, VA, R, &PagingMode::default()).unwrap_err();
+    let f = walk(&mut m, Gpa(0x5000), Gva(VA), R, &PagingMode::default()).unwrap_err();
     assert_eq!((f.error_code, f.level), (pf::P | pf::RSVD, 4));
     // A PT outside: the PDE is.
     m.0.set(0x3000, 0x5000 | P | RW | US);
-    let f = walk(&mut m, CR3, VA, R, &PagingMode::default()).unwrap_err();
+    let f = walk(&mut m, Gpa(CR3), Gva(VA), R, &PagingMode::default()).unwrap_err();
     assert_eq!((f.error_code, f.level), (pf::P | pf::RSVD, 2));
 }
 
@@ -272,7 +279,7 @@ fn reference(mem: &Mem, cr3: u64, va: u64, acc: Access, mode: &PagingMode) -> Re
         if !in_ram(addr, 8) {
             return (Err(base_ec | 1 | 8), vec![]);
         }
-        let e = mem.read_u64(addr);
+        let e = mem.read_u64(Gpa(addr));
         if e & 1 == 0 {
             return (Err(base_ec), vec![]);
         }
@@ -395,10 +402,10 @@ proptest! {
         let access = Access { write: acc.0 && !acc.2, user: acc.1, fetch: acc.2 };
         let (want, writes) = reference(&mem, CR3, va, access, &mode);
         let mut after = mem.clone();
-        let got = walk(&mut after, CR3, va, access, &mode);
+        let got = walk(&mut after, Gpa(CR3), Gva(va), access, &mode);
         match (got, want) {
             (Ok(t), Ok((gpa, size))) => {
-                prop_assert_eq!((t.gpa, t.page_size), (gpa, size));
+                prop_assert_eq!((t.gpa, t.page_size), (Gpa(gpa), size));
                 let mut expect = mem.clone();
                 for (a, v) in writes {
                     expect.set(a, v);

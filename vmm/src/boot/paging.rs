@@ -12,16 +12,11 @@ use crate::layout::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-/// Present.
-pub const PTE_P: u64 = 1 << 0;
-/// Writable.
-pub const PTE_RW: u64 = 1 << 1;
-/// Page size (a 2 MiB or 1 GiB leaf at PD/PDPT level).
-pub const PTE_PS: u64 = 1 << 7;
+pub use guest_abi::paging::{P as PTE_P, PS as PTE_PS, RW as PTE_RW};
 
 /// The index of `va` in the table of `level` (4 = PML4 … 1 = PT).
 pub const fn table_index(va: u64, level: u32) -> u64 {
-    (va >> (12 + 9 * (level - 1))) & 0x1ff
+    guest_abi::paging::table_index(va, level as u8) as u64
 }
 
 fn write_entry(mem: &GuestMemoryMmap, table: u64, index: u64, value: u64) -> Result<()> {
@@ -67,9 +62,9 @@ mod tests {
             }
             if level == 2 {
                 assert!(e & PTE_PS != 0);
-                return Some((e & 0x000f_ffff_ffe0_0000) + (va & (LARGE_PAGE_SIZE - 1)));
+                return Some((e & guest_abi::paging::ADDR_MASK_2M) + (va & (LARGE_PAGE_SIZE - 1)));
             }
-            table = e & 0x000f_ffff_ffff_f000;
+            table = e & guest_abi::paging::ADDR_MASK;
         }
         unreachable!()
     }

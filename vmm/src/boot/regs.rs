@@ -8,26 +8,10 @@ use super::gdt::{BOOT_GDT, kvm_segment_from_gdt};
 use crate::layout::{BOOT_GDT_START, BOOT_IDT_START, BOOT_INFO_START, BOOT_STACK_POINTER, PML4_START};
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 
-/// CR0: protected mode.
-pub const CR0_PE: u64 = 1 << 0;
-/// CR0: extension type (always 1 on modern CPUs).
-pub const CR0_ET: u64 = 1 << 4;
-/// CR0: native FPU error reporting.
-pub const CR0_NE: u64 = 1 << 5;
-/// CR0: supervisor writes honour read-only pages.
-pub const CR0_WP: u64 = 1 << 16;
-/// CR0: paging.
-pub const CR0_PG: u64 = 1 << 31;
-/// CR4: physical address extension (required for long mode).
-pub const CR4_PAE: u64 = 1 << 5;
-/// CR4: OS supports FXSAVE/SSE. Kept clear.
-pub const CR4_OSFXSR: u64 = 1 << 9;
-/// EFER: long mode enable.
-pub const EFER_LME: u64 = 1 << 8;
-/// EFER: long mode active.
-pub const EFER_LMA: u64 = 1 << 10;
-/// EFER: no-execute enable.
-pub const EFER_NXE: u64 = 1 << 11;
+// The control-register bits (CR4.OSFXSR is kept clear).
+pub use guest_abi::paging::{
+    CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR0_WP, CR4_OSFXSR, CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE,
+};
 
 /// Long-mode system registers on top of `sregs` (as read from the vCPU).
 /// `nx` says whether the guest's CPUID offers NX, so EFER.NXE may be set.

@@ -61,7 +61,8 @@ pub fn init(mode: Option<MmuMode>) {
         }
         _ => return,
     }
-    load_cr3(boot_root);
+    // SAFETY: the tables the CPU runs on now: they map the kernel.
+    unsafe { load_cr3(boot_root) };
 }
 
 /// Whether the VMM shadows our page tables (shadow or pv mode).
@@ -82,14 +83,22 @@ pub fn read_cr3() -> u64 {
 }
 
 /// Switch to the address space rooted at `root` (a GPA).
-pub fn load_cr3(root: u64) {
+///
+/// # Safety
+/// `root` must be the root of a valid four-level address space that maps
+/// the running kernel (its code, stacks, IDT/GDT/TSS and data) as the
+/// current one does — the kernel half every address space shares — and
+/// stays so while it is loaded. Anything else faults the next instruction
+/// or silently maps other memory.
+pub unsafe fn load_cr3(root: u64) {
     if is_pv()
         && queue_len() == 0
         && let Some(shadow_root) = published_root(root)
     {
         // SAFETY: a shadow root the VMM published for `root` (kept valid
         // until the VMM republishes, which it does before we run again
-        // whenever a root changes); it maps the kernel as `root` does.
+        // whenever a root changes); it maps the kernel as `root` does (the
+        // caller's contract).
         unsafe { core::arch::asm!("mov cr3, {}", in(reg) shadow_root, options(nostack, preserves_flags)) };
         GUEST_CR3.store(root, Ordering::Relaxed);
         return;
@@ -103,7 +112,7 @@ pub fn load_cr3(root: u64) {
         return;
     }
     // SAFETY: the caller passes the root of a valid address space that maps
-    // the kernel (the same kernel half in every address space).
+    // the kernel (this function's contract).
     unsafe { core::arch::asm!("mov cr3, {}", in(reg) root, options(nostack, preserves_flags)) };
 }
 
@@ -112,9 +121,13 @@ pub fn load_cr3(root: u64) {
 /// a guest that wrote the shadow pool behind the VMM's back (the VMM
 /// repairs the pool at `LOAD_CR3`; a published root may hold what the
 /// guest wrote until then).
-pub fn load_cr3_through_vmm(root: u64) {
+///
+/// # Safety
+/// As for [`load_cr3`].
+pub unsafe fn load_cr3_through_vmm(root: u64) {
     if !is_shadow() {
-        return load_cr3(root);
+        // SAFETY: the caller's contract.
+        return unsafe { load_cr3(root) };
     }
     let r = hypercall::call(hc::LOAD_CR3, root, 0, 0, 0);
     if hc::is_error(r) {
@@ -154,7 +167,8 @@ pub fn flush_all() {
             pv_flush(NO_GVA);
         }
     }
-    load_cr3(read_cr3());
+    // SAFETY: reloading the current root.
+    unsafe { load_cr3(read_cr3()) };
 }
 
 static LAZY_DEPTH: AtomicUsize = AtomicUsize::new(0);

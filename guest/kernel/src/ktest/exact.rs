@@ -20,13 +20,7 @@ use guest_mm::buddy::ZonePref;
 use guest_mm::paging::{FrameSource, Page, PhysFrame, PteFlags, Size4KiB};
 use guest_mm::phys::{Pfn, PhysMem};
 
-const ADDR: u64 = 0x000f_ffff_ffff_f000;
-const P: u64 = 1;
-const RW: u64 = 2;
-const US: u64 = 4;
-const A: u64 = 1 << 5;
-const D: u64 = 1 << 6;
-const PS: u64 = 1 << 7;
+use guest_abi::paging::{A, ADDR_MASK as ADDR, D, P, PS, RW, US};
 
 /// Map [`USER_BASE`] to a fresh frame holding `value`; returns the GPAs of
 /// its PDPTE and PDE.
@@ -197,7 +191,7 @@ fn write_efer(v: u64) {
 /// identical in both modes); what it reads back from EFER is the
 /// documented difference.
 pub fn efer_nxe_is_forced_in_shadow_mode() -> TestResult {
-    const NXE: u64 = 1 << 11;
+    const NXE: u64 = guest_abi::paging::EFER_NXE;
     let efer = read_efer();
     check(efer & NXE != 0, "EFER.NXE is clear at boot")?;
     write_efer(efer & !NXE);

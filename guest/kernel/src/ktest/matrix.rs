@@ -133,9 +133,9 @@ fn set_wp(on: bool) -> u64 {
         let mut cr0: u64;
         core::arch::asm!("mov {}, cr0", out(reg) cr0);
         if on {
-            cr0 |= 1 << 16
+            cr0 |= guest_abi::paging::CR0_WP
         } else {
-            cr0 &= !(1 << 16)
+            cr0 &= !guest_abi::paging::CR0_WP
         }
         core::arch::asm!("mov cr0, {}", in(reg) cr0);
         cr0
@@ -151,9 +151,9 @@ fn set_nxe(on: bool) -> u64 {
         core::arch::asm!("rdmsr", in("ecx") 0xc000_0080u32, out("eax") lo, out("edx") hi);
         let mut v = (hi as u64) << 32 | lo as u64;
         if on {
-            v |= 1 << 11
+            v |= guest_abi::paging::EFER_NXE
         } else {
-            v &= !(1 << 11)
+            v &= !guest_abi::paging::EFER_NXE
         }
         core::arch::asm!("wrmsr", in("ecx") 0xc000_0080u32, in("eax") v as u32, in("edx") (v >> 32) as u32);
         mmu::note_guest_efer(v);
@@ -169,7 +169,8 @@ fn controls_changed(cr0: u64, efer: u64) {
     if mmu::is_shadow() {
         hypercall::call(guest_abi::hypercall::FLUSH_TLB, cr0, efer, 0, 0);
     }
-    mmu::load_cr3(mmu::read_cr3());
+    // SAFETY: reloading the current root (a TLB flush).
+    unsafe { mmu::load_cr3(mmu::read_cr3()) };
 }
 
 /// Run one probe of the target page: `access` 0 read, 1 write, 2 fetch;
@@ -218,16 +219,16 @@ pub fn run() -> Result<usize, &'static str> {
             // Find the target's PDE and PTE by walking the tables.
             let root = a.page_table().root().addr().0;
             let idx = |lvl: u32| (TARGET >> (12 + 9 * (lvl - 1))) & 0x1ff;
-            let pdpt = cx.mem.read_u64(Gpa(root + idx(4) * 8)) & 0x000f_ffff_ffff_f000;
-            let pd = cx.mem.read_u64(Gpa(pdpt + idx(3) * 8)) & 0x000f_ffff_ffff_f000;
+            let pdpt = cx.mem.read_u64(Gpa(root + idx(4) * 8)) & guest_abi::paging::ADDR_MASK;
+            let pd = cx.mem.read_u64(Gpa(pdpt + idx(3) * 8)) & guest_abi::paging::ADDR_MASK;
             let pde_at = Gpa(pd + idx(2) * 8);
-            let pt = cx.mem.read_u64(pde_at) & 0x000f_ffff_ffff_f000;
+            let pt = cx.mem.read_u64(pde_at) & guest_abi::paging::ADDR_MASK;
             Ok((sf, tf, pde_at, Gpa(pt + idx(1) * 8)))
         })
     })
     .ok_or("memory manager not initialised")??;
     let mem = mm::with(|m| *m.buddy.mem()).ok_or("memory manager not initialised")?;
-    let pde_base = mem.read_u64(pde_at) & 0x000f_ffff_ffff_f000;
+    let pde_base = mem.read_u64(pde_at) & guest_abi::paging::ADDR_MASK;
     // A 2 MiB-aligned block for the PS = 1 cases, starting with ud2.
     let big = mm::with(|m| m.buddy.alloc(9, guest_mm::buddy::ZonePref::Normal))
         .flatten()
@@ -277,7 +278,7 @@ pub fn run() -> Result<usize, &'static str> {
             }
             // 2 MiB pages: the PDE itself is the leaf under test.
             for leaf_combo in 0..128u64 {
-                let pde = big.addr().0 | (1 << 7) | flag_word(leaf_combo, RSVD_2M);
+                let pde = big.addr().0 | guest_abi::paging::PS | flag_word(leaf_combo, RSVD_2M);
                 for access in 0..3u64 {
                     for user in [false, true] {
                         mem.write_u64(pde_at, pde);
