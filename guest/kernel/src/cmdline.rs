@@ -70,6 +70,10 @@ const KEYS: &[(&str, Takes)] = &[
     ("explain", Takes::Nothing),
     ("matrix", Takes::Nothing),
     ("fail-on-request", Takes::Nothing),
+    // Set by `vmm test` on a host whose MMU is QEMU's TCG model (nested
+    // NPT): tests that compare against the host MMU allow for its known
+    // differences from silicon.
+    ("hostmmu", Takes::OneOf(&["qemu-tcg"])),
 ];
 
 /// The reason given for a word whose key the kernel does not know.
