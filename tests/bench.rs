@@ -36,6 +36,8 @@ fn bench_compares_modes_and_writes_json_and_svg() {
         assert!(second.contains("carry no meaning") && second.contains("scripts/nested.sh --three-way"), "{out}");
     }
     assert!(out.contains("ctxsw   shadow/ept: wall time x"), "{out}");
+    // Every mode gets its line against ept (the default runs all three).
+    assert!(out.contains("ctxsw   pv/ept: wall time x"), "{out}");
 
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(v["schema"], 1);
