@@ -174,7 +174,7 @@ pub enum MemoryMapError {
     #[error("{a} [{a_start:#x}-{a_end:#x}) overlaps {b} [{b_start:#x}-{b_end:#x})")]
     Overlap { a: &'static str, a_start: u64, a_end: u64, b: &'static str, b_start: u64, b_end: u64 },
     #[error("the page-table zone [{0:#x}-{1:#x}) does not lie inside guest RAM")]
-    ZoneOutsideRam(u64, u64),
+    ZoneOutsideRam(Gpa, Gpa),
     #[error("the memory map needs {need} memory slots; the host allows {max}")]
     TooManySlots { need: usize, max: usize },
     #[error("the memory map does not fit in the guest-physical address space")]
@@ -214,7 +214,7 @@ impl MemoryMap {
         let (zs, ze) = (c.pt_zone.start.raw(), c.pt_zone.end.raw());
         check_align("the page-table zone", zs, ze, PAGE_SIZE)?;
         if zs >= ze || ze > c.ram_size || zs == 0 {
-            return Err(MemoryMapError::ZoneOutsideRam(zs, ze));
+            return Err(MemoryMapError::ZoneOutsideRam(c.pt_zone.start, c.pt_zone.end));
         }
 
         let (bs, be) = (c.boot_tables.start.raw(), c.boot_tables.end.raw());
@@ -400,7 +400,11 @@ mod tests {
     #[test]
     fn zone_must_lie_inside_ram() {
         let e = MemoryMap::new(&MemoryMapConfig { pt_zone: zone(200 * MIB, 300 * MIB), ..config(MmuMode::Ept) });
-        assert_eq!(e, Err(MemoryMapError::ZoneOutsideRam(200 * MIB, 300 * MIB)));
+        assert_eq!(e, Err(MemoryMapError::ZoneOutsideRam(Gpa(200 * MIB), Gpa(300 * MIB))));
+        assert_eq!(
+            e.unwrap_err().to_string(),
+            "the page-table zone [0xc800000-0x12c00000) does not lie inside guest RAM"
+        );
         let e = MemoryMap::new(&MemoryMapConfig { pt_zone: zone(48 * MIB, 16 * MIB), ..config(MmuMode::Ept) });
         assert!(matches!(e, Err(MemoryMapError::ZoneOutsideRam(..))));
     }
