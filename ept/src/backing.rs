@@ -335,8 +335,8 @@ impl GuestRam {
     }
 
     /// Host-virtual address of guest RAM's first byte.
-    pub fn ram_hva(&self) -> u64 {
-        self.ram_mapping.addr as u64
+    pub fn ram_hva(&self) -> Hva {
+        Hva(self.ram_mapping.addr as u64)
     }
 
     /// GPA→HVA for RAM and the pool: the memory-map step of the chain.
@@ -373,14 +373,14 @@ impl GuestRam {
     /// Bytes of guest RAM currently backed by huge pages, from
     /// `/proc/self/smaps` (THP: `AnonHugePages`; hugetlb: `*_Hugetlb`).
     pub fn huge_backed_bytes(&self) -> std::io::Result<u64> {
-        crate::pagemap::huge_backed_bytes(self.ram_mapping.addr as u64, self.ram_mapping.len as u64)
+        crate::pagemap::huge_backed_bytes(self.ram_hva(), self.ram_mapping.len as u64)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memmap::MemoryMapConfig;
+    use crate::memmap::{GpaRange, MemoryMapConfig};
     use guest_abi::MmuMode;
     use vm_memory::Bytes;
 
@@ -389,8 +389,8 @@ mod tests {
     fn map(ram: u64, pool: u64) -> MemoryMap {
         MemoryMap::new(&MemoryMapConfig {
             ram_size: ram,
-            pt_zone: (16 * MIB, 20 * MIB),
-            boot_tables: (0, 0),
+            pt_zone: GpaRange::new(Gpa(16 * MIB), Gpa(20 * MIB)),
+            boot_tables: GpaRange::default(),
             shadow_pool: pool,
             mmu: MmuMode::Ept,
             alignment: 2 * MIB,
@@ -412,7 +412,7 @@ mod tests {
     fn gpa_to_hva_is_linear_over_ram_and_separate_for_the_pool() {
         let m = map(64 * MIB, 4 * MIB);
         let ram = GuestRam::new(&m, Backing::Anon4k).unwrap();
-        let base = ram.ram_hva();
+        let base = ram.ram_hva().raw();
         assert_eq!(ram.hva(&m, Gpa(0)), Some(Hva(base)));
         assert_eq!(ram.hva(&m, Gpa(17 * MIB)), Some(Hva(base + 17 * MIB)));
         let pool = m.shadow_pool().unwrap();
@@ -435,7 +435,7 @@ mod tests {
         match thp_mode().as_deref() {
             Some("always") | Some("madvise") => {
                 let ram = GuestRam::new(&m, Backing::Thp).unwrap();
-                assert_eq!(ram.ram_hva() % (2 * MIB), 0, "THP needs 2 MiB alignment");
+                assert!(ram.ram_hva().is_aligned(2 * MIB), "THP needs 2 MiB alignment");
                 // Touch every page, then ask smaps.
                 for gpa in (0..32 * MIB).step_by(4096) {
                     ram.memory().write_obj(1u8, GuestAddress(gpa)).unwrap();

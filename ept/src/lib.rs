@@ -24,4 +24,4 @@ pub mod probe;
 pub mod walk;
 
 pub use backing::{Backing, GuestRam, HugePageSize};
-pub use memmap::{MemoryMap, MemoryMapConfig, RegionKind, SlotSpec};
+pub use memmap::{GpaRange, MemoryMap, MemoryMapConfig, RegionKind, SlotSpec};

@@ -114,17 +114,48 @@ impl SlotSpec {
     }
 }
 
+/// A guest-physical range `[start, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GpaRange {
+    /// First byte.
+    pub start: Gpa,
+    /// One past the last byte.
+    pub end: Gpa,
+}
+
+impl GpaRange {
+    /// `[start, end)`.
+    pub const fn new(start: Gpa, end: Gpa) -> GpaRange {
+        GpaRange { start, end }
+    }
+
+    /// Its length in bytes (0 when `end <= start`).
+    pub const fn len(self) -> u64 {
+        self.end.raw().saturating_sub(self.start.raw())
+    }
+
+    /// Whether it holds no byte.
+    pub const fn is_empty(self) -> bool {
+        self.end.raw() <= self.start.raw()
+    }
+
+    /// Whether `gpa` lies inside.
+    pub fn contains(self, gpa: Gpa) -> bool {
+        self.start <= gpa && gpa < self.end
+    }
+}
+
 /// What the memory map is built from.
 #[derive(Debug, Clone, Copy)]
 pub struct MemoryMapConfig {
     /// Guest RAM size.
     pub ram_size: u64,
     /// Page-table zone `[start, end)`.
-    pub pt_zone: (u64, u64),
+    pub pt_zone: GpaRange,
     /// Page tables the VMM wrote below the zone `[start, end)` (its boot
     /// tables; empty: none). In shadow mode they get a read-only slot of
     /// their own, like the zone, so guest writes to them trap too.
-    pub boot_tables: (u64, u64),
+    pub boot_tables: GpaRange,
     /// Shadow pool size (0: none).
     pub shadow_pool: u64,
     /// The MMU mode.
@@ -143,7 +174,7 @@ pub enum MemoryMapError {
     #[error("{a} [{a_start:#x}-{a_end:#x}) overlaps {b} [{b_start:#x}-{b_end:#x})")]
     Overlap { a: &'static str, a_start: u64, a_end: u64, b: &'static str, b_start: u64, b_end: u64 },
     #[error("the page-table zone [{0:#x}-{1:#x}) does not lie inside guest RAM")]
-    ZoneOutsideRam(u64, u64),
+    ZoneOutsideRam(Gpa, Gpa),
     #[error("the memory map needs {need} memory slots; the host allows {max}")]
     TooManySlots { need: usize, max: usize },
     #[error("the memory map does not fit in the guest-physical address space")]
@@ -164,8 +195,8 @@ pub struct MemoryMap {
 /// The GPA where the shadow pool starts for `ram_size` bytes of RAM: the
 /// next GiB boundary after RAM plus one GiB of reserved gap, so no
 /// off-by-one page-table entry can reach it from RAM.
-pub fn shadow_pool_base(ram_size: u64) -> Option<u64> {
-    ram_size.checked_next_multiple_of(GIB)?.checked_add(GIB)
+pub fn shadow_pool_base(ram_size: u64) -> Option<Gpa> {
+    ram_size.checked_next_multiple_of(GIB)?.checked_add(GIB).map(Gpa)
 }
 
 impl MemoryMap {
@@ -180,13 +211,13 @@ impl MemoryMap {
             }
         };
         check_align("guest RAM", 0, c.ram_size, align)?;
-        let (zs, ze) = c.pt_zone;
+        let (zs, ze) = (c.pt_zone.start.raw(), c.pt_zone.end.raw());
         check_align("the page-table zone", zs, ze, PAGE_SIZE)?;
         if zs >= ze || ze > c.ram_size || zs == 0 {
-            return Err(MemoryMapError::ZoneOutsideRam(zs, ze));
+            return Err(MemoryMapError::ZoneOutsideRam(c.pt_zone.start, c.pt_zone.end));
         }
 
-        let (bs, be) = c.boot_tables;
+        let (bs, be) = (c.boot_tables.start.raw(), c.boot_tables.end.raw());
         let mut regions = if c.mmu.is_shadowed() && bs < be {
             check_align("the boot page tables", bs, be, PAGE_SIZE)?;
             if be > zs {
@@ -217,7 +248,7 @@ impl MemoryMap {
         }
         if c.shadow_pool > 0 {
             check_align("the shadow pool", 0, c.shadow_pool, PAGE_SIZE)?;
-            let base = shadow_pool_base(c.ram_size).ok_or(MemoryMapError::Overflow)?;
+            let base = shadow_pool_base(c.ram_size).ok_or(MemoryMapError::Overflow)?.raw();
             base.checked_add(c.shadow_pool).ok_or(MemoryMapError::Overflow)?;
             regions.push(Region { start: Gpa(c.ram_size), len: base - c.ram_size, kind: RegionKind::Reserved });
             regions.push(Region { start: Gpa(base), len: c.shadow_pool, kind: RegionKind::ShadowPool });
@@ -267,8 +298,8 @@ impl MemoryMap {
     }
 
     /// Whether `[gpa, gpa + len)` lies inside guest RAM.
-    pub fn ram_contains(&self, gpa: u64, len: u64) -> bool {
-        gpa.checked_add(len).is_some_and(|end| end <= self.ram_size)
+    pub fn ram_contains(&self, gpa: Gpa, len: u64) -> bool {
+        gpa.raw().checked_add(len).is_some_and(|end| end <= self.ram_size)
     }
 
     /// The shadow pool, if the map has one.
@@ -281,13 +312,17 @@ impl MemoryMap {
 mod tests {
     use super::*;
 
+    fn zone(start: u64, end: u64) -> GpaRange {
+        GpaRange::new(Gpa(start), Gpa(end))
+    }
+
     const MIB: u64 = 1 << 20;
 
     fn config(mmu: MmuMode) -> MemoryMapConfig {
         MemoryMapConfig {
             ram_size: 256 * MIB,
-            pt_zone: (16 * MIB, 48 * MIB),
-            boot_tables: (0, 0),
+            pt_zone: zone(16 * MIB, 48 * MIB),
+            boot_tables: zone(0, 0),
             shadow_pool: 0,
             mmu,
             alignment: PAGE_SIZE,
@@ -308,7 +343,7 @@ mod tests {
 
     #[test]
     fn shadow_mode_traps_the_boot_tables_with_a_read_only_slot_of_their_own() {
-        let c = MemoryMapConfig { shadow_pool: 16 * MIB, boot_tables: (0x9000, 0xd000), ..config(MmuMode::Shadow) };
+        let c = MemoryMapConfig { shadow_pool: 16 * MIB, boot_tables: zone(0x9000, 0xd000), ..config(MmuMode::Shadow) };
         let m = MemoryMap::new(&c).unwrap();
         let boot = m.slot_of(Gpa(0xa000)).unwrap();
         assert!(boot.readonly && boot.kind == RegionKind::PageTables);
@@ -324,7 +359,7 @@ mod tests {
 
     #[test]
     fn pv_mode_leaves_the_zone_writable_but_traps_the_boot_tables() {
-        let c = MemoryMapConfig { shadow_pool: 16 * MIB, boot_tables: (0x9000, 0xd000), ..config(MmuMode::Pv) };
+        let c = MemoryMapConfig { shadow_pool: 16 * MIB, boot_tables: zone(0x9000, 0xd000), ..config(MmuMode::Pv) };
         let m = MemoryMap::new(&c).unwrap();
         assert!(m.slot_of(Gpa(0xa000)).unwrap().readonly, "the VMM's boot tables still trap");
         let zone = m.slot_of(Gpa(20 * MIB)).unwrap();
@@ -343,7 +378,7 @@ mod tests {
         assert_eq!(pool.start, Gpa(2 * GIB));
         assert_eq!(m.region_of(Gpa(GIB)).unwrap().kind, RegionKind::Reserved);
         assert!(m.slot_of(Gpa(GIB)).is_none(), "the gap has no slot");
-        assert!(!m.ram_contains(pool.start.raw(), 8), "the pool is not guest RAM");
+        assert!(!m.ram_contains(pool.start, 8), "the pool is not guest RAM");
         assert_eq!(m.slots.len(), 4);
     }
 
@@ -351,12 +386,12 @@ mod tests {
     fn misaligned_layouts_are_refused() {
         let e = MemoryMap::new(&MemoryMapConfig { ram_size: 255 * MIB, alignment: 2 * MIB, ..config(MmuMode::Ept) });
         assert!(matches!(e, Err(MemoryMapError::Unaligned { what: "guest RAM", .. })), "{e:?}");
-        let e = MemoryMap::new(&MemoryMapConfig { pt_zone: (16 * MIB + 1, 48 * MIB), ..config(MmuMode::Ept) });
+        let e = MemoryMap::new(&MemoryMapConfig { pt_zone: zone(16 * MIB + 1, 48 * MIB), ..config(MmuMode::Ept) });
         assert!(matches!(e, Err(MemoryMapError::Unaligned { .. })), "{e:?}");
         let e = MemoryMap::new(&MemoryMapConfig {
             ram_size: 2 * GIB,
             alignment: GIB,
-            pt_zone: (GIB, GIB + 16 * MIB),
+            pt_zone: zone(GIB, GIB + 16 * MIB),
             ..config(MmuMode::Ept)
         });
         assert!(e.is_ok(), "{e:?}");
@@ -364,9 +399,13 @@ mod tests {
 
     #[test]
     fn zone_must_lie_inside_ram() {
-        let e = MemoryMap::new(&MemoryMapConfig { pt_zone: (200 * MIB, 300 * MIB), ..config(MmuMode::Ept) });
-        assert_eq!(e, Err(MemoryMapError::ZoneOutsideRam(200 * MIB, 300 * MIB)));
-        let e = MemoryMap::new(&MemoryMapConfig { pt_zone: (48 * MIB, 16 * MIB), ..config(MmuMode::Ept) });
+        let e = MemoryMap::new(&MemoryMapConfig { pt_zone: zone(200 * MIB, 300 * MIB), ..config(MmuMode::Ept) });
+        assert_eq!(e, Err(MemoryMapError::ZoneOutsideRam(Gpa(200 * MIB), Gpa(300 * MIB))));
+        assert_eq!(
+            e.unwrap_err().to_string(),
+            "the page-table zone [0xc800000-0x12c00000) does not lie inside guest RAM"
+        );
+        let e = MemoryMap::new(&MemoryMapConfig { pt_zone: zone(48 * MIB, 16 * MIB), ..config(MmuMode::Ept) });
         assert!(matches!(e, Err(MemoryMapError::ZoneOutsideRam(..))));
     }
 
@@ -378,12 +417,14 @@ mod tests {
 
     #[test]
     fn zone_at_the_top_of_ram_gives_two_slots() {
-        let m = MemoryMap::new(&MemoryMapConfig { pt_zone: (192 * MIB, 256 * MIB), ..config(MmuMode::Ept) }).unwrap();
+        let m =
+            MemoryMap::new(&MemoryMapConfig { pt_zone: zone(192 * MIB, 256 * MIB), ..config(MmuMode::Ept) }).unwrap();
         assert_eq!(m.slots.len(), 2);
     }
 
     #[test]
     fn pool_base_overflow_is_an_error() {
         assert_eq!(shadow_pool_base(u64::MAX - 5), None);
+        assert_eq!(shadow_pool_base(256 * MIB), Some(Gpa(2 * GIB)));
     }
 }

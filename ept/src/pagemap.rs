@@ -93,13 +93,14 @@ pub fn host_page(hva: Hva, hugetlb_size: Option<u64>) -> io::Result<HostPage> {
 
 /// Bytes of `[start, start + len)` backed by huge pages according to
 /// `/proc/self/smaps` (`AnonHugePages`, `Private_Hugetlb`, `Shared_Hugetlb`).
-pub fn huge_backed_bytes(start: u64, len: u64) -> io::Result<u64> {
+pub fn huge_backed_bytes(start: Hva, len: u64) -> io::Result<u64> {
     let smaps = std::fs::read_to_string("/proc/self/smaps")?;
-    Ok(huge_backed_in(&smaps, start, start + len))
+    Ok(huge_backed_in(&smaps, start, Hva(start.raw() + len)))
 }
 
 /// The parsing half of [`huge_backed_bytes`].
-pub fn huge_backed_in(smaps: &str, start: u64, end: u64) -> u64 {
+pub fn huge_backed_in(smaps: &str, start: Hva, end: Hva) -> u64 {
+    let (start, end) = (start.raw(), end.raw());
     let mut total = 0;
     let mut inside = false;
     for line in smaps.lines() {
@@ -151,9 +152,9 @@ Private_Hugetlb:       0 kB
 7f0000400000-7f0000800000 rw-p 00000000 00:00 0
 AnonHugePages:      4096 kB
 ";
-        assert_eq!(huge_backed_in(smaps, 0x7f00_0000_0000, 0x7f00_0040_0000), 2 << 20);
-        assert_eq!(huge_backed_in(smaps, 0x7f00_0000_0000, 0x7f00_0080_0000), 6 << 20);
-        assert_eq!(huge_backed_in(smaps, 0x1000, 0x2000), 0);
+        assert_eq!(huge_backed_in(smaps, Hva(0x7f00_0000_0000), Hva(0x7f00_0040_0000)), 2 << 20);
+        assert_eq!(huge_backed_in(smaps, Hva(0x7f00_0000_0000), Hva(0x7f00_0080_0000)), 6 << 20);
+        assert_eq!(huge_backed_in(smaps, Hva(0x1000), Hva(0x2000)), 0);
     }
 
     #[test]

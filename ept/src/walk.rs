@@ -17,8 +17,8 @@ use guest_abi::{Gpa, Gva};
 use serde::Serialize;
 
 /// Canonical-address check for 48-bit virtual addresses.
-pub fn is_canonical(va: u64) -> bool {
-    let top = va >> 47;
+pub fn is_canonical(va: Gva) -> bool {
+    let top = va.raw() >> 47;
     top == 0 || top == 0x1ffff
 }
 
@@ -98,7 +98,7 @@ use guest_abi::paging::{ADDR_MASK, P, PS};
 pub fn walk(cr3: Gpa, va: Gva, read: impl Fn(Gpa) -> Option<u64>) -> Walk {
     let (cr3, va) = (cr3.raw(), va.raw());
     let mut steps = Vec::new();
-    if !is_canonical(va) {
+    if !is_canonical(Gva(va)) {
         return Walk { steps, end: WalkEnd::NonCanonical };
     }
     let mut table = cr3 & ADDR_MASK;

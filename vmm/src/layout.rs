@@ -24,6 +24,8 @@
 //! kernel window at [`KERNEL_VMA`]. Nothing beyond RAM is ever mapped.
 //! Keep in sync with `guest/kernel/linker.ld`.
 
+use ept::memmap::GpaRange;
+use guest_abi::Gpa;
 pub use guest_abi::{DIRECT_MAP_BASE, KERNEL_VMA};
 
 /// Size of a base page.
@@ -60,7 +62,7 @@ pub const PD_START: u64 = 0xc000;
 /// The boot page tables `[start, end)`: in shadow mode a read-only slot of
 /// their own, so that guest writes to them trap like writes to the
 /// page-table zone (the shadow MMU shadows only tables whose writes trap).
-pub const BOOT_TABLES: (u64, u64) = (PML4_START, PD_START + PAGE_SIZE);
+pub const BOOT_TABLES: GpaRange = GpaRange::new(Gpa(PML4_START), Gpa(PD_START + PAGE_SIZE));
 /// End of the boot area.
 pub const BOOT_AREA_END: u64 = MIB;
 

@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::explain::Explanation;
 use crate::stats::ExitReason;
 use ept::GuestRam;
-use ept::memmap::MemoryMap;
+use ept::memmap::{GpaRange, MemoryMap};
 use guest_abi::hypercall as hc;
 use guest_abi::{Gpa, Gva, MmuMode};
 use kvm_bindings::{kvm_regs, kvm_sregs};
@@ -205,7 +205,7 @@ pub fn shadow_pool_size(mmu: MmuMode, shadow_pool: u64) -> u64 {
 
 /// The backend of mode `mmu` for a VM whose vCPU, RAM and boot tables are
 /// set up; `pt_zone` is the page-table zone `[start, end)`.
-pub fn create(mmu: MmuMode, m: &mut Machine, pt_zone: (u64, u64)) -> Result<Box<dyn MmuBackend>> {
+pub fn create(mmu: MmuMode, m: &mut Machine, pt_zone: GpaRange) -> Result<Box<dyn MmuBackend>> {
     Ok(match mmu {
         MmuMode::Ept => Box::new(EptBackend { cpu: m.cpu }),
         MmuMode::Shadow => Box::new(crate::shadow_mode::ShadowState::create(m, pt_zone)?),

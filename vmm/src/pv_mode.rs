@@ -42,6 +42,7 @@ use crate::explain::Explanation;
 use crate::mmu::{Machine, MmuBackend, MmuCounters};
 use crate::shadow_mode::{ShadowReport, ShadowState};
 use crate::stats::ExitReason;
+use ept::memmap::GpaRange;
 use guest_abi::hypercall as hc;
 use guest_abi::pv::{self as abi, BatchError};
 use guest_abi::{Gpa, Gva};
@@ -58,14 +59,14 @@ pub struct PvBackend {
     sh: ShadowState,
     area: Option<PvArea>,
     refused: u64,
-    zone: (u64, u64),
+    zone: GpaRange,
 }
 
 impl PvBackend {
     /// pv mode for a VM whose vCPU, RAM and boot tables are set up;
     /// `pt_zone` is the page-table zone `[start, end)` (a writable slot in
     /// pv mode: `ept::memmap`).
-    pub fn create(m: &mut Machine, pt_zone: (u64, u64)) -> crate::Result<PvBackend> {
+    pub fn create(m: &mut Machine, pt_zone: GpaRange) -> crate::Result<PvBackend> {
         let mut sh = ShadowState::create(m, pt_zone)?;
         sh.check_pool_at_load_cr3_only();
         // A pv guest loads published roots without an exit: every change
@@ -97,7 +98,7 @@ impl PvBackend {
                 None | Some(Ok([])) => hc::OK,
                 Some(Err(why)) => abi::batch_error(0, why),
                 Some(Ok(entries)) => {
-                    match mmu.apply_batch(&mut pool, &mut ram, entries, (Gpa(self.zone.0), Gpa(self.zone.1))) {
+                    match mmu.apply_batch(&mut pool, &mut ram, entries, (self.zone.start, self.zone.end)) {
                         BatchOutcome { refused: None, .. } => hc::OK,
                         BatchOutcome { applied, refused: Some(why) } => abi::batch_error(applied, why),
                     }
@@ -134,7 +135,7 @@ impl PvBackend {
     /// Republish the cached roots if they changed.
     fn publish(&mut self, m: &Machine) {
         if let Some(area) = self.area.as_mut() {
-            area.publish(m.ram.memory(), self.sh.mmu().published_roots().map(|(g, s)| (g.raw(), s.gpa().raw())));
+            area.publish(m.ram.memory(), self.sh.mmu().published_roots().map(|(g, s)| (g, s.gpa())));
         }
     }
 
@@ -157,7 +158,7 @@ impl MmuBackend for PvBackend {
     fn hypercall(&mut self, m: &mut Machine, nr: u32, regs: &kvm_regs) -> crate::Result<Option<u64>> {
         let r = match nr {
             hc::PV_SETUP if self.area.is_some() => hc::ERR_INVALID,
-            hc::PV_SETUP => match PvArea::setup(m.ram.memory(), m.memory, regs.rdi) {
+            hc::PV_SETUP => match PvArea::setup(m.ram.memory(), m.memory, Gpa(regs.rdi)) {
                 Ok(area) => {
                     self.area = Some(area);
                     hc::OK
@@ -211,9 +212,10 @@ impl MmuBackend for PvBackend {
 
     fn guest_root(&self, vcpu_cr3: u64) -> Gpa {
         // A root the guest loaded itself is one the VMM published.
-        let published = self.area.as_ref().and_then(|a| a.published().iter().find(|&&(_, s)| s == vcpu_cr3 & !0xfff));
+        let published =
+            self.area.as_ref().and_then(|a| a.published().iter().find(|&&(_, s)| s == Gpa(vcpu_cr3 & !0xfff)));
         match published {
-            Some(&(guest, _)) => Gpa(guest),
+            Some(&(guest, _)) => guest,
             None => self.sh.guest_root(vcpu_cr3),
         }
     }
@@ -238,9 +240,9 @@ impl MmuBackend for PvBackend {
 /// The registered shared area.
 #[derive(Debug)]
 pub struct PvArea {
-    gpa: u64,
+    gpa: Gpa,
     generation: u64,
-    published: Vec<(u64, u64)>,
+    published: Vec<(Gpa, Gpa)>,
     entries: Vec<u64>,
 }
 
@@ -253,14 +255,14 @@ pub enum SetupError {
 
 impl PvArea {
     /// `PV_SETUP(gpa)`: the area at `gpa` in RAM of `ram` bytes.
-    pub fn setup(mem: &GuestMemoryMmap, ram: u64, gpa: u64) -> Result<PvArea, SetupError> {
+    pub fn setup(mem: &GuestMemoryMmap, ram: u64, gpa: Gpa) -> Result<PvArea, SetupError> {
         let len = abi::AREA_PAGES * 4096;
-        if !gpa.is_multiple_of(4096) || gpa.checked_add(len).is_none_or(|end| end > ram) {
+        if !gpa.is_aligned(4096) || gpa.raw().checked_add(len).is_none_or(|end| end > ram) {
             return Err(SetupError::BadAddress);
         }
         let mut area =
             PvArea { gpa, generation: 0, published: Vec::new(), entries: Vec::with_capacity(abi::QUEUE_CAP) };
-        let _ = mem.write_obj(0u64, GuestAddress(gpa));
+        let _ = mem.write_obj(0u64, GuestAddress(gpa.raw()));
         area.write_roots(mem);
         Ok(area)
     }
@@ -269,26 +271,26 @@ impl PvArea {
     /// entries, or [`BatchError::Count`] when the length is beyond the queue
     /// (nothing is applied then).
     pub fn take_queue(&mut self, mem: &GuestMemoryMmap) -> Result<&[u64], BatchError> {
-        let len: u64 = mem.read_obj(GuestAddress(self.gpa)).unwrap_or(0);
+        let len: u64 = mem.read_obj(GuestAddress(self.gpa.raw())).unwrap_or(0);
         if len == 0 {
             return Ok(&[]);
         }
-        let _ = mem.write_obj(0u64, GuestAddress(self.gpa));
+        let _ = mem.write_obj(0u64, GuestAddress(self.gpa.raw()));
         if len > abi::QUEUE_CAP as u64 {
             return Err(BatchError::Count);
         }
         let mut bytes = vec![0u8; len as usize * 8];
-        let _ = mem.read_slice(&mut bytes, GuestAddress(self.gpa + abi::QUEUE_FIRST as u64 * 8));
+        let _ = mem.read_slice(&mut bytes, GuestAddress(self.gpa.raw() + abi::QUEUE_FIRST as u64 * 8));
         self.entries.clear();
         self.entries.extend(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))));
         Ok(&self.entries)
     }
 
-    /// Publish `roots` (guest root, shadow root), most recent first, at
-    /// most `ROOTS_CAP`: rewritten only when they changed. Returns whether
-    /// the table was rewritten.
-    pub fn publish(&mut self, mem: &GuestMemoryMmap, roots: impl Iterator<Item = (u64, u64)>) -> bool {
-        let roots: Vec<(u64, u64)> = roots.take(abi::ROOTS_CAP).collect();
+    /// Publish `roots` (guest root, shadow root's GPA), most recent first,
+    /// at most `ROOTS_CAP`: rewritten only when they changed. Returns
+    /// whether the table was rewritten.
+    pub fn publish(&mut self, mem: &GuestMemoryMmap, roots: impl Iterator<Item = (Gpa, Gpa)>) -> bool {
+        let roots: Vec<(Gpa, Gpa)> = roots.take(abi::ROOTS_CAP).collect();
         if roots == self.published {
             return false;
         }
@@ -303,6 +305,7 @@ impl PvArea {
     fn write_roots(&mut self, mem: &GuestMemoryMmap) {
         let mut table = vec![0u64; 2 * abi::ROOTS_CAP];
         for &(guest, shadow) in &self.published {
+            let (guest, shadow) = (guest.raw(), shadow.raw());
             let start = ((guest >> 12) % abi::ROOTS_CAP as u64) as usize;
             if let Some(slot) = (0..abi::ROOTS_CAP).map(|k| (start + k) % abi::ROOTS_CAP).find(|&s| table[2 * s] == 0) {
                 table[2 * slot] = guest;
@@ -310,7 +313,7 @@ impl PvArea {
             }
         }
         self.generation += 1;
-        let page = self.gpa + 4096;
+        let page = self.gpa.raw() + 4096;
         let bytes: Vec<u8> = [self.generation, self.published.len() as u64]
             .iter()
             .chain(table.iter())
@@ -320,12 +323,12 @@ impl PvArea {
     }
 
     /// The roots published now.
-    pub fn published(&self) -> &[(u64, u64)] {
+    pub fn published(&self) -> &[(Gpa, Gpa)] {
         &self.published
     }
 
     /// The area's GPA.
-    pub fn gpa(&self) -> u64 {
+    pub fn gpa(&self) -> Gpa {
         self.gpa
     }
 }
@@ -341,16 +344,16 @@ mod tests {
     #[test]
     fn setup_refuses_an_area_outside_ram_or_unaligned() {
         let m = mem();
-        assert_eq!(PvArea::setup(&m, 1 << 20, 0x1001).unwrap_err(), SetupError::BadAddress);
-        assert_eq!(PvArea::setup(&m, 1 << 20, (1 << 20) - 4096).unwrap_err(), SetupError::BadAddress);
-        assert_eq!(PvArea::setup(&m, 1 << 20, !0xfff).unwrap_err(), SetupError::BadAddress);
-        assert!(PvArea::setup(&m, 1 << 20, (1 << 20) - 8192).is_ok());
+        assert_eq!(PvArea::setup(&m, 1 << 20, Gpa(0x1001)).unwrap_err(), SetupError::BadAddress);
+        assert_eq!(PvArea::setup(&m, 1 << 20, Gpa((1 << 20) - 4096)).unwrap_err(), SetupError::BadAddress);
+        assert_eq!(PvArea::setup(&m, 1 << 20, Gpa(!0xfff)).unwrap_err(), SetupError::BadAddress);
+        assert!(PvArea::setup(&m, 1 << 20, Gpa((1 << 20) - 8192)).is_ok());
     }
 
     #[test]
     fn the_queue_is_read_once_emptied_and_bounded() {
         let m = mem();
-        let mut a = PvArea::setup(&m, 1 << 20, 0x8000).unwrap();
+        let mut a = PvArea::setup(&m, 1 << 20, Gpa(0x8000)).unwrap();
         assert_eq!(a.take_queue(&m).unwrap(), &[] as &[u64]);
         m.write_obj(3u64, GuestAddress(0x8000)).unwrap();
         for (i, v) in [0x1000u64, 0x1008, 0x2001].iter().enumerate() {
@@ -369,9 +372,10 @@ mod tests {
     #[test]
     fn published_roots_are_found_by_the_guests_probe_and_rewritten_only_on_change() {
         let m = mem();
-        let mut a = PvArea::setup(&m, 1 << 20, 0x8000).unwrap();
+        let mut a = PvArea::setup(&m, 1 << 20, Gpa(0x8000)).unwrap();
         // Two roots whose frames collide in the hash.
-        let roots = [(0x100_0000u64, 0x8000_0000u64), (0x100_0000 + abi::ROOTS_CAP as u64 * 4096, 0x8000_1000)];
+        let roots =
+            [(Gpa(0x100_0000), Gpa(0x8000_0000)), (Gpa(0x100_0000 + abi::ROOTS_CAP as u64 * 4096), Gpa(0x8000_1000))];
         assert!(a.publish(&m, roots.iter().copied()));
         assert!(!a.publish(&m, roots.iter().copied()), "unchanged: not rewritten");
         let word = |i: usize| m.read_obj::<u64>(GuestAddress(0x9000 + i as u64 * 8)).unwrap();
@@ -387,11 +391,11 @@ mod tests {
             }
             None
         };
-        assert_eq!(probe(roots[0].0), Some(roots[0].1));
-        assert_eq!(probe(roots[1].0), Some(roots[1].1));
+        assert_eq!(probe(roots[0].0.raw()), Some(roots[0].1.raw()));
+        assert_eq!(probe(roots[1].0.raw()), Some(roots[1].1.raw()));
         assert_eq!(probe(0x200_0000), None);
         assert_eq!((word(0), word(1)), (2, 2), "generation 2 (setup, publish), two roots");
         a.publish(&m, std::iter::empty());
-        assert_eq!(probe(roots[0].0), None, "an evicted root disappears");
+        assert_eq!(probe(roots[0].0.raw()), None, "an evicted root disappears");
     }
 }

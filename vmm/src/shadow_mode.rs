@@ -44,7 +44,7 @@ use crate::error::Error;
 use crate::explain::Explanation;
 use crate::mmu::{GuestCpu, Machine, MmuBackend, MmuCounters, kvm_err, paging_mode};
 use crate::stats::ExitReason;
-use ept::memmap::SlotSpec;
+use ept::memmap::{GpaRange, SlotSpec};
 use guest_abi::hypercall as hc;
 use guest_abi::paging::{CR0_WP, CR4_PGE, EFER_NXE};
 use guest_abi::{Gpa, Gva, Hva};
@@ -147,9 +147,9 @@ impl GuestPhys for MemWindow<'_> {
 /// slot in shadow mode, where the vCPU cannot set A/D itself (measured on
 /// `kvm_pvm`: the bits stay clear, and the shadow MMU shadows only entries
 /// with A set, so the first `LOAD_CR3` would find nothing to shadow).
-pub fn preset_accessed(mem: &GuestMemoryMmap, (start, end): (u64, u64)) {
+pub fn preset_accessed(mem: &GuestMemoryMmap, tables: GpaRange) {
     use guest_abi::paging::{A, D, P, PS};
-    for gpa in (start..end).step_by(8) {
+    for gpa in (tables.start.raw()..tables.end.raw()).step_by(8) {
         let Ok(e) = mem.read_obj::<u64>(GuestAddress(gpa)) else { continue };
         if e & P != 0 {
             let v = e | A | if e & PS != 0 { D } else { 0 };
@@ -482,7 +482,7 @@ impl ShadowState {
     /// the pool is the map's shadow-pool slot, guest paging structures may
     /// live in the page-table zone `pt_zone` and the boot tables only, and
     /// the coherence strategy follows the host probe.
-    pub fn create(m: &mut Machine, pt_zone: (u64, u64)) -> crate::Result<ShadowState> {
+    pub fn create(m: &mut Machine, pt_zone: GpaRange) -> crate::Result<ShadowState> {
         let pool = m.map.shadow_pool().ok_or(Error::MemoryMapInconsistent("shadow mode without a shadow pool"))?;
         let slot = *m.map.slot_of(pool.start).ok_or(Error::MemoryMapInconsistent("the shadow pool has no memslot"))?;
         let hva = m.ram.hva(&m.map, pool.start).ok_or(Error::MemoryMapInconsistent("the shadow pool is not mapped"))?;
@@ -506,8 +506,8 @@ impl ShadowState {
         m.vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
         // Guest paging structures may live where writes trap: the
         // page-table zone and the VMM's boot tables.
-        let (boot_start, boot_end) = crate::layout::BOOT_TABLES;
-        let tables = TableFrames::new(&[(Gpa(pt_zone.0), Gpa(pt_zone.1)), (Gpa(boot_start), Gpa(boot_end))]);
+        let boot = crate::layout::BOOT_TABLES;
+        let tables = TableFrames::new(&[(pt_zone.start, pt_zone.end), (boot.start, boot.end)]);
         Ok(ShadowState::new(slot, hva, coherence, m.cpu, tables))
     }
 
@@ -636,7 +636,7 @@ impl ShadowState {
 /// Register the memslot of the VMM's boot page tables read-only (its
 /// steady state in shadow and pv mode: `ept::memmap`) or writable.
 fn set_boot_tables_readonly(m: &mut Machine, readonly: bool) -> crate::Result<()> {
-    let start = Gpa(crate::layout::BOOT_TABLES.0);
+    let start = crate::layout::BOOT_TABLES.start;
     let Some(slot) = m.map.slot_of(start).copied().filter(|s| s.gpa == start && s.kind == ept::RegionKind::PageTables)
     else {
         return Ok(());

@@ -36,7 +36,7 @@ use crate::mmu::{GuestCpu, Machine, MmuBackend, MmuCounters, kvm_err};
 use crate::stats::{ExitCounts, ExitReason, RunStats};
 pub use crate::supervise::{Supervised, VCPU_STOP_GRACE, supervise};
 use crate::vcpu_exit::Action;
-use ept::memmap::{MemoryMap, MemoryMapConfig};
+use ept::memmap::{GpaRange, MemoryMap, MemoryMapConfig};
 use ept::{Backing, GuestRam};
 use guest_abi::hypercall as hc;
 use guest_abi::ports::exit_status;
@@ -334,8 +334,11 @@ impl VmCore {
                 (p.display().to_string(), bytes.into())
             }
         };
-        let pt_zone = (PT_ZONE_START, PT_ZONE_START + layout::pt_zone_size(config.memory));
-        let kernel = loader::inspect(&name, &image, config.memory, pt_zone)?;
+        let pt_zone = GpaRange::new(Gpa(PT_ZONE_START), Gpa(PT_ZONE_START + layout::pt_zone_size(config.memory)));
+        // The loader and the boot record describe the zone to the guest in
+        // the ABI's raw terms.
+        let pt_zone_raw = (pt_zone.start.raw(), pt_zone.end.raw());
+        let kernel = loader::inspect(&name, &image, config.memory, pt_zone_raw)?;
 
         let kvm = crate::kvm::open()?;
         let map = MemoryMap::new(&MemoryMapConfig {
@@ -362,7 +365,7 @@ impl VmCore {
                 ram: config.memory,
                 boot_mapped,
                 kernel: kernel.phys_range(),
-                pt_zone,
+                pt_zone: pt_zone_raw,
                 mmu: config.mmu,
                 cmdline: &config.cmdline,
             },
