@@ -2,7 +2,7 @@
 //!
 //! KVM on these machines emulates the guest instruction by instruction and
 //! cannot emulate SSE/AVX arithmetic, x87, `popcnt`, BMI1/2 (`tzcnt`...),
-//! `adcx`, `movbe`, `cmpxchg16b`, `rdpid`, `xsave` and friends (HOST.md).
+//! `adcx`, `movbe`, `cmpxchg16b`, `rdpid`, `xsave` and friends (docs/host.md).
 //! This test disassembles the bundled guest ELF with iced-x86 and checks:
 //!
 //! 1. every function containing such an instruction is on an explicit

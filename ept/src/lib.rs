@@ -1,5 +1,5 @@
 //! The second stage of the translation chain GVA→GPA→HVA→HPA, and the host
-//! it runs on (DESIGN.md, "Crates").
+//! it runs on (docs/architecture.md, "Crates").
 //!
 //! - [`memmap`]: the guest-physical layout (RAM, page-table zone, shadow
 //!   pool, reserved gaps) as one value, and the KVM memslots derived from

@@ -28,7 +28,7 @@ pub enum SecondStage {
 
 impl SecondStage {
     /// Whether the host's KVM caches translations of page tables that the
-    /// VMM writes (so shadow mode must invalidate them; HOST.md).
+    /// VMM writes (so shadow mode must invalidate them; docs/host.md).
     pub fn host_shadows_page_tables(self) -> bool {
         matches!(self, SecondStage::HostShadow | SecondStage::Pvm | SecondStage::Unknown)
     }

@@ -1,5 +1,5 @@
 //! Software shadow paging: the x86-64 guest page-table walker and the
-//! shadow MMU kept by the VMM (DESIGN.md, "Shadow mode").
+//! shadow MMU kept by the VMM (docs/architecture.md, "Shadow mode").
 //!
 //! This crate has no KVM dependency so that all of its logic is testable on
 //! any host.

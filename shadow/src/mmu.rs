@@ -43,7 +43,7 @@
 //!    otherwise. A partial or misaligned write zaps the whole shadow page.
 //! 4. **Host coherence.** On a host whose KVM itself shadows page tables,
 //!    changes the VMM makes to shadow tables are invisible to the vCPU
-//!    until the VMM makes the host forget (HOST.md). Every change that
+//!    until the VMM makes the host forget (docs/host.md). Every change that
 //!    removes or restricts a mapping sets [`ShadowMmu::host_stale`]; the VMM
 //!    invalidates before the guest runs again and then calls
 //!    [`ShadowMmu::host_invalidated`]. Freed pool pages wait in quarantine

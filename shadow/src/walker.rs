@@ -18,7 +18,7 @@
 //! - **Outside RAM.** A table or page that does not lie in guest RAM (the
 //!   caller's [`GuestPhys::is_ram`]) is treated like a reserved bit: shadow
 //!   mode must never build a translation to the shadow pool or to anything
-//!   but guest RAM (the isolation property of DESIGN.md). A large page must
+//!   but guest RAM (the isolation property of docs/architecture.md). A large page must
 //!   lie wholly in RAM: one that only partly does (a 1 GiB page at 0 in a
 //!   512 MiB guest) faults as a whole, where hardware would translate its
 //!   in-RAM part — a deliberate difference (README, "shadow mode").

@@ -1,5 +1,5 @@
 //! `vmm bench`: the same workloads under ept and shadow paging, side by
-//! side (DESIGN.md, "Guest workloads").
+//! side (docs/architecture.md, "Workloads").
 //!
 //! Every run is a fresh VM. Per workload and mode: one warm-up run (thrown
 //! away), then `--repeat` measured runs; every figure is the median over

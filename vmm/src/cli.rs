@@ -1,4 +1,4 @@
-//! The command line (DESIGN.md, "Command line"). Sizes take units, times
+//! The command line (the README, "Commands"). Sizes take units, times
 //! take units, `--help` shows every default and the exit codes.
 
 use crate::size::{parse_duration, parse_size};

@@ -1,4 +1,4 @@
-//! `vmm info`: the host probe (DESIGN.md, "Host probe").
+//! `vmm info`: the host probe (docs/architecture.md, "The host probe").
 //!
 //! The static facts come from `ept::probe`; the calibration boots the
 //! bundled guest on a `dec; jnz` loop and divides the host time it took by

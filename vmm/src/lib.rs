@@ -1,5 +1,5 @@
 //! The VMM: boots the bundled guest kernel under KVM and virtualises its
-//! MMU (DESIGN.md). The binary (`main.rs`) is a thin shell over [`cli`] and
+//! MMU (docs/architecture.md). The binary (`main.rs`) is a thin shell over [`cli`] and
 //! [`vm`]; everything is here so that tests can drive it.
 //!
 //! Module map: [`layout`] names every boot-time address; [`boot`] writes the

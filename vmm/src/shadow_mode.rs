@@ -21,7 +21,7 @@
 //!   shadow mode) may hold guest paging structures; `LOAD_CR3` of a root
 //!   elsewhere answers `ERR_FAULT`, and an entry pointing at a table
 //!   elsewhere is a reserved-bit `#PF`.
-//! - **Host coherence** (DESIGN.md event 5, HOST.md): before the guest runs
+//! - **Host coherence** (docs/architecture.md, "Shadow mode" event 5; docs/host.md): before the guest runs
 //!   again after a change that removed or restricted a shadow mapping, the
 //!   VMM makes the host forget — on a host whose KVM shadows page tables by
 //!   deleting and re-adding the pool's memslot, on an EPT/NPT host by

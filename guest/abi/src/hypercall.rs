@@ -3,7 +3,7 @@
 //! Calling convention: the guest loads the number into `eax`, the arguments
 //! into `rdi`, `rsi`, `rcx`, `r8` (in that order), and executes
 //! `out dx, eax` with `dx` = [`crate::ports::HYPERCALL`]. The VMM answers in
-//! `rax`. (DESIGN.md names `rdx` as the third argument register, but
+//! `rax`. (An early design named `rdx` as the third argument register, but
 //! `out` needs `dx` for a port number above 255, so `rcx` and `r8` carry
 //! the third and fourth arguments instead.)
 //!

@@ -1,4 +1,4 @@
-//! I/O ports the guest uses to talk to the VMM (DESIGN.md, "Ports").
+//! I/O ports the guest uses to talk to the VMM (docs/architecture.md, "Ports").
 
 /// 16550 UART (COM1): the guest's console.
 pub const SERIAL_COM1: u16 = 0x3f8;

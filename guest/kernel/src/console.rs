@@ -2,7 +2,7 @@
 //!
 //! Output goes out with `rep outsb`. On a host with hardware virtualisation
 //! KVM turns a whole string into one exit; under KVM's instruction emulator
-//! (these machines, HOST.md) each byte is its own exit (about 9 µs), so keep
+//! (these machines, docs/host.md) each byte is its own exit (about 9 µs), so keep
 //! in-guest output short. No line discipline, no locking: the kernel is
 //! single-threaded and runs with interrupts off.
 

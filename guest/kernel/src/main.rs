@@ -2,7 +2,7 @@
 //! GDT/TSS/IDT, prints a banner with the memory map it was given, and runs
 //! what the command line asks for.
 //!
-//! Invariants this kernel keeps (../../shared/HOST.md explains why):
+//! Invariants this kernel keeps (docs/host.md explains why):
 //! - No SSE/AVX instruction ever executes: the crate is built with
 //!   `-sse,-sse2` and never calls `core::fmt` at run time (formatting goes
 //!   through `ufmt`).

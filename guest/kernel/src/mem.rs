@@ -1,7 +1,7 @@
 //! `memcpy`, `memmove`, `memset`, `memcmp`, `bcmp`: the symbols the
 //! compiler and the precompiled `core` call, which a freestanding build must
 //! provide. Copies and fills use `rep movsb`/`rep stosb` (emulated fine by
-//! KVM, ../../shared/HOST.md). They are written in inline assembly so the
+//! KVM, docs/host.md). They are written in inline assembly so the
 //! compiler cannot turn them back into calls to themselves.
 
 /// # Safety

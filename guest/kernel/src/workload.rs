@@ -1,4 +1,4 @@
-//! Benchmark workloads (DESIGN.md, "Guest workloads"), selected with
+//! Benchmark workloads (docs/architecture.md, "Workloads"), selected with
 //! `workload=NAME size=N`. Each builds its state, sends `BENCH_BEGIN`, runs
 //! `N` operations, sends `BENCH` with the operations and guest cycles, and
 //! checks its own result (a workload that silently did nothing fails).

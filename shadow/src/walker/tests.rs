@@ -63,7 +63,7 @@ fn ec(m: &mut Mem, access: Access, mode: &PagingMode) -> u32 {
 
 #[test]
 fn error_codes_measured_on_the_host() {
-    // The five cases HOST.md lists as measured on the development hosts.
+    // The five cases docs/host.md lists as measured on the development hosts.
     let mode = PagingMode::default();
     assert_eq!(ec(&mut four_k(P | RW | US, P | RW), UW, &mode), 0x7, "user write to a supervisor page");
     assert_eq!(ec(&mut four_k(P | RW | US, P | RW | US | XD), UX, &mode), 0x15, "user fetch from an NX page");

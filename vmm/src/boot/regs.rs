@@ -1,7 +1,7 @@
 //! The vCPU's initial registers: 64-bit long mode with paging on, as
 //! Firecracker's `arch/x86_64/regs.rs` sets it up.
 //!
-//! `CR4.OSFXSR` stays clear on purpose (DESIGN.md): an SSE instruction in
+//! `CR4.OSFXSR` stays clear on purpose (docs/architecture.md): an SSE instruction in
 //! the guest is a bug and must surface as an error, not run.
 
 use super::gdt::{BOOT_GDT, kvm_segment_from_gdt};

@@ -1,5 +1,5 @@
 //! The MMU platform hooks: the places where ept, shadow and pv mode differ
-//! for the guest (DESIGN.md, "Shadow mode"; `guest_abi::pv` for pv).
+//! for the guest (docs/architecture.md, "Shadow mode"; `guest_abi::pv` for pv).
 //!
 //! - **CR3 loads** go through [`load_cr3`]: `mov cr3` in ept mode, the
 //!   `LOAD_CR3` hypercall in shadow mode (the VMM points the vCPU at the
