@@ -22,31 +22,6 @@ pub fn parse_u64(s: &str) -> Option<u64> {
     }
 }
 
-/// The crash modes `crash=` accepts (see `crash.rs`).
-pub const CRASH_MODES: &[&str] = &[
-    "pf",
-    "ud",
-    "panic",
-    "sse",
-    "triple",
-    "hang",
-    "hypercall",
-    "storm",
-    "hlt",
-    "sti-hlt",
-    "report-flood",
-    "explain-flood",
-    "chatter",
-    "scribble",
-    "sidt-zone",
-    "sgdt-zone",
-    "fxsave-zone",
-    "livelock",
-];
-
-/// The workloads `workload=` accepts (see `workload.rs`).
-pub const WORKLOADS: &[&str] = &["fault", "fork", "ctxsw", "mmap", "tlb", "alloc"];
-
 /// How a key takes its value.
 #[derive(Clone, Copy)]
 enum Takes {
@@ -61,8 +36,8 @@ enum Takes {
 }
 
 const KEYS: &[(&str, Takes)] = &[
-    ("crash", Takes::OneOf(CRASH_MODES)),
-    ("workload", Takes::OneOf(WORKLOADS)),
+    ("crash", Takes::OneOf(crate::crash::MODES)),
+    ("workload", Takes::OneOf(crate::workload::NAMES)),
     ("size", Takes::Number { required: true }),
     ("spaces", Takes::Number { required: true }),
     ("calibrate", Takes::Number { required: false }),

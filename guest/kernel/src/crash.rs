@@ -23,6 +23,29 @@
 use crate::{arch, console, hypercall, kprintln};
 use guest_abi::hypercall as hc;
 
+/// The crash modes `crash=` accepts, one per arm of [`run`]'s match: the
+/// command-line check refuses any other (keep the two together).
+pub const MODES: &[&str] = &[
+    "pf",
+    "ud",
+    "panic",
+    "sse",
+    "triple",
+    "hang",
+    "hypercall",
+    "storm",
+    "hlt",
+    "sti-hlt",
+    "report-flood",
+    "explain-flood",
+    "chatter",
+    "scribble",
+    "sidt-zone",
+    "sgdt-zone",
+    "fxsave-zone",
+    "livelock",
+];
+
 /// Run crash mode `mode`; returns only for modes that end in success.
 pub fn run(mode: &str) {
     match mode {

@@ -36,6 +36,10 @@ fn page(i: u64) -> *mut u64 {
     (USER_BASE + i * 4096) as *mut u64
 }
 
+/// The workloads `workload=` accepts, one per arm of [`run`]'s match: the
+/// command-line check refuses any other (keep the two together).
+pub const NAMES: &[&str] = &["fault", "fork", "ctxsw", "mmap", "tlb", "alloc"];
+
 /// Run workload `name` with `size` operations; ends the VM.
 pub fn run(name: &str, size: u64) -> ! {
     crate::arch::idt::set_page_fault_hook(crate::ktest::vm_suites::user_fault);
