@@ -80,12 +80,11 @@ fn strip_code_spans(line: &str) -> String {
 fn link_targets(line: &str) -> Vec<String> {
     let mut targets = Vec::new();
     let trimmed = line.trim_start();
-    if trimmed.starts_with('[') {
-        if let Some(end) = trimmed.find("]:") {
-            if let Some(target) = trimmed[end + 2..].split_whitespace().next() {
-                targets.push(target.trim_matches(|c| c == '<' || c == '>').to_string());
-            }
-        }
+    if trimmed.starts_with('[')
+        && let Some(end) = trimmed.find("]:")
+        && let Some(target) = trimmed[end + 2..].split_whitespace().next()
+    {
+        targets.push(target.trim_matches(|c| c == '<' || c == '>').to_string());
     }
     let mut rest = line;
     while let Some(start) = rest.find("](") {
@@ -257,23 +256,31 @@ fn the_checker_finds_a_missing_file_and_a_missing_anchor() {
          [fine](docs/other.md) [fine](docs/other.md#the-vmm-run-command-options) [fine](#title)\n\
          [gone](docs/missing.md) and [bad anchor](docs/other.md#no-such-heading)\n\
          `[in code](docs/missing-too.md)` [web](https://example.com/x) ![img](docs/no.svg)\n\
-         ```\n[in a fence](docs/missing-three.md)\n```\n",
+         ```\n[in a fence](docs/missing-three.md)\n```\n\
+         [ref]: docs/gone-ref.md\n",
     )
     .unwrap();
     let broken = broken_links(&page);
     fs::remove_dir_all(&dir).unwrap();
-    assert_eq!(broken.len(), 3, "{broken:#?}");
+    assert_eq!(broken.len(), 4, "{broken:#?}");
     assert!(broken[0].contains("docs/missing.md: no such file"), "{broken:#?}");
     assert!(broken[1].contains("no heading with anchor #no-such-heading"), "{broken:#?}");
     assert!(broken[2].contains("docs/no.svg: no such file"), "{broken:#?}");
+    assert!(broken[3].contains("docs/gone-ref.md: no such file"), "{broken:#?}");
 }
 
 #[test]
 fn slugs_are_githubs() {
     assert_eq!(slug("How to read `--stats`"), "how-to-read---stats");
-    assert_eq!(slug("mmuvirt — see, measure and teach MMU virtualisation"), "mmuvirt--see-measure-and-teach-mmu-virtualisation");
+    assert_eq!(
+        slug("mmuvirt — see, measure and teach MMU virtualisation"),
+        "mmuvirt--see-measure-and-teach-mmu-virtualisation"
+    );
     assert_eq!(slug("What the nested hosts' times mean"), "what-the-nested-hosts-times-mean");
-    assert_eq!(slug("Nested hosts: NPT and KVM's shadow MMU inside QEMU"), "nested-hosts-npt-and-kvms-shadow-mmu-inside-qemu");
+    assert_eq!(
+        slug("Nested hosts: NPT and KVM's shadow MMU inside QEMU"),
+        "nested-hosts-npt-and-kvms-shadow-mmu-inside-qemu"
+    );
     assert_eq!(slug("See [pv mode](docs/pv.md) here"), "see-pv-mode-here");
     let repeated = anchors("# A\n## Notes\n## Notes\n```\n## Not a heading\n```\n");
     assert!(repeated.contains("notes") && repeated.contains("notes-1") && !repeated.contains("not-a-heading"));
