@@ -1,0 +1,114 @@
+//! The shadow MMU's state.
+
+use super::*;
+
+/// The shadow MMU of one vCPU.
+#[derive(Debug)]
+pub struct ShadowMmu {
+    pub(super) pool_base: u64,
+    pub(super) pages: Vec<Option<ShadowPage>>,
+    pub(super) free: Vec<u32>,
+    pub(super) quarantine: Vec<u32>,
+    pub(super) by_role: HashMap<Role, u32>,
+    pub(super) rmap: HashMap<u64, Vec<u32>>,
+    pub(super) roots: VecDeque<(u64, u32)>,
+    pub(super) current: Option<(u64, u32)>,
+    pub(super) mode: PagingMode,
+    pub(super) stale: bool,
+    pub(super) stats: ShadowStats,
+    /// PML4 slots to prefill first ([`ShadowMmu::set_prefill_hints`]).
+    pub(super) prefill_hints: Vec<u64>,
+    /// Steps taken by the handlers (entries and list elements visited):
+    /// the deterministic measure of the VMM's work, see [`ShadowMmu::work`].
+    pub(super) work: u64,
+    pub(super) tables: TableFrames,
+    /// The last fault answered `Fixed` (address, error code), until the
+    /// guest changes anything (invariant 7).
+    pub(super) last_fixed: Option<(u64, u32)>,
+    /// How many roots the cache keeps (sized from the pool).
+    pub(super) root_cap: usize,
+    /// New shadow pages a prefill may still create (the user-half prefill
+    /// of a new root is bounded; the kernel half's budget is the pool).
+    pub(super) prefill_budget: usize,
+    /// Prefill the user half of a new root ([`ShadowMmu::set_prefill_user_half`]).
+    pub(super) prefill_user: bool,
+    /// Defer the host invalidation of changes no root but the current one
+    /// could reach until a root that reaches them is loaded
+    /// ([`ShadowMmu::set_defer_unreachable`]).
+    pub(super) defer: bool,
+    /// Pages changed while the host was not made stale for them (deferral):
+    /// loading a root that reaches one of them makes the host stale.
+    pub(super) deferred: Vec<u32>,
+    /// More deferred pages than [`MAX_DEFERRED`]: any root switch makes the
+    /// host stale.
+    pub(super) deferred_overflow: bool,
+    /// Writable user leaves made for supervisor writes under CR0.WP = 0 and
+    /// SMAP (module doc, "Paging controls"): `(page, index, entry)`. While
+    /// any exists, no other user leaf lets user mode run.
+    pub(super) user_write_leaves: Vec<(u32, u64, u64)>,
+}
+
+impl ShadowMmu {
+    /// A shadow MMU whose pool is `pages` 4 KiB pages at `pool_base`
+    /// (zeroed memory).
+    pub fn new(pool_base: Gpa, pages: u32, mode: PagingMode) -> ShadowMmu {
+        ShadowMmu {
+            pool_base: pool_base.raw(),
+            pages: (0..pages).map(|_| None).collect(),
+            free: (0..pages).rev().collect(),
+            quarantine: Vec::new(),
+            by_role: HashMap::new(),
+            rmap: HashMap::new(),
+            roots: VecDeque::new(),
+            current: None,
+            mode,
+            stale: false,
+            stats: ShadowStats::default(),
+            work: 0,
+            prefill_hints: Vec::new(),
+            tables: TableFrames::ALL,
+            last_fixed: None,
+            root_cap: (pages as usize / POOL_PAGES_PER_ROOT).clamp(ROOT_CACHE, MAX_ROOTS),
+            prefill_budget: usize::MAX,
+            prefill_user: false,
+            defer: false,
+            deferred: Vec::new(),
+            deferred_overflow: false,
+            user_write_leaves: Vec::new(),
+        }
+    }
+
+    /// How many shadow roots the cache keeps: one per
+    /// [`POOL_PAGES_PER_ROOT`] pool pages, at least [`ROOT_CACHE`], at most
+    /// [`MAX_ROOTS`].
+    pub fn root_cache_capacity(&self) -> usize {
+        self.root_cap
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> ShadowStats {
+        self.stats
+    }
+
+    /// Steps the handlers have taken so far: one per shadow or guest entry
+    /// visited and per parent-list or reverse-map element touched. A
+    /// deterministic stand-in for the VMM's time, for tests that bound it.
+    pub fn work(&self) -> u64 {
+        self.work
+    }
+
+    /// The paging controls in force.
+    pub fn mode(&self) -> PagingMode {
+        self.mode
+    }
+
+    /// The GPA of the current shadow root (what the vCPU's CR3 holds).
+    pub fn current_root(&self) -> Option<ShadowRoot> {
+        self.current.map(|(_, p)| ShadowRoot(Gpa(self.page_gpa(p))))
+    }
+
+    /// The guest CR3 the current root shadows.
+    pub fn guest_cr3(&self) -> Option<Gpa> {
+        self.current.map(|(g, _)| Gpa(g))
+    }
+}
