@@ -26,5 +26,5 @@ pub mod mmu;
 pub mod walker;
 
 pub use guest_abi::{Gpa, Gva};
-pub use mmu::{BatchOutcome, FaultOutcome, ShadowError, ShadowMmu, ShadowRoot, ShadowStats, TableFrames};
+pub use mmu::{BatchOutcome, FaultOutcome, ShadowError, ShadowMmu, ShadowRoot, ShadowStats, ShadowVcpu, TableFrames};
 pub use walker::{Access, GuestPhys, PageFault, PagingMode, Translation, walk};

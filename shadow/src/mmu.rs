@@ -202,6 +202,7 @@ mod root;
 mod spte;
 mod stats;
 mod sync;
+mod vcpu;
 mod vm;
 
 pub use error::ShadowError;
@@ -213,6 +214,7 @@ pub use pv::BatchOutcome;
 pub use root::ShadowRoot;
 use spte::restricts;
 pub use stats::ShadowStats;
+pub use vcpu::ShadowVcpu;
 pub use vm::ShadowMmu;
 
 #[cfg(test)]

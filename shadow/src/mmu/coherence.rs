@@ -56,7 +56,7 @@ impl ShadowMmu {
         if self.stale {
             return;
         }
-        if !self.defer || self.current.is_some_and(|(_, cur)| self.reaches(cur, page)) {
+        if !self.defer || (0..self.loaded.len()).any(|i| self.reaches(self.loaded[i], page)) {
             self.stale = true;
         } else if self.deferred.len() < MAX_DEFERRED {
             if !self.deferred.contains(&page) {

@@ -16,25 +16,26 @@ impl ShadowMmu {
     /// `SHADOW_FAULT(cr2, error_code)`.
     pub fn handle_fault(
         &mut self,
+        vcpu: &mut ShadowVcpu,
         pool: &mut impl GuestPhys,
         guest: &mut impl GuestPhys,
         cr2: Gva,
         error_code: u32,
     ) -> Result<FaultOutcome, ShadowError> {
-        let (guest_cr3, _) = self.current.ok_or(ShadowError::NoRoot)?;
+        let (guest_cr3, mut root) = self.loaded_root(vcpu).ok_or(ShadowError::NoRoot)?;
         let guest_cr3 = Gpa(guest_cr3);
         let cr2 = cr2.raw();
         let access = Access::from_error_code(error_code);
-        let repeat = self.last_fixed == Some((cr2, error_code));
-        self.last_fixed = None;
+        let repeat = vcpu.last_fixed == Some((cr2, error_code, self.epoch));
+        vcpu.last_fixed = None;
         if repeat {
             // Invariant 7. The retried access faulted again although the
             // shadow now grants what the walk allowed. An implicit
             // supervisor access (GDT, IDT, TSS, ...) with SMAP faults even
             // with AC = 1 (SDM vol. 3 §4.6.1), and its error code looks like
             // an explicit access: walk it as one with AC = 0.
-            if self.mode.smap && self.mode.ac && !access.user && !access.fetch {
-                let implicit = PagingMode { ac: false, ..self.mode };
+            if vcpu.mode.smap && vcpu.mode.ac && !access.user && !access.fetch {
+                let implicit = PagingMode { ac: false, ..vcpu.mode };
                 let mut zoned = Zoned { mem: guest, tables: self.tables };
                 if let Err(f) = walker::walk(&mut zoned, guest_cr3, Gva(cr2), access, &implicit) {
                     self.stats.guest_faults += 1;
@@ -50,7 +51,7 @@ impl ShadowMmu {
             self.end_user_write_leaves(pool);
         }
         let mut zoned = Zoned { mem: guest, tables: self.tables };
-        let t = match walker::walk(&mut zoned, guest_cr3, Gva(cr2), access, &self.mode) {
+        let t = match walker::walk(&mut zoned, guest_cr3, Gva(cr2), access, &vcpu.mode) {
             Ok(t) => t,
             Err(f) => {
                 self.stats.guest_faults += 1;
@@ -64,32 +65,34 @@ impl ShadowMmu {
             self.end_user_write_leaves(pool);
         }
         for attempt in 0..2 {
-            if self.install(pool, guest, cr2, &t, access)? {
+            if self.install(pool, guest, root, cr2, &t, access)? {
                 self.stats.hidden_faults += 1;
-                self.last_fixed = Some((cr2, error_code));
+                vcpu.last_fixed = Some((cr2, error_code, self.epoch));
                 return Ok(FaultOutcome::Fixed);
             }
             if attempt == 0 {
                 // Pool exhausted: start over with an empty pool.
                 self.stats.pool_exhaustions += 1;
                 self.zap_all(pool);
-                self.load_cr3(pool, guest, guest_cr3)?;
+                self.load_cr3(vcpu, pool, guest, guest_cr3)?;
+                root = self.loaded_root(vcpu).ok_or(ShadowError::NoRoot)?.1;
             }
         }
         Err(ShadowError::PoolTooSmall)
     }
 
-    /// Build the shadow path for a successful walk; `false` if the pool ran
-    /// out.
+    /// Build the shadow path below `root` for a successful walk; `false` if
+    /// the pool ran out.
     pub(super) fn install(
         &mut self,
         pool: &mut impl GuestPhys,
         guest: &mut impl GuestPhys,
+        root: u32,
         va: u64,
         t: &walker::Translation,
         access: Access,
     ) -> Result<bool, ShadowError> {
-        let (_, mut page) = self.current.expect("checked by the caller");
+        let mut page = root;
         let mut role = self.pages[page as usize].as_ref().expect("root exists").role;
         for depth in 0..t.levels as usize {
             self.work += 1;
@@ -109,7 +112,7 @@ impl ShadowMmu {
             let child_role = Role {
                 gfn: (gpte & ADDR) >> 12,
                 level: level - 1,
-                access: child_access(role.access, gpte, &self.mode),
+                access: child_access(role.access, gpte, &self.rules),
             };
             match self.link_child(pool, page, idx, child_role) {
                 Some(child) => {

@@ -3,11 +3,11 @@
 use super::*;
 
 impl ShadowMmu {
-    /// Walk the *shadow* tables of the current root for `va` (for
+    /// Walk the *shadow* tables of `vcpu`'s current root for `va` (for
     /// `--explain` and tests): the shadow leaf entry, if present.
-    pub fn shadow_leaf(&self, pool: &impl GuestPhys, va: Gva) -> Option<(u64, u8)> {
+    pub fn shadow_leaf(&self, vcpu: &ShadowVcpu, pool: &impl GuestPhys, va: Gva) -> Option<(u64, u8)> {
         let va = va.raw();
-        let mut table = self.current_root()?.gpa().raw();
+        let mut table = self.current_root(vcpu)?.gpa().raw();
         for level in (1..=4u8).rev() {
             let idx = guest_abi::paging::table_index(va, level) as u64;
             let e = pool.read_u64(Gpa(table + idx * 8));

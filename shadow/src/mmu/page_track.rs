@@ -59,9 +59,9 @@ impl ShadowMmu {
     /// frames whose writes trap. Everything derived so far is zapped.
     pub fn set_table_frames(&mut self, pool: &mut impl GuestPhys, tables: TableFrames) {
         self.tables = tables;
-        if self.stats.pages_in_use > 0 || self.current.is_some() {
+        if self.stats.pages_in_use > 0 || !self.loaded.is_empty() {
             self.zap_all(pool);
         }
-        self.last_fixed = None;
+        self.epoch += 1;
     }
 }

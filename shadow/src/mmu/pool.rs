@@ -88,7 +88,8 @@ impl ShadowMmu {
                 p.root = false;
             }
         }
-        self.current = None;
+        self.loaded.clear();
+        self.generation += 1;
         self.user_write_leaves.clear();
         for page in 0..self.pages.len() as u32 {
             if let Some(sp) = self.pages[page as usize].take() {

@@ -30,20 +30,24 @@ impl ShadowMmu {
     ///
     /// RFLAGS.AC alone changes nothing in the shadow (the vCPU enforces
     /// SMAP on the shadow leaf's US bit itself), so it never zaps.
-    pub fn set_mode(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys, mode: PagingMode) {
-        let same_rules = PagingMode { ac: self.mode.ac, ..mode } == self.mode;
+    pub fn set_mode(
+        &mut self,
+        vcpu: &mut ShadowVcpu,
+        pool: &mut impl GuestPhys,
+        guest: &mut impl GuestPhys,
+        mode: PagingMode,
+    ) {
+        vcpu.mode = mode;
+        let same_rules = PagingMode { ac: self.rules.ac, ..mode } == self.rules;
         if same_rules {
-            self.mode.ac = mode.ac;
             return;
         }
-        {
-            self.mode = mode;
-            self.last_fixed = None;
-            let current = self.current.map(|(g, _)| g);
-            self.zap_all(pool);
-            if let Some(cr3) = current {
-                let _ = self.load_cr3(pool, guest, Gpa(cr3));
-            }
+        self.rules = mode;
+        self.epoch += 1;
+        let current = self.loaded_root(vcpu).map(|(g, _)| g);
+        self.zap_all(pool);
+        if let Some(cr3) = current {
+            let _ = self.load_cr3(vcpu, pool, guest, Gpa(cr3));
         }
     }
 
@@ -51,25 +55,26 @@ impl ShadowMmu {
     /// root `guest_cr3`; returns it (what the vCPU's CR3 must hold).
     pub fn load_cr3(
         &mut self,
+        vcpu: &mut ShadowVcpu,
         pool: &mut impl GuestPhys,
         guest: &mut impl GuestPhys,
         guest_cr3: Gpa,
     ) -> Result<ShadowRoot, ShadowError> {
         self.stats.cr3_loads += 1;
-        self.last_fixed = None;
+        vcpu.last_fixed = None;
         let guest_cr3 = guest_cr3.raw();
         let key = guest_cr3 & ADDR;
         if !self.tables.contains(Gpa(key)) {
             return Err(ShadowError::RootNotTrapped(Gpa(key)));
         }
-        self.switch_root(pool, guest, guest_cr3)
+        self.switch_root(vcpu, pool, guest, guest_cr3)
             .or_else(|e| match e {
                 // The pool cannot hold what fault delivery needs next to
                 // everything else in it: start over with an empty pool.
                 ShadowError::PoolTooSmall => {
                     self.stats.pool_exhaustions += 1;
                     self.zap_all(pool);
-                    self.switch_root(pool, guest, guest_cr3)
+                    self.switch_root(vcpu, pool, guest, guest_cr3)
                 }
                 e => Err(e),
             })
@@ -81,6 +86,7 @@ impl ShadowMmu {
     /// hinted slots need.
     pub(super) fn switch_root(
         &mut self,
+        vcpu: &mut ShadowVcpu,
         pool: &mut impl GuestPhys,
         guest: &mut impl GuestPhys,
         guest_cr3: u64,
@@ -90,7 +96,7 @@ impl ShadowMmu {
             let entry = self.roots.remove(pos).expect("position is valid");
             self.roots.push_front(entry);
             self.stats.root_hits += 1;
-            self.current = Some(entry);
+            self.set_loaded_root(vcpu, entry.0, entry.1);
             self.promote_deferred(entry.1);
             // A guest frame reused as a new PML4 (or kernel-half entries
             // rewritten) zapped entries of this root: everything fault
@@ -121,7 +127,7 @@ impl ShadowMmu {
             }
             self.release_if_orphan(pool, old);
         }
-        self.current = Some((key, page));
+        self.set_loaded_root(vcpu, key, page);
         self.promote_deferred(page);
         self.prefill_kernel_half(pool, guest, page)?;
         self.prefill_user_half(pool, guest, page);
@@ -222,7 +228,7 @@ impl ShadowMmu {
                 return true;
             }
             let gpte = guest.read_u64(Gpa(gpte_gpa));
-            if gpte & (P | A) != (P | A) || gpte & walker::reserved_mask(&self.mode, role.level, gpte) != 0 {
+            if gpte & (P | A) != (P | A) || gpte & walker::reserved_mask(&self.rules, role.level, gpte) != 0 {
                 continue;
             }
             let leaf = role.level == 1 || (role.level <= 3 && gpte & PS != 0);
@@ -238,7 +244,7 @@ impl ShadowMmu {
             let child_role = Role {
                 gfn: (gpte & ADDR) >> 12,
                 level: role.level - 1,
-                access: child_access(role.access, gpte, &self.mode),
+                access: child_access(role.access, gpte, &self.rules),
             };
             if !self.by_role.contains_key(&child_role) {
                 if self.free_pages() <= PREFILL_RESERVE || self.prefill_budget == 0 {

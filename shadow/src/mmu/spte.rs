@@ -6,7 +6,7 @@ impl ShadowMmu {
     /// The shadow leaf for guest leaf `gpte` under a page of role `role`,
     /// or `None` when it must not be shadowed (no A bit, outside RAM).
     pub(super) fn leaf_spte(&self, guest: &impl GuestPhys, role: Role, gpte: u64) -> Option<u64> {
-        if gpte & (P | A) != (P | A) || gpte & walker::reserved_mask(&self.mode, role.level, gpte) != 0 {
+        if gpte & (P | A) != (P | A) || gpte & walker::reserved_mask(&self.rules, role.level, gpte) != 0 {
             return None;
         }
         let size = 1u64 << (12 + 9 * (role.level as u32 - 1));
@@ -14,7 +14,7 @@ impl ShadowMmu {
         if !guest.is_ram(Gpa(base), size) {
             return None;
         }
-        let access = child_access(role.access, gpte, &self.mode);
+        let access = child_access(role.access, gpte, &self.rules);
         let mut spte = base | P | A | D;
         if role.level > 1 {
             spte |= PS;
@@ -25,7 +25,7 @@ impl ShadowMmu {
         if access & ACC_W != 0 && gpte & D != 0 {
             spte |= RW;
         }
-        if self.mode.nxe && access & ACC_X == 0 {
+        if self.rules.nxe && access & ACC_X == 0 {
             spte |= XD;
         }
         // No user leaf may be executable while a user-writable leaf for a
@@ -46,14 +46,14 @@ impl ShadowMmu {
     /// leaf (writable, XD) so that SMAP keeps checking supervisor accesses.
     pub(super) fn wp_off_write_leaf(&self, spte: u64, access: Access) -> (u64, bool) {
         let user_page = spte & US != 0;
-        if !access.write || access.user || self.mode.wp || spte & RW != 0 {
+        if !access.write || access.user || self.rules.wp || spte & RW != 0 {
             return (spte, false);
         }
-        if user_page && self.mode.smap {
+        if user_page && self.rules.smap {
             return (spte | RW | XD, true);
         }
         let mut leaf = (spte | RW) & !US;
-        if user_page && self.mode.smep {
+        if user_page && self.rules.smep {
             leaf |= XD;
         }
         (leaf, false)

@@ -45,16 +45,23 @@ impl ShadowMmu {
     /// A guest write of `len` bytes at `gpa` to a page-table page, already
     /// applied to guest memory. Updates or zaps every shadow entry derived
     /// from the written entry.
-    pub fn pte_written(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys, gpa: Gpa, len: u64) {
+    pub fn pte_written(
+        &mut self,
+        vcpu: &mut ShadowVcpu,
+        pool: &mut impl GuestPhys,
+        guest: &mut impl GuestPhys,
+        gpa: Gpa,
+        len: u64,
+    ) {
         self.sync_written(pool, guest, gpa.raw(), len);
-        self.refill_current_root(pool, guest);
+        self.refill_current_root(vcpu, pool, guest);
     }
 
     /// [`ShadowMmu::pte_written`] without the refill of the current root's
     /// kernel half (a batch refills once, at its end).
     pub(super) fn sync_written(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys, gpa: u64, len: u64) {
         self.stats.pte_writes += 1;
-        self.last_fixed = None;
+        self.epoch += 1;
         let gfn = gpa >> 12;
         let Some(derived) = self.rmap.get(&gfn).cloned() else { return };
         let aligned = len == 8 && gpa.is_multiple_of(8);
@@ -98,8 +105,13 @@ impl ShadowMmu {
 
     /// After a change that zapped entries of the current root's kernel half,
     /// shadow them again at once: the next fault must be deliverable.
-    pub(super) fn refill_current_root(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys) {
-        if let Some((cr3, root)) = self.current
+    pub(super) fn refill_current_root(
+        &mut self,
+        vcpu: &mut ShadowVcpu,
+        pool: &mut impl GuestPhys,
+        guest: &mut impl GuestPhys,
+    ) {
+        if let Some((cr3, root)) = self.loaded_root(vcpu)
             && self.pages[root as usize].as_ref().is_some_and(|p| p.needs_prefill)
             && self.prefill_kernel_half(pool, guest, root).is_err()
         {
@@ -107,14 +119,14 @@ impl ShadowMmu {
             // LOAD_CR3 or SHADOW_FAULT reports it.
             self.stats.pool_exhaustions += 1;
             self.zap_all(pool);
-            let _ = self.switch_root(pool, guest, cr3);
+            let _ = self.switch_root(vcpu, pool, guest, cr3);
         }
     }
 
     /// `FLUSH_TLB`: shadow entries are kept coherent on every write, so a
     /// flush only matters to a host that caches shadow translations.
-    pub fn flush(&mut self) {
+    pub fn flush(&mut self, vcpu: &mut ShadowVcpu) {
         self.stats.flushes += 1;
-        self.last_fixed = None;
+        vcpu.last_fixed = None;
     }
 }

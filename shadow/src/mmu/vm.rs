@@ -1,8 +1,33 @@
-//! The shadow MMU's state.
+//! The per-VM half of the shadow MMU: everything every vCPU shares.
+//!
+//! [`ShadowMmu`] holds the shadow pages, their role index and reverse map,
+//! the pool's free list and quarantine, the root cache, the host-coherence
+//! state and the counters — KVM's `kvm->arch` MMU fields. What a single
+//! vCPU has in hand (its current root, its paging controls, its last fixed
+//! fault) is a [`ShadowVcpu`] (`vcpu.rs`); an operation on behalf of a vCPU
+//! is a `ShadowMmu` method that takes it.
+//!
+//! # Invariants
+//!
+//! - `pages[i]` is `Some` exactly when pool page `i` is in use; a page in
+//!   use is in `by_role` under its role and in `rmap` under its guest frame;
+//!   a page not in use is in `free` or `quarantine`, never both.
+//! - `loaded` lists the root page of every vCPU whose current root is of
+//!   this `generation` (one entry per vCPU, so a root two vCPUs run on is
+//!   there twice). A zap of everything starts a new generation: every
+//!   vCPU's root is then obsolete and the vCPU has no current root until
+//!   its next `LOAD_CR3` (KVM's `mmu_valid_gen`).
+//! - `rules` are the paging controls every shadow entry was computed under;
+//!   a vCPU loading other controls zaps everything first
+//!   ([`ShadowMmu::set_mode`]).
+//!
+//! Today one `ShadowVcpu` is in use per `ShadowMmu` (the VMM runs one
+//! vCPU); nothing here locks.
 
 use super::*;
 
-/// The shadow MMU of one vCPU.
+/// The shadow MMU of one VM: shadow pages, reverse map, pool, root cache,
+/// coherence state and counters, shared by its vCPUs ([`ShadowVcpu`]).
 #[derive(Debug)]
 pub struct ShadowMmu {
     pub(super) pool_base: u64,
@@ -12,8 +37,17 @@ pub struct ShadowMmu {
     pub(super) by_role: HashMap<Role, u32>,
     pub(super) rmap: HashMap<u64, Vec<u32>>,
     pub(super) roots: VecDeque<(u64, u32)>,
-    pub(super) current: Option<(u64, u32)>,
-    pub(super) mode: PagingMode,
+    /// The root page of every vCPU's current root (module doc).
+    pub(super) loaded: Vec<u32>,
+    /// Bumped by every zap of everything: a vCPU root of an older
+    /// generation is obsolete.
+    pub(super) generation: u64,
+    /// The paging controls every shadow entry was computed under.
+    pub(super) rules: PagingMode,
+    /// Bumped by every change after which a fault answered `Fixed` may
+    /// rightly come back (a page-table write, new rules or table frames):
+    /// invariant 7 compares it.
+    pub(super) epoch: u64,
     pub(super) stale: bool,
     pub(super) stats: ShadowStats,
     /// PML4 slots to prefill first ([`ShadowMmu::set_prefill_hints`]).
@@ -22,9 +56,6 @@ pub struct ShadowMmu {
     /// the deterministic measure of the VMM's work, see [`ShadowMmu::work`].
     pub(super) work: u64,
     pub(super) tables: TableFrames,
-    /// The last fault answered `Fixed` (address, error code), until the
-    /// guest changes anything (invariant 7).
-    pub(super) last_fixed: Option<(u64, u32)>,
     /// How many roots the cache keeps (sized from the pool).
     pub(super) root_cap: usize,
     /// New shadow pages a prefill may still create (the user-half prefill
@@ -50,7 +81,8 @@ pub struct ShadowMmu {
 
 impl ShadowMmu {
     /// A shadow MMU whose pool is `pages` 4 KiB pages at `pool_base`
-    /// (zeroed memory).
+    /// (zeroed memory), for vCPUs starting with the paging controls `mode`
+    /// ([`ShadowMmu::new_vcpu`]).
     pub fn new(pool_base: Gpa, pages: u32, mode: PagingMode) -> ShadowMmu {
         ShadowMmu {
             pool_base: pool_base.raw(),
@@ -60,14 +92,15 @@ impl ShadowMmu {
             by_role: HashMap::new(),
             rmap: HashMap::new(),
             roots: VecDeque::new(),
-            current: None,
-            mode,
+            loaded: Vec::new(),
+            generation: 0,
+            rules: mode,
+            epoch: 0,
             stale: false,
             stats: ShadowStats::default(),
             work: 0,
             prefill_hints: Vec::new(),
             tables: TableFrames::ALL,
-            last_fixed: None,
             root_cap: (pages as usize / POOL_PAGES_PER_ROOT).clamp(ROOT_CACHE, MAX_ROOTS),
             prefill_budget: usize::MAX,
             prefill_user: false,
@@ -95,20 +128,5 @@ impl ShadowMmu {
     /// deterministic stand-in for the VMM's time, for tests that bound it.
     pub fn work(&self) -> u64 {
         self.work
-    }
-
-    /// The paging controls in force.
-    pub fn mode(&self) -> PagingMode {
-        self.mode
-    }
-
-    /// The GPA of the current shadow root (what the vCPU's CR3 holds).
-    pub fn current_root(&self) -> Option<ShadowRoot> {
-        self.current.map(|(_, p)| ShadowRoot(Gpa(self.page_gpa(p))))
-    }
-
-    /// The guest CR3 the current root shadows.
-    pub fn guest_cr3(&self) -> Option<Gpa> {
-        self.current.map(|(g, _)| Gpa(g))
     }
 }
