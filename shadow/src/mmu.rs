@@ -6,7 +6,8 @@
 //! The guest believes its CR3 points at its own PML4. In shadow mode the
 //! vCPU's CR3 points instead at a **shadow root** in the **shadow pool**, a
 //! range of guest-physical memory the guest's memory map does not contain
-//! (and which, see the trust model below, the guest can still reach). Shadow tables translate GVA → GPA directly with the
+//! (and which, see the trust model below, the guest can still reach).
+//! Shadow tables translate GVA → GPA directly with the
 //! *effective* permissions of the guest walk; KVM's own second stage (or,
 //! on a host without EPT/NPT, KVM's own shadowing) does GPA → HPA below.
 //!
@@ -20,6 +21,23 @@
 //! **shared kernel subtrees** come for free. Non-leaf shadow entries are
 //! fully permissive (P, RW, US, A; no XD); the leaf carries the effective
 //! permissions, as in KVM.
+//!
+//! ## Per VM and per vCPU
+//!
+//! As in KVM, the shadow pages belong to the VM and a vCPU only holds a
+//! root into them. [`ShadowMmu`] is the VM's part: the shadow pages, their
+//! role index and reverse map, the pool with its free list and quarantine,
+//! the root cache, the host-coherence state, the paging rules the shadow
+//! was computed under, and the counters. [`ShadowVcpu`] is a vCPU's part:
+//! its current root (and the guest CR3 behind it), its paging controls and
+//! its last fixed fault. An operation done for a vCPU (`LOAD_CR3`,
+//! `SHADOW_FAULT`, a trapped PTE write, a flush, a pv sync) is a
+//! `ShadowMmu` method that takes the vCPU; one that concerns the VM alone
+//! (host invalidation, pool repair, counters) takes none. A zap of
+//! everything starts a new *generation* and every vCPU's root becomes
+//! obsolete at once, without the MMU reaching into the vCPUs (KVM's
+//! `mmu_valid_gen`). The VMM runs one vCPU, so one `ShadowVcpu` is in use
+//! and nothing locks; the split is where sharing among vCPUs will go.
 //!
 //! ## Invariants
 //!
@@ -52,13 +70,8 @@
 //!    change in a page the loaded root does not reach is remembered instead
 //!    and makes the host stale when a root that reaches it is loaded (or a
 //!    quarantined page is reused): the vCPU cannot use it before.
-//!
-//! pv mode (`mmu::pv`) applies the guest's queued writes in batches
-//! through the same per-entry path, publishes the cached roots, and
-//! prefetches the translation a sync names.
 //! 5. **Pool exhaustion** zaps everything (all roots included) and
 //!    rebuilds the current root: correct, counted, and rare.
-//!
 //! 6. **Only trapped tables are shadowed.** A guest paging structure must
 //!    lie in a frame whose writes trap ([`ShadowMmu::set_table_frames`]:
 //!    the page-table zone and the VMM's boot tables); a root outside is
@@ -76,6 +89,10 @@
 //!    already set the entries' A bits, which the model of hardware here —
 //!    KVM's walker — leaves alone on a faulting access); anything else is
 //!    [`ShadowError::Livelock`], never an endless loop.
+//!
+//! pv mode (`mmu::pv`) applies the guest's queued writes in batches
+//! through the same per-entry path as a trapped write, publishes the
+//! cached roots, and prefetches the translation a sync names.
 //!
 //! # Paging controls (SDM vol. 3 §4.6 "Access rights", §4.7 "Page-fault exceptions")
 //!
@@ -161,6 +178,24 @@
 //! - the VMM's memory for the MMU is bounded by the pool: one 4 KiB copy
 //!   and one parent set per shadow page, and at most 512 parent entries
 //!   per pool page in all the sets together (each is an entry of one).
+//!
+//! # Files (after KVM's `arch/x86/kvm/mmu/`)
+//!
+//! | file | what | KVM |
+//! | --- | --- | --- |
+//! | `vm.rs` | [`ShadowMmu`], the per-VM state | `kvm->arch` (`mmu_page_hash`, `mmu_valid_gen`) |
+//! | `vcpu.rs` | [`ShadowVcpu`], the per-vCPU state; current root, generation | `vcpu->arch.mmu` |
+//! | `page.rs` | shadow pages, roles, pool addressing | `mmu_internal.h` |
+//! | `spte.rs` | the shadow leaf for a guest leaf; CR0.WP = 0, SMEP, SMAP | `spte.c` |
+//! | `root.rs` | `LOAD_CR3`, the root cache, kernel/user-half prefill | `mmu.c` (roots) |
+//! | `fault.rs` | `SHADOW_FAULT`: guest walk, shadow path, invariant 7 | `paging_tmpl.h` |
+//! | `sync.rs` | trapped PTE writes: update in place or zap; `FLUSH_TLB` | `mmu.c` (`kvm_mmu_pte_write`) |
+//! | `page_track.rs` | [`TableFrames`]: the frames whose writes trap (invariant 6) | `page_track.c` |
+//! | `pool.rs` | allocation, freeing, quarantine, zap of everything | `mmu.c` (`kvm_mmu_commit_zap_page`, `kvm_mmu_zap_all`) |
+//! | `coherence.rs` | host staleness, deferral, pool repair (invariant 4, trust) | `kvm_flush_remote_tlbs` |
+//! | `pv.rs` | pv mode: write batches, prefetch, published roots | — |
+//! | `invariants.rs` | the structural checker; the diagnostic shadow walk | — |
+//! | `stats.rs`, `error.rs` | [`ShadowStats`]; [`ShadowError`] | — |
 
 use crate::walker::{self, A, Access, D, GuestPhys, P, PS, PagingMode, RW, US, XD};
 use guest_abi::{Gpa, Gva};
@@ -212,7 +247,7 @@ pub use page_track::TableFrames;
 use page_track::Zoned;
 pub use pv::BatchOutcome;
 pub use root::ShadowRoot;
-use spte::restricts;
+use spte::{maps_page, restricts, shadowable};
 pub use stats::ShadowStats;
 pub use vcpu::ShadowVcpu;
 pub use vm::ShadowMmu;

@@ -1,4 +1,19 @@
-//! Host coherence: stale host translations, quarantine, deferral, pool repair.
+//! Host coherence (invariant 4) and pool repair (trust model): what the host
+//! may still cache of the shadow tables, and when it must forget it —
+//! the role KVM's `kvm_flush_remote_tlbs` plays for the vCPUs' TLBs.
+//!
+//! # Invariants
+//!
+//! - A change that removes or restricts a mapping in a page a loaded root
+//!   reaches sets `stale`; the VMM invalidates the host before the guest runs
+//!   again. With deferral on, a change no loaded root reaches is remembered
+//!   (at most [`MAX_DEFERRED`] pages, then any root switch invalidates) and
+//!   makes the host stale when a root reaching it is loaded.
+//! - Quarantined pages return to the free list only at a real invalidation.
+//! - "Reaches" errs towards yes: past [`REACH_STEPS`] steps up the parent
+//!   sets it answers yes, which only invalidates earlier.
+//! - Pool repair compares the pool with the VMM's copy and rewrites it; no
+//!   decision depends on what the guest wrote there.
 
 use super::*;
 
@@ -18,12 +33,6 @@ impl ShadowMmu {
             self.free.append(&mut self.quarantine);
         }
         self.stale = false;
-    }
-
-    /// Prefill the used part of a new root's user half (see
-    /// `prefill_user_half`); off by default.
-    pub fn set_prefill_user_half(&mut self, on: bool) {
-        self.prefill_user = on;
     }
 
     /// The guest itself will flush its TLB after the change that made the

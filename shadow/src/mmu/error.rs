@@ -1,4 +1,6 @@
-//! Why the shadow MMU cannot proceed.
+//! Why the shadow MMU cannot proceed. Every error is reported to the VMM,
+//! which turns it into a guest-visible failure or a VM stop; none leaves the
+//! MMU inconsistent, and no guest input panics.
 
 use super::*;
 

@@ -1,4 +1,18 @@
-//! `SHADOW_FAULT`: the guest walk and the shadow path it implies.
+//! `SHADOW_FAULT`: the guest walk and the shadow path it implies (KVM's
+//! `FNAME(page_fault)` and `FNAME(fetch)`, paging_tmpl.h).
+//!
+//! # Invariants
+//!
+//! - The walk uses the faulting vCPU's paging controls (RFLAGS.AC included)
+//!   and only tables in trapped frames (invariant 6); a failed walk is the
+//!   guest's own `#PF` with the walker's error code, and changes no shadow.
+//! - A successful walk installs the shadow path of exactly that translation
+//!   (invariants 1, 2), with the leaf from `spte.rs`; the answer is `Fixed`
+//!   only when the leaf was installed or was not needed.
+//! - The same fault fixed twice with nothing changed in between is
+//!   invariant 7's case, never an endless loop.
+//! - A pool exhaustion midway zaps everything and rebuilds the vCPU's root
+//!   once; a second one is [`ShadowError::PoolTooSmall`].
 
 use super::*;
 
@@ -109,11 +123,7 @@ impl ShadowMmu {
                 }
                 return Ok(true);
             }
-            let child_role = Role {
-                gfn: (gpte & ADDR) >> 12,
-                level: level - 1,
-                access: child_access(role.access, gpte, &self.rules),
-            };
+            let child_role = role.child(gpte, &self.rules);
             match self.link_child(pool, page, idx, child_role) {
                 Some(child) => {
                     page = child;

@@ -1,4 +1,11 @@
-//! The invariant checker and the diagnostic walk of the shadow tables.
+//! The structural invariant checker (tests, fuzzing) and the diagnostic walk
+//! of a vCPU's shadow tables (`--explain`).
+//!
+//! Both only read. [`ShadowMmu::shadow_leaf`] reads the pool — what the vCPU
+//! really walks, which the guest may have scribbled over — and its answer is
+//! reported, never used to decide anything; [`ShadowMmu::check_invariants`]
+//! checks that the pool holds exactly the VMM's copy and that the parent
+//! links, role index and reverse map agree.
 
 use super::*;
 

@@ -1,5 +1,14 @@
 //! Shadow pages and their role (KVM's `struct kvm_mmu_page` and
 //! `union kvm_mmu_page_role`, mmu_internal.h), and the pool addressing.
+//!
+//! # Invariants
+//!
+//! - One shadow page per role; a page's `entries` are the truth and the pool
+//!   copy is written from them only (`put`), never read to decide.
+//! - `parents` lists every shadow entry pointing at the page: a page with no
+//!   parent that is not a pinned root is freed.
+//! - A child's access is its parent's ANDed with the guest entry's RW, US
+//!   and ¬XD, so a role never grants more than the path above it.
 
 use super::*;
 
@@ -11,12 +20,29 @@ pub(super) const ACC_U: AccessBits = 2;
 pub(super) const ACC_X: AccessBits = 4;
 pub(super) const ACC_ALL: AccessBits = 7;
 
-/// A shadow page's role.
+/// A shadow page's role: what it shadows and under which access; pages
+/// are looked up by it, so equal roles share one shadow page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) struct Role {
+    /// The guest table frame shadowed.
     pub(super) gfn: u64,
+    /// 4 = PML4 … 1 = PT.
     pub(super) level: u8,
+    /// The access the levels above grant.
     pub(super) access: AccessBits,
+}
+
+impl Role {
+    /// The role of the root shadowing the guest PML4 at `guest_root`.
+    pub(super) fn root(guest_root: u64) -> Role {
+        Role { gfn: guest_root >> 12, level: 4, access: ACC_ALL }
+    }
+
+    /// The role of the shadow page for the table that entry `gpte` of a
+    /// page of this role points at.
+    pub(super) fn child(self, gpte: u64, rules: &PagingMode) -> Role {
+        Role { gfn: (gpte & ADDR) >> 12, level: self.level - 1, access: child_access(self.access, gpte, rules) }
+    }
 }
 
 #[derive(Debug)]

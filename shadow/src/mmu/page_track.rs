@@ -1,5 +1,12 @@
-//! The guest frames that may hold paging structures (invariant 6), KVM's
-//! write-tracked pages (page_track.c).
+//! The guest frames that may hold paging structures (invariant 6): those
+//! whose writes trap, as KVM's write-tracked pages (page_track.c).
+//!
+//! # Invariants
+//!
+//! - The walker sees guest memory through [`TableFrames`]: a table outside
+//!   them is a reserved-bit fault, so no shadow is derived from a frame the
+//!   VMM does not see written.
+//! - Changing the frames zaps everything derived so far.
 
 use super::*;
 

@@ -1,4 +1,17 @@
-//! The shadow pool: allocation, freeing, quarantine, zap all.
+//! The shadow pool: allocation, freeing, quarantine and the zap of
+//! everything (KVM's `kvm_mmu_alloc_shadow_page`, `kvm_mmu_commit_zap_page`,
+//! `kvm_mmu_zap_all`).
+//!
+//! # Invariants
+//!
+//! - A page taken for use is zeroed in the pool first, whatever the guest
+//!   wrote there (trust model), and enters the role index and reverse map.
+//! - A freed page goes to quarantine, not to the free list: the host may
+//!   still cache translations through it until it is invalidated
+//!   ([`ShadowMmu::host_invalidated`]). Reusing a quarantined page early
+//!   marks the host stale.
+//! - A zap of everything empties the root cache, starts a new generation (so
+//!   every vCPU's root is obsolete) and marks the host stale.
 
 use super::*;
 

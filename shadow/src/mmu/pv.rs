@@ -96,16 +96,16 @@ impl ShadowMmu {
         let Some(mut role) = self.pages[page as usize].as_ref().map(|p| p.role) else { return false };
         for level in (1..=4u8).rev() {
             self.work += 1;
-            let idx = (va >> (12 + 9 * (level as u32 - 1))) & 0x1ff;
+            let idx = guest_abi::paging::table_index(va, level) as u64;
             let gpa = (role.gfn << 12) + idx * 8;
             if !guest.is_ram(Gpa(gpa), 8) {
                 return false;
             }
             let gpte = guest.read_u64(Gpa(gpa));
-            if gpte & (P | A) != (P | A) || gpte & walker::reserved_mask(&self.rules, level, gpte) != 0 {
+            if !shadowable(gpte, level, &self.rules) {
                 return false;
             }
-            if level == 1 || (level <= 3 && gpte & PS != 0) {
+            if maps_page(gpte, level) {
                 let Some(spte) = self.leaf_spte(guest, role, gpte) else { return false };
                 self.set_leaf(pool, page, idx, spte);
                 self.stats.prefetches += 1;
@@ -114,11 +114,7 @@ impl ShadowMmu {
             if !self.tables.contains(Gpa(gpte & ADDR)) {
                 return false;
             }
-            let child_role = Role {
-                gfn: (gpte & ADDR) >> 12,
-                level: level - 1,
-                access: child_access(role.access, gpte, &self.rules),
-            };
+            let child_role = role.child(gpte, &self.rules);
             if !self.by_role.contains_key(&child_role) && self.free_pages() <= PREFILL_RESERVE {
                 return false;
             }

@@ -1,4 +1,19 @@
-//! Roots: `LOAD_CR3`, the root cache and the prefill of a new root.
+//! Roots: `LOAD_CR3`, the root cache and the prefill of a new root (KVM's
+//! `kvm_mmu_load`, `prev_roots` and `mmu_alloc_shadow_roots`, mmu.c).
+//!
+//! # Invariants
+//!
+//! - Every cached root is pinned (`ShadowPage::root`) and is freed only when
+//!   evicted from the cache (least recently loaded first) and unreferenced;
+//!   the root a vCPU has just loaded is the most recent, so never evicted.
+//! - A root a vCPU runs on has its kernel half shadowed (`needs_prefill`
+//!   clear) as far as the hinted slots go: fault delivery must not fault.
+//!   `Err(PoolTooSmall)` means not even those fit, and `load_cr3` then
+//!   starts over from an empty pool once before reporting it.
+//! - A prefill shadows only guest entries with A set and nothing reserved
+//!   (invariant 2), and stops [`PREFILL_RESERVE`] pages short of an empty
+//!   pool; the user-half prefill creates at most [`USER_PREFILL_PAGES`].
+//! - New paging rules ([`ShadowMmu::set_mode`]) zap everything first.
 
 use super::*;
 
@@ -107,13 +122,12 @@ impl ShadowMmu {
             return Ok(self.page_gpa(entry.1));
         }
         self.stats.root_misses += 1;
-        let page = match self.get_or_create(pool, Role { gfn: key >> 12, level: 4, access: ACC_ALL }) {
+        let page = match self.get_or_create(pool, Role::root(key)) {
             Some(p) => p,
             None => {
                 self.stats.pool_exhaustions += 1;
                 self.zap_all(pool);
-                self.get_or_create(pool, Role { gfn: key >> 12, level: 4, access: ACC_ALL })
-                    .ok_or(ShadowError::PoolTooSmall)?
+                self.get_or_create(pool, Role::root(key)).ok_or(ShadowError::PoolTooSmall)?
             }
         };
         if let Some(p) = self.pages[page as usize].as_mut() {
@@ -196,6 +210,12 @@ impl ShadowMmu {
         self.prefill_budget = usize::MAX;
     }
 
+    /// Prefill the used part of a new root's user half (see
+    /// `prefill_user_half`); off by default.
+    pub fn set_prefill_user_half(&mut self, on: bool) {
+        self.prefill_user = on;
+    }
+
     /// The PML4 slots fault delivery needs, from guest-virtual addresses
     /// the VMM reads in the vCPU's registers (IDT, GDT and TSS bases, RIP,
     /// RSP): a later prefill shadows them before anything else. Addresses
@@ -228,11 +248,10 @@ impl ShadowMmu {
                 return true;
             }
             let gpte = guest.read_u64(Gpa(gpte_gpa));
-            if gpte & (P | A) != (P | A) || gpte & walker::reserved_mask(&self.rules, role.level, gpte) != 0 {
+            if !shadowable(gpte, role.level, &self.rules) {
                 continue;
             }
-            let leaf = role.level == 1 || (role.level <= 3 && gpte & PS != 0);
-            if leaf {
+            if maps_page(gpte, role.level) {
                 if let Some(spte) = self.leaf_spte(guest, role, gpte) {
                     self.set_leaf(pool, page, idx, spte);
                 }
@@ -241,11 +260,7 @@ impl ShadowMmu {
             if !self.tables.contains(Gpa(gpte & ADDR)) {
                 continue;
             }
-            let child_role = Role {
-                gfn: (gpte & ADDR) >> 12,
-                level: role.level - 1,
-                access: child_access(role.access, gpte, &self.rules),
-            };
+            let child_role = role.child(gpte, &self.rules);
             if !self.by_role.contains_key(&child_role) {
                 if self.free_pages() <= PREFILL_RESERVE || self.prefill_budget == 0 {
                     return false;

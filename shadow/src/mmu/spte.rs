@@ -1,4 +1,17 @@
-//! The SPTE rules: the shadow leaf for a guest leaf, CR0.WP = 0 and SMAP.
+//! The SPTE rules: the shadow leaf for a guest leaf (KVM's `make_spte`,
+//! spte.c), and CR0.WP = 0 under SMEP and SMAP (the mmu module doc,
+//! "Paging controls").
+//!
+//! # Invariants
+//!
+//! - A shadow leaf exists only for a present guest leaf with A set and no
+//!   reserved bit, maps only guest RAM, carries the effective permissions of
+//!   the walk (US, RW only if the guest entry is dirty, XD) and never more.
+//! - A writable user leaf for a supervisor write under CR0.WP = 0 and SMAP
+//!   exists only while no other user leaf lets user mode run; the first
+//!   user-mode access ends it.
+//! - `restricts` is conservative: any change of frame or loss of a
+//!   permission counts.
 
 use super::*;
 
@@ -6,7 +19,7 @@ impl ShadowMmu {
     /// The shadow leaf for guest leaf `gpte` under a page of role `role`,
     /// or `None` when it must not be shadowed (no A bit, outside RAM).
     pub(super) fn leaf_spte(&self, guest: &impl GuestPhys, role: Role, gpte: u64) -> Option<u64> {
-        if gpte & (P | A) != (P | A) || gpte & walker::reserved_mask(&self.rules, role.level, gpte) != 0 {
+        if !shadowable(gpte, role.level, &self.rules) {
             return None;
         }
         let size = 1u64 << (12 + 9 * (role.level as u32 - 1));
@@ -103,4 +116,16 @@ pub(super) fn restricts(old: u64, new: u64) -> bool {
         return true;
     }
     (old & RW != 0 && new & RW == 0) || (old & US != 0 && new & US == 0) || (old & XD == 0 && new & XD != 0)
+}
+
+/// Whether guest entry `gpte` of a level-`level` table may be shadowed at
+/// all: present, accessed (invariant 2) and without reserved bits.
+pub(super) fn shadowable(gpte: u64, level: u8, rules: &PagingMode) -> bool {
+    gpte & (P | A) == (P | A) && gpte & walker::reserved_mask(rules, level, gpte) == 0
+}
+
+/// Whether guest entry `gpte` of a level-`level` table maps a page (a PT
+/// entry, or PS in a PD or PDPT entry) rather than a table.
+pub(super) fn maps_page(gpte: u64, level: u8) -> bool {
+    level == 1 || (level <= 3 && gpte & PS != 0)
 }

@@ -1,4 +1,6 @@
-//! Shadow-MMU counters.
+//! Shadow-MMU counters, per VM. Every count only grows (so
+//! [`ShadowStats::since`] subtracts); `pages_in_use` and `pages_peak` are
+//! gauges. They count deterministic events, so tests may assert them.
 
 /// Shadow-MMU counters.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -32,39 +34,33 @@ pub struct ShadowStats {
     /// Most shadow pages ever in use.
     pub pages_peak: u64,
     /// Pool pages found written by the guest and rewritten from the VMM's
-    /// copy ([`ShadowMmu::repair_pool_pages`]).
+    /// copy ([`ShadowMmu::repair_pool_pages`](super::ShadowMmu::repair_pool_pages)).
     pub pool_repairs: u64,
-    /// pv mode: write-queue batches applied ([`ShadowMmu::apply_batch`]).
+    /// pv mode: write-queue batches applied ([`ShadowMmu::apply_batch`](super::ShadowMmu::apply_batch)).
     pub batches: u64,
     /// pv mode: queue entries applied (each also counts in `pte_writes`).
     pub batch_entries: u64,
     /// pv mode: translations made current without a fault
-    /// ([`ShadowMmu::prefetch`]).
+    /// ([`ShadowMmu::prefetch`](super::ShadowMmu::prefetch)).
     pub prefetches: u64,
+}
+
+/// `ShadowStats` with every count `$count` taken as `$now - $then` and
+/// every gauge `$gauge` as `$now`'s: a struct literal, so a field left out
+/// of both lists does not compile.
+macro_rules! counts_since {
+    ($now:expr, $then:expr; counts: $($count:ident),*; gauges: $($gauge:ident),*) => {
+        ShadowStats { $($count: $now.$count - $then.$count,)* $($gauge: $now.$gauge,)* }
+    };
 }
 
 impl ShadowStats {
     /// The counts accumulated since `earlier` (gauges keep their current value).
     pub fn since(&self, earlier: &ShadowStats) -> ShadowStats {
-        ShadowStats {
-            hidden_faults: self.hidden_faults - earlier.hidden_faults,
-            guest_faults: self.guest_faults - earlier.guest_faults,
-            pte_writes: self.pte_writes - earlier.pte_writes,
-            pte_updates_in_place: self.pte_updates_in_place - earlier.pte_updates_in_place,
-            cr3_loads: self.cr3_loads - earlier.cr3_loads,
-            root_hits: self.root_hits - earlier.root_hits,
-            root_misses: self.root_misses - earlier.root_misses,
-            zaps: self.zaps - earlier.zaps,
-            page_zaps: self.page_zaps - earlier.page_zaps,
-            pool_exhaustions: self.pool_exhaustions - earlier.pool_exhaustions,
-            host_invalidations: self.host_invalidations - earlier.host_invalidations,
-            flushes: self.flushes - earlier.flushes,
-            pages_in_use: self.pages_in_use,
-            pages_peak: self.pages_peak,
-            pool_repairs: self.pool_repairs - earlier.pool_repairs,
-            batches: self.batches - earlier.batches,
-            batch_entries: self.batch_entries - earlier.batch_entries,
-            prefetches: self.prefetches - earlier.prefetches,
-        }
+        counts_since!(self, earlier;
+            counts: hidden_faults, guest_faults, pte_writes, pte_updates_in_place, cr3_loads, root_hits,
+                root_misses, zaps, page_zaps, pool_exhaustions, host_invalidations, flushes, pool_repairs,
+                batches, batch_entries, prefetches;
+            gauges: pages_in_use, pages_peak)
     }
 }

@@ -1,4 +1,19 @@
-//! Guest page-table writes: sync in place or zap.
+//! Guest page-table writes: each shadow entry derived from the written guest
+//! entry is updated in place or zapped (KVM's `kvm_mmu_pte_write`, mmu.c,
+//! reached through page tracking).
+//!
+//! # Invariants
+//!
+//! - After [`ShadowMmu::pte_written`] no shadow entry derived from the
+//!   written entry grants more than the guest entry now does: an aligned
+//!   8-byte write of a leaf that may be shadowed updates the leaf in place
+//!   (marking the host stale if it grants less), anything else zaps; a
+//!   partial or misaligned write zaps the whole derived page (invariant 3).
+//! - A zap unlinks the child, frees it when nothing else points at it, and
+//!   marks the host stale (or defers it, `coherence.rs`).
+//! - A write to a kernel-half slot of a root marks that root for refill, and
+//!   the writing vCPU's current root is refilled before it runs again.
+//! - Every write moves the VM's change epoch on (invariant 7).
 
 use super::*;
 
@@ -87,7 +102,7 @@ impl ShadowMmu {
                 p.needs_prefill = true;
             }
             let gpte = guest.read_u64(Gpa(gpa & !7));
-            let leaf = role.level == 1 || (role.level <= 3 && gpte & PS != 0);
+            let leaf = maps_page(gpte, role.level);
             let old = self.entry(page, idx);
             let old_leaf = old & P != 0 && (role.level == 1 || old & PS != 0);
             match (leaf, self.leaf_spte(guest, role, gpte)) {

@@ -352,3 +352,23 @@ fn pool_exhaustion_moves_the_root_and_says_where() {
     assert!(mmu.stats().pool_exhaustions > 0);
     assert!(roots.len() > 1, "this scenario moves the root; the VMM must follow it: {roots:x?}");
 }
+
+/// Per VM and per vCPU: a zap of everything, done by the VM alone, leaves
+/// the vCPU with no root (its root is of an old generation, and its pool
+/// page may be reused), until its next `LOAD_CR3`.
+#[test]
+fn a_zap_of_everything_makes_the_vcpus_root_obsolete() {
+    let (mut mmu, mut pool) = setup(64);
+    let mut cpu = mmu.new_vcpu();
+    let mut g = guest_with(0x1000, P | RW | A, 4);
+    let root = mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(0x1000)).unwrap();
+    assert_eq!(mmu.current_root(&cpu), Some(root));
+    mmu.zap_all(&mut pool);
+    assert_eq!((mmu.current_root(&cpu), mmu.guest_cr3(&cpu)), (None, None));
+    assert_eq!(mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(va(0)), READ), Err(ShadowError::NoRoot));
+    assert!(!mmu.prefetch(&cpu, &mut pool, &mut g, Gva(va(0))), "no root: nothing to prefetch into");
+    mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(0x1000)).unwrap();
+    assert_eq!(mmu.guest_cr3(&cpu), Some(Gpa(0x1000)));
+    assert_eq!(mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(va(0)), READ), Ok(FaultOutcome::Fixed));
+    mmu.check_invariants(&pool, &g).unwrap();
+}
