@@ -31,8 +31,10 @@ pub(super) struct Loaded {
 }
 
 /// The shadow-MMU state of one vCPU (module doc); made by
-/// [`ShadowMmu::new_vcpu`], used with the `ShadowMmu` it came from.
-#[derive(Debug, Clone)]
+/// [`ShadowMmu::new_vcpu`], used with the `ShadowMmu` it came from. Not
+/// `Clone`: the VM counts the roots its vCPUs hold, and a copy would hold
+/// one uncounted.
+#[derive(Debug)]
 pub struct ShadowVcpu {
     pub(super) current: Option<Loaded>,
     pub(super) mode: PagingMode,
