@@ -30,12 +30,19 @@ use super::*;
 /// coherence state and counters, shared by its vCPUs ([`ShadowVcpu`]).
 #[derive(Debug)]
 pub struct ShadowMmu {
+    /// The pool's first GPA.
     pub(super) pool_base: u64,
+    /// Pool page `i`'s shadow page, if in use.
     pub(super) pages: Vec<Option<ShadowPage>>,
+    /// Pool pages free to take.
     pub(super) free: Vec<u32>,
+    /// Freed pool pages the host may still cache (until invalidated).
     pub(super) quarantine: Vec<u32>,
+    /// The shadow page of each role.
     pub(super) by_role: HashMap<Role, u32>,
+    /// The reverse map: guest frame → the shadow pages derived from it.
     pub(super) rmap: HashMap<u64, Vec<u32>>,
+    /// The root cache, most recently loaded first: (guest root, page).
     pub(super) roots: VecDeque<(u64, u32)>,
     /// The root page of every vCPU's current root (module doc).
     pub(super) loaded: Vec<u32>,
@@ -48,13 +55,16 @@ pub struct ShadowMmu {
     /// rightly come back (a page-table write, new rules or table frames):
     /// invariant 7 compares it.
     pub(super) epoch: u64,
+    /// The host may hold stale translations of shadow tables.
     pub(super) stale: bool,
+    /// The counters.
     pub(super) stats: ShadowStats,
     /// PML4 slots to prefill first ([`ShadowMmu::set_prefill_hints`]).
     pub(super) prefill_hints: Vec<u64>,
     /// Steps taken by the handlers (entries and list elements visited):
     /// the deterministic measure of the VMM's work, see [`ShadowMmu::work`].
     pub(super) work: u64,
+    /// The frames that may hold guest tables (invariant 6).
     pub(super) tables: TableFrames,
     /// How many roots the cache keeps (sized from the pool).
     pub(super) root_cap: usize,
