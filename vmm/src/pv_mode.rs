@@ -72,10 +72,10 @@ impl PvBackend {
         // A pv guest loads published roots without an exit: every change
         // must be coherent before it runs again (at most one invalidation
         // per hypercall, whatever the batch held).
-        sh.mmu_mut().set_defer_unreachable(false);
+        sh.mmu_mut().0.set_defer_unreachable(false);
         // A context switch that misses the root cache costs the LOAD_CR3
         // alone: the new root gets the used part of its user half at once.
-        sh.mmu_mut().set_prefill_user_half(true);
+        sh.mmu_mut().0.set_prefill_user_half(true);
         Ok(PvBackend { sh, area: None, refused: 0, zone: pt_zone })
     }
 
@@ -88,17 +88,17 @@ impl PvBackend {
         let guest_flushes = self.sh.coherence() == crate::shadow_mode::Coherence::ReloadCr3;
         let batch = {
             let (mut ram, mut pool) = self.sh.windows(m);
-            let mmu = self.sh.mmu_mut();
-            if let Err(ShadowError::PoolTooSmall) = mmu.follow_shadow_root(&mut pool, &mut ram, Gpa(hw_root)) {
+            let (mmu, cpu) = self.sh.mmu_mut();
+            if let Err(ShadowError::PoolTooSmall) = mmu.follow_shadow_root(cpu, &mut pool, &mut ram, Gpa(hw_root)) {
                 return Err(self.sh.pool_too_small(hw_root));
             }
-            let followed = mmu.current_root();
+            let followed = mmu.current_root(cpu);
             let stale_before = mmu.host_stale();
             let r = match self.area.as_mut().map(|a| a.take_queue(m.ram.memory())) {
                 None | Some(Ok([])) => hc::OK,
                 Some(Err(why)) => abi::batch_error(0, why),
                 Some(Ok(entries)) => {
-                    match mmu.apply_batch(&mut pool, &mut ram, entries, (self.zone.start, self.zone.end)) {
+                    match mmu.apply_batch(cpu, &mut pool, &mut ram, entries, (self.zone.start, self.zone.end)) {
                         BatchOutcome { refused: None, .. } => hc::OK,
                         BatchOutcome { applied, refused: Some(why) } => abi::batch_error(applied, why),
                     }
@@ -125,7 +125,8 @@ impl PvBackend {
         // A batch that exhausted the pool rebuilt the root the vCPU is on
         // elsewhere: follow it (a vCPU on tables of the guest's own making
         // is left where it is).
-        if followed.map(|r| r.gpa().raw()) == Some(hw_root & !0xfff) && self.sh.mmu().current_root() != followed {
+        let (mmu, cpu) = self.sh.mmu();
+        if followed.map(|r| r.gpa().raw()) == Some(hw_root & !0xfff) && mmu.current_root(cpu) != followed {
             self.sh.point_vcpu(m)?;
         }
         self.sh.times_mut().batch += t.elapsed();
@@ -135,7 +136,7 @@ impl PvBackend {
     /// Republish the cached roots if they changed.
     fn publish(&mut self, m: &Machine) {
         if let Some(area) = self.area.as_mut() {
-            area.publish(m.ram.memory(), self.sh.mmu().published_roots().map(|(g, s)| (g, s.gpa())));
+            area.publish(m.ram.memory(), self.sh.mmu().0.published_roots().map(|(g, s)| (g, s.gpa())));
         }
     }
 
@@ -144,10 +145,10 @@ impl PvBackend {
         let batch = self.sync(m)?;
         let t = Instant::now();
         let (mut ram, mut pool) = self.sh.windows(m);
-        let mmu = self.sh.mmu_mut();
-        mmu.flush();
+        let (mmu, cpu) = self.sh.mmu_mut();
+        mmu.flush(cpu);
         if regs.rdi != abi::NO_GVA {
-            mmu.prefetch(&mut pool, &mut ram, Gva(regs.rdi));
+            mmu.prefetch(cpu, &mut pool, &mut ram, Gva(regs.rdi));
         }
         self.sh.times_mut().batch += t.elapsed();
         Ok(batch)

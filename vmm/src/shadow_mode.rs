@@ -51,7 +51,7 @@ use guest_abi::{Gpa, Gva, Hva};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::SyncReg;
 use serde::Serialize;
-use shadow::{FaultOutcome, GuestPhys, PagingMode, ShadowError, ShadowMmu, ShadowStats, TableFrames};
+use shadow::{FaultOutcome, GuestPhys, PagingMode, ShadowError, ShadowMmu, ShadowStats, ShadowVcpu, TableFrames};
 use std::time::{Duration, Instant};
 use vm_memory::volatile_memory::VolatileArrayRef;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, VolatileMemory};
@@ -245,6 +245,8 @@ pub struct ShadowReport {
 pub struct ShadowState {
     /// The MMU.
     mmu: ShadowMmu,
+    /// The MMU's state of the VM's one vCPU.
+    vcpu: ShadowVcpu,
     /// The pool's memslot.
     pool_slot: SlotSpec,
     /// The pool's host address.
@@ -366,6 +368,7 @@ impl ShadowState {
         // root, needs no host invalidation until such a root is loaded.
         mmu.set_defer_unreachable(true);
         ShadowState {
+            vcpu: mmu.new_vcpu(),
             mmu,
             pool_slot,
             pool_hva,
@@ -446,8 +449,8 @@ impl ShadowState {
         // The controls as of this exit (sync regs): a guest that changed
         // EFER.NXE or CR4 without FLUSH_TLB gets a rebuilt shadow here
         // instead of a hidden fault that repeats forever.
-        self.mmu.set_mode(pool, ram, mode);
-        let r = match self.mmu.handle_fault(pool, ram, cr2, error_code as u32) {
+        self.mmu.set_mode(&mut self.vcpu, pool, ram, mode);
+        let r = match self.mmu.handle_fault(&mut self.vcpu, pool, ram, cr2, error_code as u32) {
             Ok(FaultOutcome::Fixed) => hc::FAULT_FIXED,
             Ok(FaultOutcome::GuestFault(ec)) => hc::FAULT_GUEST | ec as u64,
             Err(e @ (ShadowError::PoolTooSmall | ShadowError::Livelock { .. })) => {
@@ -471,7 +474,7 @@ impl ShadowState {
     pub fn pte_write(&mut self, ram: &mut MemWindow<'_>, pool: &mut MemWindow<'_>, gpa: Gpa, data: &[u8]) {
         let t = Instant::now();
         if ram.memory().write_slice(data, GuestAddress(gpa.raw())).is_ok() {
-            self.mmu.pte_written(pool, ram, gpa, data.len() as u64);
+            self.mmu.pte_written(&mut self.vcpu, pool, ram, gpa, data.len() as u64);
         }
         self.times.pte_write += t.elapsed();
     }
@@ -513,13 +516,13 @@ impl ShadowState {
 
     /// pv mode's backend (`pv_mode`) builds on this one: the MMU, the
     /// handler times, and the dirty-log policy.
-    pub(crate) fn mmu_mut(&mut self) -> &mut ShadowMmu {
-        &mut self.mmu
+    pub(crate) fn mmu_mut(&mut self) -> (&mut ShadowMmu, &mut ShadowVcpu) {
+        (&mut self.mmu, &mut self.vcpu)
     }
 
-    /// The MMU, read-only.
-    pub(crate) fn mmu(&self) -> &ShadowMmu {
-        &self.mmu
+    /// The MMU and its vCPU state, read-only.
+    pub(crate) fn mmu(&self) -> (&ShadowMmu, &ShadowVcpu) {
+        (&self.mmu, &self.vcpu)
     }
 
     /// The handler times.
@@ -581,7 +584,7 @@ impl ShadowState {
     /// ([`Coherence::ReloadCr3`]) rather than rewriting CR3.
     fn enter_root(&self, m: &mut Machine, sregs: kvm_sregs) -> crate::Result<()> {
         let mut sregs = self.vcpu_sregs(sregs);
-        if let Some(root) = self.mmu.current_root() {
+        if let Some(root) = self.mmu.current_root(&self.vcpu) {
             sregs.cr3 = root.gpa().raw();
         }
         m.set_sregs(&sregs)
@@ -684,8 +687,8 @@ impl MmuBackend for ShadowState {
             }
             self.note_vcpu_efer(sregs.efer);
             let mode = self.guest_mode(&sregs, regs.rflags);
-            self.mmu.set_mode(&mut pool, &mut ram, mode);
-            self.mmu.load_cr3(&mut pool, &mut ram, root)
+            self.mmu.set_mode(&mut self.vcpu, &mut pool, &mut ram, mode);
+            self.mmu.load_cr3(&mut self.vcpu, &mut pool, &mut ram, root)
         };
         match result {
             Ok(_) => {}
@@ -704,7 +707,7 @@ impl MmuBackend for ShadowState {
                     }
                     hc::ERR_UNAVAILABLE
                 };
-                if self.mmu.current_root().is_some() {
+                if self.mmu.current_root(&self.vcpu).is_some() {
                     self.enter_root(m, sregs)?;
                 }
                 return Ok(answer);
@@ -717,7 +720,7 @@ impl MmuBackend for ShadowState {
 
     fn fault(&mut self, m: &mut Machine, cr2: Gva, error_code: u64, regs: &kvm_regs) -> crate::Result<u64> {
         self.enter_hypercall(m, regs, false)?;
-        let root_before = self.mmu.current_root();
+        let root_before = self.mmu.current_root(&self.vcpu);
         let vcpu_sregs = m.sync_sregs();
         if self.note_vcpu_efer(vcpu_sregs.efer) {
             // The guest cleared EFER.NXE since the last exit: this error
@@ -726,7 +729,7 @@ impl MmuBackend for ShadowState {
             let sregs = m.sregs()?;
             let mode = self.guest_mode(&sregs, regs.rflags);
             let (mut ram, mut pool) = self.windows(m);
-            self.mmu.set_mode(&mut pool, &mut ram, mode);
+            self.mmu.set_mode(&mut self.vcpu, &mut pool, &mut ram, mode);
             self.enter_root(m, sregs)?;
             return Ok(hc::FAULT_FIXED);
         }
@@ -740,12 +743,12 @@ impl MmuBackend for ShadowState {
             self.handle_fault(&mut ram, &mut pool, cr2, error_code, mode)
         };
         let result = result.map_err(|e| match e {
-            ShadowError::PoolTooSmall => self.pool_exhausted(self.mmu.guest_cr3().unwrap_or_default()),
+            ShadowError::PoolTooSmall => self.pool_exhausted(self.mmu.guest_cr3(&self.vcpu).unwrap_or_default()),
             e => Error::ShadowMmu(e, regs.rip),
         })?;
         // Pool exhaustion zaps everything and may rebuild the root in
         // another pool page: the vCPU must follow it.
-        if self.mmu.current_root().is_some() && self.mmu.current_root() != root_before {
+        if self.mmu.current_root(&self.vcpu).is_some() && self.mmu.current_root(&self.vcpu) != root_before {
             self.enter_root(m, m.sregs()?)?;
         }
         Ok(result)
@@ -767,8 +770,8 @@ impl MmuBackend for ShadowState {
         self.note_guest_controls(cr0, efer);
         let mode = self.guest_mode(&sregs, regs.rflags);
         let (mut ram, mut pool) = self.windows(m);
-        self.mmu.set_mode(&mut pool, &mut ram, mode);
-        self.mmu.flush();
+        self.mmu.set_mode(&mut self.vcpu, &mut pool, &mut ram, mode);
+        self.mmu.flush(&mut self.vcpu);
         self.enter_root(m, sregs)?;
         Ok(hc::OK)
     }
@@ -796,14 +799,14 @@ impl MmuBackend for ShadowState {
         // the guest's own root is the one the shadow MMU shadows.
         // (Before the first LOAD_CR3 the vCPU still runs on the guest's
         // own boot tables: its CR3 is then the guest's root.)
-        self.mmu.guest_cr3().unwrap_or(Gpa(vcpu_cr3))
+        self.mmu.guest_cr3(&self.vcpu).unwrap_or(Gpa(vcpu_cr3))
     }
 
     fn explain(&self, m: &Machine, e: &mut Explanation) {
         if let Some(pool_mem) = m.ram.pool() {
             let pool = self.pool(pool_mem);
-            e.shadow_root = self.mmu.current_root();
-            e.shadow_leaf = self.mmu.shadow_leaf(&pool, e.gva);
+            e.shadow_root = self.mmu.current_root(&self.vcpu);
+            e.shadow_leaf = self.mmu.shadow_leaf(&self.vcpu, &pool, e.gva);
         }
     }
 
