@@ -10,26 +10,14 @@
 //! what happened; [`error`] says what went wrong and which exit code that
 //! means.
 
-pub mod bench;
 pub mod boot;
-pub mod chart;
-pub mod cli;
-pub mod compare;
 pub mod devices;
 pub mod error;
-pub mod explain;
-pub mod guest_tests;
-pub mod info;
-pub mod kvm;
-pub mod layout;
 pub mod limits;
 pub mod mmu;
-pub mod pv_mode;
-pub mod shadow_mode;
 pub mod size;
 pub mod stats;
-pub mod supervise;
-mod vcpu_exit;
+pub mod vcpu;
 pub mod vm;
 
 pub use error::{Error, Result};

@@ -117,7 +117,7 @@ mod tests {
 mod shadow_warning_tests {
     use super::MAX_WARNINGS;
     use crate::mmu::GuestCpu;
-    use crate::shadow_mode::{Coherence, MemWindow, ShadowState};
+    use crate::mmu::shadow::{Coherence, MemWindow, ShadowState};
     use ept::RegionKind;
     use ept::memmap::SlotSpec;
     use vm_memory::{GuestAddress, GuestMemoryMmap};

@@ -1,10 +1,12 @@
 //! `vmm`: the command-line entry point.
 
+mod cli;
+
 use clap::Parser;
+use cli::{BenchArgs, Cli, Command, CompareArgs, InfoArgs, MmuArg, RunArgs, TestArgs};
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
-use vmm::cli::{BenchArgs, Cli, Command, CompareArgs, InfoArgs, MmuArg, RunArgs, TestArgs};
 use vmm::error::exit_code;
 use vmm::vm::{KernelSource, Vm, VmConfig};
 
@@ -124,14 +126,14 @@ fn run(args: RunArgs, process_start: Instant) -> i32 {
 }
 
 fn info(args: InfoArgs, process_start: Instant) -> i32 {
-    let kvm = match vmm::kvm::open() {
+    let kvm = match vmm::vm::kvm::open() {
         Ok(k) => k,
         Err(e) => {
             eprintln!("error: {e}");
             return e.exit_code();
         }
     };
-    let report = vmm::info::probe(&kvm, args.calibration_loops, process_start);
+    let report = cli::info::probe(&kvm, args.calibration_loops, process_start);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
     } else {
@@ -157,7 +159,7 @@ fn test(args: TestArgs, process_start: Instant) -> i32 {
             timeout: args.timeout,
             process_start,
         };
-        match vmm::guest_tests::run_mode(config, &args.filter, &mut stdout) {
+        match cli::guest_tests::run_mode(config, &args.filter, &mut stdout) {
             Ok(r) => modes.push(r),
             Err(e) => {
                 eprintln!("error: {e}");
@@ -222,12 +224,12 @@ fn verdict(passed: bool) -> &'static str {
 fn bench(args: BenchArgs, process_start: Instant) -> i32 {
     let mut workloads = Vec::new();
     let names: Vec<String> = if args.workloads.is_empty() {
-        vmm::bench::WORKLOADS.iter().map(|(n, _)| n.to_string()).collect()
+        cli::bench::WORKLOADS.iter().map(|(n, _)| n.to_string()).collect()
     } else {
         args.workloads.clone()
     };
     for n in names {
-        match vmm::bench::WORKLOADS.iter().find(|(w, _)| *w == n) {
+        match cli::bench::WORKLOADS.iter().find(|(w, _)| *w == n) {
             Some((_, default)) => workloads.push((n, args.size.unwrap_or(*default))),
             None => {
                 eprintln!("error: unknown workload '{n}' (fault, fork, ctxsw, mmap, tlb, alloc)");
@@ -247,15 +249,15 @@ fn bench(args: BenchArgs, process_start: Instant) -> i32 {
     if let Err(code) = check_outputs(&[(json_flag, Some(&json)), (svg_flag, svg.as_deref())]) {
         return code;
     }
-    let kvm = match vmm::kvm::open() {
+    let kvm = match vmm::vm::kvm::open() {
         Ok(k) => k,
         Err(e) => {
             eprintln!("error: {e}");
             return e.exit_code();
         }
     };
-    let probe = vmm::info::probe(&kvm, 20_000, process_start);
-    let plan = vmm::bench::BenchPlan {
+    let probe = cli::info::probe(&kvm, 20_000, process_start);
+    let plan = cli::bench::BenchPlan {
         workloads,
         modes: args.mmu.modes(),
         repeat: args.repeat.max(1),
@@ -268,7 +270,7 @@ fn bench(args: BenchArgs, process_start: Instant) -> i32 {
     if let Ok(style) = indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}") {
         bar.set_style(style.progress_chars("=> "));
     }
-    let report = vmm::bench::run(&plan, probe, |msg| {
+    let report = cli::bench::run(&plan, probe, |msg| {
         bar.set_message(msg.to_string());
         bar.inc(1);
     });
@@ -314,13 +316,13 @@ fn bench(args: BenchArgs, process_start: Instant) -> i32 {
 }
 
 fn compare(args: CompareArgs) -> i32 {
-    let report = match vmm::compare::compare(&args.reports, args.baseline.as_deref()) {
+    let report = match cli::compare::compare(&args.reports, args.baseline.as_deref()) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
             return match e {
-                vmm::compare::CompareError::Usage(_) => exit_code::USAGE,
-                vmm::compare::CompareError::Input(_) => exit_code::SETUP,
+                cli::compare::CompareError::Usage(_) => exit_code::USAGE,
+                cli::compare::CompareError::Input(_) => exit_code::SETUP,
             };
         }
     };

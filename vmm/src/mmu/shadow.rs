@@ -41,7 +41,7 @@
 //!   could not walk it.)
 
 use crate::error::Error;
-use crate::explain::Explanation;
+use crate::mmu::explain::Explanation;
 use crate::mmu::{GuestCpu, Machine, MmuBackend, MmuCounters, kvm_err, paging_mode};
 use crate::stats::ExitReason;
 use ept::memmap::{GpaRange, SlotSpec};
@@ -491,7 +491,7 @@ impl ShadowState {
         } else {
             Coherence::ReloadCr3
         };
-        preset_accessed(m.ram.memory(), crate::layout::BOOT_TABLES);
+        preset_accessed(m.ram.memory(), crate::boot::layout::BOOT_TABLES);
         // Until the first LOAD_CR3 the vCPU walks the boot tables itself,
         // and an AMD CPU's nested walk treats guest page-table accesses as
         // writes (AMD APM vol. 2 §15.25.10), which a read-only slot turns
@@ -506,7 +506,7 @@ impl ShadowState {
         m.vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
         // Guest paging structures may live where writes trap: the
         // page-table zone and the VMM's boot tables.
-        let boot = crate::layout::BOOT_TABLES;
+        let boot = crate::boot::layout::BOOT_TABLES;
         let tables = TableFrames::new(&[(pt_zone.start, pt_zone.end), (boot.start, boot.end)]);
         Ok(ShadowState::new(slot, hva, coherence, m.cpu, tables))
     }
@@ -636,7 +636,7 @@ impl ShadowState {
 /// Register the memslot of the VMM's boot page tables read-only (its
 /// steady state in shadow and pv mode: `ept::memmap`) or writable.
 fn set_boot_tables_readonly(m: &mut Machine, readonly: bool) -> crate::Result<()> {
-    let start = crate::layout::BOOT_TABLES.start;
+    let start = crate::boot::layout::BOOT_TABLES.start;
     let Some(slot) = m.map.slot_of(start).copied().filter(|s| s.gpa == start && s.kind == ept::RegionKind::PageTables)
     else {
         return Ok(());

@@ -1,10 +1,16 @@
 //! The command line (the README, "Commands"). Sizes take units, times
 //! take units, `--help` shows every default and the exit codes.
 
-use crate::size::{parse_duration, parse_size};
+pub mod bench;
+pub mod chart;
+pub mod compare;
+pub mod guest_tests;
+pub mod info;
+
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
+use vmm::size::{parse_duration, parse_size};
 
 const EXIT_CODES: &str = "\
 Exit codes:

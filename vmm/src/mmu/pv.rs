@@ -38,9 +38,9 @@
 //!   the guest runs on what it wrote, as in shadow mode; the VMM never
 //!   reads the pool to decide anything, and the shadow maps guest RAM only.
 
-use crate::explain::Explanation;
+use crate::mmu::explain::Explanation;
+use crate::mmu::shadow::{ShadowReport, ShadowState};
 use crate::mmu::{Machine, MmuBackend, MmuCounters};
-use crate::shadow_mode::{ShadowReport, ShadowState};
 use crate::stats::ExitReason;
 use ept::memmap::GpaRange;
 use guest_abi::hypercall as hc;
@@ -85,7 +85,7 @@ impl PvBackend {
     fn sync(&mut self, m: &mut Machine) -> crate::Result<u64> {
         let t = Instant::now();
         let hw_root = m.sync_sregs().cr3;
-        let guest_flushes = self.sh.coherence() == crate::shadow_mode::Coherence::ReloadCr3;
+        let guest_flushes = self.sh.coherence() == crate::mmu::shadow::Coherence::ReloadCr3;
         let batch = {
             let (mut ram, mut pool) = self.sh.windows(m);
             let mmu = self.sh.mmu_mut();

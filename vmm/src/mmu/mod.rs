@@ -28,16 +28,20 @@
 //! descriptors, guest RAM and the memory map. Its own state (shadow tables,
 //! handler times, warning budgets) is private to it.
 
+pub mod explain;
+pub mod pv;
+pub mod shadow;
+
 use crate::error::{Error, Result};
-use crate::explain::Explanation;
+use crate::mmu::explain::Explanation;
 use crate::stats::ExitReason;
+use ::shadow::PagingMode;
 use ept::GuestRam;
 use ept::memmap::{GpaRange, MemoryMap};
 use guest_abi::hypercall as hc;
 use guest_abi::{Gpa, Gva, MmuMode};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{VcpuFd, VmFd};
-use shadow::PagingMode;
 use std::time::Duration;
 
 /// `map_err` for a KVM ioctl: the error names the ioctl.
@@ -92,7 +96,7 @@ impl Machine {
 #[derive(Debug, Clone, Copy)]
 pub struct MmuCounters {
     /// The shadow MMU's counters.
-    pub shadow: shadow::ShadowStats,
+    pub shadow: ::shadow::ShadowStats,
     /// VMM time in the backend's handlers.
     pub handler_time: Duration,
 }
@@ -154,7 +158,7 @@ pub trait MmuBackend: Send {
     }
 
     /// The end-of-run report of this mode (`--stats`).
-    fn report(&self) -> Option<crate::shadow_mode::ShadowReport> {
+    fn report(&self) -> Option<crate::mmu::shadow::ShadowReport> {
         None
     }
 
@@ -181,7 +185,7 @@ impl MmuBackend for EptBackend {
 /// per GiB of direct map (the kernel half is shadowed eagerly, and fault
 /// delivery depends on it).
 pub fn min_shadow_pool(memory: u64) -> u64 {
-    (10 + memory.div_ceil(crate::layout::GIB)) * crate::layout::PAGE_SIZE
+    (10 + memory.div_ceil(crate::boot::layout::GIB)) * crate::boot::layout::PAGE_SIZE
 }
 
 /// Check a configuration's mode-specific sizes before anything is built.
@@ -208,8 +212,8 @@ pub fn shadow_pool_size(mmu: MmuMode, shadow_pool: u64) -> u64 {
 pub fn create(mmu: MmuMode, m: &mut Machine, pt_zone: GpaRange) -> Result<Box<dyn MmuBackend>> {
     Ok(match mmu {
         MmuMode::Ept => Box::new(EptBackend { cpu: m.cpu }),
-        MmuMode::Shadow => Box::new(crate::shadow_mode::ShadowState::create(m, pt_zone)?),
-        MmuMode::Pv => Box::new(crate::pv_mode::PvBackend::create(m, pt_zone)?),
+        MmuMode::Shadow => Box::new(crate::mmu::shadow::ShadowState::create(m, pt_zone)?),
+        MmuMode::Pv => Box::new(crate::mmu::pv::PvBackend::create(m, pt_zone)?),
     })
 }
 

@@ -71,7 +71,7 @@ fn hex32<S: serde::Serializer>(v: &u32, s: S) -> Result<S::Ok, S::Error> {
 
 /// Guest RAM, read-only, for the architectural walk of `--explain`: the
 /// walker's A/D updates are dropped, so explaining changes nothing.
-struct ReadOnly<'a>(crate::shadow_mode::MemWindow<'a>);
+struct ReadOnly<'a>(crate::mmu::shadow::MemWindow<'a>);
 
 impl shadow::GuestPhys for ReadOnly<'_> {
     fn read_u64(&self, gpa: Gpa) -> u64 {
@@ -236,7 +236,7 @@ pub fn explain(
     backend.explain(m, &mut e);
     if matches!(e.walk.end, WalkEnd::Mapped { .. }) {
         let mode = backend.guest_paging_mode(&m.sregs()?, m.regs().rflags);
-        let mut ram = ReadOnly(crate::shadow_mode::MemWindow::ram(mem, m.memory));
+        let mut ram = ReadOnly(crate::mmu::shadow::MemWindow::ram(mem, m.memory));
         let read = shadow::walker::Access { write: false, user: false, fetch: false };
         if let Err(pf) = shadow::walker::walk(&mut ram, cr3, gva, read, &mode) {
             e.refused = Some(Refused { error_code: pf.error_code, level: pf.level });

@@ -25,17 +25,19 @@
 //!   (`KVM_SYNC_X86_REGS`), so a hypercall costs one exit and no extra
 //!   ioctl; the result goes back the same way.
 
+pub mod kvm;
+
+use crate::boot::layout::{self, MAX_MEMORY, MIN_MEMORY, PT_ZONE_START};
 use crate::boot::{bootinfo, gdt, loader, paging, regs};
 use crate::devices::hypercall::{self, HypercallContext, Report};
 use crate::devices::serial::{ConsoleSink, GuestSerial, new_serial};
 use crate::error::{Error, Result};
-use crate::explain::Explanation;
-use crate::layout::{self, MAX_MEMORY, MIN_MEMORY, PT_ZONE_START};
 use crate::limits::{Limited, ReportBudget};
+use crate::mmu::explain::Explanation;
 use crate::mmu::{GuestCpu, Machine, MmuBackend, MmuCounters, kvm_err};
 use crate::stats::{ExitCounts, ExitReason, RunStats};
-pub use crate::supervise::{Supervised, VCPU_STOP_GRACE, supervise};
-use crate::vcpu_exit::Action;
+use crate::vcpu::exit::Action;
+pub use crate::vcpu::supervise::{Supervised, VCPU_STOP_GRACE, supervise};
 use ept::memmap::{GpaRange, MemoryMap, MemoryMapConfig};
 use ept::{Backing, GuestRam};
 use guest_abi::hypercall as hc;
@@ -340,7 +342,7 @@ impl VmCore {
         let pt_zone_raw = (pt_zone.start.raw(), pt_zone.end.raw());
         let kernel = loader::inspect(&name, &image, config.memory, pt_zone_raw)?;
 
-        let kvm = crate::kvm::open()?;
+        let kvm = crate::vm::kvm::open()?;
         let map = MemoryMap::new(&MemoryMapConfig {
             ram_size: config.memory,
             pt_zone,
@@ -426,7 +428,7 @@ impl VmCore {
 
     /// The translation chain of `gva` in the guest's current address space.
     pub fn explain(&self, gva: Gva) -> Result<Explanation> {
-        crate::explain::explain(&self.m, self.mmu.as_ref(), self.config.mmu.name(), gva)
+        crate::mmu::explain::explain(&self.m, self.mmu.as_ref(), self.config.mmu.name(), gva)
     }
 
     fn vcpu_loop(&mut self, expired: &AtomicBool) -> RunOutcome {
