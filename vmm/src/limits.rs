@@ -117,7 +117,9 @@ mod tests {
 mod shadow_warning_tests {
     use super::MAX_WARNINGS;
     use crate::mmu::GuestCpu;
-    use crate::mmu::shadow::{Coherence, MemWindow, ShadowState};
+    use crate::mmu::report::Coherence;
+    use crate::mmu::shadow::ShadowBackend;
+    use crate::mmu::window::MemWindow;
     use ept::RegionKind;
     use ept::memmap::SlotSpec;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -134,7 +136,7 @@ mod shadow_warning_tests {
             kind: RegionKind::ShadowPool,
         };
         let cpu = GuestCpu { maxphyaddr: 36, nx: true, pdpe1gb: true, amd: false };
-        let mut sh = ShadowState::new(slot, guest_abi::Hva(0), Coherence::ReloadCr3, cpu, shadow::TableFrames::ALL);
+        let mut sh = ShadowBackend::new(slot, Coherence::ReloadCr3, cpu, shadow::TableFrames::ALL);
         let mut ram = MemWindow::ram(&ram_mem, 0x10_0000);
         let mut pool = sh.pool(&pool_mem);
         let mode = shadow::PagingMode::default();
