@@ -132,6 +132,20 @@ impl PvBackend {
         Ok(batch)
     }
 
+    /// A shadow-mode event `event` as a pv sync point: sync first, then
+    /// shadow mode's handling, then republish the roots.
+    fn synced(
+        &mut self,
+        vm: &mut VmContext,
+        vcpu: &mut VcpuContext,
+        event: impl FnOnce(&mut ShadowBackend, &mut VmContext, &mut VcpuContext) -> crate::Result<u64>,
+    ) -> crate::Result<u64> {
+        self.sync(vm, vcpu)?;
+        let r = event(&mut self.sh, vm, vcpu)?;
+        self.publish(vm);
+        Ok(r)
+    }
+
     /// Republish the cached roots if they changed.
     fn publish(&mut self, vm: &VmContext) {
         if let Some(area) = self.area.as_mut() {
@@ -185,10 +199,7 @@ impl MmuBackend for PvBackend {
         root: Gpa,
         regs: &kvm_regs,
     ) -> crate::Result<u64> {
-        self.sync(vm, vcpu)?;
-        let r = self.sh.load_cr3(vm, vcpu, root, regs)?;
-        self.publish(vm);
-        Ok(r)
+        self.synced(vm, vcpu, |sh, vm, vcpu| sh.load_cr3(vm, vcpu, root, regs))
     }
 
     fn fault(
@@ -199,10 +210,7 @@ impl MmuBackend for PvBackend {
         error_code: u64,
         regs: &kvm_regs,
     ) -> crate::Result<u64> {
-        self.sync(vm, vcpu)?;
-        let r = self.sh.fault(vm, vcpu, cr2, error_code, regs)?;
-        self.publish(vm);
-        Ok(r)
+        self.synced(vm, vcpu, |sh, vm, vcpu| sh.fault(vm, vcpu, cr2, error_code, regs))
     }
 
     fn flush(
@@ -213,10 +221,7 @@ impl MmuBackend for PvBackend {
         efer: u64,
         regs: &kvm_regs,
     ) -> crate::Result<u64> {
-        self.sync(vm, vcpu)?;
-        let r = self.sh.flush(vm, vcpu, cr0, efer, regs)?;
-        self.publish(vm);
-        Ok(r)
+        self.synced(vm, vcpu, |sh, vm, vcpu| sh.flush(vm, vcpu, cr0, efer, regs))
     }
 
     fn mmio_write(&mut self, vm: &mut VmContext, gpa: Gpa, data: &[u8]) -> bool {
