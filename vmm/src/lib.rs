@@ -6,7 +6,7 @@
 //! reach it as `vmm::`; everything a test drives is here.
 //!
 //! Module map, each depending only on modules listed before it (no import
-//! cycle; docs/architecture.md says how that is checked):
+//! cycle: `python3 scripts/modcycles.py vmm/src` prints none):
 //!
 //! - [`size`]: sizes and durations, parsed and printed.
 //! - [`error`]: what went wrong, and which exit code that means.

@@ -1,5 +1,5 @@
 //! The vCPU: its per-vCPU state ([`Vcpu`]), the decoding of its exits
-//! ([`exit`]) and the supervision of its thread ([`supervise`]).
+//! (`exit`) and the supervision of its thread ([`supervise`]).
 //!
 //! **Per-vCPU state** lives in [`Vcpu`]: the vCPU file descriptor and its
 //! index ([`VcpuContext`], what an MMU backend may touch), its exit counts
@@ -10,7 +10,7 @@
 //! over the same VM state. Today a VM has exactly one vCPU (index 0).
 //!
 //! Trust: nothing here reads guest memory; exit data is copied out of
-//! `kvm_run` once ([`exit`]) and every count is bounded by `u64`.
+//! `kvm_run` once (`exit`) and every count is bounded by `u64`.
 
 pub(crate) mod exit;
 pub mod supervise;

@@ -1,10 +1,10 @@
 //! One VM: its lifecycle, its per-VM state, and the run.
 //!
-//! Files: [`config`] (what a VM is made from), [`builder`] (creation from a
-//! [`VmConfig`]), this file (the [`Vm`] handle and its lifecycle), [`run`]
+//! Files: [`config`] (what a VM is made from), `builder` (creation from a
+//! [`VmConfig`]), this file (the [`Vm`] handle and its lifecycle), `run`
 //! (the run loop of one vCPU), [`kvm`] (opening `/dev/kvm`).
 //!
-//! **Per-VM vs per-vCPU state.** [`VmState`] is per-VM: KVM, the VM's
+//! **Per-VM vs per-vCPU state.** `VmState` is per-VM: KVM, the VM's
 //! [`VmContext`] (VM file descriptor, guest RAM, memory map, memory size,
 //! guest CPU facts, warnings), the devices (UART, diagnostics queue,
 //! `EXPLAIN` budget), the MMU backend (the mode's VM-wide state), the
@@ -12,7 +12,7 @@
 //! its exit counts and statistics). A VM has one vCPU today.
 //!
 //! Lifecycle (the rust-vmm `vmm-reference` shape): [`Vm::new`] builds the
-//! VM ([`builder`]); [`Vm::run`] moves the VM's state onto a vCPU thread
+//! VM (`builder`); [`Vm::run`] moves the VM's state onto a vCPU thread
 //! and runs it until the guest writes to the exit device, the vCPU dies,
 //! or the timeout expires (the main thread then kicks the vCPU out of
 //! `KVM_RUN` with a signal). The VM stays inspectable afterwards
@@ -28,7 +28,7 @@
 //! Invariants: guest RAM is one host mapping at GPA `0..memory`, registered
 //! as the slots of one `ept::MemoryMap` (plus, in shadow and pv mode, the
 //! VMM-private shadow pool, which no guest-visible mapping ever reaches),
-//! so the guest cannot reach host memory beyond them ([`builder`]).
+//! so the guest cannot reach host memory beyond them (`builder`).
 
 mod builder;
 pub mod config;

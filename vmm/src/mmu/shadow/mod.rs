@@ -43,7 +43,7 @@
 //!
 //! Files: this one holds the backend's state, its construction and the
 //! seam's events; [`controls`] emulates the guest's paging controls;
-//! [`coherence`] keeps the host coherent and the pool honest. The
+//! `coherence` keeps the host coherent and the pool honest. The
 //! backend's state is VM-wide (`crate::mmu`'s module doc, "Per-VM and
 //! per-vCPU state"); it depends on the seam, and only `pv` depends on it.
 
