@@ -6,8 +6,8 @@
 //! large as the request and aligned to their size, so aligned to the
 //! request's alignment; [`size_class`] and the compare tree `cache_of`
 //! (the one [`Kmalloc`](super::Kmalloc)'s fast path uses) agree on every
-//! request a cache serves (a test checks every size and alignment up to
-//! twice the largest class).
+//! request a cache serves (a test checks every size up to twice the
+//! largest class, at every alignment up to 8 KiB).
 
 use crate::PAGE_SIZE;
 use crate::buddy::MAX_ORDER;
