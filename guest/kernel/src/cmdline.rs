@@ -42,6 +42,8 @@ const KEYS: &[(&str, Takes)] = &[
     ("spaces", Takes::Number { required: true }),
     ("calibrate", Takes::Number { required: false }),
     ("test", Takes::AnyText),
+    // The size of anonymous folios a demand fault maps (guest_mm::folio).
+    ("anon", Takes::OneOf(&guest_mm::folio::FolioSize::NAMES)),
     ("explain", Takes::Nothing),
     ("matrix", Takes::Nothing),
     ("fail-on-request", Takes::Nothing),

@@ -74,7 +74,9 @@ fn measure(name: &str, n: u64, mut op: impl FnMut(u64)) -> u64 {
 }
 
 fn fault(n: u64) -> Result<(), &'static str> {
-    enter_user(n)?;
+    // The area is whole 2 MiB pages (its start is aligned), so that every
+    // `anon=` size maps whole folios, as a large malloc'd buffer would.
+    enter_user(n.next_multiple_of(512))?;
     let cycles = measure("fault", n, |i| {
         // SAFETY: inside the VMA; the first touch demand-faults.
         unsafe { page(i).write_volatile(i) }
@@ -139,7 +141,7 @@ fn ctxsw(n: u64) -> Result<(), &'static str> {
     let setup = mm::with(|m| {
         m.ctx(|cx, kpt, _| {
             for s in spaces.iter_mut() {
-                let mut a = AddressSpace::new(cx, kpt).ok()?;
+                let mut a = mm::new_address_space(cx, kpt).ok()?;
                 a.add_vma(Gva(USER_BASE), Gva(USER_BASE + 4096), Prot::READ | Prot::WRITE).ok()?;
                 *s = Some(a);
             }
