@@ -43,6 +43,11 @@ pub struct ShadowStats {
     /// pv mode: translations made current without a fault
     /// ([`ShadowMmu::prefetch`](super::ShadowMmu::prefetch)).
     pub prefetches: u64,
+    /// pv mode: leaves a batch wrote into a guest table that had no shadow
+    /// page when the batch was applied, shadowed once the sync's prefetch
+    /// made one ([`ShadowMmu::prefetch_batch`](super::ShadowMmu::prefetch_batch)):
+    /// the other pages of a large folio.
+    pub batch_fills: u64,
 }
 
 /// `ShadowStats` with every count `$count` taken as `$now - $then` and
@@ -60,7 +65,7 @@ impl ShadowStats {
         counts_since!(self, earlier;
             counts: hidden_faults, guest_faults, pte_writes, pte_updates_in_place, cr3_loads, root_hits,
                 root_misses, zaps, page_zaps, pool_exhaustions, host_invalidations, flushes, pool_repairs,
-                batches, batch_entries, prefetches;
+                batches, batch_entries, prefetches, batch_fills;
             gauges: pages_in_use, pages_peak)
     }
 }

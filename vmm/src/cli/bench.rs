@@ -22,8 +22,12 @@ use vmm::vm::{Vm, VmConfig};
 pub const WORKLOADS: [(&str, u64); 6] =
     [("fault", 256), ("fork", 8), ("ctxsw", 256), ("mmap", 32), ("tlb", 2000), ("alloc", 500)];
 
-/// JSON schema version of the report.
+/// JSON schema version of the report (new keys may be added within one).
 pub const SCHEMA: u32 = 1;
+
+/// What a failed run's message says when the guest refused a `--cmdline`
+/// word (the caller's usage error, not the guest's failure).
+pub const REFUSED_WORD: &str = "the guest kernel refused the --cmdline word";
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -38,6 +42,8 @@ pub struct BenchPlan {
     pub memory: u64,
     /// Shadow pool.
     pub shadow_pool: u64,
+    /// Extra guest command-line words for every run (`--cmdline`).
+    pub cmdline: String,
     /// When the process started.
     pub process_start: Instant,
 }
@@ -102,6 +108,12 @@ pub struct BenchReport {
     pub host: String,
     /// The host probe.
     pub probe: HostReport,
+    /// The extra guest command-line words of every run (`--cmdline`; empty
+    /// when none).
+    pub cmdline: String,
+    /// The anonymous folio size the guest ran with (`anon=`; `4k` unless
+    /// the command line said otherwise).
+    pub anon: String,
     /// Per workload.
     pub workloads: Vec<WorkloadReport>,
 }
@@ -119,13 +131,19 @@ fn median(v: &mut [f64]) -> f64 {
 pub fn run_once(plan: &BenchPlan, workload: &str, size: u64, mmu: MmuMode) -> Result<BenchPhase, String> {
     let config = VmConfig {
         shadow_pool: plan.shadow_pool,
-        cmdline: format!("workload={workload} size={size}"),
+        cmdline: format!("{} workload={workload} size={size}", plan.cmdline).trim_start().to_string(),
         timeout: Duration::from_secs(600),
         process_start: plan.process_start,
         ..VmConfig::bundled(plan.memory, mmu)
     };
+    let cmdline = config.cmdline.clone();
     let mut vm = Vm::new(config, Box::new(std::io::sink())).map_err(|e| e.to_string())?;
     let outcome = vm.run();
+    if let Ok(exit) = &outcome.end
+        && let Some(word) = exit.refused_cmdline_word(&cmdline)
+    {
+        return Err(format!("{REFUSED_WORD} '{word}'"));
+    }
     match outcome.end {
         Ok(exit) if exit.success() => {}
         Ok(exit) => return Err(format!("the guest failed (status {})", exit.status)),
@@ -196,7 +214,14 @@ pub fn run(plan: &BenchPlan, probe: HostReport, mut progress: impl FnMut(&str)) 
         };
         workloads.push(WorkloadReport { workload: name.clone(), modes, time_ratio, cycles_ratio, extra_exits_per_op });
     }
-    Ok(BenchReport { schema: SCHEMA, host: probe.summary(), probe, workloads })
+    let anon = plan
+        .cmdline
+        .split_ascii_whitespace()
+        .filter_map(|w| w.strip_prefix("anon="))
+        .next()
+        .unwrap_or("4k")
+        .to_string();
+    Ok(BenchReport { schema: SCHEMA, host: probe.summary(), probe, cmdline: plan.cmdline.clone(), anon, workloads })
 }
 
 impl BenchReport {
@@ -207,6 +232,7 @@ impl BenchReport {
         if let Some(note) = self.emulation_note() {
             let _ = writeln!(s, "{note}");
         }
+        let _ = writeln!(s, "guest: anon={} (anonymous folio size), command line '{}'", self.anon, self.cmdline);
         let _ = writeln!(
             s,
             "{:<7} {:<6} {:>6} {:>12} {:>12} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6}",

@@ -149,6 +149,12 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size)]
     pub shadow_pool: u64,
 
+    /// Extra words for the guest's command line in every run, the same in
+    /// every mode (e.g. `anon=64k`: the anonymous folio size); not
+    /// `workload=` or `size=` (--workload and --size say those).
+    #[arg(long, value_name = "WORDS", default_value = "")]
+    pub cmdline: String,
+
     /// Folder for the report files (report.json, and report.svg when ept and shadow both ran).
     #[arg(long, value_name = "DIR", default_value = "bench-report")]
     pub out: PathBuf,
