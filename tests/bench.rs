@@ -104,9 +104,18 @@ fn bench_passes_guest_words_to_every_run_and_names_the_folio_size() {
         json.to_str().unwrap(),
     ]);
     assert_exit(&o, 0);
-    assert!(stdout(&o).contains("guest: anon=2m (anonymous folio size), command line 'anon=2m'"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("guest: anon=2m (anonymous folio size), command line 'anon=2m'; host backing 4k"),
+        "{}",
+        stdout(&o)
+    );
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!((v["anon"].as_str(), v["cmdline"].as_str()), (Some("2m"), Some("anon=2m")), "{v}");
+    assert_eq!(v["backing"], "4k");
+    // The modelled walk of a 2 MiB guest page over 4 KiB host pages: 19
+    // references for the 2D walk, 4 for the shadow's (4 KiB leaves).
+    let refs = |m: usize| v["workloads"][0]["modes"][m]["walk_refs_per_tlb_miss"].as_u64();
+    assert_eq!((refs(0), refs(1)), (Some(19), Some(4)), "{v}");
     // The words reached the guest: 64 pages in one THP cost shadow mode a
     // handful of exits in all (a 4 KiB page costs two).
     let shadow = &v["workloads"][0]["modes"][1];

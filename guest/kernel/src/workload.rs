@@ -9,7 +9,7 @@
 //! | `fork` | fork a 16-page address space copy-on-write, write every page in the child, destroy it |
 //! | `ctxsw` | switch to the next of `spaces=N` address spaces (default 4; a CR3 load) and touch its page |
 //! | `mmap` | map a 4-page area, touch it, unmap it |
-//! | `tlb` | a read at a pseudo-random page of a 64-page working set with stable tables |
+//! | `tlb` | a read at a pseudo-random page of a working set of `tlbset=N` pages (default 64; 16384 = 64 MiB misses the TLB) with stable tables |
 //! | `alloc` | a kmalloc 64-byte alloc+free and an order-0 page alloc+free (no MMU change) |
 
 use crate::ktest::vm_suites::{USER_BASE, enter_user, leave_user};
@@ -229,9 +229,11 @@ fn mmap(n: u64) -> Result<(), &'static str> {
 }
 
 fn tlb(n: u64) -> Result<(), &'static str> {
-    const PAGES: u64 = 64;
-    enter_user(PAGES)?;
-    for i in 0..PAGES {
+    let pages =
+        crate::cmdline::value(crate::boot::cmdline(), "tlbset").and_then(crate::cmdline::parse_u64).unwrap_or(64);
+    // Whole 2 MiB pages, as for `fault`: every `anon=` size fits.
+    enter_user(pages.next_multiple_of(512))?;
+    for i in 0..pages {
         // SAFETY: inside the VMA.
         unsafe { page(i).write_volatile(i * 3) };
     }
@@ -242,7 +244,7 @@ fn tlb(n: u64) -> Result<(), &'static str> {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        let p = x % PAGES;
+        let p = x % pages;
         // SAFETY: mapped above; the tables do not change.
         sum = sum.wrapping_add(unsafe { page(p).read_volatile() });
         want = want.wrapping_add(p * 3);

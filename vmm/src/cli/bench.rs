@@ -44,6 +44,8 @@ pub struct BenchPlan {
     pub shadow_pool: u64,
     /// Extra guest command-line words for every run (`--cmdline`).
     pub cmdline: String,
+    /// Host memory behind guest RAM (`--backing`).
+    pub backing: ept::Backing,
     /// When the process started.
     pub process_start: Instant,
 }
@@ -75,9 +77,10 @@ pub struct ModeFigures {
     pub host_invalidations_per_op: f64,
     /// VMM time in shadow handlers per operation, ns.
     pub vmm_handler_ns_per_op: f64,
-    /// Memory references of one TLB miss on a 4 KiB guest page backed by
-    /// 4 KiB host pages, as modelled: a 2D walk (ept) or one walk of the
-    /// shadow tables (classic shadow paging).
+    /// Memory references of one TLB miss, as modelled (`ept::walk`): a 2D
+    /// walk (ept) or one walk of the shadow tables (shadow, pv), for the
+    /// run's guest page (2 MiB at `anon=2m`, else 4 KiB) over its host
+    /// backing's page (24 and 4 at 4 KiB over 4 KiB).
     pub walk_refs_per_tlb_miss: u32,
     /// Runs measured.
     pub runs: u32,
@@ -114,6 +117,9 @@ pub struct BenchReport {
     /// The anonymous folio size the guest ran with (`anon=`; `4k` unless
     /// the command line said otherwise).
     pub anon: String,
+    /// The host backing of guest RAM (`--backing`: `4k`, `thp`,
+    /// `hugetlb-2m`, `hugetlb-1g`).
+    pub backing: String,
     /// Per workload.
     pub workloads: Vec<WorkloadReport>,
 }
@@ -131,6 +137,7 @@ fn median(v: &mut [f64]) -> f64 {
 pub fn run_once(plan: &BenchPlan, workload: &str, size: u64, mmu: MmuMode) -> Result<BenchPhase, String> {
     let config = VmConfig {
         shadow_pool: plan.shadow_pool,
+        backing: plan.backing,
         cmdline: format!("{} workload={workload} size={size}", plan.cmdline).trim_start().to_string(),
         timeout: Duration::from_secs(600),
         process_start: plan.process_start,
@@ -156,7 +163,18 @@ pub fn run_once(plan: &BenchPlan, workload: &str, size: u64, mmu: MmuMode) -> Re
     Ok(phase)
 }
 
-fn figures(mmu: MmuMode, phases: &[BenchPhase]) -> ModeFigures {
+/// The guest page size the `anon=` word of `cmdline` gives user memory
+/// (the first such word, as the guest reads it): 2 MiB for `2m`, else
+/// 4 KiB (16 and 64 KiB folios are mapped as 4 KiB PTEs).
+fn anon_of(cmdline: &str) -> &str {
+    cmdline.split_ascii_whitespace().find_map(|w| w.strip_prefix("anon=")).unwrap_or("4k")
+}
+
+fn guest_page(anon: &str) -> u64 {
+    if anon == "2m" { 2 << 20 } else { 4096 }
+}
+
+fn figures(mmu: MmuMode, phases: &[BenchPhase], guest_page: u64, host_page: u64) -> ModeFigures {
     let per = |f: &dyn Fn(&BenchPhase) -> f64| {
         let mut v: Vec<f64> = phases.iter().map(|p| f(p) / p.ops.max(1) as f64).collect();
         median(&mut v)
@@ -180,8 +198,8 @@ fn figures(mmu: MmuMode, phases: &[BenchPhase]) -> ModeFigures {
         host_invalidations_per_op: per(&sh(|s| s.host_invalidations)),
         vmm_handler_ns_per_op: per(&|p| p.shadow_handler_time.map_or(0.0, |d| d.as_nanos() as f64)),
         walk_refs_per_tlb_miss: match mmu {
-            MmuMode::Ept => ept::walk::walk_cost(4096, 4096).nested,
-            MmuMode::Shadow | MmuMode::Pv => ept::walk::walk_cost(4096, 4096).shadow,
+            MmuMode::Ept => ept::walk::walk_cost(guest_page, host_page).nested,
+            MmuMode::Shadow | MmuMode::Pv => ept::walk::walk_cost(guest_page, host_page).shadow,
         },
         runs: phases.len() as u32,
     }
@@ -201,7 +219,7 @@ pub fn run(plan: &BenchPlan, probe: HostReport, mut progress: impl FnMut(&str)) 
                 phases
                     .push(run_once(plan, name, *size, mmu).map_err(|e| format!("{name} in {} mode: {e}", mmu.name()))?);
             }
-            modes.push(figures(mmu, &phases));
+            modes.push(figures(mmu, &phases, guest_page(anon_of(&plan.cmdline)), plan.backing.alignment()));
         }
         let find = |m: &str| modes.iter().find(|f| f.mmu == m);
         let (time_ratio, cycles_ratio, extra_exits_per_op) = match (find("ept"), find("shadow")) {
@@ -214,14 +232,15 @@ pub fn run(plan: &BenchPlan, probe: HostReport, mut progress: impl FnMut(&str)) 
         };
         workloads.push(WorkloadReport { workload: name.clone(), modes, time_ratio, cycles_ratio, extra_exits_per_op });
     }
-    let anon = plan
-        .cmdline
-        .split_ascii_whitespace()
-        .filter_map(|w| w.strip_prefix("anon="))
-        .next()
-        .unwrap_or("4k")
-        .to_string();
-    Ok(BenchReport { schema: SCHEMA, host: probe.summary(), probe, cmdline: plan.cmdline.clone(), anon, workloads })
+    Ok(BenchReport {
+        schema: SCHEMA,
+        host: probe.summary(),
+        probe,
+        cmdline: plan.cmdline.clone(),
+        anon: anon_of(&plan.cmdline).to_string(),
+        backing: plan.backing.to_string(),
+        workloads,
+    })
 }
 
 impl BenchReport {
@@ -232,7 +251,11 @@ impl BenchReport {
         if let Some(note) = self.emulation_note() {
             let _ = writeln!(s, "{note}");
         }
-        let _ = writeln!(s, "guest: anon={} (anonymous folio size), command line '{}'", self.anon, self.cmdline);
+        let _ = writeln!(
+            s,
+            "guest: anon={} (anonymous folio size), command line '{}'; host backing {}",
+            self.anon, self.cmdline, self.backing
+        );
         let _ = writeln!(
             s,
             "{:<7} {:<6} {:>6} {:>12} {:>12} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6}",
@@ -285,7 +308,7 @@ impl BenchReport {
         }
         let _ = writeln!(
             s,
-            "per op = per workload operation (median of runs); hidden/guestpf/pte-wr/cr3 = shadow-MMU events; walk = modelled memory references per TLB miss (4 KiB pages)"
+            "per op = per workload operation (median of runs); hidden/guestpf/pte-wr/cr3 = shadow-MMU events; walk = modelled memory references per TLB miss (guest page: 2 MiB at anon=2m, else 4 KiB; over the host backing's page)"
         );
         s
     }

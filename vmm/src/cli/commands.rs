@@ -259,6 +259,7 @@ pub fn bench(args: BenchArgs, process_start: Instant) -> i32 {
         memory: args.memory,
         shadow_pool: args.shadow_pool,
         cmdline: args.cmdline.split_ascii_whitespace().collect::<Vec<_>>().join(" "),
+        backing: args.backing,
         process_start,
     };
     let total = (plan.workloads.len() * plan.modes.len() * (plan.repeat as usize + 1)) as u64;
