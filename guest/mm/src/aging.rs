@@ -238,6 +238,7 @@ impl<const N: usize> Lru<N> {
                 "clean anonymous page not zero"
             );
             let Ok((_, flush)) = aspace.page_table_mut().unmap_leaf(cx.mem, &mut cx.frames, page) else { continue };
+            aspace.rss -= crate::aspace::leaf_frames(&leaf);
             batch.add(flush);
             if npending == pending.len() {
                 // Flush before freeing: no stale translation may reach a

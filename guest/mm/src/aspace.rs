@@ -36,6 +36,11 @@
 //!   made writable stays read-only until its first write, which the fault
 //!   handler resolves as copy-on-write (reuse when unshared), so a frame
 //!   shared after a fork never becomes writable in place.
+//! - [`AddressSpace::rss`] is the number of 4 KiB pages the address
+//!   space's `ANON` leaves map (Linux's `MM_ANONPAGES`: a 2 MiB leaf counts
+//!   512, a 64 KiB folio 16), kept by every operation here, the fault
+//!   handler and reclaim; a change made through
+//!   [`AddressSpace::page_table_mut`] is the caller's to account.
 //! - The per-frame counts live in a caller-supplied array indexed by pfn
 //!   (no allocation), like Linux's `page->_refcount` in `struct page`.
 
@@ -212,6 +217,8 @@ pub struct AddressSpace {
     pt: PageTable,
     vmas: VmaList,
     anon: FolioSize,
+    /// 4 KiB pages mapped by `ANON` leaves (module doc).
+    pub(crate) rss: u64,
 }
 
 impl AddressSpace {
@@ -228,7 +235,7 @@ impl AddressSpace {
                 cx.mem.write_u64(guest_abi::Gpa(pt.root().addr().0 + off), e);
             }
         }
-        Ok(Self { pt: PageTable::from_root(pt.root(), true), vmas: VmaList::new(), anon: FolioSize::K4 })
+        Ok(Self { pt: PageTable::from_root(pt.root(), true), vmas: VmaList::new(), anon: FolioSize::K4, rss: 0 })
     }
 
     /// The page tables.
@@ -250,6 +257,11 @@ impl AddressSpace {
     /// The VMAs.
     pub fn vmas(&self) -> &VmaList {
         &self.vmas
+    }
+
+    /// Resident anonymous memory, in 4 KiB pages (module documentation).
+    pub fn rss(&self) -> u64 {
+        self.rss
     }
 
     /// The size of the folios demand faults map ([`crate::folio`]); a
@@ -324,6 +336,9 @@ impl AddressSpace {
         while let Some(leaf) = self.pt.next_leaf(cx.mem, at, end) {
             if let Ok((_, flush)) = self.pt.unmap_leaf(cx.mem, &mut cx.frames, leaf.va) {
                 flush.ignore();
+            }
+            if leaf.flags().contains(PteFlags::ANON) {
+                self.rss -= leaf_frames(&leaf);
             }
             cx.release(&leaf);
             at = Gva(leaf.va.0 + leaf.size.bytes());
@@ -526,6 +541,7 @@ impl AddressSpace {
                 return Err(ForkError { error: AspaceError::OutOfTables, flush: MapperFlushAll::new() });
             }
         }
+        child.rss = self.rss;
         Ok((child, MapperFlushAll::new()))
     }
 }

@@ -223,6 +223,7 @@ impl AddressSpace {
                 }
                 return Err(e);
             }
+            self.rss += size.pages();
             return Ok(match size {
                 FolioSize::K4 => FaultFix::DemandZero(start),
                 _ => FaultFix::DemandFolio(start, size),

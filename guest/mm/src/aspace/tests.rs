@@ -366,8 +366,10 @@ fn check_accounting<M: PhysMem, A: FrameSource>(
         let vmas: Vec<_> = a.vmas().as_slice().iter().map(|v| (v.start.0, v.end.0, v.prot)).collect();
         assert_eq!(vmas, model.vmas, "the areas");
         let mut at = Gva(0);
+        let mut rss = 0;
         while let Some(l) = a.page_table().next_leaf(cx.mem, at, USER_END) {
             assert!(l.flags().contains(PteFlags::ANON));
+            rss += l.size.bytes() / 0x1000;
             assert!(!l.flags().contains(PteFlags::WRITABLE | PteFlags::COW), "a COW page is never writable");
             let end = l.va.0 + l.size.bytes();
             let inside = model.vmas.iter().find(|&&(s, e, _)| s <= l.va.0 && end <= e);
@@ -382,6 +384,7 @@ fn check_accounting<M: PhysMem, A: FrameSource>(
             }
             at = Gva(end);
         }
+        assert_eq!(a.rss(), rss, "resident pages");
     }
     for (&pfn, &n) in &refs {
         assert_eq!(cx.refs.get(Pfn(pfn)), n, "reference count of frame {pfn:#x}");
@@ -754,9 +757,9 @@ fn aging_reclaims_a_clean_thp_whole() {
         assert!(lru.add(Gva(0x40_0000)));
         assert_eq!(lru.shrink_inactive(&mut a, &mut cx, 4, false), 0, "accessed: promoted");
         lru.age_active(&mut a, &mut cx, 4, false);
-        assert_eq!(frames_in_use(cx.frames), 512);
+        assert_eq!((frames_in_use(cx.frames), a.rss()), (512, 512));
         assert_eq!(lru.shrink_inactive(&mut a, &mut cx, 4, false), 1, "clean and idle: reclaimed");
-        assert_eq!(frames_in_use(cx.frames), 0, "all 512 frames freed");
+        assert_eq!((frames_in_use(cx.frames), a.rss()), (0, 0), "all 512 frames freed");
         assert_eq!(a.page_table().translate(mem, Gva(0x40_8000)), None);
         a.destroy(&mut cx);
         assert!(cx.refs.all_zero());
