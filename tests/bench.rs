@@ -87,7 +87,8 @@ fn bench_passes_guest_words_to_every_run_and_names_the_folio_size() {
     if !kvm_available() {
         return;
     }
-    let json = temp_path("bench-anon.json");
+    let out = temp_path("bench-anon");
+    let json = out.join("report.json");
     let o = run(&[
         "bench",
         "--workload",
@@ -100,8 +101,8 @@ fn bench_passes_guest_words_to_every_run_and_names_the_folio_size() {
         "both",
         "--cmdline",
         "anon=2m",
-        "--json",
-        json.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert_exit(&o, 0);
     assert!(
