@@ -47,6 +47,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("kernel {} is {kind}, not a regular file", path.display())]
+    KernelNotRegular { path: PathBuf, kind: &'static str },
+    #[error(
+        "kernel {} is {}, larger than the {} limit (the guest RAM size, at most 1 GiB)",
+        path.display(),
+        crate::size::format_size(*size),
+        crate::size::format_size(*limit)
+    )]
+    KernelTooLarge { path: PathBuf, size: u64, limit: u64 },
     #[error("kernel {0} is not an ELF file")]
     KernelNotElf(String),
     #[error("kernel {name} is not an x86-64 ELF executable: {why}")]
