@@ -1,9 +1,10 @@
 //! Shadow mode in the VMM: the `shadow` crate's MMU wired to KVM.
 //!
-//! - The page-table zone is a `KVM_MEM_READONLY` slot, so every guest
-//!   page-table write exits as an MMIO write: [`ShadowState::pte_write`]
-//!   applies it to guest RAM and lets the MMU update or zap what derives
-//!   from it.
+//! - The page-table zone is a `KVM_MEM_READONLY` slot from the guest's
+//!   first `LOAD_CR3` on (nothing is shadowed before: the guest builds its
+//!   own tables first, untrapped), so every guest page-table write after it
+//!   exits as an MMIO write: [`ShadowState::pte_write`] applies it to guest
+//!   RAM and lets the MMU update or zap what derives from it.
 //! - The shadow tables live in the shadow pool, a VMM-private slot above
 //!   RAM (`ept::MemoryMap`).
 //! - `LOAD_CR3` points the vCPU's CR3 at the shadow root
@@ -280,7 +281,8 @@ pub struct ShadowState {
     /// Read the pool's dirty log at every shadow hypercall (shadow mode),
     /// or only at `LOAD_CR3` (pv mode: `pv_mode`, "Trust").
     check_pool_always: bool,
-    /// The boot tables' slot is read-only (from the first `LOAD_CR3` on).
+    /// The boot tables' and the zone's slots are read-only (from the first
+    /// `LOAD_CR3` on).
     boot_tables_locked: bool,
 }
 
@@ -499,7 +501,10 @@ impl ShadowState {
         // host: a triple fault at the first instruction). So they stay
         // writable until the first LOAD_CR3 — nothing is shadowed from them
         // before — and trap from then on ([`ShadowState::lock_boot_tables`]).
-        set_boot_tables_readonly(m, false)?;
+        // So does the page-table zone: the guest builds its own tables
+        // (the direct map of all RAM) before its first LOAD_CR3, and those
+        // writes need no trap (issue 22, item 6).
+        set_table_slots_readonly(m, false)?;
         // The paging controls are read at every SHADOW_FAULT: have KVM
         // copy the system registers out at each exit instead of paying a
         // KVM_GET_SREGS ioctl per fault.
@@ -633,38 +638,41 @@ impl ShadowState {
     }
 }
 
-/// Register the memslot of the VMM's boot page tables read-only (its
-/// steady state in shadow and pv mode: `ept::memmap`) or writable.
-fn set_boot_tables_readonly(m: &mut Machine, readonly: bool) -> crate::Result<()> {
-    let start = crate::layout::BOOT_TABLES.start;
-    let Some(slot) = m.map.slot_of(start).copied().filter(|s| s.gpa == start && s.kind == ept::RegionKind::PageTables)
-    else {
-        return Ok(());
-    };
-    let hva = m.ram.hva(&m.map, start).ok_or(Error::MemoryMapInconsistent("the boot tables are not mapped"))?;
-    let flags = if readonly { slot.kvm_flags() } else { slot.kvm_flags() & !kvm_bindings::KVM_MEM_READONLY };
-    let mut region = kvm_bindings::kvm_userspace_memory_region {
-        slot: slot.slot,
-        flags,
-        guest_phys_addr: slot.gpa.raw(),
-        memory_size: 0,
-        userspace_addr: hva.raw(),
-    };
-    // SAFETY: deleting the boot-table slot and adding it back over the same
-    // host mapping, which the GuestRam keeps alive; only the read-only flag
-    // changes (KVM needs a delete to change it).
-    unsafe { m.vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-    region.memory_size = slot.len;
-    // SAFETY: as above.
-    unsafe { m.vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))
+/// Register the memslots where guest page tables trap — the VMM's boot
+/// tables and, in shadow mode, the page-table zone — read-only (their
+/// steady state: `ept::memmap`) or writable (until the first `LOAD_CR3`,
+/// when nothing is shadowed yet).
+fn set_table_slots_readonly(m: &mut Machine, readonly: bool) -> crate::Result<()> {
+    let trapping: Vec<_> =
+        m.map.slots.iter().filter(|s| s.readonly && s.kind == ept::RegionKind::PageTables).copied().collect();
+    for slot in trapping {
+        let hva = m.ram.hva(&m.map, slot.gpa).ok_or(Error::MemoryMapInconsistent("a page-table slot is not mapped"))?;
+        let flags = if readonly { slot.kvm_flags() } else { slot.kvm_flags() & !kvm_bindings::KVM_MEM_READONLY };
+        let mut region = kvm_bindings::kvm_userspace_memory_region {
+            slot: slot.slot,
+            flags,
+            guest_phys_addr: slot.gpa.raw(),
+            memory_size: 0,
+            userspace_addr: hva.raw(),
+        };
+        // SAFETY: deleting a page-table slot and adding it back over the
+        // same host mapping, which the GuestRam keeps alive; only the
+        // read-only flag changes (KVM needs a delete to change it).
+        unsafe { m.vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        region.memory_size = slot.len;
+        // SAFETY: as above.
+        unsafe { m.vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
 }
 
 impl ShadowState {
-    /// At the first `LOAD_CR3`: the boot tables trap from now on (see
-    /// `create`), before anything is shadowed from them.
+    /// At the first `LOAD_CR3`: the boot tables and the page-table zone
+    /// trap from now on (see `create`), before anything is shadowed from
+    /// them.
     fn lock_boot_tables(&mut self, m: &mut Machine) -> crate::Result<()> {
         if !self.boot_tables_locked {
-            set_boot_tables_readonly(m, true)?;
+            set_table_slots_readonly(m, true)?;
             self.boot_tables_locked = true;
         }
         Ok(())

@@ -18,6 +18,7 @@
 //! | `chatter` | print lines forever | `--timeout` ends it even when stdout is blocked |
 //! | `scribble` | shadow mode: `mov cr3` to tables of our own that map the shadow pool, garbage over the pool, back through `LOAD_CR3`, then probe | repair the pool: the guest succeeds only if the shadow maps exactly what its tables allow |
 //! | `sidt-zone` / `sgdt-zone` / `fxsave-zone` | store the IDTR / GDTR / FPU state into the page-table zone (read-only in shadow mode) | the host cannot emulate these: `--timeout` ends the hang, or the VMM reports the stop |
+//! | `lgdt-unbacked` | `lgdt` of a descriptor in unbacked guest-physical memory (beyond RAM, identity-mapped by the boot tables) | the host's emulator retries it forever: the VMM sees no progress and ends the run (exit 4) naming the instruction |
 //! | `livelock` | the same `SHADOW_FAULT` twice with nothing changed | shadow mode: a one-line livelock error, exit 4 (ept mode: both refused, the guest fails) |
 
 use crate::{arch, console, hypercall, kprintln};
@@ -44,10 +45,13 @@ pub const MODES: &[&str] = &[
     "sgdt-zone",
     "fxsave-zone",
     "livelock",
+    "lgdt-unbacked",
 ];
 
 /// Run crash mode `mode`; returns only for modes that end in success.
 pub fn run(mode: &str) {
+    // The modes test the VMM's shadow: have one before they start.
+    arch::mmu::start_shadowing();
     match mode {
         "pf" => {
             // An address in the non-canonical-free, unmapped lower half
@@ -98,6 +102,7 @@ pub fn run(mode: &str) {
         },
         "scribble" => scribble(),
         "sidt-zone" | "sgdt-zone" | "fxsave-zone" => store_into_zone(mode),
+        "lgdt-unbacked" => lgdt_unbacked(),
         "livelock" => {
             // A fault on a mapped kernel address, reported twice in a row as
             // if the vCPU kept faulting after the VMM fixed it.
@@ -478,5 +483,38 @@ fn store_into_zone(mode: &str) -> ! {
         }
     }
     kprintln!("{}: the store completed", mode);
+    arch::exit(guest_abi::ports::EXIT_SUCCESS)
+}
+
+/// Load the GDTR from a descriptor in guest-physical memory that no RAM
+/// backs: the boot tables' identity map gets a 2 MiB leaf for the GPA just
+/// past RAM (ept mode: the tables are ordinary RAM; in shadow and pv mode
+/// the write traps and the shadow refuses a leaf outside RAM, so the load
+/// faults instead). Needs RAM below 1 GiB.
+fn lgdt_unbacked() -> ! {
+    use guest_abi::DIRECT_MAP_BASE;
+    let ram = crate::boot::info().ram_size;
+    if ram + (2 << 20) > GIB {
+        console::println("crash=lgdt-unbacked needs less than 1 GiB of RAM");
+        arch::exit(guest_abi::ports::EXIT_FAILURE);
+    }
+    let at = ram + 0x1000;
+    let addr = |e: u64| e & guest_abi::paging::ADDR_MASK;
+    // SAFETY: the walk reads the current (boot) tables through the direct
+    // map, which covers them; the one write adds a leaf in the identity
+    // map's PD for the 2 MiB past RAM, which nothing else uses.
+    unsafe {
+        let read = |gpa: u64| ((DIRECT_MAP_BASE + gpa) as *const u64).read_volatile();
+        let pdpt = addr(read(arch::mmu::read_cr3() & !0xfff));
+        let pd = addr(read(pdpt));
+        let pde = (DIRECT_MAP_BASE + pd + (ram >> 21) * 8) as *mut u64;
+        pde.write_volatile(ram | PTE_P | PTE_RW | PTE_A | PTE_D | PTE_PS);
+    }
+    arch::mmu::invlpg(at);
+    kprintln!("lgdt-unbacked: lgdt [{:#x}] (unbacked GPA, identity-mapped)", at);
+    // SAFETY: deliberately loads a GDTR from memory no RAM backs; the VMM
+    // is expected to end the run.
+    unsafe { core::arch::asm!("lgdt [{}]", in(reg) at, options(nostack, preserves_flags)) };
+    kprintln!("lgdt-unbacked: the load completed");
     arch::exit(guest_abi::ports::EXIT_SUCCESS)
 }
