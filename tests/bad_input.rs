@@ -352,3 +352,39 @@ fn a_kernel_file_larger_than_guest_ram_is_refused_before_it_is_read() {
         ),
     );
 }
+
+/// Issue 22, item 7: `--shadow-pool` has a documented maximum (1 GiB) and a
+/// larger one is refused at once, before anything is allocated — as a
+/// `--memory` beyond its maximum is. (`--shadow-pool 1T` was still setting
+/// up after 60 s on a 24 GB machine.)
+#[test]
+fn a_shadow_pool_beyond_the_maximum_is_refused_at_once() {
+    for mmu in ["shadow", "pv"] {
+        let o = run_bounded(&["run", "--mmu", mmu, "--memory", "64M", "--shadow-pool", "1T"], 10, 16 << 30)
+            .unwrap_or_else(|| panic!("{mmu}: --shadow-pool 1T still setting up after 10 s"));
+        assert_one_line_error(&o, 3, "shadow pool of 1 TiB is too large: the maximum is 1 GiB");
+    }
+    // `vmm test` checks it the same way.
+    let o = run(&["test", "--mmu", "shadow", "--memory", "64M", "--shadow-pool", "2G", "--filter", "boot"]);
+    assert_one_line_error(&o, 3, "shadow pool of 2 GiB is too large: the maximum is 1 GiB");
+}
+
+/// Issue 22, item 7: `--shadow-pool` with `--mmu ept` was ignored without a
+/// word; now the VMM says so (one warning line) and runs.
+#[test]
+fn a_shadow_pool_with_ept_mode_is_said_to_be_ignored() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("*** SKIPPED: needs /dev/kvm ***");
+        return;
+    }
+    let o = run(&["run", "--mmu", "ept", "--memory", "64M", "--shadow-pool", "64M"]);
+    assert_exit(&o, 0);
+    assert_eq!(
+        stderr(&o).lines().filter(|l| l.contains("--shadow-pool")).collect::<Vec<_>>(),
+        ["warning: --shadow-pool is ignored with --mmu ept (only shadow and pv mode have a shadow pool)"]
+    );
+    // Without it, nothing is said.
+    let o = run(&["run", "--mmu", "ept", "--memory", "64M"]);
+    assert_exit(&o, 0);
+    assert!(!stderr(&o).contains("--shadow-pool"), "{}", stderr(&o));
+}

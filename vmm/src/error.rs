@@ -119,6 +119,12 @@ pub enum Error {
     )]
     ShadowPoolTooSmall(u64, u64, u64),
     #[error(
+        "shadow pool of {} is too large: the maximum is {} (--shadow-pool)",
+        crate::size::format_size(*.0),
+        crate::size::format_size(*.1)
+    )]
+    ShadowPoolTooLarge(u64, u64),
+    #[error(
         "the shadow pool of {} cannot hold what exception delivery needs of the kernel half of guest CR3 {cr3:#x}, even when emptied: give a larger --shadow-pool",
         crate::size::format_size(*.pool)
     )]

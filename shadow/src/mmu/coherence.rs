@@ -126,7 +126,11 @@ impl ShadowMmu {
     pub fn repair_pool_pages(&mut self, pool: &mut impl GuestPhys, pages: impl IntoIterator<Item = u64>) -> u64 {
         let mut repaired = 0;
         for page in pages {
-            if page >= self.pages.len() as u64 {
+            // Outside the pool: not ours. A page never taken is repaired
+            // to zeros like a free one (the host may have cached what the
+            // guest wrote there, if the guest walked it), but costs nothing
+            // until the dirty log names it.
+            if page >= u64::from(self.capacity) {
                 continue;
             }
             self.work += 512;

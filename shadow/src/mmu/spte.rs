@@ -110,12 +110,18 @@ impl ShadowMmu {
 }
 
 /// Whether `new` grants less than `old` (another frame, or a permission
-/// bit removed): the host must forget `old`.
+/// bit removed): the host must forget `old`. US counts either way: under
+/// CR4.SMAP a user page forbids supervisor data accesses (implicit ones
+/// always, Intel SDM vol. 3 §4.6.1) and under CR4.SMEP supervisor fetches,
+/// so a supervisor leaf becoming a user leaf takes rights away too. (Found
+/// by the SMEP/SMAP access-matrix rows on the nested host whose KVM shadows
+/// page tables: an implicit supervisor read of a page whose leaf had just
+/// gained US went through on the host's stale supervisor translation.)
 pub(super) fn restricts(old: u64, new: u64) -> bool {
     if new & P == 0 || (old & ADDR) != (new & ADDR) {
         return true;
     }
-    (old & RW != 0 && new & RW == 0) || (old & US != 0 && new & US == 0) || (old & XD == 0 && new & XD != 0)
+    (old & RW != 0 && new & RW == 0) || (old & US) != (new & US) || (old & XD == 0 && new & XD != 0)
 }
 
 /// Whether guest entry `gpte` of a level-`level` table may be shadowed at
