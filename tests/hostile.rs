@@ -132,3 +132,29 @@ fn explaining_does_not_set_accessed_bits() {
         }
     }
 }
+
+/// Issue 22, item 4: a guest `lgdt` from unbacked memory in ept mode made
+/// the host's emulator exit with the same MMIO read at the same RIP with
+/// the same registers, over and over (373,369 times in 3 s), until
+/// `--timeout`. The VMM now ends the run at once, exit 4, naming the
+/// instruction.
+#[test]
+fn an_instruction_that_exits_the_same_way_forever_ends_the_run_at_once() {
+    if !kvm_available() {
+        return;
+    }
+    let start = Instant::now();
+    let o = run(&["run", "--mmu", "ept", "--memory", "64M", "--cmdline", "crash=lgdt-unbacked", "--timeout", "60s"]);
+    assert_exit(&o, 4);
+    let err = error_line(&o);
+    assert!(
+        err.starts_with("error: the guest makes no progress at rip=")
+            && err.contains("`lgdt [")
+            && err.contains("times in a row as the same MMIO read of unbacked GPA 0x4001000"),
+        "{err}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(30), "ended by the timeout, not at once");
+    // A guest that spins on purpose is still left to --timeout (exit 5).
+    let o = run(&["run", "--memory", "64M", "--cmdline", "crash=hang", "--timeout", "2s"]);
+    assert_exit(&o, 5);
+}

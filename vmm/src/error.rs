@@ -140,6 +140,8 @@ pub enum Error {
         "the host could not emulate the guest instruction at rip={rip:#x} (bytes: {bytes}); KVM internal error, suberror {suberror}"
     )]
     EmulationFailure { rip: u64, bytes: String, suberror: u32 },
+    #[error("the guest makes no progress at rip={rip:#x}: `{instruction}` (bytes: {bytes}) {why}")]
+    NoProgress { rip: u64, instruction: String, bytes: String, why: String },
     #[error("KVM internal error, suberror {suberror}, at rip={rip:#x}")]
     InternalError { rip: u64, suberror: u32 },
     #[error("KVM could not enter the guest (hardware entry failure reason {0:#x})")]
@@ -187,6 +189,7 @@ impl Error {
             TripleFault { .. }
             | EmulationFailure { .. }
             | InternalError { .. }
+            | NoProgress { .. }
             | FailEntry(_)
             | UnexpectedExit { .. }
             | GuestHalted { .. }

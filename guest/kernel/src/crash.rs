@@ -17,7 +17,7 @@
 //! | `explain-flood` | [`EXPLAIN_FLOOD`] `EXPLAIN` hypercalls | answer all, print a bounded number, say so once |
 //! | `chatter` | print lines forever | `--timeout` ends it even when stdout is blocked |
 //! | `scribble` | shadow mode: `mov cr3` to tables of our own that map the shadow pool, garbage over the pool, back through `LOAD_CR3`, then probe | repair the pool: the guest succeeds only if the shadow maps exactly what its tables allow |
-//! | `sidt-zone` / `sgdt-zone` / `fxsave-zone` | store the IDTR / GDTR / FPU state into the page-table zone (read-only in shadow mode) | the host cannot emulate these: `--timeout` ends the hang, or the VMM reports the stop |
+//! | `sidt-zone` / `sgdt-zone` / `fxsave-zone` | store the IDTR / GDTR / FPU state into the page-table zone (read-only in shadow mode) | the host cannot emulate these: the VMM reports the stop (`fxsave`: an emulation failure; `sidt`/`sgdt`: KVM retries them without exiting, and the VMM's no-progress check names them), exit 4 |
 //! | `lgdt-unbacked` | `lgdt` of a descriptor in unbacked guest-physical memory (beyond RAM, identity-mapped by the boot tables) | the host's emulator retries it forever: the VMM sees no progress and ends the run (exit 4) naming the instruction |
 //! | `livelock` | the same `SHADOW_FAULT` twice with nothing changed | shadow mode: a one-line livelock error, exit 4 (ept mode: both refused, the guest fails) |
 
