@@ -158,3 +158,21 @@ fn an_instruction_that_exits_the_same_way_forever_ends_the_run_at_once() {
     let o = run(&["run", "--memory", "64M", "--cmdline", "crash=hang", "--timeout", "2s"]);
     assert_exit(&o, 5);
 }
+
+/// Issue 22, item 1: `PV_SETUP` of an area inside the page-table zone or
+/// over the VMM's boot tables was answered OK, and the VMM then wrote its
+/// area over guest page tables behind the shadow's back. It is refused
+/// with `ERR_OVERLAP` (guest_abi::hypercall).
+#[test]
+fn a_pv_area_over_shadowed_page_tables_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    for (word, at) in [("pv-area-zone", "0x1000000"), ("pv-area-boot-tables", "0xa000")] {
+        let cmdline = format!("crash={word}");
+        let o = run(&["run", "--mmu", "pv", "--memory", "64M", "--cmdline", &cmdline]);
+        let out = stdout(&o);
+        assert!(out.contains(&format!("PV_SETUP({at}) refused")), "{word}: {out}");
+        assert_exit(&o, 0);
+    }
+}

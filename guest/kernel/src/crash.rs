@@ -19,6 +19,7 @@
 //! | `scribble` | shadow mode: `mov cr3` to tables of our own that map the shadow pool, garbage over the pool, back through `LOAD_CR3`, then probe | repair the pool: the guest succeeds only if the shadow maps exactly what its tables allow |
 //! | `sidt-zone` / `sgdt-zone` / `fxsave-zone` | store the IDTR / GDTR / FPU state into the page-table zone (read-only in shadow mode) | the host cannot emulate these: the VMM reports the stop (`fxsave`: an emulation failure; `sidt`/`sgdt`: KVM retries them without exiting, and the VMM's no-progress check names them), exit 4 |
 //! | `lgdt-unbacked` | `lgdt` of a descriptor in unbacked guest-physical memory (beyond RAM, identity-mapped by the boot tables) | the host's emulator retries it forever: the VMM sees no progress and ends the run (exit 4) naming the instruction |
+//! | `pv-area-zone` / `pv-area-boot-tables` | pv mode: `PV_SETUP` with an area in the page-table zone / over the VMM's boot tables (0xa000) | refuse it with `ERR_OVERLAP` (the VMM's writes to the area would change page tables behind the shadow); the guest succeeds only if refused |
 //! | `livelock` | the same `SHADOW_FAULT` twice with nothing changed | shadow mode: a one-line livelock error, exit 4 (ept mode: both refused, the guest fails) |
 
 use crate::{arch, console, hypercall, kprintln};
@@ -46,6 +47,8 @@ pub const MODES: &[&str] = &[
     "fxsave-zone",
     "livelock",
     "lgdt-unbacked",
+    "pv-area-zone",
+    "pv-area-boot-tables",
 ];
 
 /// Run crash mode `mode`; returns only for modes that end in success.
@@ -103,6 +106,7 @@ pub fn run(mode: &str) {
         "scribble" => scribble(),
         "sidt-zone" | "sgdt-zone" | "fxsave-zone" => store_into_zone(mode),
         "lgdt-unbacked" => lgdt_unbacked(),
+        "pv-area-zone" | "pv-area-boot-tables" => pv_area_over_tables(mode),
         "livelock" => {
             // A fault on a mapped kernel address, reported twice in a row as
             // if the vCPU kept faulting after the VMM fixed it.
@@ -517,4 +521,19 @@ fn lgdt_unbacked() -> ! {
     unsafe { core::arch::asm!("lgdt [{}]", in(reg) at, options(nostack, preserves_flags)) };
     kprintln!("lgdt-unbacked: the load completed");
     arch::exit(guest_abi::ports::EXIT_SUCCESS)
+}
+
+/// `PV_SETUP` with an area over memory the VMM shadows: the first page of
+/// the page-table zone, or the VMM's boot PDPT at 0xa000 (`arch::mmu::init`
+/// registers no area of its own in these modes). Succeeds only if the VMM
+/// refuses with `ERR_OVERLAP`.
+fn pv_area_over_tables(mode: &str) -> ! {
+    let at = if mode == "pv-area-zone" { crate::boot::info().pt_zone.start } else { 0xa000 };
+    let r = hypercall::call(hc::PV_SETUP, at, 0, 0, 0);
+    if r == hc::ERR_OVERLAP {
+        kprintln!("{}: PV_SETUP({:#x}) refused: it overlaps page tables the VMM shadows", mode, at);
+        arch::exit(guest_abi::ports::EXIT_SUCCESS)
+    }
+    kprintln!("{}: PV_SETUP({:#x}) answered {:#x}, not ERR_OVERLAP", mode, at, r);
+    arch::exit(guest_abi::ports::EXIT_FAILURE)
 }

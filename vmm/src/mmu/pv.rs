@@ -181,13 +181,17 @@ impl MmuBackend for PvBackend {
     ) -> crate::Result<Option<u64>> {
         let r = match nr {
             hc::PV_SETUP if self.area.is_some() => hc::ERR_INVALID,
-            hc::PV_SETUP => match PvArea::setup(vm.ram.memory(), vm.memory, Gpa(regs.rdi)) {
-                Ok(area) => {
-                    self.area = Some(area);
-                    hc::OK
+            hc::PV_SETUP => {
+                let shadowed = [self.zone, crate::boot::layout::BOOT_TABLES];
+                match PvArea::setup(vm.ram.memory(), vm.memory, Gpa(regs.rdi), &shadowed) {
+                    Ok(area) => {
+                        self.area = Some(area);
+                        hc::OK
+                    }
+                    Err(SetupError::BadAddress) => hc::ERR_FAULT,
+                    Err(SetupError::OverlapsTables) => hc::ERR_OVERLAP,
                 }
-                Err(SetupError::BadAddress) => hc::ERR_FAULT,
-            },
+            }
             hc::PV_FLUSH => self.pv_flush(vm, vcpu, regs)?,
             _ => return Ok(None),
         };
@@ -285,14 +289,24 @@ pub struct PvArea {
 pub enum SetupError {
     /// Not page-aligned, or not wholly inside guest RAM.
     BadAddress,
+    /// Overlapping memory the VMM shadows (the page-table zone, the boot
+    /// tables): the VMM's writes to the area would change guest page
+    /// tables without the shadow following (issue 22, item 1).
+    OverlapsTables,
 }
 
 impl PvArea {
-    /// `PV_SETUP(gpa)`: the area at `gpa` in RAM of `ram` bytes.
-    pub fn setup(mem: &GuestMemoryMmap, ram: u64, gpa: Gpa) -> Result<PvArea, SetupError> {
+    /// `PV_SETUP(gpa)`: the area at `gpa` in RAM of `ram` bytes, clear of
+    /// every range in `shadowed` (memory the VMM shadows, which nothing but
+    /// the guest's tracked writes may change).
+    pub fn setup(mem: &GuestMemoryMmap, ram: u64, gpa: Gpa, shadowed: &[GpaRange]) -> Result<PvArea, SetupError> {
         let len = abi::AREA_PAGES * 4096;
         if !gpa.is_aligned(4096) || gpa.raw().checked_add(len).is_none_or(|end| end > ram) {
             return Err(SetupError::BadAddress);
+        }
+        let end = Gpa(gpa.raw() + len);
+        if shadowed.iter().any(|r| gpa < r.end && r.start < end) {
+            return Err(SetupError::OverlapsTables);
         }
         let mut area =
             PvArea { gpa, generation: 0, published: Vec::new(), entries: Vec::with_capacity(abi::QUEUE_CAP) };
@@ -378,16 +392,35 @@ mod tests {
     #[test]
     fn setup_refuses_an_area_outside_ram_or_unaligned() {
         let m = mem();
-        assert_eq!(PvArea::setup(&m, 1 << 20, Gpa(0x1001)).unwrap_err(), SetupError::BadAddress);
-        assert_eq!(PvArea::setup(&m, 1 << 20, Gpa((1 << 20) - 4096)).unwrap_err(), SetupError::BadAddress);
-        assert_eq!(PvArea::setup(&m, 1 << 20, Gpa(!0xfff)).unwrap_err(), SetupError::BadAddress);
-        assert!(PvArea::setup(&m, 1 << 20, Gpa((1 << 20) - 8192)).is_ok());
+        assert_eq!(PvArea::setup(&m, 1 << 20, Gpa(0x1001), &[]).unwrap_err(), SetupError::BadAddress);
+        assert_eq!(PvArea::setup(&m, 1 << 20, Gpa((1 << 20) - 4096), &[]).unwrap_err(), SetupError::BadAddress);
+        assert_eq!(PvArea::setup(&m, 1 << 20, Gpa(!0xfff), &[]).unwrap_err(), SetupError::BadAddress);
+        assert!(PvArea::setup(&m, 1 << 20, Gpa((1 << 20) - 8192), &[]).is_ok());
+    }
+
+    /// Issue 22, item 1: an area over anything the VMM shadows is refused.
+    #[test]
+    fn setup_refuses_an_area_over_shadowed_tables() {
+        let m = mem();
+        let zone = GpaRange::new(Gpa(0x4_0000), Gpa(0x8_0000));
+        let boot = GpaRange::new(Gpa(0x9000), Gpa(0xd000));
+        for at in [0x8000, 0x9000, 0xa000, 0xc000, 0x3_f000, 0x4_0000, 0x7_f000] {
+            assert_eq!(
+                PvArea::setup(&m, 1 << 20, Gpa(at), &[zone, boot]).unwrap_err(),
+                SetupError::OverlapsTables,
+                "{at:#x}"
+            );
+        }
+        // Touching ranges are fine: 0x7000..0x9000, 0xd000..0xf000, 0x8_0000...
+        for at in [0x7000, 0xd000, 0x8_0000] {
+            assert!(PvArea::setup(&m, 1 << 20, Gpa(at), &[zone, boot]).is_ok(), "{at:#x}");
+        }
     }
 
     #[test]
     fn the_queue_is_read_once_emptied_and_bounded() {
         let m = mem();
-        let mut a = PvArea::setup(&m, 1 << 20, Gpa(0x8000)).unwrap();
+        let mut a = PvArea::setup(&m, 1 << 20, Gpa(0x8000), &[]).unwrap();
         assert_eq!(a.take_queue(&m).unwrap(), &[] as &[u64]);
         m.write_obj(3u64, GuestAddress(0x8000)).unwrap();
         for (i, v) in [0x1000u64, 0x1008, 0x2001].iter().enumerate() {
@@ -406,7 +439,7 @@ mod tests {
     #[test]
     fn published_roots_are_found_by_the_guests_probe_and_rewritten_only_on_change() {
         let m = mem();
-        let mut a = PvArea::setup(&m, 1 << 20, Gpa(0x8000)).unwrap();
+        let mut a = PvArea::setup(&m, 1 << 20, Gpa(0x8000), &[]).unwrap();
         // Two roots whose frames collide in the hash.
         let roots =
             [(Gpa(0x100_0000), Gpa(0x8000_0000)), (Gpa(0x100_0000 + abi::ROOTS_CAP as u64 * 4096), Gpa(0x8000_1000))];

@@ -61,6 +61,9 @@ fn hardware_cr3() -> u64 {
 pub fn init(mode: Option<MmuMode>) {
     match mode {
         Some(MmuMode::Shadow) => REQUESTED.store(SHADOW, Ordering::Relaxed),
+        // The hostile `crash=pv-area-*` modes register an area of their own.
+        Some(MmuMode::Pv)
+            if crate::cmdline::value(crate::boot::cmdline(), "crash").is_some_and(|m| m.starts_with("pv-area")) => {}
         Some(MmuMode::Pv) => {
             let info = crate::boot::info();
             ZONE.0.store(info.pt_zone.start, Ordering::Relaxed);
