@@ -176,3 +176,27 @@ fn a_pv_area_over_shadowed_page_tables_is_refused() {
         assert_exit(&o, 0);
     }
 }
+
+/// Issue 22, item 2: a refused write-queue entry was reported only by
+/// `PV_FLUSH`; at `LOAD_CR3` (and the other sync points) the entries from
+/// it on were dropped without a word to the guest. Now every sync point
+/// answers the batch error, and the VMM's warning has its own name and
+/// budget (not "SHADOW_FAULTs the VMM could not handle").
+#[test]
+fn a_refused_queue_entry_is_reported_at_every_sync_point() {
+    if !kvm_available() {
+        return;
+    }
+    let (o, v) =
+        stats_json(&["run", "--mmu", "pv", "--memory", "64M", "--cmdline", "crash=pv-bad-queue"], "bad-queue.json");
+    let out = stdout(&o);
+    assert!(out.contains("4 of 4 sync points reported the refused entry"), "{out}");
+    assert_exit(&o, 0);
+    assert_eq!(v["stats"]["shadow"]["pv_refused"], 4, "{v}");
+    let err = stderr(&o);
+    assert_eq!(err.matches("pv write queue refused").count(), 4, "{err}");
+    for at in ["LOAD_CR3", "SHADOW_FAULT", "FLUSH_TLB", "PV_FLUSH"] {
+        assert!(err.contains(&format!("pv write queue refused at {at}")), "{at}: {err}");
+    }
+    assert!(!err.contains("SHADOW_FAULTs the VMM could not handle"), "{err}");
+}

@@ -20,6 +20,7 @@
 //! | `sidt-zone` / `sgdt-zone` / `fxsave-zone` | store the IDTR / GDTR / FPU state into the page-table zone (read-only in shadow mode) | the host cannot emulate these: the VMM reports the stop (`fxsave`: an emulation failure; `sidt`/`sgdt`: KVM retries them without exiting, and the VMM's no-progress check names them), exit 4 |
 //! | `lgdt-unbacked` | `lgdt` of a descriptor in unbacked guest-physical memory (beyond RAM, identity-mapped by the boot tables) | the host's emulator retries it forever: the VMM sees no progress and ends the run (exit 4) naming the instruction |
 //! | `pv-area-zone` / `pv-area-boot-tables` | pv mode: `PV_SETUP` with an area in the page-table zone / over the VMM's boot tables (0xa000) | refuse it with `ERR_OVERLAP` (the VMM's writes to the area would change page tables behind the shadow); the guest succeeds only if refused |
+//! | `pv-bad-queue` | pv mode: a write-queue entry outside the page-table zone before each sync point (`LOAD_CR3`, `SHADOW_FAULT`, `FLUSH_TLB`, `PV_FLUSH`) | answer each with the batch error (nothing else done), warn under its own name and budget; the guest succeeds only if all four are reported |
 //! | `livelock` | the same `SHADOW_FAULT` twice with nothing changed | shadow mode: a one-line livelock error, exit 4 (ept mode: both refused, the guest fails) |
 
 use crate::{arch, console, hypercall, kprintln};
@@ -49,6 +50,7 @@ pub const MODES: &[&str] = &[
     "lgdt-unbacked",
     "pv-area-zone",
     "pv-area-boot-tables",
+    "pv-bad-queue",
 ];
 
 /// Run crash mode `mode`; returns only for modes that end in success.
@@ -107,6 +109,7 @@ pub fn run(mode: &str) {
         "sidt-zone" | "sgdt-zone" | "fxsave-zone" => store_into_zone(mode),
         "lgdt-unbacked" => lgdt_unbacked(),
         "pv-area-zone" | "pv-area-boot-tables" => pv_area_over_tables(mode),
+        "pv-bad-queue" => pv_bad_queue(),
         "livelock" => {
             // A fault on a mapped kernel address, reported twice in a row as
             // if the vCPU kept faulting after the VMM fixed it.
@@ -536,4 +539,34 @@ fn pv_area_over_tables(mode: &str) -> ! {
     }
     kprintln!("{}: PV_SETUP({:#x}) answered {:#x}, not ERR_OVERLAP", mode, at, r);
     arch::exit(guest_abi::ports::EXIT_FAILURE)
+}
+
+/// Queue an entry outside the page-table zone before each sync point and
+/// check that every one reports it with the batch error (`guest_abi::pv`),
+/// as `PV_FLUSH` always did.
+fn pv_bad_queue() -> ! {
+    use guest_abi::pv::{BatchError, decode_batch_error};
+    if !arch::mmu::is_pv() {
+        console::println("crash=pv-bad-queue needs pv mode");
+        arch::exit(guest_abi::ports::EXIT_FAILURE);
+    }
+    let root = arch::mmu::read_cr3();
+    let mapped = run as *const () as u64;
+    let calls: [(&str, u32, u64, u64); 4] = [
+        ("LOAD_CR3", hc::LOAD_CR3, root, 0),
+        ("SHADOW_FAULT", hc::SHADOW_FAULT, mapped, 0),
+        ("FLUSH_TLB", hc::FLUSH_TLB, 0, 0),
+        ("PV_FLUSH", hc::PV_FLUSH, guest_abi::pv::NO_GVA, 0),
+    ];
+    let mut reported = 0;
+    for (name, nr, a, b) in calls {
+        // Outside the zone (the boot area), 8-byte aligned.
+        arch::mmu::queue_raw(0x1000);
+        let r = hypercall::call(nr, a, b, 0, 0);
+        let ok = decode_batch_error(r) == Some((0, Some(BatchError::OutsideZone)));
+        kprintln!("pv-bad-queue: {} answered {:#x}{}", name, r, if ok { " (the batch error)" } else { "" });
+        reported += u32::from(ok);
+    }
+    kprintln!("pv-bad-queue: {} of 4 sync points reported the refused entry", reported);
+    arch::exit(if reported == 4 { guest_abi::ports::EXIT_SUCCESS } else { guest_abi::ports::EXIT_FAILURE })
 }

@@ -59,6 +59,8 @@ pub struct PvBackend {
     sh: ShadowBackend,
     area: Option<PvArea>,
     refused: u64,
+    /// Warnings about refused write queues: their own name and budget.
+    queue_warnings: crate::limits::Limited,
     zone: GpaRange,
 }
 
@@ -76,13 +78,16 @@ impl PvBackend {
         // A context switch that misses the root cache costs the LOAD_CR3
         // alone: the new root gets the used part of its user half at once.
         sh.mmu_mut().0.set_prefill_user_half(true);
-        Ok(PvBackend { sh, area: None, refused: 0, zone: pt_zone })
+        let queue_warnings =
+            crate::limits::Limited::new("warnings about refused pv write-queue entries", crate::limits::MAX_WARNINGS);
+        Ok(PvBackend { sh, area: None, refused: 0, queue_warnings, zone: pt_zone })
     }
 
-    /// A sync point: follow a published root the guest loaded itself (the
-    /// vCPU's CR3: the VMM trusts no claim about it), apply the write
-    /// queue. Returns `OK` or the batch error for the guest.
-    fn sync(&mut self, vm: &mut VmContext, vcpu: &VcpuContext) -> crate::Result<u64> {
+    /// A sync point (`at`: the hypercall, for the warning): follow a
+    /// published root the guest loaded itself (the vCPU's CR3: the VMM
+    /// trusts no claim about it), apply the write queue. Returns `OK` or the
+    /// batch error for the guest.
+    fn sync(&mut self, vm: &mut VmContext, vcpu: &VcpuContext, at: &str) -> crate::Result<u64> {
         let t = Instant::now();
         let hw_root = vcpu.sync_sregs().cr3;
         let guest_flushes = self.sh.coherence() == Coherence::ReloadCr3;
@@ -118,8 +123,10 @@ impl PvBackend {
         let (batch, followed) = batch;
         if batch != hc::OK {
             self.refused += 1;
-            if self.sh.warn_allowed() {
-                log::warn!("pv write queue refused: {batch:#x} (entries from the index in bits 8..32 on not applied)");
+            if self.queue_warnings.allow() {
+                log::warn!(
+                    "pv write queue refused at {at}: {batch:#x} (entries from the index in bits 8..32 on not applied; the guest is told)"
+                );
             }
         }
         // A batch that exhausted the pool rebuilt the root the vCPU is on
@@ -135,15 +142,23 @@ impl PvBackend {
         Ok(batch)
     }
 
-    /// A shadow-mode event `event` as a pv sync point: sync first, then
-    /// shadow mode's handling, then republish the roots.
+    /// A shadow-mode event `event` (hypercall `at`) as a pv sync point:
+    /// sync first, then shadow mode's handling, then republish the roots. A
+    /// refused queue is answered with its batch error, as `PV_FLUSH`
+    /// answers it, and the event is not handled: the guest learns at once
+    /// that writes it queued were not applied (issue 22, item 2).
     fn synced(
         &mut self,
         vm: &mut VmContext,
         vcpu: &mut VcpuContext,
+        at: &str,
         event: impl FnOnce(&mut ShadowBackend, &mut VmContext, &mut VcpuContext) -> crate::Result<u64>,
     ) -> crate::Result<u64> {
-        self.sync(vm, vcpu)?;
+        let batch = self.sync(vm, vcpu, at)?;
+        if batch != hc::OK {
+            self.publish(vm);
+            return Ok(batch);
+        }
         let r = event(&mut self.sh, vm, vcpu)?;
         self.publish(vm);
         Ok(r)
@@ -158,7 +173,7 @@ impl PvBackend {
 
     /// `PV_FLUSH(gva)`: sync, then make `gva` current.
     fn pv_flush(&mut self, vm: &mut VmContext, vcpu: &mut VcpuContext, regs: &kvm_regs) -> crate::Result<u64> {
-        let batch = self.sync(vm, vcpu)?;
+        let batch = self.sync(vm, vcpu, "PV_FLUSH")?;
         let t = Instant::now();
         let (mut ram, mut pool) = self.sh.windows(vm);
         let (mmu, cpu) = self.sh.mmu_mut();
@@ -206,7 +221,7 @@ impl MmuBackend for PvBackend {
         root: Gpa,
         regs: &kvm_regs,
     ) -> crate::Result<u64> {
-        self.synced(vm, vcpu, |sh, vm, vcpu| sh.load_cr3(vm, vcpu, root, regs))
+        self.synced(vm, vcpu, "LOAD_CR3", |sh, vm, vcpu| sh.load_cr3(vm, vcpu, root, regs))
     }
 
     fn fault(
@@ -217,7 +232,7 @@ impl MmuBackend for PvBackend {
         error_code: u64,
         regs: &kvm_regs,
     ) -> crate::Result<u64> {
-        self.synced(vm, vcpu, |sh, vm, vcpu| sh.fault(vm, vcpu, cr2, error_code, regs))
+        self.synced(vm, vcpu, "SHADOW_FAULT", |sh, vm, vcpu| sh.fault(vm, vcpu, cr2, error_code, regs))
     }
 
     fn flush(
@@ -228,7 +243,7 @@ impl MmuBackend for PvBackend {
         efer: u64,
         regs: &kvm_regs,
     ) -> crate::Result<u64> {
-        self.synced(vm, vcpu, |sh, vm, vcpu| sh.flush(vm, vcpu, cr0, efer, regs))
+        self.synced(vm, vcpu, "FLUSH_TLB", |sh, vm, vcpu| sh.flush(vm, vcpu, cr0, efer, regs))
     }
 
     fn mmio_write(&mut self, vm: &mut VmContext, gpa: Gpa, data: &[u8]) -> bool {
@@ -271,7 +286,7 @@ impl MmuBackend for PvBackend {
     }
 
     fn warnings_suppressed(&self) -> u64 {
-        self.sh.warnings_suppressed()
+        self.sh.warnings_suppressed() + self.queue_warnings.suppressed()
     }
 }
 

@@ -138,8 +138,10 @@ pub unsafe fn load_cr3(root: u64) {
         return;
     }
     if is_shadow() {
+        // pv mode: a refused write queue is answered with the batch error
+        // and the root is not loaded.
         let r = hypercall::call(hc::LOAD_CR3, root, 0, 0, 0);
-        if hc::is_error(r) {
+        if hc::is_error(r) || pv::decode_batch_error(r).is_some() {
             crate::panic::fatal("LOAD_CR3 refused by the VMM");
         }
         GUEST_CR3.store(root, Ordering::Relaxed);
@@ -164,7 +166,7 @@ pub unsafe fn load_cr3_through_vmm(root: u64) {
         return unsafe { load_cr3(root) };
     }
     let r = hypercall::call(hc::LOAD_CR3, root, 0, 0, 0);
-    if hc::is_error(r) {
+    if hc::is_error(r) || pv::decode_batch_error(r).is_some() {
         crate::panic::fatal("LOAD_CR3 refused by the VMM");
     }
     GUEST_CR3.store(root, Ordering::Relaxed);
@@ -344,6 +346,14 @@ fn record(entry: u64) {
     }
     write_word(QUEUE_FIRST + n, entry);
     write_word(0, n as u64 + 1);
+}
+
+/// Queue a raw entry, whatever it says (pv mode; the hostile
+/// `crash=pv-bad-queue` mode sends entries the VMM must refuse).
+pub fn queue_raw(entry: u64) {
+    if is_pv() {
+        record(entry);
+    }
 }
 
 /// Sync the write queue (and prefetch `va` unless it is `NO_GVA`).

@@ -320,11 +320,6 @@ impl ShadowBackend {
         self.pool_exhausted(Gpa(cr3))
     }
 
-    /// Warnings budget (bounded).
-    pub(crate) fn warn_allowed(&mut self) -> bool {
-        self.warnings.allow()
-    }
-
     /// Guest RAM and the pool, as the MMU's two windows.
     pub(crate) fn windows<'a>(&self, vm: &'a VmContext) -> (MemWindow<'a>, MemWindow<'a>) {
         let pool_mem = vm.ram.pool().expect("shadow mode has a pool");
