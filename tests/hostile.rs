@@ -200,3 +200,28 @@ fn a_refused_queue_entry_is_reported_at_every_sync_point() {
     }
     assert!(!err.contains("SHADOW_FAULTs the VMM could not handle"), "{err}");
 }
+
+/// Issue 22, item 3: a ring-0 guest that clears CR0.WP with its own
+/// `mov cr0` (nothing exits) and does not report it with `FLUSH_TLB`
+/// wrote through read-only shadow leaves, and its entries never got the D
+/// bit hardware sets. The VMM now notices at the next exit (WP found clear)
+/// or at the next pool check (the D bit the write left in the shadow leaf)
+/// and sets D in the guest's entry.
+#[test]
+fn writes_under_an_unreported_cr0_wp_0_still_set_the_dirty_bit() {
+    if !kvm_available() {
+        return;
+    }
+    for mmu in ["shadow", "pv"] {
+        let (o, v) = stats_json(
+            &["run", "--mmu", mmu, "--memory", "64M", "--cmdline", "crash=wp-off-silent"],
+            &format!("wp-off-{mmu}.json"),
+        );
+        let out = stdout(&o);
+        assert!(out.contains("(a) WP set again before the exit: D 1; (b) WP clear at the exit: D 1"), "{mmu}: {out}");
+        assert_exit(&o, 0);
+        let sh = &v["stats"]["shadow"];
+        assert_eq!(sh["stats"]["wp_off_dirty"], 2, "{mmu}: {v}");
+        assert_eq!(sh["wp_cleared_silently"], 1, "{mmu}: {v}");
+    }
+}

@@ -28,7 +28,11 @@ impl ShadowMmu {
             return None;
         }
         let access = child_access(role.access, gpte, &self.rules);
-        let mut spte = base | P | A | D;
+        // D only on writable leaves: a read-only leaf keeps D clear, so
+        // that a write the hardware lets through it (the guest's own
+        // CR0.WP = 0, not reported) leaves D set in the pool, where
+        // `harvest_dirty_leaves` finds it.
+        let mut spte = base | P | A;
         if role.level > 1 {
             spte |= PS;
         }
@@ -36,7 +40,7 @@ impl ShadowMmu {
             spte |= US;
         }
         if access & ACC_W != 0 && gpte & D != 0 {
-            spte |= RW;
+            spte |= RW | D;
         }
         if self.rules.nxe && access & ACC_X == 0 {
             spte |= XD;
@@ -63,9 +67,9 @@ impl ShadowMmu {
             return (spte, false);
         }
         if user_page && self.rules.smap {
-            return (spte | RW | XD, true);
+            return (spte | RW | D | XD, true);
         }
-        let mut leaf = (spte | RW) & !US;
+        let mut leaf = (spte | RW | D) & !US;
         if user_page && self.rules.smep {
             leaf |= XD;
         }

@@ -141,6 +141,8 @@ pub struct ShadowBackend {
     /// The boot tables' and the zone's slots are read-only (from the first
     /// `LOAD_CR3` on).
     boot_tables_locked: bool,
+    /// Times the vCPU was found with CR0.WP clear (`note_vcpu_wp`).
+    wp_cleared_silently: u64,
 }
 
 impl ShadowBackend {
@@ -174,6 +176,7 @@ impl ShadowBackend {
             pool_pages: pages,
             check_pool_always: true,
             boot_tables_locked: false,
+            wp_cleared_silently: 0,
         }
     }
 
@@ -196,6 +199,7 @@ impl ShadowBackend {
             pool_pages: self.pool_pages,
             pv: false,
             pv_refused: 0,
+            wp_cleared_silently: self.wp_cleared_silently,
         }
     }
 
@@ -464,6 +468,8 @@ impl MmuBackend for ShadowBackend {
     }
 
     fn before_entry(&mut self, vm: &mut VmContext, vcpu: &mut VcpuContext) -> crate::Result<()> {
+        let rflags = vcpu.regs().rflags;
+        self.note_vcpu_wp(vm, vcpu, rflags)?;
         self.restore_host_coherence(vm, vcpu)
     }
 
