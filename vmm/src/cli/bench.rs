@@ -1,4 +1,4 @@
-//! `vmm bench`: the same workloads under ept and shadow paging, side by
+//! `vmm bench`: the same workloads under ept, shadow and pv paging, side by
 //! side (docs/architecture.md, "Workloads").
 //!
 //! Every run is a fresh VM. Per workload and mode: one warm-up run (thrown

@@ -1,5 +1,5 @@
 //! `vmm compare`: one report over several `vmm bench` JSON files — the
-//! nested three-way report (README, "Nested hosts").
+//! nested three-way report (docs/nested.md).
 //!
 //! A column is a (host, MMU mode) pair: `npt/ept` is NPT (ept mode on the
 //! `npt=1` host), `kvm-shadow/ept` KVM's own shadow MMU (ept mode on the

@@ -1,4 +1,4 @@
-//! The command line (the README, "Commands"). Sizes take units, times
+//! The command line (docs/cli.md). Sizes take units, times
 //! take units, `--help` shows every default and the exit codes.
 
 pub mod bench;

@@ -34,7 +34,7 @@
 //!   a guest that scribbles over the pool and comes back through
 //!   `LOAD_CR3` gets exactly what its tables allow — holds, while the
 //!   hypercalls on the fault and flush paths skip its cost (measured in
-//!   the README, "pv mode"). Between a scribble and the next `LOAD_CR3`
+//!   docs/pv.md). Between a scribble and the next `LOAD_CR3`
 //!   the guest runs on what it wrote, as in shadow mode; the VMM never
 //!   reads the pool to decide anything, and the shadow maps guest RAM only.
 
