@@ -32,10 +32,11 @@
 //!   entry (and by a split into every PTE), so a clean leaf's frames are
 //!   all zeroes (never written: see [`crate::aging`], which relies on
 //!   this).
-//! - `mprotect` only ever takes rights away from leaves: a leaf of a range
-//!   made writable stays read-only until its first write, which the fault
+//! - `mprotect` never makes a leaf writable: a leaf of a range made
+//!   writable stays read-only until its first write, which the fault
 //!   handler resolves as copy-on-write (reuse when unshared), so a frame
-//!   shared after a fork never becomes writable in place.
+//!   shared after a fork never becomes writable in place. (Execute rights
+//!   follow the new protection at once: no sharing rule is involved.)
 //! - [`AddressSpace::rss`] is the number of 4 KiB pages the address
 //!   space's `ANON` leaves map (Linux's `MM_ANONPAGES`: a 2 MiB leaf counts
 //!   512, a 64 KiB folio 16), kept by every operation here, the fault
@@ -422,10 +423,11 @@ impl AddressSpace {
     }
 
     /// `mprotect(start, end, prot)`: give `[start, end)`, which must lie
-    /// in one VMA, the rights `prot` (splitting the VMA), and take from its
-    /// mapped pages any right `prot` lacks (write, execute; reading is
-    /// never refused to a mapped page). Rights are never added to a leaf
-    /// (module documentation). A 2 MiB leaf across either end is split
+    /// in one VMA, the rights `prot` (splitting the VMA), and its mapped
+    /// pages execute rights as `prot` says and no write right `prot` lacks
+    /// (reading is never refused to a mapped page). Write is never added
+    /// to a leaf (module documentation): the first write faults and is
+    /// resolved as copy-on-write. A 2 MiB leaf across either end is split
     /// first. On an error nothing changed.
     pub fn mprotect<M: PhysMem, A: FrameSource, P: MmuPlatform>(
         &mut self,
@@ -450,9 +452,7 @@ impl AddressSpace {
                 if !prot.contains(Prot::WRITE) {
                     new.remove(PteFlags::WRITABLE | PteFlags::COW);
                 }
-                if !prot.contains(Prot::EXEC) {
-                    new.insert(PteFlags::NO_EXECUTE);
-                }
+                new.set(PteFlags::NO_EXECUTE, !prot.contains(Prot::EXEC));
                 if new != old
                     && let Ok((_, flush)) = self.pt.update_leaf(cx.mem, leaf.va, |_| new)
                 {

@@ -631,6 +631,15 @@ fn folio_faults_map_aligned_folios_of_ptes_and_fall_back_to_what_fits() {
         // munmap and mprotect need a range inside one area.
         assert_eq!(a.munmap(&mut cx, Gva(0x10_0000), Gva(0x20_1000)).unwrap_err(), VmaError::NotMapped);
         assert_eq!(a.mprotect(&mut cx, Gva(0x10_0000), Gva(0x10_0800), Prot::READ).unwrap_err(), VmaError::Unaligned);
+        // Execute follows the new rights at once; write goes, and is not given.
+        a.mprotect(&mut cx, Gva(0x21_0000), Gva(0x21_1000), Prot::READ | Prot::EXEC).unwrap().flush(&mmu);
+        let (_, f) = present(&a, mem, 0x21_0000).unwrap();
+        assert!(!f.intersects(PteFlags::NO_EXECUTE | PteFlags::WRITABLE), "{f:?}");
+        a.mprotect(&mut cx, Gva(0x21_0000), Gva(0x21_1000), Prot::RW).unwrap().flush(&mmu);
+        let (_, f) = present(&a, mem, 0x21_0000).unwrap();
+        assert!(f.contains(PteFlags::NO_EXECUTE) && !f.contains(PteFlags::WRITABLE), "{f:?}");
+        let reuse = a.handle_fault(&mut cx, Gva(0x21_0000), PfErrorCode(W.0 | PfErrorCode::PRESENT));
+        assert_eq!(reuse, Ok(FaultFix::CowReused(Gva(0x21_0000))), "the first write gets write back");
         a.destroy(&mut cx);
         assert!(cx.refs.all_zero());
         assert_eq!(frames_in_use(cx.frames), 0);
