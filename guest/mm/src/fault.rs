@@ -221,7 +221,12 @@ impl AddressSpace {
                     let _ = cx.refs.dec(frame.add(i));
                     cx.frames.free_frame(frame.add(i));
                 }
-                return Err(e);
+                // A smaller folio may still fit (a table page in the way of
+                // a PMD leaf, say); a 4 KiB page is the last resort.
+                if size == FolioSize::K4 {
+                    return Err(e);
+                }
+                continue;
             }
             self.rss += size.pages();
             return Ok(match size {

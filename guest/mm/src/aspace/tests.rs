@@ -774,3 +774,28 @@ fn aging_reclaims_a_clean_thp_whole() {
         assert!(cx.refs.all_zero());
     })
 }
+
+#[test]
+fn a_thp_falls_back_when_a_page_table_is_in_the_way() {
+    with_mm_sized(PGTABLE_FRAMES, 2048, |mem, buddy| {
+        let k = kernel(mem, buddy);
+        let mut c = counts(buddy);
+        let mmu = RecordingMmu::default();
+        let mut cx = MmCtx { mem, frames: &mut *buddy, refs: FrameRefs::new(BASE, &mut c), mmu: &mmu };
+        let mut a = AddressSpace::new(&mut cx, &k).unwrap();
+        a.set_anon_folio(FolioSize::M2);
+        a.add_vma(Gva(0x40_0000), Gva(0x60_0000), Prot::RW).unwrap();
+        // An empty page table under the PD slot (left by someone changing
+        // the tables directly): no PMD leaf can go there.
+        let f = cx.frames.alloc_frame().unwrap();
+        let p = Page::<crate::paging::Size4KiB>::from_start_address(Gva(0x40_0000)).unwrap();
+        a.page_table_mut().map(mem, &mut cx.frames, p, PhysFrame::from_pfn(f), PteFlags::empty()).unwrap();
+        mem.write_u64(a.page_table().leaf(mem, Gva(0x40_0000)).unwrap().entry_addr, 0);
+        cx.frames.free_frame(f);
+        let fix = a.handle_fault(&mut cx, Gva(0x40_0000), W);
+        assert_eq!(fix, Ok(FaultFix::DemandFolio(Gva(0x40_0000), FolioSize::K64)));
+        assert_eq!(frames_in_use(cx.frames), 16, "the 2 MiB block went back");
+        a.destroy(&mut cx);
+        assert!(cx.refs.all_zero());
+    })
+}
