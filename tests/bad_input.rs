@@ -165,6 +165,7 @@ fn guest_command_line_typos_are_refused_naming_the_word() {
         ("workload=fault size=abc", "size=abc", "needs a number greater than zero"),
         ("workload=nosuch", "workload=nosuch", "expected one of: fault fork"),
         ("crash=nosuch", "crash=nosuch", "unknown value"),
+        ("anon=8k workload=fault", "anon=8k", "expected one of: 4k 16k 64k 2m"),
     ] {
         let o = run(&["run", "--memory", "64M", "--cmdline", cmdline]);
         assert_exit(&o, 2);

@@ -214,6 +214,11 @@ use guest_abi::paging::{ADDR_MASK as ADDR, PAGE_SIZE as PAGE};
 pub const PREFILL_RESERVE: usize = 3;
 /// New shadow pages the user-half prefill of a new root may create.
 pub const USER_PREFILL_PAGES: usize = 16;
+/// A hidden fault on a 4 KiB page also shadows the other entries of its
+/// aligned block of this many PTEs that the guest has used (KVM's
+/// `FNAME(pte_prefetch)`, `PTE_PREFETCH_NUM` = 8 there): one block is a
+/// 64 KiB folio, the largest mTHP the guest maps as PTEs.
+pub const PTE_PREFETCH: u64 = 16;
 /// Deferred changed pages remembered ([`ShadowMmu::set_defer_unreachable`]);
 /// past that, the next root switch invalidates.
 pub const MAX_DEFERRED: usize = 1024;

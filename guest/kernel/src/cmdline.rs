@@ -40,8 +40,12 @@ const KEYS: &[(&str, Takes)] = &[
     ("workload", Takes::OneOf(crate::workload::NAMES)),
     ("size", Takes::Number { required: true }),
     ("spaces", Takes::Number { required: true }),
+    // The `tlb` workload's working set, in pages (default 64).
+    ("tlbset", Takes::Number { required: true }),
     ("calibrate", Takes::Number { required: false }),
     ("test", Takes::AnyText),
+    // The size of anonymous folios a demand fault maps (guest_mm::folio).
+    ("anon", Takes::OneOf(&guest_mm::folio::FolioSize::NAMES)),
     ("explain", Takes::Nothing),
     ("matrix", Takes::Nothing),
     ("fail-on-request", Takes::Nothing),

@@ -28,13 +28,17 @@
 //!   pages) and the kernel image window (2 MiB pages), all with A (and
 //!   D) set so shadow mode can prefill them. CR3 loads and TLB flushes go
 //!   through [`KernelMmu`], the platform hook that knows ept from shadow.
+//! - Every user address space is made by [`new_address_space`], which
+//!   gives it the anonymous folio size of the `anon=` command-line word
+//!   (`4k` unless given; the same in every MMU mode).
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use guest_abi::{BootInfo, DIRECT_MAP_BASE, Gpa, MemRegionKind};
-use guest_mm::aspace::{AddressSpace, FrameRefs, MmCtx};
+use guest_mm::aspace::{AddressSpace, AspaceError, FrameRefs, MmCtx};
 use guest_mm::buddy::{BuddyAllocator, FrameMeta, ZonePref, meta_bytes, section_bytes};
+use guest_mm::folio::FolioSize;
 use guest_mm::paging::{MmuPlatform, Page, PageSize, PageTable, PhysFrame, PteFlags, Size1GiB, Size2MiB};
 use guest_mm::phys::{DirectMap, FrameRange, Pfn};
 use guest_mm::slab::Kmalloc;
@@ -79,6 +83,22 @@ impl MmuPlatform for KernelMmu {
     fn leave_lazy(&self) {
         crate::arch::mmu::leave_lazy();
     }
+}
+
+/// The folio size of `anon=`, as an index into `FolioSize::ALL`.
+static ANON: AtomicU8 = AtomicU8::new(0);
+
+/// The anonymous folio size the command line asked for (`anon=`).
+pub fn anon_folio() -> FolioSize {
+    FolioSize::ALL.get(ANON.load(Ordering::Relaxed) as usize).copied().unwrap_or_default()
+}
+
+/// A new user address space sharing the kernel half of `kpt`, with the
+/// folio size of `anon=`.
+pub fn new_address_space(cx: &mut Ctx<'_>, kpt: &PageTable) -> Result<AddressSpace, AspaceError> {
+    let mut a = AddressSpace::new(cx, kpt)?;
+    a.set_anon_folio(anon_folio());
+    Ok(a)
 }
 
 /// The context the paging and address-space code needs.
@@ -126,6 +146,11 @@ pub fn is_ready() -> bool {
 pub fn init(info: &BootInfo) {
     if is_ready() {
         return;
+    }
+    // The command line was checked before (cmdline::check): a value here
+    // is one of FolioSize::NAMES.
+    if let Some(size) = crate::cmdline::value(crate::boot::cmdline(), "anon").and_then(FolioSize::parse) {
+        ANON.store(size as u8, Ordering::Relaxed);
     }
     let limit = info.boot_mapped.min(info.ram_size);
     let frames = info.ram_size / guest_mm::PAGE_SIZE;

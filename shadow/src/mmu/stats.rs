@@ -47,6 +47,14 @@ pub struct ShadowStats {
     /// pv mode: translations made current without a fault
     /// ([`ShadowMmu::prefetch`](super::ShadowMmu::prefetch)).
     pub prefetches: u64,
+    /// pv mode: leaves a batch wrote into a guest table that had no shadow
+    /// page when the batch was applied, shadowed once the sync's prefetch
+    /// made one ([`ShadowMmu::prefetch_batch`](super::ShadowMmu::prefetch_batch)):
+    /// the other pages of a large folio.
+    pub batch_fills: u64,
+    /// Leaves shadowed beside a hidden fault's, in its aligned block of
+    /// [`PTE_PREFETCH`](super::PTE_PREFETCH) (KVM's `pte_prefetch`).
+    pub pte_prefetches: u64,
 }
 
 /// `ShadowStats` with every count `$count` taken as `$now - $then` and
@@ -64,7 +72,7 @@ impl ShadowStats {
         counts_since!(self, earlier;
             counts: hidden_faults, guest_faults, pte_writes, pte_updates_in_place, cr3_loads, root_hits,
                 root_misses, zaps, page_zaps, pool_exhaustions, host_invalidations, flushes, pool_repairs,
-                wp_off_dirty, batches, batch_entries, prefetches;
+                wp_off_dirty, batches, batch_entries, prefetches, batch_fills, pte_prefetches;
             gauges: pages_in_use, pages_peak)
     }
 }

@@ -57,6 +57,31 @@ fn demand_fault_costs_one_hidden_fault_and_emulates_a_and_d() {
 }
 
 #[test]
+fn a_hidden_fault_shadows_the_used_ptes_of_its_aligned_block_beside_it() {
+    let (mut mmu, mut pool) = setup(64);
+    let mut cpu = mmu.new_vcpu();
+    // A 64 KiB folio (PTEs 16..32, A and D set) mapped before any shadow
+    // page existed, a never-used PTE in it, and a used one past the block.
+    let mut g = guest_with(0x1000, 0, 0);
+    for i in 16..33 {
+        g.write_u64(Gpa(0x22000 + i * 8), (0x10_0000 + i * PAGE) | P | RW | US | A | D);
+    }
+    g.write_u64(Gpa(0x22000 + 20 * 8), 0x10_0000 | P | RW | US);
+    mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(0x1000)).unwrap();
+    let before = g.clone();
+    assert_eq!(mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(va(17)), WRITE), Ok(FaultOutcome::Fixed));
+    assert_eq!(g, before, "A and D were set already: nothing written");
+    for i in (16..32).filter(|&i| i != 20) {
+        let leaf = mmu.shadow_leaf(&cpu, &pool, Gva(va(i))).map(|(e, _)| e & (ADDR | RW));
+        assert_eq!(leaf, Some((0x10_0000 + i * PAGE) | RW), "PTE {i}");
+    }
+    assert_eq!(mmu.shadow_leaf(&cpu, &pool, Gva(va(20))), None, "never used: no A, not shadowed");
+    assert_eq!(mmu.shadow_leaf(&cpu, &pool, Gva(va(32))), None, "outside the block");
+    assert_eq!((mmu.stats().hidden_faults, mmu.stats().pte_prefetches), (1, 14));
+    mmu.check_invariants(&pool, &g).unwrap();
+}
+
+#[test]
 fn a_true_guest_fault_is_passed_on_with_the_guest_error_code() {
     let (mut mmu, mut pool) = setup(64);
     let mut cpu = mmu.new_vcpu();

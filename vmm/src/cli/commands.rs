@@ -222,6 +222,12 @@ pub fn bench(args: BenchArgs, process_start: Instant) -> i32 {
             }
         }
     }
+    if let Some(w) =
+        args.cmdline.split_ascii_whitespace().find(|w| w.starts_with("workload=") || w.starts_with("size="))
+    {
+        eprintln!("error: --cmdline word '{w}': the workload and its size are given with --workload and --size");
+        return exit_code::USAGE;
+    }
     let charted = matches!(args.mmu, MmuArg::Both | MmuArg::All);
     if args.svg.is_some() && !charted {
         eprintln!("error: --svg charts shadow against ept: it needs --mmu all or --mmu both");
@@ -248,6 +254,8 @@ pub fn bench(args: BenchArgs, process_start: Instant) -> i32 {
         repeat: args.repeat.max(1),
         memory: args.memory,
         shadow_pool: args.shadow_pool.unwrap_or(vmm::mmu::DEFAULT_SHADOW_POOL),
+        cmdline: args.cmdline.split_ascii_whitespace().collect::<Vec<_>>().join(" "),
+        backing: args.backing,
         process_start,
     };
     let total = (plan.workloads.len() * plan.modes.len() * (plan.repeat as usize + 1)) as u64;
@@ -264,7 +272,7 @@ pub fn bench(args: BenchArgs, process_start: Instant) -> i32 {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
-            return exit_code::GUEST_FAILURE;
+            return if e.contains(super::bench::REFUSED_WORD) { exit_code::USAGE } else { exit_code::GUEST_FAILURE };
         }
     };
     print!("{}", report.render());

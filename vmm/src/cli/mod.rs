@@ -149,6 +149,19 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub shadow_pool: Option<u64>,
 
+    /// Extra words for the guest's command line in every run, the same in
+    /// every mode (e.g. `anon=64k`: the anonymous folio size; `tlbset=16384`:
+    /// a 64 MiB working set for `tlb`); not `workload=` or `size=`
+    /// (--workload and --size say those).
+    #[arg(long, value_name = "WORDS", default_value = "")]
+    pub cmdline: String,
+
+    /// Host memory behind guest RAM in every run, as for `vmm run`: 4k,
+    /// thp, hugetlb (2 MiB) or hugetlb-1g. No fallback: if the host cannot
+    /// give it, the VMM says so and exits.
+    #[arg(long, value_name = "BACKING", default_value = "4k")]
+    pub backing: ept::Backing,
+
     /// Folder for the report files (report.json, and report.svg when ept and shadow both ran).
     #[arg(long, value_name = "DIR", default_value = "bench-report")]
     pub out: PathBuf,

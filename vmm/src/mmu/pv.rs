@@ -171,16 +171,21 @@ impl PvBackend {
         }
     }
 
-    /// `PV_FLUSH(gva)`: sync, then make `gva` current.
+    /// `PV_FLUSH(gva)`: sync, then make `gva` current and shadow every
+    /// other leaf the batch made valid (`ShadowMmu::prefetch_batch`: a
+    /// large folio's fault costs this one exit, with no hidden fault on
+    /// its other pages).
     fn pv_flush(&mut self, vm: &mut VmContext, vcpu: &mut VcpuContext, regs: &kvm_regs) -> crate::Result<u64> {
         let batch = self.sync(vm, vcpu, "PV_FLUSH")?;
         let t = Instant::now();
         let (mut ram, mut pool) = self.sh.windows(vm);
         let (mmu, cpu) = self.sh.mmu_mut();
         mmu.flush(cpu);
-        if regs.rdi != abi::NO_GVA {
-            mmu.prefetch(cpu, &mut pool, &mut ram, Gva(regs.rdi));
-        }
+        // The entries applied: all of them, or those before the refused one.
+        let applied = abi::decode_batch_error(batch).map_or(usize::MAX, |(applied, _)| applied);
+        let entries = self.area.as_ref().map_or(&[][..], |a| &a.entries[..a.entries.len().min(applied)]);
+        let va = (regs.rdi != abi::NO_GVA).then_some(Gva(regs.rdi));
+        mmu.prefetch_batch(cpu, &mut pool, &mut ram, va, entries);
         self.sh.times_mut().batch += t.elapsed();
         Ok(batch)
     }
@@ -335,6 +340,9 @@ impl PvArea {
     /// (nothing is applied then).
     pub fn take_queue(&mut self, mem: &GuestMemoryMmap) -> Result<&[u64], BatchError> {
         let len: u64 = mem.read_obj(GuestAddress(self.gpa.raw())).unwrap_or(0);
+        // Whatever the outcome, the last batch's entries are gone: they are
+        // what `PV_FLUSH` shadows after the sync.
+        self.entries.clear();
         if len == 0 {
             return Ok(&[]);
         }
@@ -344,7 +352,6 @@ impl PvArea {
         }
         let mut bytes = vec![0u8; len as usize * 8];
         let _ = mem.read_slice(&mut bytes, GuestAddress(self.gpa.raw() + abi::QUEUE_FIRST as u64 * 8));
-        self.entries.clear();
         self.entries.extend(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))));
         Ok(&self.entries)
     }
