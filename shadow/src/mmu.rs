@@ -240,6 +240,8 @@ mod sync;
 mod vcpu;
 mod vm;
 
+use coherence::{CpuTlb, RemoteFlushHook, TlbState};
+pub use coherence::{EntryWork, FlushTicket, MAX_VCPUS, RemoteFlush, VcpuSet};
 pub use error::ShadowError;
 pub use fault::FaultOutcome;
 use page::*;
@@ -251,6 +253,19 @@ use spte::{maps_page, restricts, shadowable};
 pub use stats::ShadowStats;
 pub use vcpu::ShadowVcpu;
 pub use vm::ShadowMmu;
+
+/// A deliberately broken variant of the MMU (tests only): the SMP stress
+/// test must fail on each.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Sabotage {
+    /// The real thing.
+    None,
+    /// Freed pool pages go straight to the free list, without quarantine.
+    NoQuarantine,
+    /// Root-cache eviction frees a root other vCPUs still run on.
+    EvictLoadedRoots,
+}
 
 #[cfg(test)]
 mod test_mem;

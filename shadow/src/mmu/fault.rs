@@ -36,6 +36,10 @@ impl ShadowMmu {
         cr2: Gva,
         error_code: u32,
     ) -> Result<FaultOutcome, ShadowError> {
+        self.act(vcpu);
+        // A root a zap of everything (done for another vCPU) made obsolete
+        // is rebuilt first; the VMM points CR3 at the new one.
+        self.reload_obsolete(vcpu, pool, guest)?;
         let (guest_cr3, mut root) = self.loaded_root(vcpu).ok_or(ShadowError::NoRoot)?;
         let guest_cr3 = Gpa(guest_cr3);
         let cr2 = cr2.raw();

@@ -55,6 +55,7 @@ impl ShadowMmu {
         entries: &[u64],
         zone: (Gpa, Gpa),
     ) -> BatchOutcome {
+        self.act(vcpu);
         self.stats.batches += 1;
         let mut outcome = BatchOutcome { applied: 0, refused: None };
         for &e in entries {
@@ -91,6 +92,7 @@ impl ShadowMmu {
         guest: &mut impl GuestPhys,
         va: Gva,
     ) -> bool {
+        self.act(vcpu);
         let va = va.raw();
         let Some((_, mut page)) = self.loaded_root(vcpu) else { return false };
         let Some(mut role) = self.pages[page as usize].as_ref().map(|p| p.role) else { return false };
@@ -135,6 +137,7 @@ impl ShadowMmu {
         guest: &mut impl GuestPhys,
         guest_cr3: Gpa,
     ) -> Result<ShadowRoot, ShadowError> {
+        self.act(vcpu);
         match self.loaded_root(vcpu) {
             Some((g, p)) if g == guest_cr3.raw() & ADDR => Ok(ShadowRoot(Gpa(self.page_gpa(p)))),
             _ => self.load_cr3(vcpu, pool, guest, guest_cr3),
@@ -154,6 +157,7 @@ impl ShadowMmu {
         guest: &mut impl GuestPhys,
         shadow_root: Gpa,
     ) -> Result<bool, ShadowError> {
+        self.act(vcpu);
         let Some(page) = self.page_of(shadow_root.raw() & ADDR) else { return Ok(false) };
         match self.loaded_root(vcpu) {
             Some((_, p)) if p == page => Ok(true),
