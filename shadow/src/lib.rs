@@ -43,5 +43,8 @@ pub mod mmu;
 pub mod walker;
 
 pub use guest_abi::{Gpa, Gva};
-pub use mmu::{BatchOutcome, FaultOutcome, ShadowError, ShadowMmu, ShadowRoot, ShadowStats, ShadowVcpu, TableFrames};
+pub use mmu::{
+    BatchOutcome, EntryWork, FaultOutcome, FlushTicket, MAX_VCPUS, RemoteFlush, RemoteFlushOutcome, ShadowError,
+    ShadowMmu, ShadowRoot, ShadowStats, ShadowVcpu, TableFrames, VcpuSet,
+};
 pub use walker::{Access, GuestPhys, PageFault, PagingMode, Translation, walk};

@@ -233,6 +233,7 @@ mod page;
 mod page_track;
 mod pool;
 mod pv;
+mod remote;
 mod root;
 mod spte;
 mod stats;
@@ -248,6 +249,7 @@ use page::*;
 pub use page_track::TableFrames;
 use page_track::Zoned;
 pub use pv::BatchOutcome;
+pub use remote::RemoteFlushOutcome;
 pub use root::ShadowRoot;
 use spte::{maps_page, restricts, shadowable};
 pub use stats::ShadowStats;
@@ -277,3 +279,6 @@ mod pv_tests;
 
 #[cfg(test)]
 mod bounds_tests;
+
+#[cfg(test)]
+mod smp_tests;

@@ -325,24 +325,26 @@ impl ShadowMmu {
     /// "Invariants"), asking the VMM's remote flush for the others' flushes
     /// if none is.
     pub(super) fn take_quarantined(&mut self) -> Option<u32> {
-        let (&(_, oldest), &(_, newest)) = (self.quarantine.front()?, self.quarantine.back()?);
         let acting = self.tlb.acting;
-        let mut others = self.tlb.min_flushed_except(acting);
-        if oldest > others
-            && let Some(hook) = self.remote_flush.0.as_mut()
-        {
+        let oldest = self.quarantine.front()?.1;
+        if oldest > self.tlb.min_flushed_except(acting) && self.remote_flush.0.is_some() {
             let blockers = VcpuSet(
                 self.tlb
                     .registered()
                     .filter(|&(i, c)| Some(i) != acting && c.flushed < oldest)
                     .fold(0, |m, (i, _)| m | 1 << i),
             );
-            let t = self.tlb.now;
-            self.tlb.now += 1;
-            let stopped = hook(blockers);
+            let t = self.ticket();
+            let stopped = self.remote_flush.0.as_mut().map_or(VcpuSet::EMPTY, |hook| hook(blockers));
+            // This may release pages to the free list (and changes the
+            // quarantine: read it again below).
             self.vcpus_stopped(stopped, FlushTicket(t));
-            others = self.tlb.min_flushed_except(acting);
+            if let Some(p) = self.free.pop() {
+                return Some(p);
+            }
         }
+        let others = self.tlb.min_flushed_except(acting);
+        let (oldest, newest) = (self.quarantine.front()?.1, self.quarantine.back()?.1);
         let p = if newest <= others {
             self.quarantine.pop_back()?.0
         } else if oldest <= others {

@@ -43,6 +43,9 @@ pub struct ShadowStats {
     /// pv mode: translations made current without a fault
     /// ([`ShadowMmu::prefetch`](super::ShadowMmu::prefetch)).
     pub prefetches: u64,
+    /// pv mode on SMP: remote TLB flushes requested by the guest
+    /// ([`ShadowMmu::flush_remote`](super::ShadowMmu::flush_remote)).
+    pub remote_flushes: u64,
 }
 
 /// `ShadowStats` with every count `$count` taken as `$now - $then` and
@@ -60,7 +63,7 @@ impl ShadowStats {
         counts_since!(self, earlier;
             counts: hidden_faults, guest_faults, pte_writes, pte_updates_in_place, cr3_loads, root_hits,
                 root_misses, zaps, page_zaps, pool_exhaustions, host_invalidations, flushes, pool_repairs,
-                batches, batch_entries, prefetches;
+                batches, batch_entries, prefetches, remote_flushes;
             gauges: pages_in_use, pages_peak)
     }
 }
