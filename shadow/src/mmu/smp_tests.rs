@@ -865,3 +865,138 @@ fn the_mmu_can_be_shared_between_threads() {
     send::<std::sync::Mutex<ShadowMmu>>();
     send::<ShadowVcpu>();
 }
+
+/// The protocol step by step, on the small guest of `tests.rs`: what the
+/// VMM's vCPU threads do (module doc of `mmu.rs`, "SMP").
+mod protocol {
+    use super::super::tests::{T, guest_with, setup, va};
+    use super::*;
+
+    /// Two vCPUs on the guest root 0x1000, both with `va(0)` shadowed.
+    fn two_on_one_root() -> (ShadowMmu, Mem, Mem, ShadowVcpu, ShadowVcpu) {
+        let (mut mmu, mut pool) = setup(64);
+        let mut g = guest_with(0x1000, P | RW | A | D, 4);
+        let (mut a, mut b) = (mmu.new_vcpu(), mmu.new_vcpu());
+        for cpu in [&mut a, &mut b] {
+            mmu.load_cr3(cpu, &mut pool, &mut g, Gpa(0x1000)).unwrap();
+        }
+        assert_eq!(mmu.current_root(&a), mmu.current_root(&b), "one root, counted twice");
+        assert_eq!(mmu.handle_fault(&mut b, &mut pool, &mut g, Gva(va(0)), 0), Ok(FaultOutcome::Fixed));
+        // Both have flushed everything so far.
+        for cpu in [&a, &b] {
+            let t = mmu.flush_ticket();
+            mmu.vcpu_flushed(cpu.id(), t);
+        }
+        assert!(mmu.flush_requests().is_empty() && !mmu.host_stale());
+        (mmu, pool, g, a, b)
+    }
+
+    #[test]
+    fn a_page_freed_while_another_vcpu_may_cache_it_waits_for_that_vcpus_flush() {
+        let (mut mmu, mut pool, mut g, mut a, b) = two_on_one_root();
+        let pt = mmu.by_role.iter().find(|(r, _)| r.level == 1).map(|(_, &p)| p).unwrap();
+        // vCPU a unmaps the page table: the shadow PT is freed.
+        g.write_u64(Gpa(0x21000 + 2 * 8), 0);
+        mmu.pte_written(&mut a, &mut pool, &mut g, Gpa(0x21000 + 2 * 8), 8);
+        assert!(mmu.pages[pt as usize].is_none() && mmu.quarantine.iter().any(|&(p, _)| p == pt));
+        // Both must flush; each is named once.
+        let ask = mmu.flush_requests();
+        assert_eq!(ask, VcpuSet(0b11));
+        assert!(mmu.flush_requests().is_empty(), "named once per change");
+        assert!(mmu.needs_flush(&a) && mmu.needs_flush(&b));
+        // The acting vCPU cannot have the page while b may still walk it...
+        assert!(!mmu.free.contains(&pt));
+        mmu.tlb.acting = Some(a.id());
+        let without_pt = mmu.free_pages();
+        // ...until b is stopped with its flush to do (the VMM waited for it).
+        let t = mmu.flush_ticket();
+        mmu.vcpus_stopped(VcpuSet::single(b.id()), t);
+        assert!(mmu.needs_flush(&b), "b still owes the flush");
+        assert_eq!(mmu.free_pages(), without_pt + 1, "a may reuse it now, and would owe a flush");
+        assert!(!mmu.free.contains(&pt), "not free for everyone: a has not flushed");
+        let t = mmu.flush_ticket();
+        mmu.vcpu_flushed(a.id(), t);
+        assert!(mmu.free.contains(&pt), "every vCPU has flushed: free");
+        mmu.check_invariants(&pool, &g).unwrap();
+    }
+
+    #[test]
+    fn the_root_cache_never_evicts_a_root_another_vcpu_runs_on() {
+        let (mut mmu, mut pool) = setup(64);
+        let mut g = Mem::new(0, RAM);
+        let roots: Vec<u64> = (1..=12).map(|i| i * 0x1000).collect();
+        for &r in &roots {
+            g.write_u64(Gpa(r), 0x20000 | T);
+        }
+        let (mut a, mut b) = (mmu.new_vcpu(), mmu.new_vcpu());
+        let held = mmu.load_cr3(&mut b, &mut pool, &mut g, Gpa(roots[0])).unwrap();
+        for &r in &roots[1..] {
+            mmu.load_cr3(&mut a, &mut pool, &mut g, Gpa(r)).unwrap();
+        }
+        let cap = mmu.root_cache_capacity();
+        assert!(roots.len() > cap + 1, "the scenario evicts");
+        assert_eq!(mmu.current_root(&b), Some(held), "b's root is still its root");
+        assert!(mmu.roots.iter().any(|&(g, _)| g == roots[0]), "and still cached");
+        assert_eq!(mmu.roots.len(), cap);
+        mmu.check_invariants(&pool, &g).unwrap();
+    }
+
+    #[test]
+    fn a_zap_of_everything_holds_the_roots_vcpus_run_on_until_they_leave() {
+        let (mut mmu, mut pool, mut g, mut a, mut b) = two_on_one_root();
+        let root = mmu.page_of(mmu.current_root(&b).unwrap().gpa().raw()).unwrap();
+        mmu.zap_all(&mut pool);
+        assert_eq!(mmu.held, vec![root], "held once, for both vCPUs");
+        assert_eq!(mmu.flush_requests(), VcpuSet(0b11));
+        // b's entry rebuilds its root; a's CR3 still holds the old page.
+        let work = mmu.prepare_entry(&mut b, &mut pool, &mut g).unwrap();
+        let new = work.root.expect("a new root to point CR3 at");
+        assert_ne!(mmu.page_of(new.gpa().raw()), Some(root));
+        assert!(work.flush.is_some());
+        assert_eq!(mmu.held, vec![root], "a still runs on it");
+        // a faults on its (zeroed) old root: the fault moves it too.
+        assert_eq!(mmu.handle_fault(&mut a, &mut pool, &mut g, Gva(va(1)), 0), Ok(FaultOutcome::Fixed));
+        assert_eq!(mmu.current_root(&a), Some(new));
+        assert!(mmu.held.is_empty() && mmu.quarantine.iter().any(|&(p, _)| p == root));
+        mmu.check_invariants(&pool, &g).unwrap();
+    }
+
+    #[test]
+    fn a_remote_flush_applies_every_queue_then_names_its_targets() {
+        let (mut mmu, mut pool, mut g, mut a, b) = two_on_one_root();
+        let c = mmu.new_vcpu();
+        // b unmapped va(0) (queued in b's queue); a asks b and c to flush.
+        g.write_u64(Gpa(0x22000), 0);
+        let queues: [&[u64]; 3] = [&[], &[0x22000], &[]];
+        let out =
+            mmu.flush_remote(&mut a, &mut pool, &mut g, &queues, (Gpa(0), Gpa(0x10_0000)), VcpuSet(0b110 | 1 << 40));
+        assert_eq!(out.flush, VcpuSet(0b110), "vCPU 40 does not exist");
+        assert_eq!(out.batches[1].applied, 1);
+        assert_eq!(mmu.shadow_leaf(&b, &pool, Gva(va(0))), None, "b's write is in the shadow");
+        assert!(mmu.needs_flush(&b) && mmu.needs_flush(&c));
+        assert!(mmu.flush_requests().contains(c.id()), "c owes a flush although nothing it walked changed");
+        assert_eq!(mmu.stats().remote_flushes, 1);
+        mmu.remove_vcpu(&mut pool, c);
+        mmu.check_invariants(&pool, &g).unwrap();
+    }
+
+    #[test]
+    fn one_vcpu_behaves_as_before_smp() {
+        // A freed page may be reused before the one vCPU runs again, and
+        // one invalidation releases the whole quarantine.
+        let (mut mmu, mut pool) = setup(64);
+        let mut g = guest_with(0x1000, P | RW | A | D, 4);
+        let mut cpu = mmu.new_vcpu();
+        mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(0x1000)).unwrap();
+        mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(va(0)), 0).unwrap();
+        mmu.host_invalidated();
+        let free = mmu.free_pages();
+        g.write_u64(Gpa(0x21000 + 2 * 8), 0);
+        mmu.pte_written(&mut cpu, &mut pool, &mut g, Gpa(0x21000 + 2 * 8), 8);
+        assert!(mmu.host_stale() && !mmu.quarantine.is_empty());
+        assert_eq!(mmu.free_pages(), free + 1, "the quarantined page counts as reusable");
+        mmu.host_invalidated();
+        assert!(mmu.quarantine.is_empty() && !mmu.host_stale());
+        assert_eq!(mmu.stats().host_invalidations, 1);
+    }
+}
