@@ -254,8 +254,12 @@ impl ShadowMmu {
     }
 
     /// vCPU `id` flushed its TLB after taking `ticket`: quarantined pages
-    /// every vCPU has now flushed become free.
+    /// every vCPU has now flushed become free. Counted as a host
+    /// invalidation when the vCPU needed it.
     pub fn vcpu_flushed(&mut self, id: usize, ticket: FlushTicket) {
+        if self.tlb.cpus.get(id).and_then(Option::as_ref).is_some_and(|c| self.tlb.needs(c)) {
+            self.stats.host_invalidations += 1;
+        }
         if let Some(Some(c)) = self.tlb.cpus.get_mut(id) {
             c.flushed = c.flushed.max(ticket.0);
             c.requested = c.requested.max(ticket.0);

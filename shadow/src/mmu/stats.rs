@@ -25,7 +25,8 @@ pub struct ShadowStats {
     pub page_zaps: u64,
     /// Pool exhaustions (full zaps).
     pub pool_exhaustions: u64,
-    /// Host invalidations requested.
+    /// Host invalidations requested (VM-wide, or one vCPU's flush it
+    /// needed).
     pub host_invalidations: u64,
     /// TLB flushes requested by the guest.
     pub flushes: u64,
