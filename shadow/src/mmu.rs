@@ -378,6 +378,9 @@ pub(super) enum Sabotage {
     NoQuarantine,
     /// Root-cache eviction frees a root other vCPUs still run on.
     EvictLoadedRoots,
+    /// pv: a root the guest may have loaded by itself is freed when
+    /// evicted or zapped (no limbo).
+    NoLimbo,
 }
 
 #[cfg(test)]

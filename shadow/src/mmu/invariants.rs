@@ -97,9 +97,9 @@ impl ShadowMmu {
                 return Err(format!("page {i} is in {} of the free, quarantine and held lists", seen[i]));
             }
         }
-        for &p in &self.loaded {
+        for &p in self.loaded.iter().chain(self.limbo.iter().map(|l| &l.0)) {
             if self.pages[p as usize].is_none() && !self.held.contains(&p) {
-                return Err(format!("page {p} is some vCPU's root but neither in use nor held"));
+                return Err(format!("page {p} is (or may be) some vCPU's root but neither in use nor held"));
             }
         }
         if self.quarantine.iter().zip(self.quarantine.iter().skip(1)).any(|(a, b)| a.1 > b.1) {

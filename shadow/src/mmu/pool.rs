@@ -65,7 +65,8 @@ impl ShadowMmu {
     /// Free `page` if nothing points at it, it is not a cached root and no
     /// vCPU's CR3 holds it.
     pub(super) fn release_if_orphan(&mut self, pool: &mut impl GuestPhys, page: u32) {
-        let orphan = self.pages[page as usize].as_ref().is_some_and(|p| p.parents.is_empty() && !p.root);
+        let orphan = self.pages[page as usize].as_ref().is_some_and(|p| p.parents.is_empty() && !p.root)
+            && !self.limbo.iter().any(|l| l.0 == page);
         #[cfg(test)]
         let orphan = orphan && (self.sabotage == Sabotage::EvictLoadedRoots || !self.loaded.contains(&page));
         #[cfg(not(test))]
@@ -109,10 +110,11 @@ impl ShadowMmu {
     /// hold are zeroed and held until each vCPU has left them (its next
     /// `LOAD_CR3`, fault or entry rebuilds its root).
     pub fn zap_all(&mut self, pool: &mut impl GuestPhys) {
-        for (_, r) in self.roots.drain(..) {
+        for (g, r) in std::mem::take(&mut self.roots) {
             if let Some(p) = self.pages[r as usize].as_mut() {
                 p.root = false;
             }
+            self.enter_limbo(r, g);
         }
         self.generation += 1;
         self.changed();
@@ -128,7 +130,7 @@ impl ShadowMmu {
                 }
                 self.work += 512;
                 self.by_role.remove(&sp.role);
-                if self.loaded.contains(&page) {
+                if self.loaded.contains(&page) || self.limbo.iter().any(|l| l.0 == page) {
                     self.held.push(page);
                 } else {
                     self.quarantine.push_back((page, self.tlb.now));

@@ -158,7 +158,16 @@ impl ShadowMmu {
         shadow_root: Gpa,
     ) -> Result<bool, ShadowError> {
         self.act(vcpu);
-        let Some(page) = self.page_of(shadow_root.raw() & ADDR) else { return Ok(false) };
+        let hw_page = self.page_of(shadow_root.raw() & ADDR);
+        // SMP: a published root the guest loaded and another vCPU evicted
+        // or zapped since (`remote.rs`): back to its guest root.
+        if let Some(g) = hw_page.and_then(|p| self.limbo_root(p)) {
+            self.load_cr3(vcpu, pool, guest, Gpa(g))?;
+            self.leave_limbo(pool, vcpu.id, None);
+            return Ok(true);
+        }
+        self.leave_limbo(pool, vcpu.id, hw_page);
+        let Some(page) = hw_page else { return Ok(false) };
         match self.loaded_root(vcpu) {
             Some((_, p)) if p == page => Ok(true),
             _ => match self.roots.iter().find(|&&(_, p)| p == page) {

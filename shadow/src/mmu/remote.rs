@@ -39,6 +39,59 @@ pub struct RemoteFlushOutcome {
 }
 
 impl ShadowMmu {
+    /// pv mode: the guest may load published roots by itself (`mov cr3`,
+    /// no exit), so with more than one vCPU a root evicted from the cache
+    /// or zapped may still be some vCPU's CR3 without the MMU knowing: it
+    /// waits in limbo — in use, or held — until every vCPU's CR3 has been
+    /// reported elsewhere ([`ShadowMmu::follow_shadow_root`], which the VMM
+    /// calls with the vCPU's CR3 at every exit it handles for it). An idle
+    /// vCPU that never exits keeps at most the roots evicted while it
+    /// idles; a kick makes it report.
+    pub fn set_guest_loads_roots(&mut self, on: bool) {
+        self.guest_loads_roots = on;
+    }
+
+    /// Root `page` of guest root `guest_root` leaves the cache (evicted,
+    /// or zapped): into limbo if a vCPU may be on it unknown to the MMU.
+    pub(super) fn enter_limbo(&mut self, page: u32, guest_root: u64) {
+        #[cfg(test)]
+        if self.sabotage == super::Sabotage::NoLimbo {
+            return;
+        }
+        if !self.guest_loads_roots || self.tlb.registered().nth(1).is_none() || self.limbo.iter().any(|l| l.0 == page) {
+            return;
+        }
+        self.limbo.push((page, guest_root, self.vcpus()));
+    }
+
+    /// vCPU `id`'s CR3 is `hw_page` (`None`: not a pool page, or the vCPU
+    /// is gone): it is on no other limbo root, and those every vCPU has
+    /// left are released.
+    pub(super) fn leave_limbo(&mut self, pool: &mut impl GuestPhys, id: usize, hw_page: Option<u32>) {
+        let mut done = Vec::new();
+        for (page, _, pending) in self.limbo.iter_mut() {
+            if Some(*page) != hw_page {
+                *pending = pending.minus(VcpuSet::single(id));
+                if pending.is_empty() {
+                    done.push(*page);
+                }
+            }
+        }
+        self.limbo.retain(|l| !l.2.is_empty());
+        for page in done {
+            if self.pages[page as usize].is_some() {
+                self.release_if_orphan(pool, page);
+            } else {
+                self.release_held(page);
+            }
+        }
+    }
+
+    /// The guest root of the limbo root at `page`, if it is one.
+    pub(super) fn limbo_root(&self, page: u32) -> Option<u64> {
+        self.limbo.iter().find(|l| l.0 == page).map(|l| l.1)
+    }
+
     /// `PV_FLUSH_REMOTE(targets, ..)` for `caller` (module doc): apply
     /// `queues` (the pending entries of every vCPU's write queue, the VMM
     /// having read them from the shared area), then make every vCPU of

@@ -149,10 +149,11 @@ impl ShadowMmu {
             #[cfg(not(test))]
             let victim = self.roots.iter().rposition(|(_, p)| !self.loaded.contains(p) && *p != page);
             let Some(victim) = victim else { break };
-            let (_, old) = self.roots.remove(victim).expect("position is valid");
+            let (guest_root, old) = self.roots.remove(victim).expect("position is valid");
             if let Some(p) = self.pages[old as usize].as_mut() {
                 p.root = false;
             }
+            self.enter_limbo(old, guest_root);
             self.release_if_orphan(pool, old);
         }
         self.set_loaded_root(pool, vcpu, key, page);

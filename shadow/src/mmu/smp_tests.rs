@@ -199,8 +199,10 @@ const TLB_ENTRIES: usize = 4;
 /// A simulated vCPU: its hardware state and what the model allows it.
 #[derive(Default)]
 struct SimCpu {
-    /// What its CR3 holds: a shadow root's GPA.
+    /// What its CR3 holds: a shadow root's GPA, and that page's role
+    /// when loaded.
     cr3: Option<u64>,
+    cr3_role: Option<Role>,
     guest_root: u64,
     /// A small TLB (FIFO, [`TLB_ENTRIES`]), so walks through the
     /// paging-structure caches are frequent.
@@ -323,6 +325,13 @@ struct World {
     vcpus: Vec<ShadowVcpu>,
     sims: Vec<SimCpu>,
     queues: Vec<Vec<u64>>,
+    /// pv mode: per (guest root, level, VA prefix — or 0 and the VA), what
+    /// the guest's tables held before writes still in some queue: allowed
+    /// on every vCPU on that root until a sync point applies them (a write
+    /// is visible once synced; Linux changes a present entry only with a
+    /// shootdown after it, which syncs), even one that loads the root by
+    /// itself meanwhile.
+    unsynced: HashMap<(u64, u8, u64), Vec<Tr>>,
     /// vCPUs the MMU's remote-flush hook stopped during the last operation.
     hooked: Arc<Mutex<VcpuSet>>,
     universe: Vec<u64>,
@@ -330,6 +339,8 @@ struct World {
     kicks: u64,
     hook_calls: u64,
     accesses: u64,
+    /// Steps after which some root was in limbo.
+    limbo_steps: u64,
 }
 
 impl World {
@@ -340,6 +351,7 @@ impl World {
         mmu.sabotage = sabotage;
         if mode == Mode::Pv {
             mmu.set_prefill_user_half(true);
+            mmu.set_guest_loads_roots(true);
         }
         let hooked = Arc::new(Mutex::new(VcpuSet::EMPTY));
         let h = hooked.clone();
@@ -358,11 +370,13 @@ impl World {
             vcpus,
             sims: (0..cpus).map(|_| SimCpu::default()).collect(),
             queues: vec![Vec::new(); cpus],
+            unsynced: HashMap::new(),
             hooked,
             universe: universe(),
             kicks: 0,
             hook_calls: 0,
             accesses: 0,
+            limbo_steps: 0,
         }
     }
 
@@ -414,17 +428,55 @@ impl World {
             .prepare_entry(&mut self.vcpus[id], &mut self.pool, &mut self.g)
             .map_err(|e| format!("vCPU {id}: entry: {e}"))?;
         let root = self.mmu.current_root(&self.vcpus[id]).map(|r| r.gpa().raw());
+        self.point(id, root);
         let sim = &mut self.sims[id];
-        if root.is_some() && root != sim.cr3 {
-            sim.cr3 = root;
-            sim.hw_flush();
-        }
         if let Some(t) = work.flush {
             sim.hw_flush();
             self.mmu.vcpu_flushed(id, t);
         }
         sim.stopped = false;
         sim.kick_in = None;
+        Ok(())
+    }
+
+    /// The VMM points vCPU `id` at `root` (a CR3 change flushes).
+    fn point(&mut self, id: usize, root: Option<u64>) {
+        let role =
+            root.and_then(|r| self.mmu.page_of(r)).and_then(|p| self.mmu.pages[p as usize].as_ref()).map(|sp| sp.role);
+        let sim = &mut self.sims[id];
+        if root.is_some() && root != sim.cr3 {
+            sim.cr3 = root;
+            sim.cr3_role = role;
+            sim.hw_flush();
+        }
+    }
+
+    /// pv mode: at every exit the VMM first follows the root the guest may
+    /// have loaded itself (its CR3), and points the vCPU at the MMU's root
+    /// for it when they differ.
+    fn exit(&mut self, id: usize) -> Result<(), String> {
+        let Some(cr3) = self.sims[id].cr3.filter(|_| self.mode == Mode::Pv) else { return Ok(()) };
+        self.mmu
+            .follow_shadow_root(&mut self.vcpus[id], &mut self.pool, &mut self.g, Gpa(cr3))
+            .map_err(|e| format!("vCPU {id}: following CR3 {cr3:#x}: {e}"))?;
+        let root = self.mmu.current_root(&self.vcpus[id]).map(|r| r.gpa().raw());
+        self.point(id, root);
+        Ok(())
+    }
+
+    /// pv mode: the guest loads a published root itself (`mov cr3`, no
+    /// exit), with its own queue empty as the contract says.
+    fn load_published_root(&mut self, id: usize) -> Result<(), String> {
+        let published: Vec<(Gpa, ShadowRoot)> = self.mmu.published_roots().collect();
+        if !self.queues[id].is_empty() || published.is_empty() {
+            return self.load_cr3(id);
+        }
+        let (g, root) = published[self.rng.below(published.len() as u64) as usize];
+        self.point(id, Some(root.gpa().raw()));
+        let sim = &mut self.sims[id];
+        sim.guest_root = g.raw();
+        sim.hw_flush();
+        sim.stale.clear();
         Ok(())
     }
 
@@ -442,6 +494,7 @@ impl World {
     /// Every pending write queue, applied for `id` (a sync point applies
     /// them all).
     fn sync_queues(&mut self, id: usize, targets: VcpuSet) -> Result<(), String> {
+        self.exit(id)?;
         let queues = std::mem::replace(&mut self.queues, vec![Vec::new(); self.vcpus.len()]);
         let slices: Vec<&[u64]> = queues.iter().map(|q| q.as_slice()).collect();
         let out = if targets.is_empty() {
@@ -453,6 +506,16 @@ impl World {
         if let Some(b) = out.batches.iter().find(|b| b.refused.is_some()) {
             return Err(format!("vCPU {id}: a valid queue was refused: {b:?}"));
         }
+        // Every queue applied: what they held is now ordinary staleness
+        // for the vCPUs on those roots, and nothing for the others (a
+        // vCPU loading a root now gets the synced shadow).
+        for (&(root, level, p), old) in &self.unsynced {
+            for s in self.sims.iter_mut().filter(|s| s.guest_root == root) {
+                let v = s.stale.entry((level, p)).or_default();
+                v.extend(old.iter().filter(|o| !v.contains(o)).copied().collect::<Vec<_>>());
+            }
+        }
+        self.unsynced.clear();
         for t in out.flush.iter() {
             // PV_FLUSH_REMOTE returns only when every named vCPU is out of
             // guest mode with its flush to do: the VMM waits.
@@ -519,7 +582,8 @@ impl World {
     /// translation they held since.
     fn check_allowed(&self, id: usize, va: u64, t: Tr) -> Result<(), String> {
         let sim = &self.sims[id];
-        let stale = |key: (u8, u64)| sim.stale.get(&key).into_iter().flatten().copied();
+        let unsynced = |key: (u8, u64)| self.unsynced.get(&(sim.guest_root, key.0, key.1)).into_iter().flatten();
+        let stale = |key: (u8, u64)| sim.stale.get(&key).into_iter().flatten().chain(unsynced(key)).copied();
         // The tables the vCPU may walk at each level, with the access granted above.
         let mut tables = vec![(sim.guest_root, true, true)];
         for level in (2..=4u8).rev() {
@@ -555,7 +619,29 @@ impl World {
     fn pte_write(&mut self, id: usize) -> Result<(), String> {
         let (gpa, value) = random_write(&mut self.rng);
         let before = self.snapshot();
+        let all_before: Vec<(u64, u64, [Option<Tr>; 4])> = if self.mode == Mode::Pv {
+            (0..N_ROOTS)
+                .flat_map(|r| self.universe.iter().map(move |&va| (frame(ROOT0, r), va)))
+                .map(|(r, va)| (r, va, model_path(&self.g, r, va)))
+                .collect()
+        } else {
+            Vec::new()
+        };
         self.g.write_u64(Gpa(gpa), value);
+        for (root, va, old) in all_before {
+            let new = model_path(&self.g, root, va);
+            for (n, level) in [4u8, 3, 2, 0].into_iter().enumerate() {
+                if let Some(o) = old[n]
+                    && new[n] != Some(o)
+                {
+                    let p = if level == 0 { va } else { prefix(va, level) };
+                    let v = self.unsynced.entry((root, level, p)).or_default();
+                    if !v.contains(&o) {
+                        v.push(o);
+                    }
+                }
+            }
+        }
         for s in self.sims.iter_mut() {
             for &va in &self.universe {
                 let old = before[&(s.guest_root, va)];
@@ -634,7 +720,9 @@ impl World {
     /// guest action.
     fn step(&mut self, id: usize) -> Result<(), String> {
         if self.sims[id].stopped || self.sims[id].kick_in == Some(0) {
-            // The entry (and whatever it asks of the others).
+            // Out of guest mode: the exit, then the entry (and whatever
+            // it asks of the others).
+            self.exit(id)?;
             self.after_op(Some(id))?;
         } else if let Some(k) = self.sims[id].kick_in.as_mut() {
             *k -= 1;
@@ -647,6 +735,7 @@ impl World {
             45..75 => self.pte_write(id),
             75..83 => self.guest_flush(id),
             83..90 => self.shootdown(id),
+            90..94 if self.mode == Mode::Pv => self.load_published_root(id),
             90..98 => self.load_cr3(id),
             98 if self.mode == Mode::Pv => {
                 let va = self.universe[self.rng.below(self.universe.len() as u64) as usize];
@@ -680,9 +769,16 @@ impl World {
             }
             let Some(cr3) = s.cr3 else { continue };
             let page = self.mmu.page_of(cr3).ok_or(format!("vCPU {id}: CR3 {cr3:#x} outside the pool"))?;
-            if !self.mmu.loaded.contains(&page)
-                || (self.mmu.pages[page as usize].is_none() && !self.mmu.held.contains(&page))
-            {
+            let now = self.mmu.pages[page as usize].as_ref().map(|sp| sp.role);
+            if !s.stopped && now.is_some() && now != s.cr3_role {
+                return Err(format!("vCPU {id} runs on pool page {page}, reused for {now:?} (was {:?})", s.cr3_role));
+            }
+            // pv: a root the guest loaded itself is counted once followed;
+            // until then it is cached, or in limbo.
+            let known = self.mmu.loaded.contains(&page)
+                || (self.mode == Mode::Pv
+                    && (self.mmu.roots.iter().any(|&(_, p)| p == page) || self.mmu.limbo.iter().any(|l| l.0 == page)));
+            if !known || (self.mmu.pages[page as usize].is_none() && !self.mmu.held.contains(&page)) {
                 return Err(format!("vCPU {id} runs on pool page {page}, which no longer counts it as a root"));
             }
         }
@@ -697,6 +793,7 @@ struct Report {
     kicks: u64,
     hook_calls: u64,
     stale_walks: u64,
+    limbo_steps: u64,
     stats: ShadowStats,
 }
 
@@ -718,13 +815,21 @@ fn stress(
         let id = w.rng.below(cpus as u64) as usize;
         w.step(id).map_err(|e| format!("step {n}: {e}"))?;
         w.check_roots().map_err(|e| format!("step {n}: {e}"))?;
+        w.limbo_steps += u64::from(!w.mmu.limbo.is_empty());
         if n % 512 == 0 {
             w.mmu.check_invariants(&w.pool, &w.g).map_err(|e| format!("step {n}: {e}"))?;
         }
     }
     w.mmu.check_invariants(&w.pool, &w.g)?;
     let stale_walks = w.sims.iter().map(|s| s.stale_walks).sum();
-    Ok(Report { accesses: w.accesses, kicks: w.kicks, hook_calls: w.hook_calls, stale_walks, stats: w.mmu.stats() })
+    Ok(Report {
+        accesses: w.accesses,
+        kicks: w.kicks,
+        hook_calls: w.hook_calls,
+        stale_walks,
+        limbo_steps: w.limbo_steps,
+        stats: w.mmu.stats(),
+    })
 }
 
 /// Steps for the stress runs: `SHADOW_SMP_STEPS` (the long run of
@@ -756,17 +861,29 @@ fn four_vcpus_in_pv_mode_with_remote_flushes_only_ever_translate_what_the_guest_
     let r = stress(Mode::Pv, seed(0x5eed_0002), steps(), 4, 24, Sabotage::None).unwrap();
     assert!(r.stats.remote_flushes > 1000 && r.stats.batch_entries > 10_000, "{r:?}");
     assert!(r.kicks > 1000 && r.stats.pool_exhaustions > 0, "{r:?}");
+    // Guests loaded published roots by themselves, and some of those were
+    // evicted or zapped while a vCPU could be on them.
+    assert!(r.limbo_steps > 100, "{r:?}");
+}
+
+#[test]
+fn freeing_a_root_the_guest_may_have_loaded_itself_is_caught() {
+    let e = stress(Mode::Pv, 0x5eed_0002, steps(), 4, 24, Sabotage::NoLimbo).unwrap_err();
+    eprintln!("caught: {e}");
+    assert!(e.contains("reused") || e.contains("no longer counts it") || e.contains("translated"), "{e}");
 }
 
 #[test]
 fn freeing_without_quarantine_is_caught() {
     let e = stress(Mode::Shadow, 0x5eed_0001, steps(), 4, 24, Sabotage::NoQuarantine).unwrap_err();
+    eprintln!("caught: {e}");
     assert!(e.contains("reused") || e.contains("translated") || e.contains("outside"), "{e}");
 }
 
 #[test]
 fn evicting_a_root_another_vcpu_runs_on_is_caught() {
     let e = stress(Mode::Shadow, 0x5eed_0003, steps(), 4, 200, Sabotage::EvictLoadedRoots).unwrap_err();
+    eprintln!("caught: {e}");
     assert!(e.contains("no longer counts it") || e.contains("translated"), "{e}");
 }
 

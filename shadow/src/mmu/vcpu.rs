@@ -80,6 +80,7 @@ impl ShadowMmu {
     /// no flush is waited for from it.
     pub fn remove_vcpu(&mut self, pool: &mut impl GuestPhys, mut vcpu: ShadowVcpu) {
         self.unload(pool, &mut vcpu);
+        self.leave_limbo(pool, vcpu.id, None);
         if let Some(c) = self.tlb.cpus.get_mut(vcpu.id) {
             *c = None;
         }
@@ -130,11 +131,22 @@ impl ShadowMmu {
         if self.loaded.contains(&old.page) {
             return;
         }
-        if let Some(i) = self.held.iter().position(|&p| p == old.page) {
-            self.held.swap_remove(i);
-            self.quarantine.push_back((old.page, self.tlb.now));
+        if self.held.contains(&old.page) {
+            self.release_held(old.page);
         } else if old.generation == self.generation {
             self.release_if_orphan(pool, old.page);
+        }
+    }
+
+    /// A held page no vCPU's CR3 holds any more (none loaded, none in
+    /// limbo) goes to quarantine.
+    pub(super) fn release_held(&mut self, page: u32) {
+        if self.loaded.contains(&page) || self.limbo.iter().any(|l| l.0 == page) {
+            return;
+        }
+        if let Some(i) = self.held.iter().position(|&p| p == page) {
+            self.held.swap_remove(i);
+            self.quarantine.push_back((page, self.tlb.now));
         }
     }
 

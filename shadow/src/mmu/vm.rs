@@ -12,6 +12,8 @@
 //! - `pages[i]` is `Some` exactly when pool page `i` is in use; a page in
 //!   use is in `by_role` under its role and in `rmap` under its guest frame;
 //!   a page not in use is in exactly one of `free`, `quarantine` and `held`.
+//! - A page in `limbo` (a root some vCPU may have loaded by itself) is
+//!   neither freed nor reused: in use, or `held`.
 //! - `loaded` lists the root page every registered vCPU's CR3 holds (one
 //!   entry per vCPU, so a root two vCPUs run on is there twice: KVM's
 //!   `root_count`). A page in `loaded` is never freed: eviction from the
@@ -46,6 +48,14 @@ pub struct ShadowMmu {
     /// them: neither in use nor free until the last such vCPU leaves
     /// (KVM's invalid roots with a root count).
     pub(super) held: Vec<u32>,
+    /// Roots a vCPU may be running on without the MMU knowing (pv mode
+    /// on SMP: a published root loaded by the guest's own `mov cr3`),
+    /// evicted or zapped since: (page, guest root, the vCPUs whose CR3
+    /// has not been seen elsewhere since). Neither freed nor reused until
+    /// that set is empty (`remote.rs`).
+    pub(super) limbo: Vec<(u32, u64, VcpuSet)>,
+    /// The guest may load published roots itself ([`ShadowMmu::set_guest_loads_roots`]).
+    pub(super) guest_loads_roots: bool,
     /// The shadow page of each role.
     pub(super) by_role: HashMap<Role, u32>,
     /// The reverse map: guest frame → the shadow pages derived from it.
@@ -114,6 +124,8 @@ impl ShadowMmu {
             free: (0..pages).rev().collect(),
             quarantine: VecDeque::new(),
             held: Vec::new(),
+            limbo: Vec::new(),
+            guest_loads_roots: false,
             by_role: HashMap::new(),
             rmap: HashMap::new(),
             roots: VecDeque::new(),
