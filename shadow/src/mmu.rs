@@ -159,6 +159,17 @@
 //!    grows past its capacity instead), a root left by its last vCPU after
 //!    eviction is freed then, and a zap of everything zeroes and *holds*
 //!    the roots vCPUs' CR3s point at until each has moved to a new one.
+//!    In pv mode a guest loads published roots itself, unseen: with
+//!    [`ShadowMmu::set_guest_loads_roots`] a root evicted or zapped waits
+//!    in *limbo* (in use, or held) until every vCPU's CR3 has been
+//!    reported elsewhere ([`ShadowMmu::follow_shadow_root`] at each exit).
+//!
+//! Paging controls (CR0.WP, EFER.NXE, CR4.SMEP/SMAP) are per VM, as the
+//! shadow pages computed under them: a guest whose CPUs disagree is
+//! correct but zaps everything at each switch (a guest keeps them equal on
+//! every CPU). The emulation of CR0.WP = 0 under SMAP relies on the
+//! flushes above reaching every vCPU before user mode runs, so it is not
+//! to be combined with [`ShadowMmu::host_flush_left_to_guest`].
 //!
 //! pv mode on SMP (`remote.rs`): one write queue per vCPU
 //! (`guest_abi::pv`, layout version 2, rings any vCPU's exit may drain);
@@ -187,6 +198,7 @@
 //!     KVM_RUN;
 //!     mode[me].store(OUTSIDE);
 //!     { let mut m = mmu.lock();                        // a shadow exit
+//!       (pv: m.follow_shadow_root(&mut cpu, .., CR3 from the sync regs); re-point CR3 if moved)
 //!       m.handle_fault(&mut cpu, ..) / m.pte_written(..) / m.load_cr3(..) / ..;
 //!       let ask = m.flush_requests().minus(VcpuSet::single(me));
 //!       let t = m.flush_ticket();

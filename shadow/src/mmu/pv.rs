@@ -149,7 +149,10 @@ impl ShadowMmu {
     /// may switch to a published root without an exit. Returns whether it
     /// is a cached root (anything else — a stale or made-up address — is
     /// ignored: the guest then runs on what it loaded, which only hurts
-    /// itself).
+    /// itself). On SMP the VMM calls it at every exit: it is how the MMU
+    /// learns a vCPU left a root in limbo (`remote.rs`), and a vCPU found on
+    /// one is moved to its guest root's shadow — point CR3 at
+    /// [`ShadowMmu::current_root`] whenever it differs.
     pub fn follow_shadow_root(
         &mut self,
         vcpu: &mut ShadowVcpu,
