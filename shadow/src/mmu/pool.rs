@@ -25,7 +25,9 @@ impl ShadowMmu {
     /// reusable before the guest runs again).
     pub(super) fn free_pages(&self) -> usize {
         let others = self.tlb.min_flushed_except(self.tlb.acting);
-        self.free.len() + self.quarantine.partition_point(|&(_, tag)| tag <= others)
+        self.free.len()
+            + self.quarantine.partition_point(|&(_, tag)| tag <= others)
+            + (self.capacity as usize - self.pages.len())
     }
 
     pub(super) fn get_or_create(&mut self, pool: &mut impl GuestPhys, role: Role) -> Option<u32> {
@@ -37,6 +39,11 @@ impl ShadowMmu {
         // flush (`coherence.rs`).
         let p = match self.free.pop() {
             Some(p) => p,
+            // A page never taken (module invariants in `vm.rs`).
+            None if self.pages.len() < self.capacity as usize => {
+                self.pages.push(None);
+                (self.pages.len() - 1) as u32
+            }
             None => self.take_quarantined()?,
         };
         // The VMM zeroed this page when it was freed, but the guest may have
