@@ -149,8 +149,11 @@ impl TlbState {
     }
 }
 
-/// A remote flush the VMM performs for the MMU ([`ShadowMmu::set_remote_flush`]).
-pub type RemoteFlush = Box<dyn FnMut(VcpuSet) -> VcpuSet + Send>;
+/// A remote flush the VMM performs for the MMU ([`ShadowMmu::set_remote_flush`]):
+/// given vCPUs, stop each (kick, wait until out of guest mode) with a
+/// flush request, and return those it stopped with their CR3 (from the
+/// sync regs of their last exit; `None` if unknown).
+pub type RemoteFlush = Box<dyn FnMut(VcpuSet) -> Vec<(usize, Option<Gpa>)> + Send>;
 
 /// The hook, with a `Debug` that says whether one is set.
 #[derive(Default)]
@@ -285,12 +288,13 @@ impl ShadowMmu {
         self.release_quarantine();
     }
 
-    /// The VMM's remote flush: given vCPUs whose flush the MMU is waiting
-    /// for (to reuse pool pages they may still cache), make each flush or
-    /// stop outside `KVM_RUN` with a flush request (kick and wait, never
-    /// while waiting for the MMU lock), and return those it did. Called
-    /// under the MMU lock, only when the pool has no other page to give.
-    /// Without one, such pages wait for the vCPUs' own flushes.
+    /// The VMM's remote flush: given vCPUs the MMU is waiting for (to
+    /// reuse pool pages they may still cache, or roots in limbo they may
+    /// be on), stop each outside `KVM_RUN` with a flush request (kick and
+    /// wait — leaving guest mode takes no lock), and return those it
+    /// stopped with their CR3. Called under the MMU lock, only when the
+    /// pool has no other page to give. Without one, such pages wait for
+    /// the vCPUs' own flushes and exits.
     pub fn set_remote_flush(&mut self, hook: RemoteFlush) {
         self.remote_flush.0 = Some(hook);
     }
@@ -326,27 +330,49 @@ impl ShadowMmu {
     }
 
     /// A quarantined page the acting vCPU may take now (module doc,
-    /// "Invariants"), asking the VMM's remote flush for the others' flushes
-    /// if none is.
-    pub(super) fn take_quarantined(&mut self) -> Option<u32> {
+    /// "Invariants"). If there is none, the VMM's remote flush is asked to
+    /// stop the vCPUs holding pages back — those that have not flushed the
+    /// quarantine, and those a root in limbo waits for — and the pages they
+    /// release are taken.
+    pub(super) fn take_quarantined(&mut self, pool: &mut impl GuestPhys) -> Option<u32> {
+        if let Some(p) = self.take_flushed() {
+            return Some(p);
+        }
         let acting = self.tlb.acting;
-        let oldest = self.quarantine.front()?.1;
-        if oldest > self.tlb.min_flushed_except(acting) && self.remote_flush.0.is_some() {
-            let blockers = VcpuSet(
-                self.tlb
-                    .registered()
-                    .filter(|&(i, c)| Some(i) != acting && c.flushed < oldest)
-                    .fold(0, |m, (i, _)| m | 1 << i),
-            );
-            let t = self.ticket();
-            let stopped = self.remote_flush.0.as_mut().map_or(VcpuSet::EMPTY, |hook| hook(blockers));
-            // This may release pages to the free list (and changes the
-            // quarantine: read it again below).
-            self.vcpus_stopped(stopped, FlushTicket(t));
-            if let Some(p) = self.free.pop() {
-                return Some(p);
+        let oldest = self.quarantine.front().map(|q| q.1);
+        let mut ask = VcpuSet::EMPTY;
+        for (i, c) in self.tlb.registered() {
+            if Some(i) != acting && oldest.is_some_and(|o| c.flushed < o) {
+                ask.insert(i);
             }
         }
+        for (_, _, pending) in &self.limbo {
+            ask = VcpuSet(ask.0 | pending.0);
+        }
+        if let Some(a) = acting {
+            ask = ask.minus(VcpuSet::single(a));
+        }
+        if ask.is_empty() {
+            return None;
+        }
+        let stopped = self.remote_flush.0.as_mut().map(|hook| hook(ask))?;
+        let mut set = VcpuSet::EMPTY;
+        for &(id, cr3) in &stopped {
+            set.insert(id);
+            let page = cr3.and_then(|c| self.page_of(c.raw() & ADDR));
+            self.leave_limbo(pool, id, page);
+        }
+        // Stopped with a flush to do: clean of everything recorded so far,
+        // the pages limbo just released included.
+        let t = self.ticket();
+        self.vcpus_stopped(set, FlushTicket(t));
+        self.free.pop().or_else(|| self.take_flushed())
+    }
+
+    /// A quarantined page every vCPU but the acting one has flushed; the
+    /// acting vCPU then owes a flush.
+    fn take_flushed(&mut self) -> Option<u32> {
+        let acting = self.tlb.acting;
         let others = self.tlb.min_flushed_except(acting);
         let (oldest, newest) = (self.quarantine.front()?.1, self.quarantine.back()?.1);
         let p = if newest <= others {

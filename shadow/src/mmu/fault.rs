@@ -91,7 +91,7 @@ impl ShadowMmu {
             if attempt == 0 {
                 // Pool exhausted: start over with an empty pool.
                 self.stats.pool_exhaustions += 1;
-                self.zap_all(pool);
+                self.zap_everything(pool);
                 self.load_cr3(vcpu, pool, guest, guest_cr3)?;
                 root = self.loaded_root(vcpu).ok_or(ShadowError::NoRoot)?.1;
             }

@@ -44,7 +44,7 @@ impl ShadowMmu {
                 self.pages.push(None);
                 (self.pages.len() - 1) as u32
             }
-            None => self.take_quarantined()?,
+            None => self.take_quarantined(pool)?,
         };
         // The VMM zeroed this page when it was freed, but the guest may have
         // written it since (see "Trust model"): zero it again, from nothing
@@ -113,10 +113,17 @@ impl ShadowMmu {
         self.quarantine.push_back((page, self.tlb.now));
     }
 
-    /// Zap everything: every shadow page, every root. The roots vCPUs' CR3s
-    /// hold are zeroed and held until each vCPU has left them (its next
-    /// `LOAD_CR3`, fault or entry rebuilds its root).
+    /// Zap everything, on the VM's own account (no vCPU acting): every
+    /// shadow page, every root. The roots vCPUs' CR3s hold are zeroed and
+    /// held until each vCPU has left them (its next `LOAD_CR3`, fault or
+    /// entry rebuilds its root).
     pub fn zap_all(&mut self, pool: &mut impl GuestPhys) {
+        self.tlb.acting = None;
+        self.zap_everything(pool);
+    }
+
+    /// [`ShadowMmu::zap_all`] within an operation for the acting vCPU.
+    pub(super) fn zap_everything(&mut self, pool: &mut impl GuestPhys) {
         for (g, r) in std::mem::take(&mut self.roots) {
             if let Some(p) = self.pages[r as usize].as_mut() {
                 p.root = false;

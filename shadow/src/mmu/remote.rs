@@ -61,7 +61,12 @@ impl ShadowMmu {
         if !self.guest_loads_roots || self.tlb.registered().nth(1).is_none() || self.limbo.iter().any(|l| l.0 == page) {
             return;
         }
-        self.limbo.push((page, guest_root, self.vcpus()));
+        // The acting vCPU's CR3 is its loaded root (the VMM follows it at
+        // every exit, before the operation): not this one.
+        let pending = self.vcpus().minus(self.tlb.acting.map_or(VcpuSet::EMPTY, VcpuSet::single));
+        if !pending.is_empty() {
+            self.limbo.push((page, guest_root, pending));
+        }
     }
 
     /// vCPU `id`'s CR3 is `hw_page` (`None`: not a pool page, or the vCPU

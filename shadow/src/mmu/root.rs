@@ -62,7 +62,7 @@ impl ShadowMmu {
         self.rules = mode;
         self.epoch += 1;
         let current = self.loaded_root(vcpu).map(|(g, _)| g);
-        self.zap_all(pool);
+        self.zap_everything(pool);
         if let Some(cr3) = current {
             let _ = self.load_cr3(vcpu, pool, guest, Gpa(cr3));
         }
@@ -91,7 +91,7 @@ impl ShadowMmu {
                 // everything else in it: start over with an empty pool.
                 ShadowError::PoolTooSmall => {
                     self.stats.pool_exhaustions += 1;
-                    self.zap_all(pool);
+                    self.zap_everything(pool);
                     self.switch_root(vcpu, pool, guest, guest_cr3)
                 }
                 e => Err(e),
@@ -129,7 +129,7 @@ impl ShadowMmu {
             Some(p) => p,
             None => {
                 self.stats.pool_exhaustions += 1;
-                self.zap_all(pool);
+                self.zap_everything(pool);
                 self.get_or_create(pool, Role::root(key)).ok_or(ShadowError::PoolTooSmall)?
             }
         };

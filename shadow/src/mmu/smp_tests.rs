@@ -334,6 +334,8 @@ struct World {
     unsynced: HashMap<(u64, u8, u64), Vec<Tr>>,
     /// vCPUs the MMU's remote-flush hook stopped during the last operation.
     hooked: Arc<Mutex<VcpuSet>>,
+    /// Every vCPU's CR3, as the VMM reads it from a stopped vCPU.
+    cr3s: Arc<Mutex<Vec<Option<u64>>>>,
     universe: Vec<u64>,
     /// Deterministic event counts, for the report and assertions.
     kicks: u64,
@@ -354,11 +356,13 @@ impl World {
             mmu.set_guest_loads_roots(true);
         }
         let hooked = Arc::new(Mutex::new(VcpuSet::EMPTY));
-        let h = hooked.clone();
+        let cr3s = Arc::new(Mutex::new(vec![None; cpus]));
+        let (h, c) = (hooked.clone(), cr3s.clone());
         mmu.set_remote_flush(Box::new(move |set| {
             let mut stopped = h.lock().expect("not poisoned");
             stopped.0 |= set.0;
-            set
+            let cr3s = c.lock().expect("not poisoned");
+            set.iter().map(|i| (i, cr3s[i].map(Gpa))).collect()
         }));
         let vcpus = (0..cpus).map(|_| mmu.new_vcpu()).collect();
         World {
@@ -372,6 +376,7 @@ impl World {
             queues: vec![Vec::new(); cpus],
             unsynced: HashMap::new(),
             hooked,
+            cr3s,
             universe: universe(),
             kicks: 0,
             hook_calls: 0,
@@ -448,6 +453,7 @@ impl World {
             sim.cr3 = root;
             sim.cr3_role = role;
             sim.hw_flush();
+            self.cr3s.lock().expect("not poisoned")[id] = root;
         }
     }
 
@@ -903,7 +909,7 @@ fn four_threads_sharing_one_mmu_behind_a_mutex() {
     let mut mmu = ShadowMmu::new(Gpa(POOL_BASE), 48, PagingMode::default());
     // The VMM's remote flush: the other threads are never in guest mode
     // here, so every vCPU asked for counts as stopped with a flush to do.
-    mmu.set_remote_flush(Box::new(|set| set));
+    mmu.set_remote_flush(Box::new(|set| set.iter().map(|i| (i, None)).collect()));
     let vcpus: Vec<ShadowVcpu> = (0..4).map(|_| mmu.new_vcpu()).collect();
     let shared = Arc::new(Mutex::new(Shared { mmu, pool: Mem::new(POOL_BASE, 48 * PAGE), g }));
     let threads: Vec<_> = vcpus

@@ -134,7 +134,7 @@ impl ShadowMmu {
             // As in load_cr3: start over; if even that fails, the next
             // LOAD_CR3 or SHADOW_FAULT reports it.
             self.stats.pool_exhaustions += 1;
-            self.zap_all(pool);
+            self.zap_everything(pool);
             let _ = self.switch_root(vcpu, pool, guest, cr3);
         }
     }
