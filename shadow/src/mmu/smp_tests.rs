@@ -1104,6 +1104,38 @@ mod protocol {
     }
 
     #[test]
+    fn a_published_root_a_guest_may_be_on_waits_in_limbo_until_every_vcpu_is_seen_elsewhere() {
+        let (mut mmu, mut pool) = setup(64);
+        mmu.set_guest_loads_roots(true);
+        let mut g = Mem::new(0, RAM);
+        let roots: Vec<u64> = (1..=12).map(|i| i * 0x1000).collect();
+        for &r in &roots {
+            g.write_u64(Gpa(r), 0x20000 | T);
+        }
+        let (mut a, mut b) = (mmu.new_vcpu(), mmu.new_vcpu());
+        // b's guest loads the published root of roots[0] by itself: the
+        // MMU does not know.
+        let first = mmu.load_cr3(&mut a, &mut pool, &mut g, Gpa(roots[0])).unwrap();
+        mmu.load_cr3(&mut b, &mut pool, &mut g, Gpa(roots[1])).unwrap();
+        assert!(mmu.published_roots().any(|(_, s)| s == first));
+        // a moves on through every other root: roots[0] is evicted.
+        for &r in &roots[2..] {
+            mmu.load_cr3(&mut a, &mut pool, &mut g, Gpa(r)).unwrap();
+        }
+        let page = mmu.page_of(first.gpa().raw()).unwrap();
+        assert!(!mmu.roots.iter().any(|&(_, p)| p == page), "evicted");
+        assert!(mmu.pages[page as usize].is_some(), "but not freed: b may be on it");
+        assert_eq!(mmu.limbo_root(page), Some(roots[0]));
+        // At b's next exit the VMM reports b's CR3: b is on it, and is
+        // moved to a root of its own for roots[0].
+        assert_eq!(mmu.follow_shadow_root(&mut b, &mut pool, &mut g, first.gpa()), Ok(true));
+        assert_eq!(mmu.guest_cr3(&b), Some(Gpa(roots[0])));
+        assert_eq!(mmu.limbo_root(page), None, "b has left it; a was never pending (it evicted it)");
+        assert!(mmu.limbo.iter().all(|l| l.2 == VcpuSet::single(a.id())), "b's own eviction waits for a alone");
+        mmu.check_invariants(&pool, &g).unwrap();
+    }
+
+    #[test]
     fn one_vcpu_behaves_as_before_smp() {
         // A freed page may be reused before the one vCPU runs again, and
         // one invalidation releases the whole quarantine.
