@@ -111,8 +111,13 @@
 //! root, its flush state) lives in the `ShadowMmu`. One lock, not finer:
 //! every operation may touch the pool, the role index and the reverse map
 //! together, and an operation is microseconds against a `KVM_RUN` exit's
-//! cost (docs/benchmarks.md), so finer locking has nothing to win until
-//! contention is measured; the stress tests' 4 threads share one mutex.
+//! cost (docs/benchmarks.md): four threads doing nothing but MMU
+//! operations (faults, trapped writes, CR3 loads, entry work) held the
+//! lock 3–5 µs per operation and waited 5–7 µs for it (release build,
+//! 2-core machine at load average 5, 2026-12-08) — saturated by design,
+//! where real vCPUs spend most of their time in guest mode. Finer locking
+//! has nothing to win until the VMM measures contention; the stress tests'
+//! 4 threads share one mutex.
 //!
 //! Lock order, outermost first: **(per-vCPU state, owned by its thread —
 //! no lock) → the MMU lock → the console queue → the statistics.** A

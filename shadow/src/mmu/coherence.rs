@@ -196,8 +196,10 @@ impl ShadowMmu {
     }
 
     /// The host has forgotten every translation of the pool, for every
-    /// vCPU (a VM-wide invalidation: the pool slot re-registered, or the
-    /// one vCPU's TLB flushed): quarantined pages may be reused.
+    /// vCPU (a VM-wide invalidation: the pool slot re-registered — KVM
+    /// flushes every vCPU's TLB when a slot goes — or the one vCPU's TLB
+    /// flushed): quarantined pages may be reused. A flush of one vCPU of
+    /// several (its CR3 reloaded) is [`ShadowMmu::vcpu_flushed`].
     pub fn host_invalidated(&mut self) {
         if self.host_stale() {
             self.stats.host_invalidations += 1;
