@@ -94,6 +94,11 @@ pub const fn ring_pending(tail: u64, head: u64) -> Result<(u64, usize), BatchErr
     if count > QUEUE_CAP as u64 { Err(BatchError::Count) } else { Ok((head, count as usize)) }
 }
 
+/// The word of a v2 queue page holding entry `n` (free-running count).
+pub const fn ring_word(n: u64) -> usize {
+    QUEUE_FIRST + (n % QUEUE_CAP as u64) as usize
+}
+
 /// `PV_FLUSH_REMOTE`'s CPU set naming every vCPU.
 pub const ALL_CPUS: u64 = u64::MAX;
 /// Range entries one `PV_FLUSH_REMOTE` takes (Linux flushes everything past
@@ -208,6 +213,11 @@ mod tests {
         assert_eq!(ring_pending(QUEUE_CAP as u64, 0), Ok((0, QUEUE_CAP)));
         assert_eq!(ring_pending(QUEUE_CAP as u64 + 1, 0), Err(BatchError::Count));
         assert_eq!(ring_pending(0, 1), Err(BatchError::Count), "a head past the tail");
+        // Entries wrap within the page, past the tail and head words.
+        assert_eq!(ring_word(0), QUEUE_FIRST);
+        assert_eq!(ring_word(QUEUE_CAP as u64 - 1), QUEUE_FIRST + QUEUE_CAP - 1);
+        assert_eq!(ring_word(QUEUE_CAP as u64), QUEUE_FIRST);
+        assert!(ring_word(u64::MAX) < QUEUE_FIRST + QUEUE_CAP);
     }
 
     #[test]
