@@ -130,6 +130,8 @@ mod tests {
         mem.read_slice(&mut raw, GuestAddress(BOOT_INFO_START)).unwrap();
         assert_eq!(raw, as_bytes(&written));
         assert!(written.is_valid());
+        assert_eq!(written.version, 2);
+        assert_eq!(written.cpus, 1, "one vCPU until --vcpus exists");
         assert_eq!(written.pt_zone.start, 16 * MIB);
         let mut cmd = vec![0u8; written.cmdline_len as usize];
         mem.read_slice(&mut cmd, GuestAddress(written.cmdline_gpa)).unwrap();
