@@ -27,6 +27,9 @@ mod mm;
 mod panic;
 mod report;
 mod selftest;
+mod smp;
+mod sync;
+mod tlb;
 mod workload;
 
 use core::arch::global_asm;
@@ -82,7 +85,7 @@ extern "C" fn kmain(boot_info_gpa: u64) -> ! {
         selftest::explain(boot_info_gpa);
     }
     if cmdline::value(cmdline, "matrix").is_some() {
-        mm::init(boot::info());
+        mm_up();
         arch::idt::set_page_fault_hook(ktest::vm_suites::user_fault);
         match ktest::matrix::run() {
             Ok(_) => arch::exit(guest_abi::ports::EXIT_SUCCESS),
@@ -90,7 +93,7 @@ extern "C" fn kmain(boot_info_gpa: u64) -> ! {
         }
     }
     if let Some(name) = cmdline::value(cmdline, "workload") {
-        mm::init(boot::info());
+        mm_up();
         let size = cmdline::value(cmdline, "size").and_then(cmdline::parse_u64).unwrap_or(64);
         workload::run(name, size);
     }
@@ -98,10 +101,28 @@ extern "C" fn kmain(boot_info_gpa: u64) -> ! {
         let t0 = arch::rdtsc();
         mm::init(boot::info());
         kprintln!("memory manager up in {} cycles", arch::rdtsc() - t0);
+        start_cpus();
         ktest::run(filter);
     }
     console::println("boot ok");
     arch::exit(guest_abi::ports::EXIT_SUCCESS)
+}
+
+/// Bring up the memory manager, then the other CPUs.
+fn mm_up() {
+    mm::init(boot::info());
+    start_cpus();
+}
+
+/// Start the other CPUs the VMM created (they need the memory manager).
+fn start_cpus() {
+    let info = boot::info();
+    let cpus = info.cpu_count();
+    if cpus > 1 {
+        let ept = guest_abi::MmuMode::from_raw(info.mmu_mode) == Some(guest_abi::MmuMode::Ept);
+        let online = smp::start_aps(cpus, ept);
+        kprintln!("smp: {} of {} CPUs online", online, cpus);
+    }
 }
 
 /// Print why a command-line word was refused and end the VM with

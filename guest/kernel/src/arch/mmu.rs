@@ -91,6 +91,20 @@ pub fn read_cr3() -> u64 {
 /// stays so while it is loaded. Anything else faults the next instruction
 /// or silently maps other memory.
 pub unsafe fn load_cr3(root: u64) {
+    // Join the new address space's CPU mask before the load (crate::tlb:
+    // an initiator that misses us changed the tables before our load).
+    let cpu = super::percpu::this();
+    cpu.loaded_root.store(root & !0xfff, Ordering::SeqCst);
+    // SAFETY: the caller's contract.
+    unsafe { load_cr3_raw(root) };
+    cpu.full_flushes.fetch_add(1, Ordering::SeqCst);
+}
+
+/// [`load_cr3`] without the per-CPU bookkeeping.
+///
+/// # Safety
+/// As for [`load_cr3`].
+unsafe fn load_cr3_raw(root: u64) {
     if is_pv()
         && queue_len() == 0
         && let Some(shadow_root) = published_root(root)

@@ -15,6 +15,7 @@
 mod exact;
 pub mod matrix;
 mod mm_suites;
+mod smp_suites;
 mod suites;
 pub mod vm_suites;
 

@@ -1,0 +1,332 @@
+//! SMP suites: every online CPU at once (`smp::run_on_all`). With one CPU
+//! they run on the boot CPU alone and check the same invariants; `vmm
+//! test` runs them again at two vCPUs (and `--vcpus N` at N).
+//!
+//! The roles: CPU 0 drives (unmaps, forks, checks), the others are
+//! "threads" of one address space (readers, writers, faulters). Waiting is
+//! at wait points (`arch::wait_until`), never a long ring-0 spin, except
+//! the workers' own bounded loops, which run with interrupts enabled so
+//! shootdowns reach them.
+
+use super::vm_suites::{COW, DEMAND, enter_user, leave_user, user_ptr};
+use super::{TestResult, check};
+use crate::arch::{self, apic, percpu};
+use crate::{mm, smp, tlb};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use guest_abi::{DIRECT_MAP_BASE, Gpa, Gva};
+use guest_mm::buddy::ZonePref;
+use guest_mm::phys::Pfn;
+
+fn frames_in_use() -> u64 {
+    mm::with(|m| {
+        guest_mm::buddy::ZoneId::ALL
+            .iter()
+            .map(|&z| {
+                let s = m.buddy.stats(z);
+                s.managed_pages - s.free_total()
+            })
+            .sum()
+    })
+    .unwrap_or(0)
+}
+
+fn user_root() -> Result<u64, &'static str> {
+    mm::with(|m| m.user.as_ref().map(|a| a.root().addr().0)).flatten().ok_or("no user address space")
+}
+
+/// A reusable barrier for the online CPUs (the last to arrive wakes the
+/// others, who wait halted).
+struct Barrier {
+    count: AtomicU64,
+    generation: AtomicU64,
+}
+
+impl Barrier {
+    const fn new() -> Self {
+        Barrier { count: AtomicU64::new(0), generation: AtomicU64::new(0) }
+    }
+    fn wait(&self) {
+        let n = smp::online_count() as u64;
+        let irq = arch::interrupts_enabled();
+        let generation = self.generation.load(Ordering::SeqCst);
+        if self.count.fetch_add(1, Ordering::SeqCst) + 1 == n {
+            self.count.store(0, Ordering::SeqCst);
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            smp::wake_mask(smp::online_mask());
+        } else {
+            arch::wait_until(|| self.generation.load(Ordering::SeqCst) != generation);
+        }
+        if irq {
+            arch::enable_interrupts();
+        }
+    }
+}
+
+static BARRIER: Barrier = Barrier::new();
+
+/// Each CPU reports its id through its GS base, and (with an APIC) an
+/// APIC id equal to it.
+pub fn cpus_have_distinct_ids() -> TestResult {
+    fn ids(_: u64) -> u64 {
+        let apic_id = if apic::is_enabled() { apic::id() as u64 } else { 0 };
+        (apic_id << 32) | percpu::cpu_id() as u64 | 1 << 31
+    }
+    let out = smp::run_on_all(ids, 0);
+    for cpu in smp::online_cpus() {
+        let r = out[cpu as usize];
+        check(r & (1 << 31) != 0, "a CPU did not run its work")?;
+        check(r & 0x7fff_ffff == cpu as u64, "a CPU's per-CPU id is not its own")?;
+        if apic::is_enabled() {
+            check(r >> 32 == cpu as u64, "a CPU's APIC id is not its CPU id")?;
+        }
+    }
+    check(percpu::area(0).id() == 0, "the boot CPU is not CPU 0")
+}
+
+/// Every CPU allocates and frees pages and heap objects at once, each
+/// block stamped with its owner and checked before it is freed; the buddy
+/// and slab invariants hold afterwards and nothing leaks.
+pub fn alloc_free_storm() -> TestResult {
+    fn storm(_: u64) -> u64 {
+        let me = percpu::cpu_id() as u64;
+        let mut held = [0u64; 8];
+        let mut bad = 0;
+        for i in 0..96u64 {
+            let slot = (i % 8) as usize;
+            if held[slot] != 0 {
+                let (pfn, order) = (held[slot] >> 8, held[slot] & 0xff);
+                // SAFETY: a block this CPU allocated and still owns, in the
+                // direct map.
+                let stamp = unsafe { ((DIRECT_MAP_BASE + (pfn << 12)) as *const u64).read_volatile() };
+                bad += u64::from(stamp != me << 32 | pfn);
+                if mm::with(|m| m.buddy.free(Pfn(pfn), order as u8).is_err()) != Some(false) {
+                    bad += 1;
+                }
+                held[slot] = 0;
+            }
+            let order = (i % 3) as u8;
+            if let Some(pfn) = mm::with(|m| m.buddy.alloc(order, ZonePref::Normal)).flatten() {
+                // SAFETY: a block just allocated to this CPU, in the
+                // direct map.
+                unsafe { ((DIRECT_MAP_BASE + pfn.addr().0) as *mut u64).write_volatile(me << 32 | pfn.0) };
+                held[slot] = pfn.0 << 8 | order as u64;
+            }
+            // The kernel heap (slab) from every CPU at once.
+            let v: alloc::vec::Vec<u64> = alloc::vec![me; 1 + (i % 24) as usize];
+            bad += u64::from(v.iter().any(|&x| x != me));
+        }
+        for h in held.iter().filter(|&&h| h != 0) {
+            if mm::with(|m| m.buddy.free(Pfn(h >> 8), (h & 0xff) as u8).is_err()) != Some(false) {
+                bad += 1;
+            }
+        }
+        bad
+    }
+    let before = frames_in_use();
+    let out = smp::run_on_all(storm, 0);
+    check(out.iter().all(|&b| b == 0), "a block lost its owner's stamp or a free was refused")?;
+    mm::with(|m| m.buddy.check_invariants()).ok_or("memory manager not initialised")??;
+    mm::with(|m| m.kmalloc.check_invariants(&m.buddy)).ok_or("memory manager not initialised")??;
+    mm::with(|m| m.kmalloc.shrink(&mut m.buddy));
+    check(frames_in_use() <= before, "the storm leaked pages")
+}
+
+/// All CPUs fault in their own pages of one address space at once, then
+/// read everyone's: one demand fault per page, every value seen.
+pub fn parallel_demand_faults() -> TestResult {
+    const PER_CPU: u64 = 8;
+    fn fault_in(root: u64) -> u64 {
+        // SAFETY: the test's user address space, which maps the kernel.
+        unsafe { tlb::use_root(root) };
+        let (me, n) = (percpu::cpu_id() as u64, smp::online_count() as u64);
+        for k in 0..PER_CPU {
+            let page = me * PER_CPU + k;
+            // SAFETY: inside the test's VMA (demand-paged).
+            unsafe { user_ptr(page).write_volatile(0xabc0_0000 | page) };
+        }
+        BARRIER.wait();
+        let mut bad = 0;
+        for page in 0..n * PER_CPU {
+            // SAFETY: as above; every page was written before the barrier.
+            bad += u64::from(unsafe { user_ptr(page).read_volatile() } != 0xabc0_0000 | page);
+        }
+        bad
+    }
+    let n = smp::online_count() as u64;
+    let before = frames_in_use();
+    enter_user(n * PER_CPU)?;
+    let d0 = DEMAND.load(Ordering::Relaxed);
+    let out = smp::run_on_all(fault_in, user_root()?);
+    let demand = DEMAND.load(Ordering::Relaxed) - d0;
+    leave_user()?;
+    check(out.iter().all(|&b| b == 0), "a CPU read a wrong value from a page another CPU faulted in")?;
+    check(demand == n * PER_CPU, "not exactly one demand fault per page")?;
+    check(frames_in_use() == before, "the shared address space leaked frames or tables")
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+const POISON: u64 = 0xdead_dead_dead_dead;
+const VALUE: u64 = 0x5afe_5afe;
+
+/// CPU 0 unmaps a page the others keep reading, then poisons the old
+/// frame once the shootdown returned: no reader ever sees the poison
+/// (it would have to read through a stale TLB entry).
+pub fn unmap_while_reading() -> TestResult {
+    const ROUNDS: u64 = 12;
+    fn role(root: u64) -> u64 {
+        // SAFETY: the test's user address space, which maps the kernel.
+        unsafe { tlb::use_root(root) };
+        if percpu::cpu_id() != 0 {
+            // A reader: count reads of the value, and of the poison.
+            let (mut seen, mut poisoned) = (0u64, 0u64);
+            while !STOP.load(Ordering::Relaxed) {
+                // SAFETY: inside the VMA: mapped, or demand-zeroed anew.
+                let v = unsafe { user_ptr(0).read_volatile() };
+                seen += u64::from(v == VALUE);
+                poisoned += u64::from(v == POISON);
+            }
+            return poisoned << 32 | seen.min(0xffff_ffff);
+        }
+        let mut errors = 0;
+        for _ in 0..ROUNDS {
+            // SAFETY: inside the VMA (demand-paged on first touch).
+            unsafe { user_ptr(0).write_volatile(VALUE) };
+            // Let the readers read it a while (a few NOW exits).
+            for _ in 0..20 {
+                crate::hypercall::now_ns();
+            }
+            let r = mm::with(|m| {
+                m.ctx(|cx, _, user| -> Result<Gpa, &'static str> {
+                    let a = user.as_mut().ok_or("no user space")?;
+                    let gpa = a.page_table().translate(cx.mem, Gva(user_ptr(0) as u64)).ok_or("not mapped")?;
+                    let frame = Pfn::containing(gpa.addr);
+                    // Keep the frame ours past the unmap, to poison it.
+                    cx.refs.inc(frame).map_err(|e| e.as_str())?;
+                    let start = Gva(user_ptr(0) as u64);
+                    a.unmap_range(cx, start, Gva(start.0 + 4096)).flush(cx.mmu);
+                    Ok(frame.addr())
+                })
+            });
+            let Some(Ok(old)) = r else {
+                errors += 1;
+                break;
+            };
+            // The shootdown has returned: no CPU can reach `old` now.
+            // SAFETY: a frame only this test holds a reference to.
+            unsafe { ((DIRECT_MAP_BASE + old.0) as *mut u64).write_volatile(POISON) };
+            for _ in 0..20 {
+                crate::hypercall::now_ns();
+            }
+            mm::with(|m| {
+                m.ctx(|cx, _, _| {
+                    let f = Pfn::containing(old);
+                    if let Ok(0) = cx.refs.dec(f) {
+                        guest_mm::paging::FrameSource::free_frame(&mut cx.frames, f);
+                    }
+                })
+            });
+        }
+        STOP.store(true, Ordering::Relaxed);
+        errors
+    }
+    let before = frames_in_use();
+    enter_user(1)?;
+    STOP.store(false, Ordering::Relaxed);
+    let s0 = tlb::SHOOTDOWNS.load(Ordering::Relaxed);
+    let out = smp::run_on_all(role, user_root()?);
+    let shootdowns = tlb::SHOOTDOWNS.load(Ordering::Relaxed) - s0;
+    leave_user()?;
+    check(out[0] == 0, "the driver could not unmap the page")?;
+    for cpu in smp::online_cpus().skip(1) {
+        let r = out[cpu as usize];
+        check(r >> 32 == 0, "a reader saw the poisoned old frame after the shootdown")?;
+        check(r & 0xffff_ffff > 0, "a reader never saw the value")?;
+    }
+    check(smp::online_count() == 1 || shootdowns > 0, "no shootdown with readers online")?;
+    check(frames_in_use() == before, "unmap/poison leaked frames")
+}
+
+/// CPU 0 forks the address space while the others keep writing their own
+/// pages: the child's copy is a snapshot that never changes afterwards
+/// (copy-on-write stays exact), and the writers go on in the parent.
+pub fn fork_while_threads_write() -> TestResult {
+    fn role(root: u64) -> u64 {
+        // SAFETY: the test's user address space, which maps the kernel.
+        unsafe { tlb::use_root(root) };
+        let me = percpu::cpu_id() as u64;
+        if me != 0 {
+            let mut v = 0u64;
+            while !STOP.load(Ordering::Relaxed) {
+                v += 1;
+                // SAFETY: this CPU's own page of the VMA.
+                unsafe { user_ptr(me).write_volatile(v) };
+            }
+            return v;
+        }
+        // Let the writers run a little, fork, read the child twice with
+        // the writers still writing in between.
+        for _ in 0..20 {
+            crate::hypercall::now_ns();
+        }
+        let child = mm::with(|m| {
+            m.ctx(|cx, _, user| {
+                let a = user.as_mut()?;
+                match a.fork(cx) {
+                    Ok((child, flush)) => {
+                        flush.flush(cx.mmu);
+                        Some(child)
+                    }
+                    Err(e) => {
+                        e.flush.flush(cx.mmu);
+                        None
+                    }
+                }
+            })
+        })
+        .flatten();
+        let Some(child) = child else { return u64::MAX };
+        let n = smp::online_count() as u64;
+        let read_child = |page: u64| -> u64 {
+            mm::with(|m| {
+                let mem = *m.buddy.mem();
+                child.page_table().translate(&mem, Gva(user_ptr(page) as u64)).map(|gpa| {
+                    // SAFETY: a frame the child maps, in the direct map.
+                    unsafe { ((DIRECT_MAP_BASE + gpa.addr.0) as *const u64).read_volatile() }
+                })
+            })
+            .flatten()
+            .unwrap_or(u64::MAX)
+        };
+        let first: [u64; 64] = core::array::from_fn(|p| if (p as u64) < n { read_child(p as u64) } else { 0 });
+        for _ in 0..40 {
+            crate::hypercall::now_ns();
+        }
+        let mut changed = 0;
+        for p in 1..n {
+            changed += u64::from(read_child(p) != first[p as usize]);
+        }
+        STOP.store(true, Ordering::Relaxed);
+        mm::with(|m| m.ctx(|cx, _, _| child.destroy(cx)));
+        changed
+    }
+    let n = smp::online_count() as u64;
+    let before = frames_in_use();
+    enter_user(n.max(2))?;
+    // Fault every page in first, so the fork shares them all.
+    for p in 0..n.max(2) {
+        // SAFETY: inside the VMA.
+        unsafe { user_ptr(p).write_volatile(0) };
+    }
+    STOP.store(false, Ordering::Relaxed);
+    let c0 = COW.load(Ordering::Relaxed);
+    let out = smp::run_on_all(role, user_root()?);
+    let cows = COW.load(Ordering::Relaxed) - c0;
+    leave_user()?;
+    check(out[0] != u64::MAX, "the fork failed")?;
+    check(out[0] == 0, "the child's copy changed after the fork returned")?;
+    for cpu in smp::online_cpus().skip(1) {
+        check(out[cpu as usize] > 0, "a writer never wrote")?;
+    }
+    check(cows == n - 1, "not exactly one copy-on-write break per writer")?;
+    check(frames_in_use() == before, "fork/destroy with writers leaked frames")
+}
