@@ -227,6 +227,15 @@ impl MemoryManager {
     }
 }
 
+/// Destroy address space `a` (not loaded on this CPU): first every CPU
+/// that still has it loaded lazily moves to the kernel's root
+/// ([`crate::tlb::evict`]), because the teardown clears its kernel half
+/// and frees its tables.
+pub fn destroy(cx: &mut Ctx<'_>, a: AddressSpace) {
+    crate::tlb::evict(a.root().addr().0);
+    a.destroy(cx);
+}
+
 /// The memory manager, first in the lock order (`crate::sync`).
 static MM: IrqSpinLock<Option<MemoryManager>> = IrqSpinLock::new(None);
 

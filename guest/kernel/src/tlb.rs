@@ -29,7 +29,10 @@
 //!   that moment gets the IPI). A CPU leaving lazy mode flushes if `stale`.
 //!   When page-table pages are freed, lazy CPUs are not skipped: they
 //!   switch to the kernel root, since a speculative walk could otherwise
-//!   cache (or set A/D bits in) a freed table.
+//!   cache (or set A/D bits in) a freed table. Before an address space is
+//!   torn down (which clears its kernel half), every CPU that has it
+//!   loaded lazily moves to the kernel root first ([`evict`], called by
+//!   `mm::destroy`), or its next interrupt would find no IDT.
 //! - **Freed frames** (`mm::Gather`): frames and table pages unmapped
 //!   while other CPUs run are freed only after every CPU that could cache
 //!   them has done a full flush since they were unmapped.
@@ -228,6 +231,17 @@ pub fn shootdown(targets: u64, root: Option<u64>, flush: &Flush, freed_tables: b
     arch::wait_until(|| PENDING.load(Ordering::SeqCst) == 0);
     if irq {
         arch::enable_interrupts();
+    }
+}
+
+/// Move every other CPU that has `root` loaded (lazily: a CPU running on
+/// it while it is destroyed is the caller's bug) to the kernel's root,
+/// before `root`'s tables are torn down. Caller holds the memory-manager
+/// lock.
+pub fn evict(root: u64) {
+    let others = cpumask(root) & !(1 << percpu::cpu_id());
+    if others != 0 {
+        shootdown(others, Some(root), &Flush::all(), true);
     }
 }
 

@@ -306,7 +306,7 @@ pub fn fork_while_threads_write() -> TestResult {
             changed += u64::from(read_child(p) != first[p as usize]);
         }
         STOP.store(true, Ordering::Relaxed);
-        mm::with(|m| m.ctx(|cx, _, _| child.destroy(cx)));
+        mm::with(|m| m.ctx(|cx, _, _| crate::mm::destroy(cx, child)));
         changed
     }
     let n = smp::online_count() as u64;
