@@ -165,6 +165,20 @@ pub fn parallel_demand_faults() -> TestResult {
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
+/// Per CPU: reads of the value so far (the readers of
+/// [`unmap_while_reading`]).
+static SEEN: [AtomicU64; percpu::MAX_CPUS] = [const { AtomicU64::new(0) }; percpu::MAX_CPUS];
+
+/// Wait (with `NOW` exits, which let other vCPUs run) until every other
+/// online CPU's [`SEEN`] count has moved past `since`, or `limit_ns`.
+fn wait_for_readers(since: &[u64; percpu::MAX_CPUS], limit_ns: u64) {
+    let t0 = crate::hypercall::now_ns();
+    while crate::hypercall::now_ns().saturating_sub(t0) < limit_ns {
+        if smp::online_cpus().skip(1).all(|c| SEEN[c as usize].load(Ordering::Relaxed) > since[c as usize]) {
+            return;
+        }
+    }
+}
 const POISON: u64 = 0xdead_dead_dead_dead;
 const VALUE: u64 = 0x5afe_5afe;
 
@@ -184,6 +198,7 @@ pub fn unmap_while_reading() -> TestResult {
                 let v = unsafe { user_ptr(0).read_volatile() };
                 seen += u64::from(v == VALUE);
                 poisoned += u64::from(v == POISON);
+                SEEN[percpu::cpu_id() as usize].store(seen, Ordering::Relaxed);
             }
             return poisoned << 32 | seen.min(0xffff_ffff);
         }
@@ -191,10 +206,10 @@ pub fn unmap_while_reading() -> TestResult {
         for _ in 0..ROUNDS {
             // SAFETY: inside the VMA (demand-paged on first touch).
             unsafe { user_ptr(0).write_volatile(VALUE) };
-            // Let the readers read it a while (a few NOW exits).
-            for _ in 0..20 {
-                crate::hypercall::now_ns();
-            }
+            // Let every reader read it (up to 20 ms: with more vCPUs than
+            // host cores a reader may wait for a core).
+            let since: [u64; percpu::MAX_CPUS] = core::array::from_fn(|c| SEEN[c].load(Ordering::Relaxed));
+            wait_for_readers(&since, 20_000_000);
             let r = mm::with(|m| {
                 m.ctx(|cx, _, user| -> Result<Gpa, &'static str> {
                     let a = user.as_mut().ok_or("no user space")?;
@@ -232,6 +247,7 @@ pub fn unmap_while_reading() -> TestResult {
     let before = frames_in_use();
     enter_user(1)?;
     STOP.store(false, Ordering::Relaxed);
+    SEEN.iter().for_each(|s| s.store(0, Ordering::Relaxed));
     let s0 = tlb::SHOOTDOWNS.load(Ordering::Relaxed);
     let out = smp::run_on_all(role, user_root()?);
     let shootdowns = tlb::SHOOTDOWNS.load(Ordering::Relaxed) - s0;
