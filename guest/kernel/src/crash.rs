@@ -18,6 +18,8 @@
 //! | `chatter` | print lines forever | `--timeout` ends it even when stdout is blocked |
 //! | `scribble` | shadow mode: `mov cr3` to tables of our own that map the shadow pool, garbage over the pool, back through `LOAD_CR3`, then probe | repair the pool: the guest succeeds only if the shadow maps exactly what its tables allow |
 //! | `sidt-zone` / `sgdt-zone` / `fxsave-zone` | store the IDTR / GDTR / FPU state into the page-table zone (read-only in shadow mode) | the host cannot emulate these: `--timeout` ends the hang, or the VMM reports the stop |
+//! | `ap-triple` | CPU 1 (needs `--vcpus` ≥ 2) loads an empty IDT and executes `ud2` | end the whole VM at once: "vCPU 1: triple fault", every thread joined |
+//! | `smp-hang` | every CPU spins in ring 0 for good | `--timeout` ends it, every vCPU thread kicked and joined |
 //! | `livelock` | the same `SHADOW_FAULT` twice with nothing changed | shadow mode: a one-line livelock error, exit 4 (ept mode: both refused, the guest fails) |
 
 use crate::{arch, console, hypercall, kprintln};
@@ -44,6 +46,8 @@ pub const MODES: &[&str] = &[
     "sgdt-zone",
     "fxsave-zone",
     "livelock",
+    "ap-triple",
+    "smp-hang",
 ];
 
 /// Run crash mode `mode`; returns only for modes that end in success.
@@ -72,6 +76,36 @@ pub fn run(mode: &str) {
         "hang" => loop {
             core::hint::spin_loop();
         },
+        "ap-triple" => {
+            // CPU 1 triple-faults while CPU 0 waits for it: the VMM must
+            // end the whole VM at once and name vCPU 1.
+            if crate::mm_up() < 2 {
+                kprintln!("crash=ap-triple needs at least two vCPUs");
+                arch::exit(guest_abi::ports::EXIT_FAILURE);
+            }
+            fn triple_on_cpu1(_: u64) -> u64 {
+                if crate::arch::percpu::cpu_id() == 1 {
+                    arch::disable_interrupts();
+                    crate::arch::idt::load_empty();
+                    // SAFETY: deliberately unhandled: a triple fault.
+                    unsafe { core::arch::asm!("ud2") };
+                }
+                0
+            }
+            crate::smp::run_on_all(triple_on_cpu1, 0);
+            kprintln!("CPU 1 came back from a triple fault");
+        }
+        "smp-hang" => {
+            // Every CPU spins in ring 0 for good: --timeout must still end
+            // the VM and join every vCPU thread.
+            crate::mm_up();
+            fn spin(_: u64) -> u64 {
+                loop {
+                    core::hint::spin_loop();
+                }
+            }
+            crate::smp::run_on_all(spin, 0);
+        }
         "hypercall" => {
             check_hypercall_errors();
             return;

@@ -108,21 +108,25 @@ extern "C" fn kmain(boot_info_gpa: u64) -> ! {
     arch::exit(guest_abi::ports::EXIT_SUCCESS)
 }
 
-/// Bring up the memory manager, then the other CPUs.
-fn mm_up() {
+/// Bring up the memory manager, then the other CPUs; how many CPUs are
+/// online.
+fn mm_up() -> u32 {
     mm::init(boot::info());
-    start_cpus();
+    start_cpus()
 }
 
-/// Start the other CPUs the VMM created (they need the memory manager).
-fn start_cpus() {
+/// Start the other CPUs the VMM created (they need the memory manager);
+/// how many CPUs are online.
+fn start_cpus() -> u32 {
     let info = boot::info();
     let cpus = info.cpu_count();
-    if cpus > 1 {
-        let ept = guest_abi::MmuMode::from_raw(info.mmu_mode) == Some(guest_abi::MmuMode::Ept);
-        let online = smp::start_aps(cpus, ept);
-        kprintln!("smp: {} of {} CPUs online", online, cpus);
+    if cpus <= 1 || smp::online_count() > 1 {
+        return smp::online_count();
     }
+    let ept = guest_abi::MmuMode::from_raw(info.mmu_mode) == Some(guest_abi::MmuMode::Ept);
+    let online = smp::start_aps(cpus, ept);
+    kprintln!("smp: {} of {} CPUs online", online, cpus);
+    online
 }
 
 /// Print why a command-line word was refused and end the VM with
