@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run a `vmm` command line on a nested KVM host inside QEMU (README, "Nested hosts").
+# Run a `vmm` command line on a nested KVM host inside QEMU (docs/nested.md).
 #
 #   scripts/nested.sh --host npt        -- bench --repeat 3
 #   scripts/nested.sh --host kvm-shadow -- test --mmu all

@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Each phase says how long the one before it took (the README's Tests
-# section quotes the total from a fresh clone).
+# Each phase says how long the one before it took (docs/testing.md
+# quotes the total from a fresh clone).
 start=$SECONDS
 last=$SECONDS
 phase() {

@@ -176,7 +176,7 @@ impl HostIdentity {
         };
         if self.in_qemu_tcg() {
             Some(format!(
-                "{what} inside QEMU TCG — software-emulated hardware: times are emulation times, their ratios follow hardware's shape"
+                "{what} inside QEMU TCG — software-emulated hardware: times are emulation times, which rank the MMUs as hardware does but compress the distances between them"
             ))
         } else {
             self.hypervisor.map(|hv| {
@@ -289,6 +289,10 @@ mod tests {
     fn nested_labels_from_evidence() {
         let npt = tcg("kvm_amd").nested_label(SecondStage::Npt).unwrap();
         assert!(npt.starts_with("AMD NPT inside QEMU TCG — software-emulated hardware"), "{npt}");
+        // TCG keeps the order of the MMUs, not the size of their ratios
+        // (docs/nested.md): the label must not promise hardware's ratios.
+        assert!(npt.contains("compress the distances"), "{npt}");
+        assert!(!npt.contains("follow hardware"), "{npt}");
         let shadow = tcg("kvm_amd").nested_label(SecondStage::HostShadow).unwrap();
         assert!(shadow.starts_with("KVM shadow MMU (npt=0) inside QEMU TCG"), "{shadow}");
         // DMI alone identifies QEMU when the CPUID leaf is absent.

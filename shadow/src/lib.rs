@@ -14,8 +14,25 @@
 //!   own walker does. It never loops and never panics on hostile tables.
 //! - [`mmu`]: the shadow MMU — shadow pages with roles, the root cache,
 //!   the reverse map, A/D emulation, PTE-write handling, host coherence,
-//!   CR0.WP = 0 under SMEP/SMAP, livelock detection; its module doc states
-//!   the invariants and the paging controls the vCPU runs with.
+//!   CR0.WP = 0 under SMEP/SMAP, livelock detection; its module doc is the
+//!   five-minute explanation (after KVM's `mmu.rst`) and states the
+//!   invariants and the paging controls the vCPU runs with. Its state is
+//!   split as KVM's: [`ShadowMmu`] per VM (shadow pages, reverse map,
+//!   pool, root cache, coherence, counters), [`ShadowVcpu`] per vCPU
+//!   (current root, paging controls, last fixed fault). Its files, after
+//!   KVM's `arch/x86/kvm/mmu/`:
+//!   - `mmu/vm.rs`, `mmu/vcpu.rs`: the per-VM and per-vCPU state;
+//!   - `mmu/page.rs`: shadow pages and roles (`mmu_internal.h`);
+//!   - `mmu/spte.rs`: the shadow leaf, CR0.WP = 0, SMEP, SMAP (`spte.c`);
+//!   - `mmu/root.rs`: `LOAD_CR3`, the root cache, prefill;
+//!   - `mmu/fault.rs`: `SHADOW_FAULT` (`paging_tmpl.h`);
+//!   - `mmu/sync.rs`: trapped PTE writes, zapping, `FLUSH_TLB`;
+//!   - `mmu/page_track.rs`: the frames whose writes trap (`page_track.c`);
+//!   - `mmu/pool.rs`: allocation, quarantine, the zap of everything;
+//!   - `mmu/coherence.rs`: host staleness, deferral, pool repair;
+//!   - `mmu/pv.rs`: pv mode's batches, prefetch and published roots;
+//!   - `mmu/invariants.rs`, `mmu/stats.rs`, `mmu/error.rs`: the checker,
+//!     the counters, the errors.
 //!
 //! `tests/exactness.rs` checks the MMU under every paging control against
 //! the SDM with a modelled vCPU (CR4.SMEP/SMAP included, which the
@@ -26,5 +43,5 @@ pub mod mmu;
 pub mod walker;
 
 pub use guest_abi::{Gpa, Gva};
-pub use mmu::{BatchOutcome, FaultOutcome, ShadowError, ShadowMmu, ShadowRoot, ShadowStats, TableFrames};
+pub use mmu::{BatchOutcome, FaultOutcome, ShadowError, ShadowMmu, ShadowRoot, ShadowStats, ShadowVcpu, TableFrames};
 pub use walker::{Access, GuestPhys, PageFault, PagingMode, Translation, walk};

@@ -17,7 +17,7 @@
 //! §4.6.1). Every sequence of two accesses, every leaf, every control.
 
 use shadow::walker::{A, D, P, PS, RW, US, XD, pf};
-use shadow::{Access, FaultOutcome, Gpa, GuestPhys, Gva, PagingMode, ShadowError, ShadowMmu, walk};
+use shadow::{Access, FaultOutcome, Gpa, GuestPhys, Gva, PagingMode, ShadowError, ShadowMmu, ShadowVcpu, walk};
 use std::collections::HashMap;
 
 const PAGE: u64 = 4096;
@@ -155,18 +155,19 @@ fn guest_mode(base: PagingMode, acc: &Acc) -> PagingMode {
 /// does) rather than the guest's.
 fn run(
     mmu: &mut ShadowMmu,
+    cpu: &mut ShadowVcpu,
     pool: &mut Mem,
     g: &mut Mem,
     base: PagingMode,
     acc: &Acc,
     force_nx: bool,
 ) -> Result<Outcome, ShadowError> {
-    run_at(mmu, pool, g, base, acc, force_nx, VA)
+    run_at((mmu, cpu), pool, g, base, acc, force_nx, VA)
 }
 
 /// [`run`] at `va`.
 fn run_at(
-    mmu: &mut ShadowMmu,
+    (mmu, cpu): (&mut ShadowMmu, &mut ShadowVcpu),
     pool: &mut Mem,
     g: &mut Mem,
     base: PagingMode,
@@ -179,12 +180,12 @@ fn run_at(
     // register's (an implicit access does not clear it).
     let seen = PagingMode { ac: acc.ac, ..base };
     for _ in 0..6 {
-        let root = mmu.current_root().expect("a root is loaded");
+        let root = mmu.current_root(cpu).expect("a root is loaded");
         match walk(&mut VcpuView { pool }, root.gpa(), Gva(va), acc.access(), &vcpu) {
             Ok(t) => return Ok(Outcome::Done(t.gpa.raw())),
             Err(f) => {
-                mmu.set_mode(pool, g, seen);
-                match mmu.handle_fault(pool, g, Gva(va), f.error_code)? {
+                mmu.set_mode(cpu, pool, g, seen);
+                match mmu.handle_fault(cpu, pool, g, Gva(va), f.error_code)? {
                     FaultOutcome::Fixed => continue,
                     FaultOutcome::GuestFault(ec) => return Ok(Outcome::Fault(ec)),
                 }
@@ -260,7 +261,8 @@ fn check_modes(modes: &[PagingMode]) -> u64 {
                         let mut want = g.clone();
                         let mut pool = Mem::new(POOL, POOL_PAGES as u64 * PAGE);
                         let mut mmu = ShadowMmu::new(Gpa(POOL), POOL_PAGES, PagingMode { ac: first.ac, ..base });
-                        mmu.load_cr3(&mut pool, &mut g, Gpa(CR3)).unwrap();
+                        let mut cpu = mmu.new_vcpu();
+                        mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(CR3)).unwrap();
                         for (i, acc) in [first, second].into_iter().enumerate() {
                             let what = || format!("{base:?} large={large} leaf={leaf:#x} access {i} {acc:?}");
                             // User mode runs only after a return from the
@@ -268,11 +270,12 @@ fn check_modes(modes: &[PagingMode]) -> u64 {
                             if acc.user {
                                 let code = code_va(large);
                                 let expect = reference_at(&mut want, base, &USER_FETCH, code);
-                                let got = run_at(&mut mmu, &mut pool, &mut g, base, &USER_FETCH, true, code);
+                                let got =
+                                    run_at((&mut mmu, &mut cpu), &mut pool, &mut g, base, &USER_FETCH, true, code);
                                 assert_eq!(got, Ok(expect), "user code fetch before {}", what());
                             }
                             let expect = reference(&mut want, base, acc);
-                            let got = run(&mut mmu, &mut pool, &mut g, base, acc, true);
+                            let got = run(&mut mmu, &mut cpu, &mut pool, &mut g, base, acc, true);
                             match got {
                                 Err(e) => panic!("{}: {e}", what()),
                                 Ok(o) => assert_eq!(o, expect, "{}", what()),
@@ -305,14 +308,15 @@ fn wp_off_smep_supervisor_fetch_after_a_write_faults() {
     let mut g = guest(US | A | D, false);
     let mut pool = Mem::new(POOL, POOL_PAGES as u64 * PAGE);
     let mut mmu = ShadowMmu::new(Gpa(POOL), POOL_PAGES, base);
-    mmu.load_cr3(&mut pool, &mut g, Gpa(CR3)).unwrap();
+    let mut cpu = mmu.new_vcpu();
+    mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(CR3)).unwrap();
     let w = Acc { write: true, fetch: false, user: false, ac: false, implicit: false };
-    assert_eq!(run(&mut mmu, &mut pool, &mut g, base, &w, true), Ok(Outcome::Done(FRAME | 0x123)));
+    assert_eq!(run(&mut mmu, &mut cpu, &mut pool, &mut g, base, &w, true), Ok(Outcome::Done(FRAME | 0x123)));
     let x = Acc { write: false, fetch: true, ..w };
-    assert_eq!(run(&mut mmu, &mut pool, &mut g, base, &x, true), Ok(Outcome::Fault(pf::P | pf::ID)));
+    assert_eq!(run(&mut mmu, &mut cpu, &mut pool, &mut g, base, &x, true), Ok(Outcome::Fault(pf::P | pf::ID)));
     // And a user read gets the page back as a user page.
     let ur = Acc { user: true, write: false, ..w };
-    assert_eq!(run(&mut mmu, &mut pool, &mut g, base, &ur, true), Ok(Outcome::Done(FRAME | 0x123)));
+    assert_eq!(run(&mut mmu, &mut cpu, &mut pool, &mut g, base, &ur, true), Ok(Outcome::Done(FRAME | 0x123)));
 }
 
 /// Issue 11, item 2: CR0.WP = 0 + SMAP. A supervisor write with AC = 1 to a
@@ -325,31 +329,36 @@ fn wp_off_smap_write_with_ac_leaves_smap_and_user_protection_intact() {
     let mut g = guest(US | A | D, false);
     let mut pool = Mem::new(POOL, POOL_PAGES as u64 * PAGE);
     let mut mmu = ShadowMmu::new(Gpa(POOL), POOL_PAGES, base);
-    mmu.load_cr3(&mut pool, &mut g, Gpa(CR3)).unwrap();
+    let mut cpu = mmu.new_vcpu();
+    mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(CR3)).unwrap();
     let done = Ok(Outcome::Done(FRAME | 0x123));
     // The user code page was in use before the kernel ran.
     assert_eq!(
-        run_at(&mut mmu, &mut pool, &mut g, base, &USER_FETCH, true, CODE_VA),
+        run_at((&mut mmu, &mut cpu), &mut pool, &mut g, base, &USER_FETCH, true, CODE_VA),
         Ok(Outcome::Done(FRAME + 0x1000))
     );
     let w = Acc { write: true, fetch: false, user: false, ac: true, implicit: false };
-    assert_eq!(run(&mut mmu, &mut pool, &mut g, base, &w, true), done);
+    assert_eq!(run(&mut mmu, &mut cpu, &mut pool, &mut g, base, &w, true), done);
     let r = Acc { write: false, ac: false, ..w };
-    assert_eq!(run(&mut mmu, &mut pool, &mut g, base, &r, true), Ok(Outcome::Fault(pf::P)), "AC = 0 read");
-    assert_eq!(run(&mut mmu, &mut pool, &mut g, base, &w, true), done, "AC = 1 write again");
+    assert_eq!(run(&mut mmu, &mut cpu, &mut pool, &mut g, base, &r, true), Ok(Outcome::Fault(pf::P)), "AC = 0 read");
+    assert_eq!(run(&mut mmu, &mut cpu, &mut pool, &mut g, base, &w, true), done, "AC = 1 write again");
     let imp = Acc { implicit: true, write: false, ..w };
-    assert_eq!(run(&mut mmu, &mut pool, &mut g, base, &imp, true), Ok(Outcome::Fault(pf::P)), "implicit read");
-    assert_eq!(run(&mut mmu, &mut pool, &mut g, base, &w, true), done);
+    assert_eq!(
+        run(&mut mmu, &mut cpu, &mut pool, &mut g, base, &imp, true),
+        Ok(Outcome::Fault(pf::P)),
+        "implicit read"
+    );
+    assert_eq!(run(&mut mmu, &mut cpu, &mut pool, &mut g, base, &w, true), done);
     // Back to user mode: its first fetch faults in the shadow and ends the
     // writable user leaf, so the user write faults as on hardware.
     assert_eq!(
-        run_at(&mut mmu, &mut pool, &mut g, base, &USER_FETCH, true, CODE_VA),
+        run_at((&mut mmu, &mut cpu), &mut pool, &mut g, base, &USER_FETCH, true, CODE_VA),
         Ok(Outcome::Done(FRAME + 0x1000))
     );
     let uw = Acc { user: true, ac: false, ..w };
-    assert_eq!(run(&mut mmu, &mut pool, &mut g, base, &uw, true), Ok(Outcome::Fault(pf::P | pf::W | pf::U)));
+    assert_eq!(run(&mut mmu, &mut cpu, &mut pool, &mut g, base, &uw, true), Ok(Outcome::Fault(pf::P | pf::W | pf::U)));
     let ur = Acc { write: false, ..uw };
-    assert_eq!(run(&mut mmu, &mut pool, &mut g, base, &ur, true), done);
+    assert_eq!(run(&mut mmu, &mut cpu, &mut pool, &mut g, base, &ur, true), done);
 }
 
 /// Issue 11, item 3: with EFER.NXE = 0 and SMEP = 0 a fetch's error code
@@ -364,8 +373,9 @@ fn fetches_are_told_from_reads_only_with_nx_forced() {
         let mut g = guest(US | A | D, false);
         let mut pool = Mem::new(POOL, POOL_PAGES as u64 * PAGE);
         let mut mmu = ShadowMmu::new(Gpa(POOL), POOL_PAGES, base);
-        mmu.load_cr3(&mut pool, &mut g, Gpa(CR3)).unwrap();
-        assert_eq!(run(&mut mmu, &mut pool, &mut g, base, &x, force_nx), Ok(want), "force_nx={force_nx}");
+        let mut cpu = mmu.new_vcpu();
+        mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(CR3)).unwrap();
+        assert_eq!(run(&mut mmu, &mut cpu, &mut pool, &mut g, base, &x, force_nx), Ok(want), "force_nx={force_nx}");
     }
 }
 
@@ -379,11 +389,12 @@ fn implicit_supervisor_access_with_smap_and_ac_faults_instead_of_looping() {
     let mut g = guest(RW | US | A | D, false);
     let mut pool = Mem::new(POOL, POOL_PAGES as u64 * PAGE);
     let mut mmu = ShadowMmu::new(Gpa(POOL), POOL_PAGES, PagingMode { ac: true, ..base });
-    mmu.load_cr3(&mut pool, &mut g, Gpa(CR3)).unwrap();
+    let mut cpu = mmu.new_vcpu();
+    mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(CR3)).unwrap();
     for write in [false, true] {
         let imp = Acc { write, fetch: false, user: false, ac: true, implicit: true };
         let ec = pf::P | if write { pf::W } else { 0 };
-        assert_eq!(run(&mut mmu, &mut pool, &mut g, base, &imp, true), Ok(Outcome::Fault(ec)));
+        assert_eq!(run(&mut mmu, &mut cpu, &mut pool, &mut g, base, &imp, true), Ok(Outcome::Fault(ec)));
     }
     assert_eq!(mmu.stats().guest_faults, 2);
 }
@@ -397,19 +408,20 @@ fn a_fault_that_repeats_after_being_fixed_is_a_livelock_error() {
     let mut g = guest(RW | US | A | D, false);
     let mut pool = Mem::new(POOL, POOL_PAGES as u64 * PAGE);
     let mut mmu = ShadowMmu::new(Gpa(POOL), POOL_PAGES, mode);
-    mmu.load_cr3(&mut pool, &mut g, Gpa(CR3)).unwrap();
-    assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(VA), pf::P | pf::W), Ok(FaultOutcome::Fixed));
+    let mut cpu = mmu.new_vcpu();
+    mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(CR3)).unwrap();
+    assert_eq!(mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(VA), pf::P | pf::W), Ok(FaultOutcome::Fixed));
     assert_eq!(
-        mmu.handle_fault(&mut pool, &mut g, Gva(VA), pf::P | pf::W),
+        mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(VA), pf::P | pf::W),
         Err(ShadowError::Livelock { cr2: Gva(VA), error_code: pf::P | pf::W })
     );
     // Anything the guest changes in between makes a repeat legitimate.
-    assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(VA), pf::P | pf::W), Ok(FaultOutcome::Fixed));
-    mmu.flush();
-    assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(VA), pf::P | pf::W), Ok(FaultOutcome::Fixed));
+    assert_eq!(mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(VA), pf::P | pf::W), Ok(FaultOutcome::Fixed));
+    mmu.flush(&mut cpu);
+    assert_eq!(mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(VA), pf::P | pf::W), Ok(FaultOutcome::Fixed));
     g.write_u64(Gpa(0x22000), FRAME | P | RW | US | A | D);
-    mmu.pte_written(&mut pool, &mut g, Gpa(0x22000), 8);
-    assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(VA), pf::P | pf::W), Ok(FaultOutcome::Fixed));
+    mmu.pte_written(&mut cpu, &mut pool, &mut g, Gpa(0x22000), 8);
+    assert_eq!(mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(VA), pf::P | pf::W), Ok(FaultOutcome::Fixed));
 }
 
 /// Issue 11, item 5: a guest whose CPUID has no 1 GiB pages gets a RSVD
@@ -423,12 +435,17 @@ fn a_1g_page_without_cpuid_support_is_a_reserved_bit_fault() {
     g.write_u64(Gpa(0x20000), PS | P | RW | US | A | D); // 1 GiB at 0
     let mut pool = Mem::new(POOL, POOL_PAGES as u64 * PAGE);
     let mut mmu = ShadowMmu::new(Gpa(POOL), POOL_PAGES, mode);
-    mmu.load_cr3(&mut pool, &mut g, Gpa(CR3)).unwrap();
-    assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(0x1000), 0), Ok(FaultOutcome::GuestFault(pf::P | pf::RSVD)));
+    let mut cpu = mmu.new_vcpu();
+    mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(CR3)).unwrap();
+    assert_eq!(
+        mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(0x1000), 0),
+        Ok(FaultOutcome::GuestFault(pf::P | pf::RSVD))
+    );
     // With them (the default), the same page is mapped.
     let mut mmu = ShadowMmu::new(Gpa(POOL), POOL_PAGES, PagingMode::default());
-    mmu.load_cr3(&mut pool, &mut g, Gpa(CR3)).unwrap();
-    assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(0x1000), 0), Ok(FaultOutcome::Fixed));
+    let mut cpu = mmu.new_vcpu();
+    mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(CR3)).unwrap();
+    assert_eq!(mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(0x1000), 0), Ok(FaultOutcome::Fixed));
 }
 
 /// Issue 11, item 7: tables outside the trapped frames are never shadowed:
@@ -441,14 +458,18 @@ fn tables_outside_the_trapped_frames_are_refused() {
     let mut g = guest(RW | US | A | D, false); // tables at 0x1000, 0x20000, 0x21000, 0x22000
     let mut pool = Mem::new(POOL, POOL_PAGES as u64 * PAGE);
     let mut mmu = ShadowMmu::new(Gpa(POOL), POOL_PAGES, mode);
+    let mut cpu = mmu.new_vcpu();
     mmu.set_table_frames(&mut pool, TableFrames::new(&[(Gpa(0x20000), Gpa(0x22000))]));
-    assert_eq!(mmu.load_cr3(&mut pool, &mut g, Gpa(CR3)), Err(ShadowError::RootNotTrapped(Gpa(CR3))));
+    assert_eq!(mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(CR3)), Err(ShadowError::RootNotTrapped(Gpa(CR3))));
     mmu.set_table_frames(&mut pool, TableFrames::new(&[(Gpa(0x1000), Gpa(0x2000)), (Gpa(0x20000), Gpa(0x22000))]));
-    mmu.load_cr3(&mut pool, &mut g, Gpa(CR3)).unwrap();
+    mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(CR3)).unwrap();
     // The PT at 0x22000 is outside: the PDE pointing at it is "reserved".
-    assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(VA), 0), Ok(FaultOutcome::GuestFault(pf::P | pf::RSVD)));
-    assert_eq!(mmu.shadow_leaf(&pool, Gva(VA)), None);
+    assert_eq!(
+        mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(VA), 0),
+        Ok(FaultOutcome::GuestFault(pf::P | pf::RSVD))
+    );
+    assert_eq!(mmu.shadow_leaf(&cpu, &pool, Gva(VA)), None);
     mmu.set_table_frames(&mut pool, TableFrames::new(&[(Gpa(0x1000), Gpa(0x2000)), (Gpa(0x20000), Gpa(0x23000))]));
-    mmu.load_cr3(&mut pool, &mut g, Gpa(CR3)).unwrap();
-    assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(VA), 0), Ok(FaultOutcome::Fixed));
+    mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(CR3)).unwrap();
+    assert_eq!(mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(VA), 0), Ok(FaultOutcome::Fixed));
 }

@@ -42,10 +42,11 @@ fn shared_pt_work(pds: u64) -> (f64, f64, f64) {
     let pool_pages = 16 + pds as u32;
     let mut pool = Mem::new(1 << 40, pool_pages as u64 * PAGE);
     let mut mmu = ShadowMmu::new(Gpa(1 << 40), pool_pages, PagingMode::default());
-    mmu.load_cr3(&mut pool, &mut g, Gpa(0x1000)).unwrap();
+    let mut cpu = mmu.new_vcpu();
+    mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(0x1000)).unwrap();
     let w0 = mmu.work();
     for &va in &vas {
-        assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(va), pf::W), Ok(FaultOutcome::Fixed));
+        assert_eq!(mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(va), pf::W), Ok(FaultOutcome::Fixed));
     }
     let per_fault = (mmu.work() - w0) as f64 / vas.len() as f64;
     assert_eq!(mmu.stats().pool_exhaustions, 0);
@@ -54,7 +55,7 @@ fn shared_pt_work(pds: u64) -> (f64, f64, f64) {
         let parents = if i == 0 { pds.min(512) } else { pds.saturating_sub(512) } * 512;
         let w = mmu.work();
         g.write_u64(Gpa(0x1000 + i as u64 * 8), 0);
-        mmu.pte_written(&mut pool, &mut g, Gpa(0x1000 + i as u64 * 8), 8);
+        mmu.pte_written(&mut cpu, &mut pool, &mut g, Gpa(0x1000 + i as u64 * 8), 8);
         *slot = (mmu.work() - w) as f64 / parents.max(1) as f64;
     }
     mmu.check_invariants(&pool, &g).unwrap();
@@ -131,10 +132,10 @@ fn probe_vas() -> Vec<u64> {
 /// The shadow of the current root maps `va` only as a side-effect-free
 /// guest walk allows: present only if the walk succeeds for the access the
 /// shadow grants, to the same frame.
-fn shadow_is_exact(mmu: &ShadowMmu, pool: &Mem, g: &Mem) -> Result<(), String> {
-    let cr3 = mmu.guest_cr3().unwrap();
+fn shadow_is_exact(mmu: &ShadowMmu, cpu: &ShadowVcpu, pool: &Mem, g: &Mem) -> Result<(), String> {
+    let cr3 = mmu.guest_cr3(cpu).unwrap();
     for va in probe_vas() {
-        let Some((spte, _)) = mmu.shadow_leaf(pool, Gva(va)) else { continue };
+        let Some((spte, _)) = mmu.shadow_leaf(cpu, pool, Gva(va)) else { continue };
         let mut probe = g.clone();
         let access = Access { write: spte & RW != 0, user: spte & US != 0, fetch: false };
         match walker::walk(&mut probe, cr3, Gva(va), access, &PagingMode::default()) {
@@ -157,15 +158,16 @@ fn a_guest_scribbling_over_the_pool_changes_no_decision_and_is_repaired() {
     let (mut mmu, mut pool) =
         (ShadowMmu::new(Gpa(POOL), pages, PagingMode::default()), Mem::new(POOL, pages as u64 * PAGE));
     let (mut g1, mut g2) = (guest(), guest());
-    clean_mmu.load_cr3(&mut clean_pool, &mut g1, Gpa(0x1000)).unwrap();
-    mmu.load_cr3(&mut pool, &mut g2, Gpa(0x1000)).unwrap();
+    let (mut clean_mmu_cpu, mut cpu) = (clean_mmu.new_vcpu(), mmu.new_vcpu());
+    clean_mmu.load_cr3(&mut clean_mmu_cpu, &mut clean_pool, &mut g1, Gpa(0x1000)).unwrap();
+    mmu.load_cr3(&mut cpu, &mut pool, &mut g2, Gpa(0x1000)).unwrap();
     for step in 0..64u64 {
         scribble(&mut pool, pages as u64, step);
         let i = step % 8;
         let (a, b) = match step % 5 {
             0 | 1 => (
-                clean_mmu.handle_fault(&mut clean_pool, &mut g1, Gva(i << 30), pf::U | pf::W),
-                mmu.handle_fault(&mut pool, &mut g2, Gva(i << 30), pf::U | pf::W),
+                clean_mmu.handle_fault(&mut clean_mmu_cpu, &mut clean_pool, &mut g1, Gva(i << 30), pf::U | pf::W),
+                mmu.handle_fault(&mut cpu, &mut pool, &mut g2, Gva(i << 30), pf::U | pf::W),
             ),
             2 => {
                 for g in [&mut g1, &mut g2] {
@@ -174,15 +176,17 @@ fn a_guest_scribbling_over_the_pool_changes_no_decision_and_is_repaired() {
                         (0x90_0000 + step * PAGE) | P | RW | US | A | ((step & 1) * D),
                     );
                 }
-                clean_mmu.pte_written(&mut clean_pool, &mut g1, Gpa(0x31000 + i * 0x2000), 8);
-                mmu.pte_written(&mut pool, &mut g2, Gpa(0x31000 + i * 0x2000), 8);
+                clean_mmu.pte_written(&mut clean_mmu_cpu, &mut clean_pool, &mut g1, Gpa(0x31000 + i * 0x2000), 8);
+                mmu.pte_written(&mut cpu, &mut pool, &mut g2, Gpa(0x31000 + i * 0x2000), 8);
                 (Ok(FaultOutcome::Fixed), Ok(FaultOutcome::Fixed))
             }
             3 => {
                 let cr3 = if step % 2 == 0 { 0x1000 } else { 0x2000 };
                 (
-                    clean_mmu.load_cr3(&mut clean_pool, &mut g1, Gpa(cr3)).map(|_| FaultOutcome::Fixed),
-                    mmu.load_cr3(&mut pool, &mut g2, Gpa(cr3)).map(|_| FaultOutcome::Fixed),
+                    clean_mmu
+                        .load_cr3(&mut clean_mmu_cpu, &mut clean_pool, &mut g1, Gpa(cr3))
+                        .map(|_| FaultOutcome::Fixed),
+                    mmu.load_cr3(&mut cpu, &mut pool, &mut g2, Gpa(cr3)).map(|_| FaultOutcome::Fixed),
                 )
             }
             _ => {
@@ -190,24 +194,24 @@ fn a_guest_scribbling_over_the_pool_changes_no_decision_and_is_repaired() {
                 for g in [&mut g1, &mut g2] {
                     g.write_u64(Gpa(0x20000 + i * 8), 0);
                 }
-                clean_mmu.pte_written(&mut clean_pool, &mut g1, Gpa(0x20000 + i * 8), 8);
-                mmu.pte_written(&mut pool, &mut g2, Gpa(0x20000 + i * 8), 8);
+                clean_mmu.pte_written(&mut clean_mmu_cpu, &mut clean_pool, &mut g1, Gpa(0x20000 + i * 8), 8);
+                mmu.pte_written(&mut cpu, &mut pool, &mut g2, Gpa(0x20000 + i * 8), 8);
                 for g in [&mut g1, &mut g2] {
                     g.write_u64(Gpa(0x20000 + i * 8), (0x30000 + i * 0x2000) | T);
                 }
-                clean_mmu.pte_written(&mut clean_pool, &mut g1, Gpa(0x20000 + i * 8), 8);
-                mmu.pte_written(&mut pool, &mut g2, Gpa(0x20000 + i * 8), 8);
+                clean_mmu.pte_written(&mut clean_mmu_cpu, &mut clean_pool, &mut g1, Gpa(0x20000 + i * 8), 8);
+                mmu.pte_written(&mut cpu, &mut pool, &mut g2, Gpa(0x20000 + i * 8), 8);
                 (Ok(FaultOutcome::Fixed), Ok(FaultOutcome::Fixed))
             }
         };
         assert_eq!(a, b, "step {step}: the scribbled MMU decided differently");
         assert_eq!(g1, g2, "step {step}: guest A/D bits differ");
-        assert_eq!(clean_mmu.current_root(), mmu.current_root(), "step {step}");
+        assert_eq!(clean_mmu.current_root(&clean_mmu_cpu), mmu.current_root(&cpu), "step {step}");
         // The dirty log names every page the guest wrote: repair them all.
         mmu.repair_pool_pages(&mut pool, 0..pages as u64);
         assert_eq!(pool, clean_pool, "step {step}: the repaired pool differs from the clean one");
         mmu.check_invariants(&pool, &g2).unwrap();
-        shadow_is_exact(&mmu, &pool, &g2).unwrap();
+        shadow_is_exact(&mmu, &cpu, &pool, &g2).unwrap();
         mmu.host_invalidated();
         clean_mmu.host_invalidated();
     }
@@ -224,18 +228,19 @@ fn a_new_shadow_page_is_zeroed_even_if_the_guest_wrote_it_while_free() {
     // scribbled over; it must still come up clean (the old code asserted
     // this in debug builds and trusted it in release builds).
     let (mut mmu, mut pool) = (ShadowMmu::new(Gpa(POOL), 16, PagingMode::default()), Mem::new(POOL, 16 * PAGE));
+    let mut cpu = mmu.new_vcpu();
     let mut g = guest();
-    mmu.load_cr3(&mut pool, &mut g, Gpa(0x1000)).unwrap();
+    mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(0x1000)).unwrap();
     scribble(&mut pool, 16, 7);
     let used = mmu.stats().pages_in_use;
     // Repair only the pages in use so far; the free ones stay scribbled.
     mmu.repair_pool_pages(&mut pool, 0..used);
     for i in 0..3u64 {
-        assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(i << 30), pf::U), Ok(FaultOutcome::Fixed));
+        assert_eq!(mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(i << 30), pf::U), Ok(FaultOutcome::Fixed));
     }
     assert!(mmu.stats().pages_in_use > used);
     mmu.check_invariants(&pool, &g).unwrap();
-    shadow_is_exact(&mmu, &pool, &g).unwrap();
+    shadow_is_exact(&mmu, &cpu, &pool, &g).unwrap();
 }
 
 // ---- Item 11: the kernel half of a large guest ----
@@ -269,15 +274,16 @@ fn the_kernel_image_is_shadowed_whatever_the_size_of_the_direct_map() {
     // ran out before slot 511 and the first exception triple-faulted.
     let mut g = big_kernel_half(16);
     let (mut mmu, mut pool) = (ShadowMmu::new(Gpa(POOL), 64, PagingMode::default()), Mem::new(POOL, 64 * PAGE));
-    mmu.load_cr3(&mut pool, &mut g, Gpa(0x1000)).unwrap();
-    assert!(mmu.shadow_leaf(&pool, Gva(KERNEL_IMAGE)).is_some(), "the kernel image is not shadowed");
-    assert!(mmu.shadow_leaf(&pool, Gva(DIRECT_MAP + 15 * GIB + 511 * 2 * MIB)).is_some(), "the direct map's end");
+    let mut cpu = mmu.new_vcpu();
+    mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(0x1000)).unwrap();
+    assert!(mmu.shadow_leaf(&cpu, &pool, Gva(KERNEL_IMAGE)).is_some(), "the kernel image is not shadowed");
+    assert!(mmu.shadow_leaf(&cpu, &pool, Gva(DIRECT_MAP + 15 * GIB + 511 * 2 * MIB)).is_some(), "the direct map's end");
     // A second root shares the prefilled subtrees: it costs zeroing its
     // page and its own 256 slots, not another walk of 8,192 entries.
     let w = mmu.work();
-    mmu.load_cr3(&mut pool, &mut g, Gpa(0x2000)).unwrap();
+    mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(0x2000)).unwrap();
     assert!(mmu.work() - w < 1024, "a second root cost {} steps", mmu.work() - w);
-    assert!(mmu.shadow_leaf(&pool, Gva(KERNEL_IMAGE)).is_some());
+    assert!(mmu.shadow_leaf(&cpu, &pool, Gva(KERNEL_IMAGE)).is_some());
     mmu.check_invariants(&pool, &g).unwrap();
 }
 
@@ -292,19 +298,21 @@ fn a_pool_too_small_for_the_kernel_half_shadows_fault_delivery_first() {
     g.write_u64(Gpa(0x14000), 0x15000 | T);
     g.write_u64(Gpa(0x15000), 0x40_0000 | P | RW | US | A | D);
     let (mut mmu, mut pool) = (ShadowMmu::new(Gpa(POOL), 8, PagingMode::default()), Mem::new(POOL, 8 * PAGE));
+    let mut cpu = mmu.new_vcpu();
     mmu.set_prefill_hints(&[Gva(KERNEL_IMAGE), Gva(0x1234)]);
-    mmu.load_cr3(&mut pool, &mut g, Gpa(0x1000)).unwrap();
-    assert!(mmu.shadow_leaf(&pool, Gva(KERNEL_IMAGE)).is_some());
+    mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(0x1000)).unwrap();
+    assert!(mmu.shadow_leaf(&cpu, &pool, Gva(KERNEL_IMAGE)).is_some());
     assert_eq!(mmu.stats().pool_exhaustions, 0);
-    assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(1 << 39), pf::U), Ok(FaultOutcome::Fixed));
+    assert_eq!(mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(1 << 39), pf::U), Ok(FaultOutcome::Fixed));
     assert_eq!(mmu.stats().pool_exhaustions, 0, "the reserve holds a user path");
     let far = DIRECT_MAP + 15 * GIB;
-    assert_eq!(mmu.handle_fault(&mut pool, &mut g, Gva(far), 0), Ok(FaultOutcome::Fixed));
-    assert!(mmu.shadow_leaf(&pool, Gva(far)).is_some());
-    assert!(mmu.shadow_leaf(&pool, Gva(KERNEL_IMAGE)).is_some(), "still there after an exhaustion");
+    assert_eq!(mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(far), 0), Ok(FaultOutcome::Fixed));
+    assert!(mmu.shadow_leaf(&cpu, &pool, Gva(far)).is_some());
+    assert!(mmu.shadow_leaf(&cpu, &pool, Gva(KERNEL_IMAGE)).is_some(), "still there after an exhaustion");
     mmu.check_invariants(&pool, &g).unwrap();
     // A pool that cannot hold even the hinted slots says so.
     let (mut tiny, mut tiny_pool) = (ShadowMmu::new(Gpa(POOL), 4, PagingMode::default()), Mem::new(POOL, 4 * PAGE));
+    let mut tiny_cpu = tiny.new_vcpu();
     tiny.set_prefill_hints(&[Gva(DIRECT_MAP)]);
-    assert_eq!(tiny.load_cr3(&mut tiny_pool, &mut g, Gpa(0x1000)), Err(ShadowError::PoolTooSmall));
+    assert_eq!(tiny.load_cr3(&mut tiny_cpu, &mut tiny_pool, &mut g, Gpa(0x1000)), Err(ShadowError::PoolTooSmall));
 }

@@ -49,6 +49,7 @@ impl ShadowMmu {
     /// entry. The current root's kernel half is refilled once, at the end.
     pub fn apply_batch(
         &mut self,
+        vcpu: &mut ShadowVcpu,
         pool: &mut impl GuestPhys,
         guest: &mut impl GuestPhys,
         entries: &[u64],
@@ -73,7 +74,7 @@ impl ShadowMmu {
             outcome.applied += 1;
         }
         self.stats.batch_entries += outcome.applied as u64;
-        self.refill_current_root(pool, guest);
+        self.refill_current_root(vcpu, pool, guest);
         outcome
     }
 
@@ -83,22 +84,28 @@ impl ShadowMmu {
     /// gets the same permissions a hidden fault would give it (writable only
     /// if the guest entry is dirty). KVM's `pte_prefetch`, for the address
     /// the guest just mapped. Returns whether a leaf was installed.
-    pub fn prefetch(&mut self, pool: &mut impl GuestPhys, guest: &mut impl GuestPhys, va: Gva) -> bool {
+    pub fn prefetch(
+        &mut self,
+        vcpu: &ShadowVcpu,
+        pool: &mut impl GuestPhys,
+        guest: &mut impl GuestPhys,
+        va: Gva,
+    ) -> bool {
         let va = va.raw();
-        let Some((_, mut page)) = self.current else { return false };
+        let Some((_, mut page)) = self.loaded_root(vcpu) else { return false };
         let Some(mut role) = self.pages[page as usize].as_ref().map(|p| p.role) else { return false };
         for level in (1..=4u8).rev() {
             self.work += 1;
-            let idx = (va >> (12 + 9 * (level as u32 - 1))) & 0x1ff;
+            let idx = guest_abi::paging::table_index(va, level) as u64;
             let gpa = (role.gfn << 12) + idx * 8;
             if !guest.is_ram(Gpa(gpa), 8) {
                 return false;
             }
             let gpte = guest.read_u64(Gpa(gpa));
-            if gpte & (P | A) != (P | A) || gpte & walker::reserved_mask(&self.mode, level, gpte) != 0 {
+            if !shadowable(gpte, level, &self.rules) {
                 return false;
             }
-            if level == 1 || (level <= 3 && gpte & PS != 0) {
+            if maps_page(gpte, level) {
                 let Some(spte) = self.leaf_spte(guest, role, gpte) else { return false };
                 self.set_leaf(pool, page, idx, spte);
                 self.stats.prefetches += 1;
@@ -107,11 +114,7 @@ impl ShadowMmu {
             if !self.tables.contains(Gpa(gpte & ADDR)) {
                 return false;
             }
-            let child_role = Role {
-                gfn: (gpte & ADDR) >> 12,
-                level: level - 1,
-                access: child_access(role.access, gpte, &self.mode),
-            };
+            let child_role = role.child(gpte, &self.rules);
             if !self.by_role.contains_key(&child_role) && self.free_pages() <= PREFILL_RESERVE {
                 return false;
             }
@@ -127,13 +130,14 @@ impl ShadowMmu {
     /// last exit). Not counted as a CR3 load when it already is current.
     pub fn follow_guest_root(
         &mut self,
+        vcpu: &mut ShadowVcpu,
         pool: &mut impl GuestPhys,
         guest: &mut impl GuestPhys,
         guest_cr3: Gpa,
     ) -> Result<ShadowRoot, ShadowError> {
-        match self.current {
+        match self.loaded_root(vcpu) {
             Some((g, p)) if g == guest_cr3.raw() & ADDR => Ok(ShadowRoot(Gpa(self.page_gpa(p)))),
-            _ => self.load_cr3(pool, guest, guest_cr3),
+            _ => self.load_cr3(vcpu, pool, guest, guest_cr3),
         }
     }
 
@@ -145,15 +149,16 @@ impl ShadowMmu {
     /// itself).
     pub fn follow_shadow_root(
         &mut self,
+        vcpu: &mut ShadowVcpu,
         pool: &mut impl GuestPhys,
         guest: &mut impl GuestPhys,
         shadow_root: Gpa,
     ) -> Result<bool, ShadowError> {
         let Some(page) = self.page_of(shadow_root.raw() & ADDR) else { return Ok(false) };
-        match self.current {
+        match self.loaded_root(vcpu) {
             Some((_, p)) if p == page => Ok(true),
             _ => match self.roots.iter().find(|&&(_, p)| p == page) {
-                Some(&(g, _)) => self.load_cr3(pool, guest, Gpa(g)).map(|_| true),
+                Some(&(g, _)) => self.load_cr3(vcpu, pool, guest, Gpa(g)).map(|_| true),
                 None => Ok(false),
             },
         }
