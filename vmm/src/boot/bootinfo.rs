@@ -21,6 +21,8 @@ pub struct BootInfoParams<'a> {
     pub mmu: MmuMode,
     /// The guest command line.
     pub cmdline: &'a str,
+    /// Number of vCPUs (`BootInfo::cpus`).
+    pub cpus: u32,
 }
 
 /// Build the memory map: the boot area, the kernel, the page-table zone,
@@ -70,6 +72,7 @@ pub fn build(p: &BootInfoParams<'_>) -> Result<BootInfo> {
     }
     info.cmdline_gpa = CMDLINE_START;
     info.cmdline_len = p.cmdline.len() as u32;
+    info.cpus = p.cpus;
     Ok(info)
 }
 
@@ -103,6 +106,7 @@ mod tests {
             pt_zone: (16 * MIB, 48 * MIB),
             mmu: MmuMode::Ept,
             cmdline,
+            cpus: 1,
         }
     }
 

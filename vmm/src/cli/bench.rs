@@ -40,6 +40,8 @@ pub struct BenchPlan {
     pub shadow_pool: u64,
     /// When the process started.
     pub process_start: Instant,
+    /// vCPUs per run.
+    pub vcpus: u32,
 }
 
 /// Medians of one workload in one mode, per operation.
@@ -122,6 +124,7 @@ pub fn run_once(plan: &BenchPlan, workload: &str, size: u64, mmu: MmuMode) -> Re
         cmdline: format!("workload={workload} size={size}"),
         timeout: Duration::from_secs(600),
         process_start: plan.process_start,
+        vcpus: plan.vcpus,
         ..VmConfig::bundled(plan.memory, mmu)
     };
     let mut vm = Vm::new(config, Box::new(std::io::sink())).map_err(|e| e.to_string())?;

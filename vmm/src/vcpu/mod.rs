@@ -13,6 +13,7 @@
 //! `kvm_run` once (`exit`) and every count is bounded by `u64`.
 
 pub(crate) mod exit;
+pub mod handle;
 pub mod supervise;
 
 use crate::mmu::{MmuCounters, VcpuContext};

@@ -88,15 +88,19 @@ pub fn supervise<T: Send + 'static>(
     }
 }
 
-fn kick_signal() -> libc::c_int {
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+pub(crate) fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    super::handle::on_kick_signal();
+}
 
-/// Install the (empty) handler of the signal that kicks the vCPU out of
-/// `KVM_RUN`; without it the signal would kill the process.
-fn install_kick_handler() {
+/// Install the handler of the signal that kicks a vCPU out of `KVM_RUN`
+/// (it sets the thread's `immediate_exit`, `handle`); without it the
+/// signal would kill the process.
+pub(crate) fn install_kick_handler() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {

@@ -34,6 +34,7 @@ mod builder;
 pub mod config;
 pub mod kvm;
 mod run;
+mod smp;
 
 pub use crate::vcpu::supervise::{Supervised, VCPU_STOP_GRACE, supervise};
 pub use builder::create_backend;
@@ -193,8 +194,8 @@ impl Vm {
                 diag.abort();
             },
             move || {
-                let VmCore { vm, vcpu } = &mut *core;
-                let out = vm.run_vcpu(vcpu, &expired);
+                let VmCore { vm, vcpu, aps } = &mut *core;
+                let out = vm.run_vcpus(vcpu, aps, &expired);
                 (core, out)
             },
         );
@@ -250,13 +251,18 @@ pub(crate) struct VmState {
     diag: ConsoleSink,
     /// `EXPLAIN` chains printed by the hypercall (bounded).
     explain_prints: Limited,
+    /// With more than one vCPU: their handles, the boot registers of the
+    /// application processors, the end of the run (`smp`).
+    smp: Option<std::sync::Arc<smp::Smp>>,
 }
 
 /// What moves onto the vCPU thread for a run and back afterwards: the VM's
-/// state and its one vCPU.
+/// state, its boot vCPU, and its application processors (which run on
+/// threads of their own, started by the boot vCPU's thread).
 struct VmCore {
     vm: VmState,
     vcpu: Vcpu,
+    aps: Vec<Vcpu>,
 }
 
 impl VmCore {
