@@ -42,8 +42,13 @@ fn the_smp_suites_pass_at_2_and_4_vcpus() {
         let o = run(&["test", "--mmu", "ept", "--vcpus", n, "--filter", "smp::", "--timeout", "120s"]);
         assert_exit(&o, 0);
         let out = stdout(&o);
-        assert!(out.contains(&format!("ept ({n} vCPUs): 5 passed, 0 failed")), "{out}");
-        for t in ["smp::alloc_free_storm", "smp::unmap_while_reading", "smp::fork_while_threads_write"] {
+        assert!(out.contains(&format!("ept ({n} vCPUs): 6 passed, 0 failed")), "{out}");
+        for t in [
+            "smp::alloc_free_storm",
+            "smp::unmap_while_reading",
+            "smp::fork_while_threads_write",
+            "smp::access_matrix_on_every_cpu",
+        ] {
             assert!(out.contains(&format!("test {t} ... ok")), "{t} at {n} vCPUs:\n{out}");
         }
     }
@@ -57,8 +62,8 @@ fn the_default_test_run_repeats_the_smp_suites_on_two_vcpus() {
     let o = run(&["test", "--mmu", "ept", "--filter", "smp::"]);
     assert_exit(&o, 0);
     let out = stdout(&o);
-    assert!(out.contains("ept: 5 passed, 0 failed"), "{out}");
-    assert!(out.contains("ept (2 vCPUs): 5 passed, 0 failed"), "{out}");
+    assert!(out.contains("ept: 6 passed, 0 failed"), "{out}");
+    assert!(out.contains("ept (2 vCPUs): 6 passed, 0 failed"), "{out}");
 }
 
 #[test]

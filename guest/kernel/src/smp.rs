@@ -173,6 +173,25 @@ extern "C" fn ap_main(area: u64, cpu: u64) -> ! {
     }
 }
 
+/// Run `f(arg)` on application processor `cpu` alone (interrupts
+/// enabled there) and return its result once done; `None` if `cpu` is
+/// not an online AP. Called by the boot CPU.
+pub fn run_on(cpu: u32, f: fn(u64) -> u64, arg: u64) -> Option<u64> {
+    if cpu == 0 || online_mask() & (1u64 << (cpu % 64)) == 0 {
+        return None;
+    }
+    let a = percpu::area(cpu);
+    a.work_arg.store(arg, Ordering::Relaxed);
+    a.work.store(f as usize as u64, Ordering::Release);
+    wake(cpu);
+    let irq = arch::interrupts_enabled();
+    arch::wait_until(|| a.work.load(Ordering::Acquire) == 0);
+    if irq {
+        arch::enable_interrupts();
+    }
+    Some(a.work_result.load(Ordering::Relaxed))
+}
+
 /// Run `f(arg)` on every online CPU at once (this one included, which
 /// must be the boot CPU), interrupts enabled; returns each CPU's result
 /// (index = CPU id) once all are done.

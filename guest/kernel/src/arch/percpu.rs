@@ -8,7 +8,9 @@
 //!   CPU in [`init_bsp`], an application processor in `smp::ap_main`), so
 //!   [`cpu_id`] is one `gs`-relative load. `gs:[0]` holds the area's own
 //!   address, `gs:[8]` the CPU id, `gs:[16]` the kernel root an AP loads
-//!   on entry (read by the entry code in `smp.rs`; keep the offsets).
+//!   on entry (read by the entry code in `smp.rs`), `gs:[24]` the matrix
+//!   probe's saved stack pointer (`ktest::matrix`); keep the offsets
+//!   (a test in `ktest::smp_suites` checks them).
 //! - The GDT and TSS in an area ([`UnsafeCell`]s) are written only by the
 //!   CPU that owns it, once, before it is online. Every other field is an
 //!   atomic that other CPUs may read (the CPU mask of an address space is
@@ -34,6 +36,9 @@ pub struct PerCpu {
     id: AtomicU64,
     /// `gs:[16]`: the root an application processor loads first.
     pub entry_cr3: AtomicU64,
+    /// `gs:[24]`: the kernel stack pointer an access-matrix probe returns
+    /// to (`ktest::matrix`'s assembly).
+    pub probe_rsp: AtomicU64,
     /// This CPU's GDT (written by this CPU only, `gdt::load`).
     pub gdt: UnsafeCell<[u64; 7]>,
     /// This CPU's TSS (written by this CPU only, `gdt::load`).
@@ -74,6 +79,7 @@ impl PerCpu {
             self_addr: AtomicU64::new(0),
             id: AtomicU64::new(0),
             entry_cr3: AtomicU64::new(0),
+            probe_rsp: AtomicU64::new(0),
             gdt: UnsafeCell::new(super::gdt::GDT_TEMPLATE),
             tss: UnsafeCell::new(Tss::new()),
             stack_base: AtomicU64::new(0),

@@ -55,17 +55,12 @@ pub const CASES: usize = BLOCK * 4 + PAIR_BLOCK * 4;
 /// Bit 13: reserved in a 2 MiB PDE leaf (its address bits 20:13 must be 0).
 const RSVD_2M: u64 = 1 << 13;
 
-static mut RECORDS: [u16; CASES] = [0; CASES];
-
 /// Set by the exception handler: 1 + vector of the probe's exception.
 pub static PROBE_VECTOR: AtomicU64 = AtomicU64::new(0);
 /// The error code of a probe `#PF`.
 pub static PROBE_EC: AtomicU64 = AtomicU64::new(0);
 /// Non-zero while a probe runs.
 pub static PROBE_ACTIVE: AtomicU64 = AtomicU64::new(0);
-
-#[unsafe(no_mangle)]
-static mut PROBE_RSP: u64 = 0;
 
 core::arch::global_asm!(
     ".section .text",
@@ -78,7 +73,8 @@ core::arch::global_asm!(
     "push r13",
     "push r14",
     "push r15",
-    "    mov [rip + PROBE_RSP], rsp",
+    // The kernel stack, saved in this CPU's area (percpu: gs:[24]).
+    "    mov gs:[24], rsp",
     "    test rdx, rdx",
     "    jnz 2f",
     "    jmp rsi",
@@ -90,7 +86,7 @@ core::arch::global_asm!(
     "    iretq",
     ".global probe_return",
     "probe_return:",
-    "    mov rsp, [rip + PROBE_RSP]",
+    "    mov rsp, gs:[24]",
     "    pop r15",
     "pop r14",
     "pop r13",
@@ -198,6 +194,19 @@ fn probe(access: u64, user: bool) -> Result<(bool, u64), &'static str> {
 
 /// Run the matrix, report it, and return the number of cases.
 pub fn run() -> Result<usize, &'static str> {
+    let records = collect(true)?;
+    report(&records)?;
+    kprintln!("access matrix: {} cases", records.len());
+    Ok(records.len())
+}
+
+/// Run every case on this CPU (one CPU at a time: the probe state and the
+/// user address space are the kernel's one); the records, in case order.
+/// Not `full`: only the first block (NXE = 1, WP = 1, [`BLOCK`] cases),
+/// no pairs.
+pub fn collect(full: bool) -> Result<alloc::vec::Vec<u16>, &'static str> {
+    let mut records = alloc::vec::Vec::new();
+    records.try_reserve_exact(CASES).map_err(|_| "no memory for the matrix records")?;
     enter_user(0)?;
     // Stub page and target frame; the target's PDE/PTE are rewritten per case.
     let (stub_frame, target_frame, pde_at, pte_at) = mm::with(|m| {
@@ -238,15 +247,11 @@ pub fn run() -> Result<usize, &'static str> {
         let bits = [1u64, 1 << 1, 1 << 2, 1 << 5, 1 << 6, 1 << 63, rsvd];
         bits.iter().enumerate().filter(|(b, _)| combo & (1 << b) != 0).fold(0, |acc, (_, bit)| acc | bit)
     };
-    let mut case = 0usize;
-    let mut record = |rec: u16| {
-        // SAFETY: single-threaded; `case` < CASES by construction.
-        unsafe { (*core::ptr::addr_of_mut!(RECORDS))[case] = rec };
-        case += 1;
-    };
-    for nxe in [true, false] {
+    let mut record = |rec: u16| records.push(rec);
+    let (nxes, wps): (&[bool], &[bool]) = if full { (&[true, false], &[true, false]) } else { (&[true], &[true]) };
+    for &nxe in nxes {
         let efer = set_nxe(nxe);
-        for wp in [true, false] {
+        for &wp in wps {
             let cr0 = set_wp(wp);
             controls_changed(cr0, efer);
             for pde_combo in 0..4u64 {
@@ -301,7 +306,8 @@ pub fn run() -> Result<usize, &'static str> {
     // of a read-only user page, which a user access or a fetch must not
     // inherit). Record as above for the second access, plus bit 9: the
     // first access faulted.
-    for nxe in [true, false] {
+    let pair_modes: &[bool] = if full { &[true, false] } else { &[] };
+    for &nxe in pair_modes {
         let efer = set_nxe(nxe);
         for wp in [true, false] {
             let cr0 = set_wp(wp);
@@ -339,17 +345,14 @@ pub fn run() -> Result<usize, &'static str> {
     let _ = stub_frame;
     mm::with(|m| m.buddy.free(big, 9)).transpose().map_err(|e| e.as_str())?;
     leave_user()?;
-    report(case)?;
-    kprintln!("access matrix: {} cases", case);
-    Ok(case)
+    Ok(records)
 }
 
 /// Records per `REPORT` (header + chunk header + records ≤ 4 KiB).
 const CHUNK: usize = 2000;
 
-fn report(cases: usize) -> Result<(), &'static str> {
-    // SAFETY: single-threaded; the probes are done, nothing writes RECORDS.
-    let all = unsafe { &*core::ptr::addr_of!(RECORDS) };
+fn report(all: &[u16]) -> Result<(), &'static str> {
+    let cases = all.len();
     let mut first = 0;
     while first < cases {
         let n = (cases - first).min(CHUNK);

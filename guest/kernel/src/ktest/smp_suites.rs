@@ -346,3 +346,45 @@ pub fn fork_while_threads_write() -> TestResult {
     check(cows == n - 1, "not exactly one copy-on-write break per writer")?;
     check(frames_in_use() == before, "fork/destroy with writers leaked frames")
 }
+
+/// The reference records of [`access_matrix_on_every_cpu`] (the boot
+/// CPU's), compared by each AP in turn.
+static REFERENCE: crate::sync::IrqSpinLock<alloc::vec::Vec<u16>> =
+    crate::sync::IrqSpinLock::new(alloc::vec::Vec::new());
+
+/// The access matrix (`ktest::matrix`, its first block: 4 KiB and 2 MiB
+/// leaves with NXE = 1 and WP = 1) on the boot CPU, then on each AP in
+/// turn: every CPU's MMU gives the same verdict, error code and A/D bits
+/// for every case. (Also checks the per-CPU area's fixed offsets the
+/// assembly relies on.)
+pub fn access_matrix_on_every_cpu() -> TestResult {
+    fn on_ap(_: u64) -> u64 {
+        let Ok(mine) = super::matrix::collect(false) else { return u64::MAX };
+        let reference = REFERENCE.lock();
+        if mine.len() != reference.len() {
+            return u64::MAX;
+        }
+        mine.iter().zip(reference.iter()).filter(|(a, b)| a != b).count() as u64
+    }
+    let a = percpu::area(0);
+    let base = a as *const percpu::PerCpu as u64;
+    check(&a.entry_cr3 as *const _ as u64 - base == 16, "entry_cr3 is not at gs:[16]")?;
+    check(&a.probe_rsp as *const _ as u64 - base == 24, "probe_rsp is not at gs:[24]")?;
+    if smp::online_count() == 1 {
+        // Nothing to compare: the full matrix has its own runs (`matrix`).
+        return Ok(());
+    }
+    let records = super::matrix::collect(false)?;
+    check(records.len() == super::matrix::BLOCK, "the matrix did not run every case of its first block")?;
+    *REFERENCE.lock() = records;
+    let mut result = Ok(());
+    for cpu in smp::online_cpus().skip(1) {
+        match smp::run_on(cpu, on_ap, 0) {
+            Some(0) => {}
+            Some(u64::MAX) | None => result = Err("an AP could not run the access matrix"),
+            Some(_) => result = Err("an AP's MMU disagrees with the boot CPU's on some access-matrix cases"),
+        }
+    }
+    *REFERENCE.lock() = alloc::vec::Vec::new();
+    result
+}
