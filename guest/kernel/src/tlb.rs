@@ -155,6 +155,9 @@ pub static SHOOTDOWNS: AtomicU64 = AtomicU64::new(0);
 pub static IPIS: AtomicU64 = AtomicU64::new(0);
 /// Targets skipped because they were lazy.
 pub static LAZY_SKIPS: AtomicU64 = AtomicU64::new(0);
+/// TSC cycles initiators spent from the first IPI to the last
+/// acknowledgement.
+pub static WAIT_CYCLES: AtomicU64 = AtomicU64::new(0);
 
 /// Remember the kernel's root (lazy CPUs switch to it when tables go).
 pub fn set_kernel_root(root: u64) {
@@ -223,12 +226,14 @@ pub fn shootdown(targets: u64, root: Option<u64>, flush: &Flush, freed_tables: b
     REQ.initiator.store(me as u64, Ordering::Relaxed);
     PENDING.store(targets, Ordering::SeqCst);
     SHOOTDOWNS.fetch_add(1, Ordering::Relaxed);
+    let t0 = arch::rdtsc();
     for cpu in smp::cpus_in(targets) {
         IPIS.fetch_add(1, Ordering::Relaxed);
         apic::send_ipi(cpu, apic::VECTOR_CALL);
     }
     let irq = arch::interrupts_enabled();
     arch::wait_until(|| PENDING.load(Ordering::SeqCst) == 0);
+    WAIT_CYCLES.fetch_add(arch::rdtsc().wrapping_sub(t0), Ordering::Relaxed);
     if irq {
         arch::enable_interrupts();
     }
