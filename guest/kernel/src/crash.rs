@@ -306,7 +306,8 @@ fn storm() {
 }
 
 /// A page-aligned page table of our own, in `.bss` (reached through the
-/// kernel window: GPA = VA - `KERNEL_VMA`).
+/// kernel window: GPA = VA - `KERNEL_VMA`). Used only by `crash=scribble`,
+/// which runs in shadow mode (one vCPU) before any other CPU could start.
 #[repr(C, align(4096))]
 struct Table([u64; 512]);
 
@@ -392,8 +393,9 @@ fn scribble() -> ! {
         arch::exit(guest_abi::ports::EXIT_FAILURE);
     }
     let guest_root = arch::mmu::read_cr3();
-    // SAFETY: single CPU, interrupts off; the tables are ours alone. The
-    // guest root is a RAM page the direct map covers.
+    // SAFETY: shadow mode runs one CPU (the VMM refuses more), interrupts
+    // off; the tables are ours alone. The guest root is a RAM page the
+    // direct map covers.
     unsafe {
         let pml4 = &mut *core::ptr::addr_of_mut!(OWN_PML4);
         let pdpt = &mut *core::ptr::addr_of_mut!(OWN_PDPT);

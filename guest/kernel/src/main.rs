@@ -10,6 +10,12 @@
 //!   inside precompiled `core` code (built with a red zone) cannot clobber
 //!   that code's red zone.
 //! - The VMM hands over zeroed RAM, so `.bss` is zero at entry.
+//! - SMP (ept mode, `BootInfo::cpus` > 1): the boot CPU starts the others
+//!   once the memory manager is up (`smp`). Shared mutable state is an
+//!   atomic or behind a lock (`sync`, which states the lock order); the
+//!   few `static mut`s left are the boot CPU's stacks (addresses only),
+//!   the IDT (written once before any AP starts) and the shadow-mode-only
+//!   tables of `crash=scribble`.
 #![no_std]
 #![no_main]
 
@@ -40,7 +46,8 @@ const BOOT_STACK_SIZE: usize = 64 * 1024;
 #[repr(C, align(16))]
 struct Stack([u8; BOOT_STACK_SIZE]);
 
-/// The boot stack. Only `_start` names it, to load `rsp`.
+/// The boot stack (the boot CPU's kernel stack). Only `_start` names it,
+/// to load `rsp`; application processors run on stacks of their own.
 #[unsafe(no_mangle)]
 static mut BOOT_STACK: Stack = Stack([0; BOOT_STACK_SIZE]);
 

@@ -53,7 +53,7 @@ pub const IST_COUNT: usize = 5;
 struct IstStacks([[u8; IST_STACK_SIZE]; IST_COUNT]);
 
 /// The boot CPU's IST stacks (application processors get theirs from the
-/// page allocator, `crate::smp`).
+/// page allocator, `crate::smp`). Only their addresses are taken.
 static mut BSP_IST_STACKS: IstStacks = IstStacks([[0; IST_STACK_SIZE]; IST_COUNT]);
 
 /// The boot CPU's ring-0 stack for interrupts taken in ring 3.

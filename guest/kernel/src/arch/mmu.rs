@@ -19,6 +19,11 @@
 //!   bracket ([`enter_lazy`], [`leave_lazy`]). A full queue syncs by itself.
 //!
 //! Nothing else in the kernel knows which mode it runs in.
+//!
+//! SMP: only ept mode runs several CPUs (`crate::smp`); the shadow and pv
+//! state here (`GUEST_CR3`, the pv area and lazy depth) is the one CPU's.
+//! Every CR3 load records the root in the per-CPU area first (the CPU
+//! mask `crate::tlb` shoots down) and counts a full flush after.
 
 use crate::hypercall;
 use core::cell::UnsafeCell;
@@ -281,9 +286,10 @@ pub fn set_direct_limit(limit: u64) {
 #[repr(C, align(4096))]
 struct Area(UnsafeCell<[u64; 512 * pv::AREA_PAGES as usize]>);
 
-// SAFETY: one CPU, interrupts off; the words are only accessed with
-// volatile reads and writes through raw pointers, and the VMM writes them
-// only while the vCPU is stopped at an exit.
+// SAFETY: pv mode runs one CPU (the VMM refuses --vcpus > 1 there, and
+// the kernel starts no AP outside ept mode), interrupts off; the words are
+// only accessed with volatile reads and writes through raw pointers, and
+// the VMM writes them only while the vCPU is stopped at an exit.
 unsafe impl Sync for Area {}
 
 static AREA: Area = Area(UnsafeCell::new([0; 512 * pv::AREA_PAGES as usize]));
