@@ -182,3 +182,34 @@ fn start_ap(smp: &Smp, ap: &mut Vcpu, req: StartRequest) -> Result<()> {
     fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE }).map_err(kvm_err("KVM_SET_MP_STATE"))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_on_checks_its_arguments_and_starts_a_cpu_once() {
+        let smp = Smp::new(4, kvm_sregs::default());
+        let ok_va = 0xffff_ffff_8020_0000;
+        assert_eq!(smp.cpu_on(0, ok_va, ok_va, 0), hc::ERR_INVALID, "the boot vCPU runs already");
+        assert_eq!(smp.cpu_on(4, ok_va, ok_va, 0), hc::ERR_INVALID, "no vCPU 4 of 4");
+        assert_eq!(smp.cpu_on(u64::MAX, ok_va, ok_va, 0), hc::ERR_INVALID);
+        assert_eq!(smp.cpu_on(1, 0x0000_8000_0000_0000, ok_va, 0), hc::ERR_FAULT, "non-canonical entry");
+        assert_eq!(smp.cpu_on(1, ok_va, 0xffff_0000_0000_0000, 0), hc::ERR_FAULT, "non-canonical stack");
+        assert_eq!(smp.cpu_on(1, ok_va, ok_va, 7), hc::OK);
+        assert_eq!(smp.cpu_on(1, ok_va, ok_va, 7), hc::ERR_INVALID, "started twice");
+        let req = smp.handles[1].wait_for_start(&AtomicBool::new(false));
+        assert_eq!(req, Some(StartRequest { entry: ok_va, stack: ok_va, arg: 7 }));
+    }
+
+    #[test]
+    fn the_first_ending_wins_and_stops_everyone() {
+        let smp = Smp::new(2, kvm_sregs::default());
+        smp.finish(1, Err(Error::TripleFault { rip: 0x1234 }));
+        smp.finish(0, Err(Error::Stopped));
+        assert!(smp.stop.load(Ordering::SeqCst));
+        let end = smp.end.lock().unwrap().take();
+        assert!(matches!(end, Some((1, Err(Error::TripleFault { rip: 0x1234 })))), "{end:?}");
+        assert_eq!(smp.handles[1].wait_for_start(&smp.stop), None, "a waiting AP leaves");
+    }
+}
