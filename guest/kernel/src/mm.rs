@@ -217,6 +217,7 @@ impl MemoryManager {
     /// that could cache them has flushed.
     pub fn ctx<R>(&mut self, f: impl FnOnce(&mut Ctx<'_>, &PageTable, &mut Option<AddressSpace>) -> R) -> R {
         let mem = *self.buddy.mem();
+        crate::tlb::set_operand_root(self.user.as_ref().map_or(0, |a| a.root().addr().0));
         let r = {
             let frames = Frames { buddy: &mut self.buddy, gather: &mut self.gather };
             let mut cx = MmCtx { mem: &mem, frames, refs: FrameRefs::attach(Pfn(0), self.refs), mmu: &KernelMmu };

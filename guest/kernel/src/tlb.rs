@@ -181,13 +181,33 @@ pub fn cpumask(root: u64) -> u64 {
     mask
 }
 
-/// Flush `flush` for the address space this CPU has loaded, on this CPU
-/// and every other CPU in its mask. Caller holds the memory-manager lock.
+/// The address space the memory manager's current operation works on
+/// (`mm::MemoryManager::ctx` sets it: the user address space, 0 for
+/// none), so that a change made by a CPU running another root still
+/// reaches the CPUs that run this one.
+static OPERAND_ROOT: AtomicU64 = AtomicU64::new(0);
+
+/// Name the address space page-table operations now work on (0: none).
+/// Caller holds the memory-manager lock.
+pub fn set_operand_root(root: u64) {
+    OPERAND_ROOT.store(root, Ordering::Relaxed);
+}
+
+/// Flush `flush` on this CPU and on every other CPU in the mask of the
+/// address space this CPU has loaded or of the one being operated on.
+/// Caller holds the memory-manager lock.
 pub fn flush_current(flush: &Flush) {
     let root = percpu::this().loaded_root.load(Ordering::Relaxed);
+    let operand = OPERAND_ROOT.load(Ordering::Relaxed);
     flush.run_local();
-    let others = cpumask(root) & !(1 << percpu::cpu_id());
-    shootdown(others, Some(root), flush, false);
+    let me = !(1 << percpu::cpu_id());
+    if operand == 0 || operand == root {
+        shootdown(cpumask(root) & me, Some(root), flush, false);
+    } else {
+        // Two address spaces: flush on any root (an extra flush for the
+        // CPUs on ours, which the change may not concern).
+        shootdown((cpumask(root) | cpumask(operand)) & me, None, flush, false);
+    }
 }
 
 /// Send `flush` to the CPUs in `targets` (not this one) and wait until all

@@ -15,6 +15,7 @@ use crate::{mm, smp, tlb};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use guest_abi::{DIRECT_MAP_BASE, Gpa, Gva};
 use guest_mm::buddy::ZonePref;
+use guest_mm::paging::{MmuPlatform, PteFlags};
 use guest_mm::phys::Pfn;
 
 fn frames_in_use() -> u64 {
@@ -387,4 +388,70 @@ pub fn access_matrix_on_every_cpu() -> TestResult {
     }
     *REFERENCE.lock() = alloc::vec::Vec::new();
     result
+}
+
+/// CPU 0 moves to the kernel's root, then write-protects the pages the
+/// others keep writing: the shootdown must reach them although CPU 0 no
+/// longer runs their address space, so every writer faults exactly once
+/// (and the fault makes its page writable again).
+pub fn write_protect_from_another_root() -> TestResult {
+    fn role(root: u64) -> u64 {
+        // SAFETY: the test's user address space, which maps the kernel.
+        unsafe { tlb::use_root(root) };
+        let me = percpu::cpu_id() as u64;
+        if me != 0 {
+            let mut v = 0u64;
+            while !STOP.load(Ordering::Relaxed) {
+                v += 1;
+                // SAFETY: this CPU's own page of the VMA.
+                unsafe { user_ptr(me).write_volatile(v) };
+            }
+            return v;
+        }
+        let n = smp::online_count() as u64;
+        mm::with(|m| m.ctx(|cx, kpt, _| cx.mmu.load_cr3(kpt.root())));
+        for _ in 0..20 {
+            crate::hypercall::now_ns();
+        }
+        let c0 = COW.load(Ordering::Relaxed);
+        let protected = mm::with(|m| {
+            m.ctx(|cx, _, user| {
+                let Some(a) = user.as_mut() else { return false };
+                (1..n).all(|p| {
+                    let va = Gva(user_ptr(p) as u64);
+                    match a.page_table_mut().update_leaf(cx.mem, va, |f| f.difference(PteFlags::WRITABLE)) {
+                        Ok((_, flush)) => {
+                            flush.flush(cx.mmu);
+                            true
+                        }
+                        Err(_) => false,
+                    }
+                })
+            })
+        });
+        // Every writer must fault once now (bounded wait: 200 ms).
+        let t0 = crate::hypercall::now_ns();
+        while COW.load(Ordering::Relaxed) - c0 < n - 1 && crate::hypercall::now_ns() - t0 < 200_000_000 {}
+        for _ in 0..20 {
+            crate::hypercall::now_ns();
+        }
+        STOP.store(true, Ordering::Relaxed);
+        if protected != Some(true) {
+            return u64::MAX;
+        }
+        COW.load(Ordering::Relaxed) - c0
+    }
+    let n = smp::online_count() as u64;
+    let before = frames_in_use();
+    enter_user(n.max(2))?;
+    for p in 0..n.max(2) {
+        // SAFETY: inside the VMA.
+        unsafe { user_ptr(p).write_volatile(0) };
+    }
+    STOP.store(false, Ordering::Relaxed);
+    let out = smp::run_on_all(role, user_root()?);
+    leave_user()?;
+    check(out[0] != u64::MAX, "the pages could not be write-protected")?;
+    check(out[0] == n - 1, "not exactly one write fault per writer after the write protection")?;
+    check(frames_in_use() == before, "leaked frames")
 }

@@ -33,6 +33,7 @@ pub static ALL: &[TestCase] = &[
     TestCase { name: "smp::parallel_demand_faults", run: smp_suites::parallel_demand_faults },
     TestCase { name: "smp::unmap_while_reading", run: smp_suites::unmap_while_reading },
     TestCase { name: "smp::fork_while_threads_write", run: smp_suites::fork_while_threads_write },
+    TestCase { name: "smp::write_protect_from_another_root", run: smp_suites::write_protect_from_another_root },
     TestCase { name: "smp::access_matrix_on_every_cpu", run: smp_suites::access_matrix_on_every_cpu },
     TestCase { name: "aging::follows_accessed_and_dirty_bits", run: vm_suites::aging_follows_accessed_and_dirty_bits },
     TestCase { name: "shadow::stale_mappings_fault_every_time", run: vm_suites::stale_mappings_fault },
