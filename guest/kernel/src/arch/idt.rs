@@ -247,6 +247,16 @@ fn end_probe(frame: &mut TrapFrame, vector: u64) {
     frame.rflags = 0x2;
 }
 
+/// Start a fatal exception's report: a new line, and with several CPUs
+/// online, which CPU took it.
+fn on_cpu() {
+    if crate::smp::online_count() > 1 {
+        crate::kprint!("\nCPU {}: ", super::percpu::cpu_id());
+    } else {
+        crate::console::write_bytes(b"\n");
+    }
+}
+
 /// Called by the common stub for every exception and interrupt.
 /// Interrupts (vectors 32 and up) go to [`crate::smp::interrupt`] and are
 /// acknowledged (not the spurious vector). The `ud2` of
@@ -286,9 +296,11 @@ extern "C" fn exception_dispatch(frame: &mut TrapFrame) {
             arch::mmu::fault_handled(cr2);
             return;
         }
-        kprintln!("\nEXCEPTION {} ({}) error={:#x} rip={:#x} cr2={:#x}", v, vector_name(v), error_code, frame.rip, cr2);
+        on_cpu();
+        kprintln!("EXCEPTION {} ({}) error={:#x} rip={:#x} cr2={:#x}", v, vector_name(v), error_code, frame.rip, cr2);
     } else {
-        kprintln!("\nEXCEPTION {} ({}) error={:#x} rip={:#x}", v, vector_name(v), frame.error_code, frame.rip);
+        on_cpu();
+        kprintln!("EXCEPTION {} ({}) error={:#x} rip={:#x}", v, vector_name(v), frame.error_code, frame.rip);
     }
     kprintln!("  rsp={:#x} rflags={:#x} cs={:#x}", frame.rsp, frame.rflags, frame.cs);
     arch::exit(guest_abi::ports::EXIT_FAILURE)
