@@ -7,7 +7,8 @@
 //! VM-wide (memory, memory map, devices, the MMU backend) is the VM's
 //! (`vm::VmState`). The run loop (`vm::run`) takes the VM's state and one
 //! `Vcpu`, so that a VM with several vCPUs runs one loop per vCPU thread
-//! over the same VM state. Today a VM has exactly one vCPU (index 0).
+//! over the same VM state (`vm::smp`). vCPU 0 boots the guest; the others
+//! start at the guest's `CPU_ON` ([`handle`]).
 //!
 //! Trust: nothing here reads guest memory; exit data is copied out of
 //! `kvm_run` once (`exit`) and every count is bounded by `u64`.

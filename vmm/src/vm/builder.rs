@@ -1,7 +1,9 @@
 //! Building a VM from a [`VmConfig`] (the rust-vmm `vmm-reference` shape):
 //! check the configuration, open KVM, build the memory map and register
 //! its memslots, load the kernel and write the boot structures, create the
-//! vCPU in long mode, and create the MMU mode's backend
+//! vCPUs (with more than one: the in-kernel irqchip first, and each vCPU's
+//! own APIC id in its CPUID; vCPU 0 in long mode, the others waiting for
+//! the guest's `CPU_ON`), and create the MMU mode's backend
 //! ([`create_backend`]: the one place that names every backend).
 //!
 //! Invariant: guest RAM is one host mapping at GPA `0..memory`, registered
@@ -32,7 +34,7 @@ use std::time::Instant;
 impl VmCore {
     /// Build the VM of `config`: check it, open KVM, lay out and register
     /// memory, load the kernel and the boot structures, create vCPU 0 in
-    /// long mode and the MMU mode's backend.
+    /// long mode, the application processors, and the MMU mode's backend.
     pub(super) fn new(config: VmConfig, console: Box<dyn Write + Send>) -> Result<VmCore> {
         check_memory_size(config.memory)?;
         let page = config.backing.alignment();

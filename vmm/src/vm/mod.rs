@@ -9,7 +9,8 @@
 //! guest CPU facts, warnings), the devices (UART, diagnostics queue,
 //! `EXPLAIN` budget), the MMU backend (the mode's VM-wide state), the
 //! configuration. `vcpu::Vcpu` is per-vCPU (its file descriptor and index,
-//! its exit counts and statistics). A VM has one vCPU today.
+//! its exit counts and statistics). A VM has 1 to 64 vCPUs (`--vcpus`);
+//! with more than one, `smp` runs one thread per vCPU.
 //!
 //! Lifecycle (the rust-vmm `vmm-reference` shape): [`Vm::new`] builds the
 //! VM (`builder`); [`Vm::run`] moves the VM's state onto a vCPU thread
@@ -236,7 +237,8 @@ impl Vm {
     }
 }
 
-/// Per-VM state: everything of the VM the vCPU threads share (one today).
+/// Per-VM state: everything of the VM the vCPU threads share (behind
+/// `run::Shared`'s mutex during a run).
 pub(crate) struct VmState {
     // Kept alive for the lifetime of the VM: the vCPU and memslots belong to it.
     _kvm: Kvm,

@@ -5,9 +5,14 @@
 //! entry: `mmu`'s seam), or to the hypercall device (`REPORT`, `NOW`,
 //! `EXPLAIN`). It holds no mode-specific code.
 //!
-//! It runs on [`VmState`] (per-VM: memory, devices, the MMU backend) and
-//! one [`Vcpu`] (per-vCPU: its file descriptor, its exit counts), so a VM
-//! with several vCPUs would run one such loop per vCPU thread.
+//! It runs on [`VmState`] (per-VM: memory, devices, the MMU backend),
+//! shared by every vCPU thread behind one mutex ([`Shared`]: taken to
+//! prepare an entry and to handle an exit, never across `KVM_RUN`), and
+//! one [`Vcpu`] (per-vCPU: its file descriptor, its exit counts). A VM
+//! with several vCPUs runs one such loop per vCPU thread (`vm::smp`). A
+//! kick (`vcpu::handle`) ends `KVM_RUN` with `EINTR`; the loop clears
+//! `immediate_exit` and looks at the timeout and the stop flag before it
+//! enters again.
 //!
 //! Invariants: registers are read through the sync-regs area of `kvm_run`
 //! (`KVM_SYNC_X86_REGS`), so a hypercall costs one exit and no extra ioctl;
