@@ -102,6 +102,10 @@ impl Flush {
     pub fn is_empty(&self) -> bool {
         !self.full && self.n == 0
     }
+    /// The gathered ranges (start, pages), or `None` for a full flush.
+    pub fn ranges(&self) -> Option<&[(u64, u64)]> {
+        (!self.full).then_some(&self.ranges[..self.n])
+    }
     /// Flush on this CPU.
     fn run_local(&self) {
         if self.full {

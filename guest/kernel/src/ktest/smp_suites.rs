@@ -481,3 +481,86 @@ pub fn write_protect_from_another_root() -> TestResult {
     check(out[0] == n - 1, "not exactly one write fault per writer after the write protection")?;
     check(frames_in_use() == before, "leaked frames")
 }
+
+/// Gathered invalidations: adjacent pages merge into one range; more than
+/// `FLUSH_CEILING` (33) pages, or more ranges than a request carries,
+/// become one full flush.
+pub fn flush_batches_merge_and_cap() -> TestResult {
+    let mut f = tlb::Flush::new();
+    check(f.is_empty(), "a new batch is not empty")?;
+    for p in [0x1000, 0x2000, 0x3000, 0x9000, 0x9fff] {
+        f.add_page(USER_PAGE + p);
+    }
+    let expected: &[(u64, u64)] = &[(USER_PAGE + 0x1000, 3), (USER_PAGE + 0x9000, 1), (USER_PAGE + 0x9000, 1)];
+    check(f.ranges() == Some(expected), "adjacent pages did not merge into ranges")?;
+    let mut f = tlb::Flush::new();
+    for p in 0..tlb::FLUSH_CEILING {
+        f.add_page(USER_PAGE + p * 4096);
+    }
+    check(f.ranges().map(|r| r.len()) == Some(1), "33 adjacent pages are not one range")?;
+    f.add_page(USER_PAGE + tlb::FLUSH_CEILING * 4096);
+    check(f.ranges().is_none(), "the 34th page did not make it a full flush")?;
+    let mut f = tlb::Flush::new();
+    for p in 0..tlb::MAX_RANGES as u64 + 1 {
+        f.add_page(USER_PAGE + p * 2 * 4096);
+    }
+    check(f.ranges().is_none(), "more ranges than a request carries did not make it a full flush")
+}
+
+const USER_PAGE: u64 = super::vm_suites::USER_BASE;
+
+/// Lazy TLB: an AP that finished its work keeps the user root loaded; an
+/// unmap skips it (no IPI, marked stale) and it flushes when it runs in
+/// that address space again. Destroying the address space moves it to the
+/// kernel's root.
+pub fn lazy_cpus_are_skipped_then_flush() -> TestResult {
+    fn touch(root: u64) -> u64 {
+        // SAFETY: the test's user address space, which maps the kernel.
+        unsafe { tlb::use_root(root) };
+        // SAFETY: inside the VMA.
+        unsafe { user_ptr(1).read_volatile() }
+    }
+    fn come_back(root: u64) -> u64 {
+        let a = percpu::this();
+        let (stale, before) = (a.stale.load(Ordering::SeqCst), a.full_flushes.load(Ordering::SeqCst));
+        // SAFETY: as above.
+        unsafe { tlb::use_root(root) };
+        let flushed = a.full_flushes.load(Ordering::SeqCst) - before;
+        u64::from(stale) << 32 | flushed
+    }
+    if smp::online_count() < 2 {
+        return Ok(());
+    }
+    let before = frames_in_use();
+    enter_user(2)?;
+    // SAFETY: inside the VMA.
+    unsafe {
+        user_ptr(0).write_volatile(1);
+        user_ptr(1).write_volatile(2);
+    }
+    let root = user_root()?;
+    check(smp::run_on(1, touch, root) == Some(2), "CPU 1 did not read the page")?;
+    check(percpu::area(1).lazy.load(Ordering::SeqCst), "CPU 1 is not lazy after its work")?;
+    check(tlb::cpumask(root) & 0b10 != 0, "a lazy CPU left the address space's mask")?;
+    let (skips, ipis) = (tlb::LAZY_SKIPS.load(Ordering::Relaxed), tlb::IPIS.load(Ordering::Relaxed));
+    mm::with(|m| {
+        m.ctx(|cx, _, user| {
+            if let Some(a) = user.as_mut() {
+                let start = Gva(user_ptr(0) as u64);
+                a.unmap_range(cx, start, Gva(start.0 + 4096)).flush(cx.mmu);
+            }
+        })
+    });
+    let ipis_to_lazy = tlb::IPIS.load(Ordering::Relaxed) - ipis;
+    let skipped = tlb::LAZY_SKIPS.load(Ordering::Relaxed) - skips;
+    let back = smp::run_on(1, come_back, root).unwrap_or(0);
+    leave_user()?;
+    check(skipped > 0 && ipis_to_lazy == 0, "the unmap sent an IPI to a lazy CPU")?;
+    check(back >> 32 == 1, "the skipped lazy CPU was not marked stale")?;
+    check(back & 0xffff_ffff == 1, "the stale CPU did not flush when it came back")?;
+    check(
+        percpu::area(1).loaded_root.load(Ordering::SeqCst) == tlb::kernel_root(),
+        "the destroyed space stayed loaded",
+    )?;
+    check(frames_in_use() == before, "leaked frames")
+}

@@ -34,6 +34,8 @@ pub static ALL: &[TestCase] = &[
     TestCase { name: "smp::unmap_while_reading", run: smp_suites::unmap_while_reading },
     TestCase { name: "smp::fork_while_threads_write", run: smp_suites::fork_while_threads_write },
     TestCase { name: "smp::write_protect_from_another_root", run: smp_suites::write_protect_from_another_root },
+    TestCase { name: "smp::flush_batches_merge_and_cap", run: smp_suites::flush_batches_merge_and_cap },
+    TestCase { name: "smp::lazy_cpus_are_skipped_then_flush", run: smp_suites::lazy_cpus_are_skipped_then_flush },
     TestCase { name: "smp::access_matrix_on_every_cpu", run: smp_suites::access_matrix_on_every_cpu },
     TestCase { name: "aging::follows_accessed_and_dirty_bits", run: vm_suites::aging_follows_accessed_and_dirty_bits },
     TestCase { name: "shadow::stale_mappings_fault_every_time", run: vm_suites::stale_mappings_fault },
