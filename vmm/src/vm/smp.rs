@@ -82,6 +82,11 @@ impl Smp {
                 *end = Some((index, r));
             }
         }
+        self.stop_all();
+    }
+
+    /// Stop and kick every vCPU.
+    fn stop_all(&self) {
         self.stop.store(true, Ordering::SeqCst);
         for h in &self.handles {
             h.kick();
@@ -96,7 +101,9 @@ struct EndOnPanic<'a>(&'a Smp, u32);
 impl Drop for EndOnPanic<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.0.finish(self.1, Err(Error::VcpuPanicked(format!("the vCPU {} thread panicked", self.1))));
+            // Stop the others at once; the panic's message comes with the
+            // join (an AP) or through `supervise` (vCPU 0).
+            self.0.stop_all();
         }
         self.0.handles[self.1 as usize].detach_thread();
     }
@@ -113,23 +120,36 @@ pub(super) fn run_all(
     timeout: Duration,
 ) -> Result<GuestExit> {
     std::thread::scope(|scope| {
+        let mut threads = Vec::new();
         for ap in aps.iter_mut() {
             let index = ap.index();
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn_scoped(scope, move || ap_thread(shared, smp, ap, expired, timeout));
-            if let Err(e) = spawned {
-                smp.finish(index, Err(Error::Io(e)));
+            match spawned {
+                Ok(t) => threads.push((index, t)),
+                Err(e) => smp.finish(index, Err(Error::Io(e))),
             }
         }
-        let _guard = EndOnPanic(smp, 0);
-        smp.handles[0].attach_current_thread();
-        // SAFETY: vCPU 0's kvm_run mapping lives as long as its file
-        // descriptor, which outlives this call; the guard deregisters it.
-        let kick = unsafe { KickGuard::register(bsp.ctx.fd_mut().get_kvm_run()) };
-        let r = run_loop(shared, bsp, expired, Some(&smp.stop), timeout);
-        drop(kick);
-        smp.finish(0, r);
+        {
+            let _guard = EndOnPanic(smp, 0);
+            smp.handles[0].attach_current_thread();
+            // SAFETY: vCPU 0's kvm_run mapping lives as long as its file
+            // descriptor, which outlives this call; the guard deregisters
+            // it.
+            let kick = unsafe { KickGuard::register(bsp.ctx.fd_mut().get_kvm_run()) };
+            let r = run_loop(shared, bsp, expired, Some(&smp.stop), timeout);
+            drop(kick);
+            smp.finish(0, r);
+        }
+        // Join each AP here, so that a panicking one (a VMM bug) ends the
+        // run with its message instead of unwinding the scope.
+        for (index, t) in threads {
+            if let Err(payload) = t.join() {
+                let message = crate::vcpu::supervise::panic_message(&*payload);
+                smp.finish(index, Err(Error::VcpuPanicked(format!("vCPU {index}: {message}"))));
+            }
+        }
     });
     let (index, r) = smp.end.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or((0, Err(Error::Stopped)));
     r.map_err(|e| match e {
