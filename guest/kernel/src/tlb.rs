@@ -35,7 +35,10 @@
 //!   `mm::destroy`), or its next interrupt would find no IDT.
 //! - **Freed frames** (`mm::Gather`): frames and table pages unmapped
 //!   while other CPUs run are freed only after every CPU that could cache
-//!   them has done a full flush since they were unmapped.
+//!   them has done a full flush since they were unmapped. The one
+//!   exception, as in Linux: a lazy CPU is skipped for data frames (it
+//!   runs only kernel code, which never touches user addresses, and it
+//!   flushes before it uses the root again); for table pages it is not.
 //!
 //! With one CPU online none of this runs: a flush is the local
 //! instruction, exactly as before SMP (the exit counts the shadow-mode
