@@ -126,3 +126,40 @@ fn one_vcpu_writes_no_per_vcpu_stats() {
     assert!(json.get("vcpus").is_none(), "{json}");
     assert!(json["exits"]["io-out:exit"] == 1, "{json}");
 }
+
+#[test]
+fn a_vcpu_that_makes_no_progress_ends_the_vm_at_once_and_is_named() {
+    if !kvm_available() {
+        return;
+    }
+    // vCPU 0 retries an lgdt from unbacked memory forever (issue 22's
+    // detector, one per vCPU thread); the APs were never started.
+    let start = Instant::now();
+    let o = run(&["run", "--vcpus", "2", "--memory", "64M", "--cmdline", "crash=lgdt-unbacked", "--timeout", "60s"]);
+    assert_exit(&o, 4);
+    let line = error_line(&o);
+    assert!(
+        line.starts_with("error: vCPU 0: the guest makes no progress at rip=") && line.contains("`lgdt ["),
+        "{line}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(30), "ended by the timeout, not at once");
+}
+
+#[test]
+fn aps_waiting_for_cpu_on_are_not_sampled_and_progress_kicks_do_not_end_the_run() {
+    if !kvm_available() {
+        return;
+    }
+    // vCPU 0 spins for good (no instruction the detector can blame) while
+    // the periodic progress kicks run for 2 s; the APs never get CPU_ON.
+    let (o, json) = stats_json(&["run", "--vcpus", "4", "--cmdline", "crash=hang", "--timeout", "2s"], "hang-4.json");
+    let json = &json["stats"];
+    assert_exit(&o, 5);
+    assert!(error_line(&o).contains("timeout"), "{}", stderr(&o));
+    let vcpus = json["vcpus"].as_array().expect("per-vCPU stats");
+    assert_eq!(vcpus.len(), 4);
+    assert_eq!(vcpus[0]["exits"]["interrupted"], 1, "vCPU 0: one kick ends it, the samples are not exits");
+    for (i, v) in vcpus.iter().enumerate().skip(1) {
+        assert_eq!(v["total_exits"], 0, "vCPU {i} never entered the guest");
+    }
+}

@@ -106,6 +106,13 @@
 //! user page would get a spurious fault). The guest's own controls
 //! ([`PagingMode`]) govern the walk and the error code the guest sees.
 //!
+//! - **A WP = 0 the guest does not report**: a guest can clear the vCPU's
+//!   WP with its own `mov cr0`, which does not exit; supervisor writes
+//!   then pass read-only leaves. Read-only leaves therefore keep D clear
+//!   (writable ones have it set), so the hardware records such a write in
+//!   the leaf; [`ShadowMmu::harvest_dirty_leaves`] gives that D to the
+//!   guest's entry at the next pool check, before the pool is repaired.
+//!
 //! - **CR0.WP = 0** is emulated per fault, as KVM does: a supervisor write
 //!   to a read-only page gets a writable, supervisor-only leaf (a later
 //!   user access refaults and gets the ordinary read-only user leaf back). With CR4.SMEP that leaf also gets XD: the

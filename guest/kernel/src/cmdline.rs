@@ -48,7 +48,7 @@ const KEYS: &[(&str, Takes)] = &[
     // Set by `vmm test` on a host whose MMU is QEMU's TCG model (nested
     // NPT): tests that compare against the host MMU allow for its known
     // differences from silicon.
-    ("hostmmu", Takes::OneOf(&["qemu-tcg"])),
+    ("hostmmu", Takes::OneOf(&["qemu-tcg", "kvm-pvm"])),
 ];
 
 /// The reason given for a word whose key the kernel does not know.

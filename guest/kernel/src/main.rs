@@ -111,6 +111,8 @@ extern "C" fn kmain(boot_info_gpa: u64) -> ! {
         start_cpus();
         ktest::run(filter);
     }
+    // A plain boot still runs on the VMM's shadow in shadow and pv mode.
+    arch::mmu::start_shadowing();
     console::println("boot ok");
     arch::exit(guest_abi::ports::EXIT_SUCCESS)
 }

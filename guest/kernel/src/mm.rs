@@ -296,7 +296,7 @@ pub fn init(info: &BootInfo) {
     // reference aliases.
     let mem = unsafe { DirectMap::new(DIRECT_MAP_BASE) };
     // pv mode: every write into the page-table zone is queued for the VMM.
-    let mem = if crate::arch::mmu::is_pv() { mem.watching(pgtables, &crate::arch::mmu::PV_WRITES) } else { mem };
+    let mem = if crate::arch::mmu::pv_requested() { mem.watching(pgtables, &crate::arch::mmu::PV_WRITES) } else { mem };
     let mut buddy = match BuddyAllocator::new_deferred(mem, meta, sections, Pfn(0), pgtables) {
         Ok(b) => b,
         Err(e) => fatal(e.as_str()),
@@ -376,7 +376,18 @@ fn map_kernel<S: PageSize>(
     pages: u64,
     flags: PteFlags,
 ) {
-    let mem = *buddy.mem();
+    // Before the first CR3 load nothing is shadowed (see `arch::mmu`): pv
+    // mode has nothing to report, so the writes skip its recorder (a check
+    // and a call per entry: 4,096 entries for 8 GiB of RAM, all emulated).
+    let mem = if crate::arch::mmu::is_shadow() {
+        *buddy.mem()
+    } else {
+        // SAFETY: the buddy's own direct map without the recorder: the
+        // frames it was given so far lie below the boot map's limit, which
+        // the boot tables map read-write at DIRECT_MAP_BASE, and the
+        // page-table pages it hands out are referenced by nothing else.
+        unsafe { DirectMap::new(DIRECT_MAP_BASE) }
+    };
     let page = Page::<S>::from_start_address(guest_abi::Gva(va)).unwrap_or_else(|_| fatal("bad kernel page"));
     let frame = PhysFrame::<S>::from_start_address(Gpa(pa)).unwrap_or_else(|_| fatal("bad kernel frame"));
     if let Err(e) = pt.map_range(&mem, buddy, page, frame, pages, flags) {

@@ -36,6 +36,10 @@ pub struct ShadowStats {
     /// Pool pages found written by the guest and rewritten from the VMM's
     /// copy ([`ShadowMmu::repair_pool_pages`](super::ShadowMmu::repair_pool_pages)).
     pub pool_repairs: u64,
+    /// Guest entries given the D bit the hardware set in a read-only shadow
+    /// leaf: a supervisor write under a CR0.WP = 0 the guest did not report
+    /// ([`ShadowMmu::harvest_dirty_leaves`](super::ShadowMmu::harvest_dirty_leaves)).
+    pub wp_off_dirty: u64,
     /// pv mode: write-queue batches applied ([`ShadowMmu::apply_batch`](super::ShadowMmu::apply_batch)).
     pub batches: u64,
     /// pv mode: queue entries applied (each also counts in `pte_writes`).
@@ -60,7 +64,7 @@ impl ShadowStats {
         counts_since!(self, earlier;
             counts: hidden_faults, guest_faults, pte_writes, pte_updates_in_place, cr3_loads, root_hits,
                 root_misses, zaps, page_zaps, pool_exhaustions, host_invalidations, flushes, pool_repairs,
-                batches, batch_entries, prefetches;
+                wp_off_dirty, batches, batch_entries, prefetches;
             gauges: pages_in_use, pages_peak)
     }
 }

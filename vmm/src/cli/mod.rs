@@ -91,9 +91,9 @@ pub struct TestArgs {
     #[arg(long, value_enum, default_value = "all")]
     pub mmu: MmuArg,
 
-    /// Size of the shadow pool (shadow and pv mode).
-    #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size)]
-    pub shadow_pool: u64,
+    /// Size of the shadow pool (shadow and pv mode) [default: 16M; at most 1G].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub shadow_pool: Option<u64>,
 
     /// Run only the tests whose name contains this text.
     #[arg(long, value_name = "PATTERN", default_value = "")]
@@ -150,9 +150,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
     pub memory: u64,
 
-    /// Size of the shadow pool (shadow and pv mode).
-    #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size)]
-    pub shadow_pool: u64,
+    /// Size of the shadow pool (shadow and pv mode) [default: 16M; at most 1G].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub shadow_pool: Option<u64>,
 
     /// Folder for the report files (report.json, and report.svg when ept and shadow both ran).
     #[arg(long, value_name = "DIR", default_value = "bench-report")]
@@ -268,10 +268,12 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "ept")]
     pub mmu: RunMmuArg,
 
-    /// Size of the shadow pool (shadow and pv mode): the VMM-private memory that
-    /// holds the shadow page tables. When it fills up, everything is zapped.
-    #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size)]
-    pub shadow_pool: u64,
+    /// Size of the shadow pool (shadow and pv mode; ignored, with a warning,
+    /// in ept mode): the VMM-private memory that holds the shadow page
+    /// tables. When it fills up, everything is zapped [default: 16M; at
+    /// most 1G].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub shadow_pool: Option<u64>,
 
     /// What backs guest RAM on the host: 4k pages, transparent huge pages,
     /// or hugetlb pages (hugetlb = hugetlb-2m, or hugetlb-1g). No fallback:

@@ -14,14 +14,19 @@
 //! - A kicked thread's next `KVM_RUN` returns `EINTR` at once; the run
 //!   loop clears `immediate_exit` and looks at the stop flags before
 //!   entering again, so a kick is never lost, whether it arrives in
-//!   `KVM_RUN` or while the thread handles an exit.
+//!   `KVM_RUN` or while the thread handles an exit. A kick with no stop
+//!   flag set is the periodic progress sample (`vcpu::progress`), never
+//!   the end of the run.
+//! - A thread is signalled only while it is attached: a kick holds the
+//!   handle's thread lock while it signals, and a thread detaches under
+//!   that lock before it ends.
 //! - Requests (start an application processor, `CPU_ON`) are kept in the
 //!   handle under its mutex; the thread waits for one on the condition
 //!   variable, so a vCPU that was never started never calls `KVM_RUN`.
 
 use kvm_bindings::kvm_run;
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
@@ -78,8 +83,11 @@ pub struct StartRequest {
 /// One vCPU thread's handle.
 #[derive(Default)]
 pub struct VcpuHandle {
-    /// The thread's `pthread_t` (0 until it runs).
-    thread: AtomicU64,
+    /// The thread's `pthread_t` (0 until it runs and once it is about to
+    /// end). A mutex, not an atomic: a kick signals the thread while
+    /// holding it, so a thread that has detached cannot be signalled after
+    /// it ended (the periodic kick comes from another thread at any time).
+    thread: Mutex<u64>,
     /// Whether `CPU_ON` was accepted for it.
     started: AtomicBool,
     request: Mutex<Option<StartRequest>>,
@@ -91,24 +99,31 @@ impl VcpuHandle {
     pub fn attach_current_thread(&self) {
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
-        self.thread.store(me as u64, Ordering::SeqCst);
+        *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = me as u64;
     }
 
-    /// Forget the thread (it is about to end).
+    /// Forget the thread (it is about to end): once this returns, no kick
+    /// signals it.
     pub fn detach_thread(&self) {
-        self.thread.store(0, Ordering::SeqCst);
+        *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = 0;
+    }
+
+    /// Whether `CPU_ON` was accepted for this vCPU.
+    pub fn is_started(&self) -> bool {
+        self.started.load(Ordering::SeqCst)
     }
 
     /// Kick the thread out of `KVM_RUN` (or out of its wait for a start).
     pub fn kick(&self) {
         self.wake.notify_all();
-        let t = self.thread.load(Ordering::SeqCst);
-        if t != 0 {
-            // SAFETY: `t` is a live thread's pthread_t: a thread clears it
-            // before it ends (`detach_thread`), and the threads are scoped,
-            // so none is joined while registered. The kick handler is
-            // installed (`supervise`), so the signal only interrupts.
-            unsafe { libc::pthread_kill(t as libc::pthread_t, super::supervise::kick_signal()) };
+        let t = self.thread.lock().unwrap_or_else(|p| p.into_inner());
+        if *t != 0 {
+            // SAFETY: `*t` is a live thread's pthread_t: a thread clears it
+            // (`detach_thread`, under this lock, which we hold) before it
+            // ends, so it cannot end and be joined while we signal it. The
+            // kick handler is installed (`supervise`), so the signal only
+            // interrupts.
+            unsafe { libc::pthread_kill(*t as libc::pthread_t, super::supervise::kick_signal()) };
         }
     }
 

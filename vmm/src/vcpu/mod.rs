@@ -3,18 +3,23 @@
 //!
 //! **Per-vCPU state** lives in [`Vcpu`]: the vCPU file descriptor and its
 //! index ([`VcpuContext`], what an MMU backend may touch), its exit counts
-//! and the rest of its run statistics, and its bench snapshot. Everything
+//! and the rest of its run statistics, its bench snapshot, and its
+//! no-progress watch ([`progress`]: each vCPU thread samples its own, at
+//! its exits and at the supervisor's periodic kicks). Everything
 //! VM-wide (memory, memory map, devices, the MMU backend) is the VM's
 //! (`vm::VmState`). The run loop (`vm::run`) takes the VM's state and one
 //! `Vcpu`, so that a VM with several vCPUs runs one loop per vCPU thread
 //! over the same VM state (`vm::smp`). vCPU 0 boots the guest; the others
 //! start at the guest's `CPU_ON` ([`handle`]).
 //!
-//! Trust: nothing here reads guest memory; exit data is copied out of
-//! `kvm_run` once (`exit`) and every count is bounded by `u64`.
+//! Trust: nothing here reads guest memory but [`progress`], which decodes
+//! the (guest-chosen) instruction bytes the run loop hands it; exit data
+//! is copied out of `kvm_run` once (`exit`) and every count is bounded by
+//! `u64`.
 
 pub(crate) mod exit;
 pub mod handle;
+pub mod progress;
 pub mod supervise;
 
 use crate::mmu::{MmuCounters, VcpuContext};
@@ -35,12 +40,14 @@ pub struct Vcpu {
     pub(crate) stats: RunStats,
     /// Counters at the last `BENCH_BEGIN`.
     pub(crate) bench_start: Option<BenchSnapshot>,
+    /// Whether it still makes progress (issue 22, item 4).
+    pub(crate) progress: progress::ProgressWatch,
 }
 
 impl Vcpu {
     /// The vCPU `ctx`, with nothing counted yet.
     pub fn new(ctx: VcpuContext) -> Vcpu {
-        Vcpu { ctx, stats: RunStats::default(), bench_start: None }
+        Vcpu { ctx, stats: RunStats::default(), bench_start: None, progress: progress::ProgressWatch::default() }
     }
 
     /// The vCPU's index in its VM.

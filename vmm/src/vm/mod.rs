@@ -16,8 +16,11 @@
 //! VM (`builder`); [`Vm::run`] moves the VM's state onto a vCPU thread
 //! and runs it until the guest writes to the exit device, the vCPU dies,
 //! or the timeout expires (the main thread then kicks the vCPU out of
-//! `KVM_RUN` with a signal). The VM stays inspectable afterwards
-//! (`--explain`).
+//! `KVM_RUN` with a signal). Until then the main thread kicks every
+//! running vCPU every `vcpu::progress::TICK`: each samples its own
+//! progress (`vcpu::progress`), and a vCPU stuck on an instruction that
+//! can never complete ends the run at once. The VM stays inspectable
+//! afterwards (`--explain`).
 //!
 //! The timeout is a deadline for the whole run, whatever the vCPU thread is
 //! doing: the guest's console is written by a thread of its own through a
@@ -185,10 +188,20 @@ impl Vm {
         let stop = expired.clone();
         let console = self.console.clone();
         let diag = self.diag.clone();
+        // The periodic progress kick (`vcpu::progress`): `supervise` kicks
+        // vCPU 0's thread, this every AP that `CPU_ON` started (one that
+        // waits for it runs no guest code and is not sampled).
+        let smp = core.vm.smp.clone();
         let supervised = supervise(
             "vcpu0",
             self.timeout,
             VCPU_STOP_GRACE,
+            Some(crate::vcpu::progress::TICK),
+            || {
+                if let Some(smp) = &smp {
+                    smp.kick_started_aps();
+                }
+            },
             || {
                 stop.store(true, Ordering::SeqCst);
                 console.abort();

@@ -12,7 +12,15 @@
 //! with several vCPUs runs one such loop per vCPU thread (`vm::smp`). A
 //! kick (`vcpu::handle`) ends `KVM_RUN` with `EINTR`; the loop clears
 //! `immediate_exit` and looks at the timeout and the stop flag before it
-//! enters again.
+//! enters again. A kick with neither set is the supervisor's periodic
+//! one (`Vm::run`, every `vcpu::progress::TICK`, to every running vCPU):
+//! the vCPU samples its own progress and enters again.
+//!
+//! No progress (`vcpu::progress`, one watch per vCPU): every exit is
+//! counted by the vCPU's watch before it is handled (an unbacked-MMIO
+//! exit repeated with nothing changed ends the run), and each periodic
+//! kick samples the registers; either way the error names the
+//! instruction, and with several vCPUs `vm::smp` names the vCPU.
 //!
 //! Invariants: registers are read through the sync-regs area of `kvm_run`
 //! (`KVM_SYNC_X86_REGS`), so a hypercall costs one exit and no extra ioctl;
@@ -187,6 +195,39 @@ impl VmState {
         })
     }
 
+    /// A periodic kick while the guest runs: end the run if the vCPU is
+    /// stuck on an instruction that can only complete with an exit that
+    /// never comes (`vcpu::progress`).
+    fn progress_tick(&self, vcpu: &mut Vcpu) -> Result<()> {
+        let regs = vcpu.ctx.fd().get_regs().map_err(|source| Error::Kvm { what: "KVM_GET_REGS", source })?;
+        let sregs = vcpu.ctx.fd().get_sregs().map_err(|source| Error::Kvm { what: "KVM_GET_SREGS", source })?;
+        let bytes = self.instruction_bytes(vcpu, regs.rip);
+        let map = self.ctx.map();
+        let gpa_of = |va: u64| {
+            let t = vcpu.ctx.fd().translate_gva(va).ok().filter(|t| t.valid != 0)?;
+            Some((t.physical_address, map.slot_of(Gpa(t.physical_address)).map(|s| s.readonly)))
+        };
+        match vcpu.progress.tick(&regs, &sregs, &bytes, gpa_of) {
+            Some(why) => Err(self.no_progress(vcpu, &regs, why)),
+            None => Ok(()),
+        }
+    }
+
+    /// The error for a vCPU that makes no progress: the instruction at RIP
+    /// named and its bytes.
+    fn no_progress(&self, vcpu: &Vcpu, regs: &kvm_bindings::kvm_regs, why: String) -> Error {
+        let bytes = self.instruction_bytes(vcpu, regs.rip);
+        // The decoded instruction and only its own bytes (the text of one
+        // instruction is bounded).
+        let (instruction, len) = match crate::vcpu::progress::decode(&bytes, regs.rip) {
+            Some((text, i)) => (text, i.len()),
+            None => ("(undecodable)".to_string(), bytes.len()),
+        };
+        let hex = bytes[..len.min(bytes.len())].iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");
+        let bytes = if hex.is_empty() { "unreadable".to_string() } else { hex };
+        Error::NoProgress { rip: regs.rip, instruction, bytes, why }
+    }
+
     /// Describe a `KVM_EXIT_INTERNAL_ERROR`; for an emulation failure,
     /// include the instruction bytes at `rip`.
     fn internal_error(&self, vcpu: &mut Vcpu) -> Error {
@@ -250,6 +291,23 @@ impl Shared<'_> {
     fn handle(&mut self, vcpu: &mut Vcpu, action: Action) -> Result<Option<GuestExit>> {
         let Shared { vm, reports, budget } = self;
         let vm = &mut **vm;
+        // The no-progress detector (`vcpu::progress`): an unbacked-MMIO
+        // exit repeated with nothing changed, or any other exit.
+        match &action {
+            Action::MmioRead(addr) => {
+                let regs = vcpu.ctx.regs();
+                if let Some(why) = vcpu.progress.mmio_exit(false, *addr, &[], &regs) {
+                    return Err(vm.no_progress(vcpu, &regs, why));
+                }
+            }
+            Action::MmioWrite(addr, data, len) if !vm.ctx.map().slot_of(Gpa(*addr)).is_some_and(|s| s.readonly) => {
+                let regs = vcpu.ctx.regs();
+                if let Some(why) = vcpu.progress.mmio_exit(true, *addr, &data[..*len], &regs) {
+                    return Err(vm.no_progress(vcpu, &regs, why));
+                }
+            }
+            _ => vcpu.progress.exit(),
+        }
         match action {
             Action::SerialOut => {
                 vcpu.stats.exit(ExitReason::SerialOut);
@@ -347,9 +405,18 @@ pub(super) fn run_loop(
         let action = match vcpu.ctx.fd_mut().run() {
             Ok(exit) => Action::from_exit(exit, &mut lock(shared).vm.serial),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                // A kick (vcpu::handle) or a signal: look at the flags.
+                // A kick (vcpu::handle) or a signal.
                 vcpu.ctx.fd_mut().set_kvm_immediate_exit(0);
-                vcpu.stats.exit(ExitReason::Interrupted);
+                if expired.load(Ordering::SeqCst) || stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+                    // The end of the run: counted, and the loop's head
+                    // returns.
+                    vcpu.stats.exit(ExitReason::Interrupted);
+                } else {
+                    // The supervisor's periodic kick (`Vm::run`): a
+                    // progress sample of this vCPU, not an exit of the
+                    // guest's, and never the end of the run.
+                    lock(shared).vm.progress_tick(vcpu)?;
+                }
                 continue;
             }
             Err(e) => return Err(Error::Kvm { what: "KVM_RUN", source: e }),

@@ -85,6 +85,15 @@ impl Smp {
         self.stop_all();
     }
 
+    /// Kick every application processor that `CPU_ON` started (the
+    /// periodic progress sample, `vcpu::progress`): with neither `stop` nor
+    /// the timeout set, its loop samples its progress and enters again.
+    pub(crate) fn kick_started_aps(&self) {
+        for h in self.handles.iter().skip(1).filter(|h| h.is_started()) {
+            h.kick();
+        }
+    }
+
     /// Stop and kick every vCPU.
     fn stop_all(&self) {
         self.stop.store(true, Ordering::SeqCst);

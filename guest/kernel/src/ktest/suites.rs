@@ -45,6 +45,7 @@ pub static ALL: &[TestCase] = &[
     TestCase { name: "exact::pdpte_ps_follows_the_cpuid", run: exact::pdpte_ps_follows_the_cpuid },
     TestCase { name: "exact::efer_nxe_is_forced_in_shadow_mode", run: exact::efer_nxe_is_forced_in_shadow_mode },
     TestCase { name: "exact::pml4e_bit_8_follows_the_vendor", run: exact::pml4e_bit_8_follows_the_vendor },
+    TestCase { name: "matrix::smep_smap_rows", run: super::matrix::smep_smap_rows },
     TestCase { name: "meta::fails_when_asked", run: fails_when_asked },
 ];
 
