@@ -34,6 +34,8 @@ Runs a vmm command line on a nested KVM host inside QEMU (TCG).
   --timeout SECS     end QEMU after this many seconds [default: 1800]
   --memory SIZE      QEMU's RAM [default: 2G]
   --cpu MODEL        QEMU's CPU model [default: EPYC,+svm,+npt]
+  --smp N            QEMU's CPUs (multi-threaded TCG when N > 1) [default: the
+                     --vcpus N of the vmm command line, else 1]
   -h, --help         this help
 
 Environment: VMM_BIN (the vmm binary to run [default: cargo build --release]),
@@ -56,6 +58,7 @@ report_dir="nested-report"
 timeout_s=1800
 qemu_mem=2G
 cpu="EPYC,+svm,+npt"
+smp=""
 vmm_args=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -66,6 +69,7 @@ while [ $# -gt 0 ]; do
         --timeout) [ $# -ge 2 ] || usage_error "--timeout needs a number of seconds"; timeout_s=$2; shift 2 ;;
         --memory) [ $# -ge 2 ] || usage_error "--memory needs a size (2G)"; qemu_mem=$2; shift 2 ;;
         --cpu) [ $# -ge 2 ] || usage_error "--cpu needs a QEMU CPU model"; cpu=$2; shift 2 ;;
+        --smp) [ $# -ge 2 ] || usage_error "--smp needs a number of CPUs"; smp=$2; shift 2 ;;
         -h|--help) echo "$usage_text"; exit 0 ;;
         --) shift; vmm_args=("$@"); break ;;
         *) usage_error "unknown option '$1' (the vmm command line goes after --)" ;;
@@ -73,6 +77,20 @@ while [ $# -gt 0 ]; do
 done
 case "$timeout_s" in ''|*[!0-9]*) usage_error "--timeout '$timeout_s' is not a whole number of seconds" ;; esac
 [[ "$qemu_mem" =~ ^[0-9]+[MG]$ ]] || usage_error "--memory '$qemu_mem' is not a size like 2G or 1536M"
+# QEMU's CPUs: as many as the guest VM's vCPUs unless told (--vcpus N or
+# --vcpus=N in the vmm command line), so its vCPU threads run in parallel.
+if [ -z "$smp" ]; then
+    smp=1
+    prev=""
+    for a in "${vmm_args[@]}"; do
+        case "$a" in --vcpus=*) smp=${a#--vcpus=} ;; esac
+        [ "$prev" = "--vcpus" ] && smp=$a
+        prev=$a
+    done
+fi
+case "$smp" in ''|*[!0-9]*|0) usage_error "--smp '$smp' is not a number of CPUs (1 or more)" ;; esac
+accel=tcg
+[ "$smp" -gt 1 ] && accel="tcg,thread=multi"
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -85,7 +103,7 @@ if [ "$three_way" = 1 ]; then
     mkdir -p "$report_dir" || die 3 "cannot create $report_dir"
     for h in npt kvm-shadow; do
         echo "== $h host: vmm bench --mmu all ${vmm_args[*]-}"
-        "$0" --host "$h" --timeout "$timeout_s" --memory "$qemu_mem" --cpu "$cpu" -- \
+        "$0" --host "$h" --timeout "$timeout_s" --memory "$qemu_mem" --cpu "$cpu" --smp "$smp" -- \
             bench --mmu all --out "$report_dir/$h-host" "${vmm_args[@]}"
         rc=$?
         [ "$rc" = 0 ] || { echo "$prog: error: vmm bench on the $h host failed (exit $rc)" >&2; exit "$rc"; }
@@ -295,9 +313,9 @@ cat "$initrd" "$run/params.cpio.gz" >"$run/initrd.cpio.gz"
 
 # --- boot ------------------------------------------------------------------
 log="$cache/last-console.log"
-echo "$prog: booting the $host host (QEMU TCG, -cpu $cpu, kvm_amd npt=$npt): $(basename "$vmm") ${vmm_args[*]}" >&2
+echo "$prog: booting the $host host (QEMU TCG, -cpu $cpu -smp $smp, kvm_amd npt=$npt): $(basename "$vmm") ${vmm_args[*]}" >&2
 start=$(date +%s)
-timeout -k 10 "$timeout_s" qemu-system-x86_64 -accel tcg -cpu "$cpu" -m "$qemu_mem" -smp 1 \
+timeout -k 10 "$timeout_s" qemu-system-x86_64 -accel "$accel" -cpu "$cpu" -m "$qemu_mem" -smp "$smp" \
     -display none -monitor none -serial stdio -no-reboot \
     -kernel "$kdir/vmlinuz" -initrd "$run/initrd.cpio.gz" \
     -append "console=ttyS0 quiet panic=-1 oops=panic" \

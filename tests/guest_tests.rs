@@ -23,12 +23,18 @@ fn all_guest_tests_pass_and_are_counted() {
     let ok_lines = out.lines().filter(|l| l.starts_with("test ") && l.ends_with(" ... ok")).count();
     assert!(ok_lines >= 9, "{out}");
     assert!(out.contains("test exceptions::handler_resumes_through_iretq ... ok"), "{out}");
-    assert!(out.contains(&format!("ept: {ok_lines} passed, 0 failed")), "{out}");
+    // The SMP suites run a second time, on two vCPUs, by default.
+    let smp = out.lines().filter(|l| l.starts_with("test smp::") && l.ends_with(" ... ok")).count() / 2;
+    assert!(smp >= 6, "{out}");
+    assert!(out.contains(&format!("ept: {} passed, 0 failed", ok_lines - smp)), "{out}");
+    assert!(out.contains(&format!("ept (2 vCPUs): {smp} passed, 0 failed")), "{out}");
     assert_eq!(totals(&out), (ok_lines, 0));
     assert!(!out.contains("guest console"), "a clean run hides the console: {out}");
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(v["passed"], ok_lines);
     assert_eq!(v["modes"][0]["mmu"], "ept");
+    assert_eq!(v["modes"][0]["vcpus"], 1);
+    assert_eq!(v["modes"][1]["vcpus"], 2);
 }
 
 #[test]

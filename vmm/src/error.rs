@@ -100,6 +100,12 @@ pub enum Error {
     MemoryTooLarge(u64, u64),
     #[error("memory size {} is not a multiple of 2 MiB", crate::size::format_size(*.0))]
     MemoryUnaligned(u64),
+    #[error("--vcpus {0}: a VM has 1 to {max} vCPUs", max = guest_abi::MAX_CPUS)]
+    BadVcpuCount(u32),
+    #[error(
+        "--mmu {mode} runs one vCPU (--vcpus {vcpus} was given): shadow and pv paging on several vCPUs is not built yet; use --mmu ept"
+    )]
+    SmpUnsupported { mode: &'static str, vcpus: u32 },
     #[error(
         "memory size {} is not a multiple of the {} page size of --backing {backing}: use --memory {} (or a multiple of it)",
         crate::size::format_size(*memory),
@@ -156,6 +162,10 @@ pub enum Error {
     GuestIdle { rip: u64 },
     #[error("timeout: the guest was still running after {}", crate::size::format_duration(*.0))]
     Timeout(std::time::Duration),
+    #[error("vCPU {index}: {source}")]
+    OnVcpu { index: u32, source: Box<Error> },
+    #[error("the vCPU was stopped because another vCPU ended the VM")]
+    Stopped,
     #[error(
         "timeout: the guest was still running after {}, and the VMM was still busy handling its last exit; the VM was abandoned",
         crate::size::format_duration(*.0)
@@ -186,6 +196,8 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         use Error::*;
         match self {
+            OnVcpu { source, .. } => source.exit_code(),
+            Stopped => exit_code::GUEST_CRASH,
             TripleFault { .. }
             | EmulationFailure { .. }
             | InternalError { .. }
@@ -196,7 +208,7 @@ impl Error {
             | GuestIdle { .. }
             | VcpuPanicked(_)
             | ShadowMmu(..) => exit_code::GUEST_CRASH,
-            GuestCmdline(_) => exit_code::USAGE,
+            GuestCmdline(_) | BadVcpuCount(_) | SmpUnsupported { .. } => exit_code::USAGE,
             Timeout(_) | VcpuStuck(_) | ConsoleBlocked { .. } | VmAbandoned => exit_code::TIMEOUT,
             _ => exit_code::SETUP,
         }

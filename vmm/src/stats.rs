@@ -107,6 +107,13 @@ impl ExitCounts {
         d
     }
 
+    /// Add `other`'s counts.
+    pub fn add(&mut self, other: &ExitCounts) {
+        for (n, m) in self.0.iter_mut().zip(other.0) {
+            *n += m;
+        }
+    }
+
     /// Take one `reason` back (saturating).
     pub fn uncount(&mut self, reason: ExitReason) {
         let n = &mut self.0[reason as usize];
@@ -196,6 +203,23 @@ pub struct RunStats {
     /// Bytes of guest console output never written (the output was
     /// blocked until the end of the run).
     pub console_unwritten: u64,
+    /// With more than one vCPU: each vCPU's exits and hypercalls (the
+    /// fields above are then the totals). Absent from the JSON with one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub vcpus: Vec<VcpuStats>,
+}
+
+/// One vCPU's share of a run's exits.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct VcpuStats {
+    /// The vCPU's index (= its APIC id).
+    pub index: u32,
+    /// Its exits by reason.
+    pub exits: ExitCounts,
+    /// Its exits in total.
+    pub total_exits: u64,
+    /// Its hypercalls by name.
+    pub hypercalls: BTreeMap<&'static str, u64>,
 }
 
 impl RunStats {
@@ -212,6 +236,28 @@ impl RunStats {
     /// All exits.
     pub fn total_exits(&self) -> u64 {
         self.exits.total()
+    }
+
+    /// Make these the totals of `vcpus` (index, that vCPU's statistics),
+    /// keeping each vCPU's share in [`RunStats::vcpus`].
+    pub fn merge_vcpus<'a>(&mut self, vcpus: impl Iterator<Item = (u32, &'a RunStats)>) {
+        let mut exits = ExitCounts::default();
+        let mut hypercalls = BTreeMap::new();
+        self.vcpus.clear();
+        for (index, st) in vcpus {
+            exits.add(&st.exits);
+            for (name, n) in &st.hypercalls {
+                *hypercalls.entry(*name).or_default() += n;
+            }
+            self.vcpus.push(VcpuStats {
+                index,
+                exits: st.exits,
+                total_exits: st.exits.total(),
+                hypercalls: st.hypercalls.clone(),
+            });
+        }
+        self.exits = exits;
+        self.hypercalls = hypercalls;
     }
 
     /// The human-readable report printed by `--stats`.
@@ -243,6 +289,12 @@ impl RunStats {
         let _ = writeln!(s, "  exits               {}", self.total_exits());
         for (reason, n) in self.exits.iter() {
             let _ = writeln!(s, "    {:<22}{n:>10}", reason.name());
+        }
+        for v in &self.vcpus {
+            let _ = writeln!(s, "    vCPU {:<17}{:>10}", v.index, v.total_exits);
+            for (reason, n) in v.exits.iter() {
+                let _ = writeln!(s, "      {:<20}{n:>10}", reason.name());
+            }
         }
         if !self.hypercalls.is_empty() {
             let _ = writeln!(s, "  hypercalls");
@@ -337,6 +389,27 @@ mod tests {
         assert!(text.contains("report"));
         let json = serde_json::to_value(st.exits).unwrap();
         assert_eq!(json, serde_json::json!({"io-out:exit": 1, "io-out:serial": 2}));
+    }
+
+    #[test]
+    fn per_vcpu_counts_add_up_to_the_totals() {
+        let mut a = RunStats::default();
+        a.exit(ExitReason::SerialOut);
+        a.hypercall("cpu_on");
+        let mut b = RunStats::default();
+        b.exit(ExitReason::SerialOut);
+        b.exit(ExitReason::Interrupted);
+        let mut total = a.clone();
+        total.merge_vcpus([(0, &a), (1, &b)].into_iter());
+        assert_eq!(total.total_exits(), 3);
+        assert_eq!(total.exits.get(ExitReason::SerialOut), 2);
+        assert_eq!(total.vcpus.len(), 2);
+        assert_eq!(total.vcpus[1].total_exits, 2);
+        let json = serde_json::to_value(&total).unwrap();
+        assert_eq!(json["vcpus"][1]["index"], 1);
+        assert_eq!(json["vcpus"][0]["hypercalls"]["cpu_on"], 1);
+        assert!(serde_json::to_value(&a).unwrap().get("vcpus").is_none(), "one vCPU: no per-vCPU key");
+        assert!(total.render().contains("vCPU 1"));
     }
 
     #[test]

@@ -3,11 +3,18 @@
 //! The VMM writes one [`BootInfo`] into guest RAM and passes its GPA in
 //! `rdi`. The guest checks [`BootInfo::magic`] and [`BootInfo::version`]
 //! before trusting anything else in it.
+//!
+//! Version 2 (SMP) appended [`BootInfo::cpus`] and [`BootInfo::reserved2`]
+//! after `regions`; every earlier field keeps its offset. A guest refuses
+//! a record of any other version.
 
 /// `BootInfo::magic`: "MMUVBOOT" in little-endian ASCII.
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"MMUVBOOT");
 /// `BootInfo::version`; bumped whenever the layout changes.
-pub const BOOT_INFO_VERSION: u32 = 1;
+pub const BOOT_INFO_VERSION: u32 = 2;
+/// Most vCPUs a VM may have (`BootInfo::cpus`; the guest's CPU masks are
+/// one `u64`).
+pub const MAX_CPUS: u32 = 64;
 /// Guest-virtual base of the direct map of RAM the boot page tables set up
 /// (`GVA = DIRECT_MAP_BASE + GPA`, as Linux's `PAGE_OFFSET`).
 pub const DIRECT_MAP_BASE: u64 = 0xffff_8880_0000_0000;
@@ -151,6 +158,11 @@ pub struct BootInfo {
     pub cmdline_gpa: u64,
     /// The memory map, sorted by start address, non-overlapping.
     pub regions: [MemRegion; MAX_MEM_REGIONS],
+    /// Number of vCPUs the VMM created, `1..=MAX_CPUS`; vCPU `i` has APIC
+    /// id `i` and starts at the guest's `CPU_ON` request (version 2).
+    pub cpus: u32,
+    /// Reserved, zero (version 2).
+    pub reserved2: u32,
 }
 
 impl BootInfo {
@@ -168,12 +180,26 @@ impl BootInfo {
             cmdline_len: 0,
             cmdline_gpa: 0,
             regions: [MemRegion { start: 0, len: 0, kind: 0, reserved: 0 }; MAX_MEM_REGIONS],
+            cpus: 1,
+            reserved2: 0,
         }
     }
 
     /// Whether magic and version match this build of the ABI.
     pub const fn is_valid(&self) -> bool {
         self.magic == BOOT_INFO_MAGIC && self.version == BOOT_INFO_VERSION
+    }
+
+    /// The number of CPUs, clamped to `1..=MAX_CPUS` (a hostile or zero
+    /// value never makes the guest index past its per-CPU arrays).
+    pub const fn cpu_count(&self) -> u32 {
+        if self.cpus == 0 {
+            1
+        } else if self.cpus > MAX_CPUS {
+            MAX_CPUS
+        } else {
+            self.cpus
+        }
     }
 
     /// The valid entries of the memory map (clamped to the array).
@@ -209,8 +235,32 @@ mod tests {
         // The guest and the VMM are compiled separately; a silent layout
         // change would make the guest read garbage.
         assert_eq!(core::mem::size_of::<MemRegion>(), 24);
-        assert_eq!(core::mem::size_of::<BootInfo>(), 80 + 16 * 24);
+        assert_eq!(core::mem::size_of::<BootInfo>(), 80 + 16 * 24 + 8);
         assert_eq!(core::mem::offset_of!(BootInfo, regions), 80);
+        // Version 2 appended the CPU count after the regions.
+        assert_eq!(core::mem::offset_of!(BootInfo, cpus), 80 + 16 * 24);
+        assert_eq!(core::mem::offset_of!(BootInfo, reserved2), 80 + 16 * 24 + 4);
+        assert_eq!(BOOT_INFO_VERSION, 2);
+    }
+
+    #[test]
+    fn cpu_count_is_clamped() {
+        let mut b = BootInfo::new();
+        assert_eq!(b.cpu_count(), 1);
+        b.cpus = 0;
+        assert_eq!(b.cpu_count(), 1);
+        b.cpus = 4;
+        assert_eq!(b.cpu_count(), 4);
+        b.cpus = u32::MAX;
+        assert_eq!(b.cpu_count(), MAX_CPUS);
+    }
+
+    #[test]
+    fn other_versions_are_refused() {
+        let mut b = BootInfo::new();
+        assert!(b.is_valid());
+        b.version = 1;
+        assert!(!b.is_valid());
     }
 
     #[test]

@@ -46,6 +46,14 @@ pub const PV_SETUP: u32 = 7;
 /// `PV_FLUSH(gva)` (`gva` = [`crate::pv::NO_GVA`]: none). Answers [`OK`] or
 /// a batch error ([`crate::pv::batch_error`]).
 pub const PV_FLUSH: u32 = 8;
+/// Start an application processor (SMP, like PSCI `CPU_ON`):
+/// `CPU_ON(cpu, entry, stack, arg)`. The vCPU starts in long mode with the
+/// boot CPU's boot sregs, `rip = entry`, `rsp = stack`, `rdi = arg`,
+/// `rsi = cpu`, `rflags = 0x2`. [`ERR_INVALID`] unless
+/// `1 <= cpu < BootInfo::cpus` and not yet started; [`ERR_FAULT`] for a
+/// non-canonical `entry` or `stack`. Answers [`OK`] at once; the vCPU runs
+/// soon after.
+pub const CPU_ON: u32 = 9;
 /// pv mode on SMP (shared-area layout [`crate::pv::LAYOUT_V2`]): the
 /// paravirtual remote TLB flush that replaces a shootdown's IPIs (KVM's
 /// `KVM_FEATURE_PV_TLB_FLUSH`, Hyper-V's `HvFlushVirtualAddressList`, Xen's
@@ -103,6 +111,7 @@ pub const fn name(nr: u32) -> &'static str {
         EXPLAIN => "explain",
         PV_SETUP => "pv_setup",
         PV_FLUSH => "pv_flush",
+        CPU_ON => "cpu_on",
         PV_FLUSH_REMOTE => "pv_flush_remote",
         _ => "unknown",
     }

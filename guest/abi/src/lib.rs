@@ -26,5 +26,6 @@ pub mod report;
 
 pub use addr::{Gpa, Gva, Hpa, Hva};
 pub use boot::{
-    BOOT_INFO_MAGIC, BOOT_INFO_VERSION, BootInfo, DIRECT_MAP_BASE, KERNEL_VMA, MemRegion, MemRegionKind, MmuMode,
+    BOOT_INFO_MAGIC, BOOT_INFO_VERSION, BootInfo, DIRECT_MAP_BASE, KERNEL_VMA, MAX_CPUS, MemRegion, MemRegionKind,
+    MmuMode,
 };

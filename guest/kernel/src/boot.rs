@@ -4,12 +4,19 @@ use crate::{console, kprint, kprintln};
 use guest_abi::report::{BootRecord, kind};
 use guest_abi::{BootInfo, DIRECT_MAP_BASE, KERNEL_VMA, MemRegionKind, MmuMode};
 
-static mut INFO: Option<&'static BootInfo> = None;
+/// The validated boot record's address (0 before validation); written
+/// once by the boot CPU, before any other CPU starts.
+static INFO: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
 /// The boot record, once [`BootParams::from_gpa`] has validated it.
 pub fn info() -> &'static BootInfo {
-    // SAFETY: written once during early boot, before anything reads it.
-    unsafe { (*core::ptr::addr_of!(INFO)).expect("boot info read before validation") }
+    let p = INFO.load(core::sync::atomic::Ordering::Acquire);
+    if p == 0 {
+        panic!("boot info read before validation");
+    }
+    // SAFETY: only `from_gpa` stores a non-zero value: the address of a
+    // validated record the kernel never changes.
+    unsafe { &*(p as *const BootInfo) }
 }
 
 /// The validated boot record.
@@ -28,8 +35,7 @@ impl BootParams {
         if !info.is_valid() {
             panic!("boot info: bad magic or version");
         }
-        // SAFETY: single-threaded early boot; nothing reads INFO yet.
-        unsafe { *core::ptr::addr_of_mut!(INFO) = Some(info) };
+        INFO.store(info as *const BootInfo as u64, core::sync::atomic::Ordering::Release);
         BootParams { info }
     }
 

@@ -3,11 +3,24 @@
 //! Output goes out with `rep outsb`. On a host with hardware virtualisation
 //! KVM turns a whole string into one exit; under KVM's instruction emulator
 //! (these machines, docs/host.md) each byte is its own exit (about 9 µs), so keep
-//! in-guest output short. No line discipline, no locking: the kernel is
-//! single-threaded and runs with interrupts off.
+//! in-guest output short. No line discipline. Output is serialised across
+//! CPUs by `LOCK` (last in the lock order of [`crate::sync`]): one
+//! `kprintln!` is one unbroken line. The lock is re-entrant on the CPU that
+//! holds it ([`locked`]), so a panic or fault while printing still prints.
 
 use core::convert::Infallible;
 use guest_abi::ports::SERIAL_COM1;
+
+static LOCK: crate::sync::IrqSpinLock<()> = crate::sync::IrqSpinLock::new(());
+
+/// Run `f` holding the console lock (at once if this CPU holds it).
+pub fn locked<R>(f: impl FnOnce() -> R) -> R {
+    if LOCK.held_here() {
+        return f();
+    }
+    let _guard = LOCK.lock();
+    f()
+}
 
 /// The console writer; zero-sized, any number may exist.
 pub struct Console;
@@ -26,6 +39,10 @@ pub fn write_bytes(bytes: &[u8]) {
     if bytes.is_empty() {
         return;
     }
+    locked(|| write_raw(bytes));
+}
+
+fn write_raw(bytes: &[u8]) {
     // SAFETY: `rep outsb` reads `rcx` bytes from `rsi` (a valid slice) and
     // writes them to the UART's data port; it touches no other memory.
     unsafe {
@@ -41,15 +58,19 @@ pub fn write_bytes(bytes: &[u8]) {
 
 /// Print a line.
 pub fn println(s: &str) {
-    write_bytes(s.as_bytes());
-    write_bytes(b"\n");
+    locked(|| {
+        write_bytes(s.as_bytes());
+        write_bytes(b"\n");
+    });
 }
 
 /// `uwriteln!` to the console, ignoring the (infallible) result.
 #[macro_export]
 macro_rules! kprintln {
     ($($arg:tt)*) => {{
-        let _ = ufmt::uwriteln!($crate::console::Console, $($arg)*);
+        $crate::console::locked(|| {
+            let _ = ufmt::uwriteln!($crate::console::Console, $($arg)*);
+        });
     }};
 }
 
@@ -57,6 +78,8 @@ macro_rules! kprintln {
 #[macro_export]
 macro_rules! kprint {
     ($($arg:tt)*) => {{
-        let _ = ufmt::uwrite!($crate::console::Console, $($arg)*);
+        $crate::console::locked(|| {
+            let _ = ufmt::uwrite!($crate::console::Console, $($arg)*);
+        });
     }};
 }

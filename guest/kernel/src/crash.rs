@@ -22,6 +22,8 @@
 //! | `pv-area-zone` / `pv-area-boot-tables` | pv mode: `PV_SETUP` with an area in the page-table zone / over the VMM's boot tables (0xa000) | refuse it with `ERR_OVERLAP` (the VMM's writes to the area would change page tables behind the shadow); the guest succeeds only if refused |
 //! | `pv-bad-queue` | pv mode: a write-queue entry outside the page-table zone before each sync point (`LOAD_CR3`, `SHADOW_FAULT`, `FLUSH_TLB`, `PV_FLUSH`) | answer each with the batch error (nothing else done), warn under its own name and budget; the guest succeeds only if all four are reported |
 //! | `wp-off-silent` | shadow and pv mode: clear CR0.WP with `mov cr0` (no `FLUSH_TLB`), write a clean read-only page, then (a) set WP again before the next exit, (b) exit with WP still clear | hardware sets D in the guest entry: the VMM must too (from the D bit the write left in the shadow leaf); the guest succeeds only if both entries end dirty |
+//! | `ap-triple` | CPU 1 (needs `--vcpus` ≥ 2) loads an empty IDT and executes `ud2` | end the whole VM at once: "vCPU 1: triple fault", every thread joined |
+//! | `smp-hang` | every CPU spins in ring 0 for good | `--timeout` ends it, every vCPU thread kicked and joined |
 //! | `livelock` | the same `SHADOW_FAULT` twice with nothing changed | shadow mode: a one-line livelock error, exit 4 (ept mode: both refused, the guest fails) |
 
 use crate::{arch, console, hypercall, kprintln};
@@ -53,6 +55,8 @@ pub const MODES: &[&str] = &[
     "pv-area-boot-tables",
     "pv-bad-queue",
     "wp-off-silent",
+    "ap-triple",
+    "smp-hang",
 ];
 
 /// Run crash mode `mode`; returns only for modes that end in success.
@@ -83,6 +87,36 @@ pub fn run(mode: &str) {
         "hang" => loop {
             core::hint::spin_loop();
         },
+        "ap-triple" => {
+            // CPU 1 triple-faults while CPU 0 waits for it: the VMM must
+            // end the whole VM at once and name vCPU 1.
+            if crate::mm_up() < 2 {
+                kprintln!("crash=ap-triple needs at least two vCPUs");
+                arch::exit(guest_abi::ports::EXIT_FAILURE);
+            }
+            fn triple_on_cpu1(_: u64) -> u64 {
+                if crate::arch::percpu::cpu_id() == 1 {
+                    arch::disable_interrupts();
+                    crate::arch::idt::load_empty();
+                    // SAFETY: deliberately unhandled: a triple fault.
+                    unsafe { core::arch::asm!("ud2") };
+                }
+                0
+            }
+            crate::smp::run_on_all(triple_on_cpu1, 0);
+            kprintln!("CPU 1 came back from a triple fault");
+        }
+        "smp-hang" => {
+            // Every CPU spins in ring 0 for good: --timeout must still end
+            // the VM and join every vCPU thread.
+            crate::mm_up();
+            fn spin(_: u64) -> u64 {
+                loop {
+                    core::hint::spin_loop();
+                }
+            }
+            crate::smp::run_on_all(spin, 0);
+        }
         "hypercall" => {
             check_hypercall_errors();
             return;
@@ -287,7 +321,8 @@ fn storm() {
 }
 
 /// A page-aligned page table of our own, in `.bss` (reached through the
-/// kernel window: GPA = VA - `KERNEL_VMA`).
+/// kernel window: GPA = VA - `KERNEL_VMA`). Used only by `crash=scribble`,
+/// which runs in shadow mode (one vCPU) before any other CPU could start.
 #[repr(C, align(4096))]
 struct Table([u64; 512]);
 
@@ -373,8 +408,9 @@ fn scribble() -> ! {
         arch::exit(guest_abi::ports::EXIT_FAILURE);
     }
     let guest_root = arch::mmu::read_cr3();
-    // SAFETY: single CPU, interrupts off; the tables are ours alone. The
-    // guest root is a RAM page the direct map covers.
+    // SAFETY: shadow mode runs one CPU (the VMM refuses more), interrupts
+    // off; the tables are ours alone. The guest root is a RAM page the
+    // direct map covers.
     unsafe {
         let pml4 = &mut *core::ptr::addr_of_mut!(OWN_PML4);
         let pdpt = &mut *core::ptr::addr_of_mut!(OWN_PDPT);

@@ -10,6 +10,12 @@
 //!   inside precompiled `core` code (built with a red zone) cannot clobber
 //!   that code's red zone.
 //! - The VMM hands over zeroed RAM, so `.bss` is zero at entry.
+//! - SMP (ept mode, `BootInfo::cpus` > 1): the boot CPU starts the others
+//!   once the memory manager is up (`smp`). Shared mutable state is an
+//!   atomic or behind a lock (`sync`, which states the lock order); the
+//!   few `static mut`s left are the boot CPU's stacks (addresses only),
+//!   the IDT (written once before any AP starts) and the shadow-mode-only
+//!   tables of `crash=scribble`.
 #![no_std]
 #![no_main]
 
@@ -27,6 +33,9 @@ mod mm;
 mod panic;
 mod report;
 mod selftest;
+mod smp;
+mod sync;
+mod tlb;
 mod workload;
 
 use core::arch::global_asm;
@@ -37,7 +46,8 @@ const BOOT_STACK_SIZE: usize = 64 * 1024;
 #[repr(C, align(16))]
 struct Stack([u8; BOOT_STACK_SIZE]);
 
-/// The boot stack. Only `_start` names it, to load `rsp`.
+/// The boot stack (the boot CPU's kernel stack). Only `_start` names it,
+/// to load `rsp`; application processors run on stacks of their own.
 #[unsafe(no_mangle)]
 static mut BOOT_STACK: Stack = Stack([0; BOOT_STACK_SIZE]);
 
@@ -82,7 +92,7 @@ extern "C" fn kmain(boot_info_gpa: u64) -> ! {
         selftest::explain(boot_info_gpa);
     }
     if cmdline::value(cmdline, "matrix").is_some() {
-        mm::init(boot::info());
+        mm_up();
         arch::idt::set_page_fault_hook(ktest::vm_suites::user_fault);
         match ktest::matrix::run() {
             Ok(_) => arch::exit(guest_abi::ports::EXIT_SUCCESS),
@@ -90,7 +100,7 @@ extern "C" fn kmain(boot_info_gpa: u64) -> ! {
         }
     }
     if let Some(name) = cmdline::value(cmdline, "workload") {
-        mm::init(boot::info());
+        mm_up();
         let size = cmdline::value(cmdline, "size").and_then(cmdline::parse_u64).unwrap_or(64);
         workload::run(name, size);
     }
@@ -98,12 +108,34 @@ extern "C" fn kmain(boot_info_gpa: u64) -> ! {
         let t0 = arch::rdtsc();
         mm::init(boot::info());
         kprintln!("memory manager up in {} cycles", arch::rdtsc() - t0);
+        start_cpus();
         ktest::run(filter);
     }
     // A plain boot still runs on the VMM's shadow in shadow and pv mode.
     arch::mmu::start_shadowing();
     console::println("boot ok");
     arch::exit(guest_abi::ports::EXIT_SUCCESS)
+}
+
+/// Bring up the memory manager, then the other CPUs; how many CPUs are
+/// online.
+fn mm_up() -> u32 {
+    mm::init(boot::info());
+    start_cpus()
+}
+
+/// Start the other CPUs the VMM created (they need the memory manager);
+/// how many CPUs are online.
+fn start_cpus() -> u32 {
+    let info = boot::info();
+    let cpus = info.cpu_count();
+    if cpus <= 1 || smp::online_count() > 1 {
+        return smp::online_count();
+    }
+    let ept = guest_abi::MmuMode::from_raw(info.mmu_mode) == Some(guest_abi::MmuMode::Ept);
+    let online = smp::start_aps(cpus, ept);
+    kprintln!("smp: {} of {} CPUs online", online, cpus);
+    online
 }
 
 /// Print why a command-line word was refused and end the VM with

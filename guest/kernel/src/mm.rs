@@ -18,9 +18,18 @@
 //!   `boot_mapped` and never handed to the allocator. They are all zeroes
 //!   (the VMM hands over zeroed RAM): the trust assumption of
 //!   `new_deferred`.
-//! - Single CPU, interrupts off: the manager lives in one static cell; a
-//!   re-entrant use (an allocation from inside the allocator) is a bug and
-//!   panics instead of corrupting state.
+//! - The manager lives behind one interrupt-safe ticket lock (`MM`, first
+//!   in the lock order of [`crate::sync`]); every CPU reaches it through
+//!   [`with`]. A re-entrant use on one CPU (an allocation from inside the
+//!   allocator, a fault inside `with`) is a bug and panics ("lock
+//!   re-entered") instead of deadlocking or corrupting state. The per-CPU
+//!   fast paths of the allocators will sit in front of this lock.
+//! - With other CPUs online, frames and table pages that page-table
+//!   operations free are gathered ([`Gather`], Linux's `mmu_gather`) and
+//!   given back to the buddy allocator only when every CPU that could
+//!   cache a translation to them has flushed (`crate::tlb`); TLB flushes
+//!   go to every CPU in the address space's mask. With one CPU both are
+//!   the plain local operations they always were.
 //! - `GlobalAlloc::alloc` returns null when memory is exhausted (the
 //!   contract), never panics.
 //! - Once up, the kernel runs on its own page tables, built by the paging
@@ -33,17 +42,20 @@
 //!   (`4k` unless given; the same in every MMU mode).
 
 use core::alloc::{GlobalAlloc, Layout};
-use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU8, Ordering};
 use guest_abi::{BootInfo, DIRECT_MAP_BASE, Gpa, MemRegionKind};
 use guest_mm::aspace::{AddressSpace, AspaceError, FrameRefs, MmCtx};
 use guest_mm::buddy::{BuddyAllocator, FrameMeta, ZonePref, meta_bytes, section_bytes};
 use guest_mm::folio::FolioSize;
-use guest_mm::paging::{MmuPlatform, Page, PageSize, PageTable, PhysFrame, PteFlags, Size1GiB, Size2MiB};
+use guest_mm::paging::{
+    FrameSource, MmuPlatform, Page, PageSize, PageTable, PageTableSource, PhysFrame, PteFlags, Size1GiB, Size2MiB,
+};
 use guest_mm::phys::{DirectMap, FrameRange, Pfn};
 use guest_mm::slab::Kmalloc;
 
+use crate::arch::percpu;
 use crate::panic::fatal;
+use crate::sync::IrqSpinLock;
 
 /// The memory manager.
 pub struct MemoryManager {
@@ -57,6 +69,110 @@ pub struct MemoryManager {
     pub refs: &'static mut [u16],
     /// The user address space the page-fault hook serves, if any.
     pub user: Option<AddressSpace>,
+    /// Frames freed by page-table operations, not yet flushed everywhere.
+    pub gather: Gather,
+}
+
+/// Frames and table pages freed while other CPUs may still cache a
+/// translation to them (Linux's `mmu_gather`): given back once every CPU
+/// whose TLB could hold one has done a full flush since (module doc).
+pub struct Gather {
+    /// Pfns; bit 63 set for a page-table page.
+    frames: [u64; Gather::CAPACITY],
+    n: usize,
+    freed_tables: bool,
+    /// Each CPU's `full_flushes` when the first frame was gathered.
+    snapshot: [u64; percpu::MAX_CPUS],
+}
+
+impl Gather {
+    /// Frames gathered before a flush is forced.
+    pub const CAPACITY: usize = 128;
+    const TABLE: u64 = 1 << 63;
+
+    const fn new() -> Self {
+        Gather { frames: [0; Self::CAPACITY], n: 0, freed_tables: false, snapshot: [0; percpu::MAX_CPUS] }
+    }
+
+    /// Free `pfn` now if no other CPU is online, else gather it.
+    fn defer(&mut self, buddy: &mut BuddyAllocator<'static, DirectMap>, pfn: Pfn, table: bool) {
+        if crate::smp::online_count() <= 1 && self.n == 0 {
+            return free_now(buddy, pfn.0 | if table { Self::TABLE } else { 0 });
+        }
+        if self.n == 0 {
+            for cpu in crate::smp::online_cpus() {
+                self.snapshot[cpu as usize] = percpu::area(cpu).full_flushes.load(Ordering::SeqCst);
+            }
+        }
+        self.frames[self.n] = pfn.0 | if table { Self::TABLE } else { 0 };
+        self.n += 1;
+        self.freed_tables |= table;
+        if self.n == Self::CAPACITY {
+            self.finish(buddy);
+        }
+    }
+
+    /// Flush every CPU that could still cache a gathered frame, then free
+    /// the frames.
+    pub fn finish(&mut self, buddy: &mut BuddyAllocator<'static, DirectMap>) {
+        if self.n == 0 {
+            return;
+        }
+        let me = percpu::cpu_id();
+        let kernel = crate::tlb::kernel_root();
+        let mut targets = 0u64;
+        for cpu in crate::smp::online_cpus() {
+            let a = percpu::area(cpu);
+            if a.full_flushes.load(Ordering::SeqCst) == self.snapshot[cpu as usize]
+                && a.loaded_root.load(Ordering::SeqCst) != kernel
+            {
+                targets |= 1 << cpu;
+            }
+        }
+        if targets & (1 << me) != 0 {
+            crate::arch::mmu::flush_all();
+        }
+        crate::tlb::shootdown(targets, None, &crate::tlb::Flush::all(), self.freed_tables);
+        for i in 0..self.n {
+            free_now(buddy, self.frames[i]);
+        }
+        self.n = 0;
+        self.freed_tables = false;
+    }
+}
+
+fn free_now(buddy: &mut BuddyAllocator<'static, DirectMap>, raw: u64) {
+    let pfn = Pfn(raw & !Gather::TABLE);
+    if raw & Gather::TABLE != 0 {
+        PageTableSource::free_table(buddy, pfn);
+    } else {
+        FrameSource::free_frame(buddy, pfn);
+    }
+}
+
+/// The frame source page-table operations get: allocations straight from
+/// the buddy allocator, frees through the [`Gather`].
+pub struct Frames<'a> {
+    buddy: &'a mut BuddyAllocator<'static, DirectMap>,
+    gather: &'a mut Gather,
+}
+
+impl PageTableSource for Frames<'_> {
+    fn alloc_table(&mut self) -> Option<Pfn> {
+        self.buddy.alloc_table()
+    }
+    fn free_table(&mut self, table: Pfn) {
+        self.gather.defer(self.buddy, table, true);
+    }
+}
+
+impl FrameSource for Frames<'_> {
+    fn alloc_frame(&mut self) -> Option<Pfn> {
+        self.buddy.alloc_frame()
+    }
+    fn free_frame(&mut self, frame: Pfn) {
+        self.gather.defer(self.buddy, frame, false);
+    }
 }
 
 /// The MMU platform: CR3 loads, TLB flushes and lazy-MMU brackets through
@@ -69,19 +185,29 @@ impl MmuPlatform for KernelMmu {
         // SAFETY: guest_mm calls this with the root of an address space it
         // built, whose upper half is the kernel's (paging.rs: every root
         // shares the kernel half).
-        unsafe { crate::arch::mmu::load_cr3(root.addr().0) };
+        unsafe { crate::tlb::use_root(root.addr().0) };
     }
     fn invlpg(&self, va: guest_abi::Gva) {
-        crate::arch::mmu::invlpg(va.0);
+        if crate::smp::online_count() > 1 {
+            crate::tlb::invlpg(va.0);
+        } else {
+            crate::arch::mmu::invlpg(va.0);
+        }
     }
     fn flush_all(&self) {
-        crate::arch::mmu::flush_all();
+        if crate::smp::online_count() > 1 {
+            crate::tlb::flush_all();
+        } else {
+            crate::arch::mmu::flush_all();
+        }
     }
     fn enter_lazy(&self) {
+        crate::tlb::enter_batch();
         crate::arch::mmu::enter_lazy();
     }
     fn leave_lazy(&self) {
         crate::arch::mmu::leave_lazy();
+        crate::tlb::leave_batch();
     }
 }
 
@@ -102,39 +228,42 @@ pub fn new_address_space(cx: &mut Ctx<'_>, kpt: &PageTable) -> Result<AddressSpa
 }
 
 /// The context the paging and address-space code needs.
-pub type Ctx<'a> = MmCtx<'a, DirectMap, &'a mut BuddyAllocator<'static, DirectMap>, KernelMmu>;
+pub type Ctx<'a> = MmCtx<'a, DirectMap, Frames<'a>, KernelMmu>;
 
 impl MemoryManager {
     /// Run `f` with an [`MmCtx`] over this manager, the kernel tables and
     /// the user address space slot.
+    /// Frames it frees are gathered and freed at the end, after every CPU
+    /// that could cache them has flushed.
     pub fn ctx<R>(&mut self, f: impl FnOnce(&mut Ctx<'_>, &PageTable, &mut Option<AddressSpace>) -> R) -> R {
         let mem = *self.buddy.mem();
-        let mut cx =
-            MmCtx { mem: &mem, frames: &mut self.buddy, refs: FrameRefs::attach(Pfn(0), self.refs), mmu: &KernelMmu };
-        f(&mut cx, &self.kernel_pt, &mut self.user)
+        crate::tlb::set_operand_root(self.user.as_ref().map_or(0, |a| a.root().addr().0));
+        let r = {
+            let frames = Frames { buddy: &mut self.buddy, gather: &mut self.gather };
+            let mut cx = MmCtx { mem: &mem, frames, refs: FrameRefs::attach(Pfn(0), self.refs), mmu: &KernelMmu };
+            f(&mut cx, &self.kernel_pt, &mut self.user)
+        };
+        self.gather.finish(&mut self.buddy);
+        r
     }
 }
 
-struct Cell {
-    busy: AtomicBool,
-    mm: UnsafeCell<Option<MemoryManager>>,
+/// Destroy address space `a` (not loaded on this CPU): first every CPU
+/// that still has it loaded lazily moves to the kernel's root
+/// ([`crate::tlb::evict`]), because the teardown clears its kernel half
+/// and frees its tables.
+pub fn destroy(cx: &mut Ctx<'_>, a: AddressSpace) {
+    crate::tlb::evict(a.root().addr().0);
+    a.destroy(cx);
 }
 
-// SAFETY: one CPU, interrupts off; `busy` turns any re-entrant access into
-// a panic, so at most one `&mut` exists at a time.
-unsafe impl Sync for Cell {}
-
-static MM: Cell = Cell { busy: AtomicBool::new(false), mm: UnsafeCell::new(None) };
+/// The memory manager, first in the lock order (`crate::sync`).
+static MM: IrqSpinLock<Option<MemoryManager>> = IrqSpinLock::new(None);
 
 /// Run `f` with the memory manager, or return `None` before [`init`].
+/// Panics if this CPU is already inside `with`.
 pub fn with<R>(f: impl FnOnce(&mut MemoryManager) -> R) -> Option<R> {
-    if MM.busy.swap(true, Ordering::Acquire) {
-        panic!("memory manager re-entered");
-    }
-    // SAFETY: `busy` guarantees this is the only reference.
-    let r = unsafe { (*MM.mm.get()).as_mut().map(f) };
-    MM.busy.store(false, Ordering::Release);
-    r
+    MM.lock().as_mut().map(f)
 }
 
 /// Whether [`init`] has run.
@@ -220,16 +349,19 @@ pub fn init(info: &BootInfo) {
     add(&mut buddy, 0, limit);
     let kernel_pt = build_kernel_tables(info, &mut buddy);
     KernelMmu.load_cr3(kernel_pt.root());
+    crate::tlb::set_kernel_root(kernel_pt.root().addr().0);
     crate::arch::mmu::set_direct_limit(info.ram_size);
     // The kernel's tables map all of RAM: the rest can be managed now.
     add(&mut buddy, limit, info.ram_size);
-    let mm = MemoryManager { buddy, kmalloc: Kmalloc::new(ZonePref::Normal), kernel_pt, refs, user: None };
-    if MM.busy.swap(true, Ordering::Acquire) {
-        panic!("memory manager re-entered");
-    }
-    // SAFETY: `busy` is held; nothing else references the cell.
-    unsafe { *MM.mm.get() = Some(mm) };
-    MM.busy.store(false, Ordering::Release);
+    let mm = MemoryManager {
+        buddy,
+        kmalloc: Kmalloc::new(ZonePref::Normal),
+        kernel_pt,
+        refs,
+        user: None,
+        gather: Gather::new(),
+    };
+    *MM.lock() = Some(mm);
 }
 
 /// Build the kernel's own tables: the direct map of all RAM and the kernel

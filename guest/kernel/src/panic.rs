@@ -2,13 +2,16 @@
 //! the VM with the failure status. Formatted messages are not printed
 //! (that would need `core::fmt`, which executes SSE instructions here).
 
-use crate::{arch, console, kprintln};
+use crate::{arch, console, kprint, kprintln};
 use core::panic::PanicInfo;
 
 #[panic_handler]
 fn panic(info: &PanicInfo) -> ! {
     arch::disable_interrupts();
     console::write_bytes(b"\nPANIC");
+    if crate::smp::online_count() > 1 {
+        kprint!(" on CPU {}", arch::percpu::cpu_id());
+    }
     if let Some(loc) = info.location() {
         kprintln!(" at {}:{}:{}", loc.file(), loc.line(), loc.column());
     } else {
@@ -28,6 +31,11 @@ fn panic(info: &PanicInfo) -> ! {
 pub fn fatal(msg: &str) -> ! {
     arch::disable_interrupts();
     let loc = core::panic::Location::caller();
-    kprintln!("\nFATAL at {}:{}: {}", loc.file(), loc.line(), msg);
+    if crate::smp::online_count() > 1 {
+        kprint!("\nFATAL on CPU {}", arch::percpu::cpu_id());
+    } else {
+        kprint!("\nFATAL");
+    }
+    kprintln!(" at {}:{}: {}", loc.file(), loc.line(), msg);
     arch::exit(guest_abi::ports::EXIT_FAILURE)
 }

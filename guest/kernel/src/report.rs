@@ -3,7 +3,8 @@
 //! One static buffer in the kernel image holds the record being sent: a
 //! `ReportHeader` followed by the payload parts, copied in. The VMM reads it
 //! during the hypercall and copies it out, so the buffer is free again when
-//! [`send`] returns. Single CPU, no interrupts: no two sends overlap.
+//! [`send`] returns. The buffer is behind an interrupt-safe lock (second in
+//! the lock order of [`crate::sync`]): no two sends overlap, on any CPU.
 
 use crate::{boot, hypercall};
 use guest_abi::report::{
@@ -15,7 +16,7 @@ const HEADER: usize = core::mem::size_of::<ReportHeader>();
 #[repr(C, align(8))]
 struct Buffer([u8; MAX_REPORT_LEN as usize]);
 
-static mut BUFFER: Buffer = Buffer([0; MAX_REPORT_LEN as usize]);
+static BUFFER: crate::sync::IrqSpinLock<Buffer> = crate::sync::IrqSpinLock::new(Buffer([0; MAX_REPORT_LEN as usize]));
 
 /// A plain record: `#[repr(C)]`, integer fields only, no padding bytes
 /// left uninitialised, so its bytes are its wire format.
@@ -61,9 +62,8 @@ pub fn send_repeatedly(kind: u32, parts: &[&[u8]], times: u64) -> (u64, u64) {
     if HEADER + len > MAX_REPORT_LEN as usize {
         return (0, times);
     }
-    // SAFETY: single CPU, interrupts off: nothing else uses the buffer
-    // while we fill it and the VMM reads it.
-    let buf = unsafe { &mut (*core::ptr::addr_of_mut!(BUFFER)).0 };
+    let mut guard = BUFFER.lock();
+    let buf = &mut guard.0;
     let header = ReportHeader { magic: REPORT_MAGIC, kind, len: len as u32, reserved: 0 };
     buf[..4].copy_from_slice(&header.magic.to_le_bytes());
     buf[4..8].copy_from_slice(&header.kind.to_le_bytes());

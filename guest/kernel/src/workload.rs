@@ -120,7 +120,7 @@ fn fork(n: u64) -> Result<(), &'static str> {
             m.ctx(|cx, _, user| {
                 if let Some(child) = user.replace(parent) {
                     user.as_ref().expect("parent").switch_to(cx.mmu);
-                    child.destroy(cx);
+                    crate::mm::destroy(cx, child);
                 }
             })
         });
@@ -184,11 +184,11 @@ fn ctxsw(n: u64) -> Result<(), &'static str> {
         m.ctx(|cx, kpt, user| {
             KernelMmu.load_cr3(kpt.root());
             if let Some(a) = user.take() {
-                a.destroy(cx);
+                crate::mm::destroy(cx, a);
             }
             for s in spaces.iter_mut() {
                 if let Some(a) = s.take() {
-                    a.destroy(cx);
+                    crate::mm::destroy(cx, a);
                 }
             }
         })

@@ -21,6 +21,8 @@ pub struct BootInfoParams<'a> {
     pub mmu: MmuMode,
     /// The guest command line.
     pub cmdline: &'a str,
+    /// Number of vCPUs (`BootInfo::cpus`).
+    pub cpus: u32,
 }
 
 /// Build the memory map: the boot area, the kernel, the page-table zone,
@@ -70,6 +72,7 @@ pub fn build(p: &BootInfoParams<'_>) -> Result<BootInfo> {
     }
     info.cmdline_gpa = CMDLINE_START;
     info.cmdline_len = p.cmdline.len() as u32;
+    info.cpus = p.cpus;
     Ok(info)
 }
 
@@ -103,6 +106,7 @@ mod tests {
             pt_zone: (16 * MIB, 48 * MIB),
             mmu: MmuMode::Ept,
             cmdline,
+            cpus: 1,
         }
     }
 
@@ -130,6 +134,8 @@ mod tests {
         mem.read_slice(&mut raw, GuestAddress(BOOT_INFO_START)).unwrap();
         assert_eq!(raw, as_bytes(&written));
         assert!(written.is_valid());
+        assert_eq!(written.version, 2);
+        assert_eq!(written.cpus, 1, "one vCPU until --vcpus exists");
         assert_eq!(written.pt_zone.start, 16 * MIB);
         let mut cmd = vec![0u8; written.cmdline_len as usize];
         mem.read_slice(&mut cmd, GuestAddress(written.cmdline_gpa)).unwrap();

@@ -463,6 +463,7 @@ mod tests {
                             pt_zone: zone,
                             mmu: MmuMode::Ept,
                             cmdline: "",
+                            cpus: 1,
                         });
                         prop_assert!(map.len() <= guest_abi::boot::MAX_MEM_REGIONS, "{:x?}", map);
                         let mut cursor = 0;

@@ -48,6 +48,8 @@ pub struct BenchPlan {
     pub backing: ept::Backing,
     /// When the process started.
     pub process_start: Instant,
+    /// vCPUs per run.
+    pub vcpus: u32,
 }
 
 /// Medians of one workload in one mode, per operation.
@@ -141,6 +143,7 @@ pub fn run_once(plan: &BenchPlan, workload: &str, size: u64, mmu: MmuMode) -> Re
         cmdline: format!("{} workload={workload} size={size}", plan.cmdline).trim_start().to_string(),
         timeout: Duration::from_secs(600),
         process_start: plan.process_start,
+        vcpus: plan.vcpus,
         ..VmConfig::bundled(plan.memory, mmu)
     };
     let cmdline = config.cmdline.clone();

@@ -50,8 +50,10 @@ pub struct TestOutcome {
 /// The results of one mode.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ModeResults {
-    /// `ept` or `shadow`.
+    /// `ept`, `shadow` or `pv`.
     pub mmu: &'static str,
+    /// vCPUs of the run.
+    pub vcpus: u32,
     /// Per test, in the order they ran.
     pub tests: Vec<TestOutcome>,
     /// Why the run ended abnormally (a crash, a timeout), if it did.
@@ -81,7 +83,9 @@ impl ModeResults {
 /// Run the suites once in the mode of `config`, printing as they report.
 /// `config.cmdline` is extended with `test=FILTER`.
 pub fn run_mode(mut config: VmConfig, filter: &str, out: &mut dyn Write) -> Result<ModeResults> {
+    let vcpus = config.vcpus;
     let mmu = config.mmu.name();
+    let label = if vcpus > 1 { format!("{mmu} ({vcpus} vCPUs)") } else { mmu.to_string() };
     config.cmdline = format!("{} test={filter}", config.cmdline).trim().to_string();
     // Under QEMU TCG with NPT the "hardware" that walks an ept-mode
     // guest's tables is QEMU's model of it, which differs from silicon in
@@ -138,14 +142,14 @@ pub fn run_mode(mut config: VmConfig, filter: &str, out: &mut dyn Write) -> Resu
         Ok(exit) => (None, exit.success()),
         Err(e) => (Some(e.to_string()), false),
     };
-    let results = ModeResults { mmu, tests, error, guest_success, matrix };
+    let results = ModeResults { mmu, vcpus, tests, error, guest_success, matrix };
     if let Some(e) = &results.error {
-        let _ = writeln!(out, "error: the {mmu} run ended early: {e}");
+        let _ = writeln!(out, "error: the {label} run ended early: {e}");
     }
     if results.failed() > 0 {
-        let _ = writeln!(out, "--- guest console ({mmu}) ---\n{}--- end of guest console ---", console.text());
+        let _ = writeln!(out, "--- guest console ({label}) ---\n{}--- end of guest console ---", console.text());
     }
-    let _ = writeln!(out, "{mmu}: {} passed, {} failed", results.passed(), results.failed());
+    let _ = writeln!(out, "{label}: {} passed, {} failed", results.passed(), results.failed());
     Ok(results)
 }
 
@@ -201,6 +205,7 @@ mod tests {
     fn mode(mmu: &'static str, tests: &[(&str, bool)], matrix: &[u16]) -> ModeResults {
         ModeResults {
             mmu,
+            vcpus: 1,
             tests: tests
                 .iter()
                 .map(|&(n, p)| TestOutcome { name: n.into(), passed: p, cycles: 0, message: String::new() })

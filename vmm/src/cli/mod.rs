@@ -119,6 +119,11 @@ pub struct TestArgs {
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+
+    /// vCPUs of the ept-mode run (1 to 64; shadow and pv run one). Without it, every mode runs on one
+    /// vCPU and the SMP suites (smp::) run again in ept mode on 2.
+    #[arg(long, value_name = "N", value_parser = parse_vcpus)]
+    pub vcpus: Option<u32>,
 }
 
 /// Options of `vmm bench`.
@@ -173,6 +178,10 @@ pub struct BenchArgs {
     /// Write the SVG chart here instead of DIR/report.svg (needs ept and shadow: --mmu all or both).
     #[arg(long, value_name = "FILE")]
     pub svg: Option<PathBuf>,
+
+    /// vCPUs per run, 1 to 64 (more than one: --mmu ept only).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_vcpus)]
+    pub vcpus: u32,
 }
 
 /// Options of `vmm info`.
@@ -185,6 +194,15 @@ pub struct InfoArgs {
     /// Iterations of the calibration loop (two guest instructions each), at least 1.
     #[arg(long, value_name = "N", default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub calibration_loops: u64,
+}
+
+/// Parse a vCPU count: 1 to `guest_abi::MAX_CPUS`.
+pub fn parse_vcpus(s: &str) -> Result<u32, String> {
+    let max = guest_abi::MAX_CPUS;
+    match s.trim().parse::<u32>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("'{s}' is not a vCPU count: give 1 to {max}")),
+    }
 }
 
 /// Parse a guest-virtual address: `0x`-prefixed hexadecimal or decimal.
@@ -297,12 +315,33 @@ pub struct RunArgs {
     /// Also write the statistics as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
+
+    /// vCPUs of the VM, 1 to 64 (more than one: --mmu ept only; the guest starts them with CPU_ON).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_vcpus)]
+    pub vcpus: u32,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn vcpu_counts_outside_1_to_64_are_refused_with_the_limit() {
+        assert_eq!(parse_vcpus("4"), Ok(4));
+        assert_eq!(parse_vcpus("64"), Ok(64));
+        for bad in ["0", "65", "-1", "two", ""] {
+            let e = parse_vcpus(bad).unwrap_err();
+            assert!(e.contains(&format!("'{bad}'")) && e.contains("1 to 64"), "{e}");
+        }
+        let Command::Run(a) = Cli::try_parse_from(["vmm", "run"]).unwrap().command else { panic!() };
+        assert_eq!(a.vcpus, 1, "run defaults to one vCPU");
+        let Command::Bench(b) = Cli::try_parse_from(["vmm", "bench"]).unwrap().command else { panic!() };
+        assert_eq!(b.vcpus, 1, "bench defaults to one vCPU");
+        let Command::Test(t) = Cli::try_parse_from(["vmm", "test", "--vcpus", "4"]).unwrap().command else { panic!() };
+        assert_eq!(t.vcpus, Some(4));
+        assert!(Cli::try_parse_from(["vmm", "run", "--vcpus", "65"]).is_err());
+    }
 
     #[test]
     fn bench_help_names_every_workload_with_its_default_size() {

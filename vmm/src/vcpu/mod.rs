@@ -3,16 +3,22 @@
 //!
 //! **Per-vCPU state** lives in [`Vcpu`]: the vCPU file descriptor and its
 //! index ([`VcpuContext`], what an MMU backend may touch), its exit counts
-//! and the rest of its run statistics, and its bench snapshot. Everything
+//! and the rest of its run statistics, its bench snapshot, and its
+//! no-progress watch ([`progress`]: each vCPU thread samples its own, at
+//! its exits and at the supervisor's periodic kicks). Everything
 //! VM-wide (memory, memory map, devices, the MMU backend) is the VM's
 //! (`vm::VmState`). The run loop (`vm::run`) takes the VM's state and one
 //! `Vcpu`, so that a VM with several vCPUs runs one loop per vCPU thread
-//! over the same VM state. Today a VM has exactly one vCPU (index 0).
+//! over the same VM state (`vm::smp`). vCPU 0 boots the guest; the others
+//! start at the guest's `CPU_ON` ([`handle`]).
 //!
-//! Trust: nothing here reads guest memory; exit data is copied out of
-//! `kvm_run` once (`exit`) and every count is bounded by `u64`.
+//! Trust: nothing here reads guest memory but [`progress`], which decodes
+//! the (guest-chosen) instruction bytes the run loop hands it; exit data
+//! is copied out of `kvm_run` once (`exit`) and every count is bounded by
+//! `u64`.
 
 pub(crate) mod exit;
+pub mod handle;
 pub mod progress;
 pub mod supervise;
 

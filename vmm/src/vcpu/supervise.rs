@@ -22,7 +22,7 @@ pub enum Supervised<T> {
 }
 
 /// The text of a panic payload.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         s.to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {
@@ -34,9 +34,10 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 /// Run `work` on a thread named `name` and wait for it at most `timeout`.
 /// Until then the thread is kicked out of `KVM_RUN` every `tick` (when
-/// given), so that the vCPU loop can check its progress even when the
-/// guest never exits (`vcpu::progress`); the loop must treat a kick before
-/// the timeout as a sample, not an exit.
+/// given), and `on_tick` runs (it kicks the other vCPU threads of a VM
+/// with several), so that the vCPU loop can check its progress even when
+/// the guest never exits (`vcpu::progress`); the loop must treat a kick
+/// before the timeout as a sample, not an exit.
 /// A panic is reported as soon as it happens, with its message. At the
 /// timeout, `on_timeout` runs once (it tells the work to stop) and the
 /// thread is kicked with the vCPU kick signal every 20 ms (out of
@@ -48,6 +49,7 @@ pub fn supervise<T: Send + 'static>(
     timeout: Duration,
     grace: Duration,
     tick: Option<Duration>,
+    mut on_tick: impl FnMut(),
     on_timeout: impl FnOnce(),
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Supervised<T> {
@@ -80,6 +82,7 @@ pub fn supervise<T: Send + 'static>(
                 // SAFETY: as for the kicks below: the handle is neither
                 // joined nor detached, and the kick handler is installed.
                 unsafe { libc::pthread_kill(handle.as_pthread_t(), kick_signal()) };
+                on_tick();
             }
         }
     }
@@ -103,15 +106,19 @@ pub fn supervise<T: Send + 'static>(
     }
 }
 
-fn kick_signal() -> libc::c_int {
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+pub(crate) fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    super::handle::on_kick_signal();
+}
 
-/// Install the (empty) handler of the signal that kicks the vCPU out of
-/// `KVM_RUN`; without it the signal would kill the process.
-fn install_kick_handler() {
+/// Install the handler of the signal that kicks a vCPU out of `KVM_RUN`
+/// (it sets the thread's `immediate_exit`, `handle`); without it the
+/// signal would kill the process.
+pub(crate) fn install_kick_handler() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {
@@ -138,6 +145,7 @@ mod tests {
             VCPU_STOP_GRACE,
             None,
             || {},
+            || {},
             || -> u32 { panic!("shadow walk hit an impossible entry") },
         );
         match r {
@@ -158,6 +166,7 @@ mod tests {
             Duration::from_millis(200),
             Duration::from_millis(200),
             None,
+            || {},
             move || t.store(true, Ordering::SeqCst),
             || std::thread::sleep(Duration::from_secs(600)),
         );
@@ -175,9 +184,35 @@ mod tests {
             Duration::from_millis(100),
             Duration::from_secs(60),
             Some(Duration::from_millis(10)),
+            || {},
             move || s.store(true, Ordering::SeqCst),
             move || {
                 while !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                7
+            },
+        );
+        assert!(matches!(r, Supervised::Done(7)), "{r:?}");
+    }
+
+    #[test]
+    fn every_tick_runs_on_tick_until_the_work_is_done() {
+        // The work waits for three ticks (no time assumed: only the
+        // safety timeout bounds it).
+        let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let seen = ticks.clone();
+        let r = supervise(
+            "vcpu-test",
+            Duration::from_secs(120),
+            VCPU_STOP_GRACE,
+            Some(Duration::from_millis(10)),
+            || {
+                ticks.fetch_add(1, Ordering::SeqCst);
+            },
+            || {},
+            move || {
+                while seen.load(Ordering::SeqCst) < 3 {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 7

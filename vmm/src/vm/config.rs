@@ -41,12 +41,16 @@ pub struct VmConfig {
     pub timeout: Duration,
     /// When the process started (for the setup-time statistic).
     pub process_start: Instant,
+    /// Number of vCPUs, `1..=guest_abi::MAX_CPUS` (more than one: ept
+    /// mode only, with the in-kernel irqchip).
+    pub vcpus: u32,
 }
 
 impl VmConfig {
     /// The bundled kernel on `memory` bytes of 4 KiB-backed RAM in `mmu`
     /// mode, with the CLI's defaults for everything else (16 MiB shadow
-    /// pool, no command line, a 60 s timeout); change fields as needed.
+    /// pool, no command line, a 60 s timeout, one vCPU); change fields as
+    /// needed.
     pub fn bundled(memory: u64, mmu: MmuMode) -> VmConfig {
         VmConfig {
             kernel: KernelSource::Bundled,
@@ -57,6 +61,7 @@ impl VmConfig {
             cmdline: String::new(),
             timeout: Duration::from_secs(60),
             process_start: Instant::now(),
+            vcpus: 1,
         }
     }
 }
@@ -71,6 +76,19 @@ pub fn check_memory_size(memory: u64) -> Result<()> {
     }
     if !memory.is_multiple_of(layout::LARGE_PAGE_SIZE) {
         return Err(Error::MemoryUnaligned(memory));
+    }
+    Ok(())
+}
+
+/// Check a vCPU count against the limits and the MMU mode: 1 to
+/// `guest_abi::MAX_CPUS`, and one unless the mode is ept (shadow and pv
+/// paging on several vCPUs is issue 18's).
+pub fn check_vcpus(vcpus: u32, mmu: MmuMode) -> Result<()> {
+    if vcpus == 0 || vcpus > guest_abi::MAX_CPUS {
+        return Err(Error::BadVcpuCount(vcpus));
+    }
+    if vcpus > 1 && mmu != MmuMode::Ept {
+        return Err(Error::SmpUnsupported { mode: mmu.name(), vcpus });
     }
     Ok(())
 }

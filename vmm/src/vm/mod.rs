@@ -9,14 +9,18 @@
 //! guest CPU facts, warnings), the devices (UART, diagnostics queue,
 //! `EXPLAIN` budget), the MMU backend (the mode's VM-wide state), the
 //! configuration. `vcpu::Vcpu` is per-vCPU (its file descriptor and index,
-//! its exit counts and statistics). A VM has one vCPU today.
+//! its exit counts and statistics). A VM has 1 to 64 vCPUs (`--vcpus`);
+//! with more than one, `smp` runs one thread per vCPU.
 //!
 //! Lifecycle (the rust-vmm `vmm-reference` shape): [`Vm::new`] builds the
 //! VM (`builder`); [`Vm::run`] moves the VM's state onto a vCPU thread
 //! and runs it until the guest writes to the exit device, the vCPU dies,
 //! or the timeout expires (the main thread then kicks the vCPU out of
-//! `KVM_RUN` with a signal). The VM stays inspectable afterwards
-//! (`--explain`).
+//! `KVM_RUN` with a signal). Until then the main thread kicks every
+//! running vCPU every `vcpu::progress::TICK`: each samples its own
+//! progress (`vcpu::progress`), and a vCPU stuck on an instruction that
+//! can never complete ends the run at once. The VM stays inspectable
+//! afterwards (`--explain`).
 //!
 //! The timeout is a deadline for the whole run, whatever the vCPU thread is
 //! doing: the guest's console is written by a thread of its own through a
@@ -34,6 +38,7 @@ mod builder;
 pub mod config;
 pub mod kvm;
 mod run;
+mod smp;
 
 pub use crate::vcpu::supervise::{Supervised, VCPU_STOP_GRACE, supervise};
 pub use builder::create_backend;
@@ -183,19 +188,28 @@ impl Vm {
         let stop = expired.clone();
         let console = self.console.clone();
         let diag = self.diag.clone();
+        // The periodic progress kick (`vcpu::progress`): `supervise` kicks
+        // vCPU 0's thread, this every AP that `CPU_ON` started (one that
+        // waits for it runs no guest code and is not sampled).
+        let smp = core.vm.smp.clone();
         let supervised = supervise(
             "vcpu0",
             self.timeout,
             VCPU_STOP_GRACE,
             Some(crate::vcpu::progress::TICK),
             || {
+                if let Some(smp) = &smp {
+                    smp.kick_started_aps();
+                }
+            },
+            || {
                 stop.store(true, Ordering::SeqCst);
                 console.abort();
                 diag.abort();
             },
             move || {
-                let VmCore { vm, vcpu } = &mut *core;
-                let out = vm.run_vcpu(vcpu, &expired);
+                let VmCore { vm, vcpu, aps } = &mut *core;
+                let out = vm.run_vcpus(vcpu, aps, &expired);
                 (core, out)
             },
         );
@@ -236,7 +250,8 @@ impl Vm {
     }
 }
 
-/// Per-VM state: everything of the VM the vCPU threads share (one today).
+/// Per-VM state: everything of the VM the vCPU threads share (behind
+/// `run::Shared`'s mutex during a run).
 pub(crate) struct VmState {
     // Kept alive for the lifetime of the VM: the vCPU and memslots belong to it.
     _kvm: Kvm,
@@ -251,13 +266,18 @@ pub(crate) struct VmState {
     diag: ConsoleSink,
     /// `EXPLAIN` chains printed by the hypercall (bounded).
     explain_prints: Limited,
+    /// With more than one vCPU: their handles, the boot registers of the
+    /// application processors, the end of the run (`smp`).
+    smp: Option<std::sync::Arc<smp::Smp>>,
 }
 
 /// What moves onto the vCPU thread for a run and back afterwards: the VM's
-/// state and its one vCPU.
+/// state, its boot vCPU, and its application processors (which run on
+/// threads of their own, started by the boot vCPU's thread).
 struct VmCore {
     vm: VmState,
     vcpu: Vcpu,
+    aps: Vec<Vcpu>,
 }
 
 impl VmCore {

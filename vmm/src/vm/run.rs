@@ -5,9 +5,22 @@
 //! entry: `mmu`'s seam), or to the hypercall device (`REPORT`, `NOW`,
 //! `EXPLAIN`). It holds no mode-specific code.
 //!
-//! It runs on [`VmState`] (per-VM: memory, devices, the MMU backend) and
-//! one [`Vcpu`] (per-vCPU: its file descriptor, its exit counts), so a VM
-//! with several vCPUs would run one such loop per vCPU thread.
+//! It runs on [`VmState`] (per-VM: memory, devices, the MMU backend),
+//! shared by every vCPU thread behind one mutex ([`Shared`]: taken to
+//! prepare an entry and to handle an exit, never across `KVM_RUN`), and
+//! one [`Vcpu`] (per-vCPU: its file descriptor, its exit counts). A VM
+//! with several vCPUs runs one such loop per vCPU thread (`vm::smp`). A
+//! kick (`vcpu::handle`) ends `KVM_RUN` with `EINTR`; the loop clears
+//! `immediate_exit` and looks at the timeout and the stop flag before it
+//! enters again. A kick with neither set is the supervisor's periodic
+//! one (`Vm::run`, every `vcpu::progress::TICK`, to every running vCPU):
+//! the vCPU samples its own progress and enters again.
+//!
+//! No progress (`vcpu::progress`, one watch per vCPU): every exit is
+//! counted by the vCPU's watch before it is handled (an unbacked-MMIO
+//! exit repeated with nothing changed ends the run), and each periodic
+//! kick samples the registers; either way the error names the
+//! instruction, and with several vCPUs `vm::smp` names the vCPU.
 //!
 //! Invariants: registers are read through the sync-regs area of `kvm_run`
 //! (`KVM_SYNC_X86_REGS`), so a hypercall costs one exit and no extra ioctl;
@@ -29,6 +42,7 @@ use guest_abi::ports::exit_status;
 use guest_abi::{Gpa, Gva};
 use kvm_ioctls::SyncReg;
 use std::io::Write;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress};
@@ -39,21 +53,35 @@ impl VmState {
         crate::mmu::explain::explain(&self.ctx, vcpu, self.mmu.as_ref(), self.config.mmu.name(), gva)
     }
 
-    /// Run `vcpu` until the guest ends, the vCPU dies or `expired` is set;
-    /// its statistics and the guest's reports make the outcome.
-    pub(super) fn run_vcpu(&mut self, vcpu: &mut Vcpu, expired: &AtomicBool) -> RunOutcome {
-        vcpu.stats = RunStats {
+    /// Run the VM's vCPUs (`bsp`, and the application processors `aps`,
+    /// each on a thread of its own) until the guest ends, a vCPU dies or
+    /// `expired` is set; their statistics (per vCPU and in total) and the
+    /// guest's reports make the outcome.
+    pub(super) fn run_vcpus(&mut self, bsp: &mut Vcpu, aps: &mut [Vcpu], expired: &AtomicBool) -> RunOutcome {
+        let fresh = RunStats {
             memory: self.config.memory,
             backing: self.config.backing.to_string(),
             mmu: self.config.mmu.name(),
             ..Default::default()
         };
-        let mut reports = Vec::new();
-        let mut budget = ReportBudget::default();
+        bsp.stats = fresh.clone();
+        for ap in aps.iter_mut() {
+            ap.stats = fresh.clone();
+        }
         let started = Instant::now();
-        vcpu.stats.setup_time = started.duration_since(self.config.process_start);
-        let end = self.run_until_end(vcpu, expired, &mut reports, &mut budget);
-        let mut stats = std::mem::take(&mut vcpu.stats);
+        bsp.stats.setup_time = started.duration_since(self.config.process_start);
+        let timeout = self.config.timeout;
+        let smp = self.smp.clone();
+        let shared = Mutex::new(Shared { vm: self, reports: Vec::new(), budget: ReportBudget::default() });
+        let end = match &smp {
+            Some(smp) if !aps.is_empty() => super::smp::run_all(&shared, smp, bsp, aps, expired, timeout),
+            _ => run_loop(&shared, bsp, expired, None, timeout),
+        };
+        let Shared { reports, budget, .. } = shared.into_inner().unwrap_or_else(|p| p.into_inner());
+        let mut stats = std::mem::take(&mut bsp.stats);
+        if !aps.is_empty() {
+            stats.merge_vcpus(std::iter::once((0, &stats.clone())).chain(aps.iter().map(|ap| (ap.index(), &ap.stats))));
+        }
         stats.reports_dropped = budget.dropped;
         stats.explain_suppressed = self.explain_prints.suppressed();
         stats.warnings_suppressed = self.ctx.warnings().suppressed() + self.mmu.warnings_suppressed();
@@ -139,6 +167,13 @@ impl VmState {
         budget: &mut ReportBudget,
     ) -> Result<u64> {
         let r = vcpu.ctx.regs();
+        if nr == hc::CPU_ON {
+            return Ok(match &self.smp {
+                Some(smp) => smp.cpu_on(r.rdi, r.rsi, r.rcx, r.r8),
+                // One vCPU: there is no CPU to start.
+                None => hc::ERR_INVALID,
+            });
+        }
         if let Some(result) = self.mmu.hypercall(&mut self.ctx, &mut vcpu.ctx, nr, &r)? {
             return Ok(result);
         }
@@ -158,121 +193,6 @@ impl VmState {
                 hypercall::handle(&mut ctx, nr, [r.rdi, r.rsi, r.rcx, r.r8])
             }
         })
-    }
-
-    fn run_until_end(
-        &mut self,
-        vcpu: &mut Vcpu,
-        expired: &AtomicBool,
-        reports: &mut Vec<Report>,
-        budget: &mut ReportBudget,
-    ) -> Result<GuestExit> {
-        loop {
-            if expired.load(Ordering::SeqCst) {
-                return Err(Error::Timeout(self.config.timeout));
-            }
-            self.mmu.before_entry(&mut self.ctx, &mut vcpu.ctx)?;
-            let action = match vcpu.ctx.fd_mut().run() {
-                Ok(exit) => Action::from_exit(exit, &mut self.serial),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    if expired.load(Ordering::SeqCst) {
-                        vcpu.stats.exit(ExitReason::Interrupted);
-                    } else {
-                        // The supervisor's periodic kick: a progress
-                        // sample, not an exit of the guest's.
-                        self.progress_tick(vcpu)?;
-                    }
-                    continue;
-                }
-                Err(e) => return Err(Error::Kvm { what: "KVM_RUN", source: e }),
-            };
-            match &action {
-                Action::MmioRead(addr) => {
-                    let regs = vcpu.ctx.regs();
-                    if let Some(why) = vcpu.progress.mmio_exit(false, *addr, &[], &regs) {
-                        return Err(self.no_progress(vcpu, &regs, why));
-                    }
-                }
-                Action::MmioWrite(addr, data, len)
-                    if !self.ctx.map().slot_of(Gpa(*addr)).is_some_and(|s| s.readonly) =>
-                {
-                    let regs = vcpu.ctx.regs();
-                    if let Some(why) = vcpu.progress.mmio_exit(true, *addr, &data[..*len], &regs) {
-                        return Err(self.no_progress(vcpu, &regs, why));
-                    }
-                }
-                _ => vcpu.progress.exit(),
-            }
-            match action {
-                Action::SerialOut => {
-                    vcpu.stats.exit(ExitReason::SerialOut);
-                    self.serial.writer_mut().drain();
-                }
-                Action::SerialIn => vcpu.stats.exit(ExitReason::SerialIn),
-                Action::ExitDevice(value) => {
-                    vcpu.stats.exit(ExitReason::ExitDevice);
-                    return Ok(GuestExit { value, status: exit_status(value) });
-                }
-                Action::Hypercall(nr) => {
-                    vcpu.stats.exit(ExitReason::Hypercall);
-                    vcpu.stats.hypercall(hc::name(nr));
-                    let result = self.hypercall(vcpu, nr, reports, budget)?;
-                    vcpu.ctx.fd_mut().sync_regs_mut().regs.rax = result;
-                    vcpu.ctx.fd_mut().set_sync_dirty_reg(SyncReg::Register);
-                    if nr == hc::REPORT && result == hc::OK {
-                        self.bench_marker(vcpu, reports.last());
-                    }
-                }
-                Action::OtherIoOut(port) => {
-                    vcpu.stats.exit(ExitReason::UnclaimedOut);
-                    log::debug!("guest wrote to unclaimed port {port:#x}; ignored");
-                }
-                Action::OtherIoIn(port) => {
-                    vcpu.stats.exit(ExitReason::UnclaimedIn);
-                    log::debug!("guest read unclaimed port {port:#x}; reads as all ones");
-                }
-                Action::MmioWrite(addr, data, len) => match self.mmu.mmio_write(&mut self.ctx, Gpa(addr), &data[..len])
-                {
-                    true => vcpu.stats.exit(ExitReason::PageTableWrite),
-                    false => {
-                        vcpu.stats.exit(ExitReason::MmioWrite);
-                        log::debug!("guest wrote unbacked GPA {addr:#x}");
-                    }
-                },
-                Action::MmioRead(addr) => {
-                    // No device lives outside RAM: reads see all ones.
-                    vcpu.stats.exit(ExitReason::MmioRead);
-                    log::debug!("guest read unbacked GPA {addr:#x}");
-                }
-                Action::Hlt => {
-                    vcpu.stats.exit(ExitReason::Hlt);
-                    // No device of this VM ever raises an interrupt, so a
-                    // halt never ends either way; but say which halt it was
-                    // (RFLAGS.IF: `sti; hlt` waits for an interrupt).
-                    let regs = vcpu.ctx.regs();
-                    if regs.rflags & guest_abi::paging::RFLAGS_IF != 0 {
-                        return Err(Error::GuestIdle { rip: regs.rip });
-                    }
-                    return Err(Error::GuestHalted { rip: regs.rip });
-                }
-                Action::Shutdown => {
-                    vcpu.stats.exit(ExitReason::Shutdown);
-                    return Err(Error::TripleFault { rip: vcpu.ctx.regs().rip });
-                }
-                Action::InternalError => {
-                    vcpu.stats.exit(ExitReason::InternalError);
-                    return Err(self.internal_error(vcpu));
-                }
-                Action::FailEntry(reason) => {
-                    vcpu.stats.exit(ExitReason::FailEntry);
-                    return Err(Error::FailEntry(reason));
-                }
-                Action::Other(what) => {
-                    vcpu.stats.exit(ExitReason::Unexpected);
-                    return Err(Error::UnexpectedExit { what, rip: vcpu.ctx.regs().rip });
-                }
-            }
-        }
     }
 
     /// A periodic kick while the guest runs: end the run if the vCPU is
@@ -348,5 +268,161 @@ impl VmState {
             out.extend_from_slice(&buf);
         }
         out
+    }
+}
+
+/// What the vCPU threads of one run share, behind one lock: the VM's state
+/// and the run's reports. A thread holds the lock to prepare an entry and
+/// to handle an exit, never across `KVM_RUN`.
+pub(super) struct Shared<'a> {
+    pub(super) vm: &'a mut VmState,
+    pub(super) reports: Vec<Report>,
+    pub(super) budget: ReportBudget,
+}
+
+/// Lock `shared`; a panic of another vCPU thread (which ends the run)
+/// does not make the state unusable for the others' last steps.
+pub(super) fn lock<'a, 'b>(shared: &'a Mutex<Shared<'b>>) -> std::sync::MutexGuard<'a, Shared<'b>> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared<'_> {
+    /// Handle one exit of `vcpu`: `Some` when the guest ended the VM.
+    fn handle(&mut self, vcpu: &mut Vcpu, action: Action) -> Result<Option<GuestExit>> {
+        let Shared { vm, reports, budget } = self;
+        let vm = &mut **vm;
+        // The no-progress detector (`vcpu::progress`): an unbacked-MMIO
+        // exit repeated with nothing changed, or any other exit.
+        match &action {
+            Action::MmioRead(addr) => {
+                let regs = vcpu.ctx.regs();
+                if let Some(why) = vcpu.progress.mmio_exit(false, *addr, &[], &regs) {
+                    return Err(vm.no_progress(vcpu, &regs, why));
+                }
+            }
+            Action::MmioWrite(addr, data, len) if !vm.ctx.map().slot_of(Gpa(*addr)).is_some_and(|s| s.readonly) => {
+                let regs = vcpu.ctx.regs();
+                if let Some(why) = vcpu.progress.mmio_exit(true, *addr, &data[..*len], &regs) {
+                    return Err(vm.no_progress(vcpu, &regs, why));
+                }
+            }
+            _ => vcpu.progress.exit(),
+        }
+        match action {
+            Action::SerialOut => {
+                vcpu.stats.exit(ExitReason::SerialOut);
+                vm.serial.writer_mut().drain();
+            }
+            Action::SerialIn => vcpu.stats.exit(ExitReason::SerialIn),
+            Action::ExitDevice(value) => {
+                vcpu.stats.exit(ExitReason::ExitDevice);
+                return Ok(Some(GuestExit { value, status: exit_status(value) }));
+            }
+            Action::Hypercall(nr) => {
+                vcpu.stats.exit(ExitReason::Hypercall);
+                vcpu.stats.hypercall(hc::name(nr));
+                let result = vm.hypercall(vcpu, nr, reports, budget)?;
+                vcpu.ctx.fd_mut().sync_regs_mut().regs.rax = result;
+                vcpu.ctx.fd_mut().set_sync_dirty_reg(SyncReg::Register);
+                if nr == hc::REPORT && result == hc::OK {
+                    vm.bench_marker(vcpu, reports.last());
+                }
+            }
+            Action::OtherIoOut(port) => {
+                vcpu.stats.exit(ExitReason::UnclaimedOut);
+                log::debug!("guest wrote to unclaimed port {port:#x}; ignored");
+            }
+            Action::OtherIoIn(port) => {
+                vcpu.stats.exit(ExitReason::UnclaimedIn);
+                log::debug!("guest read unclaimed port {port:#x}; reads as all ones");
+            }
+            Action::MmioWrite(addr, data, len) => match vm.mmu.mmio_write(&mut vm.ctx, Gpa(addr), &data[..len]) {
+                true => vcpu.stats.exit(ExitReason::PageTableWrite),
+                false => {
+                    vcpu.stats.exit(ExitReason::MmioWrite);
+                    log::debug!("guest wrote unbacked GPA {addr:#x}");
+                }
+            },
+            Action::MmioRead(addr) => {
+                // No device lives outside RAM: reads see all ones.
+                vcpu.stats.exit(ExitReason::MmioRead);
+                log::debug!("guest read unbacked GPA {addr:#x}");
+            }
+            Action::Hlt => {
+                vcpu.stats.exit(ExitReason::Hlt);
+                // No device of this VM ever raises an interrupt, so a
+                // halt never ends either way; but say which halt it was
+                // (RFLAGS.IF: `sti; hlt` waits for an interrupt).
+                let regs = vcpu.ctx.regs();
+                if regs.rflags & guest_abi::paging::RFLAGS_IF != 0 {
+                    return Err(Error::GuestIdle { rip: regs.rip });
+                }
+                return Err(Error::GuestHalted { rip: regs.rip });
+            }
+            Action::Shutdown => {
+                vcpu.stats.exit(ExitReason::Shutdown);
+                return Err(Error::TripleFault { rip: vcpu.ctx.regs().rip });
+            }
+            Action::InternalError => {
+                vcpu.stats.exit(ExitReason::InternalError);
+                return Err(vm.internal_error(vcpu));
+            }
+            Action::FailEntry(reason) => {
+                vcpu.stats.exit(ExitReason::FailEntry);
+                return Err(Error::FailEntry(reason));
+            }
+            Action::Other(what) => {
+                vcpu.stats.exit(ExitReason::Unexpected);
+                return Err(Error::UnexpectedExit { what, rip: vcpu.ctx.regs().rip });
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Run `vcpu` until the guest ends the VM (`Ok`), the vCPU dies (`Err`),
+/// `expired` is set (the timeout) or `stop` is (another vCPU ended the
+/// VM: [`Error::Stopped`]).
+pub(super) fn run_loop(
+    shared: &Mutex<Shared<'_>>,
+    vcpu: &mut Vcpu,
+    expired: &AtomicBool,
+    stop: Option<&AtomicBool>,
+    timeout: std::time::Duration,
+) -> Result<GuestExit> {
+    loop {
+        if expired.load(Ordering::SeqCst) {
+            return Err(Error::Timeout(timeout));
+        }
+        if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+            return Err(Error::Stopped);
+        }
+        {
+            let mut g = lock(shared);
+            let vm = &mut *g.vm;
+            vm.mmu.before_entry(&mut vm.ctx, &mut vcpu.ctx)?;
+        }
+        let action = match vcpu.ctx.fd_mut().run() {
+            Ok(exit) => Action::from_exit(exit, &mut lock(shared).vm.serial),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // A kick (vcpu::handle) or a signal.
+                vcpu.ctx.fd_mut().set_kvm_immediate_exit(0);
+                if expired.load(Ordering::SeqCst) || stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+                    // The end of the run: counted, and the loop's head
+                    // returns.
+                    vcpu.stats.exit(ExitReason::Interrupted);
+                } else {
+                    // The supervisor's periodic kick (`Vm::run`): a
+                    // progress sample of this vCPU, not an exit of the
+                    // guest's, and never the end of the run.
+                    lock(shared).vm.progress_tick(vcpu)?;
+                }
+                continue;
+            }
+            Err(e) => return Err(Error::Kvm { what: "KVM_RUN", source: e }),
+        };
+        if let Some(end) = lock(shared).handle(vcpu, action)? {
+            return Ok(end);
+        }
     }
 }

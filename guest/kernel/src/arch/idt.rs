@@ -9,6 +9,7 @@
 //! with `iretq`: the `#UD` probe does so today (and is tested), `#PF` will
 //! once demand paging exists; every other exception is fatal.
 
+use super::apic;
 use super::gdt::{Ist, KERNEL_CS};
 use crate::{arch, kprintln};
 use core::arch::global_asm;
@@ -64,6 +65,8 @@ global_asm!(
     "ISR_NOERR 20", "ISR_ERR 21", "ISR_NOERR 22", "ISR_NOERR 23",
     "ISR_NOERR 24", "ISR_NOERR 25", "ISR_NOERR 26", "ISR_NOERR 27",
     "ISR_NOERR 28", "ISR_ERR 29", "ISR_ERR 30", "ISR_NOERR 31",
+    // The interrupt vectors (apic.rs): IPI call, IPI wake, spurious.
+    "ISR_NOERR 240", "ISR_NOERR 241", "ISR_NOERR 255",
     "isr_common:",
     "    push rax", "push rbx", "push rcx", "push rdx", "push rsi", "push rdi", "push rbp",
     "    push r8", "push r9", "push r10", "push r11", "push r12", "push r13", "push r14", "push r15",
@@ -83,13 +86,20 @@ global_asm!(
     ".irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
     "    .quad isr_stub_\\n",
     ".endr",
+    ".global IRQ_STUBS",
+    "IRQ_STUBS:",
+    "    .quad isr_stub_240, isr_stub_241, isr_stub_255",
     ".section .text",
     dispatch = sym exception_dispatch,
 );
 
 unsafe extern "C" {
     static ISR_STUBS: [u64; 32];
+    static IRQ_STUBS: [u64; 3];
 }
+
+/// The interrupt vectors with a gate, in `IRQ_STUBS` order.
+const IRQ_VECTORS: [u8; 3] = [apic::VECTOR_CALL, apic::VECTOR_WAKE, apic::VECTOR_SPURIOUS];
 
 /// One 16-byte interrupt gate (Intel SDM vol. 3 §6.14.1).
 #[derive(Clone, Copy)]
@@ -138,20 +148,32 @@ fn ist_for(vector: usize) -> Ist {
     }
 }
 
-/// Fill the 32 exception gates and load the IDT.
+/// Fill the 32 exception gates and the interrupt gates, and load the IDT.
+/// Called once, by the boot CPU, before any other CPU runs; the IDT is
+/// shared and never written again.
 pub fn init() {
-    // SAFETY: single-threaded boot with interrupts off; the gates point at
-    // the stubs above, every one with an IST stack the TSS provides.
+    // SAFETY: single-threaded boot with interrupts off, before any AP
+    // exists; the gates point at the stubs above, every one with an IST
+    // stack each CPU's TSS provides.
     unsafe {
         let idt = &mut *core::ptr::addr_of_mut!(IDT);
         let stubs = &*addr_of!(ISR_STUBS);
         for (v, stub) in stubs.iter().enumerate() {
             idt[v] = Gate::interrupt(*stub, ist_for(v));
         }
-        let ptr =
-            DescriptorPointer { limit: (core::mem::size_of::<[Gate; 256]>() - 1) as u16, base: idt.as_ptr() as u64 };
-        core::arch::asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags));
+        for (v, stub) in IRQ_VECTORS.iter().zip(&*addr_of!(IRQ_STUBS)) {
+            idt[*v as usize] = Gate::interrupt(*stub, Ist::Irq);
+        }
     }
+    load();
+}
+
+/// Load the (shared, filled) IDT on this CPU.
+pub fn load() {
+    let ptr = DescriptorPointer { limit: (core::mem::size_of::<[Gate; 256]>() - 1) as u16, base: addr_of!(IDT) as u64 };
+    // SAFETY: the IDT is filled by `init` before any CPU loads it and never
+    // changes afterwards.
+    unsafe { core::arch::asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags)) };
 }
 
 /// Load an empty IDT: the next exception becomes a triple fault. Used by
@@ -225,12 +247,31 @@ fn end_probe(frame: &mut TrapFrame, vector: u64) {
     frame.rflags = 0x2;
 }
 
-/// Called by the common stub for every exception. The `ud2` of
+/// Start a fatal exception's report: a new line, and with several CPUs
+/// online, which CPU took it.
+fn on_cpu() {
+    if crate::smp::online_count() > 1 {
+        crate::kprint!("\nCPU {}: ", super::percpu::cpu_id());
+    } else {
+        crate::console::write_bytes(b"\n");
+    }
+}
+
+/// Called by the common stub for every exception and interrupt.
+/// Interrupts (vectors 32 and up) go to [`crate::smp::interrupt`] and are
+/// acknowledged (not the spurious vector). The `ud2` of
 /// [`run_ud_probe`] is counted and stepped over. Everything else prints
 /// vector, error code, `rip` (and `cr2` for `#PF`), then ends the VM with
 /// the failure status.
 extern "C" fn exception_dispatch(frame: &mut TrapFrame) {
     let v = frame.vector;
+    if v >= 32 {
+        if v != apic::VECTOR_SPURIOUS as u64 {
+            crate::smp::interrupt(v as u8);
+            apic::eoi();
+        }
+        return;
+    }
     if v == 6 && frame.rip == ud_probe as *const () as u64 {
         UD_PROBES.fetch_add(1, Ordering::Relaxed);
         frame.rip += 2;
@@ -255,9 +296,11 @@ extern "C" fn exception_dispatch(frame: &mut TrapFrame) {
             arch::mmu::fault_handled(cr2);
             return;
         }
-        kprintln!("\nEXCEPTION {} ({}) error={:#x} rip={:#x} cr2={:#x}", v, vector_name(v), error_code, frame.rip, cr2);
+        on_cpu();
+        kprintln!("EXCEPTION {} ({}) error={:#x} rip={:#x} cr2={:#x}", v, vector_name(v), error_code, frame.rip, cr2);
     } else {
-        kprintln!("\nEXCEPTION {} ({}) error={:#x} rip={:#x}", v, vector_name(v), frame.error_code, frame.rip);
+        on_cpu();
+        kprintln!("EXCEPTION {} ({}) error={:#x} rip={:#x}", v, vector_name(v), frame.error_code, frame.rip);
     }
     kprintln!("  rsp={:#x} rflags={:#x} cs={:#x}", frame.rsp, frame.rflags, frame.cs);
     arch::exit(guest_abi::ports::EXIT_FAILURE)

@@ -28,6 +28,11 @@
 //!   and no queued one (pv): the bring-up no longer grows with RAM size.
 //!
 //! Nothing else in the kernel knows which mode it runs in.
+//!
+//! SMP: only ept mode runs several CPUs (`crate::smp`); the shadow and pv
+//! state here (`GUEST_CR3`, the pv area and lazy depth) is the one CPU's.
+//! Every CR3 load records the root in the per-CPU area first (the CPU
+//! mask `crate::tlb` shoots down) and counts a full flush after.
 
 use crate::hypercall;
 use core::cell::UnsafeCell;
@@ -120,6 +125,20 @@ pub fn read_cr3() -> u64 {
 /// stays so while it is loaded. Anything else faults the next instruction
 /// or silently maps other memory.
 pub unsafe fn load_cr3(root: u64) {
+    // Join the new address space's CPU mask before the load (crate::tlb:
+    // an initiator that misses us changed the tables before our load).
+    let cpu = super::percpu::this();
+    cpu.loaded_root.store(root & !0xfff, Ordering::SeqCst);
+    // SAFETY: the caller's contract.
+    unsafe { load_cr3_raw(root) };
+    cpu.full_flushes.fetch_add(1, Ordering::SeqCst);
+}
+
+/// [`load_cr3`] without the per-CPU bookkeeping.
+///
+/// # Safety
+/// As for [`load_cr3`].
+unsafe fn load_cr3_raw(root: u64) {
     // The first CR3 load enters the requested mode (module doc).
     let requested = REQUESTED.load(Ordering::Relaxed);
     if MODE.load(Ordering::Relaxed) != requested {
@@ -303,9 +322,10 @@ pub fn set_direct_limit(limit: u64) {
 #[repr(C, align(4096))]
 struct Area(UnsafeCell<[u64; 512 * pv::AREA_PAGES as usize]>);
 
-// SAFETY: one CPU, interrupts off; the words are only accessed with
-// volatile reads and writes through raw pointers, and the VMM writes them
-// only while the vCPU is stopped at an exit.
+// SAFETY: pv mode runs one CPU (the VMM refuses --vcpus > 1 there, and
+// the kernel starts no AP outside ept mode), interrupts off; the words are
+// only accessed with volatile reads and writes through raw pointers, and
+// the VMM writes them only while the vCPU is stopped at an exit.
 unsafe impl Sync for Area {}
 
 static AREA: Area = Area(UnsafeCell::new([0; 512 * pv::AREA_PAGES as usize]));

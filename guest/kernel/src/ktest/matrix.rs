@@ -55,17 +55,12 @@ pub const CASES: usize = BLOCK * 4 + PAIR_BLOCK * 4;
 /// Bit 13: reserved in a 2 MiB PDE leaf (its address bits 20:13 must be 0).
 const RSVD_2M: u64 = 1 << 13;
 
-static mut RECORDS: [u16; CASES] = [0; CASES];
-
 /// Set by the exception handler: 1 + vector of the probe's exception.
 pub static PROBE_VECTOR: AtomicU64 = AtomicU64::new(0);
 /// The error code of a probe `#PF`.
 pub static PROBE_EC: AtomicU64 = AtomicU64::new(0);
 /// Non-zero while a probe runs.
 pub static PROBE_ACTIVE: AtomicU64 = AtomicU64::new(0);
-
-#[unsafe(no_mangle)]
-static mut PROBE_RSP: u64 = 0;
 
 core::arch::global_asm!(
     ".section .text",
@@ -78,7 +73,8 @@ core::arch::global_asm!(
     "push r13",
     "push r14",
     "push r15",
-    "    mov [rip + PROBE_RSP], rsp",
+    // The kernel stack, saved in this CPU's area (percpu: gs:[24]).
+    "    mov gs:[24], rsp",
     "    test rdx, rdx",
     "    jnz 2f",
     "    jmp rsi",
@@ -90,7 +86,7 @@ core::arch::global_asm!(
     "    iretq",
     ".global probe_return",
     "probe_return:",
-    "    mov rsp, [rip + PROBE_RSP]",
+    "    mov rsp, gs:[24]",
     "    pop r15",
     "pop r14",
     "pop r13",
@@ -198,6 +194,19 @@ fn probe(access: u64, user: bool) -> Result<(bool, u64), &'static str> {
 
 /// Run the matrix, report it, and return the number of cases.
 pub fn run() -> Result<usize, &'static str> {
+    let records = collect(true)?;
+    report(&records)?;
+    kprintln!("access matrix: {} cases", records.len());
+    Ok(records.len())
+}
+
+/// Run every case on this CPU (one CPU at a time: the probe state and the
+/// user address space are the kernel's one); the records, in case order.
+/// Not `full`: only the first block (NXE = 1, WP = 1, [`BLOCK`] cases),
+/// no pairs.
+pub fn collect(full: bool) -> Result<alloc::vec::Vec<u16>, &'static str> {
+    let mut records = alloc::vec::Vec::new();
+    records.try_reserve_exact(CASES).map_err(|_| "no memory for the matrix records")?;
     enter_user(0)?;
     // Stub page and target frame; the target's PDE/PTE are rewritten per case.
     let (stub_frame, target_frame, pde_at, pte_at) = mm::with(|m| {
@@ -238,15 +247,11 @@ pub fn run() -> Result<usize, &'static str> {
         let bits = [1u64, 1 << 1, 1 << 2, 1 << 5, 1 << 6, 1 << 63, rsvd];
         bits.iter().enumerate().filter(|(b, _)| combo & (1 << b) != 0).fold(0, |acc, (_, bit)| acc | bit)
     };
-    let mut case = 0usize;
-    let mut record = |rec: u16| {
-        // SAFETY: single-threaded; `case` < CASES by construction.
-        unsafe { (*core::ptr::addr_of_mut!(RECORDS))[case] = rec };
-        case += 1;
-    };
-    for nxe in [true, false] {
+    let mut record = |rec: u16| records.push(rec);
+    let (nxes, wps): (&[bool], &[bool]) = if full { (&[true, false], &[true, false]) } else { (&[true], &[true]) };
+    for &nxe in nxes {
         let efer = set_nxe(nxe);
-        for wp in [true, false] {
+        for &wp in wps {
             let cr0 = set_wp(wp);
             controls_changed(cr0, efer);
             for pde_combo in 0..4u64 {
@@ -301,7 +306,8 @@ pub fn run() -> Result<usize, &'static str> {
     // of a read-only user page, which a user access or a fetch must not
     // inherit). Record as above for the second access, plus bit 9: the
     // first access faulted.
-    for nxe in [true, false] {
+    let pair_modes: &[bool] = if full { &[true, false] } else { &[] };
+    for &nxe in pair_modes {
         let efer = set_nxe(nxe);
         for wp in [true, false] {
             let cr0 = set_wp(wp);
@@ -339,22 +345,14 @@ pub fn run() -> Result<usize, &'static str> {
     let _ = stub_frame;
     mm::with(|m| m.buddy.free(big, 9)).transpose().map_err(|e| e.as_str())?;
     leave_user()?;
-    report(case)?;
-    kprintln!("access matrix: {} cases", case);
-    Ok(case)
+    Ok(records)
 }
 
 /// Records per `REPORT` (header + chunk header + records ≤ 4 KiB).
 const CHUNK: usize = 2000;
 
-fn report(cases: usize) -> Result<(), &'static str> {
-    // SAFETY: single-threaded; the probes are done, nothing writes RECORDS.
-    let all = unsafe { &*core::ptr::addr_of!(RECORDS) };
-    report_records(&all[..cases])
-}
-
-/// Send `records` as `MATRIX` reports, numbered from 0.
-fn report_records(all: &[u16]) -> Result<(), &'static str> {
+/// Send `all` as `MATRIX` reports, numbered from 0.
+fn report(all: &[u16]) -> Result<(), &'static str> {
     let mut first = 0;
     while first < all.len() {
         let n = (all.len() - first).min(CHUNK);
@@ -400,8 +398,6 @@ const IMPLICIT_INDEX: u64 = 512 + 2;
 /// A flat, present, writable ring-0 data segment, accessed bit set (so
 /// the CPU never writes the descriptor back).
 const FLAT_DATA: u64 = 0x00cf_9300_0000_ffff;
-
-static mut SMEP_RECORDS: [u16; SMEP_CASES] = [0; SMEP_CASES];
 
 core::arch::global_asm!(
     ".section .text",
@@ -558,12 +554,10 @@ pub fn run_smep_smap() -> Result<Option<usize>, &'static str> {
     let probe_gdt = Gdtr { limit: (4096 + 8 * (IMPLICIT_INDEX - 512) + 7) as u16, base: gdt_va };
     let kstub = smep_kstub as *const () as u64;
     let efer = set_nxe(true);
-    let mut n = 0usize;
-    let mut record = |rec: u16| {
-        // SAFETY: single-threaded; n < SMEP_CASES: at most 16 blocks.
-        unsafe { (*core::ptr::addr_of_mut!(SMEP_RECORDS))[n] = rec };
-        n += 1;
-    };
+    // At most 16 blocks: the reservation covers every push below.
+    let mut records = alloc::vec::Vec::new();
+    records.try_reserve_exact(SMEP_CASES).map_err(|_| "no memory for the SMEP/SMAP records")?;
+    let mut record = |rec: u16| records.push(rec);
     let bits = |faulted: bool, ec: u64, after: u64| {
         u16::from(faulted) | (ec as u16) << 1 | (((after >> 5) & 1) as u16) << 6 | (((after >> 6) & 1) as u16) << 7
     };
@@ -629,10 +623,8 @@ pub fn run_smep_smap() -> Result<Option<usize>, &'static str> {
     mem.write_u64(pte_at, 0);
     mmu::invlpg(TARGET);
     leave_user()?;
-    // SAFETY: single-threaded; the probes are done.
-    let all = unsafe { &*core::ptr::addr_of!(SMEP_RECORDS) };
-    report_records(&all[..n])?;
-    Ok(Some(n))
+    report(&records)?;
+    Ok(Some(records.len()))
 }
 
 /// The in-guest test `matrix::smep_smap_rows`: run the rows CPUID allows

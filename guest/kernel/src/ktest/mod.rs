@@ -15,6 +15,7 @@
 mod exact;
 pub mod matrix;
 mod mm_suites;
+mod smp_suites;
 mod suites;
 pub mod vm_suites;
 
@@ -90,6 +91,7 @@ fn contains(haystack: &str, needle: &str) -> bool {
 pub fn run(filter: &str) -> ! {
     crate::arch::idt::set_page_fault_hook(vm_suites::user_fault);
     let (mut passed, mut failed) = (0u32, 0u32);
+    let (t0, ns0) = (arch::rdtsc(), crate::hypercall::now_ns());
     for t in suites::ALL {
         if !contains(t.name, filter) {
             continue;
@@ -106,5 +108,20 @@ pub fn run(filter: &str) -> ! {
         report(t.name, result, cycles);
     }
     kprintln!("guest tests: {} passed, {} failed", passed, failed);
+    if crate::smp::online_count() > 1 {
+        use core::sync::atomic::Ordering::Relaxed;
+        let (cycles, ns) = (arch::rdtsc().wrapping_sub(t0), crate::hypercall::now_ns().saturating_sub(ns0));
+        let n = crate::tlb::SHOOTDOWNS.load(Relaxed);
+        let wait = crate::tlb::WAIT_CYCLES.load(Relaxed);
+        // Mean wait in ns, from the TSC rate over the run (NOW is host time).
+        let mean_ns = if n == 0 || cycles == 0 { 0 } else { (wait / n) * ns / cycles };
+        kprintln!(
+            "smp: {} shootdowns, {} IPIs, {} lazy skips, mean initiator wait {} ns",
+            n,
+            crate::tlb::IPIS.load(Relaxed),
+            crate::tlb::LAZY_SKIPS.load(Relaxed),
+            mean_ns
+        );
+    }
     arch::exit(if failed == 0 { guest_abi::ports::EXIT_SUCCESS } else { guest_abi::ports::EXIT_FAILURE })
 }

@@ -1,7 +1,7 @@
 //! The registered in-guest test suites. Add a test by adding a line to
 //! [`ALL`]; names are `suite::test`.
 
-use super::{TestCase, TestResult, check, exact, mm_suites, vm_suites};
+use super::{TestCase, TestResult, check, exact, mm_suites, smp_suites, vm_suites};
 use crate::{arch, hypercall};
 use guest_abi::hypercall as hc;
 
@@ -29,6 +29,15 @@ pub static ALL: &[TestCase] = &[
     TestCase { name: "demand::zero_fill_one_fault_per_page", run: vm_suites::demand_paging_zero_fills },
     TestCase { name: "cow::fork_then_write_copies", run: vm_suites::fork_copy_on_write },
     TestCase { name: "folio::fault_unmap_mprotect_keep_pages_exact", run: vm_suites::folios_fault_unmap_mprotect },
+    TestCase { name: "smp::cpus_have_distinct_ids", run: smp_suites::cpus_have_distinct_ids },
+    TestCase { name: "smp::alloc_free_storm", run: smp_suites::alloc_free_storm },
+    TestCase { name: "smp::parallel_demand_faults", run: smp_suites::parallel_demand_faults },
+    TestCase { name: "smp::unmap_while_reading", run: smp_suites::unmap_while_reading },
+    TestCase { name: "smp::fork_while_threads_write", run: smp_suites::fork_while_threads_write },
+    TestCase { name: "smp::write_protect_from_another_root", run: smp_suites::write_protect_from_another_root },
+    TestCase { name: "smp::flush_batches_merge_and_cap", run: smp_suites::flush_batches_merge_and_cap },
+    TestCase { name: "smp::lazy_cpus_are_skipped_then_flush", run: smp_suites::lazy_cpus_are_skipped_then_flush },
+    TestCase { name: "smp::access_matrix_on_every_cpu", run: smp_suites::access_matrix_on_every_cpu },
     TestCase { name: "aging::follows_accessed_and_dirty_bits", run: vm_suites::aging_follows_accessed_and_dirty_bits },
     TestCase { name: "shadow::stale_mappings_fault_every_time", run: vm_suites::stale_mappings_fault },
     TestCase { name: "isolation::pte_beyond_ram", run: vm_suites::pte_beyond_ram },

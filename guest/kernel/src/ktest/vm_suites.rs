@@ -132,7 +132,7 @@ pub fn leave_user() -> TestResult {
         m.ctx(|cx, kpt, user| {
             KernelMmu.load_cr3(kpt.root());
             if let Some(a) = user.take() {
-                a.destroy(cx);
+                crate::mm::destroy(cx, a);
             }
         })
     })
@@ -264,7 +264,7 @@ pub fn fork_copy_on_write() -> TestResult {
         m.ctx(|cx, _, user| {
             if let Some(child) = user.replace(parent) {
                 user.as_ref().expect("parent").switch_to(cx.mmu);
-                child.destroy(cx);
+                crate::mm::destroy(cx, child);
             }
         })
     });
@@ -399,7 +399,7 @@ pub fn address_spaces_switch() -> TestResult {
         m.ctx(|cx, kpt, _| {
             KernelMmu.load_cr3(kpt.root());
             if let Some(o) = other.take() {
-                o.destroy(cx);
+                crate::mm::destroy(cx, o);
             }
         })
     });
