@@ -173,6 +173,11 @@ impl FrameSource for Frames<'_> {
     fn free_frame(&mut self, frame: Pfn) {
         self.gather.defer(self.buddy, frame, false);
     }
+    // Forwarded, not left to the trait's order-0-only default: without it
+    // every `anon=` size silently fell back to 4 KiB pages.
+    fn alloc_folio(&mut self, order: u8) -> Option<Pfn> {
+        self.buddy.alloc_folio(order)
+    }
 }
 
 /// The MMU platform: CR3 loads, TLB flushes and lazy-MMU brackets through
