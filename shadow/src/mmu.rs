@@ -92,7 +92,10 @@
 //!
 //! pv mode (`mmu::pv`) applies the guest's queued writes in batches
 //! through the same per-entry path as a trapped write, publishes the
-//! cached roots, and prefetches the translation a sync names.
+//! cached roots, and prefetches the translation a sync names; its harvest
+//! (`mmu::harvest`) installs level-1 leaves with A clear, which the CPU
+//! sets in the pool — the one bit in which the pool may differ from the
+//! VMM's copy.
 //!
 //! # Paging controls (SDM vol. 3 §4.6 "Access rights", §4.7 "Page-fault exceptions")
 //!
@@ -194,6 +197,7 @@
 //! | `pool.rs` | allocation, freeing, quarantine, zap of everything | `mmu.c` (`kvm_mmu_commit_zap_page`, `kvm_mmu_zap_all`) |
 //! | `coherence.rs` | host staleness, deferral, pool repair (invariant 4, trust) | `kvm_flush_remote_tlbs` |
 //! | `pv.rs` | pv mode: write batches, prefetch, published roots | — |
+//! | `harvest.rs` | pv mode: `PV_HARVEST`, the shadow leaves' A bits as a second-level accessed bit | `kvm_age_gfn` |
 //! | `invariants.rs` | the structural checker; the diagnostic shadow walk | — |
 //! | `stats.rs`, `error.rs` | [`ShadowStats`]; [`ShadowError`] | — |
 
@@ -228,6 +232,7 @@ pub const MAX_ROOTS: usize = guest_abi::pv::ROOTS_CAP;
 mod coherence;
 mod error;
 mod fault;
+mod harvest;
 mod invariants;
 mod page;
 mod page_track;
@@ -247,6 +252,7 @@ pub use page_track::TableFrames;
 use page_track::Zoned;
 pub use pv::BatchOutcome;
 pub use root::ShadowRoot;
+use harvest::pool_agrees;
 use spte::{maps_page, restricts, shadowable};
 pub use stats::ShadowStats;
 pub use vcpu::ShadowVcpu;

@@ -40,6 +40,16 @@ pub const PV_SETUP: u32 = 7;
 /// `PV_FLUSH(gva)` (`gva` = [`crate::pv::NO_GVA`]: none). Answers [`OK`] or
 /// a batch error ([`crate::pv::batch_error`]).
 pub const PV_FLUSH: u32 = 8;
+/// pv mode: harvest the accessed state of pages of the current address
+/// space: `PV_HARVEST(gva, pages, bitmap)`. `gva` is page-aligned; bit `i`
+/// of the `pages.div_ceil(64)` little-endian words at GPA `bitmap` names
+/// page `gva + i * 4096` on the way in, and on the way out says whether
+/// that page was accessed since the last harvest that named it (a
+/// second-level accessed bit, like EPT's; the guest's own entries are not
+/// changed). A sync point. At most [`crate::pv::HARVEST_PAGES`] pages;
+/// `ERR_INVALID` for more or an unaligned `gva`, `ERR_FAULT` for a bitmap
+/// outside RAM. The guest flushes its TLB after it (docs/pv.md).
+pub const PV_HARVEST: u32 = 9;
 
 /// Success.
 pub const OK: u64 = 0;
@@ -76,6 +86,7 @@ pub const fn name(nr: u32) -> &'static str {
         EXPLAIN => "explain",
         PV_SETUP => "pv_setup",
         PV_FLUSH => "pv_flush",
+        PV_HARVEST => "pv_harvest",
         _ => "unknown",
     }
 }

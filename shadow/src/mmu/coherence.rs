@@ -119,7 +119,8 @@ impl ShadowMmu {
     /// The pool pages numbered `pages` (0 = the first page of the pool)
     /// may have been written by the guest (the host's dirty log says so):
     /// make each hold exactly the VMM's copy again (zeros for a page not in
-    /// use). A page that differed marks the host stale — the host may have
+    /// use; an A bit the CPU set in a harvested leaf is not a difference,
+    /// `harvest.rs`). A page that differed marks the host stale — the host may have
     /// cached the guest's entries — and counts as a repair. Returns the
     /// number of pages repaired. Reading the pool here only *compares*; no
     /// decision depends on what the guest wrote.
@@ -132,9 +133,10 @@ impl ShadowMmu {
             self.work += 512;
             let base = self.page_gpa(page as u32);
             let mut differed = false;
+            let level = self.pages[page as usize].as_ref().map_or(1, |p| p.role.level);
             for idx in 0..512u64 {
                 let want = self.entry(page as u32, idx);
-                if pool.read_u64(Gpa(base + idx * 8)) != want {
+                if !pool_agrees(want, pool.read_u64(Gpa(base + idx * 8)), level) {
                     pool.write_u64(Gpa(base + idx * 8), want);
                     differed = true;
                 }

@@ -43,6 +43,10 @@ pub struct ShadowStats {
     /// pv mode: translations made current without a fault
     /// ([`ShadowMmu::prefetch`](super::ShadowMmu::prefetch)).
     pub prefetches: u64,
+    /// pv mode: accessed-bit harvests ([`ShadowMmu::harvest`](super::ShadowMmu::harvest)).
+    pub harvests: u64,
+    /// pv mode: pages the harvests named.
+    pub harvest_pages: u64,
 }
 
 /// `ShadowStats` with every count `$count` taken as `$now - $then` and
@@ -60,7 +64,7 @@ impl ShadowStats {
         counts_since!(self, earlier;
             counts: hidden_faults, guest_faults, pte_writes, pte_updates_in_place, cr3_loads, root_hits,
                 root_misses, zaps, page_zaps, pool_exhaustions, host_invalidations, flushes, pool_repairs,
-                batches, batch_entries, prefetches;
+                batches, batch_entries, prefetches, harvests, harvest_pages;
             gauges: pages_in_use, pages_peak)
     }
 }
