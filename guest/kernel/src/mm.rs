@@ -79,6 +79,9 @@ impl MmuPlatform for KernelMmu {
     fn leave_lazy(&self) {
         crate::arch::mmu::leave_lazy();
     }
+    fn harvest_young(&self, base: guest_abi::Gva, young: &mut [u64]) -> bool {
+        crate::arch::mmu::harvest_young(base.0, young)
+    }
 }
 
 /// The context the paging and address-space code needs.

@@ -11,12 +11,14 @@
 //! | `mmap` | map a 4-page area, touch it, unmap it |
 //! | `tlb` | a read at a pseudo-random page of a 64-page working set with stable tables |
 //! | `alloc` | a kmalloc 64-byte alloc+free and an order-0 page alloc+free (no MMU change) |
+//! | `aging` | one page-aging pass over a 512-page working set (clear A where set, move idle pages to the inactive list), then a write to each page of its hot half |
 
 use crate::ktest::vm_suites::{USER_BASE, enter_user, leave_user};
 use crate::mm::{self, KernelMmu};
 use crate::{arch, kprintln};
 use guest_abi::Gva;
 use guest_abi::report::{BenchRecord, kind};
+use guest_mm::aging::Lru;
 use guest_mm::aspace::AddressSpace;
 use guest_mm::buddy::ZonePref;
 use guest_mm::paging::MmuPlatform;
@@ -38,7 +40,7 @@ fn page(i: u64) -> *mut u64 {
 
 /// The workloads `workload=` accepts, one per arm of [`run`]'s match: the
 /// command-line check refuses any other (keep the two together).
-pub const NAMES: &[&str] = &["fault", "fork", "ctxsw", "mmap", "tlb", "alloc"];
+pub const NAMES: &[&str] = &["fault", "fork", "ctxsw", "mmap", "tlb", "alloc", "aging"];
 
 /// Run workload `name` with `size` operations; ends the VM.
 pub fn run(name: &str, size: u64) -> ! {
@@ -51,6 +53,7 @@ pub fn run(name: &str, size: u64) -> ! {
         "mmap" => mmap(size),
         "tlb" => tlb(size),
         "alloc" => alloc(size),
+        "aging" => aging(size),
         _ => Err("unknown workload"),
     };
     match result {
@@ -264,4 +267,78 @@ fn alloc(n: u64) -> Result<(), &'static str> {
     });
     send(kind::BENCH, "alloc", n, cycles, ok);
     if ok { Ok(()) } else { Err("an allocation or free failed") }
+}
+
+/// Pages of `aging`'s working set: one page table's worth.
+const AGING_PAGES: u64 = 512;
+
+/// Whether page `i` of `aging`'s working set is in its hot half (every
+/// other page, so hot and cold pages share every table).
+fn hot(i: u64) -> bool {
+    i % 2 == 0
+}
+
+/// One aging pass (Linux's `shrink_active_list` then
+/// `shrink_inactive_list`) over the whole working set of the current
+/// address space; `false` if there is none.
+fn aging_pass(lru: &mut Lru<{ AGING_PAGES as usize }>) -> bool {
+    mm::with(|m| {
+        m.ctx(|cx, _, user| {
+            let a = user.as_mut()?;
+            lru.age_active(a, cx, AGING_PAGES as usize, true);
+            lru.shrink_inactive(a, cx, AGING_PAGES as usize, true);
+            Some(())
+        })
+    })
+    .flatten()
+    .is_some()
+}
+
+/// The lists say what the accesses were: the hot half on the active list,
+/// the cold half on the inactive list, nothing reclaimed (every page holds
+/// data) or lost.
+fn aging_sorted(lru: &Lru<{ AGING_PAGES as usize }>) -> bool {
+    let index = |p: Gva| (p.0 - USER_BASE) / 4096;
+    let half = (AGING_PAGES / 2) as usize;
+    lru.active().len() == half
+        && lru.inactive().len() == half
+        && lru.active().iter().all(|p| hot(index(p)))
+        && lru.inactive().iter().all(|p| !hot(index(p)))
+        && lru.stats().reclaimed == 0
+        && lru.stats().stale == 0
+}
+
+fn aging(n: u64) -> Result<(), &'static str> {
+    enter_user(AGING_PAGES)?;
+    let mut lru = alloc::boxed::Box::new(Lru::<{ AGING_PAGES as usize }>::new());
+    for i in 0..AGING_PAGES {
+        // SAFETY: inside the VMA; the first touch demand-faults.
+        unsafe { page(i).write_volatile(i) };
+        if !lru.add(Gva(USER_BASE + i * 4096)) {
+            return Err("the LRU lists are too small");
+        }
+    }
+    let touch_hot = |v: u64| {
+        for i in (0..AGING_PAGES).filter(|&i| hot(i)) {
+            // SAFETY: mapped above, never unmapped (every page is dirty).
+            unsafe { page(i).write_volatile(v + i) };
+        }
+    };
+    // Warm-up: the first pass finds every page used and activates it, the
+    // second demotes the cold half; from then on every pass does the same.
+    let mut ok = aging_pass(&mut lru);
+    touch_hot(0);
+    ok &= aging_pass(&mut lru) && aging_sorted(&lru);
+    touch_hot(0);
+    let cycles = measure("aging", n, |k| {
+        ok &= aging_pass(&mut lru) && aging_sorted(&lru);
+        touch_hot(k + 1);
+    });
+    send(kind::BENCH, "aging", n, cycles, ok);
+    // After the measured phase: reading the cold pages faults their A bits
+    // back in under shadow paging.
+    // SAFETY: all mapped.
+    ok &= (0..AGING_PAGES).all(|i| unsafe { page(i).read_volatile() } == if hot(i) { n + i } else { i });
+    leave_user()?;
+    if ok { Ok(()) } else { Err("the aging pass sorted the pages wrongly") }
 }
