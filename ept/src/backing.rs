@@ -14,7 +14,7 @@
 //! mappings live exactly as long as the [`GuestRam`] (they are unmapped in
 //! `Drop`, after the `vm-memory` views of them are gone).
 
-use crate::memmap::{MemoryMap, RegionKind};
+use crate::memmap::{MemoryMap, RegionKind, SlotSpec};
 use guest_abi::{Gpa, Hva};
 use serde::Serialize;
 use std::fmt;
@@ -355,19 +355,52 @@ impl GuestRam {
     /// Register every slot of `map` with KVM.
     pub fn register(&self, map: &MemoryMap, vm: &kvm_ioctls::VmFd) -> Result<(), kvm_ioctls::Error> {
         for s in &map.slots {
-            let hva = self.hva(map, s.gpa).expect("slots lie in RAM or the pool");
-            let region = kvm_bindings::kvm_userspace_memory_region {
-                slot: s.slot,
-                flags: s.kvm_flags(),
-                guest_phys_addr: s.gpa.raw(),
-                memory_size: s.len,
-                userspace_addr: hva.raw(),
-            };
-            // SAFETY: the host range lies inside a mapping owned by this
-            // GuestRam, which the VMM keeps alive as long as the VM.
-            unsafe { vm.set_user_memory_region(region) }?;
+            self.set_slot(map, vm, s, s.kvm_flags(), s.len)?;
         }
         Ok(())
+    }
+
+    /// Delete slot `s` of `map` and add it back over the same host memory
+    /// with KVM flags `flags`: how a slot changes its flags (KVM refuses a
+    /// flags change in place, except dirty logging), and how a host whose
+    /// KVM shadows page tables is made to drop every translation through
+    /// the slot. The one place besides [`GuestRam::register`] that gives
+    /// KVM a memslot (`crate::memmap` decides every slot, nothing else
+    /// does); `s` must be one of `map`'s slots.
+    pub fn reregister(
+        &self,
+        map: &MemoryMap,
+        vm: &kvm_ioctls::VmFd,
+        s: &SlotSpec,
+        flags: u32,
+    ) -> Result<(), kvm_ioctls::Error> {
+        self.set_slot(map, vm, s, flags, 0)?;
+        self.set_slot(map, vm, s, flags, s.len)
+    }
+
+    /// `KVM_SET_USER_MEMORY_REGION` for slot `s` over its host memory in
+    /// this `GuestRam`, `memory_size` bytes (0 deletes the slot).
+    fn set_slot(
+        &self,
+        map: &MemoryMap,
+        vm: &kvm_ioctls::VmFd,
+        s: &SlotSpec,
+        flags: u32,
+        memory_size: u64,
+    ) -> Result<(), kvm_ioctls::Error> {
+        let hva = self.hva(map, s.gpa).expect("slots lie in RAM or the pool");
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: s.slot,
+            flags,
+            guest_phys_addr: s.gpa.raw(),
+            memory_size,
+            userspace_addr: hva.raw(),
+        };
+        // SAFETY: the host range lies inside a mapping owned by this
+        // GuestRam (`hva` maps only RAM and the pool, and `s` lies in one
+        // of them), which the VMM keeps alive as long as the VM; deleting
+        // or re-adding the slot over the same range changes nothing else.
+        unsafe { vm.set_user_memory_region(region) }
     }
 
     /// Bytes of guest RAM currently backed by huge pages, from

@@ -101,7 +101,7 @@ impl SlotSpec {
     /// for the trapped page-table zone, and `KVM_MEM_LOG_DIRTY_PAGES` for
     /// the shadow pool — the guest can map the pool with tables of its own
     /// (nothing traps a `mov cr3`), so the VMM asks KVM which pool pages
-    /// the guest wrote and rewrites them (`vmm::shadow_mode`).
+    /// the guest wrote and rewrites them (`vmm::mmu::shadow`).
     pub fn kvm_flags(&self) -> u32 {
         let mut flags = 0;
         if self.readonly {

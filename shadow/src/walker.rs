@@ -21,7 +21,7 @@
 //!   but guest RAM (the isolation property of docs/architecture.md). A large page must
 //!   lie wholly in RAM: one that only partly does (a 1 GiB page at 0 in a
 //!   512 MiB guest) faults as a whole, where hardware would translate its
-//!   in-RAM part — a deliberate difference (README, "shadow mode").
+//!   in-RAM part — a deliberate difference (docs/shadow.md).
 //! - **Untrapped tables.** A paging structure (the root included) in a
 //!   frame the caller cannot trap writes to ([`GuestPhys::may_hold_tables`]
 //!   false) is treated like a reserved bit in the entry that points at it

@@ -3,6 +3,11 @@
 
 use std::path::PathBuf;
 
+/// `map_err` for a KVM ioctl: the error names the ioctl.
+pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}
+
 /// Exit codes of the `vmm` binary (also listed in `--help` and the README).
 pub mod exit_code {
     /// The guest ended with the success status.

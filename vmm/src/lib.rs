@@ -1,35 +1,38 @@
-//! The VMM: boots the bundled guest kernel under KVM and virtualises its
-//! MMU (docs/architecture.md). The binary (`main.rs`) is a thin shell over [`cli`] and
-//! [`vm`]; everything is here so that tests can drive it.
+//! The VMM library: boots the bundled guest kernel under KVM and
+//! virtualises its MMU three ways — `ept`, `shadow`, `pv`
+//! (docs/architecture.md). The binary (`main.rs`) and its binary-only
+//! module tree `cli/` (the command line, the run/test/bench/info/compare
+//! commands, their tables and charts) sit on top of this library and
+//! reach it as `vmm::`; everything a test drives is here.
 //!
-//! Module map: [`layout`] names every boot-time address; [`boot`] writes the
-//! boot structures and loads the kernel; [`devices`] are the UART, the exit
-//! device and the hypercall port; [`vm`] owns the VM and the vCPU loop
-//! ([`supervise`] runs it under the deadline); [`mmu`] is the seam between
-//! that loop and the MMU modes (ept, [`shadow_mode`]); [`stats`] counts
-//! what happened; [`error`] says what went wrong and which exit code that
-//! means.
+//! Module map, each depending only on modules listed before it (no import
+//! cycle: `python3 scripts/modcycles.py vmm/src` prints none):
+//!
+//! - [`size`]: sizes and durations, parsed and printed.
+//! - [`error`]: what went wrong, and which exit code that means.
+//! - [`limits`]: the bounds on what a guest can make the VMM keep or print.
+//! - [`boot`]: [`boot::layout`] names every boot-time address; the rest
+//!   loads the kernel and writes the boot structures.
+//! - [`devices`]: the UART, the exit device and the hypercall port.
+//! - [`mmu`]: the seam between the run loop and the MMU modes — its
+//!   neutral types (per-VM [`mmu::VmContext`], per-vCPU
+//!   [`mmu::VcpuContext`], the report, the memory window, the counters,
+//!   `explain`) and the backends as leaf modules: [`mmu::ept`],
+//!   [`mmu::shadow`], [`mmu::pv`].
+//! - [`stats`]: what a run counted (exits by reason, hypercalls, times).
+//! - [`vcpu`]: per-vCPU state ([`vcpu::Vcpu`]), exit decoding, the
+//!   supervision of the vCPU thread.
+//! - [`vm`]: configuration, the builder, the [`vm::Vm`] handle and its
+//!   lifecycle, per-VM state, and the run loop over one vCPU.
 
-pub mod bench;
 pub mod boot;
-pub mod chart;
-pub mod cli;
-pub mod compare;
 pub mod devices;
 pub mod error;
-pub mod explain;
-pub mod guest_tests;
-pub mod info;
-pub mod kvm;
-pub mod layout;
 pub mod limits;
 pub mod mmu;
-pub mod pv_mode;
-pub mod shadow_mode;
 pub mod size;
 pub mod stats;
-pub mod supervise;
-mod vcpu_exit;
+pub mod vcpu;
 pub mod vm;
 
 pub use error::{Error, Result};

@@ -112,38 +112,3 @@ mod tests {
         assert!(b.kept_bytes <= MAX_KEPT_REPORT_BYTES);
     }
 }
-
-#[cfg(test)]
-mod shadow_warning_tests {
-    use super::MAX_WARNINGS;
-    use crate::mmu::GuestCpu;
-    use crate::shadow_mode::{Coherence, MemWindow, ShadowState};
-    use ept::RegionKind;
-    use ept::memmap::SlotSpec;
-    use vm_memory::{GuestAddress, GuestMemoryMmap};
-
-    #[test]
-    fn shadow_faults_before_the_first_load_cr3_warn_a_bounded_number_of_times() {
-        let ram_mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let pool_mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x100_0000), 0x4_0000)]).unwrap();
-        let slot = SlotSpec {
-            slot: 3,
-            gpa: guest_abi::Gpa(0x100_0000),
-            len: 0x4_0000,
-            readonly: false,
-            kind: RegionKind::ShadowPool,
-        };
-        let cpu = GuestCpu { maxphyaddr: 36, nx: true, pdpe1gb: true, amd: false };
-        let mut sh = ShadowState::new(slot, guest_abi::Hva(0), Coherence::ReloadCr3, cpu, shadow::TableFrames::ALL);
-        let mut ram = MemWindow::ram(&ram_mem, 0x10_0000);
-        let mut pool = sh.pool(&pool_mem);
-        let mode = shadow::PagingMode::default();
-        // No root yet: every fault is refused, ten times the warning bound.
-        for i in 0..10 * MAX_WARNINGS {
-            let r = sh.handle_fault(&mut ram, &mut pool, guest_abi::Gva(0x1000 * i), 0, mode);
-            assert_eq!(r, Ok(guest_abi::hypercall::ERR_UNAVAILABLE));
-        }
-        assert_eq!(sh.fault_warnings().seen, 10 * MAX_WARNINGS);
-        assert_eq!(sh.fault_warnings().suppressed(), 9 * MAX_WARNINGS);
-    }
-}

@@ -181,7 +181,7 @@ pub struct RunStats {
     /// The MMU mode.
     pub mmu: &'static str,
     /// Shadow-mode counters and handler times (shadow mode only).
-    pub shadow: Option<crate::shadow_mode::ShadowReport>,
+    pub shadow: Option<crate::mmu::report::ShadowReport>,
     /// Workload phases the guest measured.
     pub bench: Vec<BenchPhase>,
     /// `REPORT` records refused because the run's budget was spent

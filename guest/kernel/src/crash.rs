@@ -462,7 +462,7 @@ fn scribble() -> ! {
 /// into use yet). In ept mode the zone is ordinary RAM and this succeeds; in
 /// shadow mode the zone is a read-only memslot and the host must emulate
 /// the store as an MMIO write, which its emulator cannot do for these
-/// instructions (README, "What the host needs").
+/// instructions (docs/host.md, "What a host needs to run mmuvirt").
 fn store_into_zone(mode: &str) -> ! {
     let zone = crate::boot::info().pt_zone.start;
     let at = guest_abi::DIRECT_MAP_BASE + zone + 0x800;

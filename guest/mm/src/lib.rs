@@ -20,6 +20,22 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+/// `Display` and `core::error::Error` for error enums whose text is their
+/// `as_str()` (which needs no formatting machinery, for the guest's paths):
+/// the text is written once, in `as_str`.
+macro_rules! display_as_str {
+    ($($error:ty),+ $(,)?) => {$(
+        impl core::fmt::Display for $error {
+            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl core::error::Error for $error {}
+    )+};
+}
+pub(crate) use display_as_str;
+
 pub mod aging;
 pub mod aspace;
 pub mod buddy;

@@ -73,8 +73,11 @@ pub const TABLE_FLAGS: PteFlags =
 mod entry;
 mod error;
 mod flags;
+mod invariants;
+mod map;
 mod platform;
 mod size;
+mod unmap;
 mod walk;
 
 pub use entry::*;

@@ -1,7 +1,7 @@
 //! The `BootInfo` record and the command line, written into guest memory.
 
+use crate::boot::layout::{BOOT_AREA_END, BOOT_INFO_START, CMDLINE_START, DIRECT_MAP_BASE, PAGE_SIZE};
 use crate::error::{Error, Result};
-use crate::layout::{BOOT_AREA_END, BOOT_INFO_START, CMDLINE_START, DIRECT_MAP_BASE, PAGE_SIZE};
 use guest_abi::boot::MAX_CMDLINE_LEN;
 use guest_abi::{BootInfo, MemRegion, MemRegionKind, MmuMode};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -93,7 +93,7 @@ pub fn write(mem: &GuestMemoryMmap, p: &BootInfoParams<'_>) -> Result<BootInfo> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::MIB;
+    use crate::boot::layout::MIB;
 
     fn params(cmdline: &str) -> BootInfoParams<'_> {
         BootInfoParams {

@@ -4,8 +4,8 @@
 //! has to make the long-mode state that `KVM_SET_SREGS` installs
 //! consistent: null, 64-bit code, data, TSS (the Firecracker layout).
 
+use crate::boot::layout::{BOOT_GDT_MAX, BOOT_GDT_START, BOOT_IDT_START};
 use crate::error::{Error, Result};
-use crate::layout::{BOOT_GDT_MAX, BOOT_GDT_START, BOOT_IDT_START};
 use kvm_bindings::kvm_segment;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 

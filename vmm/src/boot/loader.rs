@@ -20,8 +20,8 @@
 //!   guest one kernel region for that span, and it must not overlap
 //!   anything else (`bootinfo::memory_map`).
 
+use crate::boot::layout::{BOOT_AREA_END, BOOT_MAP_LIMIT, KERNEL_VMA, LARGE_PAGE_SIZE, MAX_MEMORY};
 use crate::error::{Error, Result};
-use crate::layout::{BOOT_AREA_END, BOOT_MAP_LIMIT, KERNEL_VMA, LARGE_PAGE_SIZE, MAX_MEMORY};
 use linux_loader::loader::{KernelLoader, elf::Elf};
 use std::io::Cursor;
 use vm_memory::GuestMemoryMmap;
@@ -153,7 +153,7 @@ pub fn inspect(name: &str, image: &[u8], ram: u64, pt_zone: (u64, u64)) -> Resul
             // A segment that an allowed --memory would hold means the memory
             // is too small; one that no allowed size holds is outside RAM.
             if paddr >= BOOT_AREA_END && end <= MAX_MEMORY.min(BOOT_MAP_LIMIT) {
-                let needed = (end.max(crate::layout::MIN_MEMORY) + LARGE_PAGE_SIZE - 1) & !(LARGE_PAGE_SIZE - 1);
+                let needed = (end.max(crate::boot::layout::MIN_MEMORY) + LARGE_PAGE_SIZE - 1) & !(LARGE_PAGE_SIZE - 1);
                 return Err(Error::MemoryTooSmallForKernel { name: name.to_string(), index, end, ram, needed });
             }
             return Err(Error::SegmentOutsideRam { name: name.to_string(), index, start: paddr, end, ram });
@@ -228,7 +228,7 @@ pub fn load(name: &str, image: &[u8], mem: &GuestMemoryMmap) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::MIB;
+    use crate::boot::layout::MIB;
 
     /// A minimal ELF with the given header fields and one PT_LOAD segment.
     fn elf(machine: u16, etype: u16, paddr: u64, memsz: u64, entry: u64) -> Vec<u8> {
@@ -323,7 +323,7 @@ mod tests {
     fn an_empty_segment_cannot_smuggle_file_bytes() {
         // p_memsz == 0 with file bytes at GPA 0, over the boot page tables,
         // and into the page-table zone: linux-loader would copy them all.
-        for target in [0, crate::layout::PML4_START, ZONE.0] {
+        for target in [0, crate::boot::layout::PML4_START, ZONE.0] {
             let e =
                 inspect("k", &elf_with(&[(0x20_0000, 0x10, 0x1000), (target, 0x100, 0)]), 32 * MIB, ZONE).unwrap_err();
             assert!(e.to_string().contains("segment 1 has more file bytes (0x100) than memory bytes (0x0)"), "{e}");
@@ -379,7 +379,7 @@ mod tests {
                 pick in proptest::collection::vec(any::<prop::sample::Index>(), 1..5),
             ) {
                 let ram = ram_mib * MIB;
-                let zone = (crate::layout::PT_ZONE_START, crate::layout::PT_ZONE_START + crate::layout::pt_zone_size(ram));
+                let zone = (crate::boot::layout::PT_ZONE_START, crate::boot::layout::PT_ZONE_START + crate::boot::layout::pt_zone_size(ram));
                 let strategy_addrs: Vec<u64> = {
                     // A third at the addresses that matter, the rest anywhere in RAM.
                     let interesting = [0, BOOT_AREA_END, 2 * MIB, 16 * MIB, 64 * MIB, ram - 0x1000, ram - 2 * MIB, zone.1];

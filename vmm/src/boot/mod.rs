@@ -7,6 +7,7 @@
 
 pub mod bootinfo;
 pub mod gdt;
+pub mod layout;
 pub mod loader;
 pub mod paging;
 pub mod regs;

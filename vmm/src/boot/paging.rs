@@ -6,10 +6,10 @@
 //! at `KERNEL_VMA` (PML4[511] → PDPT_HIGH[510] → PD). PD entries beyond RAM
 //! stay zero, so the boot tables never map a GPA outside guest RAM.
 
-use crate::error::{Error, Result};
-use crate::layout::{
+use crate::boot::layout::{
     BOOT_MAP_LIMIT, DIRECT_MAP_BASE, KERNEL_VMA, LARGE_PAGE_SIZE, PD_START, PDPT_HIGH_START, PDPT_LOW_START, PML4_START,
 };
+use crate::error::{Error, Result};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub use guest_abi::paging::{P as PTE_P, PS as PTE_PS, RW as PTE_RW};
@@ -42,7 +42,7 @@ pub fn setup_page_tables(mem: &GuestMemoryMmap, ram: u64) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::MIB;
+    use crate::boot::layout::MIB;
 
     fn mem(size: u64) -> GuestMemoryMmap {
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap()

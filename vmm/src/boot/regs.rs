@@ -5,7 +5,7 @@
 //! the guest is a bug and must surface as an error, not run.
 
 use super::gdt::{BOOT_GDT, kvm_segment_from_gdt};
-use crate::layout::{BOOT_GDT_START, BOOT_IDT_START, BOOT_INFO_START, BOOT_STACK_POINTER, PML4_START};
+use crate::boot::layout::{BOOT_GDT_START, BOOT_IDT_START, BOOT_INFO_START, BOOT_STACK_POINTER, PML4_START};
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 
 // The control-register bits (CR4.OSFXSR is kept clear).

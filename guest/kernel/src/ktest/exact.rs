@@ -148,7 +148,7 @@ fn has_1g_pages() -> bool {
 /// modes alike (shadow mode used to answer the vCPU's fault "fixed"
 /// forever on a guest with 1 GiB of RAM or more). Where the page is
 /// partly outside RAM, shadow mode faults with RSVD as a whole where the
-/// hardware would translate the part inside (the README's documented
+/// hardware would translate the part inside (docs/shadow.md's documented
 /// difference, item 6).
 pub fn pdpte_ps_follows_the_cpuid() -> TestResult {
     enter_user(0)?;

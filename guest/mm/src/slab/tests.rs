@@ -7,9 +7,13 @@ use std::vec::Vec;
 
 use proptest::prelude::*;
 
+use guest_abi::Gpa;
+
+use super::size_class::cache_of;
 use super::*;
-use crate::buddy::{DMA_LIMIT, FrameMeta, ZoneId};
-use crate::phys::{ArenaMem, FRAME_WORDS, FrameRange};
+use crate::PAGE_SIZE;
+use crate::buddy::{BuddyAllocator, DMA_LIMIT, FrameMeta, FreeError, MAX_ORDER, ZoneId};
+use crate::phys::{ArenaMem, FRAME_WORDS, FrameRange, Pfn, PhysMem};
 
 /// Backing memory and metadata for a NORMAL-only buddy allocator.
 struct Fixture {

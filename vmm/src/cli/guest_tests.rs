@@ -7,11 +7,11 @@
 //! `N passed, N failed` line. The guest's console is kept and shown only
 //! when something failed, so a clean run stays readable.
 
-use crate::devices::hypercall::Report;
-use crate::error::Result;
-use crate::vm::{Vm, VmConfig};
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
+use vmm::devices::hypercall::Report;
+use vmm::error::Result;
+use vmm::vm::{Vm, VmConfig};
 
 /// A console sink that keeps everything in memory.
 #[derive(Clone, Default)]
@@ -94,7 +94,7 @@ pub fn run_mode(mut config: VmConfig, filter: &str, out: &mut dyn Write) -> Resu
         && let Some(word) = exit.refused_cmdline_word(&config_cmdline)
     {
         let _ = write!(out, "{}", console.text());
-        return Err(crate::Error::GuestCmdline(word));
+        return Err(vmm::Error::GuestCmdline(word));
     }
     let tests: Vec<TestOutcome> = outcome
         .reports

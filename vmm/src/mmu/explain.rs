@@ -6,6 +6,8 @@
 //! page sizes, the two-dimensional walk cost of this address, and
 //! `KVM_TRANSLATE`'s answer for the same GVA as a cross-check.
 
+use super::window::MemWindow;
+use super::{MmuBackend, VcpuContext, VmContext};
 use ept::memmap::SlotSpec;
 use ept::pagemap::HostPage;
 use ept::walk::{Walk, WalkCost, WalkEnd, flags_string, size_name};
@@ -71,7 +73,7 @@ fn hex32<S: serde::Serializer>(v: &u32, s: S) -> Result<S::Ok, S::Error> {
 
 /// Guest RAM, read-only, for the architectural walk of `--explain`: the
 /// walker's A/D updates are dropped, so explaining changes nothing.
-struct ReadOnly<'a>(crate::shadow_mode::MemWindow<'a>);
+struct ReadOnly<'a>(MemWindow<'a>);
 
 impl shadow::GuestPhys for ReadOnly<'_> {
     fn read_u64(&self, gpa: Gpa) -> u64 {
@@ -208,15 +210,16 @@ impl Explanation {
 /// as mode `backend` sees it. Explaining changes nothing: no accessed or
 /// dirty bit is set.
 pub fn explain(
-    m: &crate::mmu::Machine,
-    backend: &dyn crate::mmu::MmuBackend,
+    vm: &VmContext,
+    vcpu: &VcpuContext,
+    backend: &dyn MmuBackend,
     mmu: &'static str,
     gva: Gva,
 ) -> crate::Result<Explanation> {
     use vm_memory::{Bytes, GuestAddress};
-    let hw_cr3 = m.sregs()?.cr3;
+    let hw_cr3 = vcpu.sregs()?.cr3;
     let cr3 = backend.guest_root(hw_cr3);
-    let mem = m.ram.memory();
+    let mem = vm.ram.memory();
     let walk = ept::walk::walk(cr3, gva, |gpa| mem.read_obj::<u64>(GuestAddress(gpa.raw())).ok());
     let mut e = Explanation {
         gva,
@@ -233,19 +236,19 @@ pub fn explain(
         shadow_root: None,
         refused: None,
     };
-    backend.explain(m, &mut e);
+    backend.explain(vm, &mut e);
     if matches!(e.walk.end, WalkEnd::Mapped { .. }) {
-        let mode = backend.guest_paging_mode(&m.sregs()?, m.regs().rflags);
-        let mut ram = ReadOnly(crate::shadow_mode::MemWindow::ram(mem, m.memory));
+        let mode = backend.guest_paging_mode(&vcpu.sregs()?, vcpu.regs().rflags);
+        let mut ram = ReadOnly(MemWindow::ram(mem, vm.memory));
         let read = shadow::walker::Access { write: false, user: false, fetch: false };
         if let Err(pf) = shadow::walker::walk(&mut ram, cr3, gva, read, &mode) {
             e.refused = Some(Refused { error_code: pf.error_code, level: pf.level });
         }
     }
     if let WalkEnd::Mapped { gpa, page_size } = e.walk.end {
-        e.slot = m.map.slot_of(gpa).copied();
-        e.hva = m.ram.hva(&m.map, gpa);
-        let hugetlb = match m.ram.backing() {
+        e.slot = vm.map.slot_of(gpa).copied();
+        e.hva = vm.ram.hva(&vm.map, gpa);
+        let hugetlb = match vm.ram.backing() {
             ept::Backing::Hugetlb(s) => Some(s.bytes()),
             _ => None,
         };
@@ -263,19 +266,19 @@ pub fn explain(
         }
         e.cost = Some(ept::walk::walk_cost(page_size, host_page));
     }
-    e.kvm_translate = translate_without_side_effects(m, hw_cr3, cr3, gva);
+    e.kvm_translate = translate_without_side_effects(vm, vcpu, hw_cr3, cr3, gva);
     Ok(e)
 }
 
 /// Read a page-table entry at `gpa` in guest RAM or the VMM-private
 /// regions (the shadow pool).
-fn read_table_entry(m: &crate::mmu::Machine, gpa: Gpa) -> Option<u64> {
+fn read_table_entry(vm: &VmContext, gpa: Gpa) -> Option<u64> {
     use vm_memory::{Bytes, GuestAddress};
     let gpa = gpa.raw();
-    let mem = m.ram.memory();
+    let mem = vm.ram.memory();
     mem.read_obj::<u64>(GuestAddress(gpa))
         .ok()
-        .or_else(|| m.ram.pool().and_then(|p| p.read_obj::<u64>(GuestAddress(gpa)).ok()))
+        .or_else(|| vm.ram.pool().and_then(|p| p.read_obj::<u64>(GuestAddress(gpa)).ok()))
 }
 
 /// `KVM_TRANSLATE` of `gva`, leaving the page tables as they were.
@@ -289,28 +292,34 @@ fn read_table_entry(m: &crate::mmu::Machine, gpa: Gpa) -> Option<u64> {
 /// that changed are written back. The guest is not running (this runs
 /// between exits or after the run), and `KVM_TRANSLATE` installs no
 /// translation, so nothing can have used the bit it set.
-fn translate_without_side_effects(m: &crate::mmu::Machine, hw_cr3: u64, guest_cr3: Gpa, gva: Gva) -> Option<Gpa> {
+fn translate_without_side_effects(
+    vm: &VmContext,
+    vcpu: &VcpuContext,
+    hw_cr3: u64,
+    guest_cr3: Gpa,
+    gva: Gva,
+) -> Option<Gpa> {
     use vm_memory::{Bytes, GuestAddress};
     let mut saved = Vec::new();
     // The vCPU's CR3: in shadow mode a shadow root, walked here only to
     // save and restore its entries.
     for root in [guest_cr3, Gpa(hw_cr3)] {
-        let w = ept::walk::walk(root, gva, |gpa| read_table_entry(m, gpa));
+        let w = ept::walk::walk(root, gva, |gpa| read_table_entry(vm, gpa));
         for st in &w.steps {
             let at = Gpa(st.table_gpa.raw().wrapping_add(st.index * 8));
             saved.push((at, st.entry));
         }
     }
-    let t = match m.vcpu.translate_gva(gva.raw()) {
+    let t = match vcpu.fd.translate_gva(gva.raw()) {
         Ok(t) if t.valid != 0 => Some(Gpa(t.physical_address)),
         _ => None,
     };
     for (at, old) in saved {
         let at_raw = at.raw();
-        if read_table_entry(m, at).is_some_and(|now| now != old) {
-            let mem = m.ram.memory();
+        if read_table_entry(vm, at).is_some_and(|now| now != old) {
+            let mem = vm.ram.memory();
             let wrote = mem.write_obj(old, GuestAddress(at_raw)).is_ok()
-                || m.ram.pool().is_some_and(|p| p.write_obj(old, GuestAddress(at_raw)).is_ok());
+                || vm.ram.pool().is_some_and(|p| p.write_obj(old, GuestAddress(at_raw)).is_ok());
             if !wrote {
                 log::debug!("cannot restore the page-table entry at {at:#x} after KVM_TRANSLATE");
             }

@@ -1,5 +1,5 @@
 //! `vmm compare`: one report over several `vmm bench` JSON files — the
-//! nested three-way report (README, "Nested hosts").
+//! nested three-way report (docs/nested.md).
 //!
 //! A column is a (host, MMU mode) pair: `npt/ept` is NPT (ept mode on the
 //! `npt=1` host), `kvm-shadow/ept` KVM's own shadow MMU (ept mode on the
@@ -302,7 +302,7 @@ impl Comparison {
         );
         for r in &self.workloads {
             for c in &r.cells {
-                let ratio = c.ratio_to_baseline.map(crate::chart::format_ratio).unwrap_or_else(|| "-".into());
+                let ratio = c.ratio_to_baseline.map(crate::cli::chart::format_ratio).unwrap_or_else(|| "-".into());
                 let _ = writeln!(
                     s,
                     "{:<7} {:<w$} {:>7} {:>11} {:>9.2} {:>8}",
@@ -330,7 +330,7 @@ impl Comparison {
             return Err("the chart needs at least two columns".into());
         }
         let base = self.columns.iter().find(|c| c.baseline).map(|c| c.label.clone()).unwrap_or_default();
-        crate::chart::RatioChart {
+        crate::cli::chart::RatioChart {
             title: "time per operation relative to the baseline (log scale)".into(),
             hosts: self.hosts.iter().map(|h| format!("{}: {}", h.name, h.host)).collect(),
             baseline: base,
@@ -344,7 +344,7 @@ impl Comparison {
                         .iter()
                         .map(|r| r.cells.iter().find(|x| x.column == c.id).and_then(|x| x.ratio_to_baseline))
                         .collect();
-                    crate::chart::Series::ratios(format!("{} — {}", c.id, c.label), values)
+                    crate::cli::chart::Series::ratios(format!("{} — {}", c.id, c.label), values)
                 })
                 .collect(),
         }

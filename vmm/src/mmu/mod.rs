@@ -1,6 +1,7 @@
-//! The seam between the run loop and an MMU mode.
+//! The seam between the run loop and an MMU mode, and the types every mode
+//! shares.
 //!
-//! The run loop (`vm.rs`) knows nothing of how guest memory is virtualised:
+//! The run loop (`vm::run`) knows nothing of how guest memory is virtualised:
 //! it calls an [`MmuBackend`] at the events where the modes differ —
 //!
 //! | event | method |
@@ -15,76 +16,158 @@
 //! | explain's view of the mode's own tables | [`MmuBackend::explain`] |
 //! | bench snapshots and the end-of-run report | [`MmuBackend::counters`], [`MmuBackend::report`] |
 //!
-//! — and every mode is one implementation: [`EptBackend`] here (the vCPU
-//! walks the guest's tables; nothing to do), `shadow_mode::ShadowState`
-//! (shadow tables in the VMM), `pv_mode::PvBackend` (the same shadow MMU,
-//! with the guest's write queue and published roots). A new mode adds a backend, and a case to
-//! [`create`]; the run loop does not change. A backend with hypercalls of
-//! its own takes them in [`MmuBackend::hypercall`], which sees every
-//! hypercall before the VMM's table does, and claims MMIO writes (a
-//! page-table zone of its own, a shared page) in [`MmuBackend::mmio_write`].
+//! — and every mode is one implementation, a leaf module that depends on
+//! this seam and never the reverse: [`ept::EptBackend`] (the vCPU walks the
+//! guest's tables; nothing to do), [`shadow::ShadowBackend`] (shadow
+//! tables in the VMM), [`pv::PvBackend`] (the same shadow MMU, with the
+//! guest's write queue and published roots). A new mode adds a backend and
+//! a case to the builder's `create_backend` (`vm::builder`); the run loop
+//! does not change. A backend with hypercalls of its own takes them in
+//! [`MmuBackend::hypercall`], which sees every hypercall before the VMM's
+//! table does, and claims MMIO writes (a page-table zone of its own, a
+//! shared page) in [`MmuBackend::mmio_write`].
 //!
-//! A backend reaches the VM through [`Machine`]: the VM and vCPU file
-//! descriptors, guest RAM and the memory map. Its own state (shadow tables,
-//! handler times, warning budgets) is private to it.
+//! **Per-VM and per-vCPU state.** A backend method receives the two halves
+//! of the machine separately: [`VmContext`] is per-VM (the VM file
+//! descriptor, guest RAM, the memory map, the memory size, the guest's CPU
+//! facts, the warning budget) and [`VcpuContext`] is per-vCPU (the vCPU
+//! file descriptor and its index). The backend object itself (`self`) is
+//! the mode's VM-wide state (shadow tables, pool, handler times). State
+//! that is architecturally per-vCPU (the current root, the guest's CR0.WP
+//! and EFER.NXE) is still kept VM-wide by the shadow backend, which is
+//! right while the VM has one vCPU; SMP moves it into per-vCPU state.
+//! With several vCPUs the VM half is taken exclusively (`&mut`) by one
+//! vCPU thread at a time, as `self` is.
+//!
+//! Neutral types: [`window::MemWindow`] (guest-physical memory as the
+//! shadow MMU reads it), [`report`] (the end-of-run report, handler times,
+//! the coherence strategy), [`MmuCounters`], [`GuestCpu`], and
+//! [`explain`] (the translation chain of one address, over any backend).
+//!
+//! Trust: the guest controls everything a backend reads from guest RAM
+//! and every hypercall argument; the backends validate them (their module
+//! docs). The contexts' fields are private to this module tree: the rest
+//! of the VMM reads them through accessors.
 
-use crate::error::{Error, Result};
-use crate::explain::Explanation;
-use crate::stats::ExitReason;
-use ept::GuestRam;
-use ept::memmap::{GpaRange, MemoryMap};
+pub mod ept;
+pub mod explain;
+pub mod pv;
+pub mod report;
+pub mod shadow;
+pub mod window;
+
+use crate::error::{Error, Result, kvm_err};
+use crate::limits::Limited;
+use ::ept::GuestRam;
+use ::ept::memmap::MemoryMap;
+use ::shadow::PagingMode;
+use explain::Explanation;
 use guest_abi::hypercall as hc;
 use guest_abi::{Gpa, Gva, MmuMode};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{VcpuFd, VmFd};
-use shadow::PagingMode;
+use report::ShadowReport;
 use std::time::Duration;
 
-/// `map_err` for a KVM ioctl: the error names the ioctl.
-pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
-    move |source| Error::Kvm { what, source }
-}
-
-/// What a backend may touch at an exit: the VM, its vCPU, guest memory and
-/// the memory map.
-pub struct Machine {
+/// Per-VM: what a backend may touch of the VM at an exit — the VM, guest
+/// memory and the memory map, the guest's CPU facts, the warning budget.
+pub struct VmContext {
     /// The VM.
-    pub vm: VmFd,
-    /// Its only vCPU.
-    pub vcpu: VcpuFd,
+    fd: VmFd,
     /// Guest RAM (and the VMM-private regions such as the shadow pool).
-    pub ram: GuestRam,
+    ram: GuestRam,
     /// The guest-physical memory map.
-    pub map: MemoryMap,
+    map: MemoryMap,
     /// Guest RAM size in bytes (`[0, memory)` is RAM).
-    pub memory: u64,
+    memory: u64,
     /// What the guest's CPUID says.
-    pub cpu: GuestCpu,
+    cpu: GuestCpu,
     /// Warnings about refused guest requests (bounded; shared by the VMM
     /// and the backend).
-    pub warnings: crate::limits::Limited,
+    warnings: Limited,
 }
 
-impl Machine {
+impl VmContext {
+    /// The VM `fd` with its memory `ram` laid out by `map` (`memory` bytes
+    /// of RAM), for a guest with CPU facts `cpu`.
+    pub fn new(fd: VmFd, ram: GuestRam, map: MemoryMap, memory: u64, cpu: GuestCpu) -> VmContext {
+        let warnings = Limited::new("warnings about refused shadow-MMU requests", crate::limits::MAX_WARNINGS);
+        VmContext { fd, ram, map, memory, cpu, warnings }
+    }
+
+    /// Guest RAM and the VMM-private regions.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The guest-physical memory map.
+    pub fn map(&self) -> &MemoryMap {
+        &self.map
+    }
+
+    /// What the guest's CPUID says.
+    pub fn cpu(&self) -> GuestCpu {
+        self.cpu
+    }
+
+    /// Guest RAM size in bytes.
+    pub fn memory(&self) -> u64 {
+        self.memory
+    }
+
+    /// The bounded warnings about refused guest requests.
+    pub fn warnings(&mut self) -> &mut Limited {
+        &mut self.warnings
+    }
+}
+
+/// Per-vCPU: what a backend may touch of one vCPU — its file descriptor
+/// and its index.
+pub struct VcpuContext {
+    fd: VcpuFd,
+    index: u32,
+}
+
+impl VcpuContext {
+    /// vCPU number `index` of its VM.
+    pub fn new(fd: VcpuFd, index: u32) -> VcpuContext {
+        VcpuContext { fd, index }
+    }
+
+    /// The vCPU's index in its VM (0: the boot vCPU).
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The vCPU's file descriptor.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// The vCPU's file descriptor, mutably (`KVM_RUN`, the sync-regs area).
+    pub fn fd_mut(&mut self) -> &mut VcpuFd {
+        &mut self.fd
+    }
+
     /// The vCPU's system registers (`KVM_GET_SREGS`).
     pub fn sregs(&self) -> Result<kvm_sregs> {
-        self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))
+        self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))
     }
 
     /// Set the vCPU's system registers (`KVM_SET_SREGS`).
-    pub fn set_sregs(&mut self, sregs: &kvm_sregs) -> Result<()> {
-        self.vcpu.set_sregs(sregs).map_err(kvm_err("KVM_SET_SREGS"))
+    pub fn set_sregs(&self, sregs: &kvm_sregs) -> Result<()> {
+        self.fd.set_sregs(sregs).map_err(kvm_err("KVM_SET_SREGS"))
     }
 
     /// The general registers as of this exit (the sync-regs area).
     pub fn regs(&self) -> kvm_regs {
-        self.vcpu.sync_regs().regs
+        self.fd.sync_regs().regs
     }
 
     /// The system registers as of this exit (the sync-regs area; valid
     /// only when the backend asked KVM to copy them out).
     pub fn sync_sregs(&self) -> kvm_sregs {
-        self.vcpu.sync_regs().sregs
+        self.fd.sync_regs().sregs
     }
 }
 
@@ -92,7 +175,7 @@ impl Machine {
 #[derive(Debug, Clone, Copy)]
 pub struct MmuCounters {
     /// The shadow MMU's counters.
-    pub shadow: shadow::ShadowStats,
+    pub shadow: ::shadow::ShadowStats,
     /// VMM time in the backend's handlers.
     pub handler_time: Duration,
 }
@@ -103,36 +186,56 @@ pub trait MmuBackend: Send {
     /// Hypercall `nr` with the vCPU's registers `regs`: `Some(result)` when
     /// the backend owns `nr` (it sees every hypercall before the VMM's
     /// table); `None` leaves it to the table.
-    fn hypercall(&mut self, _m: &mut Machine, _nr: u32, _regs: &kvm_regs) -> Result<Option<u64>> {
+    fn hypercall(
+        &mut self,
+        _vm: &mut VmContext,
+        _vcpu: &mut VcpuContext,
+        _nr: u32,
+        _regs: &kvm_regs,
+    ) -> Result<Option<u64>> {
         Ok(None)
     }
 
     /// `LOAD_CR3(root)`: the guest switches to the tables at `root`.
-    fn load_cr3(&mut self, _m: &mut Machine, _root: Gpa, _regs: &kvm_regs) -> Result<u64> {
+    fn load_cr3(&mut self, _vm: &mut VmContext, _vcpu: &mut VcpuContext, _root: Gpa, _regs: &kvm_regs) -> Result<u64> {
         Ok(hc::ERR_UNAVAILABLE)
     }
 
     /// `SHADOW_FAULT(cr2, error_code)`: a `#PF` reached the guest.
-    fn fault(&mut self, _m: &mut Machine, _cr2: Gva, _error_code: u64, _regs: &kvm_regs) -> Result<u64> {
+    fn fault(
+        &mut self,
+        _vm: &mut VmContext,
+        _vcpu: &mut VcpuContext,
+        _cr2: Gva,
+        _error_code: u64,
+        _regs: &kvm_regs,
+    ) -> Result<u64> {
         Ok(hc::ERR_UNAVAILABLE)
     }
 
     /// `FLUSH_TLB(cr0, efer)`: the guest flushed its TLB, perhaps after
     /// changing its paging controls (0: unchanged).
-    fn flush(&mut self, _m: &mut Machine, _cr0: u64, _efer: u64, _regs: &kvm_regs) -> Result<u64> {
+    fn flush(
+        &mut self,
+        _vm: &mut VmContext,
+        _vcpu: &mut VcpuContext,
+        _cr0: u64,
+        _efer: u64,
+        _regs: &kvm_regs,
+    ) -> Result<u64> {
         Ok(hc::ERR_UNAVAILABLE)
     }
 
-    /// An MMIO write of `data` at `gpa`: `Some(reason)` (for the exit
-    /// statistics) when the backend handled it, `None` to leave it to the
-    /// VMM (a write to unbacked memory, ignored).
-    fn mmio_write(&mut self, _m: &mut Machine, _gpa: Gpa, _data: &[u8]) -> Option<ExitReason> {
-        None
+    /// An MMIO write of `data` at `gpa`: `true` when the backend handled
+    /// it (a trapped guest page-table write, counted as such), `false` to
+    /// leave it to the VMM (a write to unbacked memory, ignored).
+    fn mmio_write(&mut self, _vm: &mut VmContext, _gpa: Gpa, _data: &[u8]) -> bool {
+        false
     }
 
     /// Just before the guest runs again (`KVM_RUN`): make the host forget
     /// what the handlers made stale.
-    fn before_entry(&mut self, _m: &mut Machine) -> Result<()> {
+    fn before_entry(&mut self, _vm: &mut VmContext, _vcpu: &mut VcpuContext) -> Result<()> {
         Ok(())
     }
 
@@ -146,7 +249,7 @@ pub trait MmuBackend: Send {
     }
 
     /// Add this mode's own view of `e.gva` (its tables) to an explanation.
-    fn explain(&self, _m: &Machine, _e: &mut Explanation) {}
+    fn explain(&self, _vm: &VmContext, _e: &mut Explanation) {}
 
     /// The counters now (bench phases take the difference of two).
     fn counters(&self) -> Option<MmuCounters> {
@@ -154,7 +257,7 @@ pub trait MmuBackend: Send {
     }
 
     /// The end-of-run report of this mode (`--stats`).
-    fn report(&self) -> Option<crate::shadow_mode::ShadowReport> {
+    fn report(&self) -> Option<ShadowReport> {
         None
     }
 
@@ -164,24 +267,12 @@ pub trait MmuBackend: Send {
     }
 }
 
-/// Hardware second stage: the vCPU walks the guest's tables, KVM's EPT/NPT
-/// maps GPA → HPA. No exit is the MMU's.
-pub struct EptBackend {
-    cpu: GuestCpu,
-}
-
-impl MmuBackend for EptBackend {
-    fn guest_paging_mode(&self, sregs: &kvm_sregs, rflags: u64) -> PagingMode {
-        PagingMode { pdpe1gb: self.cpu.pdpe1gb, amd: self.cpu.amd, ..paging_mode(sregs, rflags, self.cpu.maxphyaddr) }
-    }
-}
-
 /// The smallest shadow pool for `memory` bytes of RAM: 10 pages for the
 /// roots, the kernel window and a few user paths, plus one page directory
 /// per GiB of direct map (the kernel half is shadowed eagerly, and fault
 /// delivery depends on it).
 pub fn min_shadow_pool(memory: u64) -> u64 {
-    (10 + memory.div_ceil(crate::layout::GIB)) * crate::layout::PAGE_SIZE
+    (10 + memory.div_ceil(crate::boot::layout::GIB)) * crate::boot::layout::PAGE_SIZE
 }
 
 /// Check a configuration's mode-specific sizes before anything is built.
@@ -201,16 +292,6 @@ pub fn shadow_pool_size(mmu: MmuMode, shadow_pool: u64) -> u64 {
         MmuMode::Shadow | MmuMode::Pv => shadow_pool,
         MmuMode::Ept => 0,
     }
-}
-
-/// The backend of mode `mmu` for a VM whose vCPU, RAM and boot tables are
-/// set up; `pt_zone` is the page-table zone `[start, end)`.
-pub fn create(mmu: MmuMode, m: &mut Machine, pt_zone: GpaRange) -> Result<Box<dyn MmuBackend>> {
-    Ok(match mmu {
-        MmuMode::Ept => Box::new(EptBackend { cpu: m.cpu }),
-        MmuMode::Shadow => Box::new(crate::shadow_mode::ShadowState::create(m, pt_zone)?),
-        MmuMode::Pv => Box::new(crate::pv_mode::PvBackend::create(m, pt_zone)?),
-    })
 }
 
 /// What the VMM needs to know of the CPU the guest was given (its CPUID,

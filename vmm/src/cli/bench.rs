@@ -1,4 +1,4 @@
-//! `vmm bench`: the same workloads under ept and shadow paging, side by
+//! `vmm bench`: the same workloads under ept, shadow and pv paging, side by
 //! side (docs/architecture.md, "Workloads").
 //!
 //! Every run is a fresh VM. Per workload and mode: one warm-up run (thrown
@@ -8,14 +8,14 @@
 //! emulation times — the report's first line says which kind of host made
 //! it (the `vmm info` probe).
 
-use crate::info::HostReport;
-use crate::stats::BenchPhase;
-use crate::vm::{Vm, VmConfig};
+use crate::cli::info::HostReport;
 use guest_abi::MmuMode;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
+use vmm::stats::BenchPhase;
+use vmm::vm::{Vm, VmConfig};
 
 /// The workloads, in report order, with their default sizes: small enough
 /// to finish in seconds under emulation, big enough to amortise setup.
@@ -267,7 +267,7 @@ impl BenchReport {
     /// On a host the probe calls emulating, the one line that says the
     /// ratios mean nothing there and where to get meaningful ones.
     pub fn emulation_note(&self) -> Option<&'static str> {
-        (self.probe.verdict == crate::info::Verdict::Emulating).then_some(
+        (self.probe.verdict == crate::cli::info::Verdict::Emulating).then_some(
             "note: every mode is emulated instruction by instruction here, so the ratios to ept carry no meaning on this host; `scripts/nested.sh --three-way` gives the nested three-way report (NPT, KVM's shadow MMU, ours)",
         )
     }
@@ -281,12 +281,12 @@ impl BenchReport {
             return Err("the chart needs both modes (--mmu both)".into());
         }
         let values = |f: &dyn Fn(&WorkloadReport) -> Option<f64>| rows.iter().map(|w| f(w)).collect::<Vec<_>>();
-        use crate::chart::Series;
+        use crate::cli::chart::Series;
         let mut hosts = vec![format!("host: {}", self.host)];
         if let Some(note) = self.emulation_note() {
             hosts.push(note.to_string());
         }
-        crate::chart::RatioChart {
+        crate::cli::chart::RatioChart {
             title: "shadow paging vs EPT: cost per operation, shadow / ept (log scale)".into(),
             hosts,
             baseline: "ept mode".into(),

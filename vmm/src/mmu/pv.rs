@@ -1,6 +1,6 @@
 //! pv mode in the VMM: the area a paravirtual guest shares with the VMM
 //! (layout and guest contract: `guest_abi::pv`), on top of shadow mode's
-//! MMU (`shadow_mode`, `shadow::mmu`).
+//! MMU (`mmu::shadow`, `shadow::mmu`).
 //!
 //! - The page-table zone is ordinary writable RAM (`ept::memmap`): guest
 //!   page-table writes do not exit. The guest queues the GPA of each entry
@@ -29,19 +29,19 @@
 //!   (`ShadowMmu::apply_batch`), and the VMM reads the area once per sync
 //!   into its own buffer. What the guest writes in the root table is
 //!   overwritten and never read. The pool's dirty log (the check that
-//!   repairs pool pages the guest wrote, `shadow_mode`) is read at
+//!   repairs pool pages the guest wrote, `mmu::shadow`) is read at
 //!   `LOAD_CR3` only, not at every sync: the guarantee of the trust model —
 //!   a guest that scribbles over the pool and comes back through
 //!   `LOAD_CR3` gets exactly what its tables allow — holds, while the
 //!   hypercalls on the fault and flush paths skip its cost (measured in
-//!   the README, "pv mode"). Between a scribble and the next `LOAD_CR3`
+//!   docs/pv.md). Between a scribble and the next `LOAD_CR3`
 //!   the guest runs on what it wrote, as in shadow mode; the VMM never
 //!   reads the pool to decide anything, and the shadow maps guest RAM only.
 
-use crate::explain::Explanation;
-use crate::mmu::{Machine, MmuBackend, MmuCounters};
-use crate::shadow_mode::{ShadowReport, ShadowState};
-use crate::stats::ExitReason;
+use crate::mmu::explain::Explanation;
+use crate::mmu::report::{Coherence, ShadowReport};
+use crate::mmu::shadow::ShadowBackend;
+use crate::mmu::{MmuBackend, MmuCounters, VcpuContext, VmContext};
 use ept::memmap::GpaRange;
 use guest_abi::hypercall as hc;
 use guest_abi::pv::{self as abi, BatchError};
@@ -51,12 +51,12 @@ use shadow::{BatchOutcome, PagingMode, ShadowError};
 use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-/// pv mode's backend: shadow mode's ([`ShadowState`]: the shadow MMU,
+/// pv mode's backend: shadow mode's ([`ShadowBackend`]: the shadow MMU,
 /// host coherence, paging controls) plus the shared area. Every sync
 /// point first follows the root the vCPU is on and applies the write
 /// queue; every hypercall ends by republishing the roots.
 pub struct PvBackend {
-    sh: ShadowState,
+    sh: ShadowBackend,
     area: Option<PvArea>,
     refused: u64,
     zone: GpaRange,
@@ -66,8 +66,8 @@ impl PvBackend {
     /// pv mode for a VM whose vCPU, RAM and boot tables are set up;
     /// `pt_zone` is the page-table zone `[start, end)` (a writable slot in
     /// pv mode: `ept::memmap`).
-    pub fn create(m: &mut Machine, pt_zone: GpaRange) -> crate::Result<PvBackend> {
-        let mut sh = ShadowState::create(m, pt_zone)?;
+    pub fn create(vm: &VmContext, vcpu: &mut VcpuContext, pt_zone: GpaRange) -> crate::Result<PvBackend> {
+        let mut sh = ShadowBackend::create(vm, vcpu, pt_zone)?;
         sh.check_pool_at_load_cr3_only();
         // A pv guest loads published roots without an exit: every change
         // must be coherent before it runs again (at most one invalidation
@@ -82,19 +82,19 @@ impl PvBackend {
     /// A sync point: follow a published root the guest loaded itself (the
     /// vCPU's CR3: the VMM trusts no claim about it), apply the write
     /// queue. Returns `OK` or the batch error for the guest.
-    fn sync(&mut self, m: &mut Machine) -> crate::Result<u64> {
+    fn sync(&mut self, vm: &mut VmContext, vcpu: &VcpuContext) -> crate::Result<u64> {
         let t = Instant::now();
-        let hw_root = m.sync_sregs().cr3;
-        let guest_flushes = self.sh.coherence() == crate::shadow_mode::Coherence::ReloadCr3;
+        let hw_root = vcpu.sync_sregs().cr3;
+        let guest_flushes = self.sh.coherence() == Coherence::ReloadCr3;
         let batch = {
-            let (mut ram, mut pool) = self.sh.windows(m);
+            let (mut ram, mut pool) = self.sh.windows(vm);
             let (mmu, cpu) = self.sh.mmu_mut();
             if let Err(ShadowError::PoolTooSmall) = mmu.follow_shadow_root(cpu, &mut pool, &mut ram, Gpa(hw_root)) {
                 return Err(self.sh.pool_too_small(hw_root));
             }
             let followed = mmu.current_root(cpu);
             let stale_before = mmu.host_stale();
-            let r = match self.area.as_mut().map(|a| a.take_queue(m.ram.memory())) {
+            let r = match self.area.as_mut().map(|a| a.take_queue(vm.ram.memory())) {
                 None | Some(Ok([])) => hc::OK,
                 Some(Err(why)) => abi::batch_error(0, why),
                 Some(Ok(entries)) => {
@@ -125,26 +125,42 @@ impl PvBackend {
         // A batch that exhausted the pool rebuilt the root the vCPU is on
         // elsewhere: follow it (a vCPU on tables of the guest's own making
         // is left where it is).
-        let (mmu, cpu) = self.sh.mmu();
-        if followed.map(|r| r.gpa().raw()) == Some(hw_root & !0xfff) && mmu.current_root(cpu) != followed {
-            self.sh.point_vcpu(m)?;
+        if followed.map(|r| r.gpa().raw()) == Some(hw_root & !0xfff) && {
+            let (mmu, cpu) = self.sh.mmu();
+            mmu.current_root(cpu) != followed
+        } {
+            self.sh.point_vcpu(vcpu)?;
         }
         self.sh.times_mut().batch += t.elapsed();
         Ok(batch)
     }
 
+    /// A shadow-mode event `event` as a pv sync point: sync first, then
+    /// shadow mode's handling, then republish the roots.
+    fn synced(
+        &mut self,
+        vm: &mut VmContext,
+        vcpu: &mut VcpuContext,
+        event: impl FnOnce(&mut ShadowBackend, &mut VmContext, &mut VcpuContext) -> crate::Result<u64>,
+    ) -> crate::Result<u64> {
+        self.sync(vm, vcpu)?;
+        let r = event(&mut self.sh, vm, vcpu)?;
+        self.publish(vm);
+        Ok(r)
+    }
+
     /// Republish the cached roots if they changed.
-    fn publish(&mut self, m: &Machine) {
+    fn publish(&mut self, vm: &VmContext) {
         if let Some(area) = self.area.as_mut() {
-            area.publish(m.ram.memory(), self.sh.mmu().0.published_roots().map(|(g, s)| (g, s.gpa())));
+            area.publish(vm.ram.memory(), self.sh.mmu().0.published_roots().map(|(g, s)| (g, s.gpa())));
         }
     }
 
     /// `PV_FLUSH(gva)`: sync, then make `gva` current.
-    fn pv_flush(&mut self, m: &mut Machine, regs: &kvm_regs) -> crate::Result<u64> {
-        let batch = self.sync(m)?;
+    fn pv_flush(&mut self, vm: &mut VmContext, vcpu: &mut VcpuContext, regs: &kvm_regs) -> crate::Result<u64> {
+        let batch = self.sync(vm, vcpu)?;
         let t = Instant::now();
-        let (mut ram, mut pool) = self.sh.windows(m);
+        let (mut ram, mut pool) = self.sh.windows(vm);
         let (mmu, cpu) = self.sh.mmu_mut();
         mmu.flush(cpu);
         if regs.rdi != abi::NO_GVA {
@@ -156,55 +172,72 @@ impl PvBackend {
 }
 
 impl MmuBackend for PvBackend {
-    fn hypercall(&mut self, m: &mut Machine, nr: u32, regs: &kvm_regs) -> crate::Result<Option<u64>> {
+    fn hypercall(
+        &mut self,
+        vm: &mut VmContext,
+        vcpu: &mut VcpuContext,
+        nr: u32,
+        regs: &kvm_regs,
+    ) -> crate::Result<Option<u64>> {
         let r = match nr {
             hc::PV_SETUP if self.area.is_some() => hc::ERR_INVALID,
-            hc::PV_SETUP => match PvArea::setup(m.ram.memory(), m.memory, Gpa(regs.rdi)) {
+            hc::PV_SETUP => match PvArea::setup(vm.ram.memory(), vm.memory, Gpa(regs.rdi)) {
                 Ok(area) => {
                     self.area = Some(area);
                     hc::OK
                 }
                 Err(SetupError::BadAddress) => hc::ERR_FAULT,
             },
-            hc::PV_FLUSH => self.pv_flush(m, regs)?,
+            hc::PV_FLUSH => self.pv_flush(vm, vcpu, regs)?,
             _ => return Ok(None),
         };
-        self.publish(m);
+        self.publish(vm);
         Ok(Some(r))
     }
 
-    fn load_cr3(&mut self, m: &mut Machine, root: Gpa, regs: &kvm_regs) -> crate::Result<u64> {
-        self.sync(m)?;
-        let r = self.sh.load_cr3(m, root, regs)?;
-        self.publish(m);
-        Ok(r)
+    fn load_cr3(
+        &mut self,
+        vm: &mut VmContext,
+        vcpu: &mut VcpuContext,
+        root: Gpa,
+        regs: &kvm_regs,
+    ) -> crate::Result<u64> {
+        self.synced(vm, vcpu, |sh, vm, vcpu| sh.load_cr3(vm, vcpu, root, regs))
     }
 
-    fn fault(&mut self, m: &mut Machine, cr2: Gva, error_code: u64, regs: &kvm_regs) -> crate::Result<u64> {
-        self.sync(m)?;
-        let r = self.sh.fault(m, cr2, error_code, regs)?;
-        self.publish(m);
-        Ok(r)
+    fn fault(
+        &mut self,
+        vm: &mut VmContext,
+        vcpu: &mut VcpuContext,
+        cr2: Gva,
+        error_code: u64,
+        regs: &kvm_regs,
+    ) -> crate::Result<u64> {
+        self.synced(vm, vcpu, |sh, vm, vcpu| sh.fault(vm, vcpu, cr2, error_code, regs))
     }
 
-    fn flush(&mut self, m: &mut Machine, cr0: u64, efer: u64, regs: &kvm_regs) -> crate::Result<u64> {
-        self.sync(m)?;
-        let r = self.sh.flush(m, cr0, efer, regs)?;
-        self.publish(m);
-        Ok(r)
+    fn flush(
+        &mut self,
+        vm: &mut VmContext,
+        vcpu: &mut VcpuContext,
+        cr0: u64,
+        efer: u64,
+        regs: &kvm_regs,
+    ) -> crate::Result<u64> {
+        self.synced(vm, vcpu, |sh, vm, vcpu| sh.flush(vm, vcpu, cr0, efer, regs))
     }
 
-    fn mmio_write(&mut self, m: &mut Machine, gpa: Gpa, data: &[u8]) -> Option<ExitReason> {
+    fn mmio_write(&mut self, vm: &mut VmContext, gpa: Gpa, data: &[u8]) -> bool {
         // Only the VMM's boot tables trap in pv mode.
-        let r = self.sh.mmio_write(m, gpa, data);
-        if r.is_some() {
-            self.publish(m);
+        let r = self.sh.mmio_write(vm, gpa, data);
+        if r {
+            self.publish(vm);
         }
         r
     }
 
-    fn before_entry(&mut self, m: &mut Machine) -> crate::Result<()> {
-        self.sh.before_entry(m)
+    fn before_entry(&mut self, vm: &mut VmContext, vcpu: &mut VcpuContext) -> crate::Result<()> {
+        self.sh.before_entry(vm, vcpu)
     }
 
     fn guest_paging_mode(&self, sregs: &kvm_sregs, rflags: u64) -> PagingMode {
@@ -221,8 +254,8 @@ impl MmuBackend for PvBackend {
         }
     }
 
-    fn explain(&self, m: &Machine, e: &mut Explanation) {
-        self.sh.explain(m, e)
+    fn explain(&self, vm: &VmContext, e: &mut Explanation) {
+        self.sh.explain(vm, e)
     }
 
     fn counters(&self) -> Option<MmuCounters> {

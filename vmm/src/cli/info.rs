@@ -13,13 +13,13 @@
 //! the CPUID hypervisor signature, DMI and the KVM module
 //! (`ept::probe::HostIdentity`) — e.g. "AMD NPT inside QEMU TCG — ...".
 
-use crate::devices::hypercall::Report;
-use crate::error::Result;
-use crate::vm::{Vm, VmConfig};
 use ept::probe::HostFacts;
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
+use vmm::devices::hypercall::Report;
+use vmm::error::Result;
+use vmm::vm::{Vm, VmConfig};
 
 /// Above this, the guest is emulated.
 pub const EMULATED_NS_PER_INSN: f64 = 20.0;
@@ -113,7 +113,7 @@ pub fn calibrate(iterations: u64, process_start: Instant) -> Result<Calibration>
             Report::Calibration { iterations, ns, cycles } => Some((*iterations, *ns, *cycles)),
             _ => None,
         })
-        .ok_or_else(|| crate::Error::UnexpectedExit { what: "the guest sent no calibration report".into(), rip: 0 })?;
+        .ok_or_else(|| vmm::Error::UnexpectedExit { what: "the guest sent no calibration report".into(), rip: 0 })?;
     let ns_per_instruction = ns as f64 / (2 * iterations) as f64;
     Ok(Calibration {
         iterations,
@@ -214,7 +214,7 @@ impl HostReport {
         );
         let _ = writeln!(s, "memory:");
         if let Some(m) = f.host_memory {
-            let _ = writeln!(s, "  host RAM + swap     {}", crate::size::format_size(m & !((1 << 20) - 1)));
+            let _ = writeln!(s, "  host RAM + swap     {}", vmm::size::format_size(m & !((1 << 20) - 1)));
         }
         let _ = writeln!(s, "  THP                 {}", f.thp.as_deref().unwrap_or("not supported"));
         for p in &f.hugetlb {

@@ -1,0 +1,344 @@
+//! The subcommands' code: each takes its parsed arguments, drives the VMM
+//! library (`vmm::vm`) and the reports of this tree, prints, and returns
+//! the process exit code (`vmm::error::exit_code`). Bad input is refused
+//! here, before any VM is built, with an error naming the bad word.
+
+use super::{BenchArgs, CompareArgs, InfoArgs, MmuArg, RunArgs, TestArgs};
+use std::path::Path;
+use std::time::Instant;
+use vmm::error::exit_code;
+use vmm::vm::{KernelSource, Vm, VmConfig};
+
+/// Check before a run that `path` can be written (creating its folder),
+/// so that a long run does not end in "cannot write". Leaves no new file
+/// behind.
+fn check_output(flag: &str, path: &Path) -> Result<(), String> {
+    let fail = |e: &dyn std::fmt::Display| format!("{flag} {}: {e}", path.display());
+    if path.is_dir() {
+        return Err(fail(&"is a folder; give a file name"));
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| fail(&format!("cannot create its folder: {e}")))?;
+    }
+    let existed = path.exists();
+    std::fs::OpenOptions::new().append(true).create(true).open(path).map_err(|e| fail(&e))?;
+    if !existed {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+/// [`check_output`] for each path; prints the error and gives the exit code.
+fn check_outputs(paths: &[(&str, Option<&Path>)]) -> Result<(), i32> {
+    for (flag, path) in paths {
+        if let Some(p) = path
+            && let Err(e) = check_output(flag, p)
+        {
+            eprintln!("error: {e}");
+            return Err(exit_code::USAGE);
+        }
+    }
+    Ok(())
+}
+
+/// `vmm run`.
+pub fn run(args: RunArgs, process_start: Instant) -> i32 {
+    let mmu = args.mmu.mode();
+    if let Err(code) = check_outputs(&[("--stats-json", args.stats_json.as_deref())]) {
+        return code;
+    }
+    let config = VmConfig {
+        kernel: args.kernel.clone().map_or(KernelSource::Bundled, KernelSource::File),
+        memory: args.memory,
+        mmu,
+        backing: args.backing,
+        shadow_pool: args.shadow_pool,
+        cmdline: args.cmdline.clone(),
+        timeout: args.timeout,
+        process_start,
+    };
+    let mut vm = match Vm::new(config, Box::new(std::io::stdout())) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return e.exit_code();
+        }
+    };
+    let outcome = vm.run();
+    if args.stats {
+        eprint!("{}", outcome.stats.render());
+    }
+    let mut explanations = Vec::new();
+    for &gva in &args.explain {
+        match vm.explain(guest_abi::Gva(gva)) {
+            Ok(e) => {
+                eprint!("{}", e.render());
+                explanations.push(e);
+            }
+            Err(e) => eprintln!("explain {gva:#x}: {e}"),
+        }
+    }
+    if let Some(path) = &args.stats_json {
+        let json = serde_json::json!({
+            "schema": 1,
+            "stats": outcome.stats,
+            "reports": outcome.reports,
+            "explain": explanations,
+        });
+        if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&json).unwrap_or_default() + "\n") {
+            eprintln!("error: cannot write {}: {e}", path.display());
+            return exit_code::SETUP;
+        }
+    }
+    match outcome.end {
+        Ok(exit) if exit.success() => exit_code::SUCCESS,
+        Ok(exit) if exit.refused_cmdline_word(&args.cmdline).is_some() => {
+            let e = vmm::Error::GuestCmdline(exit.refused_cmdline_word(&args.cmdline).unwrap_or_default());
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
+        Ok(exit) => {
+            eprintln!(
+                "error: the guest ended with failure status {} (it wrote {:#x} to the exit device)",
+                exit.status, exit.value
+            );
+            exit_code::GUEST_FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+/// `vmm info`.
+pub fn info(args: InfoArgs, process_start: Instant) -> i32 {
+    let kvm = match vmm::vm::kvm::open() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return e.exit_code();
+        }
+    };
+    let report = super::info::probe(&kvm, args.calibration_loops, process_start);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    } else {
+        print!("{}", report.render());
+    }
+    if report.calibration.is_some() { exit_code::SUCCESS } else { exit_code::GUEST_CRASH }
+}
+
+/// `vmm test`.
+pub fn test(args: TestArgs, process_start: Instant) -> i32 {
+    if let Err(code) = check_outputs(&[("--json", args.json.as_deref())]) {
+        return code;
+    }
+    let mut stdout = std::io::stdout();
+    let mut modes = Vec::new();
+    for mmu in args.mmu.modes() {
+        let config = VmConfig {
+            kernel: args.kernel.clone().map_or(KernelSource::Bundled, KernelSource::File),
+            memory: args.memory,
+            mmu,
+            backing: ept::Backing::Anon4k,
+            shadow_pool: args.shadow_pool,
+            cmdline: args.cmdline.clone(),
+            timeout: args.timeout,
+            process_start,
+        };
+        match super::guest_tests::run_mode(config, &args.filter, &mut stdout) {
+            Ok(r) => modes.push(r),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return e.exit_code();
+            }
+        }
+    }
+    // With both modes, the same tests must give the same verdicts.
+    let mut disagreements = 0;
+    if let [a, b] = modes.as_slice() {
+        for t in &a.tests {
+            match b.tests.iter().find(|u| u.name == t.name) {
+                Some(u) if u.passed == t.passed => {}
+                Some(u) => {
+                    disagreements += 1;
+                    println!(
+                        "MODES DISAGREE on {}: {} {}, {} {}",
+                        t.name,
+                        a.mmu,
+                        verdict(t.passed),
+                        b.mmu,
+                        verdict(u.passed)
+                    );
+                }
+                None => {
+                    disagreements += 1;
+                    println!("MODES DISAGREE on {}: it did not run in {} mode", t.name, b.mmu);
+                }
+            }
+        }
+    }
+    // A filter that matches nothing is a typo, not a success.
+    if modes.iter().all(|m| m.tests.is_empty() && m.error.is_none() && m.guest_success) {
+        if args.filter.is_empty() {
+            eprintln!("error: the guest kernel ran no tests (does it speak the test protocol?)");
+            return exit_code::GUEST_FAILURE;
+        }
+        eprintln!("error: no in-guest test name contains '{}' (--filter)", args.filter);
+        return exit_code::USAGE;
+    }
+    let passed: usize = modes.iter().map(|m| m.passed()).sum();
+    let failed: usize = modes.iter().map(|m| m.failed()).sum::<usize>() + disagreements;
+    println!("{passed} passed, {failed} failed");
+    if let Some(path) = &args.json {
+        // The host, from evidence only (no calibration run): the nested
+        // label (e.g. "AMD NPT inside QEMU TCG — ...") or the second stage.
+        let stage = ept::probe::second_stage();
+        let host = ept::probe::identity().nested_label(stage).unwrap_or_else(|| stage.describe().to_string());
+        let json = serde_json::json!({ "schema": 1, "host": host, "modes": modes, "passed": passed, "failed": failed });
+        if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&json).unwrap_or_default() + "\n") {
+            eprintln!("error: cannot write {}: {e}", path.display());
+            return exit_code::SETUP;
+        }
+    }
+    if failed == 0 { exit_code::SUCCESS } else { exit_code::GUEST_FAILURE }
+}
+
+fn verdict(passed: bool) -> &'static str {
+    if passed { "ok" } else { "FAILED" }
+}
+
+/// `vmm bench`.
+pub fn bench(args: BenchArgs, process_start: Instant) -> i32 {
+    let mut workloads = Vec::new();
+    let names: Vec<String> = if args.workloads.is_empty() {
+        super::bench::WORKLOADS.iter().map(|(n, _)| n.to_string()).collect()
+    } else {
+        args.workloads.clone()
+    };
+    for n in names {
+        match super::bench::WORKLOADS.iter().find(|(w, _)| *w == n) {
+            Some((_, default)) => workloads.push((n, args.size.unwrap_or(*default))),
+            None => {
+                eprintln!("error: unknown workload '{n}' (fault, fork, ctxsw, mmap, tlb, alloc)");
+                return exit_code::USAGE;
+            }
+        }
+    }
+    let charted = matches!(args.mmu, MmuArg::Both | MmuArg::All);
+    if args.svg.is_some() && !charted {
+        eprintln!("error: --svg charts shadow against ept: it needs --mmu all or --mmu both");
+        return exit_code::USAGE;
+    }
+    let json = args.json.clone().unwrap_or_else(|| args.out.join("report.json"));
+    let svg = args.svg.clone().or_else(|| charted.then(|| args.out.join("report.svg")));
+    let json_flag = if args.json.is_some() { "--json" } else { "--out" };
+    let svg_flag = if args.svg.is_some() { "--svg" } else { "--out" };
+    if let Err(code) = check_outputs(&[(json_flag, Some(&json)), (svg_flag, svg.as_deref())]) {
+        return code;
+    }
+    let kvm = match vmm::vm::kvm::open() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return e.exit_code();
+        }
+    };
+    let probe = super::info::probe(&kvm, 20_000, process_start);
+    let plan = super::bench::BenchPlan {
+        workloads,
+        modes: args.mmu.modes(),
+        repeat: args.repeat.max(1),
+        memory: args.memory,
+        shadow_pool: args.shadow_pool,
+        process_start,
+    };
+    let total = (plan.workloads.len() * plan.modes.len() * (plan.repeat as usize + 1)) as u64;
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    let report = super::bench::run(&plan, probe, |msg| {
+        bar.set_message(msg.to_string());
+        bar.inc(1);
+    });
+    bar.finish_and_clear();
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit_code::GUEST_FAILURE;
+        }
+    };
+    print!("{}", report.render());
+    // A chart from an earlier run must not sit beside this run's report.
+    let stale_svg = args.out.join("report.svg");
+    if svg.is_none() && args.json.is_none() && stale_svg.exists() {
+        match std::fs::remove_file(&stale_svg) {
+            Ok(()) => eprintln!("removed {} (an earlier run's chart; this run has one mode)", stale_svg.display()),
+            Err(e) => eprintln!("warning: cannot remove the earlier chart {}: {e}", stale_svg.display()),
+        }
+    }
+    for path in [Some(&json), svg.as_ref()].into_iter().flatten() {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && let Err(e) = std::fs::create_dir_all(dir)
+        {
+            eprintln!("error: cannot create {}: {e}", dir.display());
+            return exit_code::SETUP;
+        }
+    }
+    if let Err(e) = std::fs::write(&json, serde_json::to_string_pretty(&report).unwrap_or_default() + "\n") {
+        eprintln!("error: cannot write {}: {e}", json.display());
+        return exit_code::SETUP;
+    }
+    let mut written = vec![json.display().to_string()];
+    if let Some(svg) = &svg {
+        if let Err(e) = report.write_svg(svg) {
+            eprintln!("error: cannot write {}: {e}", svg.display());
+            return exit_code::SETUP;
+        }
+        written.push(svg.display().to_string());
+    }
+    eprintln!("wrote {}", written.join(", "));
+    exit_code::SUCCESS
+}
+
+/// `vmm compare`.
+pub fn compare(args: CompareArgs) -> i32 {
+    let report = match super::compare::compare(&args.reports, args.baseline.as_deref()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return match e {
+                super::compare::CompareError::Usage(_) => exit_code::USAGE,
+                super::compare::CompareError::Input(_) => exit_code::SETUP,
+            };
+        }
+    };
+    let json = args.json.clone().unwrap_or_else(|| args.out.join("report.json"));
+    let svg = args.svg.clone().unwrap_or_else(|| args.out.join("report.svg"));
+    for path in [&json, &svg] {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && let Err(e) = std::fs::create_dir_all(dir)
+        {
+            eprintln!("error: cannot create {}: {e}", dir.display());
+            return exit_code::SETUP;
+        }
+    }
+    print!("{}", report.render());
+    if let Err(e) = std::fs::write(&json, serde_json::to_string_pretty(&report).unwrap_or_default() + "\n") {
+        eprintln!("error: cannot write {}: {e}", json.display());
+        return exit_code::SETUP;
+    }
+    let mut written = vec![json.display().to_string()];
+    if report.columns.len() > 1 {
+        if let Err(e) = report.write_svg(&svg) {
+            eprintln!("error: cannot write {}: {e}", svg.display());
+            return exit_code::SETUP;
+        }
+        written.push(svg.display().to_string());
+    }
+    eprintln!("wrote {}", written.join(", "));
+    exit_code::SUCCESS
+}
