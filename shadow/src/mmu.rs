@@ -247,12 +247,12 @@ mod vm;
 
 pub use error::ShadowError;
 pub use fault::FaultOutcome;
+use harvest::pool_agrees;
 use page::*;
 pub use page_track::TableFrames;
 use page_track::Zoned;
 pub use pv::BatchOutcome;
 pub use root::ShadowRoot;
-use harvest::pool_agrees;
 use spte::{maps_page, restricts, shadowable};
 pub use stats::ShadowStats;
 pub use vcpu::ShadowVcpu;

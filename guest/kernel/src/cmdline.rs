@@ -40,6 +40,9 @@ const KEYS: &[(&str, Takes)] = &[
     ("workload", Takes::OneOf(crate::workload::NAMES)),
     ("size", Takes::Number { required: true }),
     ("spaces", Takes::Number { required: true }),
+    // pv mode without PV_HARVEST: aging clears A in the entries (the
+    // lazy-MMU bracket path), for comparison.
+    ("harvest", Takes::OneOf(&["on", "off"])),
     ("calibrate", Takes::Number { required: false }),
     ("test", Takes::AnyText),
     ("explain", Takes::Nothing),

@@ -46,6 +46,9 @@ pub const NAMES: &[&str] = &["fault", "fork", "ctxsw", "mmap", "tlb", "alloc", "
 pub fn run(name: &str, size: u64) -> ! {
     crate::arch::idt::set_page_fault_hook(crate::ktest::vm_suites::user_fault);
     let size = size.max(1);
+    if crate::cmdline::value(crate::boot::cmdline(), "harvest") == Some("off") {
+        arch::mmu::set_harvest(false);
+    }
     let result = match name {
         "fault" => fault(size),
         "fork" => fork(size),

@@ -150,7 +150,15 @@ impl<const N: usize> Lru<N> {
         Self {
             active: PageRing::new(),
             inactive: PageRing::new(),
-            stats: AgingStats { scanned: 0, activated: 0, deactivated: 0, reclaimed: 0, kept_dirty: 0, stale: 0, harvests: 0 },
+            stats: AgingStats {
+                scanned: 0,
+                activated: 0,
+                deactivated: 0,
+                reclaimed: 0,
+                kept_dirty: 0,
+                stale: 0,
+                harvests: 0,
+            },
         }
     }
 

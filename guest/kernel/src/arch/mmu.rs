@@ -243,7 +243,7 @@ pub fn fault_handled(cr2: u64) {
 /// exit) makes the CPU walk, and set A in the shadow leaves, again.
 /// `false` in the other modes, or if the VMM has no harvest.
 pub fn harvest_young(base: u64, young: &mut [u64]) -> bool {
-    if !is_pv() || young.len() > HARVEST_WORDS {
+    if !is_pv() || !HARVEST.load(Ordering::Relaxed) || young.len() > HARVEST_WORDS {
         return false;
     }
     let buf = HARVEST_BUF.0.get() as *mut u64;
@@ -266,6 +266,15 @@ pub fn harvest_young(base: u64, young: &mut [u64]) -> bool {
     // SAFETY: reloading the current (shadow) root; no mapping changes.
     unsafe { core::arch::asm!("mov cr3, {}", in(reg) hardware_cr3(), options(nostack, preserves_flags)) };
     true
+}
+
+/// Whether [`harvest_young`] asks the VMM (`harvest=off` on the command
+/// line: no, the aging code clears A in the entries instead).
+static HARVEST: AtomicBool = AtomicBool::new(true);
+
+/// Use `PV_HARVEST` in pv mode (the default) or not.
+pub fn set_harvest(on: bool) {
+    HARVEST.store(on, Ordering::Relaxed);
 }
 
 const HARVEST_WORDS: usize = (pv::HARVEST_PAGES / 64) as usize;
