@@ -44,9 +44,10 @@ pub const PV_FLUSH: u32 = 8;
 /// space: `PV_HARVEST(gva, pages, bitmap)`. `gva` is page-aligned; bit `i`
 /// of the `pages.div_ceil(64)` little-endian words at GPA `bitmap` names
 /// page `gva + i * 4096` on the way in, and on the way out says whether
-/// that page was accessed since the last harvest that named it (a
-/// second-level accessed bit, like EPT's; the guest's own entries are not
-/// changed). A sync point. At most [`crate::pv::HARVEST_PAGES`] pages;
+/// that page was accessed since the last harvest that named it, or since
+/// the guest last cleared A in its entry (a second-level accessed bit, like
+/// EPT's; the guest's own entries are not changed). It errs towards
+/// "accessed", never the other way. A sync point. At most [`crate::pv::HARVEST_PAGES`] pages;
 /// `ERR_INVALID` for more or an unaligned `gva`, `ERR_FAULT` for a bitmap
 /// outside RAM. The guest flushes its TLB after it (docs/pv.md).
 pub const PV_HARVEST: u32 = 9;

@@ -184,6 +184,7 @@ impl ShadowMmu {
 mod tests {
     use super::super::tests::*;
     use super::*;
+    use proptest::prelude::*;
 
     /// The pool address of `va`'s shadow leaf in `cpu`'s current root (the
     /// path must be present).
@@ -290,5 +291,88 @@ mod tests {
         }
         assert!(mmu.work() - work < 4 * 2048 * 4, "work bounded by the pages named");
         mmu.check_invariants(&pool, &g).unwrap();
+    }
+
+    /// One step of the property test.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// The CPU reads (false) or writes (true) page `i`.
+        Access(u64, bool),
+        /// The guest clears A in page `i`'s entry itself (the classic way).
+        ClearA(u64),
+        /// `PV_HARVEST` naming the pages of the mask.
+        Harvest(u8),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => (0..8u64, any::<bool>()).prop_map(|(i, w)| Step::Access(i, w)),
+            1 => (0..8u64).prop_map(Step::ClearA),
+            2 => any::<u8>().prop_map(Step::Harvest),
+        ]
+    }
+
+    /// The CPU's access to page `i`: through the shadow leaf if it allows
+    /// it (setting A there), else a fault the VMM fixes, then the access.
+    fn access(mmu: &mut ShadowMmu, cpu: &mut ShadowVcpu, pool: &mut Mem, g: &mut Mem, i: u64, write: bool) {
+        let allowed = |mmu: &ShadowMmu, cpu: &ShadowVcpu, pool: &Mem| {
+            mmu.shadow_leaf(cpu, pool, Gva(va(i))).is_some_and(|(e, _)| !write || e & RW != 0)
+        };
+        if !allowed(mmu, cpu, pool) {
+            let code = if write { WRITE } else { READ };
+            assert_eq!(mmu.handle_fault(cpu, pool, g, Gva(va(i)), code), Ok(FaultOutcome::Fixed));
+            assert!(allowed(mmu, cpu, pool), "the fixed fault left no leaf for the access");
+        }
+        cpu_walks(mmu, cpu, pool, va(i));
+    }
+
+    proptest! {
+        /// Against a twin that never harvests, running the same accesses and
+        /// clears: the guest's memory (its A and D bits) is identical after
+        /// every step — the harvest changes nothing hardware would not —
+        /// and no page accessed since a harvest last named it (or the guest
+        /// cleared its A bit) is reported idle.
+        #[test]
+        fn a_harvest_writes_no_guest_bit_and_never_misses_an_access(steps in proptest::collection::vec(step(), 1..60)) {
+            let (mut mmu, mut pool) = setup(64);
+            let mut cpu = mmu.new_vcpu();
+            let mut g = guest_with(0x1000, P | RW | US, 8);
+            mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(0x1000)).unwrap();
+            let (mut twin, mut twin_pool) = setup(64);
+            let mut twin_cpu = twin.new_vcpu();
+            let mut twin_g = g.clone();
+            twin.load_cr3(&mut twin_cpu, &mut twin_pool, &mut twin_g, Gpa(0x1000)).unwrap();
+            let mut used = [false; 8];
+            for s in steps {
+                match s {
+                    Step::Access(i, w) => {
+                        access(&mut mmu, &mut cpu, &mut pool, &mut g, i, w);
+                        access(&mut twin, &mut twin_cpu, &mut twin_pool, &mut twin_g, i, w);
+                        used[i as usize] = true;
+                    }
+                    Step::ClearA(i) => {
+                        for (m, c, p, g) in [(&mut mmu, &mut cpu, &mut pool, &mut g), (&mut twin, &mut twin_cpu, &mut twin_pool, &mut twin_g)] {
+                            let at = 0x22000 + i * 8;
+                            g.write_u64(Gpa(at), g.get(at) & !A);
+                            m.pte_written(c, p, g, Gpa(at), 8);
+                        }
+                        // The guest took the information itself.
+                        used[i as usize] = false;
+                    }
+                    Step::Harvest(mask) => {
+                        let young = harvest(&mut mmu, &cpu, &mut pool, &g, mask as u64);
+                        prop_assert_eq!(young & !(mask as u64), 0);
+                        for i in 0..8 {
+                            if mask >> i & 1 != 0 {
+                                prop_assert!(!used[i] || young >> i & 1 != 0, "page {} used but reported idle", i);
+                                used[i] = false;
+                            }
+                        }
+                    }
+                }
+                prop_assert_eq!(&g, &twin_g);
+                mmu.check_invariants(&pool, &g).map_err(TestCaseError::fail)?;
+            }
+        }
     }
 }
