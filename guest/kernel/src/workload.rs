@@ -278,7 +278,7 @@ const AGING_PAGES: u64 = 512;
 /// Whether page `i` of `aging`'s working set is in its hot half (every
 /// other page, so hot and cold pages share every table).
 fn hot(i: u64) -> bool {
-    i % 2 == 0
+    i.is_multiple_of(2)
 }
 
 /// One aging pass (Linux's `shrink_active_list` then

@@ -284,7 +284,7 @@ mod tests {
         assert_eq!(mmu.harvest(&cpu, &mut pool, &g, Gva(0), &mut bits), 2048);
         mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(0x1000)).unwrap();
         let work = mmu.work();
-        for base in [0x7fff_ffff_f000u64, 0x8000_0000_0000, u64::MAX & !0xfff, 0x100_0000_0000] {
+        for base in [0x7fff_ffff_f000u64, 0x8000_0000_0000, !0xfff, 0x100_0000_0000] {
             let mut bits = [u64::MAX; 32];
             assert_eq!(mmu.harvest(&cpu, &mut pool, &g, Gva(base), &mut bits), 0, "{base:#x}");
             assert!(bits.iter().all(|&w| w == 0));
@@ -362,10 +362,10 @@ mod tests {
                     Step::Harvest(mask) => {
                         let young = harvest(&mut mmu, &cpu, &mut pool, &g, mask as u64);
                         prop_assert_eq!(young & !(mask as u64), 0);
-                        for i in 0..8 {
+                        for (i, used) in used.iter_mut().enumerate() {
                             if mask >> i & 1 != 0 {
-                                prop_assert!(!used[i] || young >> i & 1 != 0, "page {} used but reported idle", i);
-                                used[i] = false;
+                                prop_assert!(!*used || young >> i & 1 != 0, "page {} used but reported idle", i);
+                                *used = false;
                             }
                         }
                     }
