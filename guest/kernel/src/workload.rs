@@ -288,8 +288,7 @@ fn aging_pass(lru: &mut Lru<{ AGING_PAGES as usize }>) -> bool {
     mm::with(|m| {
         m.ctx(|cx, _, user| {
             let a = user.as_mut()?;
-            lru.age_active(a, cx, AGING_PAGES as usize, true);
-            lru.shrink_inactive(a, cx, AGING_PAGES as usize, true);
+            lru.age_all(a, cx, true);
             Some(())
         })
     })

@@ -35,7 +35,8 @@
 //!   the A bits the CPU sets in the shadow leaves) answers "used since the
 //!   last look?" for all the pages of a scan in one request, without any
 //!   entry being written. A scan of a loaded address space whose pages span
-//!   at most [`HARVEST_SPAN`] pages asks it first and, when it answers,
+//!   at most [`HARVEST_SPAN`] pages asks it first ([`Lru::age_all`]: one
+//!   request for a whole pass over both lists) and, when it answers,
 //!   clears no `A` bit: the entries keep the `A` bits the CPU set (exact,
 //!   SDM vol. 3A §4.8) and nothing needs flushing for them. Otherwise each
 //!   bit is tested and cleared in the entry, as above.
@@ -102,7 +103,7 @@ impl<const N: usize> PageRing<N> {
         Some(p)
     }
     /// The pages, oldest first.
-    pub fn iter(&self) -> impl Iterator<Item = Gva> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = Gva> + Clone + '_ {
         (0..self.len).map(move |i| self.pages[(self.head + i) % N])
     }
     /// Whether `page` is in the ring (`O(N)`).
@@ -198,26 +199,9 @@ impl<const N: usize> Lru<N> {
         nr: usize,
         loaded: bool,
     ) {
-        let harvest = Harvest::take(&self.active, nr, cx.mmu, loaded);
+        let harvest = Harvest::take(self.active.iter().take(nr), cx.mmu, loaded);
         self.stats.harvests += harvest.is_some() as u64;
-        let mut batch = FlushBatch::new();
-        cx.mmu.enter_lazy();
-        for _ in 0..nr.min(self.active.len()) {
-            let Some(page) = self.active.pop_front() else { break };
-            self.stats.scanned += 1;
-            let Some(leaf) = anon_leaf(aspace, cx, page) else {
-                self.stats.stale += 1;
-                continue;
-            };
-            if young(&harvest, aspace, cx, &leaf, &mut batch) {
-                self.active.push_back(page);
-            } else {
-                self.stats.deactivated += 1;
-                self.inactive.push_back(page);
-            }
-        }
-        finish(batch, cx.mmu, loaded);
-        cx.mmu.leave_lazy();
+        self.age_active_with(aspace, cx, nr, loaded, &harvest);
     }
 
     /// Look at up to `nr` of the oldest inactive pages, reclaiming the
@@ -230,8 +214,65 @@ impl<const N: usize> Lru<N> {
         nr: usize,
         loaded: bool,
     ) -> usize {
-        let harvest = Harvest::take(&self.inactive, nr, cx.mmu, loaded);
+        let harvest = Harvest::take(self.inactive.iter().take(nr), cx.mmu, loaded);
         self.stats.harvests += harvest.is_some() as u64;
+        self.shrink_inactive_with(aspace, cx, nr, loaded, &harvest)
+    }
+
+    /// One pass over every page of both lists: [`age_active`](Self::age_active)
+    /// then [`shrink_inactive`](Self::shrink_inactive) (Linux's
+    /// `shrink_active_list` then `shrink_inactive_list`), with one harvest
+    /// for the two when the platform has one (a page the first demotes is
+    /// looked at again by the second with the same answer: idle). Returns
+    /// how many pages were reclaimed.
+    pub fn age_all<M: PhysMem, A: FrameSource, P: MmuPlatform>(
+        &mut self,
+        aspace: &mut AddressSpace,
+        cx: &mut MmCtx<'_, M, A, P>,
+        loaded: bool,
+    ) -> usize {
+        let harvest = Harvest::take(self.active.iter().chain(self.inactive.iter()), cx.mmu, loaded);
+        self.stats.harvests += harvest.is_some() as u64;
+        self.age_active_with(aspace, cx, N, loaded, &harvest);
+        self.shrink_inactive_with(aspace, cx, 2 * N, loaded, &harvest)
+    }
+
+    fn age_active_with<M: PhysMem, A: FrameSource, P: MmuPlatform>(
+        &mut self,
+        aspace: &mut AddressSpace,
+        cx: &mut MmCtx<'_, M, A, P>,
+        nr: usize,
+        loaded: bool,
+        harvest: &Option<Harvest>,
+    ) {
+        let mut batch = FlushBatch::new();
+        cx.mmu.enter_lazy();
+        for _ in 0..nr.min(self.active.len()) {
+            let Some(page) = self.active.pop_front() else { break };
+            self.stats.scanned += 1;
+            let Some(leaf) = anon_leaf(aspace, cx, page) else {
+                self.stats.stale += 1;
+                continue;
+            };
+            if young(harvest, aspace, cx, &leaf, &mut batch) {
+                self.active.push_back(page);
+            } else {
+                self.stats.deactivated += 1;
+                self.inactive.push_back(page);
+            }
+        }
+        finish(batch, cx.mmu, loaded);
+        cx.mmu.leave_lazy();
+    }
+
+    fn shrink_inactive_with<M: PhysMem, A: FrameSource, P: MmuPlatform>(
+        &mut self,
+        aspace: &mut AddressSpace,
+        cx: &mut MmCtx<'_, M, A, P>,
+        nr: usize,
+        loaded: bool,
+        harvest: &Option<Harvest>,
+    ) -> usize {
         let mut batch = FlushBatch::new();
         cx.mmu.enter_lazy();
         // Leaves unmapped but whose frames wait for the flush.
@@ -245,7 +286,7 @@ impl<const N: usize> Lru<N> {
                 self.stats.stale += 1;
                 continue;
             };
-            if young(&harvest, aspace, cx, &leaf, &mut batch) {
+            if young(harvest, aspace, cx, &leaf, &mut batch) {
                 self.stats.activated += 1;
                 // A full active list keeps the page inactive instead.
                 if !self.active.push_back(page) {
@@ -324,20 +365,18 @@ struct Harvest {
 }
 
 impl Harvest {
-    /// Ask `mmu` about the first `nr` pages of `ring` (the pages the scan
-    /// will look at, each once): `None` when the address space is not
-    /// loaded, the pages span more than [`HARVEST_SPAN`], or the platform
-    /// has no harvest.
-    fn take<const N: usize>(ring: &PageRing<N>, nr: usize, mmu: &impl MmuPlatform, loaded: bool) -> Option<Harvest> {
-        let n = nr.min(ring.len());
-        let lo = ring.iter().take(n).min()?;
-        let hi = ring.iter().take(n).max()?;
+    /// Ask `mmu` about `pages` (the pages a scan will look at, each once):
+    /// `None` when the address space is not loaded, the pages span more
+    /// than [`HARVEST_SPAN`], or the platform has no harvest.
+    fn take(pages: impl Iterator<Item = Gva> + Clone, mmu: &impl MmuPlatform, loaded: bool) -> Option<Harvest> {
+        let lo = pages.clone().min()?;
+        let hi = pages.clone().max()?;
         let span = ((hi.0 - lo.0) / crate::PAGE_SIZE) as usize;
         if !loaded || span >= HARVEST_SPAN {
             return None;
         }
         let mut h = Harvest { base: lo, bits: [0; HARVEST_SPAN / 64] };
-        for page in ring.iter().take(n) {
+        for page in pages {
             let i = ((page.0 - lo.0) / crate::PAGE_SIZE) as usize;
             h.bits[i / 64] |= 1 << (i % 64);
         }

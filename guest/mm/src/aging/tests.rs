@@ -311,3 +311,36 @@ fn a_scan_too_wide_for_one_harvest_clears_a_bits_in_the_entries() {
         a.destroy(&mut cx);
     })
 }
+
+#[test]
+fn a_whole_pass_is_one_harvest_for_both_lists() {
+    with_mm(|mem, buddy| {
+        let (k, mut c) = setup(buddy);
+        let mmu = HarvestMmu::default();
+        let mut cx = MmCtx { mem, frames: &mut *buddy, refs: FrameRefs::new(BASE, &mut c), mmu: &mmu };
+        let mut a = AddressSpace::new(&mut cx, &k).unwrap();
+        a.add_vma(Gva(0x10_0000), Gva(0x10_8000), Prot::RW).unwrap();
+        let mut lru = Lru::<8>::new();
+        let pages: Vec<u64> = (0..8).map(|i| 0x10_0000 + i * 4096).collect();
+        for &va in &pages {
+            a.handle_fault(&mut cx, Gva(va), W).unwrap();
+            assert!(lru.add(Gva(va)));
+            mmu.used.borrow_mut().insert(va);
+        }
+        // First pass: all used, all promoted.
+        assert_eq!(lru.age_all(&mut a, &mut cx, true), 0);
+        assert_eq!((lru.active().len(), lru.inactive().len()), (8, 0));
+        // The even pages are used again: the odd ones go inactive, and the
+        // inactive scan that follows finds them idle and dirty (kept).
+        for &va in pages.iter().step_by(2) {
+            mmu.used.borrow_mut().insert(va);
+        }
+        assert_eq!(lru.age_all(&mut a, &mut cx, true), 0);
+        assert_eq!((lru.active().len(), lru.inactive().len()), (4, 4));
+        assert!(lru.inactive().iter().all(|p| (p.0 - 0x10_0000) / 4096 % 2 == 1));
+        assert_eq!((lru.stats().harvests, lru.stats().kept_dirty), (2, 4));
+        assert_eq!(*mmu.asked.borrow(), [(Gva(0x10_0000), vec![0xff]), (Gva(0x10_0000), vec![0xff])]);
+        assert!(mmu.inner.take().is_empty(), "no entry changed");
+        a.destroy(&mut cx);
+    })
+}
