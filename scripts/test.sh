@@ -39,5 +39,17 @@ set -e
 # the last is often an empty doc-test run).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
      END { printf "total: %d passed, %d failed\n", p, f }' "$log"
+
+# The integration tests run the in-guest suites at the default folio size
+# (anon=4k); the other sizes change every fault path, so the suites run
+# again at each, in every mode (a few seconds each).
+phase "in-guest suites at anon=16k, 64k, 2m"
+for anon in 16k 64k 2m; do
+    if ! out=$(target/debug/vmm test --cmdline "anon=$anon" 2>&1); then
+        status=1
+        echo "$out"
+    fi
+    echo "anon=$anon: $(echo "$out" | tail -n 1)"
+done
 echo "test.sh took $((SECONDS - start)) s (tests: $((SECONDS - last)) s)"
 exit "$status"

@@ -165,6 +165,7 @@ fn guest_command_line_typos_are_refused_naming_the_word() {
         ("workload=fault size=abc", "size=abc", "needs a number greater than zero"),
         ("workload=nosuch", "workload=nosuch", "expected one of: fault fork"),
         ("crash=nosuch", "crash=nosuch", "unknown value"),
+        ("anon=8k workload=fault", "anon=8k", "expected one of: 4k 16k 64k 2m"),
     ] {
         let o = run(&["run", "--memory", "64M", "--cmdline", cmdline]);
         assert_exit(&o, 2);
@@ -282,4 +283,109 @@ fn an_empty_segment_with_file_bytes_is_refused_before_anything_is_copied() {
     // p_memsz = 0 but 16 file bytes, aimed at the boot page tables.
     let o = run_kernel("smuggle.elf", &elf(62, 0x9000, 0), &[]);
     assert_one_line_error(&o, 3, "segment 0 has more file bytes (0x10) than memory bytes (0x0)");
+}
+
+/// Run `vmm` with `args`, ending it after `secs` seconds and capping its
+/// address space at `as_bytes` (so that a VMM that reads without end fails
+/// the test instead of the machine). `None` when it had to be killed.
+fn run_bounded(args: &[&str], secs: u64, as_bytes: u64) -> Option<Output> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = vmm();
+    cmd.args(args).stdin(std::process::Stdio::null());
+    cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only setrlimit, which is async-signal-safe; it touches no memory of
+    // the parent beyond the stack value it passes.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit { rlim_cur: as_bytes, rlim_max: as_bytes };
+            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn vmm");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if child.try_wait().expect("wait").is_some() {
+            return Some(child.wait_with_output().expect("collect output"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// Issue 22, item 8: `--kernel /dev/zero` grew the VMM until the OOM
+/// killer and a FIFO blocked it forever. Only a regular file is read.
+#[test]
+fn a_kernel_that_is_not_a_regular_file_is_refused_without_reading_it() {
+    let fifo = temp_path("kernel.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    for (path, what) in
+        [("/dev/zero", "a character device"), (fifo.to_str().unwrap(), "a FIFO"), ("/tmp", "a directory")]
+    {
+        let o = run_bounded(&["run", "--memory", "64M", "--kernel", path], 10, 4 << 30)
+            .unwrap_or_else(|| panic!("--kernel {path} still running after 10 s"));
+        assert_one_line_error(&o, 3, &format!("kernel {path} is {what}, not a regular file"));
+    }
+}
+
+/// Issue 22, item 8: a kernel file larger than the documented limit
+/// (guest RAM, at most 1 GiB) is refused from its size, before it is read.
+#[test]
+fn a_kernel_file_larger_than_guest_ram_is_refused_before_it_is_read() {
+    let path = temp_path("huge-kernel.elf");
+    std::fs::write(&path, elf(62, 0x20_0000, 0x1000)).unwrap();
+    // Extended with a hole: a valid ELF header, 96 MiB long, no disk used.
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(96 << 20).unwrap();
+    let o = run(&["run", "--memory", "64M", "--kernel", path.to_str().unwrap()]);
+    assert_one_line_error(
+        &o,
+        3,
+        &format!(
+            "kernel {} is 96 MiB, larger than the 64 MiB limit (the guest RAM size, at most 1 GiB)",
+            path.display()
+        ),
+    );
+}
+
+/// Issue 22, item 7: `--shadow-pool` has a documented maximum (1 GiB) and a
+/// larger one is refused at once, before anything is allocated — as a
+/// `--memory` beyond its maximum is. (`--shadow-pool 1T` was still setting
+/// up after 60 s on a 24 GB machine.)
+#[test]
+fn a_shadow_pool_beyond_the_maximum_is_refused_at_once() {
+    for mmu in ["shadow", "pv"] {
+        let o = run_bounded(&["run", "--mmu", mmu, "--memory", "64M", "--shadow-pool", "1T"], 10, 16 << 30)
+            .unwrap_or_else(|| panic!("{mmu}: --shadow-pool 1T still setting up after 10 s"));
+        assert_one_line_error(&o, 3, "shadow pool of 1 TiB is too large: the maximum is 1 GiB");
+    }
+    // `vmm test` checks it the same way.
+    let o = run(&["test", "--mmu", "shadow", "--memory", "64M", "--shadow-pool", "2G", "--filter", "boot"]);
+    assert_one_line_error(&o, 3, "shadow pool of 2 GiB is too large: the maximum is 1 GiB");
+}
+
+/// Issue 22, item 7: `--shadow-pool` with `--mmu ept` was ignored without a
+/// word; now the VMM says so (one warning line) and runs.
+#[test]
+fn a_shadow_pool_with_ept_mode_is_said_to_be_ignored() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("*** SKIPPED: needs /dev/kvm ***");
+        return;
+    }
+    let o = run(&["run", "--mmu", "ept", "--memory", "64M", "--shadow-pool", "64M"]);
+    assert_exit(&o, 0);
+    assert_eq!(
+        stderr(&o).lines().filter(|l| l.contains("--shadow-pool")).collect::<Vec<_>>(),
+        ["warning: --shadow-pool is ignored with --mmu ept (only shadow and pv mode have a shadow pool)"]
+    );
+    // Without it, nothing is said.
+    let o = run(&["run", "--mmu", "ept", "--memory", "64M"]);
+    assert_exit(&o, 0);
+    assert!(!stderr(&o).contains("--shadow-pool"), "{}", stderr(&o));
 }

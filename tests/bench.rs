@@ -82,6 +82,55 @@ fn bench_refuses_unknown_workloads_and_a_chart_of_one_mode() {
     assert!(stderr(&o).contains("needs --mmu all or --mmu both"), "{}", stderr(&o));
 }
 
+#[test]
+fn bench_passes_guest_words_to_every_run_and_names_the_folio_size() {
+    if !kvm_available() {
+        return;
+    }
+    let out = temp_path("bench-anon");
+    let json = out.join("report.json");
+    let o = run(&[
+        "bench",
+        "--workload",
+        "fault",
+        "--size",
+        "64",
+        "--repeat",
+        "1",
+        "--mmu",
+        "both",
+        "--cmdline",
+        "anon=2m",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_exit(&o, 0);
+    assert!(
+        stdout(&o).contains("guest: anon=2m (anonymous folio size), command line 'anon=2m'; host backing 4k"),
+        "{}",
+        stdout(&o)
+    );
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!((v["anon"].as_str(), v["cmdline"].as_str()), (Some("2m"), Some("anon=2m")), "{v}");
+    assert_eq!(v["backing"], "4k");
+    // The modelled walk of a 2 MiB guest page over 4 KiB host pages: 19
+    // references for the 2D walk, 4 for the shadow's (4 KiB leaves).
+    let refs = |m: usize| v["workloads"][0]["modes"][m]["walk_refs_per_tlb_miss"].as_u64();
+    assert_eq!((refs(0), refs(1)), (Some(19), Some(4)), "{v}");
+    // The words reached the guest: 64 pages in one THP cost shadow mode a
+    // handful of exits in all (a 4 KiB page costs two).
+    let shadow = &v["workloads"][0]["modes"][1];
+    assert!(shadow["exits_per_op"].as_f64().unwrap() < 0.1, "{shadow}");
+    // A word the guest refuses is a usage error naming it; workload= and
+    // size= belong to --workload and --size.
+    let o = run(&["bench", "--workload", "fault", "--repeat", "1", "--mmu", "ept", "--cmdline", "anon=3m"]);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("refused the --cmdline word 'anon=3m'"), "{}", stderr(&o));
+    let o = run(&["bench", "--cmdline", "size=3"]);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("--cmdline word 'size=3'"), "{}", stderr(&o));
+}
+
 /// A minimal `vmm bench` JSON report of one host.
 fn bench_json(second_stage: &str, host: &str, modes: &[(&str, f64, f64)]) -> String {
     let modes: Vec<serde_json::Value> = modes

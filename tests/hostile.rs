@@ -132,3 +132,96 @@ fn explaining_does_not_set_accessed_bits() {
         }
     }
 }
+
+/// Issue 22, item 4: a guest `lgdt` from unbacked memory in ept mode made
+/// the host's emulator exit with the same MMIO read at the same RIP with
+/// the same registers, over and over (373,369 times in 3 s), until
+/// `--timeout`. The VMM now ends the run at once, exit 4, naming the
+/// instruction.
+#[test]
+fn an_instruction_that_exits_the_same_way_forever_ends_the_run_at_once() {
+    if !kvm_available() {
+        return;
+    }
+    let start = Instant::now();
+    let o = run(&["run", "--mmu", "ept", "--memory", "64M", "--cmdline", "crash=lgdt-unbacked", "--timeout", "60s"]);
+    assert_exit(&o, 4);
+    let err = error_line(&o);
+    assert!(
+        err.starts_with("error: the guest makes no progress at rip=")
+            && err.contains("`lgdt [")
+            && err.contains("times in a row as the same MMIO read of unbacked GPA 0x4001000"),
+        "{err}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(30), "ended by the timeout, not at once");
+    // A guest that spins on purpose is still left to --timeout (exit 5).
+    let o = run(&["run", "--memory", "64M", "--cmdline", "crash=hang", "--timeout", "2s"]);
+    assert_exit(&o, 5);
+}
+
+/// Issue 22, item 1: `PV_SETUP` of an area inside the page-table zone or
+/// over the VMM's boot tables was answered OK, and the VMM then wrote its
+/// area over guest page tables behind the shadow's back. It is refused
+/// with `ERR_OVERLAP` (guest_abi::hypercall).
+#[test]
+fn a_pv_area_over_shadowed_page_tables_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    for (word, at) in [("pv-area-zone", "0x1000000"), ("pv-area-boot-tables", "0xa000")] {
+        let cmdline = format!("crash={word}");
+        let o = run(&["run", "--mmu", "pv", "--memory", "64M", "--cmdline", &cmdline]);
+        let out = stdout(&o);
+        assert!(out.contains(&format!("PV_SETUP({at}) refused")), "{word}: {out}");
+        assert_exit(&o, 0);
+    }
+}
+
+/// Issue 22, item 2: a refused write-queue entry was reported only by
+/// `PV_FLUSH`; at `LOAD_CR3` (and the other sync points) the entries from
+/// it on were dropped without a word to the guest. Now every sync point
+/// answers the batch error, and the VMM's warning has its own name and
+/// budget (not "SHADOW_FAULTs the VMM could not handle").
+#[test]
+fn a_refused_queue_entry_is_reported_at_every_sync_point() {
+    if !kvm_available() {
+        return;
+    }
+    let (o, v) =
+        stats_json(&["run", "--mmu", "pv", "--memory", "64M", "--cmdline", "crash=pv-bad-queue"], "bad-queue.json");
+    let out = stdout(&o);
+    assert!(out.contains("4 of 4 sync points reported the refused entry"), "{out}");
+    assert_exit(&o, 0);
+    assert_eq!(v["stats"]["shadow"]["pv_refused"], 4, "{v}");
+    let err = stderr(&o);
+    assert_eq!(err.matches("pv write queue refused").count(), 4, "{err}");
+    for at in ["LOAD_CR3", "SHADOW_FAULT", "FLUSH_TLB", "PV_FLUSH"] {
+        assert!(err.contains(&format!("pv write queue refused at {at}")), "{at}: {err}");
+    }
+    assert!(!err.contains("SHADOW_FAULTs the VMM could not handle"), "{err}");
+}
+
+/// Issue 22, item 3: a ring-0 guest that clears CR0.WP with its own
+/// `mov cr0` (nothing exits) and does not report it with `FLUSH_TLB`
+/// wrote through read-only shadow leaves, and its entries never got the D
+/// bit hardware sets. The VMM now notices at the next exit (WP found clear)
+/// or at the next pool check (the D bit the write left in the shadow leaf)
+/// and sets D in the guest's entry.
+#[test]
+fn writes_under_an_unreported_cr0_wp_0_still_set_the_dirty_bit() {
+    if !kvm_available() {
+        return;
+    }
+    for mmu in ["shadow", "pv"] {
+        let (o, v) = stats_json(
+            &["run", "--mmu", mmu, "--memory", "64M", "--cmdline", "crash=wp-off-silent"],
+            &format!("wp-off-{mmu}.json"),
+        );
+        let out = stdout(&o);
+        assert!(out.contains("(a) WP set again before the exit: D 1; (b) WP clear at the exit: D 1"), "{mmu}: {out}");
+        assert_exit(&o, 0);
+        let sh = &v["stats"]["shadow"];
+        assert_eq!(sh["stats"]["wp_off_dirty"], 2, "{mmu}: {v}");
+        assert_eq!(sh["wp_cleared_silently"], 1, "{mmu}: {v}");
+    }
+}

@@ -80,20 +80,29 @@ fn stores_the_host_cannot_emulate_into_the_page_table_zone_end_cleanly() {
         return;
     }
     // `sidt`/`sgdt` into the read-only zone: KVM's emulator neither
-    // completes the store nor exits (the vCPU spins inside KVM_RUN), so
-    // only --timeout ends it — with its own message and exit code 5.
-    for word in ["sidt-zone", "sgdt-zone"] {
+    // completes the store nor exits (the vCPU spins inside KVM_RUN). Issue
+    // 22, item 4: the VMM sees no exit and no register change across its
+    // periodic kicks, decodes the store into a read-only slot and ends the
+    // run at once, exit 4, naming the instruction — not at --timeout (exit
+    // 5 after 60 s by default, before).
+    for (word, mnemonic) in [("sidt-zone", "sidt"), ("sgdt-zone", "sgdt")] {
         let start = std::time::Instant::now();
         let cmdline = format!("crash={word}");
-        let o = run(&["run", "--mmu", "shadow", "--memory", "64M", "--cmdline", &cmdline, "--timeout", "3s"]);
+        let o = run(&["run", "--mmu", "shadow", "--memory", "64M", "--cmdline", &cmdline, "--timeout", "60s"]);
         if o.status.code() == Some(0) {
             // A host whose emulator completes the store (hardware VMX/SVM).
             assert!(stdout(&o).contains("the store completed"), "{word}: {}", stdout(&o));
             continue;
         }
-        assert_exit(&o, 5);
-        assert_eq!(error_line(&o), "error: timeout: the guest was still running after 3s", "{word}");
-        assert!(start.elapsed() < std::time::Duration::from_secs(60), "{word}: the timeout did not end the hang");
+        assert_exit(&o, 4);
+        let err = error_line(&o);
+        assert!(
+            err.starts_with("error: the guest makes no progress at rip=")
+                && err.contains(&format!("`{mnemonic} ["))
+                && err.contains("in a read-only memslot, and the host retries it without an exit"),
+            "{word}: {err}"
+        );
+        assert!(start.elapsed() < std::time::Duration::from_secs(30), "{word}: ended by the timeout, not at once");
     }
     // `fxsave` there stops the vCPU with an emulation failure, reported with
     // the instruction bytes (exit 4).

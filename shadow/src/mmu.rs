@@ -109,6 +109,13 @@
 //! user page would get a spurious fault). The guest's own controls
 //! ([`PagingMode`]) govern the walk and the error code the guest sees.
 //!
+//! - **A WP = 0 the guest does not report**: a guest can clear the vCPU's
+//!   WP with its own `mov cr0`, which does not exit; supervisor writes
+//!   then pass read-only leaves. Read-only leaves therefore keep D clear
+//!   (writable ones have it set), so the hardware records such a write in
+//!   the leaf; [`ShadowMmu::harvest_dirty_leaves`] gives that D to the
+//!   guest's entry at the next pool check, before the pool is repaired.
+//!
 //! - **CR0.WP = 0** is emulated per fault, as KVM does: a supervisor write
 //!   to a read-only page gets a writable, supervisor-only leaf (a later
 //!   user access refaults and gets the ordinary read-only user leaf back). With CR4.SMEP that leaf also gets XD: the
@@ -211,6 +218,11 @@ use guest_abi::paging::{ADDR_MASK as ADDR, PAGE_SIZE as PAGE};
 pub const PREFILL_RESERVE: usize = 3;
 /// New shadow pages the user-half prefill of a new root may create.
 pub const USER_PREFILL_PAGES: usize = 16;
+/// A hidden fault on a 4 KiB page also shadows the other entries of its
+/// aligned block of this many PTEs that the guest has used (KVM's
+/// `FNAME(pte_prefetch)`, `PTE_PREFETCH_NUM` = 8 there): one block is a
+/// 64 KiB folio, the largest mTHP the guest maps as PTEs.
+pub const PTE_PREFETCH: u64 = 16;
 /// Deferred changed pages remembered ([`ShadowMmu::set_defer_unreachable`]);
 /// past that, the next root switch invalidates.
 pub const MAX_DEFERRED: usize = 1024;

@@ -52,6 +52,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("kernel {} is {kind}, not a regular file", path.display())]
+    KernelNotRegular { path: PathBuf, kind: &'static str },
+    #[error(
+        "kernel {} is {}, larger than the {} limit (the guest RAM size, at most 1 GiB)",
+        path.display(),
+        crate::size::format_size(*size),
+        crate::size::format_size(*limit)
+    )]
+    KernelTooLarge { path: PathBuf, size: u64, limit: u64 },
     #[error("kernel {0} is not an ELF file")]
     KernelNotElf(String),
     #[error("kernel {name} is not an x86-64 ELF executable: {why}")]
@@ -110,6 +119,12 @@ pub enum Error {
     )]
     ShadowPoolTooSmall(u64, u64, u64),
     #[error(
+        "shadow pool of {} is too large: the maximum is {} (--shadow-pool)",
+        crate::size::format_size(*.0),
+        crate::size::format_size(*.1)
+    )]
+    ShadowPoolTooLarge(u64, u64),
+    #[error(
         "the shadow pool of {} cannot hold what exception delivery needs of the kernel half of guest CR3 {cr3:#x}, even when emptied: give a larger --shadow-pool",
         crate::size::format_size(*.pool)
     )]
@@ -125,6 +140,8 @@ pub enum Error {
         "the host could not emulate the guest instruction at rip={rip:#x} (bytes: {bytes}); KVM internal error, suberror {suberror}"
     )]
     EmulationFailure { rip: u64, bytes: String, suberror: u32 },
+    #[error("the guest makes no progress at rip={rip:#x}: `{instruction}` (bytes: {bytes}) {why}")]
+    NoProgress { rip: u64, instruction: String, bytes: String, why: String },
     #[error("KVM internal error, suberror {suberror}, at rip={rip:#x}")]
     InternalError { rip: u64, suberror: u32 },
     #[error("KVM could not enter the guest (hardware entry failure reason {0:#x})")]
@@ -172,6 +189,7 @@ impl Error {
             TripleFault { .. }
             | EmulationFailure { .. }
             | InternalError { .. }
+            | NoProgress { .. }
             | FailEntry(_)
             | UnexpectedExit { .. }
             | GuestHalted { .. }

@@ -34,7 +34,10 @@ pub const EXPLAIN: u32 = 6;
 /// pv mode: register the shared area: `PV_SETUP(gpa)`, the GPA of
 /// [`crate::pv::AREA_PAGES`] page-aligned pages of guest RAM (the write
 /// queue, then the published roots). Once per boot; `ERR_FAULT` outside
-/// RAM or unaligned, `ERR_INVALID` when already set up.
+/// RAM or unaligned, `ERR_INVALID` when already set up, [`ERR_OVERLAP`]
+/// when any of it lies in memory the VMM shadows (the page-table zone or
+/// the VMM's boot page tables): the VMM writes the area, and its writes
+/// there would change guest page tables behind the shadow's back.
 pub const PV_SETUP: u32 = 7;
 /// pv mode: apply the write queue, then make `gva`'s translation current:
 /// `PV_FLUSH(gva)` (`gva` = [`crate::pv::NO_GVA`]: none). Answers [`OK`] or
@@ -70,6 +73,10 @@ pub const ERR_FAULT: u64 = u64::MAX - 2;
 /// The hypercall exists but is not available in this configuration (for
 /// example a shadow-mode call in ept mode).
 pub const ERR_UNAVAILABLE: u64 = u64::MAX - 3;
+/// `PV_SETUP`: the area overlaps guest memory the VMM shadows (the
+/// page-table zone or the boot page tables), which only the guest's own,
+/// tracked writes may change.
+pub const ERR_OVERLAP: u64 = u64::MAX - 4;
 
 /// Whether a hypercall result is an error.
 pub const fn is_error(result: u64) -> bool {

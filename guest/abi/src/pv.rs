@@ -5,7 +5,11 @@
 //! every entry it wrote in the **write queue**. The VMM brings the shadow
 //! tables in line with the queued entries at the next **sync point** — any
 //! pv hypercall (`PV_FLUSH`, `SHADOW_FAULT`, `LOAD_CR3`, `FLUSH_TLB`) —
-//! exactly as if each write had trapped. Until then the shadow may hold
+//! exactly as if each write had trapped. A queue the VMM refuses (see
+//! [`batch_error`]) is reported the same way at every sync point: the call
+//! answers the batch error and does nothing else (no CR3 load, no fault
+//! handled, no flush), so the guest always learns which writes were not
+//! applied. Until then the shadow may hold
 //! translations the guest has changed, which is what a TLB may do until
 //! `invlpg` or a CR3 load (Intel SDM vol. 3 §4.10.4): the guest syncs where
 //! hardware would make it flush.

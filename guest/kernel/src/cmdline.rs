@@ -40,18 +40,22 @@ const KEYS: &[(&str, Takes)] = &[
     ("workload", Takes::OneOf(crate::workload::NAMES)),
     ("size", Takes::Number { required: true }),
     ("spaces", Takes::Number { required: true }),
+    // The `tlb` workload's working set, in pages (default 64).
+    ("tlbset", Takes::Number { required: true }),
     // pv mode without PV_HARVEST: aging clears A in the entries (the
     // lazy-MMU bracket path), for comparison.
     ("harvest", Takes::OneOf(&["on", "off"])),
     ("calibrate", Takes::Number { required: false }),
     ("test", Takes::AnyText),
+    // The size of anonymous folios a demand fault maps (guest_mm::folio).
+    ("anon", Takes::OneOf(&guest_mm::folio::FolioSize::NAMES)),
     ("explain", Takes::Nothing),
     ("matrix", Takes::Nothing),
     ("fail-on-request", Takes::Nothing),
     // Set by `vmm test` on a host whose MMU is QEMU's TCG model (nested
     // NPT): tests that compare against the host MMU allow for its known
     // differences from silicon.
-    ("hostmmu", Takes::OneOf(&["qemu-tcg"])),
+    ("hostmmu", Takes::OneOf(&["qemu-tcg", "kvm-pvm"])),
 ];
 
 /// The reason given for a word whose key the kernel does not know.

@@ -17,7 +17,11 @@
 //! | `explain-flood` | [`EXPLAIN_FLOOD`] `EXPLAIN` hypercalls | answer all, print a bounded number, say so once |
 //! | `chatter` | print lines forever | `--timeout` ends it even when stdout is blocked |
 //! | `scribble` | shadow mode: `mov cr3` to tables of our own that map the shadow pool, garbage over the pool, back through `LOAD_CR3`, then probe | repair the pool: the guest succeeds only if the shadow maps exactly what its tables allow |
-//! | `sidt-zone` / `sgdt-zone` / `fxsave-zone` | store the IDTR / GDTR / FPU state into the page-table zone (read-only in shadow mode) | the host cannot emulate these: `--timeout` ends the hang, or the VMM reports the stop |
+//! | `sidt-zone` / `sgdt-zone` / `fxsave-zone` | store the IDTR / GDTR / FPU state into the page-table zone (read-only in shadow mode) | the host cannot emulate these: the VMM reports the stop (`fxsave`: an emulation failure; `sidt`/`sgdt`: KVM retries them without exiting, and the VMM's no-progress check names them), exit 4 |
+//! | `lgdt-unbacked` | `lgdt` of a descriptor in unbacked guest-physical memory (beyond RAM, identity-mapped by the boot tables) | the host's emulator retries it forever: the VMM sees no progress and ends the run (exit 4) naming the instruction |
+//! | `pv-area-zone` / `pv-area-boot-tables` | pv mode: `PV_SETUP` with an area in the page-table zone / over the VMM's boot tables (0xa000) | refuse it with `ERR_OVERLAP` (the VMM's writes to the area would change page tables behind the shadow); the guest succeeds only if refused |
+//! | `pv-bad-queue` | pv mode: a write-queue entry outside the page-table zone before each sync point (`LOAD_CR3`, `SHADOW_FAULT`, `FLUSH_TLB`, `PV_FLUSH`) | answer each with the batch error (nothing else done), warn under its own name and budget; the guest succeeds only if all four are reported |
+//! | `wp-off-silent` | shadow and pv mode: clear CR0.WP with `mov cr0` (no `FLUSH_TLB`), write a clean read-only page, then (a) set WP again before the next exit, (b) exit with WP still clear | hardware sets D in the guest entry: the VMM must too (from the D bit the write left in the shadow leaf); the guest succeeds only if both entries end dirty |
 //! | `livelock` | the same `SHADOW_FAULT` twice with nothing changed | shadow mode: a one-line livelock error, exit 4 (ept mode: both refused, the guest fails) |
 
 use crate::{arch, console, hypercall, kprintln};
@@ -44,10 +48,17 @@ pub const MODES: &[&str] = &[
     "sgdt-zone",
     "fxsave-zone",
     "livelock",
+    "lgdt-unbacked",
+    "pv-area-zone",
+    "pv-area-boot-tables",
+    "pv-bad-queue",
+    "wp-off-silent",
 ];
 
 /// Run crash mode `mode`; returns only for modes that end in success.
 pub fn run(mode: &str) {
+    // The modes test the VMM's shadow: have one before they start.
+    arch::mmu::start_shadowing();
     match mode {
         "pf" => {
             // An address in the non-canonical-free, unmapped lower half
@@ -98,6 +109,10 @@ pub fn run(mode: &str) {
         },
         "scribble" => scribble(),
         "sidt-zone" | "sgdt-zone" | "fxsave-zone" => store_into_zone(mode),
+        "lgdt-unbacked" => lgdt_unbacked(),
+        "pv-area-zone" | "pv-area-boot-tables" => pv_area_over_tables(mode),
+        "pv-bad-queue" => pv_bad_queue(),
+        "wp-off-silent" => wp_off_silent(),
         "livelock" => {
             // A fault on a mapped kernel address, reported twice in a row as
             // if the vCPU kept faulting after the VMM fixed it.
@@ -500,4 +515,149 @@ fn store_into_zone(mode: &str) -> ! {
     }
     kprintln!("{}: the store completed", mode);
     arch::exit(guest_abi::ports::EXIT_SUCCESS)
+}
+
+/// Load the GDTR from a descriptor in guest-physical memory that no RAM
+/// backs: the boot tables' identity map gets a 2 MiB leaf for the GPA just
+/// past RAM (ept mode: the tables are ordinary RAM; in shadow and pv mode
+/// the write traps and the shadow refuses a leaf outside RAM, so the load
+/// faults instead). Needs RAM below 1 GiB.
+fn lgdt_unbacked() -> ! {
+    use guest_abi::DIRECT_MAP_BASE;
+    let ram = crate::boot::info().ram_size;
+    if ram + (2 << 20) > GIB {
+        console::println("crash=lgdt-unbacked needs less than 1 GiB of RAM");
+        arch::exit(guest_abi::ports::EXIT_FAILURE);
+    }
+    let at = ram + 0x1000;
+    let addr = |e: u64| e & guest_abi::paging::ADDR_MASK;
+    // SAFETY: the walk reads the current (boot) tables through the direct
+    // map, which covers them; the one write adds a leaf in the identity
+    // map's PD for the 2 MiB past RAM, which nothing else uses.
+    unsafe {
+        let read = |gpa: u64| ((DIRECT_MAP_BASE + gpa) as *const u64).read_volatile();
+        let pdpt = addr(read(arch::mmu::read_cr3() & !0xfff));
+        let pd = addr(read(pdpt));
+        let pde = (DIRECT_MAP_BASE + pd + (ram >> 21) * 8) as *mut u64;
+        pde.write_volatile(ram | PTE_P | PTE_RW | PTE_A | PTE_D | PTE_PS);
+    }
+    arch::mmu::invlpg(at);
+    kprintln!("lgdt-unbacked: lgdt [{:#x}] (unbacked GPA, identity-mapped)", at);
+    // SAFETY: deliberately loads a GDTR from memory no RAM backs; the VMM
+    // is expected to end the run.
+    unsafe { core::arch::asm!("lgdt [{}]", in(reg) at, options(nostack, preserves_flags)) };
+    kprintln!("lgdt-unbacked: the load completed");
+    arch::exit(guest_abi::ports::EXIT_SUCCESS)
+}
+
+/// `PV_SETUP` with an area over memory the VMM shadows: the first page of
+/// the page-table zone, or the VMM's boot PDPT at 0xa000 (`arch::mmu::init`
+/// registers no area of its own in these modes). Succeeds only if the VMM
+/// refuses with `ERR_OVERLAP`.
+fn pv_area_over_tables(mode: &str) -> ! {
+    let at = if mode == "pv-area-zone" { crate::boot::info().pt_zone.start } else { 0xa000 };
+    let r = hypercall::call(hc::PV_SETUP, at, 0, 0, 0);
+    if r == hc::ERR_OVERLAP {
+        kprintln!("{}: PV_SETUP({:#x}) refused: it overlaps page tables the VMM shadows", mode, at);
+        arch::exit(guest_abi::ports::EXIT_SUCCESS)
+    }
+    kprintln!("{}: PV_SETUP({:#x}) answered {:#x}, not ERR_OVERLAP", mode, at, r);
+    arch::exit(guest_abi::ports::EXIT_FAILURE)
+}
+
+/// Queue an entry outside the page-table zone before each sync point and
+/// check that every one reports it with the batch error (`guest_abi::pv`),
+/// as `PV_FLUSH` always did.
+fn pv_bad_queue() -> ! {
+    use guest_abi::pv::{BatchError, decode_batch_error};
+    if !arch::mmu::is_pv() {
+        console::println("crash=pv-bad-queue needs pv mode");
+        arch::exit(guest_abi::ports::EXIT_FAILURE);
+    }
+    let root = arch::mmu::read_cr3();
+    let mapped = run as *const () as u64;
+    let calls: [(&str, u32, u64, u64); 4] = [
+        ("LOAD_CR3", hc::LOAD_CR3, root, 0),
+        ("SHADOW_FAULT", hc::SHADOW_FAULT, mapped, 0),
+        ("FLUSH_TLB", hc::FLUSH_TLB, 0, 0),
+        ("PV_FLUSH", hc::PV_FLUSH, guest_abi::pv::NO_GVA, 0),
+    ];
+    let mut reported = 0;
+    for (name, nr, a, b) in calls {
+        // Outside the zone (the boot area), 8-byte aligned.
+        arch::mmu::queue_raw(0x1000);
+        let r = hypercall::call(nr, a, b, 0, 0);
+        let ok = decode_batch_error(r) == Some((0, Some(BatchError::OutsideZone)));
+        kprintln!("pv-bad-queue: {} answered {:#x}{}", name, r, if ok { " (the batch error)" } else { "" });
+        reported += u32::from(ok);
+    }
+    kprintln!("pv-bad-queue: {} of 4 sync points reported the refused entry", reported);
+    arch::exit(if reported == 4 { guest_abi::ports::EXIT_SUCCESS } else { guest_abi::ports::EXIT_FAILURE })
+}
+
+/// Supervisor writes through clean read-only pages while the guest's own
+/// CR0.WP = 0, which the guest does not report (`FLUSH_TLB`): hardware sets
+/// D in the guest's entry, so the VMM must. Two 2 MiB identity-map pages
+/// of usable RAM (4 and 6 MiB, below anything the kernel uses this early)
+/// are made read-only and clean in the boot tables (trapped writes), read
+/// once (shadowed read-only), then written with WP clear: (a) WP set again
+/// before the next exit (`LOAD_CR3`), (b) WP still clear at the next exit
+/// (`NOW`). Succeeds only if both entries end with D.
+fn wp_off_silent() -> ! {
+    use guest_abi::DIRECT_MAP_BASE;
+    if !arch::mmu::is_shadow() {
+        console::println("crash=wp-off-silent needs shadow or pv mode");
+        arch::exit(guest_abi::ports::EXIT_FAILURE);
+    }
+    let addr = |e: u64| e & guest_abi::paging::ADDR_MASK;
+    let read = |gpa: u64| {
+        // SAFETY: boot tables, mapped by the direct map.
+        unsafe { ((DIRECT_MAP_BASE + gpa) as *const u64).read_volatile() }
+    };
+    let pdpt = addr(read(arch::mmu::read_cr3() & !0xfff));
+    let pd = addr(read(pdpt));
+    let pde_at = |i: u64| (DIRECT_MAP_BASE + pd + i * 8) as *mut u64;
+    let cr0: u64;
+    // SAFETY: reading CR0.
+    unsafe { core::arch::asm!("mov {}, cr0", out(reg) cr0) };
+    let wp = guest_abi::paging::CR0_WP;
+    for i in [2u64, 3] {
+        // SAFETY: a trapped write of the identity map's PDE for [i*2, i*2+2)
+        // MiB, usable RAM nothing uses yet: present, accessed, read-only,
+        // clean. Then one read, which shadows it read-only.
+        unsafe {
+            pde_at(i).write_volatile((i << 21) | PTE_P | PTE_A | PTE_PS);
+            arch::mmu::invlpg(i << 21);
+            let _ = ((i << 21) as *const u64).read_volatile();
+        }
+    }
+    // (a) WP cleared and set again between two exits.
+    // SAFETY: WP off for one store into the read-only page, then on again.
+    unsafe {
+        core::arch::asm!("mov cr0, {}", in(reg) cr0 & !wp);
+        ((2u64 << 21) as *mut u64).write_volatile(0x5a);
+        core::arch::asm!("mov cr0, {}", in(reg) cr0 | wp);
+        arch::mmu::load_cr3_through_vmm(arch::mmu::read_cr3());
+    }
+    // SAFETY: reading the PDE through the direct map.
+    let a = unsafe { pde_at(2).read_volatile() };
+    // (b) WP still clear at the next exit.
+    // SAFETY: as above; the VMM finds WP clear at the NOW exit.
+    unsafe {
+        core::arch::asm!("mov cr0, {}", in(reg) cr0 & !wp);
+        ((3u64 << 21) as *mut u64).write_volatile(0xa5);
+    }
+    let _ = hypercall::call(hc::NOW, 0, 0, 0, 0);
+    // SAFETY: reading the PDE; then WP back on (and reported).
+    let b = unsafe { pde_at(3).read_volatile() };
+    // SAFETY: restores the kernel's CR0.
+    unsafe { core::arch::asm!("mov cr0, {}", in(reg) cr0 | wp) };
+    let _ = hypercall::call(hc::FLUSH_TLB, cr0 | wp, 0, 0, 0);
+    let dirty = |e: u64| e & PTE_D != 0;
+    kprintln!(
+        "wp-off-silent: (a) WP set again before the exit: D {}; (b) WP clear at the exit: D {}",
+        dirty(a) as u8,
+        dirty(b) as u8
+    );
+    arch::exit(if dirty(a) && dirty(b) { guest_abi::ports::EXIT_SUCCESS } else { guest_abi::ports::EXIT_FAILURE })
 }

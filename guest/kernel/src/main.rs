@@ -100,6 +100,8 @@ extern "C" fn kmain(boot_info_gpa: u64) -> ! {
         kprintln!("memory manager up in {} cycles", arch::rdtsc() - t0);
         ktest::run(filter);
     }
+    // A plain boot still runs on the VMM's shadow in shadow and pv mode.
+    arch::mmu::start_shadowing();
     console::println("boot ok");
     arch::exit(guest_abi::ports::EXIT_SUCCESS)
 }

@@ -28,13 +28,17 @@
 //!   pages) and the kernel image window (2 MiB pages), all with A (and
 //!   D) set so shadow mode can prefill them. CR3 loads and TLB flushes go
 //!   through [`KernelMmu`], the platform hook that knows ept from shadow.
+//! - Every user address space is made by [`new_address_space`], which
+//!   gives it the anonymous folio size of the `anon=` command-line word
+//!   (`4k` unless given; the same in every MMU mode).
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use guest_abi::{BootInfo, DIRECT_MAP_BASE, Gpa, MemRegionKind};
-use guest_mm::aspace::{AddressSpace, FrameRefs, MmCtx};
+use guest_mm::aspace::{AddressSpace, AspaceError, FrameRefs, MmCtx};
 use guest_mm::buddy::{BuddyAllocator, FrameMeta, ZonePref, meta_bytes, section_bytes};
+use guest_mm::folio::FolioSize;
 use guest_mm::paging::{MmuPlatform, Page, PageSize, PageTable, PhysFrame, PteFlags, Size1GiB, Size2MiB};
 use guest_mm::phys::{DirectMap, FrameRange, Pfn};
 use guest_mm::slab::Kmalloc;
@@ -84,6 +88,22 @@ impl MmuPlatform for KernelMmu {
     }
 }
 
+/// The folio size of `anon=`, as an index into `FolioSize::ALL`.
+static ANON: AtomicU8 = AtomicU8::new(0);
+
+/// The anonymous folio size the command line asked for (`anon=`).
+pub fn anon_folio() -> FolioSize {
+    FolioSize::ALL.get(ANON.load(Ordering::Relaxed) as usize).copied().unwrap_or_default()
+}
+
+/// A new user address space sharing the kernel half of `kpt`, with the
+/// folio size of `anon=`.
+pub fn new_address_space(cx: &mut Ctx<'_>, kpt: &PageTable) -> Result<AddressSpace, AspaceError> {
+    let mut a = AddressSpace::new(cx, kpt)?;
+    a.set_anon_folio(anon_folio());
+    Ok(a)
+}
+
 /// The context the paging and address-space code needs.
 pub type Ctx<'a> = MmCtx<'a, DirectMap, &'a mut BuddyAllocator<'static, DirectMap>, KernelMmu>;
 
@@ -130,6 +150,11 @@ pub fn init(info: &BootInfo) {
     if is_ready() {
         return;
     }
+    // The command line was checked before (cmdline::check): a value here
+    // is one of FolioSize::NAMES.
+    if let Some(size) = crate::cmdline::value(crate::boot::cmdline(), "anon").and_then(FolioSize::parse) {
+        ANON.store(size as u8, Ordering::Relaxed);
+    }
     let limit = info.boot_mapped.min(info.ram_size);
     let frames = info.ram_size / guest_mm::PAGE_SIZE;
     let meta_len = meta_bytes(frames).next_multiple_of(8);
@@ -170,7 +195,7 @@ pub fn init(info: &BootInfo) {
     // reference aliases.
     let mem = unsafe { DirectMap::new(DIRECT_MAP_BASE) };
     // pv mode: every write into the page-table zone is queued for the VMM.
-    let mem = if crate::arch::mmu::is_pv() { mem.watching(pgtables, &crate::arch::mmu::PV_WRITES) } else { mem };
+    let mem = if crate::arch::mmu::pv_requested() { mem.watching(pgtables, &crate::arch::mmu::PV_WRITES) } else { mem };
     let mut buddy = match BuddyAllocator::new_deferred(mem, meta, sections, Pfn(0), pgtables) {
         Ok(b) => b,
         Err(e) => fatal(e.as_str()),
@@ -247,7 +272,18 @@ fn map_kernel<S: PageSize>(
     pages: u64,
     flags: PteFlags,
 ) {
-    let mem = *buddy.mem();
+    // Before the first CR3 load nothing is shadowed (see `arch::mmu`): pv
+    // mode has nothing to report, so the writes skip its recorder (a check
+    // and a call per entry: 4,096 entries for 8 GiB of RAM, all emulated).
+    let mem = if crate::arch::mmu::is_shadow() {
+        *buddy.mem()
+    } else {
+        // SAFETY: the buddy's own direct map without the recorder: the
+        // frames it was given so far lie below the boot map's limit, which
+        // the boot tables map read-write at DIRECT_MAP_BASE, and the
+        // page-table pages it hands out are referenced by nothing else.
+        unsafe { DirectMap::new(DIRECT_MAP_BASE) }
+    };
     let page = Page::<S>::from_start_address(guest_abi::Gva(va)).unwrap_or_else(|_| fatal("bad kernel page"));
     let frame = PhysFrame::<S>::from_start_address(Gpa(pa)).unwrap_or_else(|_| fatal("bad kernel frame"));
     if let Err(e) = pt.map_range(&mem, buddy, page, frame, pages, flags) {

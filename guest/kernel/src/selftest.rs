@@ -29,6 +29,7 @@ pub fn calibrate(iterations: u64) {
 
 /// Check `EXPLAIN` on two addresses whose GPAs the layout fixes.
 pub fn explain(boot_info_gpa: u64) {
+    crate::arch::mmu::start_shadowing();
     let kernel_va = calibrate as fn(u64) as usize as u64;
     let cases = [
         ("kernel image", kernel_va, kernel_va - KERNEL_VMA),

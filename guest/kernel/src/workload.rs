@@ -9,7 +9,7 @@
 //! | `fork` | fork a 16-page address space copy-on-write, write every page in the child, destroy it |
 //! | `ctxsw` | switch to the next of `spaces=N` address spaces (default 4; a CR3 load) and touch its page |
 //! | `mmap` | map a 4-page area, touch it, unmap it |
-//! | `tlb` | a read at a pseudo-random page of a 64-page working set with stable tables |
+//! | `tlb` | a read at a pseudo-random page of a working set of `tlbset=N` pages (default 64; 16384 = 64 MiB misses the TLB) with stable tables |
 //! | `alloc` | a kmalloc 64-byte alloc+free and an order-0 page alloc+free (no MMU change) |
 //! | `aging` | one page-aging pass over a 512-page working set (clear A where set, move idle pages to the inactive list), then a write to each page of its hot half |
 
@@ -80,7 +80,9 @@ fn measure(name: &str, n: u64, mut op: impl FnMut(u64)) -> u64 {
 }
 
 fn fault(n: u64) -> Result<(), &'static str> {
-    enter_user(n)?;
+    // The area is whole 2 MiB pages (its start is aligned), so that every
+    // `anon=` size maps whole folios, as a large malloc'd buffer would.
+    enter_user(n.next_multiple_of(512))?;
     let cycles = measure("fault", n, |i| {
         // SAFETY: inside the VMA; the first touch demand-faults.
         unsafe { page(i).write_volatile(i) }
@@ -145,7 +147,7 @@ fn ctxsw(n: u64) -> Result<(), &'static str> {
     let setup = mm::with(|m| {
         m.ctx(|cx, kpt, _| {
             for s in spaces.iter_mut() {
-                let mut a = AddressSpace::new(cx, kpt).ok()?;
+                let mut a = mm::new_address_space(cx, kpt).ok()?;
                 a.add_vma(Gva(USER_BASE), Gva(USER_BASE + 4096), Prot::READ | Prot::WRITE).ok()?;
                 *s = Some(a);
             }
@@ -233,9 +235,11 @@ fn mmap(n: u64) -> Result<(), &'static str> {
 }
 
 fn tlb(n: u64) -> Result<(), &'static str> {
-    const PAGES: u64 = 64;
-    enter_user(PAGES)?;
-    for i in 0..PAGES {
+    let pages =
+        crate::cmdline::value(crate::boot::cmdline(), "tlbset").and_then(crate::cmdline::parse_u64).unwrap_or(64);
+    // Whole 2 MiB pages, as for `fault`: every `anon=` size fits.
+    enter_user(pages.next_multiple_of(512))?;
+    for i in 0..pages {
         // SAFETY: inside the VMA.
         unsafe { page(i).write_volatile(i * 3) };
     }
@@ -246,7 +250,7 @@ fn tlb(n: u64) -> Result<(), &'static str> {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        let p = x % PAGES;
+        let p = x % pages;
         // SAFETY: mapped above; the tables do not change.
         sum = sum.wrapping_add(unsafe { page(p).read_volatile() });
         want = want.wrapping_add(p * 3);

@@ -46,8 +46,15 @@
 //! - Each list is a FIFO ring of page addresses with a fixed capacity `N`
 //!   (no allocation); a page is on at most one list, at most once (the
 //!   caller adds a page once, when the fault handler maps it).
+//! - An entry names the first address of an anonymous leaf: a 4 KiB page
+//!   (each page of a 16 or 64 KiB folio is its own PTE, aged alone), or a
+//!   2 MiB THP, aged and reclaimed whole by its PMD's `A` and `D` bits
+//!   (all 512 frames of a clean THP are zero, [`crate::aspace`]).
 //! - Entries may go stale (the page was unmapped by other means); a scan
-//!   drops an entry whose page is no longer an anonymous 4 KiB leaf.
+//!   drops an entry whose page no longer starts an anonymous leaf. A THP
+//!   split since it was added leaves its entry naming the first 4 KiB
+//!   page, which is then aged alone (the other 511 are not on the lists:
+//!   never reclaimed, which is safe).
 
 use guest_abi::Gva;
 use guest_abi::pv::HARVEST_PAGES;
@@ -163,8 +170,9 @@ impl<const N: usize> Lru<N> {
         }
     }
 
-    /// Track a newly mapped page (it starts inactive, as Linux puts new
-    /// anonymous pages since 5.9). `false` if the inactive list is full.
+    /// Track a newly mapped page — a 4 KiB page, or the start of a 2 MiB
+    /// THP (it starts inactive, as Linux puts new anonymous pages since
+    /// 5.9). `false` if the inactive list is full.
     pub fn add(&mut self, page: Gva) -> bool {
         self.inactive.push_back(page.align_down(crate::PAGE_SIZE))
     }
@@ -299,8 +307,13 @@ impl<const N: usize> Lru<N> {
                 self.inactive.push_back(page);
                 continue;
             }
-            debug_assert!(cx.mem.frame_is_zero(Pfn::containing(leaf.entry.addr())), "clean anonymous page not zero");
+            debug_assert!(
+                (0..crate::aspace::leaf_frames(&leaf))
+                    .all(|i| cx.mem.frame_is_zero(Pfn::containing(leaf.entry.addr()).add(i))),
+                "clean anonymous page not zero"
+            );
             let Ok((_, flush)) = aspace.page_table_mut().unmap_leaf(cx.mem, &mut cx.frames, page) else { continue };
+            aspace.rss -= crate::aspace::leaf_frames(&leaf);
             batch.add(flush);
             if npending == pending.len() {
                 // Flush before freeing: no stale translation may reach a
@@ -331,10 +344,11 @@ impl<const N: usize> Lru<N> {
     }
 }
 
-/// The anonymous 4 KiB leaf mapping `page`, if it still is one.
+/// The anonymous 4 KiB or 2 MiB leaf that starts at `page`, if it still
+/// is one.
 fn anon_leaf<M: PhysMem, A, P>(aspace: &AddressSpace, cx: &MmCtx<'_, M, A, P>, page: Gva) -> Option<Leaf> {
     let leaf = aspace.page_table().leaf(cx.mem, page)?;
-    (leaf.size == PageSizeKind::Size4KiB && leaf.flags().contains(PteFlags::ANON)).then_some(leaf)
+    (leaf.va == page && leaf.size != PageSizeKind::Size1GiB && leaf.flags().contains(PteFlags::ANON)).then_some(leaf)
 }
 
 /// Whether the leaf was accessed since the last look; clears `A`, with

@@ -11,23 +11,43 @@
 //!   upper PDPTs if kernel mappings are added later). An address space
 //!   never maps, unmaps or frees anything in the upper half; `destroy`
 //!   zeroes those entries before freeing its own tables.
-//! - Every user leaf marked [`PteFlags::ANON`] is a 4 KiB page whose
-//!   frame came from the [`FrameSource`] and whose [`FrameRefs`] count is
-//!   the number of user leaves (in all address spaces) that map it. The
-//!   frame goes back to the source when the count drops to zero. Leaves
-//!   without `ANON` (device memory, say) are not counted and never freed.
+//! - Every user leaf marked [`PteFlags::ANON`] — a 4 KiB page, or a
+//!   2 MiB THP ([`crate::folio`]) — maps frames that came from the
+//!   [`FrameSource`], and the [`FrameRefs`] count of each 4 KiB frame is
+//!   the number of user leaves (in all address spaces) that cover it. A
+//!   frame goes back to the source, alone, when its count drops to zero,
+//!   so a partially unmapped folio frees exactly the pages unmapped.
+//!   Leaves without `ANON` (device memory, say) are not counted and never
+//!   freed.
+//! - No VMA boundary lies strictly inside a 2 MiB leaf: a THP is mapped
+//!   only where its VMA covers the aligned 2 MiB, and [`AddressSpace::munmap`],
+//!   [`AddressSpace::mprotect`] and [`AddressSpace::unmap_range`] split a
+//!   2 MiB leaf into 512 PTEs (Linux's `split_huge_pmd`) before they
+//!   change part of it. Splitting changes no translation and no count.
 //! - Copy-on-write (after [`AddressSpace::fork`]): an `ANON` leaf that was
 //!   writable becomes read-only with [`PteFlags::COW`] in both address
 //!   spaces, and its frame's count goes up by one. A write fault on it
 //!   copies the frame, or, if the count is one, just makes it writable
 //!   again (the fault handler, [`crate::fault`]). `D` is copied with the
-//!   entry, so a clean leaf's frame is all zeroes (it has never been
-//!   written: see [`crate::aging`], which relies on this).
+//!   entry (and by a split into every PTE), so a clean leaf's frames are
+//!   all zeroes (never written: see [`crate::aging`], which relies on
+//!   this).
+//! - `mprotect` never makes a leaf writable: a leaf of a range made
+//!   writable stays read-only until its first write, which the fault
+//!   handler resolves as copy-on-write (reuse when unshared), so a frame
+//!   shared after a fork never becomes writable in place. (Execute rights
+//!   follow the new protection at once: no sharing rule is involved.)
+//! - [`AddressSpace::rss`] is the number of 4 KiB pages the address
+//!   space's `ANON` leaves map (Linux's `MM_ANONPAGES`: a 2 MiB leaf counts
+//!   512, a 64 KiB folio 16), kept by every operation here, the fault
+//!   handler and reclaim; a change made through
+//!   [`AddressSpace::page_table_mut`] is the caller's to account.
 //! - The per-frame counts live in a caller-supplied array indexed by pfn
 //!   (no allocation), like Linux's `page->_refcount` in `struct page`.
 
 use guest_abi::Gva;
 
+use crate::folio::FolioSize;
 use crate::paging::{
     ENTRIES, FrameSource, Leaf, MapError, MapperFlushAll, MmuPlatform, PageSizeKind, PageTable, PageTableEntry,
     PteFlags, UPPER_HALF_FIRST,
@@ -106,6 +126,20 @@ impl<'a> FrameRefs<'a> {
         Ok(*c)
     }
 
+    /// Add one reference to each of the `n` frames from `pfn`: all or
+    /// nothing (on an error the counts already raised are lowered again).
+    pub fn inc_range(&mut self, pfn: Pfn, n: u64) -> Result<(), RefError> {
+        for i in 0..n {
+            if let Err(e) = self.inc(pfn.add(i)) {
+                for j in 0..i {
+                    let _ = self.dec(pfn.add(j));
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// Whether every count is zero (for tests and teardown checks).
     pub fn all_zero(&self) -> bool {
         self.counts.iter().all(|&c| c == 0)
@@ -127,18 +161,25 @@ pub struct MmCtx<'a, M, A, P> {
 }
 
 impl<M: PhysMem, A: FrameSource, P: MmuPlatform> MmCtx<'_, M, A, P> {
-    /// Drop the reference a user leaf held on its frame, freeing an
-    /// anonymous frame with its last reference.
+    /// Drop the reference a user leaf held on each frame it covers,
+    /// freeing every anonymous frame with its last reference.
     pub(crate) fn release(&mut self, leaf: &Leaf) {
         if !leaf.flags().contains(PteFlags::ANON) {
             return;
         }
-        debug_assert!(leaf.size == PageSizeKind::Size4KiB, "anonymous pages are 4 KiB");
+        debug_assert!(leaf.size != PageSizeKind::Size1GiB, "anonymous pages are 4 KiB or 2 MiB");
         let pfn = Pfn::containing(leaf.entry.addr());
-        if let Ok(0) = self.refs.dec(pfn) {
-            self.frames.free_frame(pfn);
+        for i in 0..leaf_frames(leaf) {
+            if let Ok(0) = self.refs.dec(pfn.add(i)) {
+                self.frames.free_frame(pfn.add(i));
+            }
         }
     }
+}
+
+/// How many 4 KiB frames `leaf` covers.
+pub(crate) fn leaf_frames(leaf: &Leaf) -> u64 {
+    leaf.size.bytes() / crate::PAGE_SIZE
 }
 
 /// Why an address space could not be built. Nothing was leaked.
@@ -176,6 +217,9 @@ pub struct ForkError {
 pub struct AddressSpace {
     pt: PageTable,
     vmas: VmaList,
+    anon: FolioSize,
+    /// 4 KiB pages mapped by `ANON` leaves (module doc).
+    pub(crate) rss: u64,
 }
 
 impl AddressSpace {
@@ -192,7 +236,7 @@ impl AddressSpace {
                 cx.mem.write_u64(guest_abi::Gpa(pt.root().addr().0 + off), e);
             }
         }
-        Ok(Self { pt: PageTable::from_root(pt.root(), true), vmas: VmaList::new() })
+        Ok(Self { pt: PageTable::from_root(pt.root(), true), vmas: VmaList::new(), anon: FolioSize::K4, rss: 0 })
     }
 
     /// The page tables.
@@ -216,6 +260,23 @@ impl AddressSpace {
         &self.vmas
     }
 
+    /// Resident anonymous memory, in 4 KiB pages (module documentation).
+    pub fn rss(&self) -> u64 {
+        self.rss
+    }
+
+    /// The size of the folios demand faults map ([`crate::folio`]); a
+    /// fork's child inherits it. 4 KiB for a new address space.
+    pub fn anon_folio(&self) -> FolioSize {
+        self.anon
+    }
+
+    /// Set the size of the folios later demand faults map (pages already
+    /// mapped stay as they are).
+    pub fn set_anon_folio(&mut self, size: FolioSize) {
+        self.anon = size;
+    }
+
     /// Make this the current address space (CR3 load through the platform,
     /// which in shadow mode is the `LOAD_CR3` hypercall).
     pub fn switch_to(&self, mmu: &impl MmuPlatform) {
@@ -236,29 +297,173 @@ impl AddressSpace {
         start: Gva,
     ) -> Option<(Vma, MapperFlushAll)> {
         let vma = self.vmas.remove(start)?;
-        let flush = self.unmap_range(cx, vma.start, vma.end);
-        Some((vma, flush))
+        // No VMA boundary lies inside a 2 MiB leaf (module doc): nothing
+        // to split, so this cannot fail.
+        cx.mmu.enter_lazy();
+        self.unmap_leaves(cx, vma.start, vma.end);
+        cx.mmu.leave_lazy();
+        Some((vma, MapperFlushAll::new()))
     }
 
-    /// Unmap every user page starting in `[start, end)`, dropping frames.
+    /// Unmap every user page in `[start, end)`, dropping frames; the VMAs
+    /// stay (the next touch demand-faults again, as after Linux's
+    /// `MADV_DONTNEED`). A 2 MiB leaf that straddles either end is split
+    /// first, so only the pages inside go. Fails only when such a split
+    /// finds no page-table page: then nothing was unmapped.
     pub fn unmap_range<M: PhysMem, A: FrameSource, P: MmuPlatform>(
         &mut self,
         cx: &mut MmCtx<'_, M, A, P>,
         start: Gva,
         end: Gva,
-    ) -> MapperFlushAll {
+    ) -> Result<MapperFlushAll, VmaError> {
         let end = if end > USER_END { USER_END } else { end };
-        let mut at = start;
         cx.mmu.enter_lazy();
+        let r = self.split_at(cx, start).and_then(|()| self.split_at(cx, end));
+        if r.is_ok() {
+            self.unmap_leaves(cx, start, end);
+        }
+        cx.mmu.leave_lazy();
+        r.map(|()| MapperFlushAll::new())
+    }
+
+    /// Unmap and release every leaf that starts in `[start, end)`.
+    fn unmap_leaves<M: PhysMem, A: FrameSource, P: MmuPlatform>(
+        &mut self,
+        cx: &mut MmCtx<'_, M, A, P>,
+        start: Gva,
+        end: Gva,
+    ) {
+        let mut at = start;
         while let Some(leaf) = self.pt.next_leaf(cx.mem, at, end) {
             if let Ok((_, flush)) = self.pt.unmap_leaf(cx.mem, &mut cx.frames, leaf.va) {
                 flush.ignore();
             }
+            if leaf.flags().contains(PteFlags::ANON) {
+                self.rss -= leaf_frames(&leaf);
+            }
             cx.release(&leaf);
             at = Gva(leaf.va.0 + leaf.size.bytes());
         }
+    }
+
+    /// Split the 2 MiB leaf that maps `at`, if `at` lies strictly inside
+    /// one (an edge of a range about to change). The flush is done at once
+    /// (deferred to the end of an open lazy-MMU bracket).
+    fn split_at<M: PhysMem, A: FrameSource, P: MmuPlatform>(
+        &mut self,
+        cx: &mut MmCtx<'_, M, A, P>,
+        at: Gva,
+    ) -> Result<(), VmaError> {
+        if at.is_aligned(crate::LARGE_PAGE_SIZE) || at >= USER_END {
+            return Ok(());
+        }
+        match self.pt.split_large_leaf(cx.mem, &mut cx.frames, at) {
+            Ok(Some(flush)) => {
+                flush.flush(cx.mmu);
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(_) => Err(VmaError::NoMemory),
+        }
+    }
+
+    /// The VMA that holds all of `[start, end)` (page-aligned, non-empty).
+    fn vma_holding(&self, start: Gva, end: Gva) -> Result<Vma, VmaError> {
+        if start >= end {
+            return Err(VmaError::Empty);
+        }
+        if !start.is_aligned(crate::PAGE_SIZE) || !end.is_aligned(crate::PAGE_SIZE) {
+            return Err(VmaError::Unaligned);
+        }
+        match self.vmas.find(start) {
+            Some(v) if end <= v.end => Ok(v),
+            _ => Err(VmaError::NotMapped),
+        }
+    }
+
+    /// Replace `vma` by its parts outside `[start, end)` and, if `middle`
+    /// is given, the part inside with those rights. Checks the room first:
+    /// on an error nothing changed.
+    fn carve_vma(&mut self, vma: Vma, start: Gva, end: Gva, middle: Option<Prot>) -> Result<(), VmaError> {
+        let parts = [
+            (vma.start < start).then_some(Vma { start: vma.start, end: start, prot: vma.prot }),
+            middle.map(|prot| Vma { start, end, prot }),
+            (end < vma.end).then_some(Vma { start: end, end: vma.end, prot: vma.prot }),
+        ];
+        let n = parts.iter().flatten().count();
+        if self.vmas.as_slice().len() - 1 + n > crate::vma::MAX_VMAS {
+            return Err(VmaError::Full);
+        }
+        self.vmas.remove(vma.start);
+        for p in parts.into_iter().flatten() {
+            let inserted = self.vmas.insert(p);
+            debug_assert!(inserted.is_ok(), "a part of a removed area fits where it was");
+        }
+        Ok(())
+    }
+
+    /// `munmap(start, end)`: remove `[start, end)`, which must lie in one
+    /// VMA, from the VMAs (splitting it) and unmap its pages, dropping
+    /// frames; a 2 MiB leaf across either end is split first. On an error
+    /// nothing changed.
+    pub fn munmap<M: PhysMem, A: FrameSource, P: MmuPlatform>(
+        &mut self,
+        cx: &mut MmCtx<'_, M, A, P>,
+        start: Gva,
+        end: Gva,
+    ) -> Result<MapperFlushAll, VmaError> {
+        let vma = self.vma_holding(start, end)?;
+        let parts = usize::from(vma.start < start) + usize::from(end < vma.end);
+        if self.vmas.as_slice().len() - 1 + parts > crate::vma::MAX_VMAS {
+            return Err(VmaError::Full);
+        }
+        let flush = self.unmap_range(cx, start, end)?;
+        self.carve_vma(vma, start, end, None)?;
+        Ok(flush)
+    }
+
+    /// `mprotect(start, end, prot)`: give `[start, end)`, which must lie
+    /// in one VMA, the rights `prot` (splitting the VMA), and its mapped
+    /// pages execute rights as `prot` says and no write right `prot` lacks
+    /// (reading is never refused to a mapped page). Write is never added
+    /// to a leaf (module documentation): the first write faults and is
+    /// resolved as copy-on-write. A 2 MiB leaf across either end is split
+    /// first. On an error nothing changed.
+    pub fn mprotect<M: PhysMem, A: FrameSource, P: MmuPlatform>(
+        &mut self,
+        cx: &mut MmCtx<'_, M, A, P>,
+        start: Gva,
+        end: Gva,
+        prot: Prot,
+    ) -> Result<MapperFlushAll, VmaError> {
+        let vma = self.vma_holding(start, end)?;
+        let parts = 1 + usize::from(vma.start < start) + usize::from(end < vma.end);
+        if self.vmas.as_slice().len() - 1 + parts > crate::vma::MAX_VMAS {
+            return Err(VmaError::Full);
+        }
+        cx.mmu.enter_lazy();
+        let r = self.split_at(cx, start).and_then(|()| self.split_at(cx, end));
+        if r.is_ok() {
+            let mut at = start;
+            while let Some(leaf) = self.pt.next_leaf(cx.mem, at, end) {
+                at = Gva(leaf.va.0 + leaf.size.bytes());
+                let old = leaf.flags();
+                let mut new = old;
+                if !prot.contains(Prot::WRITE) {
+                    new.remove(PteFlags::WRITABLE | PteFlags::COW);
+                }
+                new.set(PteFlags::NO_EXECUTE, !prot.contains(Prot::EXEC));
+                if new != old
+                    && let Ok((_, flush)) = self.pt.update_leaf(cx.mem, leaf.va, |_| new)
+                {
+                    flush.ignore();
+                }
+            }
+        }
         cx.mmu.leave_lazy();
-        MapperFlushAll::new()
+        r?;
+        self.carve_vma(vma, start, end, Some(prot))?;
+        Ok(MapperFlushAll::new())
     }
 
     /// Destroy the address space: drop every user frame it maps, free every
@@ -271,7 +476,9 @@ impl AddressSpace {
     }
 
     fn destroy_tables<M: PhysMem, A: FrameSource, P: MmuPlatform>(mut self, cx: &mut MmCtx<'_, M, A, P>) {
-        self.unmap_range(cx, Gva(0), USER_END).ignore();
+        cx.mmu.enter_lazy();
+        self.unmap_leaves(cx, Gva(0), USER_END);
+        cx.mmu.leave_lazy();
         let root = self.pt.root();
         for idx in UPPER_HALF_FIRST..ENTRIES {
             let addr = guest_abi::Gpa(root.addr().0 + idx as u64 * 8);
@@ -305,13 +512,14 @@ impl AddressSpace {
         let mut child =
             AddressSpace::new(cx, &kernel).map_err(|error| ForkError { error, flush: MapperFlushAll::new() })?;
         child.vmas = self.vmas.clone();
+        child.anon = self.anon;
         let mut at = Gva(0);
         while let Some(leaf) = self.pt.next_leaf(cx.mem, at, USER_END) {
             at = Gva(leaf.va.0 + leaf.size.bytes());
             let mut flags = leaf.entry.flags();
             if flags.contains(PteFlags::ANON) {
                 let pfn = Pfn::containing(leaf.entry.addr());
-                if cx.refs.inc(pfn).is_err() {
+                if cx.refs.inc_range(pfn, leaf_frames(&leaf)).is_err() {
                     child.destroy(cx);
                     return Err(ForkError { error: AspaceError::TooManyReferences, flush: MapperFlushAll::new() });
                 }
@@ -324,12 +532,16 @@ impl AddressSpace {
             if let Err(e) = child.pt.install(cx.mem, &mut cx.frames, leaf.va.0, leaf.size.level(), entry) {
                 debug_assert!(e == MapError::OutOfTables, "fresh tables hold no conflicting mapping");
                 if flags.contains(PteFlags::ANON) {
-                    let _ = cx.refs.dec(Pfn::containing(leaf.entry.addr()));
+                    let pfn = Pfn::containing(leaf.entry.addr());
+                    for i in 0..leaf_frames(&leaf) {
+                        let _ = cx.refs.dec(pfn.add(i));
+                    }
                 }
                 child.destroy(cx);
                 return Err(ForkError { error: AspaceError::OutOfTables, flush: MapperFlushAll::new() });
             }
         }
+        child.rss = self.rss;
         Ok((child, MapperFlushAll::new()))
     }
 }

@@ -7,8 +7,9 @@
 //! Modules, bottom up: [`phys`] (memory access), [`buddy`] (frames, zones,
 //! page-table pages), [`slab`] (objects), [`paging`] (four-level tables,
 //! flush tokens, the MMU platform hook), [`vma`] (areas), [`aspace`]
-//! (address spaces, fork with copy-on-write), [`fault`] (demand paging,
-//! COW break, segfaults), [`aging`] (accessed-bit clock and reclaim).
+//! (address spaces, fork with copy-on-write, munmap, mprotect), [`folio`]
+//! (anonymous folio sizes), [`fault`] (demand paging in folios, COW break,
+//! segfaults), [`aging`] (accessed-bit clock and reclaim).
 //!
 //! Invariants of the crate as a whole:
 //! - `no_std`, allocation-free, no floating point, and no `core::fmt` on any
@@ -40,6 +41,7 @@ pub mod aging;
 pub mod aspace;
 pub mod buddy;
 pub mod fault;
+pub mod folio;
 pub mod paging;
 pub mod phys;
 pub mod slab;

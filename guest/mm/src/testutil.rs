@@ -108,6 +108,10 @@ pub struct TlbEntry {
     pub writable: bool,
     /// Whether the CPU has already set D for this entry.
     pub dirty: bool,
+    /// The page the translation came from (its leaf's first address and
+    /// size): an `invlpg` anywhere in it drops the entry, as the SDM says
+    /// of large pages (vol. 3A §4.10.4.1).
+    pub leaf: (u64, u64),
 }
 
 /// A platform whose TLB is modelled: translations are cached on first use
@@ -129,7 +133,8 @@ impl MmuPlatform for TlbMmu {
     }
     fn invlpg(&self, va: Gva) {
         self.invlpgs.set(self.invlpgs.get() + 1);
-        self.tlb.borrow_mut().remove(&(va.0 & !0xfff));
+        let va = va.0 & !0xfff;
+        self.tlb.borrow_mut().retain(|&page, t| page != va && !(t.leaf.0 <= va && va < t.leaf.0 + t.leaf.1));
     }
     fn flush_all(&self) {
         self.flushes.set(self.flushes.get() + 1);
@@ -199,6 +204,7 @@ where
                         frame,
                         writable: flags.contains(PteFlags::WRITABLE),
                         dirty: flags.contains(PteFlags::DIRTY),
+                        leaf: (l.va.0, l.size.bytes()),
                     };
                     cx.mmu.tlb.borrow_mut().insert(page, t);
                     continue;

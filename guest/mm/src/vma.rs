@@ -83,8 +83,12 @@ pub enum VmaError {
     NotUser,
     /// Overlaps an existing area.
     Overlap,
-    /// [`MAX_VMAS`] areas already.
+    /// [`MAX_VMAS`] areas already (or a split would need more).
     Full,
+    /// The range does not lie inside one area.
+    NotMapped,
+    /// No page-table page to split a 2 MiB page across the range's edge.
+    NoMemory,
 }
 
 impl VmaError {
@@ -96,6 +100,8 @@ impl VmaError {
             VmaError::NotUser => "area outside the user half",
             VmaError::Overlap => "area overlaps another",
             VmaError::Full => "too many areas",
+            VmaError::NotMapped => "range not inside one area",
+            VmaError::NoMemory => "no page-table page to split a huge page",
         }
     }
 }

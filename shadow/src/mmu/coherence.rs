@@ -116,6 +116,61 @@ impl ShadowMmu {
         self.deferred = pending;
     }
 
+    /// Before [`ShadowMmu::repair_pool_pages`] on the same dirty `pages`:
+    /// the guest's D bits that the hardware recorded in read-only shadow
+    /// leaves. Hardware sets D in a leaf only on a write it lets through,
+    /// and a read-only leaf lets a write through only while the vCPU's
+    /// CR0.WP = 0 — the guest cleared WP with its own `mov cr0` and did
+    /// not report it (`FLUSH_TLB`). Hardware would have set D in the
+    /// guest's entry: set it there (the entry still maps the leaf's frame),
+    /// put the leaf back as the VMM's copy has it, and make the host forget
+    /// (it may think the page dirty already). Returns the entries
+    /// updated. The pool is not trusted (module doc): a guest that sets D
+    /// bits there itself only gets D set in entries of its own tables that
+    /// it could have written anyway.
+    pub fn harvest_dirty_leaves(
+        &mut self,
+        pool: &mut impl GuestPhys,
+        guest: &mut impl GuestPhys,
+        pages: impl IntoIterator<Item = u64>,
+    ) -> u64 {
+        let mut harvested = 0;
+        for page in pages {
+            let Some((gfn, level)) =
+                self.pages.get(page as usize).and_then(|p| p.as_ref()).map(|p| (p.role.gfn, p.role.level))
+            else {
+                continue;
+            };
+            let base = self.page_gpa(page as u32);
+            for idx in 0..512u64 {
+                let want = self.entry(page as u32, idx);
+                let leaf = want & P != 0 && (level == 1 || want & PS != 0);
+                if !leaf || want & (RW | D) != 0 {
+                    continue;
+                }
+                let at = Gpa(base + idx * 8);
+                // A harvested leaf (A clear in the copy) may also carry the
+                // A bit the CPU set (`harvest.rs`): kept, it is not a write.
+                let raw = pool.read_u64(at);
+                let cpu_a = if want & A == 0 { raw & A } else { 0 };
+                if raw & !cpu_a != want | D {
+                    continue;
+                }
+                let gpa = Gpa((gfn << 12) + idx * 8);
+                let gpte = guest.read_u64(gpa);
+                let size = 1u64 << (12 + 9 * (u32::from(level) - 1));
+                if gpte & P != 0 && gpte & ADDR & !(size - 1) == want & ADDR && gpte & D == 0 {
+                    guest.write_u64(gpa, gpte | A | D);
+                    harvested += 1;
+                }
+                pool.write_u64(at, want | cpu_a);
+                self.stale = true;
+            }
+        }
+        self.stats.wp_off_dirty += harvested;
+        harvested
+    }
+
     /// The pool pages numbered `pages` (0 = the first page of the pool)
     /// may have been written by the guest (the host's dirty log says so):
     /// make each hold exactly the VMM's copy again (zeros for a page not in
@@ -127,13 +182,17 @@ impl ShadowMmu {
     pub fn repair_pool_pages(&mut self, pool: &mut impl GuestPhys, pages: impl IntoIterator<Item = u64>) -> u64 {
         let mut repaired = 0;
         for page in pages {
-            if page >= self.pages.len() as u64 {
+            // Outside the pool: not ours. A page never taken is repaired
+            // to zeros like a free one (the host may have cached what the
+            // guest wrote there, if the guest walked it), but costs nothing
+            // until the dirty log names it.
+            if page >= u64::from(self.capacity) {
                 continue;
             }
             self.work += 512;
             let base = self.page_gpa(page as u32);
             let mut differed = false;
-            let level = self.pages[page as usize].as_ref().map_or(1, |p| p.role.level);
+            let level = self.pages.get(page as usize).and_then(|p| p.as_ref()).map_or(1, |p| p.role.level);
             for idx in 0..512u64 {
                 let want = self.entry(page as u32, idx);
                 if !pool_agrees(want, pool.read_u64(Gpa(base + idx * 8)), level) {

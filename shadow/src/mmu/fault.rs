@@ -8,7 +8,10 @@
 //!   guest's own `#PF` with the walker's error code, and changes no shadow.
 //! - A successful walk installs the shadow path of exactly that translation
 //!   (invariants 1, 2), with the leaf from `spte.rs`; the answer is `Fixed`
-//!   only when the leaf was installed or was not needed.
+//!   only when the leaf was installed or was not needed. A 4 KiB leaf also
+//!   brings the used entries of its aligned block of `PTE_PREFETCH` beside
+//!   it (KVM's `pte_prefetch`), each as a hidden fault would make it: the
+//!   guest entries are only read.
 //! - The same fault fixed twice with nothing changed in between is
 //!   invariant 7's case, never an endless loop.
 //! - A pool exhaustion midway zaps everything and rebuilds the vCPU's root
@@ -117,6 +120,9 @@ impl ShadowMmu {
                 let Some(spte) = self.leaf_spte(guest, role, gpte) else { return Ok(true) };
                 let (spte, user_write) = self.wp_off_write_leaf(spte, access);
                 self.set_leaf(pool, page, idx, spte);
+                if role.level == 1 && !user_write {
+                    self.prefetch_neighbours(pool, guest, page, role, idx);
+                }
                 if user_write {
                     self.zap_user_leaves_except(pool, (page, idx));
                     self.user_write_leaves.push((page, idx, spte));
@@ -133,6 +139,36 @@ impl ShadowMmu {
             }
         }
         Ok(true)
+    }
+
+    /// After a hidden fault installed leaf `idx` of the level-1 `page`
+    /// (role `role`): shadow every other entry of its aligned block of
+    /// [`PTE_PREFETCH`] that the shadow does not map and whose guest entry
+    /// may be shadowed (present, A set, nothing reserved: invariant 2),
+    /// with the leaf a hidden fault would give it (KVM's
+    /// `FNAME(pte_prefetch)`). The pages of a large folio mapped into a
+    /// fresh page table then cost one hidden fault, not one each. Reads
+    /// the guest's entries only.
+    fn prefetch_neighbours(
+        &mut self,
+        pool: &mut impl GuestPhys,
+        guest: &mut impl GuestPhys,
+        page: u32,
+        role: Role,
+        idx: u64,
+    ) {
+        let first = idx & !(PTE_PREFETCH - 1);
+        for i in first..first + PTE_PREFETCH {
+            self.work += 1;
+            let gpa = Gpa((role.gfn << 12) + i * 8);
+            if i == idx || self.entry(page, i) & P != 0 || !guest.is_ram(gpa, 8) {
+                continue;
+            }
+            if let Some(spte) = self.leaf_spte(guest, role, guest.read_u64(gpa)) {
+                self.set_leaf(pool, page, i, spte);
+                self.stats.pte_prefetches += 1;
+            }
+        }
     }
 
     /// Make entry `idx` of `page` point at the shadow page for

@@ -293,6 +293,26 @@ mod tests {
         mmu.check_invariants(&pool, &g).unwrap();
     }
 
+    #[test]
+    fn a_write_through_a_harvested_read_only_leaf_keeps_its_d_and_its_a() {
+        let (mut mmu, mut pool) = setup(64);
+        let mut cpu = mmu.new_vcpu();
+        let mut g = guest_with(0x1000, P | RW | US, 1);
+        mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(0x1000)).unwrap();
+        assert_eq!(mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(va(0)), READ), Ok(FaultOutcome::Fixed));
+        assert_eq!(harvest(&mut mmu, &cpu, &mut pool, &g, 1), 1);
+        // A silent CR0.WP = 0 lets a write through the read-only leaf: the
+        // CPU sets A and D in it (`harvest_dirty_leaves`, coherence.rs).
+        let at = leaf_gpa(&mmu, &cpu, &pool, va(0));
+        pool.write_u64(Gpa(at), pool.read_u64(Gpa(at)) | A | D);
+        let page = (at - POOL) / PAGE;
+        assert_eq!(mmu.harvest_dirty_leaves(&mut pool, &mut g, [page]), 1);
+        assert!(g.get(0x22000) & D != 0, "the guest's entry gets the D the hardware recorded");
+        assert_eq!(mmu.repair_pool_pages(&mut pool, [page]), 0);
+        assert_eq!(harvest(&mut mmu, &cpu, &mut pool, &g, 1), 1, "and the page is still young");
+        mmu.check_invariants(&pool, &g).unwrap();
+    }
+
     /// One step of the property test.
     #[derive(Debug, Clone)]
     enum Step {

@@ -88,7 +88,7 @@ impl ShadowMmu {
     /// not in use). The pool is never read to decide anything: a guest
     /// can write it (see the module doc, "Trust model").
     pub(super) fn entry(&self, page: u32, idx: u64) -> u64 {
-        self.pages[page as usize].as_ref().map_or(0, |p| p.entries[idx as usize])
+        self.pages.get(page as usize).and_then(|p| p.as_ref()).map_or(0, |p| p.entries[idx as usize])
     }
 
     /// Set entry `idx` of `page` in the VMM's copy and in the pool.
@@ -106,7 +106,7 @@ impl ShadowMmu {
     }
 
     pub(super) fn in_pool_raw(&self, gpa: u64) -> bool {
-        gpa >= self.pool_base && gpa < self.pool_base + self.pages.len() as u64 * PAGE
+        gpa >= self.pool_base && gpa < self.pool_base + u64::from(self.capacity) * PAGE
     }
 }
 

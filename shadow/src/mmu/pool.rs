@@ -19,7 +19,7 @@ impl ShadowMmu {
     /// Free pool pages (quarantined ones included: they are reusable before
     /// the guest runs again).
     pub(super) fn free_pages(&self) -> usize {
-        self.free.len() + self.quarantine.len()
+        self.free.len() + self.quarantine.len() + (self.capacity as usize - self.pages.len())
     }
 
     pub(super) fn get_or_create(&mut self, pool: &mut impl GuestPhys, role: Role) -> Option<u32> {
@@ -30,6 +30,11 @@ impl ShadowMmu {
         // host is invalidated before then anyway (quarantine ⇒ stale).
         let p = match self.free.pop() {
             Some(p) => p,
+            // A page never taken (module invariants in `vm.rs`).
+            None if self.pages.len() < self.capacity as usize => {
+                self.pages.push(None);
+                (self.pages.len() - 1) as u32
+            }
             None => {
                 // The host may still cache translations through a
                 // quarantined page (a deferred change): it must forget them

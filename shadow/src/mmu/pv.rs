@@ -125,6 +125,61 @@ impl ShadowMmu {
         false
     }
 
+    /// `PV_FLUSH(va)`'s shadowing after the batch `entries` (the applied
+    /// ones) was applied: make `va` current ([`ShadowMmu::prefetch`]), then
+    /// shadow every leaf the batch wrote whose table had no shadow page
+    /// when the batch was applied but has one now — a fault that mapped a
+    /// large folio into a fresh page table wrote all its PTEs before the
+    /// prefetch of `va` derived a shadow page from that table, and without
+    /// this each other page of the folio would take a hidden fault (KVM's
+    /// `FNAME(pte_prefetch)` fills neighbours of a fault the same way).
+    /// Each leaf gets what a hidden fault would give it ([`shadowable`]
+    /// guest entries only, A set, writable only if dirty); an entry already
+    /// present was synced in place by the batch and is left alone. Returns
+    /// how many leaves were filled. Entries only say where to look (the
+    /// module doc's trust rule): one whose frame has no shadow page costs a
+    /// look-up.
+    pub fn prefetch_batch(
+        &mut self,
+        vcpu: &ShadowVcpu,
+        pool: &mut impl GuestPhys,
+        guest: &mut impl GuestPhys,
+        va: Option<Gva>,
+        entries: &[u64],
+    ) -> usize {
+        if let Some(va) = va {
+            self.prefetch(vcpu, pool, guest, va);
+        }
+        let mut filled = 0;
+        for &e in entries {
+            if e & ENTRY_PAGE != 0 || e & 7 != 0 {
+                continue;
+            }
+            let Some(derived) = self.rmap.get(&(e >> 12)) else { continue };
+            if !guest.is_ram(Gpa(e), 8) {
+                continue;
+            }
+            let idx = (e & 0xfff) / 8;
+            for page in derived.clone() {
+                self.work += 1;
+                let Some(role) = self.pages[page as usize].as_ref().map(|p| p.role) else { continue };
+                if self.entry(page, idx) & P != 0 {
+                    continue;
+                }
+                let gpte = guest.read_u64(Gpa(e));
+                if !maps_page(gpte, role.level) {
+                    continue;
+                }
+                if let Some(spte) = self.leaf_spte(guest, role, gpte) {
+                    self.set_leaf(pool, page, idx, spte);
+                    filled += 1;
+                }
+            }
+        }
+        self.stats.batch_fills += filled as u64;
+        filled
+    }
+
     /// Make the root of `guest_cr3` current if it is not (pv mode: the
     /// guest may have loaded a published shadow root itself since the
     /// last exit). Not counted as a CR3 load when it already is current.

@@ -254,6 +254,37 @@ fn prefetch_shadows_what_the_guest_just_mapped_without_touching_it() {
 }
 
 #[test]
+fn a_flush_after_a_folio_fault_shadows_every_pte_the_batch_wrote() {
+    let (mut mmu, mut pool) = setup(64);
+    let mut cpu = mmu.new_vcpu();
+    // No PT under the PD yet: the fault maps a 64 KiB folio into a fresh one.
+    let mut g = guest_with(0x1000, 0, 0);
+    g.write_u64(Gpa(0x21000 + 2 * 8), 0);
+    mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(0x1000)).unwrap();
+    let mut batch = vec![0x22000 | ENTRY_PAGE, 0x21000 + 2 * 8];
+    g.write_u64(Gpa(0x21000 + 2 * 8), 0x22000 | T);
+    for i in 0..16 {
+        g.write_u64(Gpa(0x22000 + i * 8), (0x10_0000 + i * PAGE) | P | RW | US | A | D);
+        batch.push(0x22000 + i * 8);
+    }
+    // A PTE the batch did not write (mapped earlier, say): left to a fault.
+    g.write_u64(Gpa(0x22000 + 16 * 8), 0x11_0000 | P | RW | US | A | D);
+    assert_eq!(mmu.apply_batch(&mut cpu, &mut pool, &mut g, &batch, ZONE).refused, None);
+    // Without the prefetch nothing was derived from the new table yet.
+    assert_eq!(mmu.prefetch_batch(&cpu, &mut pool, &mut g, None, &batch), 0);
+    assert_eq!(mmu.prefetch_batch(&cpu, &mut pool, &mut g, Some(Gva(va(5))), &batch), 15);
+    for i in 0..16 {
+        let leaf = mmu.shadow_leaf(&cpu, &pool, Gva(va(i))).map(|(e, _)| e & (ADDR | RW));
+        assert_eq!(leaf, Some((0x10_0000 + i * PAGE) | RW), "page {i} of the folio");
+    }
+    assert_eq!(mmu.shadow_leaf(&cpu, &pool, Gva(va(16))), None, "only what the batch wrote");
+    assert_eq!((mmu.stats().prefetches, mmu.stats().batch_fills), (1, 15));
+    // A second flush of the same entries finds them all present.
+    assert_eq!(mmu.prefetch_batch(&cpu, &mut pool, &mut g, Some(Gva(va(5))), &batch), 0);
+    mmu.check_invariants(&pool, &g).unwrap();
+}
+
+#[test]
 fn the_root_cache_grows_with_the_pool_and_a_miss_frees_only_the_evicted_root() {
     let (mmu, _) = setup(64);
     assert_eq!(mmu.root_cache_capacity(), ROOT_CACHE);

@@ -28,7 +28,11 @@ impl ShadowMmu {
             return None;
         }
         let access = child_access(role.access, gpte, &self.rules);
-        let mut spte = base | P | A | D;
+        // D only on writable leaves: a read-only leaf keeps D clear, so
+        // that a write the hardware lets through it (the guest's own
+        // CR0.WP = 0, not reported) leaves D set in the pool, where
+        // `harvest_dirty_leaves` finds it.
+        let mut spte = base | P | A;
         if role.level > 1 {
             spte |= PS;
         }
@@ -36,7 +40,7 @@ impl ShadowMmu {
             spte |= US;
         }
         if access & ACC_W != 0 && gpte & D != 0 {
-            spte |= RW;
+            spte |= RW | D;
         }
         if self.rules.nxe && access & ACC_X == 0 {
             spte |= XD;
@@ -63,9 +67,9 @@ impl ShadowMmu {
             return (spte, false);
         }
         if user_page && self.rules.smap {
-            return (spte | RW | XD, true);
+            return (spte | RW | D | XD, true);
         }
-        let mut leaf = (spte | RW) & !US;
+        let mut leaf = (spte | RW | D) & !US;
         if user_page && self.rules.smep {
             leaf |= XD;
         }
@@ -110,12 +114,18 @@ impl ShadowMmu {
 }
 
 /// Whether `new` grants less than `old` (another frame, or a permission
-/// bit removed): the host must forget `old`.
+/// bit removed): the host must forget `old`. US counts either way: under
+/// CR4.SMAP a user page forbids supervisor data accesses (implicit ones
+/// always, Intel SDM vol. 3 §4.6.1) and under CR4.SMEP supervisor fetches,
+/// so a supervisor leaf becoming a user leaf takes rights away too. (Found
+/// by the SMEP/SMAP access-matrix rows on the nested host whose KVM shadows
+/// page tables: an implicit supervisor read of a page whose leaf had just
+/// gained US went through on the host's stale supervisor translation.)
 pub(super) fn restricts(old: u64, new: u64) -> bool {
     if new & P == 0 || (old & ADDR) != (new & ADDR) {
         return true;
     }
-    (old & RW != 0 && new & RW == 0) || (old & US != 0 && new & US == 0) || (old & XD == 0 && new & XD != 0)
+    (old & RW != 0 && new & RW == 0) || (old & US) != (new & US) || (old & XD == 0 && new & XD != 0)
 }
 
 /// Whether guest entry `gpte` of a level-`level` table may be shadowed at

@@ -36,6 +36,10 @@ pub struct ShadowStats {
     /// Pool pages found written by the guest and rewritten from the VMM's
     /// copy ([`ShadowMmu::repair_pool_pages`](super::ShadowMmu::repair_pool_pages)).
     pub pool_repairs: u64,
+    /// Guest entries given the D bit the hardware set in a read-only shadow
+    /// leaf: a supervisor write under a CR0.WP = 0 the guest did not report
+    /// ([`ShadowMmu::harvest_dirty_leaves`](super::ShadowMmu::harvest_dirty_leaves)).
+    pub wp_off_dirty: u64,
     /// pv mode: write-queue batches applied ([`ShadowMmu::apply_batch`](super::ShadowMmu::apply_batch)).
     pub batches: u64,
     /// pv mode: queue entries applied (each also counts in `pte_writes`).
@@ -43,6 +47,14 @@ pub struct ShadowStats {
     /// pv mode: translations made current without a fault
     /// ([`ShadowMmu::prefetch`](super::ShadowMmu::prefetch)).
     pub prefetches: u64,
+    /// pv mode: leaves a batch wrote into a guest table that had no shadow
+    /// page when the batch was applied, shadowed once the sync's prefetch
+    /// made one ([`ShadowMmu::prefetch_batch`](super::ShadowMmu::prefetch_batch)):
+    /// the other pages of a large folio.
+    pub batch_fills: u64,
+    /// Leaves shadowed beside a hidden fault's, in its aligned block of
+    /// [`PTE_PREFETCH`](super::PTE_PREFETCH) (KVM's `pte_prefetch`).
+    pub pte_prefetches: u64,
     /// pv mode: accessed-bit harvests ([`ShadowMmu::harvest`](super::ShadowMmu::harvest)).
     pub harvests: u64,
     /// pv mode: pages the harvests named.
@@ -64,7 +76,8 @@ impl ShadowStats {
         counts_since!(self, earlier;
             counts: hidden_faults, guest_faults, pte_writes, pte_updates_in_place, cr3_loads, root_hits,
                 root_misses, zaps, page_zaps, pool_exhaustions, host_invalidations, flushes, pool_repairs,
-                batches, batch_entries, prefetches, harvests, harvest_pages;
+                wp_off_dirty, batches, batch_entries, prefetches, batch_fills, pte_prefetches, harvests,
+                harvest_pages;
             gauges: pages_in_use, pages_peak)
     }
 }

@@ -57,6 +57,31 @@ fn demand_fault_costs_one_hidden_fault_and_emulates_a_and_d() {
 }
 
 #[test]
+fn a_hidden_fault_shadows_the_used_ptes_of_its_aligned_block_beside_it() {
+    let (mut mmu, mut pool) = setup(64);
+    let mut cpu = mmu.new_vcpu();
+    // A 64 KiB folio (PTEs 16..32, A and D set) mapped before any shadow
+    // page existed, a never-used PTE in it, and a used one past the block.
+    let mut g = guest_with(0x1000, 0, 0);
+    for i in 16..33 {
+        g.write_u64(Gpa(0x22000 + i * 8), (0x10_0000 + i * PAGE) | P | RW | US | A | D);
+    }
+    g.write_u64(Gpa(0x22000 + 20 * 8), 0x10_0000 | P | RW | US);
+    mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(0x1000)).unwrap();
+    let before = g.clone();
+    assert_eq!(mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(va(17)), WRITE), Ok(FaultOutcome::Fixed));
+    assert_eq!(g, before, "A and D were set already: nothing written");
+    for i in (16..32).filter(|&i| i != 20) {
+        let leaf = mmu.shadow_leaf(&cpu, &pool, Gva(va(i))).map(|(e, _)| e & (ADDR | RW));
+        assert_eq!(leaf, Some((0x10_0000 + i * PAGE) | RW), "PTE {i}");
+    }
+    assert_eq!(mmu.shadow_leaf(&cpu, &pool, Gva(va(20))), None, "never used: no A, not shadowed");
+    assert_eq!(mmu.shadow_leaf(&cpu, &pool, Gva(va(32))), None, "outside the block");
+    assert_eq!((mmu.stats().hidden_faults, mmu.stats().pte_prefetches), (1, 14));
+    mmu.check_invariants(&pool, &g).unwrap();
+}
+
+#[test]
 fn a_true_guest_fault_is_passed_on_with_the_guest_error_code() {
     let (mut mmu, mut pool) = setup(64);
     let mut cpu = mmu.new_vcpu();
@@ -370,5 +395,51 @@ fn a_zap_of_everything_makes_the_vcpus_root_obsolete() {
     mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(0x1000)).unwrap();
     assert_eq!(mmu.guest_cr3(&cpu), Some(Gpa(0x1000)));
     assert_eq!(mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(va(0)), READ), Ok(FaultOutcome::Fixed));
+    mmu.check_invariants(&pool, &g).unwrap();
+}
+
+/// Issue 22, item 7: the per-pool-page bookkeeping costs what the pages in
+/// use cost, not what the pool's size does (a 64 GiB pool cost 1.4 GB of
+/// VMM memory before the guest ran an instruction).
+#[test]
+fn a_huge_pool_costs_only_the_pages_in_use() {
+    let pages = 1u32 << 22; // a 16 GiB pool
+    let mut mmu = ShadowMmu::new(Gpa(POOL), pages, PagingMode::default());
+    assert_eq!(mmu.free_pages(), pages as usize);
+    assert!(mmu.pages.capacity() < 64 && mmu.free.capacity() < 64, "bookkeeping allocated up front");
+    // Only the pages the guest's tables need are ever touched.
+    let mut pool = Mem::new(POOL, 64 * PAGE);
+    let mut cpu = mmu.new_vcpu();
+    let mut g = guest_with(0x1000, P | RW | A, 4);
+    mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(0x1000)).unwrap();
+    assert_eq!(mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(va(1)), READ), Ok(FaultOutcome::Fixed));
+    let in_use = mmu.stats().pages_in_use as usize;
+    assert!(in_use > 0 && mmu.pages.len() == in_use, "{in_use} in use, {} tracked", mmu.pages.len());
+    assert_eq!(mmu.free_pages() + in_use, pages as usize);
+    assert!(mmu.in_pool(Gpa(POOL + (u64::from(pages) - 1) * PAGE)), "the whole pool is still the pool");
+    // Freed pages are reused before untouched ones.
+    mmu.zap_all(&mut pool);
+    mmu.host_invalidated();
+    let root = mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(0x1000)).unwrap();
+    assert!(root.gpa().raw() < POOL + 64 * PAGE && mmu.pages.len() == in_use);
+    mmu.check_invariants(&pool, &g).unwrap();
+}
+
+/// Issue 22, item 5 (found by the SMEP/SMAP rows on the nested host whose
+/// KVM shadows page tables): a supervisor leaf that becomes a user leaf
+/// loses rights under SMAP and SMEP, so the host must forget the old one.
+#[test]
+fn a_leaf_gaining_the_user_bit_marks_the_host_stale() {
+    let (mut mmu, mut pool) = setup(64);
+    let mut cpu = mmu.new_vcpu();
+    let mut g = guest_with(0x1000, P | RW | A | D, 4);
+    mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(0x1000)).unwrap();
+    mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(va(2)), READ).unwrap();
+    assert_eq!(mmu.shadow_leaf(&cpu, &pool, Gva(va(2))).unwrap().0 & US, 0);
+    mmu.host_invalidated();
+    g.write_u64(Gpa(0x22000 + 2 * 8), (0x10_0000 + 2 * PAGE) | P | RW | US | A | D);
+    mmu.pte_written(&mut cpu, &mut pool, &mut g, Gpa(0x22000 + 2 * 8), 8);
+    assert!(mmu.shadow_leaf(&cpu, &pool, Gva(va(2))).unwrap().0 & US != 0, "updated in place");
+    assert!(mmu.host_stale(), "US set takes supervisor rights away under SMAP/SMEP");
     mmu.check_invariants(&pool, &g).unwrap();
 }

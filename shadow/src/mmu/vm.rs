@@ -11,7 +11,11 @@
 //!
 //! - `pages[i]` is `Some` exactly when pool page `i` is in use; a page in
 //!   use is in `by_role` under its role and in `rmap` under its guest frame;
-//!   a page not in use is in `free` or `quarantine`, never both.
+//!   a page below `pages.len()` not in use is in `free` or `quarantine`,
+//!   never both. Pages from `pages.len()` to `capacity` were never taken:
+//!   they are in no list and cost nothing (the bookkeeping grows with the
+//!   pages in use, not with the pool's size — issue 22, item 7), and are
+//!   taken, in order, only when `free` is empty.
 //! - `loaded` lists the root page of every vCPU whose current root is of
 //!   this `generation` (one entry per vCPU, so a root two vCPUs run on is
 //!   there twice). A zap of everything starts a new generation: every
@@ -34,8 +38,10 @@ pub struct ShadowMmu {
     pub(super) pool_base: u64,
     /// Pool page `i`'s shadow page, if in use.
     pub(super) pages: Vec<Option<ShadowPage>>,
-    /// Pool pages free to take.
+    /// Pool pages free to take (taken and freed before).
     pub(super) free: Vec<u32>,
+    /// The pool's size in pages; `pages.len()` of them were ever taken.
+    pub(super) capacity: u32,
     /// Freed pool pages the host may still cache (until invalidated).
     pub(super) quarantine: Vec<u32>,
     /// The shadow page of each role.
@@ -96,8 +102,9 @@ impl ShadowMmu {
     pub fn new(pool_base: Gpa, pages: u32, mode: PagingMode) -> ShadowMmu {
         ShadowMmu {
             pool_base: pool_base.raw(),
-            pages: (0..pages).map(|_| None).collect(),
-            free: (0..pages).rev().collect(),
+            pages: Vec::new(),
+            free: Vec::new(),
+            capacity: pages,
             quarantine: Vec::new(),
             by_role: HashMap::new(),
             rmap: HashMap::new(),

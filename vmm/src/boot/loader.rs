@@ -19,12 +19,72 @@
 //!   avoids the boot area and the page-table zone: the memory map gives the
 //!   guest one kernel region for that span, and it must not overlap
 //!   anything else (`bootinfo::memory_map`).
+//!
+//! Reading the file ([`read_kernel`]) trusts nothing about the path either:
+//! only a regular file is read (a device such as `/dev/zero` never ends, a
+//! FIFO may never deliver), it is opened without blocking so that a FIFO
+//! cannot stall the open itself, and its size is checked against
+//! [`kernel_file_limit`] before a byte is read; the read stops one byte past
+//! the limit in case the file grows meanwhile.
 
 use crate::boot::layout::{BOOT_AREA_END, BOOT_MAP_LIMIT, KERNEL_VMA, LARGE_PAGE_SIZE, MAX_MEMORY};
 use crate::error::{Error, Result};
 use linux_loader::loader::{KernelLoader, elf::Elf};
-use std::io::Cursor;
+use std::io::{Cursor, Read};
+use std::path::Path;
 use vm_memory::GuestMemoryMmap;
+
+/// The largest kernel file accepted for `ram` bytes of guest RAM: the RAM
+/// size, and never more than the first GiB, which is all the boot page
+/// tables map and so the most any loadable image can occupy. (A file is
+/// larger than its image only by headers, symbols and debug information.)
+pub fn kernel_file_limit(ram: u64) -> u64 {
+    ram.min(BOOT_MAP_LIMIT)
+}
+
+/// What a non-regular file is, for the error message.
+fn file_kind(ft: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Read the kernel file at `path` for a guest of `ram` bytes: a regular
+/// file of at most [`kernel_file_limit`] bytes, or a clear error before
+/// anything large is read.
+pub fn read_kernel(path: &Path, ram: u64) -> Result<Vec<u8>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let read_err = |source| Error::KernelRead { path: path.to_path_buf(), source };
+    // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a
+    // writer. It changes nothing for a regular file.
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.file_type().is_file() {
+        return Err(Error::KernelNotRegular { path: path.to_path_buf(), kind: file_kind(meta.file_type()) });
+    }
+    let limit = kernel_file_limit(ram);
+    let too_large = |size| Error::KernelTooLarge { path: path.to_path_buf(), size, limit };
+    if meta.len() > limit {
+        return Err(too_large(meta.len()));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(limit + 1).read_to_end(&mut bytes).map_err(read_err)?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
 
 const PT_LOAD: u32 = 1;
 const EM_X86_64: u16 = 62;
@@ -424,6 +484,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_kernel_file_limit_is_guest_ram_up_to_the_boot_map() {
+        assert_eq!(kernel_file_limit(64 * MIB), 64 * MIB);
+        assert_eq!(kernel_file_limit(8 << 30), BOOT_MAP_LIMIT);
+    }
+
+    #[test]
+    fn read_kernel_reads_a_regular_file_within_the_limit_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("vmm-loader-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = dir.join("k.elf");
+        std::fs::write(&ok, b"\x7fELF0123").unwrap();
+        assert_eq!(read_kernel(&ok, 32 * MIB).unwrap(), b"\x7fELF0123");
+        // One byte over the limit is refused from its size.
+        let big = dir.join("big.elf");
+        std::fs::File::create(&big).unwrap().set_len(32 * MIB + 1).unwrap();
+        let e = read_kernel(&big, 32 * MIB).unwrap_err();
+        assert!(
+            matches!(e, Error::KernelTooLarge { size, limit, .. } if size == 32 * MIB + 1 && limit == 32 * MIB),
+            "{e}"
+        );
+        std::fs::File::create(&big).unwrap().set_len(32 * MIB).unwrap();
+        assert_eq!(read_kernel(&big, 32 * MIB).unwrap().len() as u64, 32 * MIB);
+        let e = read_kernel(Path::new("/dev/zero"), 32 * MIB).unwrap_err();
+        assert!(matches!(e, Error::KernelNotRegular { kind: "a character device", .. }), "{e}");
+        let e = read_kernel(&dir, 32 * MIB).unwrap_err();
+        assert!(matches!(e, Error::KernelNotRegular { kind: "a directory", .. }), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

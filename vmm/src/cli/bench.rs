@@ -22,8 +22,12 @@ use vmm::vm::{Vm, VmConfig};
 pub const WORKLOADS: [(&str, u64); 7] =
     [("fault", 256), ("fork", 8), ("ctxsw", 256), ("mmap", 32), ("tlb", 2000), ("alloc", 500), ("aging", 8)];
 
-/// JSON schema version of the report.
+/// JSON schema version of the report (new keys may be added within one).
 pub const SCHEMA: u32 = 1;
+
+/// What a failed run's message says when the guest refused a `--cmdline`
+/// word (the caller's usage error, not the guest's failure).
+pub const REFUSED_WORD: &str = "the guest kernel refused the --cmdline word";
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -38,6 +42,10 @@ pub struct BenchPlan {
     pub memory: u64,
     /// Shadow pool.
     pub shadow_pool: u64,
+    /// Extra guest command-line words for every run (`--cmdline`).
+    pub cmdline: String,
+    /// Host memory behind guest RAM (`--backing`).
+    pub backing: ept::Backing,
     /// When the process started.
     pub process_start: Instant,
 }
@@ -69,9 +77,10 @@ pub struct ModeFigures {
     pub host_invalidations_per_op: f64,
     /// VMM time in shadow handlers per operation, ns.
     pub vmm_handler_ns_per_op: f64,
-    /// Memory references of one TLB miss on a 4 KiB guest page backed by
-    /// 4 KiB host pages, as modelled: a 2D walk (ept) or one walk of the
-    /// shadow tables (classic shadow paging).
+    /// Memory references of one TLB miss, as modelled (`ept::walk`): a 2D
+    /// walk (ept) or one walk of the shadow tables (shadow, pv), for the
+    /// run's guest page (2 MiB at `anon=2m`, else 4 KiB) over its host
+    /// backing's page (24 and 4 at 4 KiB over 4 KiB).
     pub walk_refs_per_tlb_miss: u32,
     /// Runs measured.
     pub runs: u32,
@@ -102,6 +111,15 @@ pub struct BenchReport {
     pub host: String,
     /// The host probe.
     pub probe: HostReport,
+    /// The extra guest command-line words of every run (`--cmdline`; empty
+    /// when none).
+    pub cmdline: String,
+    /// The anonymous folio size the guest ran with (`anon=`; `4k` unless
+    /// the command line said otherwise).
+    pub anon: String,
+    /// The host backing of guest RAM (`--backing`: `4k`, `thp`,
+    /// `hugetlb-2m`, `hugetlb-1g`).
+    pub backing: String,
     /// Per workload.
     pub workloads: Vec<WorkloadReport>,
 }
@@ -119,13 +137,20 @@ fn median(v: &mut [f64]) -> f64 {
 pub fn run_once(plan: &BenchPlan, workload: &str, size: u64, mmu: MmuMode) -> Result<BenchPhase, String> {
     let config = VmConfig {
         shadow_pool: plan.shadow_pool,
-        cmdline: format!("workload={workload} size={size}"),
+        backing: plan.backing,
+        cmdline: format!("{} workload={workload} size={size}", plan.cmdline).trim_start().to_string(),
         timeout: Duration::from_secs(600),
         process_start: plan.process_start,
         ..VmConfig::bundled(plan.memory, mmu)
     };
+    let cmdline = config.cmdline.clone();
     let mut vm = Vm::new(config, Box::new(std::io::sink())).map_err(|e| e.to_string())?;
     let outcome = vm.run();
+    if let Ok(exit) = &outcome.end
+        && let Some(word) = exit.refused_cmdline_word(&cmdline)
+    {
+        return Err(format!("{REFUSED_WORD} '{word}'"));
+    }
     match outcome.end {
         Ok(exit) if exit.success() => {}
         Ok(exit) => return Err(format!("the guest failed (status {})", exit.status)),
@@ -138,7 +163,18 @@ pub fn run_once(plan: &BenchPlan, workload: &str, size: u64, mmu: MmuMode) -> Re
     Ok(phase)
 }
 
-fn figures(mmu: MmuMode, phases: &[BenchPhase]) -> ModeFigures {
+/// The guest page size the `anon=` word of `cmdline` gives user memory
+/// (the first such word, as the guest reads it): 2 MiB for `2m`, else
+/// 4 KiB (16 and 64 KiB folios are mapped as 4 KiB PTEs).
+fn anon_of(cmdline: &str) -> &str {
+    cmdline.split_ascii_whitespace().find_map(|w| w.strip_prefix("anon=")).unwrap_or("4k")
+}
+
+fn guest_page(anon: &str) -> u64 {
+    if anon == "2m" { 2 << 20 } else { 4096 }
+}
+
+fn figures(mmu: MmuMode, phases: &[BenchPhase], guest_page: u64, host_page: u64) -> ModeFigures {
     let per = |f: &dyn Fn(&BenchPhase) -> f64| {
         let mut v: Vec<f64> = phases.iter().map(|p| f(p) / p.ops.max(1) as f64).collect();
         median(&mut v)
@@ -162,8 +198,8 @@ fn figures(mmu: MmuMode, phases: &[BenchPhase]) -> ModeFigures {
         host_invalidations_per_op: per(&sh(|s| s.host_invalidations)),
         vmm_handler_ns_per_op: per(&|p| p.shadow_handler_time.map_or(0.0, |d| d.as_nanos() as f64)),
         walk_refs_per_tlb_miss: match mmu {
-            MmuMode::Ept => ept::walk::walk_cost(4096, 4096).nested,
-            MmuMode::Shadow | MmuMode::Pv => ept::walk::walk_cost(4096, 4096).shadow,
+            MmuMode::Ept => ept::walk::walk_cost(guest_page, host_page).nested,
+            MmuMode::Shadow | MmuMode::Pv => ept::walk::walk_cost(guest_page, host_page).shadow,
         },
         runs: phases.len() as u32,
     }
@@ -183,7 +219,7 @@ pub fn run(plan: &BenchPlan, probe: HostReport, mut progress: impl FnMut(&str)) 
                 phases
                     .push(run_once(plan, name, *size, mmu).map_err(|e| format!("{name} in {} mode: {e}", mmu.name()))?);
             }
-            modes.push(figures(mmu, &phases));
+            modes.push(figures(mmu, &phases, guest_page(anon_of(&plan.cmdline)), plan.backing.alignment()));
         }
         let find = |m: &str| modes.iter().find(|f| f.mmu == m);
         let (time_ratio, cycles_ratio, extra_exits_per_op) = match (find("ept"), find("shadow")) {
@@ -196,7 +232,15 @@ pub fn run(plan: &BenchPlan, probe: HostReport, mut progress: impl FnMut(&str)) 
         };
         workloads.push(WorkloadReport { workload: name.clone(), modes, time_ratio, cycles_ratio, extra_exits_per_op });
     }
-    Ok(BenchReport { schema: SCHEMA, host: probe.summary(), probe, workloads })
+    Ok(BenchReport {
+        schema: SCHEMA,
+        host: probe.summary(),
+        probe,
+        cmdline: plan.cmdline.clone(),
+        anon: anon_of(&plan.cmdline).to_string(),
+        backing: plan.backing.to_string(),
+        workloads,
+    })
 }
 
 impl BenchReport {
@@ -207,6 +251,11 @@ impl BenchReport {
         if let Some(note) = self.emulation_note() {
             let _ = writeln!(s, "{note}");
         }
+        let _ = writeln!(
+            s,
+            "guest: anon={} (anonymous folio size), command line '{}'; host backing {}",
+            self.anon, self.cmdline, self.backing
+        );
         let _ = writeln!(
             s,
             "{:<7} {:<6} {:>6} {:>12} {:>12} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6}",
@@ -261,7 +310,7 @@ impl BenchReport {
         }
         let _ = writeln!(
             s,
-            "per op = per workload operation (median of runs); hidden/guestpf/pte-wr/cr3/hinv = shadow-MMU events (hinv: host invalidations, which depend on the host); walk = modelled memory references per TLB miss (4 KiB pages)"
+            "per op = per workload operation (median of runs); hidden/guestpf/pte-wr/cr3/hinv = shadow-MMU events (hinv: host invalidations, which depend on the host); walk = modelled memory references per TLB miss (guest page: 2 MiB at anon=2m, else 4 KiB; over the host backing's page)"
         );
         s
     }

@@ -41,9 +41,19 @@ fn check_outputs(paths: &[(&str, Option<&Path>)]) -> Result<(), i32> {
     Ok(())
 }
 
+/// Say so when `--shadow-pool` was given but no mode run has a pool.
+fn warn_unused_pool(mmu: MmuArg, shadow_pool: Option<u64>) {
+    if shadow_pool.is_some() && mmu.modes().iter().all(|m| *m == guest_abi::MmuMode::Ept) {
+        eprintln!("warning: --shadow-pool is ignored with --mmu ept (only shadow and pv mode have a shadow pool)");
+    }
+}
+
 /// `vmm run`.
 pub fn run(args: RunArgs, process_start: Instant) -> i32 {
     let mmu = args.mmu.mode();
+    if mmu == guest_abi::MmuMode::Ept && args.shadow_pool.is_some() {
+        eprintln!("warning: --shadow-pool is ignored with --mmu ept (only shadow and pv mode have a shadow pool)");
+    }
     if let Err(code) = check_outputs(&[("--stats-json", args.stats_json.as_deref())]) {
         return code;
     }
@@ -52,7 +62,7 @@ pub fn run(args: RunArgs, process_start: Instant) -> i32 {
         memory: args.memory,
         mmu,
         backing: args.backing,
-        shadow_pool: args.shadow_pool,
+        shadow_pool: args.shadow_pool.unwrap_or(vmm::mmu::DEFAULT_SHADOW_POOL),
         cmdline: args.cmdline.clone(),
         timeout: args.timeout,
         process_start,
@@ -134,6 +144,7 @@ pub fn test(args: TestArgs, process_start: Instant) -> i32 {
     if let Err(code) = check_outputs(&[("--json", args.json.as_deref())]) {
         return code;
     }
+    warn_unused_pool(args.mmu, args.shadow_pool);
     let mut stdout = std::io::stdout();
     let mut modes = Vec::new();
     for mmu in args.mmu.modes() {
@@ -142,7 +153,7 @@ pub fn test(args: TestArgs, process_start: Instant) -> i32 {
             memory: args.memory,
             mmu,
             backing: ept::Backing::Anon4k,
-            shadow_pool: args.shadow_pool,
+            shadow_pool: args.shadow_pool.unwrap_or(vmm::mmu::DEFAULT_SHADOW_POOL),
             cmdline: args.cmdline.clone(),
             timeout: args.timeout,
             process_start,
@@ -155,27 +166,15 @@ pub fn test(args: TestArgs, process_start: Instant) -> i32 {
             }
         }
     }
-    // With both modes, the same tests must give the same verdicts.
+    // With several modes, every mode must give the first one's verdicts
+    // and access-matrix records (ept first: the host's MMU is the
+    // reference). Before issue 22 only exactly two modes were compared.
     let mut disagreements = 0;
-    if let [a, b] = modes.as_slice() {
-        for t in &a.tests {
-            match b.tests.iter().find(|u| u.name == t.name) {
-                Some(u) if u.passed == t.passed => {}
-                Some(u) => {
-                    disagreements += 1;
-                    println!(
-                        "MODES DISAGREE on {}: {} {}, {} {}",
-                        t.name,
-                        a.mmu,
-                        verdict(t.passed),
-                        b.mmu,
-                        verdict(u.passed)
-                    );
-                }
-                None => {
-                    disagreements += 1;
-                    println!("MODES DISAGREE on {}: it did not run in {} mode", t.name, b.mmu);
-                }
+    if let Some((reference, others)) = modes.split_first() {
+        for other in others {
+            for line in super::guest_tests::disagreements(reference, other) {
+                disagreements += 1;
+                println!("{line}");
             }
         }
     }
@@ -205,12 +204,9 @@ pub fn test(args: TestArgs, process_start: Instant) -> i32 {
     if failed == 0 { exit_code::SUCCESS } else { exit_code::GUEST_FAILURE }
 }
 
-fn verdict(passed: bool) -> &'static str {
-    if passed { "ok" } else { "FAILED" }
-}
-
 /// `vmm bench`.
 pub fn bench(args: BenchArgs, process_start: Instant) -> i32 {
+    warn_unused_pool(args.mmu, args.shadow_pool);
     let mut workloads = Vec::new();
     let names: Vec<String> = if args.workloads.is_empty() {
         super::bench::WORKLOADS.iter().map(|(n, _)| n.to_string()).collect()
@@ -226,6 +222,12 @@ pub fn bench(args: BenchArgs, process_start: Instant) -> i32 {
                 return exit_code::USAGE;
             }
         }
+    }
+    if let Some(w) =
+        args.cmdline.split_ascii_whitespace().find(|w| w.starts_with("workload=") || w.starts_with("size="))
+    {
+        eprintln!("error: --cmdline word '{w}': the workload and its size are given with --workload and --size");
+        return exit_code::USAGE;
     }
     let charted = matches!(args.mmu, MmuArg::Both | MmuArg::All);
     if args.svg.is_some() && !charted {
@@ -252,7 +254,9 @@ pub fn bench(args: BenchArgs, process_start: Instant) -> i32 {
         modes: args.mmu.modes(),
         repeat: args.repeat.max(1),
         memory: args.memory,
-        shadow_pool: args.shadow_pool,
+        shadow_pool: args.shadow_pool.unwrap_or(vmm::mmu::DEFAULT_SHADOW_POOL),
+        cmdline: args.cmdline.split_ascii_whitespace().collect::<Vec<_>>().join(" "),
+        backing: args.backing,
         process_start,
     };
     let total = (plan.workloads.len() * plan.modes.len() * (plan.repeat as usize + 1)) as u64;
@@ -269,7 +273,7 @@ pub fn bench(args: BenchArgs, process_start: Instant) -> i32 {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
-            return exit_code::GUEST_FAILURE;
+            return if e.contains(super::bench::REFUSED_WORD) { exit_code::USAGE } else { exit_code::GUEST_FAILURE };
         }
     };
     print!("{}", report.render());

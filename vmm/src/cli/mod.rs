@@ -91,9 +91,9 @@ pub struct TestArgs {
     #[arg(long, value_enum, default_value = "all")]
     pub mmu: MmuArg,
 
-    /// Size of the shadow pool (shadow and pv mode).
-    #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size)]
-    pub shadow_pool: u64,
+    /// Size of the shadow pool (shadow and pv mode) [default: 16M; at most 1G].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub shadow_pool: Option<u64>,
 
     /// Run only the tests whose name contains this text.
     #[arg(long, value_name = "PATTERN", default_value = "")]
@@ -145,9 +145,22 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
     pub memory: u64,
 
-    /// Size of the shadow pool (shadow and pv mode).
-    #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size)]
-    pub shadow_pool: u64,
+    /// Size of the shadow pool (shadow and pv mode) [default: 16M; at most 1G].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub shadow_pool: Option<u64>,
+
+    /// Extra words for the guest's command line in every run, the same in
+    /// every mode (e.g. `anon=64k`: the anonymous folio size; `tlbset=16384`:
+    /// a 64 MiB working set for `tlb`); not `workload=` or `size=`
+    /// (--workload and --size say those).
+    #[arg(long, value_name = "WORDS", default_value = "")]
+    pub cmdline: String,
+
+    /// Host memory behind guest RAM in every run, as for `vmm run`: 4k,
+    /// thp, hugetlb (2 MiB) or hugetlb-1g. No fallback: if the host cannot
+    /// give it, the VMM says so and exits.
+    #[arg(long, value_name = "BACKING", default_value = "4k")]
+    pub backing: ept::Backing,
 
     /// Folder for the report files (report.json, and report.svg when ept and shadow both ran).
     #[arg(long, value_name = "DIR", default_value = "bench-report")]
@@ -250,10 +263,12 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "ept")]
     pub mmu: RunMmuArg,
 
-    /// Size of the shadow pool (shadow and pv mode): the VMM-private memory that
-    /// holds the shadow page tables. When it fills up, everything is zapped.
-    #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size)]
-    pub shadow_pool: u64,
+    /// Size of the shadow pool (shadow and pv mode; ignored, with a warning,
+    /// in ept mode): the VMM-private memory that holds the shadow page
+    /// tables. When it fills up, everything is zapped [default: 16M; at
+    /// most 1G].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub shadow_pool: Option<u64>,
 
     /// What backs guest RAM on the host: 4k pages, transparent huge pages,
     /// or hugetlb pages (hugetlb = hugetlb-2m, or hugetlb-1g). No fallback:

@@ -275,11 +275,26 @@ pub fn min_shadow_pool(memory: u64) -> u64 {
     (10 + memory.div_ceil(crate::boot::layout::GIB)) * crate::boot::layout::PAGE_SIZE
 }
 
+/// The largest shadow pool (`--shadow-pool`): 1 GiB, 262,144 shadow
+/// pages — far beyond what any workload here keeps in use (the pool is
+/// zapped and rebuilt when full, so a larger one only delays that), and
+/// small enough that what the host keeps per pool page stays small: KVM's
+/// per-memslot metadata and the pool's dirty bitmap, read at every shadow
+/// hypercall (32 KiB at the maximum). The VMM's own bookkeeping costs what
+/// the pages in use cost, whatever the size (`shadow::mmu`).
+pub const MAX_SHADOW_POOL: u64 = crate::boot::layout::GIB;
+
+/// The shadow pool when `--shadow-pool` is not given.
+pub const DEFAULT_SHADOW_POOL: u64 = 16 << 20;
+
 /// Check a configuration's mode-specific sizes before anything is built.
 pub fn check_config(mmu: MmuMode, memory: u64, shadow_pool: u64) -> Result<()> {
     match mmu {
         MmuMode::Shadow | MmuMode::Pv if shadow_pool < min_shadow_pool(memory) => {
             Err(Error::ShadowPoolTooSmall(shadow_pool, memory, min_shadow_pool(memory)))
+        }
+        MmuMode::Shadow | MmuMode::Pv if shadow_pool > MAX_SHADOW_POOL => {
+            Err(Error::ShadowPoolTooLarge(shadow_pool, MAX_SHADOW_POOL))
         }
         _ => Ok(()),
     }

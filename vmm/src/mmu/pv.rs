@@ -63,6 +63,8 @@ pub struct PvBackend {
     sh: ShadowBackend,
     area: Option<PvArea>,
     refused: u64,
+    /// Warnings about refused write queues: their own name and budget.
+    queue_warnings: crate::limits::Limited,
     zone: GpaRange,
 }
 
@@ -80,13 +82,16 @@ impl PvBackend {
         // A context switch that misses the root cache costs the LOAD_CR3
         // alone: the new root gets the used part of its user half at once.
         sh.mmu_mut().0.set_prefill_user_half(true);
-        Ok(PvBackend { sh, area: None, refused: 0, zone: pt_zone })
+        let queue_warnings =
+            crate::limits::Limited::new("warnings about refused pv write-queue entries", crate::limits::MAX_WARNINGS);
+        Ok(PvBackend { sh, area: None, refused: 0, queue_warnings, zone: pt_zone })
     }
 
-    /// A sync point: follow a published root the guest loaded itself (the
-    /// vCPU's CR3: the VMM trusts no claim about it), apply the write
-    /// queue. Returns `OK` or the batch error for the guest.
-    fn sync(&mut self, vm: &mut VmContext, vcpu: &VcpuContext) -> crate::Result<u64> {
+    /// A sync point (`at`: the hypercall, for the warning): follow a
+    /// published root the guest loaded itself (the vCPU's CR3: the VMM
+    /// trusts no claim about it), apply the write queue. Returns `OK` or the
+    /// batch error for the guest.
+    fn sync(&mut self, vm: &mut VmContext, vcpu: &VcpuContext, at: &str) -> crate::Result<u64> {
         let t = Instant::now();
         let hw_root = vcpu.sync_sregs().cr3;
         let guest_flushes = self.sh.coherence() == Coherence::ReloadCr3;
@@ -122,8 +127,10 @@ impl PvBackend {
         let (batch, followed) = batch;
         if batch != hc::OK {
             self.refused += 1;
-            if self.sh.warn_allowed() {
-                log::warn!("pv write queue refused: {batch:#x} (entries from the index in bits 8..32 on not applied)");
+            if self.queue_warnings.allow() {
+                log::warn!(
+                    "pv write queue refused at {at}: {batch:#x} (entries from the index in bits 8..32 on not applied; the guest is told)"
+                );
             }
         }
         // A batch that exhausted the pool rebuilt the root the vCPU is on
@@ -139,15 +146,23 @@ impl PvBackend {
         Ok(batch)
     }
 
-    /// A shadow-mode event `event` as a pv sync point: sync first, then
-    /// shadow mode's handling, then republish the roots.
+    /// A shadow-mode event `event` (hypercall `at`) as a pv sync point:
+    /// sync first, then shadow mode's handling, then republish the roots. A
+    /// refused queue is answered with its batch error, as `PV_FLUSH`
+    /// answers it, and the event is not handled: the guest learns at once
+    /// that writes it queued were not applied (issue 22, item 2).
     fn synced(
         &mut self,
         vm: &mut VmContext,
         vcpu: &mut VcpuContext,
+        at: &str,
         event: impl FnOnce(&mut ShadowBackend, &mut VmContext, &mut VcpuContext) -> crate::Result<u64>,
     ) -> crate::Result<u64> {
-        self.sync(vm, vcpu)?;
+        let batch = self.sync(vm, vcpu, at)?;
+        if batch != hc::OK {
+            self.publish(vm);
+            return Ok(batch);
+        }
         let r = event(&mut self.sh, vm, vcpu)?;
         self.publish(vm);
         Ok(r)
@@ -160,16 +175,21 @@ impl PvBackend {
         }
     }
 
-    /// `PV_FLUSH(gva)`: sync, then make `gva` current.
+    /// `PV_FLUSH(gva)`: sync, then make `gva` current and shadow every
+    /// other leaf the batch made valid (`ShadowMmu::prefetch_batch`: a
+    /// large folio's fault costs this one exit, with no hidden fault on
+    /// its other pages).
     fn pv_flush(&mut self, vm: &mut VmContext, vcpu: &mut VcpuContext, regs: &kvm_regs) -> crate::Result<u64> {
-        let batch = self.sync(vm, vcpu)?;
+        let batch = self.sync(vm, vcpu, "PV_FLUSH")?;
         let t = Instant::now();
         let (mut ram, mut pool) = self.sh.windows(vm);
         let (mmu, cpu) = self.sh.mmu_mut();
         mmu.flush(cpu);
-        if regs.rdi != abi::NO_GVA {
-            mmu.prefetch(cpu, &mut pool, &mut ram, Gva(regs.rdi));
-        }
+        // The entries applied: all of them, or those before the refused one.
+        let applied = abi::decode_batch_error(batch).map_or(usize::MAX, |(applied, _)| applied);
+        let entries = self.area.as_ref().map_or(&[][..], |a| &a.entries[..a.entries.len().min(applied)]);
+        let va = (regs.rdi != abi::NO_GVA).then_some(Gva(regs.rdi));
+        mmu.prefetch_batch(cpu, &mut pool, &mut ram, va, entries);
         self.sh.times_mut().batch += t.elapsed();
         Ok(batch)
     }
@@ -198,7 +218,7 @@ impl PvBackend {
         {
             return Ok(hc::ERR_FAULT);
         }
-        let batch = self.sync(vm, vcpu)?;
+        let batch = self.sync(vm, vcpu, "PV_HARVEST")?;
         if batch != hc::OK {
             return Ok(batch);
         }
@@ -241,13 +261,17 @@ impl MmuBackend for PvBackend {
     ) -> crate::Result<Option<u64>> {
         let r = match nr {
             hc::PV_SETUP if self.area.is_some() => hc::ERR_INVALID,
-            hc::PV_SETUP => match PvArea::setup(vm.ram.memory(), vm.memory, Gpa(regs.rdi)) {
-                Ok(area) => {
-                    self.area = Some(area);
-                    hc::OK
+            hc::PV_SETUP => {
+                let shadowed = [self.zone, crate::boot::layout::BOOT_TABLES];
+                match PvArea::setup(vm.ram.memory(), vm.memory, Gpa(regs.rdi), &shadowed) {
+                    Ok(area) => {
+                        self.area = Some(area);
+                        hc::OK
+                    }
+                    Err(SetupError::BadAddress) => hc::ERR_FAULT,
+                    Err(SetupError::OverlapsTables) => hc::ERR_OVERLAP,
                 }
-                Err(SetupError::BadAddress) => hc::ERR_FAULT,
-            },
+            }
             hc::PV_FLUSH => self.pv_flush(vm, vcpu, regs)?,
             hc::PV_HARVEST => self.pv_harvest(vm, vcpu, regs)?,
             _ => return Ok(None),
@@ -263,7 +287,7 @@ impl MmuBackend for PvBackend {
         root: Gpa,
         regs: &kvm_regs,
     ) -> crate::Result<u64> {
-        self.synced(vm, vcpu, |sh, vm, vcpu| sh.load_cr3(vm, vcpu, root, regs))
+        self.synced(vm, vcpu, "LOAD_CR3", |sh, vm, vcpu| sh.load_cr3(vm, vcpu, root, regs))
     }
 
     fn fault(
@@ -274,7 +298,7 @@ impl MmuBackend for PvBackend {
         error_code: u64,
         regs: &kvm_regs,
     ) -> crate::Result<u64> {
-        self.synced(vm, vcpu, |sh, vm, vcpu| sh.fault(vm, vcpu, cr2, error_code, regs))
+        self.synced(vm, vcpu, "SHADOW_FAULT", |sh, vm, vcpu| sh.fault(vm, vcpu, cr2, error_code, regs))
     }
 
     fn flush(
@@ -285,7 +309,7 @@ impl MmuBackend for PvBackend {
         efer: u64,
         regs: &kvm_regs,
     ) -> crate::Result<u64> {
-        self.synced(vm, vcpu, |sh, vm, vcpu| sh.flush(vm, vcpu, cr0, efer, regs))
+        self.synced(vm, vcpu, "FLUSH_TLB", |sh, vm, vcpu| sh.flush(vm, vcpu, cr0, efer, regs))
     }
 
     fn mmio_write(&mut self, vm: &mut VmContext, gpa: Gpa, data: &[u8]) -> bool {
@@ -328,7 +352,7 @@ impl MmuBackend for PvBackend {
     }
 
     fn warnings_suppressed(&self) -> u64 {
-        self.sh.warnings_suppressed()
+        self.sh.warnings_suppressed() + self.queue_warnings.suppressed()
     }
 }
 
@@ -346,14 +370,24 @@ pub struct PvArea {
 pub enum SetupError {
     /// Not page-aligned, or not wholly inside guest RAM.
     BadAddress,
+    /// Overlapping memory the VMM shadows (the page-table zone, the boot
+    /// tables): the VMM's writes to the area would change guest page
+    /// tables without the shadow following (issue 22, item 1).
+    OverlapsTables,
 }
 
 impl PvArea {
-    /// `PV_SETUP(gpa)`: the area at `gpa` in RAM of `ram` bytes.
-    pub fn setup(mem: &GuestMemoryMmap, ram: u64, gpa: Gpa) -> Result<PvArea, SetupError> {
+    /// `PV_SETUP(gpa)`: the area at `gpa` in RAM of `ram` bytes, clear of
+    /// every range in `shadowed` (memory the VMM shadows, which nothing but
+    /// the guest's tracked writes may change).
+    pub fn setup(mem: &GuestMemoryMmap, ram: u64, gpa: Gpa, shadowed: &[GpaRange]) -> Result<PvArea, SetupError> {
         let len = abi::AREA_PAGES * 4096;
         if !gpa.is_aligned(4096) || gpa.raw().checked_add(len).is_none_or(|end| end > ram) {
             return Err(SetupError::BadAddress);
+        }
+        let end = Gpa(gpa.raw() + len);
+        if shadowed.iter().any(|r| gpa < r.end && r.start < end) {
+            return Err(SetupError::OverlapsTables);
         }
         let mut area =
             PvArea { gpa, generation: 0, published: Vec::new(), entries: Vec::with_capacity(abi::QUEUE_CAP) };
@@ -367,6 +401,9 @@ impl PvArea {
     /// (nothing is applied then).
     pub fn take_queue(&mut self, mem: &GuestMemoryMmap) -> Result<&[u64], BatchError> {
         let len: u64 = mem.read_obj(GuestAddress(self.gpa.raw())).unwrap_or(0);
+        // Whatever the outcome, the last batch's entries are gone: they are
+        // what `PV_FLUSH` shadows after the sync.
+        self.entries.clear();
         if len == 0 {
             return Ok(&[]);
         }
@@ -376,7 +413,6 @@ impl PvArea {
         }
         let mut bytes = vec![0u8; len as usize * 8];
         let _ = mem.read_slice(&mut bytes, GuestAddress(self.gpa.raw() + abi::QUEUE_FIRST as u64 * 8));
-        self.entries.clear();
         self.entries.extend(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))));
         Ok(&self.entries)
     }
@@ -439,16 +475,35 @@ mod tests {
     #[test]
     fn setup_refuses_an_area_outside_ram_or_unaligned() {
         let m = mem();
-        assert_eq!(PvArea::setup(&m, 1 << 20, Gpa(0x1001)).unwrap_err(), SetupError::BadAddress);
-        assert_eq!(PvArea::setup(&m, 1 << 20, Gpa((1 << 20) - 4096)).unwrap_err(), SetupError::BadAddress);
-        assert_eq!(PvArea::setup(&m, 1 << 20, Gpa(!0xfff)).unwrap_err(), SetupError::BadAddress);
-        assert!(PvArea::setup(&m, 1 << 20, Gpa((1 << 20) - 8192)).is_ok());
+        assert_eq!(PvArea::setup(&m, 1 << 20, Gpa(0x1001), &[]).unwrap_err(), SetupError::BadAddress);
+        assert_eq!(PvArea::setup(&m, 1 << 20, Gpa((1 << 20) - 4096), &[]).unwrap_err(), SetupError::BadAddress);
+        assert_eq!(PvArea::setup(&m, 1 << 20, Gpa(!0xfff), &[]).unwrap_err(), SetupError::BadAddress);
+        assert!(PvArea::setup(&m, 1 << 20, Gpa((1 << 20) - 8192), &[]).is_ok());
+    }
+
+    /// Issue 22, item 1: an area over anything the VMM shadows is refused.
+    #[test]
+    fn setup_refuses_an_area_over_shadowed_tables() {
+        let m = mem();
+        let zone = GpaRange::new(Gpa(0x4_0000), Gpa(0x8_0000));
+        let boot = GpaRange::new(Gpa(0x9000), Gpa(0xd000));
+        for at in [0x8000, 0x9000, 0xa000, 0xc000, 0x3_f000, 0x4_0000, 0x7_f000] {
+            assert_eq!(
+                PvArea::setup(&m, 1 << 20, Gpa(at), &[zone, boot]).unwrap_err(),
+                SetupError::OverlapsTables,
+                "{at:#x}"
+            );
+        }
+        // Touching ranges are fine: 0x7000..0x9000, 0xd000..0xf000, 0x8_0000...
+        for at in [0x7000, 0xd000, 0x8_0000] {
+            assert!(PvArea::setup(&m, 1 << 20, Gpa(at), &[zone, boot]).is_ok(), "{at:#x}");
+        }
     }
 
     #[test]
     fn the_queue_is_read_once_emptied_and_bounded() {
         let m = mem();
-        let mut a = PvArea::setup(&m, 1 << 20, Gpa(0x8000)).unwrap();
+        let mut a = PvArea::setup(&m, 1 << 20, Gpa(0x8000), &[]).unwrap();
         assert_eq!(a.take_queue(&m).unwrap(), &[] as &[u64]);
         m.write_obj(3u64, GuestAddress(0x8000)).unwrap();
         for (i, v) in [0x1000u64, 0x1008, 0x2001].iter().enumerate() {
@@ -467,7 +522,7 @@ mod tests {
     #[test]
     fn published_roots_are_found_by_the_guests_probe_and_rewritten_only_on_change() {
         let m = mem();
-        let mut a = PvArea::setup(&m, 1 << 20, Gpa(0x8000)).unwrap();
+        let mut a = PvArea::setup(&m, 1 << 20, Gpa(0x8000), &[]).unwrap();
         // Two roots whose frames collide in the hash.
         let roots =
             [(Gpa(0x100_0000), Gpa(0x8000_0000)), (Gpa(0x100_0000 + abi::ROOTS_CAP as u64 * 4096), Gpa(0x8000_1000))];

@@ -74,4 +74,7 @@ pub struct ShadowReport {
     pub pv: bool,
     /// pv mode: batches refused (a bad entry or queue length).
     pub pv_refused: u64,
+    /// Times the vCPU was found with CR0.WP clear: the guest cleared it
+    /// with its own `mov cr0` and did not report it (`FLUSH_TLB`).
+    pub wp_cleared_silently: u64,
 }

@@ -13,6 +13,7 @@
 //! `kvm_run` once (`exit`) and every count is bounded by `u64`.
 
 pub(crate) mod exit;
+pub mod progress;
 pub mod supervise;
 
 use crate::mmu::{MmuCounters, VcpuContext};
@@ -33,12 +34,14 @@ pub struct Vcpu {
     pub(crate) stats: RunStats,
     /// Counters at the last `BENCH_BEGIN`.
     pub(crate) bench_start: Option<BenchSnapshot>,
+    /// Whether it still makes progress (issue 22, item 4).
+    pub(crate) progress: progress::ProgressWatch,
 }
 
 impl Vcpu {
     /// The vCPU `ctx`, with nothing counted yet.
     pub fn new(ctx: VcpuContext) -> Vcpu {
-        Vcpu { ctx, stats: RunStats::default(), bench_start: None }
+        Vcpu { ctx, stats: RunStats::default(), bench_start: None, progress: progress::ProgressWatch::default() }
     }
 
     /// The vCPU's index in its VM.

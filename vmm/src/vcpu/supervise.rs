@@ -33,6 +33,10 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Run `work` on a thread named `name` and wait for it at most `timeout`.
+/// Until then the thread is kicked out of `KVM_RUN` every `tick` (when
+/// given), so that the vCPU loop can check its progress even when the
+/// guest never exits (`vcpu::progress`); the loop must treat a kick before
+/// the timeout as a sample, not an exit.
 /// A panic is reported as soon as it happens, with its message. At the
 /// timeout, `on_timeout` runs once (it tells the work to stop) and the
 /// thread is kicked with the vCPU kick signal every 20 ms (out of
@@ -43,6 +47,7 @@ pub fn supervise<T: Send + 'static>(
     name: &str,
     timeout: Duration,
     grace: Duration,
+    tick: Option<Duration>,
     on_timeout: impl FnOnce(),
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Supervised<T> {
@@ -63,10 +68,20 @@ pub fn supervise<T: Send + 'static>(
         (Err(payload), None) => Supervised::Panicked(panic_message(&*payload)),
         (Ok(()), None) => Supervised::Panicked("the thread ended without a result".into()),
     };
-    match rx.recv_timeout(timeout) {
-        Ok(v) => return finished(handle, Some(v)),
-        Err(RecvTimeoutError::Disconnected) => return finished(handle, None),
-        Err(RecvTimeoutError::Timeout) => {}
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let wait = tick.map_or(left, |t| t.min(left));
+        match rx.recv_timeout(wait) {
+            Ok(v) => return finished(handle, Some(v)),
+            Err(RecvTimeoutError::Disconnected) => return finished(handle, None),
+            Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => break,
+            Err(RecvTimeoutError::Timeout) => {
+                // SAFETY: as for the kicks below: the handle is neither
+                // joined nor detached, and the kick handler is installed.
+                unsafe { libc::pthread_kill(handle.as_pthread_t(), kick_signal()) };
+            }
+        }
     }
     on_timeout();
     let expired_at = Instant::now();
@@ -121,6 +136,7 @@ mod tests {
             "vcpu-test",
             Duration::from_secs(120),
             VCPU_STOP_GRACE,
+            None,
             || {},
             || -> u32 { panic!("shadow walk hit an impossible entry") },
         );
@@ -141,6 +157,7 @@ mod tests {
             "vcpu-test",
             Duration::from_millis(200),
             Duration::from_millis(200),
+            None,
             move || t.store(true, Ordering::SeqCst),
             || std::thread::sleep(Duration::from_secs(600)),
         );
@@ -157,6 +174,7 @@ mod tests {
             "vcpu-test",
             Duration::from_millis(100),
             Duration::from_secs(60),
+            Some(Duration::from_millis(10)),
             move || s.store(true, Ordering::SeqCst),
             move || {
                 while !stop.load(Ordering::SeqCst) {

@@ -47,7 +47,7 @@ impl VmCore {
         let (name, image): (String, std::borrow::Cow<'static, [u8]>) = match &config.kernel {
             KernelSource::Bundled => ("(bundled)".into(), BUNDLED_KERNEL.into()),
             KernelSource::File(p) => {
-                let bytes = std::fs::read(p).map_err(|source| Error::KernelRead { path: p.clone(), source })?;
+                let bytes = loader::read_kernel(p, config.memory)?;
                 (p.display().to_string(), bytes.into())
             }
         };

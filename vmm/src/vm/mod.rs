@@ -187,6 +187,7 @@ impl Vm {
             "vcpu0",
             self.timeout,
             VCPU_STOP_GRACE,
+            Some(crate::vcpu::progress::TICK),
             || {
                 stop.store(true, Ordering::SeqCst);
                 console.abort();

@@ -175,11 +175,34 @@ impl VmState {
             let action = match vcpu.ctx.fd_mut().run() {
                 Ok(exit) => Action::from_exit(exit, &mut self.serial),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    vcpu.stats.exit(ExitReason::Interrupted);
+                    if expired.load(Ordering::SeqCst) {
+                        vcpu.stats.exit(ExitReason::Interrupted);
+                    } else {
+                        // The supervisor's periodic kick: a progress
+                        // sample, not an exit of the guest's.
+                        self.progress_tick(vcpu)?;
+                    }
                     continue;
                 }
                 Err(e) => return Err(Error::Kvm { what: "KVM_RUN", source: e }),
             };
+            match &action {
+                Action::MmioRead(addr) => {
+                    let regs = vcpu.ctx.regs();
+                    if let Some(why) = vcpu.progress.mmio_exit(false, *addr, &[], &regs) {
+                        return Err(self.no_progress(vcpu, &regs, why));
+                    }
+                }
+                Action::MmioWrite(addr, data, len)
+                    if !self.ctx.map().slot_of(Gpa(*addr)).is_some_and(|s| s.readonly) =>
+                {
+                    let regs = vcpu.ctx.regs();
+                    if let Some(why) = vcpu.progress.mmio_exit(true, *addr, &data[..*len], &regs) {
+                        return Err(self.no_progress(vcpu, &regs, why));
+                    }
+                }
+                _ => vcpu.progress.exit(),
+            }
             match action {
                 Action::SerialOut => {
                     vcpu.stats.exit(ExitReason::SerialOut);
@@ -250,6 +273,39 @@ impl VmState {
                 }
             }
         }
+    }
+
+    /// A periodic kick while the guest runs: end the run if the vCPU is
+    /// stuck on an instruction that can only complete with an exit that
+    /// never comes (`vcpu::progress`).
+    fn progress_tick(&self, vcpu: &mut Vcpu) -> Result<()> {
+        let regs = vcpu.ctx.fd().get_regs().map_err(|source| Error::Kvm { what: "KVM_GET_REGS", source })?;
+        let sregs = vcpu.ctx.fd().get_sregs().map_err(|source| Error::Kvm { what: "KVM_GET_SREGS", source })?;
+        let bytes = self.instruction_bytes(vcpu, regs.rip);
+        let map = self.ctx.map();
+        let gpa_of = |va: u64| {
+            let t = vcpu.ctx.fd().translate_gva(va).ok().filter(|t| t.valid != 0)?;
+            Some((t.physical_address, map.slot_of(Gpa(t.physical_address)).map(|s| s.readonly)))
+        };
+        match vcpu.progress.tick(&regs, &sregs, &bytes, gpa_of) {
+            Some(why) => Err(self.no_progress(vcpu, &regs, why)),
+            None => Ok(()),
+        }
+    }
+
+    /// The error for a vCPU that makes no progress: the instruction at RIP
+    /// named and its bytes.
+    fn no_progress(&self, vcpu: &Vcpu, regs: &kvm_bindings::kvm_regs, why: String) -> Error {
+        let bytes = self.instruction_bytes(vcpu, regs.rip);
+        // The decoded instruction and only its own bytes (the text of one
+        // instruction is bounded).
+        let (instruction, len) = match crate::vcpu::progress::decode(&bytes, regs.rip) {
+            Some((text, i)) => (text, i.len()),
+            None => ("(undecodable)".to_string(), bytes.len()),
+        };
+        let hex = bytes[..len.min(bytes.len())].iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");
+        let bytes = if hex.is_empty() { "unreadable".to_string() } else { hex };
+        Error::NoProgress { rip: regs.rip, instruction, bytes, why }
     }
 
     /// Describe a `KVM_EXIT_INTERNAL_ERROR`; for an emulation failure,

@@ -18,6 +18,14 @@
 //!   `PV_FLUSH` when it holds anything — deferred to the end of a lazy-MMU
 //!   bracket ([`enter_lazy`], [`leave_lazy`]). A full queue syncs by itself.
 //!
+//! - **Before the first CR3 load** nothing is shadowed (the VMM builds a
+//!   shadow root only at `LOAD_CR3`), so the kernel runs as in ept mode on
+//!   the VMM's boot tables: [`init`] records the mode the kernel will run
+//!   in, and the first [`load_cr3`] (the memory manager's, once the
+//!   kernel's own tables are built, or [`start_shadowing`]) enters it. The
+//!   VMM keeps the boot tables and the page-table zone writable until then,
+//!   so building the direct map of all RAM costs no trapped write (shadow)
+//!   and no queued one (pv): the bring-up no longer grows with RAM size.
 //! - **pv mode: accessed bits** of a scan come from one `PV_HARVEST`
 //!   ([`harvest_young`]): the shadow leaves' A bits, read by the VMM; the
 //!   guest's own entries keep theirs.
@@ -36,6 +44,9 @@ const EPT: u8 = 0;
 const SHADOW: u8 = 1;
 const PV: u8 = 2;
 static MODE: AtomicU8 = AtomicU8::new(EPT);
+/// The mode [`init`] was given, entered at the first [`load_cr3`] (until
+/// then [`MODE`] says ept: the vCPU walks our own tables).
+static REQUESTED: AtomicU8 = AtomicU8::new(EPT);
 /// In shadow and pv mode the hardware CR3 holds the shadow root; the
 /// guest's own root is remembered here.
 static GUEST_CR3: AtomicU64 = AtomicU64::new(0);
@@ -47,12 +58,15 @@ fn hardware_cr3() -> u64 {
     v
 }
 
-/// Record the mode and, in shadow and pv mode, move the vCPU onto a shadow
-/// of the current tables (pv: after registering the shared area).
+/// Record the mode; in pv mode, register the shared area. Shadowing itself
+/// starts at the first [`load_cr3`] (module doc): until then the vCPU runs
+/// on the boot tables, as in ept mode.
 pub fn init(mode: Option<MmuMode>) {
-    let boot_root = hardware_cr3();
     match mode {
-        Some(MmuMode::Shadow) => MODE.store(SHADOW, Ordering::Relaxed),
+        Some(MmuMode::Shadow) => REQUESTED.store(SHADOW, Ordering::Relaxed),
+        // The hostile `crash=pv-area-*` modes register an area of their own.
+        Some(MmuMode::Pv)
+            if crate::cmdline::value(crate::boot::cmdline(), "crash").is_some_and(|m| m.starts_with("pv-area")) => {}
         Some(MmuMode::Pv) => {
             let info = crate::boot::info();
             ZONE.0.store(info.pt_zone.start, Ordering::Relaxed);
@@ -61,12 +75,26 @@ pub fn init(mode: Option<MmuMode>) {
             if hypercall::call(hc::PV_SETUP, area_gpa(), 0, 0, 0) != hc::OK {
                 crate::panic::fatal("PV_SETUP refused by the VMM");
             }
-            MODE.store(PV, Ordering::Relaxed);
+            REQUESTED.store(PV, Ordering::Relaxed);
         }
-        _ => return,
+        _ => {}
     }
-    // SAFETY: the tables the CPU runs on now: they map the kernel.
-    unsafe { load_cr3(boot_root) };
+}
+
+/// Enter shadow or pv mode now on the current tables, if [`init`] asked for
+/// it and no CR3 load has yet: for code that needs the VMM's shadow before
+/// the memory manager is up (the `crash=` modes, the self tests).
+pub fn start_shadowing() {
+    if MODE.load(Ordering::Relaxed) == EPT && REQUESTED.load(Ordering::Relaxed) != EPT {
+        // SAFETY: the tables the CPU runs on now: they map the kernel.
+        unsafe { load_cr3(hardware_cr3()) };
+    }
+}
+
+/// Whether the kernel runs (or will run, from its first CR3 load) in pv
+/// mode: the memory manager then reports its page-table writes.
+pub fn pv_requested() -> bool {
+    REQUESTED.load(Ordering::Relaxed) == PV
 }
 
 /// Whether the VMM shadows our page tables (shadow or pv mode).
@@ -95,6 +123,11 @@ pub fn read_cr3() -> u64 {
 /// stays so while it is loaded. Anything else faults the next instruction
 /// or silently maps other memory.
 pub unsafe fn load_cr3(root: u64) {
+    // The first CR3 load enters the requested mode (module doc).
+    let requested = REQUESTED.load(Ordering::Relaxed);
+    if MODE.load(Ordering::Relaxed) != requested {
+        MODE.store(requested, Ordering::Relaxed);
+    }
     if is_pv()
         && queue_len() == 0
         && let Some(shadow_root) = published_root(root)
@@ -108,8 +141,10 @@ pub unsafe fn load_cr3(root: u64) {
         return;
     }
     if is_shadow() {
+        // pv mode: a refused write queue is answered with the batch error
+        // and the root is not loaded.
         let r = hypercall::call(hc::LOAD_CR3, root, 0, 0, 0);
-        if hc::is_error(r) {
+        if hc::is_error(r) || pv::decode_batch_error(r).is_some() {
             crate::panic::fatal("LOAD_CR3 refused by the VMM");
         }
         GUEST_CR3.store(root, Ordering::Relaxed);
@@ -134,7 +169,7 @@ pub unsafe fn load_cr3_through_vmm(root: u64) {
         return unsafe { load_cr3(root) };
     }
     let r = hypercall::call(hc::LOAD_CR3, root, 0, 0, 0);
-    if hc::is_error(r) {
+    if hc::is_error(r) || pv::decode_batch_error(r).is_some() {
         crate::panic::fatal("LOAD_CR3 refused by the VMM");
     }
     GUEST_CR3.store(root, Ordering::Relaxed);
@@ -369,6 +404,14 @@ fn record(entry: u64) {
     write_word(0, n as u64 + 1);
 }
 
+/// Queue a raw entry, whatever it says (pv mode; the hostile
+/// `crash=pv-bad-queue` mode sends entries the VMM must refuse).
+pub fn queue_raw(entry: u64) {
+    if is_pv() {
+        record(entry);
+    }
+}
+
 /// Sync the write queue (and prefetch `va` unless it is `NO_GVA`).
 fn pv_flush(va: u64) {
     let r = hypercall::call(hc::PV_FLUSH, va, 0, 0, 0);
@@ -400,11 +443,16 @@ fn published_root(root: u64) -> Option<u64> {
 pub struct PvWrites;
 
 impl TableWrites for PvWrites {
+    // Before the first CR3 load nothing is shadowed: nothing to report.
     fn entry_written(&self, addr: Gpa) {
-        record(addr.0);
+        if is_pv() {
+            record(addr.0);
+        }
     }
     fn frame_rewritten(&self, frame: Pfn) {
-        record(frame.addr().0 | ENTRY_PAGE);
+        if is_pv() {
+            record(frame.addr().0 | ENTRY_PAGE);
+        }
     }
 }
 

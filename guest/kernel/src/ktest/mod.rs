@@ -37,8 +37,32 @@ pub fn check(cond: bool, msg: &'static str) -> TestResult {
     if cond { Ok(()) } else { Err(msg) }
 }
 
+/// A note a passing test leaves for its report line (a skip and why);
+/// `vmm test` prints it after `ok`. Cleared by each report.
+static NOTE: core::sync::atomic::AtomicPtr<u8> = core::sync::atomic::AtomicPtr::new(core::ptr::null_mut());
+static NOTE_LEN: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+/// Leave `msg` on the running test's report line, if it passes.
+pub fn note(msg: &'static str) {
+    NOTE_LEN.store(msg.len(), core::sync::atomic::Ordering::Relaxed);
+    NOTE.store(msg.as_ptr() as *mut u8, core::sync::atomic::Ordering::Relaxed);
+}
+
+fn take_note() -> &'static str {
+    let p = NOTE.swap(core::ptr::null_mut(), core::sync::atomic::Ordering::Relaxed);
+    if p.is_null() {
+        return "";
+    }
+    let len = NOTE_LEN.load(core::sync::atomic::Ordering::Relaxed);
+    // SAFETY: `note` stored the pointer and length of a `&'static str`.
+    unsafe { core::str::from_utf8_unchecked(core::slice::from_raw_parts(p, len)) }
+}
+
+/// Report one test: the failure message, or for a passing test its note
+/// (`TestRecord` says which by `passed`).
 fn report(name: &str, result: TestResult, cycles: u64) {
-    let msg = result.err().unwrap_or("");
+    let note = take_note();
+    let msg = result.err().unwrap_or(note);
     let name = &name.as_bytes()[..name.len().min(MAX_TEST_TEXT)];
     let msg = &msg.as_bytes()[..msg.len().min(MAX_TEST_TEXT - name.len())];
     let rec = TestRecord {

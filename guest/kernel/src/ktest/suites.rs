@@ -28,6 +28,7 @@ pub static ALL: &[TestCase] = &[
     TestCase { name: "aspace::switch_keeps_spaces_apart", run: vm_suites::address_spaces_switch },
     TestCase { name: "demand::zero_fill_one_fault_per_page", run: vm_suites::demand_paging_zero_fills },
     TestCase { name: "cow::fork_then_write_copies", run: vm_suites::fork_copy_on_write },
+    TestCase { name: "folio::fault_unmap_mprotect_keep_pages_exact", run: vm_suites::folios_fault_unmap_mprotect },
     TestCase { name: "aging::follows_accessed_and_dirty_bits", run: vm_suites::aging_follows_accessed_and_dirty_bits },
     TestCase { name: "shadow::stale_mappings_fault_every_time", run: vm_suites::stale_mappings_fault },
     TestCase { name: "isolation::pte_beyond_ram", run: vm_suites::pte_beyond_ram },
@@ -36,6 +37,7 @@ pub static ALL: &[TestCase] = &[
     TestCase { name: "exact::pdpte_ps_follows_the_cpuid", run: exact::pdpte_ps_follows_the_cpuid },
     TestCase { name: "exact::efer_nxe_is_forced_in_shadow_mode", run: exact::efer_nxe_is_forced_in_shadow_mode },
     TestCase { name: "exact::pml4e_bit_8_follows_the_vendor", run: exact::pml4e_bit_8_follows_the_vendor },
+    TestCase { name: "matrix::smep_smap_rows", run: super::matrix::smep_smap_rows },
     TestCase { name: "meta::fails_when_asked", run: fails_when_asked },
 ];
 

@@ -12,6 +12,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use guest_abi::{Gpa, Gva};
 use guest_mm::aspace::AddressSpace;
 use guest_mm::fault::{FaultFix, PfErrorCode};
+use guest_mm::folio::FolioSize;
 use guest_mm::paging::{FrameSource, MmuPlatform, Page, PhysFrame, PteFlags, Size2MiB, Size4KiB};
 use guest_mm::phys::PhysMem;
 use guest_mm::vma::Prot;
@@ -19,8 +20,10 @@ use guest_mm::vma::Prot;
 /// Where the tests put user mappings (lower half, far from anything).
 pub const USER_BASE: u64 = 0x10_0000_0000;
 
-/// Faults the hook resolved, by kind.
+/// Demand-zero faults the hook resolved (one per folio).
 pub static DEMAND: AtomicU64 = AtomicU64::new(0);
+/// Pages those faults mapped.
+pub static DEMAND_PAGES: AtomicU64 = AtomicU64::new(0);
 /// Copy-on-write breaks.
 pub static COW: AtomicU64 = AtomicU64::new(0);
 /// Faults a test expected and the hook recorded (see [`EXPECT`]).
@@ -79,7 +82,14 @@ pub fn user_fault(cr2: u64, ec: u64) -> bool {
     match r {
         Some(Some(Ok(fix))) => {
             match fix {
-                FaultFix::DemandZero(_) => DEMAND.fetch_add(1, Ordering::Relaxed),
+                FaultFix::DemandZero(_) => {
+                    DEMAND_PAGES.fetch_add(1, Ordering::Relaxed);
+                    DEMAND.fetch_add(1, Ordering::Relaxed)
+                }
+                FaultFix::DemandFolio(_, size) => {
+                    DEMAND_PAGES.fetch_add(size.pages(), Ordering::Relaxed);
+                    DEMAND.fetch_add(1, Ordering::Relaxed)
+                }
                 FaultFix::CowCopied(_) | FaultFix::CowReused(_) => COW.fetch_add(1, Ordering::Relaxed),
                 FaultFix::Spurious(_) => 0,
             };
@@ -104,7 +114,7 @@ pub fn enter_user(pages: u64) -> TestResult {
             if user.is_some() {
                 return Err("a user address space is already installed");
             }
-            let mut a = ok(AddressSpace::new(cx, kpt), |e| e.as_str())?;
+            let mut a = ok(mm::new_address_space(cx, kpt), |e| e.as_str())?;
             if pages > 0 {
                 ok(a.add_vma(Gva(USER_BASE), Gva(USER_BASE + pages * 4096), Prot::READ | Prot::WRITE), |e| e.as_str())?;
             }
@@ -189,10 +199,13 @@ pub fn paging_map_protect_unmap() -> TestResult {
     check(frames_in_use() == before, "page-table pages or frames leaked")
 }
 
-/// Touching fresh pages of a VMA: one demand-zero fault each, zeroed.
+/// Touching fresh pages of a VMA: one demand-zero fault each (one per
+/// 16 KiB folio with `anon=` 16k and up: the 16 KiB area fits no larger
+/// one), zeroed.
 pub fn demand_paging_zero_fills() -> TestResult {
     let before = frames_in_use();
     let d0 = DEMAND.load(Ordering::Relaxed);
+    let p0 = DEMAND_PAGES.load(Ordering::Relaxed);
     enter_user(4)?;
     let mut good = true;
     for i in 0..4 {
@@ -205,10 +218,13 @@ pub fn demand_paging_zero_fills() -> TestResult {
     // SAFETY: mapped above.
     let sum: u64 = (0..4).map(|i| unsafe { user_ptr(i).read_volatile() }).sum();
     let faults = DEMAND.load(Ordering::Relaxed) - d0;
+    let pages = DEMAND_PAGES.load(Ordering::Relaxed) - p0;
     leave_user()?;
     check(good, "a fresh page was not zero")?;
     check(sum == 406, "written values lost")?;
-    check(faults == 4, "not exactly one demand fault per page")?;
+    check(pages == 4, "not exactly the four pages demand-mapped")?;
+    let want = if mm::anon_folio() == FolioSize::K4 { 4 } else { 1 };
+    check(faults == want, "not one demand fault per page (4k) or per 16 KiB folio")?;
     check(frames_in_use() == before, "destroy leaked frames or tables")
 }
 
@@ -261,6 +277,90 @@ pub fn fork_copy_on_write() -> TestResult {
     check(frames_in_use() == before, "fork/destroy leaked frames or tables")
 }
 
+/// Large anonymous folios on the real tables (issue 20), at the `anon=`
+/// size: one fault maps a whole folio (a 2 MiB one as one PMD leaf), whose
+/// other pages then take no fault; a munmap of one page inside it frees
+/// exactly that page; an mprotect of one page takes write from that page
+/// only, and giving it back costs one copy-on-write reuse.
+/// At `anon=4k` every step holds page by page.
+pub fn folios_fault_unmap_mprotect() -> TestResult {
+    let before = frames_in_use();
+    let size = mm::anon_folio();
+    let touched = size.pages().max(4);
+    // Two whole 2 MiB pages at USER_BASE (aligned): every size fits.
+    enter_user(1024)?;
+    let (d0, p0, c0) =
+        (DEMAND.load(Ordering::Relaxed), DEMAND_PAGES.load(Ordering::Relaxed), COW.load(Ordering::Relaxed));
+    // SAFETY: inside the VMA (demand-paged).
+    unsafe { user_ptr(0).write_volatile(100) };
+    let first = (DEMAND.load(Ordering::Relaxed) - d0, DEMAND_PAGES.load(Ordering::Relaxed) - p0);
+    for i in 1..touched {
+        // SAFETY: inside the VMA.
+        unsafe { user_ptr(i).write_volatile(100 + i) };
+    }
+    let faults = DEMAND.load(Ordering::Relaxed) - d0;
+    let at = |i: u64| Gva(USER_BASE + i * 4096);
+    let leaf_size = mm::with(|m| {
+        m.ctx(|cx, _, user| user.as_ref().and_then(|a| a.page_table().translate(cx.mem, at(0))).map(|t| t.size))
+    })
+    .flatten();
+    let body = || -> TestResult {
+        check(first == (1, size.pages()), "the first touch did not map one whole folio")?;
+        check(faults == touched / size.pages(), "a page of a mapped folio faulted again")?;
+        let huge = leaf_size == Some(guest_mm::paging::PageSizeKind::Size2MiB);
+        check(huge == (size == FolioSize::M2), "a 2 MiB folio is one PMD leaf (and only then)")?;
+        // munmap one page inside the folio: exactly that frame goes (a
+        // split THP gains one page-table page).
+        let f1 = frames_in_use();
+        mm::with(|m| m.ctx(|cx, _, user| user.as_mut().map(|a| a.munmap(cx, at(1), at(2)).map(|f| f.flush(cx.mmu)))))
+            .flatten()
+            .ok_or("no user space")?
+            .map_err(|e| e.as_str())?;
+        let want = if huge { f1 } else { f1 - 1 };
+        check(frames_in_use() == want, "munmap of one page freed other than that page")?;
+        // mprotect one page read-only: only it loses write.
+        mm::with(|m| {
+            m.ctx(|cx, _, user| {
+                user.as_mut().map(|a| a.mprotect(cx, at(2), at(3), Prot::READ).map(|f| f.flush(cx.mmu)))
+            })
+        })
+        .flatten()
+        .ok_or("no user space")?
+        .map_err(|e| e.as_str())?;
+        let writable = |i| {
+            mm::with(|m| {
+                m.ctx(|cx, _, user| {
+                    user.as_ref()
+                        .and_then(|a| a.page_table().translate(cx.mem, at(i)))
+                        .is_some_and(|t| t.flags.contains(PteFlags::WRITABLE))
+                })
+            })
+            .unwrap_or(false)
+        };
+        check(!writable(2) && writable(0) && writable(3), "mprotect changed other pages than its own")?;
+        mm::with(|m| {
+            m.ctx(|cx, _, user| {
+                user.as_mut().map(|a| a.mprotect(cx, at(2), at(3), Prot::READ | Prot::WRITE).map(|f| f.flush(cx.mmu)))
+            })
+        })
+        .flatten()
+        .ok_or("no user space")?
+        .map_err(|e| e.as_str())?;
+        // SAFETY: mapped read-only in a writable area: a COW reuse.
+        unsafe { user_ptr(2).write_volatile(202) };
+        check(COW.load(Ordering::Relaxed) - c0 == 1, "giving write back did not cost one COW reuse")?;
+        // SAFETY: mapped.
+        let kept = (0..touched)
+            .filter(|&i| i != 1)
+            .all(|i| unsafe { user_ptr(i).read_volatile() } == if i == 2 { 202 } else { 100 + i });
+        check(kept, "the folio's other pages lost their data")
+    };
+    let r = body();
+    leave_user()?;
+    r?;
+    check(frames_in_use() == before, "folios leaked frames or tables")
+}
+
 /// Switching among address spaces: each sees its own page at the same VA.
 pub fn address_spaces_switch() -> TestResult {
     let before = frames_in_use();
@@ -269,7 +369,7 @@ pub fn address_spaces_switch() -> TestResult {
     unsafe { user_ptr(0).write_volatile(1) };
     let other = mm::with(|m| {
         m.ctx(|cx, kpt, _| -> Result<AddressSpace, &'static str> {
-            let mut b = ok(AddressSpace::new(cx, kpt), |e| e.as_str())?;
+            let mut b = ok(mm::new_address_space(cx, kpt), |e| e.as_str())?;
             ok(b.add_vma(Gva(USER_BASE), Gva(USER_BASE + 4096), Prot::READ | Prot::WRITE), |e| e.as_str())?;
             Ok(b)
         })

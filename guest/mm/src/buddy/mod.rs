@@ -96,6 +96,7 @@ mod error;
 mod frame;
 mod free_lists;
 mod invariants;
+mod split;
 mod zone;
 mod zone_hot_list;
 

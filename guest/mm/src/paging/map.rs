@@ -147,6 +147,33 @@ impl PageTable {
         Ok((leaf, MapperFlush::new(leaf.va)))
     }
 
+    /// Replace the 2 MiB leaf that maps `va` by a page table of 512 4 KiB
+    /// leaves with the same frames and flags (Linux's `__split_huge_pmd`):
+    /// the translations do not change, only their size. The new table is
+    /// filled before it is linked, so no walk ever sees it half built.
+    /// Returns `Ok(None)` when `va` is not in a 2 MiB leaf (nothing to
+    /// split), else the flush to perform (SDM vol. 3A §4.10.4.2: a change
+    /// of page size must be invalidated, lest both sizes be cached).
+    pub fn split_large_leaf<M: PhysMem, T: PageTableSource>(
+        &mut self,
+        mem: &M,
+        src: &mut T,
+        va: Gva,
+    ) -> Result<Option<MapperFlush>, MapError> {
+        let Some(leaf) = self.leaf(mem, va) else { return Ok(None) };
+        if leaf.size != PageSizeKind::Size2MiB {
+            return Ok(None);
+        }
+        let table = src.alloc_table().ok_or(MapError::OutOfTables)?;
+        let flags = leaf.flags();
+        let base = leaf.entry.addr().0;
+        for idx in 0..ENTRIES {
+            write_entry(mem, table, idx, PageTableEntry::new(Gpa(base + idx as u64 * 4096), flags));
+        }
+        mem.write_u64(leaf.entry_addr, PageTableEntry::new(table.addr(), TABLE_FLAGS).0);
+        Ok(Some(MapperFlush::new(leaf.va)))
+    }
+
     /// Create, in every empty upper-half slot of the root, an empty PDPT, so
     /// that roots copied from this one later see every kernel mapping made
     /// afterwards (Linux preallocates the kernel's top-level entries for

@@ -37,8 +37,17 @@ impl<M: PhysMem> PageTableSource for BuddyAllocator<'_, M> {
 pub trait FrameSource: PageTableSource {
     /// A 4 KiB frame (contents unspecified), or `None`.
     fn alloc_frame(&mut self) -> Option<Pfn>;
-    /// Give back a frame from [`alloc_frame`](Self::alloc_frame).
+    /// Give back a frame from [`alloc_frame`](Self::alloc_frame) or one
+    /// frame of an [`alloc_folio`](Self::alloc_folio) block.
     fn free_frame(&mut self, frame: Pfn);
+    /// A naturally aligned block of `2^order` frames (contents
+    /// unspecified) whose frames are given back one by one with
+    /// [`free_frame`](Self::free_frame), or `None`. By default only order 0
+    /// is served (a source without large blocks makes every fault fall
+    /// back to 4 KiB).
+    fn alloc_folio(&mut self, order: u8) -> Option<Pfn> {
+        if order == 0 { self.alloc_frame() } else { None }
+    }
 }
 
 impl<T: FrameSource + ?Sized> FrameSource for &mut T {
@@ -47,6 +56,9 @@ impl<T: FrameSource + ?Sized> FrameSource for &mut T {
     }
     fn free_frame(&mut self, frame: Pfn) {
         (**self).free_frame(frame)
+    }
+    fn alloc_folio(&mut self, order: u8) -> Option<Pfn> {
+        (**self).alloc_folio(order)
     }
 }
 
@@ -57,6 +69,15 @@ impl<M: PhysMem> FrameSource for BuddyAllocator<'_, M> {
     fn free_frame(&mut self, frame: Pfn) {
         let refused = self.free(frame, 0).is_err();
         debug_assert!(!refused, "data frame refused by the buddy allocator");
+    }
+    fn alloc_folio(&mut self, order: u8) -> Option<Pfn> {
+        let pfn = self.alloc(order, ZonePref::Normal)?;
+        if order > 0 {
+            // Just allocated with this order: the split cannot be refused.
+            let refused = self.split_block(pfn, order).is_err();
+            debug_assert!(!refused, "fresh block refused by split_block");
+        }
+        Some(pfn)
     }
 }
 

@@ -18,29 +18,34 @@
 
 use super::ShadowBackend;
 use super::controls::fault_path_gvas;
-use crate::boot::layout::BOOT_TABLES;
 use crate::error::kvm_err;
 use crate::mmu::report::Coherence;
 use crate::mmu::{VcpuContext, VmContext};
-use guest_abi::paging::CR4_PGE;
+use guest_abi::paging::{CR0_PG, CR0_WP, CR4_PGE};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use std::time::Instant;
-use vm_memory::GuestMemoryMmap;
 
 impl ShadowBackend {
-    /// Ask KVM which pool pages the guest wrote since the last call (the
-    /// slot's dirty log; reading it clears it) and rewrite every one that
-    /// differs from the MMU's copy. Returns the number of pages repaired;
-    /// a repair leaves the host stale, so the caller invalidates before the
-    /// guest runs again (as after any change).
-    pub fn check_pool(&mut self, vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap) -> Result<u64, kvm_ioctls::Error> {
+    /// Ask KVM which pool pages were written since the last call (the
+    /// slot's dirty log; reading it clears it): first give the guest the D
+    /// bits the hardware set in read-only leaves there (writes under a
+    /// CR0.WP = 0 the guest did not report: `ShadowMmu::harvest_dirty_leaves`),
+    /// then rewrite every page that differs from the MMU's copy. Returns
+    /// the number of pages repaired; a repair leaves the host stale, so the
+    /// caller invalidates before the guest runs again (as after any change).
+    pub fn check_pool(&mut self, vm: &VmContext) -> Result<u64, kvm_ioctls::Error> {
         let t = Instant::now();
-        let bitmap = vm.get_dirty_log(self.pool_slot.slot, self.pool_slot.len as usize)?;
-        let dirty = bitmap
+        let bitmap = vm.fd.get_dirty_log(self.pool_slot.slot, self.pool_slot.len as usize)?;
+        let dirty: Vec<u64> = bitmap
             .iter()
             .enumerate()
-            .flat_map(|(w, &bits)| (0..64u64).filter(move |b| bits & (1 << b) != 0).map(move |b| w as u64 * 64 + b));
-        let mut pool = self.pool(mem);
+            .flat_map(|(w, &bits)| (0..64u64).filter(move |b| bits & (1 << b) != 0).map(move |b| w as u64 * 64 + b))
+            .collect();
+        let (mut ram, mut pool) = self.windows(vm);
+        let harvested = self.mmu.harvest_dirty_leaves(&mut pool, &mut ram, dirty.iter().copied());
+        if harvested > 0 {
+            log::debug!("{harvested} guest entries got the D bit of a write under the guest's own CR0.WP = 0");
+        }
         let repaired = self.mmu.repair_pool_pages(&mut pool, dirty);
         if repaired > 0 {
             log::debug!("the guest wrote {repaired} shadow pool page(s); rewritten from the VMM's copy");
@@ -60,8 +65,7 @@ impl ShadowBackend {
         match self.coherence {
             Coherence::ReregisterPoolSlot => {
                 // Deleting the slot drops its dirty log: collect it first.
-                let pool_mem = vm.ram.pool().expect("shadow mode has a pool");
-                self.check_pool(&vm.fd, pool_mem).map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+                self.check_pool(vm).map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
                 vm.ram
                     .reregister(&vm.map, &vm.fd, &self.pool_slot, self.pool_slot.kvm_flags())
                     .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
@@ -81,14 +85,43 @@ impl ShadowBackend {
         Ok(())
     }
 
-    /// At the first `LOAD_CR3`: the boot tables trap from now on (see
-    /// `create`), before anything is shadowed from them.
+    /// At the first `LOAD_CR3`: the boot tables and the page-table zone
+    /// trap from now on (see `create`), before anything is shadowed from
+    /// them.
     pub(super) fn lock_boot_tables(&mut self, vm: &VmContext) -> crate::Result<()> {
         if !self.boot_tables_locked {
-            set_boot_tables_readonly(vm, true)?;
+            set_table_slots_readonly(vm, true)?;
             self.boot_tables_locked = true;
         }
         Ok(())
+    }
+
+    /// At every exit (`before_entry`, and first thing at a shadow
+    /// hypercall): a vCPU whose CR0.WP is clear means the guest cleared WP
+    /// with its own `mov cr0`, which does not exit, and did not report it
+    /// with `FLUSH_TLB` — supervisor writes then go through read-only
+    /// shadow leaves without a fault, and the guest's entries would never
+    /// get D. Detected here as a cleared EFER.NXE is: the D bits the writes
+    /// left in the pool go to the guest's entries (`check_pool`), the
+    /// guest's WP = 0 is emulated from now on (as if reported), and the
+    /// vCPU gets WP = 1 back. The window this leaves (docs/shadow.md,
+    /// "What the guest must do"): a guest that clears and sets WP again
+    /// between two exits is caught by the pool's dirty log at the next
+    /// check (every shadow hypercall in shadow mode; the next `LOAD_CR3` in
+    /// pv mode).
+    pub(super) fn note_vcpu_wp(&mut self, vm: &VmContext, vcpu: &VcpuContext, rflags: u64) -> crate::Result<()> {
+        let cr0 = vcpu.sync_sregs().cr0;
+        if cr0 & CR0_PG == 0 || cr0 & CR0_WP != 0 || self.mmu.current_root(&self.vcpu).is_none() {
+            return Ok(());
+        }
+        self.check_pool(vm).map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+        self.guest_wp = false;
+        self.wp_cleared_silently += 1;
+        let sregs = vcpu.sregs()?;
+        let mode = self.guest_mode(&sregs, rflags);
+        let (mut ram, mut pool) = self.windows(vm);
+        self.mmu.set_mode(&mut self.vcpu, &mut pool, &mut ram, mode);
+        self.enter_root(vcpu, sregs)
     }
 
     /// At each shadow hypercall, first: repair what the guest wrote to the
@@ -101,24 +134,26 @@ impl ShadowBackend {
         regs: &kvm_regs,
         load_cr3: bool,
     ) -> crate::Result<()> {
+        self.note_vcpu_wp(vm, vcpu, regs.rflags)?;
         if self.check_pool_always || load_cr3 {
-            let pool_mem = vm.ram.pool().expect("shadow mode has a pool");
-            self.check_pool(&vm.fd, pool_mem).map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+            self.check_pool(vm).map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
         }
         self.mmu.set_prefill_hints(&fault_path_gvas(&vcpu.sync_sregs(), regs));
         Ok(())
     }
 }
 
-/// Register the memslot of the VMM's boot page tables read-only (its
-/// steady state in shadow and pv mode: `ept::memmap`) or writable: KVM
-/// needs a delete and re-add to change the flag (`GuestRam::reregister`).
-pub(super) fn set_boot_tables_readonly(vm: &VmContext, readonly: bool) -> crate::Result<()> {
-    let start = BOOT_TABLES.start;
-    let Some(slot) = vm.map.slot_of(start).copied().filter(|s| s.gpa == start && s.kind == ept::RegionKind::PageTables)
-    else {
-        return Ok(());
-    };
-    let flags = if readonly { slot.kvm_flags() } else { slot.kvm_flags() & !kvm_bindings::KVM_MEM_READONLY };
-    vm.ram.reregister(&vm.map, &vm.fd, &slot, flags).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))
+/// Register the memslots where guest page tables trap — the VMM's boot
+/// tables and, in shadow mode, the page-table zone — read-only (their
+/// steady state: `ept::memmap`) or writable (until the first `LOAD_CR3`,
+/// when nothing is shadowed yet): KVM needs a delete and re-add to change
+/// the flag (`GuestRam::reregister`).
+pub(super) fn set_table_slots_readonly(vm: &VmContext, readonly: bool) -> crate::Result<()> {
+    let trapping: Vec<_> =
+        vm.map.slots.iter().filter(|s| s.readonly && s.kind == ept::RegionKind::PageTables).copied().collect();
+    for slot in trapping {
+        let flags = if readonly { slot.kvm_flags() } else { slot.kvm_flags() & !kvm_bindings::KVM_MEM_READONLY };
+        vm.ram.reregister(&vm.map, &vm.fd, &slot, flags).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
 }

@@ -1,9 +1,10 @@
 //! Shadow mode in the VMM: the `shadow` crate's MMU wired to KVM.
 //!
-//! - The page-table zone is a `KVM_MEM_READONLY` slot, so every guest
-//!   page-table write exits as an MMIO write: [`ShadowBackend::pte_write`]
-//!   applies it to guest RAM and lets the MMU update or zap what derives
-//!   from it.
+//! - The page-table zone is a `KVM_MEM_READONLY` slot from the guest's
+//!   first `LOAD_CR3` on (nothing is shadowed before: the guest builds its
+//!   own tables first, untrapped), so every guest page-table write after it
+//!   exits as an MMIO write: [`ShadowBackend::pte_write`] applies it to
+//!   guest RAM and lets the MMU update or zap what derives from it.
 //! - The shadow tables live in the shadow pool, a VMM-private slot above
 //!   RAM (`ept::MemoryMap`).
 //! - `LOAD_CR3` points the vCPU's CR3 at the shadow root
@@ -56,7 +57,7 @@ use crate::mmu::explain::Explanation;
 use crate::mmu::report::{Coherence, HandlerTimes, ShadowReport};
 use crate::mmu::window::MemWindow;
 use crate::mmu::{GuestCpu, MmuBackend, MmuCounters, VcpuContext, VmContext};
-use coherence::set_boot_tables_readonly;
+use coherence::set_table_slots_readonly;
 use controls::fault_rflags;
 use ept::memmap::{GpaRange, SlotSpec};
 use guest_abi::hypercall as hc;
@@ -137,8 +138,11 @@ pub struct ShadowBackend {
     /// Read the pool's dirty log at every shadow hypercall (shadow mode),
     /// or only at `LOAD_CR3` (pv mode: `mmu::pv`, "Trust").
     check_pool_always: bool,
-    /// The boot tables' slot is read-only (from the first `LOAD_CR3` on).
+    /// The boot tables' and the zone's slots are read-only (from the first
+    /// `LOAD_CR3` on).
     boot_tables_locked: bool,
+    /// Times the vCPU was found with CR0.WP clear (`note_vcpu_wp`).
+    wp_cleared_silently: u64,
 }
 
 impl ShadowBackend {
@@ -172,6 +176,7 @@ impl ShadowBackend {
             pool_pages: pages,
             check_pool_always: true,
             boot_tables_locked: false,
+            wp_cleared_silently: 0,
         }
     }
 
@@ -194,6 +199,7 @@ impl ShadowBackend {
             pool_pages: self.pool_pages,
             pv: false,
             pv_refused: 0,
+            wp_cleared_silently: self.wp_cleared_silently,
         }
     }
 
@@ -266,7 +272,10 @@ impl ShadowBackend {
         // host: a triple fault at the first instruction). So they stay
         // writable until the first LOAD_CR3 — nothing is shadowed from them
         // before — and trap from then on ([`ShadowBackend::lock_boot_tables`]).
-        set_boot_tables_readonly(vm, false)?;
+        // So does the page-table zone: the guest builds its own tables
+        // (the direct map of all RAM) before its first LOAD_CR3, and those
+        // writes need no trap (issue 22, item 6).
+        set_table_slots_readonly(vm, false)?;
         // The paging controls are read at every SHADOW_FAULT: have KVM
         // copy the system registers out at each exit instead of paying a
         // KVM_GET_SREGS ioctl per fault.
@@ -313,11 +322,6 @@ impl ShadowBackend {
     /// The error for a pool that cannot hold what the guest needs.
     pub(crate) fn pool_too_small(&self, cr3: u64) -> Error {
         self.pool_exhausted(Gpa(cr3))
-    }
-
-    /// Warnings budget (bounded).
-    pub(crate) fn warn_allowed(&mut self) -> bool {
-        self.warnings.allow()
     }
 
     /// Guest RAM and the pool, as the MMU's two windows.
@@ -464,6 +468,8 @@ impl MmuBackend for ShadowBackend {
     }
 
     fn before_entry(&mut self, vm: &mut VmContext, vcpu: &mut VcpuContext) -> crate::Result<()> {
+        let rflags = vcpu.regs().rflags;
+        self.note_vcpu_wp(vm, vcpu, rflags)?;
         self.restore_host_coherence(vm, vcpu)
     }
 
