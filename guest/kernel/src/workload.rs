@@ -279,6 +279,16 @@ fn alloc(n: u64) -> Result<(), &'static str> {
 /// Pages of `aging`'s working set: one page table's worth.
 const AGING_PAGES: u64 = 512;
 
+/// Where `aging`'s working set starts: one page past a 2 MiB boundary, so
+/// that its VMA covers no aligned 2 MiB and every page is a 4 KiB leaf
+/// whatever `anon=` says (the LRU ages 4 KiB pages; it drops large ones).
+const AGING_BASE: u64 = USER_BASE + 4096;
+
+/// Page `i` of `aging`'s working set.
+fn aging_page(i: u64) -> *mut u64 {
+    (AGING_BASE + i * 4096) as *mut u64
+}
+
 /// Whether page `i` of `aging`'s working set is in its hot half (every
 /// other page, so hot and cold pages share every table).
 fn hot(i: u64) -> bool {
@@ -304,7 +314,7 @@ fn aging_pass(lru: &mut Lru<{ AGING_PAGES as usize }>) -> bool {
 /// the cold half on the inactive list, nothing reclaimed (every page holds
 /// data) or lost.
 fn aging_sorted(lru: &Lru<{ AGING_PAGES as usize }>) -> bool {
-    let index = |p: Gva| (p.0 - USER_BASE) / 4096;
+    let index = |p: Gva| (p.0 - AGING_BASE) / 4096;
     let half = (AGING_PAGES / 2) as usize;
     lru.active().len() == half
         && lru.inactive().len() == half
@@ -315,19 +325,29 @@ fn aging_sorted(lru: &Lru<{ AGING_PAGES as usize }>) -> bool {
 }
 
 fn aging(n: u64) -> Result<(), &'static str> {
-    enter_user(AGING_PAGES)?;
+    enter_user(0)?;
+    let added = mm::with(|m| {
+        m.ctx(|_, _, user| {
+            let end = AGING_BASE + AGING_PAGES * 4096;
+            user.as_mut().map(|a| a.add_vma(Gva(AGING_BASE), Gva(end), Prot::READ | Prot::WRITE).is_ok())
+        })
+    })
+    .flatten();
+    if added != Some(true) {
+        return Err("could not map the working set");
+    }
     let mut lru = alloc::boxed::Box::new(Lru::<{ AGING_PAGES as usize }>::new());
     for i in 0..AGING_PAGES {
         // SAFETY: inside the VMA; the first touch demand-faults.
-        unsafe { page(i).write_volatile(i) };
-        if !lru.add(Gva(USER_BASE + i * 4096)) {
+        unsafe { aging_page(i).write_volatile(i) };
+        if !lru.add(Gva(AGING_BASE + i * 4096)) {
             return Err("the LRU lists are too small");
         }
     }
     let touch_hot = |v: u64| {
         for i in (0..AGING_PAGES).filter(|&i| hot(i)) {
             // SAFETY: mapped above, never unmapped (every page is dirty).
-            unsafe { page(i).write_volatile(v + i) };
+            unsafe { aging_page(i).write_volatile(v + i) };
         }
     };
     // Warm-up: the first pass finds every page used and activates it, the
@@ -344,7 +364,7 @@ fn aging(n: u64) -> Result<(), &'static str> {
     // After the measured phase: reading the cold pages faults their A bits
     // back in under shadow paging.
     // SAFETY: all mapped.
-    ok &= (0..AGING_PAGES).all(|i| unsafe { page(i).read_volatile() } == if hot(i) { n + i } else { i });
+    ok &= (0..AGING_PAGES).all(|i| unsafe { aging_page(i).read_volatile() } == if hot(i) { n + i } else { i });
     leave_user()?;
     if ok { Ok(()) } else { Err("the aging pass sorted the pages wrongly") }
 }
