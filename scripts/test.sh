@@ -37,8 +37,9 @@ status=${PIPESTATUS[0]}
 set -e
 # One closing line over all test binaries (cargo prints one per binary, and
 # the last is often an empty doc-test run).
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
-     END { printf "total: %d passed, %d failed\n", p, f }' "$log"
+read -r passed failed < <(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "%d %d\n", p, f }' "$log")
+echo "cargo test: $passed passed, $failed failed"
 
 # The integration tests run the in-guest suites at the default folio size
 # (anon=4k); the other sizes change every fault path, so the suites run
@@ -49,7 +50,17 @@ for anon in 16k 64k 2m; do
         status=1
         echo "$out"
     fi
-    echo "anon=$anon: $(echo "$out" | tail -n 1)"
+    last_line=$(echo "$out" | tail -n 1)
+    echo "anon=$anon: $last_line"
+    # `vmm test` closes with "N passed, M failed": add it to the total.
+    if [[ $last_line =~ ^([0-9]+)\ passed,\ ([0-9]+)\ failed ]]; then
+        passed=$((passed + BASH_REMATCH[1]))
+        failed=$((failed + BASH_REMATCH[2]))
+    else
+        failed=$((failed + 1))
+    fi
 done
 echo "test.sh took $((SECONDS - start)) s (tests: $((SECONDS - last)) s)"
+# One closing line over everything above (CI reads the last one).
+echo "total: $passed passed, $failed failed"
 exit "$status"

@@ -29,19 +29,26 @@
 //!   - `mmu/sync.rs`: trapped PTE writes, zapping, `FLUSH_TLB`;
 //!   - `mmu/page_track.rs`: the frames whose writes trap (`page_track.c`);
 //!   - `mmu/pool.rs`: allocation, quarantine, the zap of everything;
-//!   - `mmu/coherence.rs`: host staleness, deferral, pool repair;
+//!   - `mmu/coherence.rs`: TLB generations and the vCPUs' flushes, the
+//!     quarantine, deferral, pool repair;
 //!   - `mmu/pv.rs`: pv mode's batches, prefetch and published roots;
+//!   - `mmu/remote.rs`: pv on SMP, every queue at a sync point and the
+//!     paravirtual remote TLB flush;
 //!   - `mmu/invariants.rs`, `mmu/stats.rs`, `mmu/error.rs`: the checker,
 //!     the counters, the errors.
 //!
 //! `tests/exactness.rs` checks the MMU under every paging control against
 //! the SDM with a modelled vCPU (CR4.SMEP/SMAP included, which the
-//! development hosts cannot give a guest).
+//! development hosts cannot give a guest); `mmu/smp_tests.rs` drives
+//! several vCPUs with modelled TLBs against what hardware may translate.
 #![deny(unsafe_code)]
 
 pub mod mmu;
 pub mod walker;
 
 pub use guest_abi::{Gpa, Gva};
-pub use mmu::{BatchOutcome, FaultOutcome, ShadowError, ShadowMmu, ShadowRoot, ShadowStats, ShadowVcpu, TableFrames};
+pub use mmu::{
+    BatchOutcome, EntryWork, FaultOutcome, FlushTicket, MAX_VCPUS, RemoteFlush, RemoteFlushOutcome, ShadowError,
+    ShadowMmu, ShadowRoot, ShadowStats, ShadowVcpu, TableFrames, VcpuSet,
+};
 pub use walker::{Access, GuestPhys, PageFault, PagingMode, Translation, walk};

@@ -36,8 +36,8 @@
 //! (host invalidation, pool repair, counters) takes none. A zap of
 //! everything starts a new *generation* and every vCPU's root becomes
 //! obsolete at once, without the MMU reaching into the vCPUs (KVM's
-//! `mmu_valid_gen`). The VMM runs one vCPU, so one `ShadowVcpu` is in use
-//! and nothing locks; the split is where sharing among vCPUs will go.
+//! `mmu_valid_gen`); each vCPU rebuilds its root at its next `LOAD_CR3`,
+//! fault or entry. How several vCPUs share one `ShadowMmu` is "SMP" below.
 //!
 //! ## Invariants
 //!
@@ -61,11 +61,14 @@
 //!    otherwise. A partial or misaligned write zaps the whole shadow page.
 //! 4. **Host coherence.** On a host whose KVM itself shadows page tables,
 //!    changes the VMM makes to shadow tables are invisible to the vCPU
-//!    until the VMM makes the host forget (docs/host.md). Every change that
-//!    removes or restricts a mapping sets [`ShadowMmu::host_stale`]; the VMM
-//!    invalidates before the guest runs again and then calls
-//!    [`ShadowMmu::host_invalidated`]. Freed pool pages wait in quarantine
-//!    until then, so no page the host may still cache is reused early.
+//!    until the VMM makes the host forget (docs/host.md); on any host a
+//!    vCPU's TLB may cache them. Every change that removes or restricts a
+//!    mapping is recorded in the VM's TLB generation, and every vCPU must
+//!    flush before it runs guest code again ([`ShadowMmu::host_stale`],
+//!    [`ShadowMmu::host_invalidated`] with one vCPU; "SMP" below with
+//!    several). Freed pool pages wait in quarantine until every vCPU has
+//!    flushed, so no page a vCPU or the host may still cache is reused
+//!    early.
 //!    With [`ShadowMmu::set_defer_unreachable`] (trapping shadow mode) a
 //!    change in a page the loaded root does not reach is remembered instead
 //!    and makes the host stale when a root that reaches it is loaded (or a
@@ -96,6 +99,130 @@
 //! (`mmu::harvest`) installs level-1 leaves with A clear, which the CPU
 //! sets in the pool — the one bit in which the pool may differ from the
 //! VMM's copy.
+//!
+//! # SMP (issue 18)
+//!
+//! ## The MMU lock (KVM's `mmu_lock`)
+//!
+//! One `ShadowMmu` per VM, behind one lock: the VMM holds it in a
+//! `Mutex<ShadowMmu>` (it is `Send`) and every operation — a vCPU's
+//! `LOAD_CR3`, `SHADOW_FAULT`, trapped write, flush, pv sync, its entry
+//! work, and the VM's own (pool repair, table frames, zap of everything) —
+//! runs with the lock held, start to end. Each vCPU's [`ShadowVcpu`] is
+//! owned by its vCPU thread, outside the lock (KVM's `vcpu->arch.mmu`),
+//! and passed into the operation; what other threads must know of it (its
+//! root, its flush state) lives in the `ShadowMmu`. One lock, not finer:
+//! every operation may touch the pool, the role index and the reverse map
+//! together, and an operation is microseconds against a `KVM_RUN` exit's
+//! cost (docs/benchmarks.md): four threads doing nothing but MMU
+//! operations (faults, trapped writes, CR3 loads, entry work) held the
+//! lock 3–5 µs per operation and waited 5–7 µs for it (release build,
+//! 2-core machine at load average 5, 2026-12-08) — saturated by design,
+//! where real vCPUs spend most of their time in guest mode. Finer locking
+//! has nothing to win until the VMM measures contention; the stress tests'
+//! 4 threads share one mutex.
+//!
+//! Lock order, outermost first: **(per-vCPU state, owned by its thread —
+//! no lock) → the MMU lock → the console queue → the statistics.** A
+//! thread holding the MMU lock may take the console queue or the stats,
+//! never the reverse; nothing under the MMU lock waits for a vCPU thread
+//! that could be waiting for the MMU lock: a kicked vCPU leaves guest mode
+//! (and says so in its own atomic state) without any lock, so waiting for
+//! that under the MMU lock cannot deadlock. A vCPU marks itself in guest
+//! mode only with no VM lock held.
+//!
+//! ## Coherence among vCPUs (`coherence.rs`)
+//!
+//! 1. **A zapped shadow entry another vCPU may cache**: every change is
+//!    recorded in the VM's TLB generation (Linux's `tlb_gen`), and
+//!    [`ShadowMmu::flush_requests`] names every vCPU that must flush
+//!    before it runs guest code again — after each operation the VMM kicks
+//!    those in `KVM_RUN` and the others flush at their next entry
+//!    ([`ShadowMmu::prepare_entry`], then [`ShadowMmu::vcpu_flushed`]). A
+//!    page freed meanwhile is **quarantined**, tagged with its generation,
+//!    and becomes free only when every vCPU has flushed past it — a real
+//!    flush, or the vCPU stopped outside `KVM_RUN` with the flush still to
+//!    do ([`ShadowMmu::vcpus_stopped`]: KVM's `kvm_flush_remote_tlbs`
+//!    waiting for the kicks). The vCPU an operation is done for is out of
+//!    `KVM_RUN`, so it may reuse a page every *other* vCPU has flushed,
+//!    and then owes a flush. When the pool has nothing else to give, the
+//!    MMU calls the VMM's remote flush ([`ShadowMmu::set_remote_flush`]:
+//!    kick, wait until out of guest mode) for the vCPUs holding it back.
+//! 2. **A trapped PTE write on one vCPU** changes the shared shadow at
+//!    once, so a vCPU with nothing cached walks the new translation. One
+//!    with the old one cached keeps it until it flushes, which is no later
+//!    than the guest's own shootdown reaching it: by default the MMU asks
+//!    every vCPU to flush after every change (trapping mode), and the VMM
+//!    waits for the kicked ones before the writing vCPU resumes, so no
+//!    vCPU outlives the write with it; where the guest's flushes are real
+//!    ones (pv mode on an EPT/NPT host, [`ShadowMmu::host_flush_left_to_guest`])
+//!    the guest's own `invlpg`, CR3 load or `PV_FLUSH_REMOTE` reaching
+//!    each CPU is the flush — exactly the staleness hardware allows (Intel
+//!    SDM vol. 3 §4.10.4–4.10.5: a cached translation, or a cached upper
+//!    entry combined with the current lower ones, until invalidated).
+//!    Never longer, and never a translation the guest's tables never held:
+//!    pool pages are not reused under a vCPU that may still walk them.
+//! 3. **Roots loaded on several vCPUs are counted** (`loaded`, one entry
+//!    per vCPU): the root cache never evicts a root some vCPU runs on (it
+//!    grows past its capacity instead), a root left by its last vCPU after
+//!    eviction is freed then, and a zap of everything zeroes and *holds*
+//!    the roots vCPUs' CR3s point at until each has moved to a new one.
+//!    In pv mode a guest loads published roots itself, unseen: with
+//!    [`ShadowMmu::set_guest_loads_roots`] a root evicted or zapped waits
+//!    in *limbo* (in use, or held) until every vCPU's CR3 has been
+//!    reported elsewhere ([`ShadowMmu::follow_shadow_root`] at each exit).
+//!
+//! Paging controls (CR0.WP, EFER.NXE, CR4.SMEP/SMAP) are per VM, as the
+//! shadow pages computed under them: a guest whose CPUs disagree is
+//! correct but zaps everything at each switch (a guest keeps them equal on
+//! every CPU). The emulation of CR0.WP = 0 under SMAP relies on the
+//! flushes above reaching every vCPU before user mode runs, so it is not
+//! to be combined with [`ShadowMmu::host_flush_left_to_guest`].
+//!
+//! pv mode on SMP (`remote.rs`): one write queue per vCPU
+//! (`guest_abi::pv`, layout version 2, rings any vCPU's exit may drain);
+//! every sync point applies every vCPU's queue ([`ShadowMmu::sync_queues`]),
+//! and `PV_FLUSH_REMOTE` ([`ShadowMmu::flush_remote`]) does that and then
+//! makes the named vCPUs owe a flush.
+//!
+//! What the VMM calls, per vCPU thread. `request[v]` and `mode[v]` are
+//! the VMM's per-vCPU atomics (SeqCst), outside the MMU lock: KVM's
+//! `vcpu->requests` and `vcpu->mode`, whose store-then-load on both sides
+//! makes a request either seen by the vCPU before it enters or answered
+//! by a kick (`kvm_vcpu_exiting_guest_mode`). The library's own record of
+//! who owes a flush is behind the lock; the atomics only make the vCPU
+//! come and look. (`mmu::smp_tests` runs this protocol, sequentially.)
+//!
+//! ```text
+//! let mut cpu = mmu.lock().new_vcpu();                 // before the thread starts
+//! loop {
+//!     request[me].store(false);
+//!     { let mut m = mmu.lock();                        // entry work
+//!       let work = m.prepare_entry(&mut cpu, ..)?;     // an obsolete root rebuilt?
+//!       if let Some(root) = work.root { point CR3 at it }   // (a CR3 change flushes)
+//!       if let Some(t) = work.flush { flush this vCPU; m.vcpu_flushed(cpu.id(), t) } }
+//!     mode[me].store(IN_GUEST);
+//!     if request[me].load() { mode[me].store(OUTSIDE); continue }
+//!     KVM_RUN;
+//!     mode[me].store(OUTSIDE);
+//!     { let mut m = mmu.lock();                        // a shadow exit
+//!       (pv: m.follow_shadow_root(&mut cpu, .., CR3 from the sync regs); re-point CR3 if moved)
+//!       m.handle_fault(&mut cpu, ..) / m.pte_written(..) / m.load_cr3(..) / ..;
+//!       let ask = m.flush_requests().minus(VcpuSet::single(me));
+//!       let t = m.flush_ticket();
+//!       for v in ask { request[v].store(true); if mode[v].load() == IN_GUEST { kick v; wait for OUTSIDE } }
+//!       m.vcpus_stopped(ask, t); }                     // only now may their pages be reused
+//! }
+//! mmu.lock().remove_vcpu(pool, cpu);                   // when the thread ends
+//! ```
+//!
+//! The remote-flush hook ([`ShadowMmu::set_remote_flush`]) is the same
+//! `for v` loop, returning the vCPUs it stopped. Waiting for a kicked vCPU
+//! while holding the MMU lock is safe because leaving guest mode takes no
+//! lock; a VMM that would rather not wait under the lock may skip
+//! `vcpus_stopped` — the pages then wait in quarantine for the vCPUs' own
+//! [`ShadowMmu::vcpu_flushed`] — but in trapping mode the writing vCPU
+//! must not resume before the kicked ones are out (invariant 2 of "SMP").
 //!
 //! # Paging controls (SDM vol. 3 §4.6 "Access rights", §4.7 "Page-fault exceptions")
 //!
@@ -202,9 +329,10 @@
 //! | `sync.rs` | trapped PTE writes: update in place or zap; `FLUSH_TLB` | `mmu.c` (`kvm_mmu_pte_write`) |
 //! | `page_track.rs` | [`TableFrames`]: the frames whose writes trap (invariant 6) | `page_track.c` |
 //! | `pool.rs` | allocation, freeing, quarantine, zap of everything | `mmu.c` (`kvm_mmu_commit_zap_page`, `kvm_mmu_zap_all`) |
-//! | `coherence.rs` | host staleness, deferral, pool repair (invariant 4, trust) | `kvm_flush_remote_tlbs` |
+//! | `coherence.rs` | TLB generations, per-vCPU flush state, quarantine release, deferral, pool repair (invariant 4, SMP, trust) | `kvm_flush_remote_tlbs`, Linux's `tlb_gen` |
 //! | `pv.rs` | pv mode: write batches, prefetch, published roots | — |
 //! | `harvest.rs` | pv mode: `PV_HARVEST`, the shadow leaves' A bits as a second-level accessed bit | `kvm_age_gfn` |
+//! | `remote.rs` | pv on SMP: every vCPU's queue at a sync point, `PV_FLUSH_REMOTE` | `KVM_FEATURE_PV_TLB_FLUSH` |
 //! | `invariants.rs` | the structural checker; the diagnostic shadow walk | — |
 //! | `stats.rs`, `error.rs` | [`ShadowStats`]; [`ShadowError`] | — |
 
@@ -250,6 +378,7 @@ mod page;
 mod page_track;
 mod pool;
 mod pv;
+mod remote;
 mod root;
 mod spte;
 mod stats;
@@ -257,6 +386,8 @@ mod sync;
 mod vcpu;
 mod vm;
 
+use coherence::{CpuTlb, RemoteFlushHook, TlbState};
+pub use coherence::{EntryWork, FlushTicket, MAX_VCPUS, RemoteFlush, VcpuSet};
 pub use error::ShadowError;
 pub use fault::FaultOutcome;
 use harvest::pool_agrees;
@@ -264,11 +395,28 @@ use page::*;
 pub use page_track::TableFrames;
 use page_track::Zoned;
 pub use pv::BatchOutcome;
+pub use remote::RemoteFlushOutcome;
 pub use root::ShadowRoot;
 use spte::{maps_page, restricts, shadowable};
 pub use stats::ShadowStats;
 pub use vcpu::ShadowVcpu;
 pub use vm::ShadowMmu;
+
+/// A deliberately broken variant of the MMU (tests only): the SMP stress
+/// test must fail on each.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Sabotage {
+    /// The real thing.
+    None,
+    /// Freed pool pages go straight to the free list, without quarantine.
+    NoQuarantine,
+    /// Root-cache eviction frees a root other vCPUs still run on.
+    EvictLoadedRoots,
+    /// pv: a root the guest may have loaded by itself is freed when
+    /// evicted or zapped (no limbo).
+    NoLimbo,
+}
 
 #[cfg(test)]
 mod test_mem;
@@ -280,3 +428,6 @@ mod pv_tests;
 
 #[cfg(test)]
 mod bounds_tests;
+
+#[cfg(test)]
+mod smp_tests;

@@ -31,13 +31,16 @@ pub const SHADOW_FAULT: u32 = 4;
 pub const FLUSH_TLB: u32 = 5;
 /// Print the GVA→GPA→HVA→HPA chain of an address: `EXPLAIN(gva)`.
 pub const EXPLAIN: u32 = 6;
-/// pv mode: register the shared area: `PV_SETUP(gpa)`, the GPA of
+/// pv mode: register the shared area: `PV_SETUP(gpa, layout)`, the GPA of
 /// [`crate::pv::AREA_PAGES`] page-aligned pages of guest RAM (the write
-/// queue, then the published roots). Once per boot; `ERR_FAULT` outside
-/// RAM or unaligned, `ERR_INVALID` when already set up, [`ERR_OVERLAP`]
-/// when any of it lies in memory the VMM shadows (the page-table zone or
-/// the VMM's boot page tables): the VMM writes the area, and its writes
-/// there would change guest page tables behind the shadow's back.
+/// queue, then the published roots) for `layout` 0 or
+/// [`crate::pv::LAYOUT_V1`], or [`crate::pv::area_pages_v2`]`(cpus)` pages
+/// for [`crate::pv::LAYOUT_V2`] (one write queue per vCPU). Once per boot;
+/// `ERR_FAULT` outside RAM or unaligned, `ERR_INVALID` when already set up
+/// or for an unknown layout, [`ERR_OVERLAP`] when any of it lies in memory
+/// the VMM shadows (the page-table zone or the VMM's boot page tables): the
+/// VMM writes the area, and its writes there would change guest page
+/// tables behind the shadow's back.
 pub const PV_SETUP: u32 = 7;
 /// pv mode: apply the write queue, then make `gva`'s translation current:
 /// `PV_FLUSH(gva)` (`gva` = [`crate::pv::NO_GVA`]: none). Answers [`OK`] or
@@ -54,6 +57,23 @@ pub const PV_FLUSH: u32 = 8;
 /// `ERR_INVALID` for more or an unaligned `gva`, `ERR_FAULT` for a bitmap
 /// outside RAM. The guest flushes its TLB after it (docs/pv.md).
 pub const PV_HARVEST: u32 = 9;
+/// pv mode on SMP (shared-area layout [`crate::pv::LAYOUT_V2`]): the
+/// paravirtual remote TLB flush that replaces a shootdown's IPIs (KVM's
+/// `KVM_FEATURE_PV_TLB_FLUSH`, Hyper-V's `HvFlushVirtualAddressList`, Xen's
+/// `MMUEXT_TLB_FLUSH_MULTI`): `PV_FLUSH_REMOTE(cpus, ranges, count)`. The
+/// VMM applies the write queue of *every* vCPU, then every vCPU in `cpus`
+/// (bit `i` = vCPU `i`; [`crate::pv::ALL_CPUS`]: all) flushes before it
+/// runs guest code again: a vCPU in guest mode is stopped before the call
+/// returns, the others flush at their next entry. `ranges` is the GPA of
+/// `count` ≤ [`crate::pv::FLUSH_RANGES_CAP`] range entries
+/// ([`crate::pv::range_entry`]); `count` = 0 flushes everything (a range
+/// list may be flushed as everything: a superset is always allowed).
+/// Answers [`OK`], a batch error for the caller's own queue
+/// ([`crate::pv::batch_error`]), [`ERR_INVALID`] (`count` too large),
+/// [`ERR_FAULT`] (the range list outside RAM) or [`ERR_UNAVAILABLE`] (not
+/// pv mode, or a [`crate::pv::LAYOUT_V1`] area). Reserved: the VMM answers
+/// it once its SMP pv mode lands (issue 18).
+pub const PV_FLUSH_REMOTE: u32 = 10;
 
 /// Success.
 pub const OK: u64 = 0;
@@ -95,6 +115,7 @@ pub const fn name(nr: u32) -> &'static str {
         PV_SETUP => "pv_setup",
         PV_FLUSH => "pv_flush",
         PV_HARVEST => "pv_harvest",
+        PV_FLUSH_REMOTE => "pv_flush_remote",
         _ => "unknown",
     }
 }

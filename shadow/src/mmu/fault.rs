@@ -39,6 +39,10 @@ impl ShadowMmu {
         cr2: Gva,
         error_code: u32,
     ) -> Result<FaultOutcome, ShadowError> {
+        self.act(vcpu);
+        // A root a zap of everything (done for another vCPU) made obsolete
+        // is rebuilt first; the VMM points CR3 at the new one.
+        self.reload_obsolete(vcpu, pool, guest)?;
         let (guest_cr3, mut root) = self.loaded_root(vcpu).ok_or(ShadowError::NoRoot)?;
         let guest_cr3 = Gpa(guest_cr3);
         let cr2 = cr2.raw();
@@ -90,7 +94,7 @@ impl ShadowMmu {
             if attempt == 0 {
                 // Pool exhausted: start over with an empty pool.
                 self.stats.pool_exhaustions += 1;
-                self.zap_all(pool);
+                self.zap_everything(pool);
                 self.load_cr3(vcpu, pool, guest, guest_cr3)?;
                 root = self.loaded_root(vcpu).ok_or(ShadowError::NoRoot)?.1;
             }

@@ -29,7 +29,11 @@
 //! A leaf whose A was cleared marks the host stale: a host that shadows the
 //! pool must forget its translation for the CPU to walk (and set A) again.
 //! The guest flushes its own TLB after the call for the same reason (a
-//! translation it still caches is used without a walk).
+//! translation it still caches is used without a walk); with several
+//! vCPUs the cleared bits are a recorded change like any other, so every
+//! vCPU that may cache one flushes before it runs again
+//! ([`ShadowMmu::flush_requests`]), as KVM's `kvm_age_gfn` flushes remote
+//! TLBs.
 //!
 //! # Invariants and trust
 //!

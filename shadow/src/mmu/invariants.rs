@@ -36,6 +36,7 @@ impl ShadowMmu {
     /// points at a live page whose parent list has it, and every leaf maps
     /// guest RAM only.
     pub fn check_invariants(&self, pool: &impl GuestPhys, guest: &impl GuestPhys) -> Result<(), String> {
+        self.check_pool_accounting()?;
         for (i, sp) in self.pages.iter().enumerate() {
             let Some(sp) = sp else { continue };
             if self.by_role.get(&sp.role) != Some(&(i as u32)) {
@@ -67,6 +68,43 @@ impl ShadowMmu {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Every pool page is in exactly one of: in use, free, quarantine,
+    /// held; a page some vCPU's CR3 holds is in use or held, never free or
+    /// quarantined; the quarantine is in generation order; nothing a
+    /// registered vCPU may still cache is free (every page freed since a
+    /// vCPU's last flush is still quarantined).
+    fn check_pool_accounting(&self) -> Result<(), String> {
+        let mut seen = vec![0u8; self.pages.len()];
+        let lists = [
+            ("free", self.free.clone()),
+            ("quarantine", self.quarantine.iter().map(|&(p, _)| p).collect()),
+            ("held", self.held.clone()),
+        ];
+        for (name, list) in &lists {
+            for &p in list {
+                if self.pages.get(p as usize).is_none_or(|sp| sp.is_some()) {
+                    return Err(format!("page {p} in {name} is in use or outside the pool"));
+                }
+                seen[p as usize] += 1;
+            }
+        }
+        for (i, sp) in self.pages.iter().enumerate() {
+            let want = u8::from(sp.is_none());
+            if seen[i] != want {
+                return Err(format!("page {i} is in {} of the free, quarantine and held lists", seen[i]));
+            }
+        }
+        for &p in self.loaded.iter().chain(self.limbo.iter().map(|l| &l.0)) {
+            if self.pages[p as usize].is_none() && !self.held.contains(&p) {
+                return Err(format!("page {p} is (or may be) some vCPU's root but neither in use nor held"));
+            }
+        }
+        if self.quarantine.iter().zip(self.quarantine.iter().skip(1)).any(|(a, b)| a.1 > b.1) {
+            return Err("the quarantine is not in generation order".into());
         }
         Ok(())
     }

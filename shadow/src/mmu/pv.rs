@@ -55,6 +55,7 @@ impl ShadowMmu {
         entries: &[u64],
         zone: (Gpa, Gpa),
     ) -> BatchOutcome {
+        self.act(vcpu);
         self.stats.batches += 1;
         let mut outcome = BatchOutcome { applied: 0, refused: None };
         for &e in entries {
@@ -91,6 +92,7 @@ impl ShadowMmu {
         guest: &mut impl GuestPhys,
         va: Gva,
     ) -> bool {
+        self.act(vcpu);
         let va = va.raw();
         let Some((_, mut page)) = self.loaded_root(vcpu) else { return false };
         let Some(mut role) = self.pages[page as usize].as_ref().map(|p| p.role) else { return false };
@@ -190,6 +192,7 @@ impl ShadowMmu {
         guest: &mut impl GuestPhys,
         guest_cr3: Gpa,
     ) -> Result<ShadowRoot, ShadowError> {
+        self.act(vcpu);
         match self.loaded_root(vcpu) {
             Some((g, p)) if g == guest_cr3.raw() & ADDR => Ok(ShadowRoot(Gpa(self.page_gpa(p)))),
             _ => self.load_cr3(vcpu, pool, guest, guest_cr3),
@@ -201,7 +204,10 @@ impl ShadowMmu {
     /// may switch to a published root without an exit. Returns whether it
     /// is a cached root (anything else — a stale or made-up address — is
     /// ignored: the guest then runs on what it loaded, which only hurts
-    /// itself).
+    /// itself). On SMP the VMM calls it at every exit: it is how the MMU
+    /// learns a vCPU left a root in limbo (`remote.rs`), and a vCPU found on
+    /// one is moved to its guest root's shadow — point CR3 at
+    /// [`ShadowMmu::current_root`] whenever it differs.
     pub fn follow_shadow_root(
         &mut self,
         vcpu: &mut ShadowVcpu,
@@ -209,7 +215,17 @@ impl ShadowMmu {
         guest: &mut impl GuestPhys,
         shadow_root: Gpa,
     ) -> Result<bool, ShadowError> {
-        let Some(page) = self.page_of(shadow_root.raw() & ADDR) else { return Ok(false) };
+        self.act(vcpu);
+        let hw_page = self.page_of(shadow_root.raw() & ADDR);
+        // SMP: a published root the guest loaded and another vCPU evicted
+        // or zapped since (`remote.rs`): back to its guest root.
+        if let Some(g) = hw_page.and_then(|p| self.limbo_root(p)) {
+            self.load_cr3(vcpu, pool, guest, Gpa(g))?;
+            self.leave_limbo(pool, vcpu.id, None);
+            return Ok(true);
+        }
+        self.leave_limbo(pool, vcpu.id, hw_page);
+        let Some(page) = hw_page else { return Ok(false) };
         match self.loaded_root(vcpu) {
             Some((_, p)) if p == page => Ok(true),
             _ => match self.roots.iter().find(|&&(_, p)| p == page) {

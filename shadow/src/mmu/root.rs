@@ -5,7 +5,8 @@
 //!
 //! - Every cached root is pinned (`ShadowPage::root`) and is freed only when
 //!   evicted from the cache (least recently loaded first) and unreferenced;
-//!   the root a vCPU has just loaded is the most recent, so never evicted.
+//!   a root some vCPU runs on (`loaded`) is never evicted — with every
+//!   cached root loaded the cache holds one more — nor freed.
 //! - A root a vCPU runs on has its kernel half shadowed (`needs_prefill`
 //!   clear) as far as the hinted slots go: fault delivery must not fault.
 //!   `Err(PoolTooSmall)` means not even those fit, and `load_cr3` then
@@ -52,6 +53,7 @@ impl ShadowMmu {
         guest: &mut impl GuestPhys,
         mode: PagingMode,
     ) {
+        self.act(vcpu);
         vcpu.mode = mode;
         let same_rules = PagingMode { ac: self.rules.ac, ..mode } == self.rules;
         if same_rules {
@@ -60,7 +62,7 @@ impl ShadowMmu {
         self.rules = mode;
         self.epoch += 1;
         let current = self.loaded_root(vcpu).map(|(g, _)| g);
-        self.zap_all(pool);
+        self.zap_everything(pool);
         if let Some(cr3) = current {
             let _ = self.load_cr3(vcpu, pool, guest, Gpa(cr3));
         }
@@ -75,6 +77,7 @@ impl ShadowMmu {
         guest: &mut impl GuestPhys,
         guest_cr3: Gpa,
     ) -> Result<ShadowRoot, ShadowError> {
+        self.act(vcpu);
         self.stats.cr3_loads += 1;
         vcpu.last_fixed = None;
         let guest_cr3 = guest_cr3.raw();
@@ -88,7 +91,7 @@ impl ShadowMmu {
                 // everything else in it: start over with an empty pool.
                 ShadowError::PoolTooSmall => {
                     self.stats.pool_exhaustions += 1;
-                    self.zap_all(pool);
+                    self.zap_everything(pool);
                     self.switch_root(vcpu, pool, guest, guest_cr3)
                 }
                 e => Err(e),
@@ -111,7 +114,7 @@ impl ShadowMmu {
             let entry = self.roots.remove(pos).expect("position is valid");
             self.roots.push_front(entry);
             self.stats.root_hits += 1;
-            self.set_loaded_root(vcpu, entry.0, entry.1);
+            self.set_loaded_root(pool, vcpu, entry.0, entry.1);
             self.promote_deferred(entry.1);
             // A guest frame reused as a new PML4 (or kernel-half entries
             // rewritten) zapped entries of this root: everything fault
@@ -126,7 +129,7 @@ impl ShadowMmu {
             Some(p) => p,
             None => {
                 self.stats.pool_exhaustions += 1;
-                self.zap_all(pool);
+                self.zap_everything(pool);
                 self.get_or_create(pool, Role::root(key)).ok_or(ShadowError::PoolTooSmall)?
             }
         };
@@ -134,14 +137,26 @@ impl ShadowMmu {
             p.root = true;
         }
         self.roots.push_front((key, page));
+        // Evict the least recently loaded roots no vCPU runs on (all of
+        // them loaded: the cache grows past its capacity until one is left).
         while self.roots.len() > self.root_cap {
-            let (_, old) = self.roots.pop_back().expect("non-empty");
+            #[cfg(test)]
+            let victim = if self.sabotage == Sabotage::EvictLoadedRoots {
+                Some(self.roots.len() - 1)
+            } else {
+                self.roots.iter().rposition(|(_, p)| !self.loaded.contains(p) && *p != page)
+            };
+            #[cfg(not(test))]
+            let victim = self.roots.iter().rposition(|(_, p)| !self.loaded.contains(p) && *p != page);
+            let Some(victim) = victim else { break };
+            let (guest_root, old) = self.roots.remove(victim).expect("position is valid");
             if let Some(p) = self.pages[old as usize].as_mut() {
                 p.root = false;
             }
+            self.enter_limbo(old, guest_root);
             self.release_if_orphan(pool, old);
         }
-        self.set_loaded_root(vcpu, key, page);
+        self.set_loaded_root(pool, vcpu, key, page);
         self.promote_deferred(page);
         self.prefill_kernel_half(pool, guest, page)?;
         self.prefill_user_half(pool, guest, page);

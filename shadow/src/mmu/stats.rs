@@ -25,7 +25,8 @@ pub struct ShadowStats {
     pub page_zaps: u64,
     /// Pool exhaustions (full zaps).
     pub pool_exhaustions: u64,
-    /// Host invalidations requested.
+    /// Host invalidations requested (VM-wide, or one vCPU's flush it
+    /// needed).
     pub host_invalidations: u64,
     /// TLB flushes requested by the guest.
     pub flushes: u64,
@@ -59,6 +60,9 @@ pub struct ShadowStats {
     pub harvests: u64,
     /// pv mode: pages the harvests named.
     pub harvest_pages: u64,
+    /// pv mode on SMP: remote TLB flushes requested by the guest
+    /// ([`ShadowMmu::flush_remote`](super::ShadowMmu::flush_remote)).
+    pub remote_flushes: u64,
 }
 
 /// `ShadowStats` with every count `$count` taken as `$now - $then` and
@@ -77,7 +81,7 @@ impl ShadowStats {
             counts: hidden_faults, guest_faults, pte_writes, pte_updates_in_place, cr3_loads, root_hits,
                 root_misses, zaps, page_zaps, pool_exhaustions, host_invalidations, flushes, pool_repairs,
                 wp_off_dirty, batches, batch_entries, prefetches, batch_fills, pte_prefetches, harvests,
-                harvest_pages;
+                harvest_pages, remote_flushes;
             gauges: pages_in_use, pages_peak)
     }
 }

@@ -68,6 +68,7 @@ impl ShadowMmu {
         gpa: Gpa,
         len: u64,
     ) {
+        self.act(vcpu);
         self.sync_written(pool, guest, gpa.raw(), len);
         self.refill_current_root(vcpu, pool, guest);
     }
@@ -133,7 +134,7 @@ impl ShadowMmu {
             // As in load_cr3: start over; if even that fails, the next
             // LOAD_CR3 or SHADOW_FAULT reports it.
             self.stats.pool_exhaustions += 1;
-            self.zap_all(pool);
+            self.zap_everything(pool);
             let _ = self.switch_root(vcpu, pool, guest, cr3);
         }
     }
@@ -141,6 +142,7 @@ impl ShadowMmu {
     /// `FLUSH_TLB`: shadow entries are kept coherent on every write, so a
     /// flush only matters to a host that caches shadow translations.
     pub fn flush(&mut self, vcpu: &mut ShadowVcpu) {
+        self.act(vcpu);
         self.stats.flushes += 1;
         vcpu.last_fixed = None;
     }

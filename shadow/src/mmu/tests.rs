@@ -379,8 +379,10 @@ fn pool_exhaustion_moves_the_root_and_says_where() {
 }
 
 /// Per VM and per vCPU: a zap of everything, done by the VM alone, leaves
-/// the vCPU with no root (its root is of an old generation, and its pool
-/// page may be reused), until its next `LOAD_CR3`.
+/// the vCPU with no current root (its root is of an old generation), until
+/// its next `LOAD_CR3`, fault or entry rebuilds the root of the guest CR3
+/// it last loaded; its old root page is held meanwhile (its CR3 points
+/// there), never reused.
 #[test]
 fn a_zap_of_everything_makes_the_vcpus_root_obsolete() {
     let (mut mmu, mut pool) = setup(64);
@@ -390,11 +392,17 @@ fn a_zap_of_everything_makes_the_vcpus_root_obsolete() {
     assert_eq!(mmu.current_root(&cpu), Some(root));
     mmu.zap_all(&mut pool);
     assert_eq!((mmu.current_root(&cpu), mmu.guest_cr3(&cpu)), (None, None));
-    assert_eq!(mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(va(0)), READ), Err(ShadowError::NoRoot));
     assert!(!mmu.prefetch(&cpu, &mut pool, &mut g, Gva(va(0))), "no root: nothing to prefetch into");
-    mmu.load_cr3(&mut cpu, &mut pool, &mut g, Gpa(0x1000)).unwrap();
-    assert_eq!(mmu.guest_cr3(&cpu), Some(Gpa(0x1000)));
+    let old = mmu.page_of(root.gpa().raw()).unwrap();
+    assert!(mmu.held.contains(&old) && !mmu.free.contains(&old), "the old root is held, not reusable");
+    // The fault rebuilds the root of the guest CR3 the vCPU last loaded.
     assert_eq!(mmu.handle_fault(&mut cpu, &mut pool, &mut g, Gva(va(0)), READ), Ok(FaultOutcome::Fixed));
+    assert_eq!(mmu.guest_cr3(&cpu), Some(Gpa(0x1000)));
+    assert_ne!(mmu.current_root(&cpu), Some(root));
+    assert!(!mmu.held.contains(&old), "left by its only vCPU: quarantined");
+    // A vCPU with no root at all still gets NoRoot.
+    let mut fresh = mmu.new_vcpu();
+    assert_eq!(mmu.handle_fault(&mut fresh, &mut pool, &mut g, Gva(va(0)), READ), Err(ShadowError::NoRoot));
     mmu.check_invariants(&pool, &g).unwrap();
 }
 

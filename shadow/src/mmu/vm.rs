@@ -11,22 +11,27 @@
 //!
 //! - `pages[i]` is `Some` exactly when pool page `i` is in use; a page in
 //!   use is in `by_role` under its role and in `rmap` under its guest frame;
-//!   a page below `pages.len()` not in use is in `free` or `quarantine`,
-//!   never both. Pages from `pages.len()` to `capacity` were never taken:
-//!   they are in no list and cost nothing (the bookkeeping grows with the
-//!   pages in use, not with the pool's size — issue 22, item 7), and are
-//!   taken, in order, only when `free` is empty.
-//! - `loaded` lists the root page of every vCPU whose current root is of
-//!   this `generation` (one entry per vCPU, so a root two vCPUs run on is
-//!   there twice). A zap of everything starts a new generation: every
-//!   vCPU's root is then obsolete and the vCPU has no current root until
-//!   its next `LOAD_CR3` (KVM's `mmu_valid_gen`).
+//!   a page below `pages.len()` not in use is in exactly one of `free`,
+//!   `quarantine` and `held`. Pages from `pages.len()` to `capacity` were
+//!   never taken: they are in no list and cost nothing (the bookkeeping
+//!   grows with the pages in use, not with the pool's size — issue 22,
+//!   item 7), and are taken, in order, only when `free` is empty.
+//! - A page in `limbo` (a root some vCPU may have loaded by itself) is
+//!   neither freed nor reused: in use, or `held`.
+//! - `loaded` lists the root page every registered vCPU's CR3 holds (one
+//!   entry per vCPU, so a root two vCPUs run on is there twice: KVM's
+//!   `root_count`). A page in `loaded` is never freed: eviction from the
+//!   root cache unpins it, and it is freed when the last vCPU leaves it. A
+//!   zap of everything starts a new generation: every vCPU's root is then
+//!   obsolete (KVM's `mmu_valid_gen`), its page zeroed and `held` until the
+//!   vCPU's next `LOAD_CR3`, fault or entry rebuilds its root.
 //! - `rules` are the paging controls every shadow entry was computed under;
 //!   a vCPU loading other controls zaps everything first
 //!   ([`ShadowMmu::set_mode`]).
 //!
-//! Today one `ShadowVcpu` is in use per `ShadowMmu` (the VMM runs one
-//! vCPU); nothing here locks.
+//! Nothing here locks: the VMM keeps the `ShadowMmu` behind its MMU lock
+//! (the module doc of `mmu.rs`, "SMP: the MMU lock"). `ShadowMmu` is
+//! `Send`, so a `Mutex<ShadowMmu>` is shared by the vCPU threads.
 
 use super::*;
 
@@ -42,15 +47,29 @@ pub struct ShadowMmu {
     pub(super) free: Vec<u32>,
     /// The pool's size in pages; `pages.len()` of them were ever taken.
     pub(super) capacity: u32,
-    /// Freed pool pages the host may still cache (until invalidated).
-    pub(super) quarantine: Vec<u32>,
+    /// Freed pool pages a vCPU or the host may still cache, oldest first,
+    /// each with the TLB generation it was freed in (`coherence.rs`).
+    pub(super) quarantine: VecDeque<(u32, u64)>,
+    /// Root pages a zap of everything took while a vCPU's CR3 still held
+    /// them: neither in use nor free until the last such vCPU leaves
+    /// (KVM's invalid roots with a root count).
+    pub(super) held: Vec<u32>,
+    /// Roots a vCPU may be running on without the MMU knowing (pv mode
+    /// on SMP: a published root loaded by the guest's own `mov cr3`),
+    /// evicted or zapped since: (page, guest root, the vCPUs whose CR3
+    /// has not been seen elsewhere since). Neither freed nor reused until
+    /// that set is empty (`remote.rs`).
+    pub(super) limbo: Vec<(u32, u64, VcpuSet)>,
+    /// The guest may load published roots itself ([`ShadowMmu::set_guest_loads_roots`]).
+    pub(super) guest_loads_roots: bool,
     /// The shadow page of each role.
     pub(super) by_role: HashMap<Role, u32>,
     /// The reverse map: guest frame → the shadow pages derived from it.
     pub(super) rmap: HashMap<u64, Vec<u32>>,
     /// The root cache, most recently loaded first: (guest root, page).
     pub(super) roots: VecDeque<(u64, u32)>,
-    /// The root page of every vCPU's current root (module doc).
+    /// The root page every vCPU's CR3 holds, current or obsolete (module
+    /// doc): KVM's root counts.
     pub(super) loaded: Vec<u32>,
     /// Bumped by every zap of everything: a vCPU root of an older
     /// generation is obsolete.
@@ -61,8 +80,10 @@ pub struct ShadowMmu {
     /// rightly come back (a page-table write, new rules or table frames):
     /// invariant 7 compares it.
     pub(super) epoch: u64,
-    /// The host may hold stale translations of shadow tables.
-    pub(super) stale: bool,
+    /// The TLB generations and every vCPU's flush state (`coherence.rs`).
+    pub(super) tlb: TlbState,
+    /// The VMM's remote flush ([`ShadowMmu::set_remote_flush`]).
+    pub(super) remote_flush: RemoteFlushHook,
     /// The counters.
     pub(super) stats: ShadowStats,
     /// PML4 slots to prefill first ([`ShadowMmu::set_prefill_hints`]).
@@ -93,6 +114,9 @@ pub struct ShadowMmu {
     /// SMAP (module doc, "Paging controls"): `(page, index, entry)`. While
     /// any exists, no other user leaf lets user mode run.
     pub(super) user_write_leaves: Vec<(u32, u64, u64)>,
+    /// A deliberately broken variant, to show the SMP tests catch it.
+    #[cfg(test)]
+    pub(super) sabotage: Sabotage,
 }
 
 impl ShadowMmu {
@@ -105,7 +129,10 @@ impl ShadowMmu {
             pages: Vec::new(),
             free: Vec::new(),
             capacity: pages,
-            quarantine: Vec::new(),
+            quarantine: VecDeque::new(),
+            held: Vec::new(),
+            limbo: Vec::new(),
+            guest_loads_roots: false,
             by_role: HashMap::new(),
             rmap: HashMap::new(),
             roots: VecDeque::new(),
@@ -113,7 +140,8 @@ impl ShadowMmu {
             generation: 0,
             rules: mode,
             epoch: 0,
-            stale: false,
+            tlb: TlbState { now: 1, ..TlbState::default() },
+            remote_flush: RemoteFlushHook::default(),
             stats: ShadowStats::default(),
             work: 0,
             prefill_hints: Vec::new(),
@@ -125,6 +153,8 @@ impl ShadowMmu {
             deferred: Vec::new(),
             deferred_overflow: false,
             user_write_leaves: Vec::new(),
+            #[cfg(test)]
+            sabotage: Sabotage::None,
         }
     }
 
