@@ -95,7 +95,10 @@
 //!
 //! pv mode (`mmu::pv`) applies the guest's queued writes in batches
 //! through the same per-entry path as a trapped write, publishes the
-//! cached roots, and prefetches the translation a sync names.
+//! cached roots, and prefetches the translation a sync names; its harvest
+//! (`mmu::harvest`) installs level-1 leaves with A clear, which the CPU
+//! sets in the pool — the one bit in which the pool may differ from the
+//! VMM's copy.
 //!
 //! # SMP (issue 18)
 //!
@@ -328,6 +331,7 @@
 //! | `pool.rs` | allocation, freeing, quarantine, zap of everything | `mmu.c` (`kvm_mmu_commit_zap_page`, `kvm_mmu_zap_all`) |
 //! | `coherence.rs` | TLB generations, per-vCPU flush state, quarantine release, deferral, pool repair (invariant 4, SMP, trust) | `kvm_flush_remote_tlbs`, Linux's `tlb_gen` |
 //! | `pv.rs` | pv mode: write batches, prefetch, published roots | — |
+//! | `harvest.rs` | pv mode: `PV_HARVEST`, the shadow leaves' A bits as a second-level accessed bit | `kvm_age_gfn` |
 //! | `remote.rs` | pv on SMP: every vCPU's queue at a sync point, `PV_FLUSH_REMOTE` | `KVM_FEATURE_PV_TLB_FLUSH` |
 //! | `invariants.rs` | the structural checker; the diagnostic shadow walk | — |
 //! | `stats.rs`, `error.rs` | [`ShadowStats`]; [`ShadowError`] | — |
@@ -368,6 +372,7 @@ pub const MAX_ROOTS: usize = guest_abi::pv::ROOTS_CAP;
 mod coherence;
 mod error;
 mod fault;
+mod harvest;
 mod invariants;
 mod page;
 mod page_track;
@@ -385,6 +390,7 @@ use coherence::{CpuTlb, RemoteFlushHook, TlbState};
 pub use coherence::{EntryWork, FlushTicket, MAX_VCPUS, RemoteFlush, VcpuSet};
 pub use error::ShadowError;
 pub use fault::FaultOutcome;
+use harvest::pool_agrees;
 use page::*;
 pub use page_track::TableFrames;
 use page_track::Zoned;

@@ -71,6 +71,17 @@ pub const CPU_ON: u32 = 9;
 /// pv mode, or a [`crate::pv::LAYOUT_V1`] area). Reserved: the VMM answers
 /// it once its SMP pv mode lands (issue 18).
 pub const PV_FLUSH_REMOTE: u32 = 10;
+/// pv mode: harvest the accessed state of pages of the current address
+/// space: `PV_HARVEST(gva, pages, bitmap)`. `gva` is page-aligned; bit `i`
+/// of the `pages.div_ceil(64)` little-endian words at GPA `bitmap` names
+/// page `gva + i * 4096` on the way in, and on the way out says whether
+/// that page was accessed since the last harvest that named it, or since
+/// the guest last cleared A in its entry (a second-level accessed bit, like
+/// EPT's; the guest's own entries are not changed). It errs towards
+/// "accessed", never the other way. A sync point. At most [`crate::pv::HARVEST_PAGES`] pages;
+/// `ERR_INVALID` for more or an unaligned `gva`, `ERR_FAULT` for a bitmap
+/// outside RAM. The guest flushes its TLB after it (docs/pv.md).
+pub const PV_HARVEST: u32 = 11;
 
 /// Success.
 pub const OK: u64 = 0;
@@ -113,6 +124,7 @@ pub const fn name(nr: u32) -> &'static str {
         PV_FLUSH => "pv_flush",
         CPU_ON => "cpu_on",
         PV_FLUSH_REMOTE => "pv_flush_remote",
+        PV_HARVEST => "pv_harvest",
         _ => "unknown",
     }
 }

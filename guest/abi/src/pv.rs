@@ -132,6 +132,10 @@ pub const ROOTS_FIRST: usize = 2;
 /// `PV_FLUSH`'s `gva` when no address is to be made current.
 pub const NO_GVA: u64 = u64::MAX;
 
+/// Most pages one `PV_HARVEST` may name (its bitmap is at most
+/// `HARVEST_PAGES / 64` words: 256 bytes).
+pub const HARVEST_PAGES: u64 = 2048;
+
 /// Flag of a batch error result: bits 8..32 are the index of the first
 /// entry not applied, bits 0..8 the [`BatchError`] code. Entries before
 /// that index were applied; it and every later one were not.

@@ -42,6 +42,9 @@ const KEYS: &[(&str, Takes)] = &[
     ("spaces", Takes::Number { required: true }),
     // The `tlb` workload's working set, in pages (default 64).
     ("tlbset", Takes::Number { required: true }),
+    // pv mode without PV_HARVEST: aging clears A in the entries (the
+    // lazy-MMU bracket path), for comparison.
+    ("harvest", Takes::OneOf(&["on", "off"])),
     ("calibrate", Takes::Number { required: false }),
     ("test", Takes::AnyText),
     // The size of anonymous folios a demand fault maps (guest_mm::folio).

@@ -237,6 +237,27 @@ fn check_hypercall_errors() {
             failed = true;
         }
     }
+    // PV_HARVEST's arguments (pv mode; the other modes do not offer it).
+    let zone = crate::boot::info().pt_zone.start;
+    let user = crate::ktest::vm_suites::USER_BASE;
+    let harvest: [(&str, u64, u64, u64, u64); 6] = [
+        ("harvest of no page", user, 0, 0x1000, hc::ERR_INVALID),
+        ("harvest too wide", user, guest_abi::pv::HARVEST_PAGES + 1, 0x1000, hc::ERR_INVALID),
+        ("harvest unaligned", user + 8, 64, 0x1000, hc::ERR_INVALID),
+        ("harvest bitmap outside RAM", user, 64, 1 << 50, hc::ERR_FAULT),
+        ("harvest bitmap wrapping around", user, 2048, u64::MAX - 8, hc::ERR_FAULT),
+        ("harvest bitmap in the page-table zone", user, 64, zone, hc::ERR_FAULT),
+    ];
+    for (name, base, pages, bitmap, want) in harvest {
+        let got = hypercall::call(hc::PV_HARVEST, base, pages, bitmap, 0);
+        let want = if arch::mmu::is_pv() { want } else { hc::ERR_UNAVAILABLE };
+        if got == want {
+            kprintln!("hypercall check: {}: refused ok", name);
+        } else {
+            kprintln!("hypercall check: {}: got {:#x}, want {:#x}", name, got, want);
+            failed = true;
+        }
+    }
     let t0 = hypercall::now_ns();
     let t1 = hypercall::now_ns();
     if hc::is_error(t0) || t1 < t0 {

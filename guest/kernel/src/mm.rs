@@ -214,6 +214,9 @@ impl MmuPlatform for KernelMmu {
         crate::arch::mmu::leave_lazy();
         crate::tlb::leave_batch();
     }
+    fn harvest_young(&self, base: guest_abi::Gva, young: &mut [u64]) -> bool {
+        crate::arch::mmu::harvest_young(base.0, young)
+    }
 }
 
 /// The folio size of `anon=`, as an index into `FolioSize::ALL`.

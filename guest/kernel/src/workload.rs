@@ -11,12 +11,14 @@
 //! | `mmap` | map a 4-page area, touch it, unmap it |
 //! | `tlb` | a read at a pseudo-random page of a working set of `tlbset=N` pages (default 64; 16384 = 64 MiB misses the TLB) with stable tables |
 //! | `alloc` | a kmalloc 64-byte alloc+free and an order-0 page alloc+free (no MMU change) |
+//! | `aging` | one page-aging pass over a 512-page working set (clear A where set, move idle pages to the inactive list), then a write to each page of its hot half |
 
 use crate::ktest::vm_suites::{USER_BASE, enter_user, leave_user};
 use crate::mm::{self, KernelMmu};
 use crate::{arch, kprintln};
 use guest_abi::Gva;
 use guest_abi::report::{BenchRecord, kind};
+use guest_mm::aging::Lru;
 use guest_mm::aspace::AddressSpace;
 use guest_mm::buddy::ZonePref;
 use guest_mm::paging::MmuPlatform;
@@ -38,12 +40,15 @@ fn page(i: u64) -> *mut u64 {
 
 /// The workloads `workload=` accepts, one per arm of [`run`]'s match: the
 /// command-line check refuses any other (keep the two together).
-pub const NAMES: &[&str] = &["fault", "fork", "ctxsw", "mmap", "tlb", "alloc"];
+pub const NAMES: &[&str] = &["fault", "fork", "ctxsw", "mmap", "tlb", "alloc", "aging"];
 
 /// Run workload `name` with `size` operations; ends the VM.
 pub fn run(name: &str, size: u64) -> ! {
     crate::arch::idt::set_page_fault_hook(crate::ktest::vm_suites::user_fault);
     let size = size.max(1);
+    if crate::cmdline::value(crate::boot::cmdline(), "harvest") == Some("off") {
+        arch::mmu::set_harvest(false);
+    }
     let result = match name {
         "fault" => fault(size),
         "fork" => fork(size),
@@ -51,6 +56,7 @@ pub fn run(name: &str, size: u64) -> ! {
         "mmap" => mmap(size),
         "tlb" => tlb(size),
         "alloc" => alloc(size),
+        "aging" => aging(size),
         _ => Err("unknown workload"),
     };
     match result {
@@ -268,4 +274,97 @@ fn alloc(n: u64) -> Result<(), &'static str> {
     });
     send(kind::BENCH, "alloc", n, cycles, ok);
     if ok { Ok(()) } else { Err("an allocation or free failed") }
+}
+
+/// Pages of `aging`'s working set: one page table's worth.
+const AGING_PAGES: u64 = 512;
+
+/// Where `aging`'s working set starts: one page past a 2 MiB boundary, so
+/// that its VMA covers no aligned 2 MiB and every page is a 4 KiB leaf
+/// whatever `anon=` says (the LRU ages 4 KiB pages; it drops large ones).
+const AGING_BASE: u64 = USER_BASE + 4096;
+
+/// Page `i` of `aging`'s working set.
+fn aging_page(i: u64) -> *mut u64 {
+    (AGING_BASE + i * 4096) as *mut u64
+}
+
+/// Whether page `i` of `aging`'s working set is in its hot half (every
+/// other page, so hot and cold pages share every table).
+fn hot(i: u64) -> bool {
+    i.is_multiple_of(2)
+}
+
+/// One aging pass (Linux's `shrink_active_list` then
+/// `shrink_inactive_list`) over the whole working set of the current
+/// address space; `false` if there is none.
+fn aging_pass(lru: &mut Lru<{ AGING_PAGES as usize }>) -> bool {
+    mm::with(|m| {
+        m.ctx(|cx, _, user| {
+            let a = user.as_mut()?;
+            lru.age_all(a, cx, true);
+            Some(())
+        })
+    })
+    .flatten()
+    .is_some()
+}
+
+/// The lists say what the accesses were: the hot half on the active list,
+/// the cold half on the inactive list, nothing reclaimed (every page holds
+/// data) or lost.
+fn aging_sorted(lru: &Lru<{ AGING_PAGES as usize }>) -> bool {
+    let index = |p: Gva| (p.0 - AGING_BASE) / 4096;
+    let half = (AGING_PAGES / 2) as usize;
+    lru.active().len() == half
+        && lru.inactive().len() == half
+        && lru.active().iter().all(|p| hot(index(p)))
+        && lru.inactive().iter().all(|p| !hot(index(p)))
+        && lru.stats().reclaimed == 0
+        && lru.stats().stale == 0
+}
+
+fn aging(n: u64) -> Result<(), &'static str> {
+    enter_user(0)?;
+    let added = mm::with(|m| {
+        m.ctx(|_, _, user| {
+            let end = AGING_BASE + AGING_PAGES * 4096;
+            user.as_mut().map(|a| a.add_vma(Gva(AGING_BASE), Gva(end), Prot::READ | Prot::WRITE).is_ok())
+        })
+    })
+    .flatten();
+    if added != Some(true) {
+        return Err("could not map the working set");
+    }
+    let mut lru = alloc::boxed::Box::new(Lru::<{ AGING_PAGES as usize }>::new());
+    for i in 0..AGING_PAGES {
+        // SAFETY: inside the VMA; the first touch demand-faults.
+        unsafe { aging_page(i).write_volatile(i) };
+        if !lru.add(Gva(AGING_BASE + i * 4096)) {
+            return Err("the LRU lists are too small");
+        }
+    }
+    let touch_hot = |v: u64| {
+        for i in (0..AGING_PAGES).filter(|&i| hot(i)) {
+            // SAFETY: mapped above, never unmapped (every page is dirty).
+            unsafe { aging_page(i).write_volatile(v + i) };
+        }
+    };
+    // Warm-up: the first pass finds every page used and activates it, the
+    // second demotes the cold half; from then on every pass does the same.
+    let mut ok = aging_pass(&mut lru);
+    touch_hot(0);
+    ok &= aging_pass(&mut lru) && aging_sorted(&lru);
+    touch_hot(0);
+    let cycles = measure("aging", n, |k| {
+        ok &= aging_pass(&mut lru) && aging_sorted(&lru);
+        touch_hot(k + 1);
+    });
+    send(kind::BENCH, "aging", n, cycles, ok);
+    // After the measured phase: reading the cold pages faults their A bits
+    // back in under shadow paging.
+    // SAFETY: all mapped.
+    ok &= (0..AGING_PAGES).all(|i| unsafe { aging_page(i).read_volatile() } == if hot(i) { n + i } else { i });
+    leave_user()?;
+    if ok { Ok(()) } else { Err("the aging pass sorted the pages wrongly") }
 }

@@ -27,6 +27,19 @@
 //!   [`crate::aspace`]), so the next touch demand-zeroes an identical page.
 //! - Frames are freed only after the flush of their mapping, so no stale
 //!   TLB entry can reach a frame that has gone back to the allocator.
+//! - The clears of one scan are one lazy-MMU bracket
+//!   ([`MmuPlatform::enter_lazy`]): a paravirtual platform syncs them with
+//!   one request. The bracket closes before any frame is freed.
+//! - **Harvest.** A platform that keeps a second-level accessed bit
+//!   ([`MmuPlatform::harvest_young`]: pv mode's `PV_HARVEST`, which reads
+//!   the A bits the CPU sets in the shadow leaves) answers "used since the
+//!   last look?" for all the pages of a scan in one request, without any
+//!   entry being written. A scan of a loaded address space whose pages span
+//!   at most [`HARVEST_SPAN`] pages asks it first ([`Lru::age_all`]: one
+//!   request for a whole pass over both lists) and, when it answers,
+//!   clears no `A` bit: the entries keep the `A` bits the CPU set (exact,
+//!   SDM vol. 3A §4.8) and nothing needs flushing for them. Otherwise each
+//!   bit is tested and cleared in the entry, as above.
 //!
 //! # Invariants of an [`Lru`]
 //!
@@ -44,6 +57,7 @@
 //!   never reclaimed, which is safe).
 
 use guest_abi::Gva;
+use guest_abi::pv::HARVEST_PAGES;
 
 use crate::aspace::{AddressSpace, MmCtx};
 use crate::paging::{FlushBatch, FrameSource, Leaf, MmuPlatform, PageSizeKind, PteFlags};
@@ -95,6 +109,10 @@ impl<const N: usize> PageRing<N> {
         self.len -= 1;
         Some(p)
     }
+    /// The pages, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = Gva> + Clone + '_ {
+        (0..self.len).map(move |i| self.pages[(self.head + i) % N])
+    }
     /// Whether `page` is in the ring (`O(N)`).
     pub fn contains(&self, page: Gva) -> bool {
         (0..self.len).any(|i| self.pages[(self.head + i) % N] == page)
@@ -116,6 +134,8 @@ pub struct AgingStats {
     pub kept_dirty: u64,
     /// Entries dropped because the page was gone.
     pub stale: u64,
+    /// Scans whose young bits came from one platform harvest.
+    pub harvests: u64,
 }
 
 /// The active and inactive lists of one address space, `N` pages each.
@@ -138,7 +158,15 @@ impl<const N: usize> Lru<N> {
         Self {
             active: PageRing::new(),
             inactive: PageRing::new(),
-            stats: AgingStats { scanned: 0, activated: 0, deactivated: 0, reclaimed: 0, kept_dirty: 0, stale: 0 },
+            stats: AgingStats {
+                scanned: 0,
+                activated: 0,
+                deactivated: 0,
+                reclaimed: 0,
+                kept_dirty: 0,
+                stale: 0,
+                harvests: 0,
+            },
         }
     }
 
@@ -179,22 +207,9 @@ impl<const N: usize> Lru<N> {
         nr: usize,
         loaded: bool,
     ) {
-        let mut batch = FlushBatch::new();
-        for _ in 0..nr.min(self.active.len()) {
-            let Some(page) = self.active.pop_front() else { break };
-            self.stats.scanned += 1;
-            let Some(leaf) = anon_leaf(aspace, cx, page) else {
-                self.stats.stale += 1;
-                continue;
-            };
-            if test_and_clear_young(aspace, cx, &leaf, &mut batch) {
-                self.active.push_back(page);
-            } else {
-                self.stats.deactivated += 1;
-                self.inactive.push_back(page);
-            }
-        }
-        finish(batch, cx.mmu, loaded);
+        let harvest = Harvest::take(self.active.iter().take(nr), cx.mmu, loaded);
+        self.stats.harvests += harvest.is_some() as u64;
+        self.age_active_with(aspace, cx, nr, loaded, &harvest);
     }
 
     /// Look at up to `nr` of the oldest inactive pages, reclaiming the
@@ -207,7 +222,67 @@ impl<const N: usize> Lru<N> {
         nr: usize,
         loaded: bool,
     ) -> usize {
+        let harvest = Harvest::take(self.inactive.iter().take(nr), cx.mmu, loaded);
+        self.stats.harvests += harvest.is_some() as u64;
+        self.shrink_inactive_with(aspace, cx, nr, loaded, &harvest)
+    }
+
+    /// One pass over every page of both lists: [`age_active`](Self::age_active)
+    /// then [`shrink_inactive`](Self::shrink_inactive) (Linux's
+    /// `shrink_active_list` then `shrink_inactive_list`), with one harvest
+    /// for the two when the platform has one (a page the first demotes is
+    /// looked at again by the second with the same answer: idle). Returns
+    /// how many pages were reclaimed.
+    pub fn age_all<M: PhysMem, A: FrameSource, P: MmuPlatform>(
+        &mut self,
+        aspace: &mut AddressSpace,
+        cx: &mut MmCtx<'_, M, A, P>,
+        loaded: bool,
+    ) -> usize {
+        let harvest = Harvest::take(self.active.iter().chain(self.inactive.iter()), cx.mmu, loaded);
+        self.stats.harvests += harvest.is_some() as u64;
+        self.age_active_with(aspace, cx, N, loaded, &harvest);
+        self.shrink_inactive_with(aspace, cx, 2 * N, loaded, &harvest)
+    }
+
+    fn age_active_with<M: PhysMem, A: FrameSource, P: MmuPlatform>(
+        &mut self,
+        aspace: &mut AddressSpace,
+        cx: &mut MmCtx<'_, M, A, P>,
+        nr: usize,
+        loaded: bool,
+        harvest: &Option<Harvest>,
+    ) {
         let mut batch = FlushBatch::new();
+        cx.mmu.enter_lazy();
+        for _ in 0..nr.min(self.active.len()) {
+            let Some(page) = self.active.pop_front() else { break };
+            self.stats.scanned += 1;
+            let Some(leaf) = anon_leaf(aspace, cx, page) else {
+                self.stats.stale += 1;
+                continue;
+            };
+            if young(harvest, aspace, cx, &leaf, &mut batch) {
+                self.active.push_back(page);
+            } else {
+                self.stats.deactivated += 1;
+                self.inactive.push_back(page);
+            }
+        }
+        finish(batch, cx.mmu, loaded);
+        cx.mmu.leave_lazy();
+    }
+
+    fn shrink_inactive_with<M: PhysMem, A: FrameSource, P: MmuPlatform>(
+        &mut self,
+        aspace: &mut AddressSpace,
+        cx: &mut MmCtx<'_, M, A, P>,
+        nr: usize,
+        loaded: bool,
+        harvest: &Option<Harvest>,
+    ) -> usize {
+        let mut batch = FlushBatch::new();
+        cx.mmu.enter_lazy();
         // Leaves unmapped but whose frames wait for the flush.
         let mut pending = [None::<Leaf>; FlushBatch::CAPACITY];
         let mut npending = 0;
@@ -219,7 +294,7 @@ impl<const N: usize> Lru<N> {
                 self.stats.stale += 1;
                 continue;
             };
-            if test_and_clear_young(aspace, cx, &leaf, &mut batch) {
+            if young(harvest, aspace, cx, &leaf, &mut batch) {
                 self.stats.activated += 1;
                 // A full active list keeps the page inactive instead.
                 if !self.active.push_back(page) {
@@ -244,12 +319,14 @@ impl<const N: usize> Lru<N> {
                 // Flush before freeing: no stale translation may reach a
                 // freed frame.
                 finish(core::mem::take(&mut batch), cx.mmu, loaded);
+                cx.mmu.leave_lazy();
                 for l in pending.iter_mut().take(npending) {
                     if let Some(l) = l.take() {
                         cx.release(&l);
                     }
                 }
                 npending = 0;
+                cx.mmu.enter_lazy();
             }
             pending[npending] = Some(leaf);
             npending += 1;
@@ -257,6 +334,7 @@ impl<const N: usize> Lru<N> {
             self.stats.reclaimed += 1;
         }
         finish(batch, cx.mmu, loaded);
+        cx.mmu.leave_lazy();
         for l in pending.iter_mut().take(npending) {
             if let Some(l) = l.take() {
                 cx.release(&l);
@@ -288,6 +366,60 @@ fn test_and_clear_young<M: PhysMem, A, P>(
         batch.add(flush);
     }
     true
+}
+
+/// Most pages one scan may span and still ask the platform for a harvest
+/// (`guest_abi::pv::HARVEST_PAGES`).
+pub const HARVEST_SPAN: usize = HARVEST_PAGES as usize;
+
+/// The young bits of one scan's pages, harvested in one platform request.
+struct Harvest {
+    base: Gva,
+    bits: [u64; HARVEST_SPAN / 64],
+}
+
+impl Harvest {
+    /// Ask `mmu` about `pages` (the pages a scan will look at, each once):
+    /// `None` when the address space is not loaded, the pages span more
+    /// than [`HARVEST_SPAN`], or the platform has no harvest.
+    fn take(pages: impl Iterator<Item = Gva> + Clone, mmu: &impl MmuPlatform, loaded: bool) -> Option<Harvest> {
+        let lo = pages.clone().min()?;
+        let hi = pages.clone().max()?;
+        let span = ((hi.0 - lo.0) / crate::PAGE_SIZE) as usize;
+        if !loaded || span >= HARVEST_SPAN {
+            return None;
+        }
+        let mut h = Harvest { base: lo, bits: [0; HARVEST_SPAN / 64] };
+        for page in pages {
+            let i = ((page.0 - lo.0) / crate::PAGE_SIZE) as usize;
+            h.bits[i / 64] |= 1 << (i % 64);
+        }
+        mmu.harvest_young(lo, &mut h.bits[..span / 64 + 1]).then_some(h)
+    }
+
+    /// What the harvest said of `page` (one of the pages it named; any
+    /// other is taken as young).
+    fn young(&self, page: Gva) -> bool {
+        let Some(off) = page.0.checked_sub(self.base.0) else { return true };
+        let i = (off / crate::PAGE_SIZE) as usize;
+        self.bits.get(i / 64).is_none_or(|w| w >> (i % 64) & 1 != 0)
+    }
+}
+
+/// Whether the page of `leaf` was used since the last look: from the
+/// harvest when there is one (no entry written), else tested and cleared
+/// in the entry.
+fn young<M: PhysMem, A, P>(
+    harvest: &Option<Harvest>,
+    aspace: &mut AddressSpace,
+    cx: &MmCtx<'_, M, A, P>,
+    leaf: &Leaf,
+    batch: &mut FlushBatch,
+) -> bool {
+    match harvest {
+        Some(h) => h.young(leaf.va),
+        None => test_and_clear_young(aspace, cx, leaf, batch),
+    }
 }
 
 fn finish(batch: FlushBatch, mmu: &impl MmuPlatform, loaded: bool) {

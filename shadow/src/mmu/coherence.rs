@@ -502,7 +502,11 @@ impl ShadowMmu {
                     continue;
                 }
                 let at = Gpa(base + idx * 8);
-                if pool.read_u64(at) != want | D {
+                // A harvested leaf (A clear in the copy) may also carry the
+                // A bit the CPU set (`harvest.rs`): kept, it is not a write.
+                let raw = pool.read_u64(at);
+                let cpu_a = if want & A == 0 { raw & A } else { 0 };
+                if raw & !cpu_a != want | D {
                     continue;
                 }
                 let gpa = Gpa((gfn << 12) + idx * 8);
@@ -512,7 +516,7 @@ impl ShadowMmu {
                     guest.write_u64(gpa, gpte | A | D);
                     harvested += 1;
                 }
-                pool.write_u64(at, want);
+                pool.write_u64(at, want | cpu_a);
                 self.changed();
             }
         }
@@ -523,8 +527,9 @@ impl ShadowMmu {
     /// The pool pages numbered `pages` (0 = the first page of the pool)
     /// may have been written by the guest (the host's dirty log says so):
     /// make each hold exactly the VMM's copy again (zeros for a page not in
-    /// use). A page that differed records a change — a vCPU or the host
-    /// may have cached the guest's entries — and counts as a repair.
+    /// use; an A bit the CPU set in a harvested leaf is not a difference,
+    /// `harvest.rs`). A page that differed records a change — a vCPU or the
+    /// host may have cached the guest's entries — and counts as a repair.
     /// Returns the number of pages repaired. Reading the pool here only
     /// *compares*; no decision depends on what the guest wrote.
     pub fn repair_pool_pages(&mut self, pool: &mut impl GuestPhys, pages: impl IntoIterator<Item = u64>) -> u64 {
@@ -540,9 +545,10 @@ impl ShadowMmu {
             self.work += 512;
             let base = self.page_gpa(page as u32);
             let mut differed = false;
+            let level = self.pages.get(page as usize).and_then(|p| p.as_ref()).map_or(1, |p| p.role.level);
             for idx in 0..512u64 {
                 let want = self.entry(page as u32, idx);
-                if pool.read_u64(Gpa(base + idx * 8)) != want {
+                if !pool_agrees(want, pool.read_u64(Gpa(base + idx * 8)), level) {
                     pool.write_u64(Gpa(base + idx * 8), want);
                     differed = true;
                 }

@@ -4,7 +4,8 @@
 //! Both only read. [`ShadowMmu::shadow_leaf`] reads the pool — what the vCPU
 //! really walks, which the guest may have scribbled over — and its answer is
 //! reported, never used to decide anything; [`ShadowMmu::check_invariants`]
-//! checks that the pool holds exactly the VMM's copy and that the parent
+//! checks that the pool holds exactly the VMM's copy (but for A bits the CPU
+//! set in harvested leaves) and that the parent
 //! links, role index and reverse map agree.
 
 use super::*;
@@ -46,7 +47,7 @@ impl ShadowMmu {
             }
             for idx in 0..512u64 {
                 let e = sp.entries[idx as usize];
-                if pool.read_u64(Gpa(self.page_gpa(i as u32) + idx * 8)) != e {
+                if !pool_agrees(e, pool.read_u64(Gpa(self.page_gpa(i as u32) + idx * 8)), sp.role.level) {
                     return Err(format!("page {i}[{idx}] in the pool differs from the VMM's copy {e:#x}"));
                 }
                 if e & P == 0 {

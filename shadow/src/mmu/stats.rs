@@ -56,6 +56,10 @@ pub struct ShadowStats {
     /// Leaves shadowed beside a hidden fault's, in its aligned block of
     /// [`PTE_PREFETCH`](super::PTE_PREFETCH) (KVM's `pte_prefetch`).
     pub pte_prefetches: u64,
+    /// pv mode: accessed-bit harvests ([`ShadowMmu::harvest`](super::ShadowMmu::harvest)).
+    pub harvests: u64,
+    /// pv mode: pages the harvests named.
+    pub harvest_pages: u64,
     /// pv mode on SMP: remote TLB flushes requested by the guest
     /// ([`ShadowMmu::flush_remote`](super::ShadowMmu::flush_remote)).
     pub remote_flushes: u64,
@@ -76,7 +80,8 @@ impl ShadowStats {
         counts_since!(self, earlier;
             counts: hidden_faults, guest_faults, pte_writes, pte_updates_in_place, cr3_loads, root_hits,
                 root_misses, zaps, page_zaps, pool_exhaustions, host_invalidations, flushes, pool_repairs,
-                wp_off_dirty, batches, batch_entries, prefetches, batch_fills, pte_prefetches, remote_flushes;
+                wp_off_dirty, batches, batch_entries, prefetches, batch_fills, pte_prefetches, harvests,
+                harvest_pages, remote_flushes;
             gauges: pages_in_use, pages_peak)
     }
 }

@@ -254,7 +254,8 @@ pub fn bench(args: BenchArgs, process_start: Instant) -> i32 {
         match super::bench::WORKLOADS.iter().find(|(w, _)| *w == n) {
             Some((_, default)) => workloads.push((n, args.size.unwrap_or(*default))),
             None => {
-                eprintln!("error: unknown workload '{n}' (fault, fork, ctxsw, mmap, tlb, alloc)");
+                let known: Vec<&str> = super::bench::WORKLOADS.iter().map(|(w, _)| *w).collect();
+                eprintln!("error: unknown workload '{n}' ({})", known.join(", "));
                 return exit_code::USAGE;
             }
         }

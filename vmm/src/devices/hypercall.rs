@@ -188,7 +188,9 @@ pub fn handle(ctx: &mut HypercallContext<'_>, nr: u32, args: [u64; 4]) -> u64 {
         hc::REPORT => report(ctx, args[0], args[1]),
         hc::NOW => ctx.epoch.elapsed().as_nanos().min(u128::from(hc::ERR_BASE - 1)) as u64,
         // Known, but they belong to shadow mode, which is not built yet.
-        hc::LOAD_CR3 | hc::SHADOW_FAULT | hc::FLUSH_TLB | hc::PV_SETUP | hc::PV_FLUSH => hc::ERR_UNAVAILABLE,
+        hc::LOAD_CR3 | hc::SHADOW_FAULT | hc::FLUSH_TLB | hc::PV_SETUP | hc::PV_FLUSH | hc::PV_HARVEST => {
+            hc::ERR_UNAVAILABLE
+        }
         // EXPLAIN needs the vCPU and the memory map: the VM answers it
         // before it gets here (`vm::run`); this is only reached without a VM.
         hc::EXPLAIN => hc::ERR_UNAVAILABLE,

@@ -24,6 +24,10 @@
 //!   keeps stale translations of its own memory. Where the host shadows
 //!   page tables (re-registering the pool's slot) every batch that
 //!   restricts a mapping still costs one.
+//! - **Harvest.** `PV_HARVEST` is a sync point that then answers, from
+//!   the A bits the CPU sets in the shadow leaves, which of the pages the
+//!   guest names were used since it last asked (`shadow::mmu::harvest`):
+//!   a whole aging scan for one exit, the guest's own entries untouched.
 //! - **Trust.** The area is guest memory and guest input: the queue length
 //!   is checked against the queue, every entry is validated
 //!   (`ShadowMmu::apply_batch`), and the VMM reads the area once per sync
@@ -191,6 +195,62 @@ impl PvBackend {
     }
 }
 
+impl PvBackend {
+    /// `PV_HARVEST(gva, pages, bitmap)` (`guest_abi::hypercall`): check the
+    /// arguments, sync, then answer from the shadow leaves' A bits
+    /// (`ShadowMmu::harvest`). The bitmap is guest input, read once into a
+    /// VMM buffer; it may not lie in the page-table zone or the boot
+    /// tables (the VMM writes it back and must not change a guest table
+    /// behind the write queue). Its last word is cut to `pages` bits. A
+    /// harvest marks the host stale at most once; on an EPT/NPT host none
+    /// (the guest reloads CR3 after it, as for a batch).
+    fn pv_harvest(&mut self, vm: &mut VmContext, vcpu: &mut VcpuContext, regs: &kvm_regs) -> crate::Result<u64> {
+        let (base, pages, bitmap) = (regs.rdi, regs.rsi, regs.rcx);
+        if pages == 0 || pages > abi::HARVEST_PAGES || base & 0xfff != 0 {
+            return Ok(hc::ERR_INVALID);
+        }
+        let len = pages.div_ceil(64) * 8;
+        let overlaps = |r: GpaRange| bitmap < r.end.raw() && bitmap + len > r.start.raw();
+        if bitmap % 8 != 0
+            || bitmap.checked_add(len).is_none_or(|end| end > vm.memory)
+            || overlaps(self.zone)
+            || overlaps(crate::boot::layout::BOOT_TABLES)
+        {
+            return Ok(hc::ERR_FAULT);
+        }
+        let batch = self.sync(vm, vcpu, "PV_HARVEST")?;
+        if batch != hc::OK {
+            return Ok(batch);
+        }
+        let t = Instant::now();
+        let mut bytes = vec![0u8; len as usize];
+        if vm.ram.memory().read_slice(&mut bytes, GuestAddress(bitmap)).is_err() {
+            return Ok(hc::ERR_FAULT);
+        }
+        let mut words: Vec<u64> =
+            bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        if pages % 64 != 0
+            && let Some(last) = words.last_mut()
+        {
+            *last &= (1 << (pages % 64)) - 1;
+        }
+        let guest_flushes = self.sh.coherence() == Coherence::ReloadCr3;
+        {
+            let (ram, mut pool) = self.sh.windows(vm);
+            let (mmu, cpu) = self.sh.mmu_mut();
+            let stale_before = mmu.host_stale();
+            mmu.harvest(cpu, &mut pool, &ram, Gva(base), &mut words);
+            if !stale_before && mmu.host_stale() && guest_flushes {
+                mmu.host_flush_left_to_guest();
+            }
+        }
+        let out: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let _ = vm.ram.memory().write_slice(&out, GuestAddress(bitmap));
+        self.sh.times_mut().batch += t.elapsed();
+        Ok(hc::OK)
+    }
+}
+
 impl MmuBackend for PvBackend {
     fn hypercall(
         &mut self,
@@ -213,6 +273,7 @@ impl MmuBackend for PvBackend {
                 }
             }
             hc::PV_FLUSH => self.pv_flush(vm, vcpu, regs)?,
+            hc::PV_HARVEST => self.pv_harvest(vm, vcpu, regs)?,
             _ => return Ok(None),
         };
         self.publish(vm);

@@ -26,6 +26,9 @@
 //!   VMM keeps the boot tables and the page-table zone writable until then,
 //!   so building the direct map of all RAM costs no trapped write (shadow)
 //!   and no queued one (pv): the bring-up no longer grows with RAM size.
+//! - **pv mode: accessed bits** of a scan come from one `PV_HARVEST`
+//!   ([`harvest_young`]): the shadow leaves' A bits, read by the VMM; the
+//!   guest's own entries keep theirs.
 //!
 //! Nothing else in the kernel knows which mode it runs in.
 //!
@@ -287,6 +290,59 @@ pub fn fault_handled(cr2: u64) {
         pv_flush(cr2);
     }
 }
+
+/// `MmuPlatform::harvest_young`: in pv mode one `PV_HARVEST` answers
+/// which of the pages `young` names (bit `i`: page `base + i * 4096`) were
+/// used since the last harvest that named them, then a full TLB flush (no
+/// exit) makes the CPU walk, and set A in the shadow leaves, again.
+/// `false` in the other modes, or if the VMM has no harvest.
+pub fn harvest_young(base: u64, young: &mut [u64]) -> bool {
+    if !is_pv() || !HARVEST.load(Ordering::Relaxed) || young.len() > HARVEST_WORDS {
+        return false;
+    }
+    let buf = HARVEST_BUF.0.get() as *mut u64;
+    for (i, &w) in young.iter().enumerate() {
+        // SAFETY: `i` < HARVEST_WORDS (checked above); see `HarvestBuf`.
+        unsafe { buf.add(i).write_volatile(w) };
+    }
+    let gpa = HARVEST_BUF.0.get() as u64 - KERNEL_VMA;
+    let r = hypercall::call(hc::PV_HARVEST, base, young.len() as u64 * 64, gpa, 0);
+    if pv::decode_batch_error(r).is_some() {
+        crate::panic::fatal("PV_HARVEST refused the write queue");
+    }
+    if r != hc::OK {
+        return false;
+    }
+    for (i, w) in young.iter_mut().enumerate() {
+        // SAFETY: as above; the VMM wrote the words during the exit.
+        *w = unsafe { buf.add(i).read_volatile() };
+    }
+    // SAFETY: reloading the current (shadow) root; no mapping changes.
+    unsafe { core::arch::asm!("mov cr3, {}", in(reg) hardware_cr3(), options(nostack, preserves_flags)) };
+    true
+}
+
+/// Whether [`harvest_young`] asks the VMM (`harvest=off` on the command
+/// line: no, the aging code clears A in the entries instead).
+static HARVEST: AtomicBool = AtomicBool::new(true);
+
+/// Use `PV_HARVEST` in pv mode (the default) or not.
+pub fn set_harvest(on: bool) {
+    HARVEST.store(on, Ordering::Relaxed);
+}
+
+const HARVEST_WORDS: usize = (pv::HARVEST_PAGES / 64) as usize;
+
+/// `PV_HARVEST`'s bitmap, in the kernel image (so its GPA is known).
+#[repr(C, align(64))]
+struct HarvestBuf(UnsafeCell<[u64; HARVEST_WORDS]>);
+
+// SAFETY: one CPU, interrupts off (a per-CPU buffer once there are more);
+// only volatile accesses through raw pointers, and the VMM writes it only
+// while the vCPU is stopped at the `PV_HARVEST` exit.
+unsafe impl Sync for HarvestBuf {}
+
+static HARVEST_BUF: HarvestBuf = HarvestBuf(UnsafeCell::new([0; HARVEST_WORDS]));
 
 // ---- pv mode ----
 

@@ -208,3 +208,139 @@ proptest! {
         })?;
     }
 }
+
+/// A platform with a second-level accessed bit per page, as pv mode's
+/// `PV_HARVEST` keeps one: `used` holds the pages accessed since the last
+/// harvest that named them.
+#[derive(Default)]
+struct HarvestMmu {
+    inner: RecordingMmu,
+    used: std::cell::RefCell<std::collections::BTreeSet<u64>>,
+    asked: std::cell::RefCell<Vec<(Gva, Vec<u64>)>>,
+}
+
+impl MmuPlatform for HarvestMmu {
+    fn load_cr3(&self, root: Pfn) {
+        self.inner.load_cr3(root)
+    }
+    fn invlpg(&self, va: Gva) {
+        self.inner.invlpg(va)
+    }
+    fn flush_all(&self) {
+        self.inner.flush_all()
+    }
+    fn enter_lazy(&self) {
+        self.inner.enter_lazy()
+    }
+    fn leave_lazy(&self) {
+        self.inner.leave_lazy()
+    }
+    fn harvest_young(&self, base: Gva, young: &mut [u64]) -> bool {
+        self.asked.borrow_mut().push((base, young.to_vec()));
+        for (w, word) in young.iter_mut().enumerate() {
+            for b in 0..64 {
+                let page = base.0 + (w as u64 * 64 + b) * 4096;
+                if *word >> b & 1 != 0 && !self.used.borrow_mut().remove(&page) {
+                    *word &= !(1 << b);
+                }
+            }
+        }
+        true
+    }
+}
+
+#[test]
+fn a_harvest_answers_a_whole_scan_in_one_request_and_writes_no_entry() {
+    with_mm(|mem, buddy| {
+        let (k, mut c) = setup(buddy);
+        let mmu = HarvestMmu::default();
+        let mut cx = MmCtx { mem, frames: &mut *buddy, refs: FrameRefs::new(BASE, &mut c), mmu: &mmu };
+        let mut a = AddressSpace::new(&mut cx, &k).unwrap();
+        a.add_vma(Gva(0x10_0000), Gva(0x20_0000), Prot::RW).unwrap();
+        let mut lru = Lru::<8>::new();
+        // Pages 0, 1, 2 and 70 (a scan spanning two bitmap words).
+        let pages = [0u64, 1, 2, 70].map(|i| 0x10_0000 + i * 4096);
+        for va in pages {
+            a.handle_fault(&mut cx, Gva(va), W).unwrap();
+            assert!(lru.add(Gva(va)));
+            mmu.used.borrow_mut().insert(va);
+        }
+        // All were used: one request promotes all four, and no A bit is cleared.
+        assert_eq!(lru.shrink_inactive(&mut a, &mut cx, 8, true), 0);
+        assert_eq!((lru.active().len(), lru.stats().activated, lru.stats().harvests), (4, 4, 1));
+        assert_eq!(*mmu.asked.borrow(), [(Gva(0x10_0000), vec![0b111, 1 << 6])]);
+        for va in pages {
+            assert!(flags_at(&a, &cx, va).unwrap().contains(PteFlags::ACCESSED), "{va:#x}: A stays as the CPU set it");
+        }
+        assert!(mmu.inner.take().is_empty(), "no entry changed, nothing to flush");
+        // Only page 1 is used again: the others are demoted, in one request.
+        mmu.used.borrow_mut().insert(pages[1]);
+        lru.age_active(&mut a, &mut cx, 8, true);
+        assert_eq!((lru.active().len(), lru.inactive().len()), (1, 3));
+        assert!(lru.active().contains(Gva(pages[1])));
+        assert_eq!(mmu.asked.borrow().len(), 2);
+        // An address space that is not loaded is not asked about: its A bits
+        // are tested and cleared in the entries.
+        lru.age_active(&mut a, &mut cx, 8, false);
+        assert_eq!(mmu.asked.borrow().len(), 2);
+        assert!(!flags_at(&a, &cx, pages[1]).unwrap().contains(PteFlags::ACCESSED));
+        assert_eq!(mmu.inner.lazy_depth.get(), 0, "every bracket closed");
+        assert_eq!(mmu.inner.brackets.get(), 3, "one bracket per scan");
+        a.destroy(&mut cx);
+    })
+}
+
+#[test]
+fn a_scan_too_wide_for_one_harvest_clears_a_bits_in_the_entries() {
+    with_mm(|mem, buddy| {
+        let (k, mut c) = setup(buddy);
+        let mmu = HarvestMmu::default();
+        let mut cx = MmCtx { mem, frames: &mut *buddy, refs: FrameRefs::new(BASE, &mut c), mmu: &mmu };
+        let mut a = AddressSpace::new(&mut cx, &k).unwrap();
+        let far = 0x10_0000 + HARVEST_SPAN as u64 * 4096;
+        a.add_vma(Gva(0x10_0000), Gva(far + 4096), Prot::RW).unwrap();
+        let mut lru = Lru::<8>::new();
+        for va in [0x10_0000, far] {
+            a.handle_fault(&mut cx, Gva(va), W).unwrap();
+            assert!(lru.add(Gva(va)));
+        }
+        assert_eq!(lru.shrink_inactive(&mut a, &mut cx, 8, true), 0);
+        assert!(mmu.asked.borrow().is_empty());
+        assert_eq!((lru.stats().activated, lru.stats().harvests), (2, 0));
+        assert!(!flags_at(&a, &cx, far).unwrap().contains(PteFlags::ACCESSED));
+        a.destroy(&mut cx);
+    })
+}
+
+#[test]
+fn a_whole_pass_is_one_harvest_for_both_lists() {
+    with_mm(|mem, buddy| {
+        let (k, mut c) = setup(buddy);
+        let mmu = HarvestMmu::default();
+        let mut cx = MmCtx { mem, frames: &mut *buddy, refs: FrameRefs::new(BASE, &mut c), mmu: &mmu };
+        let mut a = AddressSpace::new(&mut cx, &k).unwrap();
+        a.add_vma(Gva(0x10_0000), Gva(0x10_8000), Prot::RW).unwrap();
+        let mut lru = Lru::<8>::new();
+        let pages: Vec<u64> = (0..8).map(|i| 0x10_0000 + i * 4096).collect();
+        for &va in &pages {
+            a.handle_fault(&mut cx, Gva(va), W).unwrap();
+            assert!(lru.add(Gva(va)));
+            mmu.used.borrow_mut().insert(va);
+        }
+        // First pass: all used, all promoted.
+        assert_eq!(lru.age_all(&mut a, &mut cx, true), 0);
+        assert_eq!((lru.active().len(), lru.inactive().len()), (8, 0));
+        // The even pages are used again: the odd ones go inactive, and the
+        // inactive scan that follows finds them idle and dirty (kept).
+        for &va in pages.iter().step_by(2) {
+            mmu.used.borrow_mut().insert(va);
+        }
+        assert_eq!(lru.age_all(&mut a, &mut cx, true), 0);
+        assert_eq!((lru.active().len(), lru.inactive().len()), (4, 4));
+        assert!(lru.inactive().iter().all(|p| (p.0 - 0x10_0000) / 4096 % 2 == 1));
+        assert_eq!((lru.stats().harvests, lru.stats().kept_dirty), (2, 4));
+        assert_eq!(*mmu.asked.borrow(), [(Gva(0x10_0000), vec![0xff]), (Gva(0x10_0000), vec![0xff])]);
+        assert!(mmu.inner.take().is_empty(), "no entry changed");
+        a.destroy(&mut cx);
+    })
+}

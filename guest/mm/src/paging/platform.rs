@@ -104,6 +104,18 @@ pub trait MmuPlatform {
     /// End a batch begun with [`enter_lazy`](Self::enter_lazy): every
     /// deferred invalidation is done before this returns.
     fn leave_lazy(&self) {}
+    /// Test and clear, in one request, whether pages of the current
+    /// address space were accessed since the last such request named them
+    /// (a second-level accessed bit kept by the platform, like EPT's A
+    /// bits: the page-table entries are not changed). Bit `i` of `young`
+    /// names page `base + i * 4096` on entry and says on return whether it
+    /// was accessed; the platform flushes what the answer requires. `false`
+    /// (the default: hardware paging, trapping shadow paging, host tests)
+    /// when the platform has no such request: the caller then clears A in
+    /// the entries itself. pv mode answers with one `PV_HARVEST`.
+    fn harvest_young(&self, _base: Gva, _young: &mut [u64]) -> bool {
+        false
+    }
 }
 
 impl<T: MmuPlatform + ?Sized> MmuPlatform for &T {
@@ -121,6 +133,9 @@ impl<T: MmuPlatform + ?Sized> MmuPlatform for &T {
     }
     fn leave_lazy(&self) {
         (**self).leave_lazy()
+    }
+    fn harvest_young(&self, base: Gva, young: &mut [u64]) -> bool {
+        (**self).harvest_young(base, young)
     }
 }
 
