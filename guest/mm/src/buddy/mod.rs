@@ -91,6 +91,7 @@
 use crate::phys::{FrameRange, Pfn, PhysMem};
 
 mod alloc;
+mod cpu_pages;
 mod deferred;
 mod error;
 mod frame;
@@ -99,6 +100,7 @@ mod invariants;
 mod zone;
 mod zone_hot_list;
 
+pub use cpu_pages::{PcpFlag, PcpStats, PerCpuBuddy, pcp_flag_bytes};
 pub use deferred::{SECTION_FRAMES, section_bytes};
 pub use error::{FreeError, InitError};
 pub use frame::{BlockTag, FrameMeta, meta_bytes};

@@ -88,7 +88,7 @@ impl ZoneHotList {
 
     /// Forget the `n` oldest frames (`n <= len`), which the caller has
     /// returned to the free lists.
-    fn remove_oldest(&mut self, n: usize) {
+    pub(super) fn remove_oldest(&mut self, n: usize) {
         self.frames.copy_within(n..self.count, 0);
         self.count -= n;
     }

@@ -78,6 +78,7 @@
 use crate::buddy::ZonePref;
 
 mod cache;
+mod cpu_cache;
 mod cpu_slab;
 mod error;
 mod invariants;
@@ -86,6 +87,7 @@ mod page;
 mod size_class;
 
 pub use cache::{CacheStats, DEFAULT_MAX_EMPTY, MAX_ALIGN};
+pub use cpu_cache::{PerCpuCache, PerCpuKmalloc};
 pub use error::{CacheError, SlabError};
 pub use kmalloc::{KMALLOC_ID_BASE, Kmalloc};
 pub use size_class::{KMALLOC_MAX_CACHE_SIZE, NR_KMALLOC_CACHES, SizeClass, size_class};
