@@ -267,6 +267,7 @@ impl PhysMem for ArenaMem<'_> {
 /// tests and benches of the SMP allocators. Safe and bounds-checked: a bad
 /// access panics, as with [`ArenaMem`]. Ordering between threads comes
 /// from the allocators' locks and atomics, never from these accesses.
+#[derive(Clone, Copy)]
 pub struct SharedArenaMem<'a> {
     base: u64,
     words: &'a [AtomicU64],
