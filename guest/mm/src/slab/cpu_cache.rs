@@ -42,8 +42,10 @@
 //! address is its CPU slab's (or none), no slab is frozen by two CPUs; the
 //! remote-free lists hold distinct object starts of this cache's slabs;
 //! and objects are counted exactly: allocations minus frees equals the
-//! objects in use by the descriptors, minus those frozen slabs' free
-//! objects, minus the objects waiting on remote-free lists.
+//! objects in use by the descriptors of the listed slabs plus the frozen
+//! slabs' objects not on their CPU's free list (objects waiting on a
+//! remote-free list are among these: they count as freed when the owner
+//! takes them).
 //!
 //! Counters: each CPU counts its fast-path operations in its own slot;
 //! a remote free is counted as a free when its owner drains it.
@@ -436,11 +438,19 @@ impl<R: RawLock> PerCpuCache<R> {
                     obj = b.mem().read_u64(Gpa(obj));
                 }
             }
-            if allocs - frees != inuse - waiting {
+            // An object waiting on a remote-free list is counted as freed
+            // when its owner takes it: until then it is in use.
+            if allocs - frees != inuse {
                 return Err("allocations minus frees differ from the objects in use");
             }
             Ok(())
         })
+    }
+
+    /// The cache lock, held: for tests that prove a path takes no lock.
+    #[cfg(test)]
+    pub(super) fn lock_node(&self) -> crate::sync::LockGuard<'_, R, KmemCache> {
+        self.node.lock()
     }
 
     /// Objects allocated and not freed (`&mut self`: while no CPU runs).

@@ -2,60 +2,13 @@
 //! batches and marks, refused frees, the drain under pressure, and
 //! alloc/free storms on several threads with the invariants checked after.
 
-use std::sync::atomic::AtomicU64;
 use std::sync::mpsc;
 use std::vec::Vec;
 
 use super::*;
 use crate::percpu::CpuId;
-use crate::phys::SharedArenaMem;
-use crate::sync::SpinLock;
 
-/// Backing memory, metadata and the per-CPU flag table for one
-/// [`PerCpuBuddy`] over a thread-shareable arena.
-pub(super) struct SmpFixture {
-    base: Pfn,
-    backing: Vec<AtomicU64>,
-    meta: Vec<FrameMeta>,
-    sections: Vec<u8>,
-    flags: Vec<PcpFlag>,
-}
-
-pub(super) type SmpBuddy<'a> = PerCpuBuddy<'a, SharedArenaMem<'a>, SpinLock>;
-
-impl SmpFixture {
-    pub(super) fn new(base: Pfn, frames: usize) -> Self {
-        Self {
-            base,
-            backing: (0..frames * FRAME_WORDS).map(|_| AtomicU64::new(0)).collect(),
-            meta: vec![FrameMeta::default(); frames],
-            sections: vec![0; section_bytes(frames as u64) as usize],
-            flags: (0..pcp_flag_bytes(frames as u64)).map(|_| PcpFlag::default()).collect(),
-        }
-    }
-
-    /// Per-CPU lists for `cpus` CPUs over an allocator (deferred or not)
-    /// with page-table zone `pgtables` and `ranges` added.
-    pub(super) fn buddy(
-        &mut self,
-        pgtables: FrameRange,
-        ranges: &[FrameRange],
-        cpus: usize,
-        deferred: bool,
-    ) -> SmpBuddy<'_> {
-        let mem = SharedArenaMem::new(self.base.addr(), &self.backing);
-        let mut a = if deferred {
-            BuddyAllocator::new_deferred(mem, &mut self.meta, &mut self.sections, self.base, pgtables).unwrap()
-        } else {
-            BuddyAllocator::new(mem, &mut self.meta, self.base, pgtables).unwrap()
-        };
-        a.set_verify_pgtables(true);
-        for &r in ranges {
-            a.add_free_range(r).unwrap();
-        }
-        PerCpuBuddy::new(a, cpus, &self.flags).unwrap()
-    }
-}
+pub(super) use crate::testutil::{SmpBuddy, SmpFixture};
 
 fn cpu(i: usize) -> CpuId {
     CpuId::new(i).unwrap()
