@@ -154,7 +154,7 @@ fn storm_order(x: u64) -> u8 {
 
 /// `cpus` threads each run `steps` random allocations and frees (orders
 /// 0..=3, every frame stamped with its own pfn and the stamp checked
-/// before the free), and hand about one block in four to the next CPU to
+/// before the free), and hand about one block in four to another CPU to
 /// free (a free on another CPU than the allocation). Afterwards every
 /// frame must be back and every invariant hold.
 fn storm(cpus: usize, steps: usize) {
@@ -163,7 +163,7 @@ fn storm(cpus: usize, steps: usize) {
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..cpus).map(|_| mpsc::channel::<(Pfn, u8)>()).unzip();
         std::thread::scope(|s| {
             for (i, rx) in rxs.into_iter().enumerate() {
-                let next = txs[(i + 1) % cpus].clone();
+                let others: Vec<_> = txs.clone();
                 s.spawn(move || {
                     let me = cpu(i);
                     let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (i as u64 + 1);
@@ -201,7 +201,7 @@ fn storm(cpus: usize, steps: usize) {
                         } else {
                             let (p, o) = live.swap_remove((x >> 8) as usize % live.len());
                             if (x >> 40) % 4 == 0 {
-                                next.send((p, o)).unwrap();
+                                others[(i + 1 + (x >> 44) as usize % (cpus - 1)) % cpus].send((p, o)).unwrap();
                             } else {
                                 check_and_free(p, o);
                             }
@@ -210,8 +210,8 @@ fn storm(cpus: usize, steps: usize) {
                     for (p, o) in live {
                         check_and_free(p, o);
                     }
-                    drop(next);
-                    // What the next CPU sent after finishing is freed here.
+                    drop(others);
+                    // What other CPUs sent after this one finished is freed here.
                     while let Ok((p, o)) = rx.recv() {
                         check_and_free(p, o);
                     }

@@ -172,6 +172,58 @@ fn flushing_a_cpu_gives_back_its_slab_and_its_remote_frees() {
     });
 }
 
+#[test]
+fn remote_frees_from_several_cpus_at_once_all_reach_the_owner() {
+    with_buddy(256, 4, |b| {
+        let mut c: PerCpuCache<SpinLock> = PerCpuCache::new("test-8", 41, 8, 8, ZonePref::Normal, 4).unwrap();
+        let n = c.shape().objects_per_slab() as usize;
+        // SAFETY: this thread plays CPU 0 only; the threads below play
+        // CPUs 1..=3, one each.
+        let mut t0 = unsafe { ThisCpu::new(CpuId::BOOT) };
+        let mut objs: Vec<Gpa> = (0..n).map(|_| c.alloc(&mut t0, b).unwrap()).collect();
+        objs.sort();
+        for round in 0..200 {
+            // Every object of CPU 0's CPU slab, freed by CPUs 1..=3 at
+            // once: three pushers on CPU 0's remote-free list.
+            // A spinning start line, so that the pushers run at once.
+            let start = std::sync::atomic::AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                for (i, part) in objs.chunks(n.div_ceil(3)).enumerate() {
+                    let (c, start) = (&c, &start);
+                    s.spawn(move || {
+                        // SAFETY: thread `i` is the only user of CPU `i + 1`.
+                        let mut me = unsafe { ThisCpu::new(CpuId::new(i + 1).unwrap()) };
+                        start.fetch_add(1, Ordering::SeqCst);
+                        let mut spins = 0u32;
+                        while start.load(Ordering::SeqCst) < 3 {
+                            spins += 1;
+                            if spins < 100_000 {
+                                std::hint::spin_loop();
+                            } else {
+                                std::thread::yield_now();
+                            }
+                        }
+                        for &o in part {
+                            c.free(&mut me, b, o).unwrap();
+                        }
+                    });
+                }
+            });
+            // CPU 0 takes them all back, from the same slab.
+            let mut again: Vec<Gpa> = (0..n).map(|_| c.alloc(&mut t0, b).unwrap()).collect();
+            again.sort();
+            assert_eq!(again, objs, "round {round}: a remote free was lost");
+            assert_eq!(c.stats().slabs_allocated, 1, "round {round}: a new slab was needed");
+        }
+        for &o in &objs {
+            c.free(&mut t0, b, o).unwrap();
+        }
+        c.shrink(&mut t0, b);
+        c.check_invariants(b).unwrap();
+        all_pages_returned(b);
+    });
+}
+
 /// What an object at `addr` holds while live.
 fn stamp(addr: u64, word: u64) -> u64 {
     addr.rotate_left(23) ^ word ^ 0x5eed
@@ -179,7 +231,8 @@ fn stamp(addr: u64, word: u64) -> u64 {
 
 /// `cpus` threads each allocate and free kmalloc objects of random sizes
 /// (stamped, the stamp checked before the free), handing about one in four
-/// to the next CPU to free (remote frees, racing with the owner's slow
+/// to another CPU to free (remote frees from several CPUs at once, racing
+/// with each other and with the owner's slow
 /// paths). Afterwards every CPU is shrunk, and the invariants, the exact
 /// counts and the buddy's pages must all check out.
 fn storm(cpus: usize, steps: usize) {
@@ -188,7 +241,7 @@ fn storm(cpus: usize, steps: usize) {
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..cpus).map(|_| mpsc::channel::<(Gpa, usize)>()).unzip();
         std::thread::scope(|s| {
             for (i, rx) in rxs.into_iter().enumerate() {
-                let next = txs[(i + 1) % cpus].clone();
+                let others: Vec<_> = txs.clone();
                 let k = &k;
                 s.spawn(move || {
                     // SAFETY: thread `i` is the only user of CPU id `i`.
@@ -218,7 +271,7 @@ fn storm(cpus: usize, steps: usize) {
                         } else {
                             let (a, size) = live.swap_remove((x >> 24) as usize % live.len());
                             if (x >> 40) % 4 == 0 {
-                                next.send((a, size)).unwrap();
+                                others[(i + 1 + (x >> 44) as usize % (cpus - 1)) % cpus].send((a, size)).unwrap();
                             } else {
                                 free(&mut me, a, size);
                             }
@@ -227,7 +280,7 @@ fn storm(cpus: usize, steps: usize) {
                     for (a, size) in std::mem::take(&mut live) {
                         free(&mut me, a, size);
                     }
-                    drop(next);
+                    drop(others);
                     while let Ok((a, size)) = rx.recv() {
                         free(&mut me, a, size);
                     }
