@@ -22,7 +22,6 @@
 //! - Every frame on a per-CPU list is, for the zone, an allocated order-0
 //!   block with a clear tag, in the list's zone (`DMA` or `NORMAL`: page
 //!   tables do not use the per-CPU lists), and is on exactly one list.
-//!   `pcp_pages` is the number of frames on all lists.
 //! - The per-frame [`PcpFlag`] side table says `LISTED` exactly for the
 //!   frames on a per-CPU list, `OUT` for frames handed out by
 //!   [`alloc_on`](PerCpuBuddy::alloc_on)'s per-CPU path and not yet freed
@@ -32,7 +31,13 @@
 //!   double free) is refused, and how a free knows its frame's zone. A
 //!   double free racing with itself on two CPUs is not caught (as in
 //!   Linux without `DEBUG_VM`); [`check_invariants`](PerCpuBuddy::check_invariants)
-//!   finds its trace.
+//!   finds its trace. Neighbouring frames' flags are on different cache
+//!   lines (the table is indexed by a permutation of the frame index that
+//!   spreads 64 consecutive frames over 64 lines), so two CPUs working on
+//!   nearby frames do not share a line.
+//! - No counter is shared by the CPUs on the fast paths (each list's
+//!   length and counters sit behind its own pcp lock): the fast paths
+//!   touch only the CPU's own lock and list, and the frame's flag.
 //! - CPUs at or above `nr_cpus` have empty lists.
 //!
 //! # No stranded page (the drain rule)
@@ -94,9 +99,10 @@ impl PcpFlag {
     }
 }
 
-/// Bytes of [`PcpFlag`] side table needed for a span of `frames` frames.
+/// Bytes of [`PcpFlag`] side table needed for a span of `frames` frames:
+/// the next power of two of at least 64 (so at most two per frame).
 pub const fn pcp_flag_bytes(frames: u64) -> u64 {
-    frames
+    (if frames < 64 { 64 } else { frames }).next_power_of_two()
 }
 
 /// Counters of one CPU's lists.
@@ -138,8 +144,10 @@ pub struct PerCpuBuddy<'m, M, R> {
     pcp: [CachePadded<Lock<R, CpuPages>>; MAX_CPUS],
     nr_cpus: usize,
     flags: &'m [PcpFlag],
-    /// Frames on all per-CPU lists.
-    pcp_pages: AtomicU64,
+    /// `flags.len() / 64 - 1` and its bit count: frame `i`'s flag is at
+    /// `(i & flag_mask) * 64 + (i >> flag_shift)`.
+    flag_mask: u64,
+    flag_shift: u32,
     /// `drain_all_pages` calls made because an allocation failed.
     pressure_drains: AtomicU64,
 }
@@ -150,13 +158,11 @@ impl<'m, M: PhysMem + Clone, R: RawLock> PerCpuBuddy<'m, M, R> {
     /// zero. `None` if either is wrong.
     pub fn new(buddy: BuddyAllocator<'m, M>, nr_cpus: usize, flags: &'m [PcpFlag]) -> Option<Self> {
         let span = buddy.span();
-        if nr_cpus == 0
-            || nr_cpus > MAX_CPUS
-            || (flags.len() as u64) < span.len()
-            || flags.iter().any(|f| f.get() != NONE)
-        {
+        let need = pcp_flag_bytes(span.len());
+        if nr_cpus == 0 || nr_cpus > MAX_CPUS || (flags.len() as u64) < need || flags.iter().any(|f| f.get() != NONE) {
             return None;
         }
+        let lines = need / 64;
         Some(Self {
             mem: buddy.mem().clone(),
             base: span.start.0,
@@ -164,14 +170,26 @@ impl<'m, M: PhysMem + Clone, R: RawLock> PerCpuBuddy<'m, M, R> {
             zone: Lock::new(buddy),
             pcp: [const { CachePadded(Lock::new(CpuPages::EMPTY)) }; MAX_CPUS],
             nr_cpus,
-            flags,
-            pcp_pages: AtomicU64::new(0),
+            flags: &flags[..need as usize],
+            flag_mask: lines - 1,
+            flag_shift: lines.trailing_zeros(),
             pressure_drains: AtomicU64::new(0),
         })
     }
 }
 
 impl<'m, M: PhysMem, R: RawLock> PerCpuBuddy<'m, M, R> {
+    /// The flag of span index `idx` (`idx < frames`).
+    #[inline(always)]
+    fn flag(&self, idx: u64) -> &PcpFlag {
+        &self.flags[(((idx & self.flag_mask) << 6) | (idx >> self.flag_shift)) as usize]
+    }
+
+    /// The span index whose flag is at `slot` (the inverse of `flag`).
+    fn flag_owner(&self, slot: u64) -> u64 {
+        ((slot & 63) << self.flag_shift) | (slot >> 6)
+    }
+
     /// The memory accessor (the zones' own, cloned).
     #[inline]
     pub fn mem(&self) -> &M {
@@ -213,11 +231,10 @@ impl<'m, M: PhysMem, R: RawLock> PerCpuBuddy<'m, M, R> {
     #[cold]
     #[inline(never)]
     fn alloc_under_pressure(&self, cpu: CpuId, order: u8, pref: ZonePref) -> Option<Pfn> {
-        if self.pcp_pages.load(Ordering::Relaxed) == 0 {
+        if self.drain_all() == 0 {
             return None;
         }
         self.pressure_drains.fetch_add(1, Ordering::Relaxed);
-        self.drain_all();
         self.try_alloc(cpu, order, pref)
     }
 
@@ -234,8 +251,7 @@ impl<'m, M: PhysMem, R: RawLock> PerCpuBuddy<'m, M, R> {
             }
             if let Some(idx) = pcp.lists[z].pop() {
                 pcp.stats.allocs += 1;
-                self.pcp_pages.fetch_sub(1, Ordering::Relaxed);
-                self.flags[idx as usize].set(OUT_DMA + z as u8);
+                self.flag(idx as u64).set(OUT_DMA + z as u8);
                 return Some(Pfn(self.base + idx as u64));
             }
         }
@@ -250,13 +266,12 @@ impl<'m, M: PhysMem, R: RawLock> PerCpuBuddy<'m, M, R> {
         while n < HOT_BATCH
             && let Some(idx) = b.pcp_take(zone)
         {
-            self.flags[idx as usize].set(LISTED);
+            self.flag(idx as u64).set(LISTED);
             pcp.lists[zone as usize].push(idx);
             n += 1;
         }
         if n > 0 {
             pcp.stats.refills += 1;
-            self.pcp_pages.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 
@@ -269,10 +284,8 @@ impl<'m, M: PhysMem, R: RawLock> PerCpuBuddy<'m, M, R> {
     #[inline]
     pub fn free_on(&self, cpu: CpuId, pfn: Pfn, order: u8) -> Result<(), FreeError> {
         let off = pfn.0.wrapping_sub(self.base);
-        if order == 0
-            && off < self.frames
-            && let Some(flag) = self.flags.get(off as usize)
-        {
+        if order == 0 && off < self.frames {
+            let flag = self.flag(off);
             match flag.get() {
                 f @ (OUT_DMA | OUT_NORMAL) => {
                     let z = (f - OUT_DMA) as usize;
@@ -283,7 +296,6 @@ impl<'m, M: PhysMem, R: RawLock> PerCpuBuddy<'m, M, R> {
                     flag.set(LISTED);
                     pcp.lists[z].push(off as u32);
                     pcp.stats.frees += 1;
-                    self.pcp_pages.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
                 LISTED => return Err(FreeError::DoubleFree),
@@ -295,43 +307,37 @@ impl<'m, M: PhysMem, R: RawLock> PerCpuBuddy<'m, M, R> {
 
     /// Return the `n` oldest frames of list `z` to the zone (Linux's
     /// `free_pcppages_bulk`).
-    fn drain_batch(&self, pcp: &mut LockGuard<'_, R, CpuPages>, z: usize, n: usize) {
+    fn drain_batch(&self, pcp: &mut LockGuard<'_, R, CpuPages>, z: usize, n: usize) -> usize {
         let n = n.min(pcp.lists[z].len());
         if n == 0 {
-            return;
+            return 0;
         }
         let mut b = self.zone.lock();
         for &idx in &pcp.lists[z].as_slice()[..n] {
-            self.flags[idx as usize].set(NONE);
+            self.flag(idx as u64).set(NONE);
             b.pcp_return(idx);
         }
         pcp.lists[z].remove_oldest(n);
         pcp.stats.drained += n as u64;
-        self.pcp_pages.fetch_sub(n as u64, Ordering::Relaxed);
+        n
     }
 
     /// Return every frame on `cpu`'s lists to the zones: for a CPU going
-    /// offline, or to give back what it holds.
-    pub fn drain_cpu(&self, cpu: CpuId) {
+    /// offline, or to give back what it holds. Returns the frames drained.
+    pub fn drain_cpu(&self, cpu: CpuId) -> usize {
         let mut pcp = self.pcp[cpu.index()].lock();
-        for z in 0..PCP_ZONES {
-            self.drain_batch(&mut pcp, z, HOT_HIGH);
-        }
+        (0..PCP_ZONES).map(|z| self.drain_batch(&mut pcp, z, HOT_HIGH)).sum()
     }
 
     /// Return every frame on every CPU's lists to the zones (Linux's
-    /// `drain_all_pages`), one CPU at a time.
-    pub fn drain_all(&self) {
-        for cpu in 0..self.nr_cpus {
-            if let Some(cpu) = CpuId::new(cpu) {
-                self.drain_cpu(cpu);
-            }
-        }
+    /// `drain_all_pages`), one CPU at a time. Returns the frames drained.
+    pub fn drain_all(&self) -> usize {
+        (0..self.nr_cpus).filter_map(CpuId::new).map(|cpu| self.drain_cpu(cpu)).sum()
     }
 
-    /// Frames on all per-CPU lists (a snapshot).
+    /// Frames on all per-CPU lists (a snapshot, taking each pcp lock).
     pub fn pcp_pages(&self) -> u64 {
-        self.pcp_pages.load(Ordering::Relaxed)
+        self.pcp.iter().map(|p| p.lock().lists.iter().map(|l| l.len() as u64).sum::<u64>()).sum()
     }
 
     /// How many times an allocation failure drained every CPU's lists.
@@ -386,7 +392,7 @@ impl<'m, M: PhysMem, R: RawLock> PerCpuBuddy<'m, M, R> {
                 }
                 for &idx in list.as_slice() {
                     let pfn = Pfn(self.base + idx as u64);
-                    if self.flags.get(idx as usize).map(PcpFlag::get) != Some(LISTED) {
+                    if self.flag(idx as u64).get() != LISTED {
                         return Err("frame on a per-CPU list not flagged LISTED");
                     }
                     if b.block_tag(pfn) != Some((0, [0; 4])) || b.zone_of(pfn).map(|z| z as usize) != Some(z) {
@@ -398,12 +404,16 @@ impl<'m, M: PhysMem, R: RawLock> PerCpuBuddy<'m, M, R> {
                 }
             }
         }
-        if listed != self.pcp_pages.load(Ordering::Relaxed) {
-            return Err("pcp_pages differs from the frames on the per-CPU lists");
-        }
         let mut flagged = 0u64;
-        for (i, flag) in self.flags[..self.frames as usize].iter().enumerate() {
-            let pfn = Pfn(self.base + i as u64);
+        for (slot, flag) in self.flags.iter().enumerate() {
+            let i = self.flag_owner(slot as u64);
+            if i >= self.frames {
+                if flag.get() != NONE {
+                    return Err("flag of a frame beyond the span set");
+                }
+                continue;
+            }
+            let pfn = Pfn(self.base + i);
             match flag.get() {
                 NONE => {}
                 LISTED => flagged += 1,

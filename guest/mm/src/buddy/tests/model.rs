@@ -429,7 +429,9 @@ fn run_percpu(ops: Vec<PcpOp>, cpus: usize, deferred: bool) -> Result<(), TestCa
                 prop_assert_eq!(b.with_zone(|a| a.free_pgtable(p)), Ok(()));
                 model.set(p, 0, true);
             }
-            PcpOp::DrainCpu { cpu: c } => b.drain_cpu(cpu(c)),
+            PcpOp::DrainCpu { cpu: c } => {
+                b.drain_cpu(cpu(c));
+            }
             PcpOp::Free { .. } | PcpOp::FreePgtable { .. } => {}
         }
         check(&b, &model)?;
