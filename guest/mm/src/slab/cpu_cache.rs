@@ -90,7 +90,9 @@ struct CpuShared {
 }
 
 impl CpuShared {
-    const INIT: Self = CpuShared { frozen: AtomicU64::new(NO_CPU_SLAB), remote: AtomicU64::new(FREELIST_END) };
+    const fn new() -> Self {
+        CpuShared { frozen: AtomicU64::new(NO_CPU_SLAB), remote: AtomicU64::new(FREELIST_END) }
+    }
 }
 
 /// A cache of equal-sized objects with per-CPU slabs; see the module doc.
@@ -137,7 +139,7 @@ impl<R: RawLock> PerCpuCache<R> {
             shape,
             node: Lock::new(node),
             cpus: PerCpu::new(),
-            shared: [const { CachePadded(CpuShared::INIT) }; MAX_CPUS],
+            shared: [const { CachePadded(CpuShared::new()) }; MAX_CPUS],
             nr_cpus,
         }
     }

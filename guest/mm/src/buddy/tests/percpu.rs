@@ -186,7 +186,7 @@ fn storm(cpus: usize, steps: usize) {
                         while let Ok((p, o)) = rx.try_recv() {
                             check_and_free(p, o);
                         }
-                        if x % 3 != 0 || live.is_empty() {
+                        if !x.is_multiple_of(3) || live.is_empty() {
                             let o = storm_order(x >> 20);
                             if let Some(p) = b.alloc_on(me, o, ZonePref::Normal) {
                                 for f in 0..1u64 << o {
@@ -200,7 +200,7 @@ fn storm(cpus: usize, steps: usize) {
                             }
                         } else {
                             let (p, o) = live.swap_remove((x >> 8) as usize % live.len());
-                            if (x >> 40) % 4 == 0 {
+                            if (x >> 40).is_multiple_of(4) {
                                 others[(i + 1 + (x >> 44) as usize % (cpus - 1)) % cpus].send((p, o)).unwrap();
                             } else {
                                 check_and_free(p, o);

@@ -270,7 +270,7 @@ fn storm(cpus: usize, steps: usize) {
                             live.push((a, size));
                         } else {
                             let (a, size) = live.swap_remove((x >> 24) as usize % live.len());
-                            if (x >> 40) % 4 == 0 {
+                            if (x >> 40).is_multiple_of(4) {
                                 others[(i + 1 + (x >> 44) as usize % (cpus - 1)) % cpus].send((a, size)).unwrap();
                             } else {
                                 free(&mut me, a, size);
