@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use criterion::measurement::{Measurement, WallTime};
 use criterion::{Criterion, Throughput};
-use guest_mm::buddy::{BuddyAllocator, DMA_LIMIT, FrameMeta, PcpFlag, PerCpuBuddy, ZonePref, pcp_flag_bytes};
+use guest_mm::buddy::{BuddyAllocator, DMA_LIMIT, FrameMeta, PcpFlag, PcpLists, PerCpuBuddy, ZonePref, pcp_flag_bytes};
 use guest_mm::percpu::{CpuId, ThisCpu};
 use guest_mm::phys::{FRAME_WORDS, FrameRange, SharedArenaMem};
 use guest_mm::slab::PerCpuCache;
@@ -81,7 +81,8 @@ fn percpu<M: FromNanos>(c: &mut Criterion<M>) {
     let mem = SharedArenaMem::new(DMA_LIMIT.addr(), &backing);
     let mut a = BuddyAllocator::new(mem, &mut meta, DMA_LIMIT, FrameRange::default()).unwrap();
     a.add_free_range(FrameRange::new(DMA_LIMIT, DMA_LIMIT.add(FRAMES as u64))).unwrap();
-    let buddy: PerCpuBuddy<'_, _, SpinLock> = PerCpuBuddy::new(a, 2, &flags).unwrap();
+    let pcp: Box<PcpLists<SpinLock>> = Box::default();
+    let buddy: PerCpuBuddy<'_, _, SpinLock> = PerCpuBuddy::new(a, &pcp, 2, &flags).unwrap();
     let cache: PerCpuCache<SpinLock> = PerCpuCache::new("bench-64", 100, 64, 8, ZonePref::Normal, 2).unwrap();
     // One frame and one object held on each CPU throughout, as in the
     // single-CPU benches.

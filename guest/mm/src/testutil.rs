@@ -6,9 +6,12 @@ use std::vec::Vec;
 
 use guest_abi::Gva;
 
+use std::boxed::Box;
 use std::sync::atomic::AtomicU64;
 
-use crate::buddy::{BuddyAllocator, DMA_LIMIT, FrameMeta, PcpFlag, PerCpuBuddy, ZoneId, pcp_flag_bytes, section_bytes};
+use crate::buddy::{
+    BuddyAllocator, DMA_LIMIT, FrameMeta, PcpFlag, PcpLists, PerCpuBuddy, ZoneId, pcp_flag_bytes, section_bytes,
+};
 use crate::paging::MmuPlatform;
 use crate::phys::{ArenaMem, FRAME_WORDS, FrameRange, Pfn, SharedArenaMem};
 use crate::sync::SpinLock;
@@ -51,6 +54,7 @@ pub struct SmpFixture {
     meta: Vec<FrameMeta>,
     sections: Vec<u8>,
     flags: Vec<PcpFlag>,
+    pcp: Box<PcpLists<SpinLock>>,
 }
 
 pub type SmpBuddy<'a> = PerCpuBuddy<'a, SharedArenaMem<'a>, SpinLock>;
@@ -63,6 +67,7 @@ impl SmpFixture {
             meta: vec![FrameMeta::default(); frames],
             sections: vec![0; section_bytes(frames as u64) as usize],
             flags: (0..pcp_flag_bytes(frames as u64)).map(|_| PcpFlag::default()).collect(),
+            pcp: Box::default(),
         }
     }
 
@@ -79,7 +84,7 @@ impl SmpFixture {
         for &r in ranges {
             a.add_free_range(r).unwrap();
         }
-        PerCpuBuddy::new(a, cpus, &self.flags).unwrap()
+        PerCpuBuddy::new(a, &self.pcp, cpus, &self.flags).unwrap()
     }
 }
 

@@ -40,6 +40,37 @@ fn all_returned(b: &SmpBuddy<'_>) {
 }
 
 #[test]
+fn per_cpu_lists_refuse_bad_arguments() {
+    use crate::phys::SharedArenaMem;
+    use crate::sync::SpinLock;
+    use std::sync::atomic::AtomicU64;
+    let backing: Vec<AtomicU64> = (0..100 * FRAME_WORDS).map(|_| AtomicU64::new(0)).collect();
+    let flags: Vec<PcpFlag> = (0..pcp_flag_bytes(100)).map(|_| PcpFlag::default()).collect();
+    assert_eq!(flags.len(), 128, "a power of two");
+    let pcp: PcpLists<SpinLock> = PcpLists::new();
+    let mem = SharedArenaMem::new(DMA_LIMIT.addr(), &backing);
+    let fresh = || vec![FrameMeta::default(); 100];
+    let (mut m1, mut m2, mut m3, mut m4, mut m5) = (fresh(), fresh(), fresh(), fresh(), fresh());
+    fn mk<'a>(mem: SharedArenaMem<'a>, meta: &'a mut [FrameMeta]) -> BuddyAllocator<'a, SharedArenaMem<'a>> {
+        BuddyAllocator::new(mem, meta, DMA_LIMIT, NO_PGTABLES).unwrap()
+    }
+    assert!(PerCpuBuddy::new(mk(mem, &mut m1), &pcp, 0, &flags).is_none(), "no CPU");
+    assert!(PerCpuBuddy::new(mk(mem, &mut m2), &pcp, crate::percpu::MAX_CPUS + 1, &flags).is_none(), "too many CPUs");
+    assert!(PerCpuBuddy::new(mk(mem, &mut m3), &pcp, 2, &flags[..100]).is_none(), "flag table too short");
+    flags[7].0.store(3, core::sync::atomic::Ordering::Relaxed);
+    assert!(PerCpuBuddy::new(mk(mem, &mut m4), &pcp, 2, &flags).is_none(), "flag table not zero");
+    flags[7].0.store(0, core::sync::atomic::Ordering::Relaxed);
+    let mut a = mk(mem, &mut m5);
+    a.add_free_range(FrameRange::new(DMA_LIMIT, DMA_LIMIT.add(100))).unwrap();
+    let b = PerCpuBuddy::new(a, &pcp, 2, &flags).unwrap();
+    let p = b.alloc_on(cpu(0), 0, ZonePref::Normal).unwrap();
+    b.free_on(cpu(0), p, 0).unwrap();
+    let a = b.into_inner();
+    assert_eq!(a.stats(ZoneId::Normal).hot_pages, 0, "into_inner drained the per-CPU lists");
+    a.check_invariants().unwrap();
+}
+
+#[test]
 fn order0_frames_come_from_the_calling_cpus_list_refilled_by_batch() {
     with_normal(256, 2, |b| {
         let p = b.alloc_on(cpu(0), 0, ZonePref::Normal).unwrap();
