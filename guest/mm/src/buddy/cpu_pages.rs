@@ -76,7 +76,7 @@ const _: () = assert!(ZoneId::Dma as usize == 0 && ZoneId::Normal as usize == 1)
 /// ([`pcp_flag_bytes`]); all-zero bytes are the right initial value.
 #[derive(Default, Debug)]
 #[repr(transparent)]
-pub struct PcpFlag(AtomicU8);
+pub struct PcpFlag(pub(super) AtomicU8);
 
 /// Not known to the per-CPU lists.
 const NONE: u8 = 0;
@@ -133,6 +133,27 @@ impl CpuPages {
     };
 }
 
+/// Every CPU's lists, each behind its own lock: kept apart from
+/// [`PerCpuBuddy`] so that the guest can place them in a `static`
+/// (`const`-constructed, about 36 KiB for [`MAX_CPUS`] CPUs) rather than
+/// build them on its small boot stack.
+pub struct PcpLists<R> {
+    cpus: [CachePadded<Lock<R, CpuPages>>; MAX_CPUS],
+}
+
+impl<R: RawLock> PcpLists<R> {
+    /// Every list empty.
+    pub const fn new() -> Self {
+        PcpLists { cpus: [const { CachePadded(Lock::new(CpuPages::EMPTY)) }; MAX_CPUS] }
+    }
+}
+
+impl<R: RawLock> Default for PcpLists<R> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// The buddy allocator behind a lock, with per-CPU lists in front. See the
 /// module documentation for the locks, the invariants and the drain rule.
 pub struct PerCpuBuddy<'m, M, R> {
@@ -141,7 +162,7 @@ pub struct PerCpuBuddy<'m, M, R> {
     base: u64,
     frames: u64,
     zone: Lock<R, BuddyAllocator<'m, M>>,
-    pcp: [CachePadded<Lock<R, CpuPages>>; MAX_CPUS],
+    pcp: &'m [CachePadded<Lock<R, CpuPages>>; MAX_CPUS],
     nr_cpus: usize,
     flags: &'m [PcpFlag],
     /// `flags.len() / 64 - 1` and its bit count: frame `i`'s flag is at
@@ -153,10 +174,18 @@ pub struct PerCpuBuddy<'m, M, R> {
 }
 
 impl<'m, M: PhysMem + Clone, R: RawLock> PerCpuBuddy<'m, M, R> {
-    /// Per-CPU lists for CPUs `0..nr_cpus` (at most [`MAX_CPUS`]) in front
-    /// of `buddy`. `flags` must hold [`pcp_flag_bytes`] of the span, all
-    /// zero. `None` if either is wrong.
-    pub fn new(buddy: BuddyAllocator<'m, M>, nr_cpus: usize, flags: &'m [PcpFlag]) -> Option<Self> {
+    /// Per-CPU lists `pcp` for CPUs `0..nr_cpus` (at most [`MAX_CPUS`]) in
+    /// front of `buddy`. `pcp` must be empty; `flags` must hold
+    /// [`pcp_flag_bytes`] of the span, all zero. `None` if any is wrong.
+    pub fn new(
+        buddy: BuddyAllocator<'m, M>,
+        pcp: &'m PcpLists<R>,
+        nr_cpus: usize,
+        flags: &'m [PcpFlag],
+    ) -> Option<Self> {
+        if pcp.cpus.iter().any(|c| c.lock().lists.iter().any(|l| !l.is_empty())) {
+            return None;
+        }
         let span = buddy.span();
         let need = pcp_flag_bytes(span.len());
         if nr_cpus == 0 || nr_cpus > MAX_CPUS || (flags.len() as u64) < need || flags.iter().any(|f| f.get() != NONE) {
@@ -168,7 +197,7 @@ impl<'m, M: PhysMem + Clone, R: RawLock> PerCpuBuddy<'m, M, R> {
             base: span.start.0,
             frames: span.len(),
             zone: Lock::new(buddy),
-            pcp: [const { CachePadded(Lock::new(CpuPages::EMPTY)) }; MAX_CPUS],
+            pcp: &pcp.cpus,
             nr_cpus,
             flags: &flags[..need as usize],
             flag_mask: lines - 1,
