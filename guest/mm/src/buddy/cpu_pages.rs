@@ -462,6 +462,25 @@ impl<'m, M: PhysMem, R: RawLock> PerCpuBuddy<'m, M, R> {
     }
 }
 
+/// CPU `cpu`'s handle on a [`PerCpuBuddy`], for the paging code
+/// ([`FrameSource`](crate::paging::FrameSource) and
+/// [`PageTableSource`](crate::paging::PageTableSource)): data frames
+/// through the CPU's lists (`NORMAL`, falling back to `DMA`), page-table
+/// pages from the page-table zone under the zone lock.
+pub struct CpuFrames<'a, 'm, M, R> {
+    /// The allocator.
+    pub buddy: &'a PerCpuBuddy<'m, M, R>,
+    /// The calling CPU.
+    pub cpu: CpuId,
+}
+
+impl<'m, M: PhysMem, R: RawLock> PerCpuBuddy<'m, M, R> {
+    /// This allocator as seen from CPU `cpu`.
+    pub fn on(&self, cpu: CpuId) -> CpuFrames<'_, 'm, M, R> {
+        CpuFrames { buddy: self, cpu }
+    }
+}
+
 impl<M: PhysMem> BuddyAllocator<'_, M> {
     /// An order-0 frame of `zone` for a per-CPU list: from the zone's own
     /// hot list, else its free lists (growing a deferred section if need

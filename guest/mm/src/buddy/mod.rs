@@ -107,7 +107,7 @@ mod invariants;
 mod zone;
 mod zone_hot_list;
 
-pub use cpu_pages::{PcpFlag, PcpLists, PcpStats, PerCpuBuddy, pcp_flag_bytes};
+pub use cpu_pages::{CpuFrames, PcpFlag, PcpLists, PcpStats, PerCpuBuddy, pcp_flag_bytes};
 pub use deferred::{SECTION_FRAMES, section_bytes};
 pub use error::{FreeError, InitError};
 pub use frame::{BlockTag, FrameMeta, meta_bytes};

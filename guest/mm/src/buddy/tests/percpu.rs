@@ -264,3 +264,21 @@ fn two_cpus_storm_and_every_frame_comes_back() {
 fn four_cpus_storm_and_every_frame_comes_back() {
     storm(4, 10_000);
 }
+
+#[test]
+fn a_cpus_handle_serves_paging_from_its_lists_and_the_page_table_zone() {
+    use crate::paging::{FrameSource, PageTableSource};
+    let mut fx = SmpFixture::new(DMA_LIMIT, 64);
+    let pt = FrameRange::new(DMA_LIMIT, DMA_LIMIT.add(8));
+    let b = fx.buddy(pt, &[FrameRange::new(DMA_LIMIT, DMA_LIMIT.add(64))], 2, false);
+    let mut on1 = b.on(cpu(1));
+    let f = on1.alloc_frame().unwrap();
+    assert!(!pt.contains(f));
+    assert_eq!(b.pcp_stats(cpu(1)).allocs, 1, "a data frame from CPU 1's list");
+    let t = on1.alloc_table().unwrap();
+    assert!(pt.contains(t) && b.mem().frame_is_zero(t));
+    on1.free_table(t);
+    on1.free_frame(f);
+    assert_eq!(b.pcp_stats(cpu(1)).frees, 1);
+    all_returned(&b);
+}
