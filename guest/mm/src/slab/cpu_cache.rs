@@ -392,61 +392,27 @@ impl<R: RawLock> PerCpuCache<R> {
         &mut self,
         buddy: &PerCpuBuddy<'_, M, B>,
     ) -> Result<(), &'static str> {
-        let node = self.node.get_mut();
-        buddy.with_zone(|b| {
-            let (mut live_slabs, mut inuse) = node.check_lists(b)?;
-            let mut allocs = node.stats().allocs;
-            let mut frees = node.stats().frees;
-            for (x, c) in self.cpus.iter_mut().enumerate() {
-                allocs += c.allocs;
-                frees += c.frees;
-                let frozen = self.shared[x].frozen.load(Ordering::Relaxed);
-                if frozen != c.slab.base {
-                    return Err("a CPU's published CPU slab differs from its CPU slab");
-                }
-                if c.slab.slab == NIL {
-                    if c.slab.freelist != FREELIST_END || c.slab.base != NO_CPU_SLAB {
-                        return Err("CPU free list or address without a CPU slab");
-                    }
-                    continue;
-                }
-                if x >= self.nr_cpus {
-                    return Err("CPU slab of a CPU beyond nr_cpus");
-                }
-                if (0..x).any(|y| self.shared[y].frozen.load(Ordering::Relaxed) == c.slab.base) {
-                    return Err("a slab frozen by two CPUs");
-                }
-                let free = node.check_cpu_slab(b, &c.slab)?;
-                live_slabs += 1;
-                inuse += (node.objects - free) as u64;
-            }
-            let stats = node.stats();
-            if stats.slabs_allocated - stats.slabs_freed != live_slabs {
-                return Err("slab counters disagree with the lists and CPU slabs");
-            }
-            let mut waiting = 0u64;
-            for x in 0..MAX_CPUS {
-                let mut obj = self.shared[x].remote.load(Ordering::Relaxed);
-                while obj != FREELIST_END {
-                    let slab_base = obj & self.shape.slab_mask;
-                    let d = b.block_tag(Pfn(slab_base >> PAGE_SHIFT)).and_then(|(_, t)| SlabDesc::from_tag(t));
-                    if d.is_none_or(|d| d.cache != self.shape.id) || self.shape.check_offset(obj - slab_base).is_err() {
-                        return Err("remote-free list holds something not an object of this cache");
-                    }
-                    waiting += 1;
-                    if waiting > inuse {
-                        return Err("remote-free list longer than the objects in use (a cycle or a double free)");
-                    }
-                    obj = b.mem().read_u64(Gpa(obj));
-                }
-            }
-            // An object waiting on a remote-free list is counted as freed
-            // when its owner takes it: until then it is in use.
-            if allocs - frees != inuse {
-                return Err("allocations minus frees differ from the objects in use");
-            }
-            Ok(())
-        })
+        let PerCpuCache { shape, node, cpus, shared, nr_cpus } = self;
+        let cpus = cpus.iter_mut().map(|c| &*c).enumerate();
+        check(shape, node.get_mut(), shared, *nr_cpus, cpus, buddy)
+    }
+
+    /// [`check_invariants`](Self::check_invariants) for a running system:
+    /// `cpus` holds the token of every CPU `0..nr_cpus`, in order (the
+    /// caller's own, and those of the other CPUs made while they are held
+    /// outside the allocators, `ThisCpu::new`'s contract); takes the cache
+    /// lock.
+    pub fn check_invariants_with<M: PhysMem, B: RawLock>(
+        &self,
+        cpus: &mut [ThisCpu],
+        buddy: &PerCpuBuddy<'_, M, B>,
+    ) -> Result<(), &'static str> {
+        if cpus.len() != self.nr_cpus || cpus.iter().enumerate().any(|(i, t)| t.id().index() != i) {
+            return Err("not one token per CPU, in order");
+        }
+        let node = self.node.lock();
+        let slots = cpus.iter_mut().map(|t| &*self.cpus.get(t)).enumerate();
+        check(&self.shape, &node, &self.shared, self.nr_cpus, slots, buddy)
     }
 
     /// The cache lock, held: for tests that prove a path takes no lock.
@@ -460,6 +426,72 @@ impl<R: RawLock> PerCpuCache<R> {
         let s = self.stats();
         s.allocs - s.frees
     }
+}
+
+/// The body of [`PerCpuCache::check_invariants`], over the CPU slots
+/// `cpus` (index, slot) however the caller reached them.
+fn check<'a, M: PhysMem, B: RawLock>(
+    shape: &KmemCache,
+    node: &KmemCache,
+    shared: &[CachePadded<CpuShared>; MAX_CPUS],
+    nr_cpus: usize,
+    cpus: impl Iterator<Item = (usize, &'a CpuCache)>,
+    buddy: &PerCpuBuddy<'_, M, B>,
+) -> Result<(), &'static str> {
+    buddy.with_zone(|b| {
+        let (mut live_slabs, mut inuse) = node.check_lists(b)?;
+        let mut allocs = node.stats().allocs;
+        let mut frees = node.stats().frees;
+        for (x, c) in cpus {
+            allocs += c.allocs;
+            frees += c.frees;
+            let frozen = shared[x].frozen.load(Ordering::Relaxed);
+            if frozen != c.slab.base {
+                return Err("a CPU's published CPU slab differs from its CPU slab");
+            }
+            if c.slab.slab == NIL {
+                if c.slab.freelist != FREELIST_END || c.slab.base != NO_CPU_SLAB {
+                    return Err("CPU free list or address without a CPU slab");
+                }
+                continue;
+            }
+            if x >= nr_cpus {
+                return Err("CPU slab of a CPU beyond nr_cpus");
+            }
+            if (0..x).any(|y| shared[y].frozen.load(Ordering::Relaxed) == c.slab.base) {
+                return Err("a slab frozen by two CPUs");
+            }
+            let free = node.check_cpu_slab(b, &c.slab)?;
+            live_slabs += 1;
+            inuse += (node.objects - free) as u64;
+        }
+        let stats = node.stats();
+        if stats.slabs_allocated - stats.slabs_freed != live_slabs {
+            return Err("slab counters disagree with the lists and CPU slabs");
+        }
+        let mut waiting = 0u64;
+        for s in shared {
+            let mut obj = s.remote.load(Ordering::Relaxed);
+            while obj != FREELIST_END {
+                let slab_base = obj & shape.slab_mask;
+                let d = b.block_tag(Pfn(slab_base >> PAGE_SHIFT)).and_then(|(_, t)| SlabDesc::from_tag(t));
+                if d.is_none_or(|d| d.cache != shape.id) || shape.check_offset(obj - slab_base).is_err() {
+                    return Err("remote-free list holds something not an object of this cache");
+                }
+                waiting += 1;
+                if waiting > inuse {
+                    return Err("remote-free list longer than the objects in use (a cycle or a double free)");
+                }
+                obj = b.mem().read_u64(Gpa(obj));
+            }
+        }
+        // An object waiting on a remote-free list is counted as freed when
+        // its owner takes it: until then it is in use.
+        if allocs - frees != inuse {
+            return Err("allocations minus frees differ from the objects in use");
+        }
+        Ok(())
+    })
 }
 
 /// The kmalloc caches with per-CPU slabs (see [`Kmalloc`](super::Kmalloc)
@@ -544,6 +576,15 @@ impl<R: RawLock> PerCpuKmalloc<R> {
     /// [`PerCpuCache::shrink`] of every cache.
     pub fn shrink<M: PhysMem, B: RawLock>(&self, cpu: &mut ThisCpu, buddy: &PerCpuBuddy<'_, M, B>) {
         self.caches.iter().for_each(|c| c.shrink(cpu, buddy));
+    }
+
+    /// [`PerCpuCache::check_invariants_with`] of every cache.
+    pub fn check_invariants_with<M: PhysMem, B: RawLock>(
+        &self,
+        cpus: &mut [ThisCpu],
+        buddy: &PerCpuBuddy<'_, M, B>,
+    ) -> Result<(), &'static str> {
+        self.caches.iter().try_for_each(|c| c.check_invariants_with(cpus, buddy))
     }
 
     /// [`PerCpuCache::check_invariants`] of every cache.

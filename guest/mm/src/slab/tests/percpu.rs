@@ -106,6 +106,12 @@ fn a_remote_free_waits_on_the_owners_list_and_comes_back_to_its_slab() {
         // remote-free list (no lock, no new slab), still counted in use.
         c.free(&mut t[1], b, objs[5]).unwrap();
         c.check_invariants(b).unwrap();
+        // The same check as a running kernel makes it: with every CPU's
+        // token, in order, under the cache lock.
+        c.check_invariants_with(&mut t, b).unwrap();
+        t.swap(0, 1);
+        assert!(c.check_invariants_with(&mut t, b).is_err(), "tokens out of order refused");
+        t.swap(0, 1);
         assert_eq!(c.objects_in_use(), n as u64, "counted as freed only when CPU 0 takes it");
         // CPU 0's free list is empty: its slow path takes the remote list
         // first, and hands the object out again, from the same slab.
