@@ -86,6 +86,24 @@ impl SmpFixture {
         }
         PerCpuBuddy::new(a, &self.pcp, cpus, &self.flags).unwrap()
     }
+
+    /// An eager [`buddy`](Self::buddy) over the caller's per-CPU lists
+    /// (a `static`, as in the kernel).
+    pub fn buddy_with<'a>(
+        &'a mut self,
+        pcp: &'a PcpLists<SpinLock>,
+        pgtables: FrameRange,
+        ranges: &[FrameRange],
+        cpus: usize,
+    ) -> SmpBuddy<'a> {
+        let mem = SharedArenaMem::new(self.base.addr(), &self.backing);
+        let mut a = BuddyAllocator::new(mem, &mut self.meta, self.base, pgtables).unwrap();
+        a.set_verify_pgtables(true);
+        for &r in ranges {
+            a.add_free_range(r).unwrap();
+        }
+        PerCpuBuddy::new(a, pcp, cpus, &self.flags).unwrap()
+    }
 }
 
 /// Page-table pages in use (allocated and not freed).

@@ -230,6 +230,35 @@ fn remote_frees_from_several_cpus_at_once_all_reach_the_owner() {
     });
 }
 
+/// The kernel's shape: the kmalloc caches and the per-CPU page lists in
+/// `static`s (`const`-constructed, `Sync`), not on a stack.
+static KMALLOC: PerCpuKmalloc<SpinLock> = PerCpuKmalloc::new(ZonePref::Normal, 2);
+static PCP: crate::buddy::PcpLists<SpinLock> = crate::buddy::PcpLists::new();
+
+#[test]
+fn the_front_ends_can_live_in_statics() {
+    let mut fx = SmpFixture::new(DMA_LIMIT, 256);
+    let b = fx.buddy_with(&PCP, FrameRange::default(), &[FrameRange::new(DMA_LIMIT, DMA_LIMIT.add(256))], 2);
+    std::thread::scope(|s| {
+        for i in 0..2 {
+            let b = &b;
+            s.spawn(move || {
+                // SAFETY: thread `i` is the only user of CPU `i`.
+                let mut me = unsafe { ThisCpu::new(CpuId::new(i).unwrap()) };
+                let a = KMALLOC.alloc(&mut me, b, 100, 8).unwrap();
+                let p = KMALLOC.alloc(&mut me, b, 3 * PAGE_SIZE as usize, 8).unwrap();
+                KMALLOC.free(&mut me, b, p, 3 * PAGE_SIZE as usize, 8).unwrap();
+                KMALLOC.free(&mut me, b, a, 100, 8).unwrap();
+                KMALLOC.shrink(&mut me, b);
+            });
+        }
+    });
+    let mut t = tokens(2);
+    KMALLOC.check_invariants_with(&mut t, &b).unwrap();
+    b.drain_all();
+    all_pages_returned(&b);
+}
+
 /// What an object at `addr` holds while live.
 fn stamp(addr: u64, word: u64) -> u64 {
     addr.rotate_left(23) ^ word ^ 0x5eed
