@@ -45,8 +45,8 @@
 //! An allocation through [`alloc_on`](PerCpuBuddy::alloc_on) fails only
 //! after (1) the calling CPU's lists and the zones of its zonelist could
 //! not serve it, (2) every CPU's lists were then drained to the zones
-//! (Linux's `drain_all_pages`, done only if some list held a frame), and
-//! (3) a retry still could not. So with no allocation running on another
+//! (Linux's `drain_all_pages`), and (3) a retry, made if the drain
+//! returned any frame, still could not. So with no allocation running on another
 //! CPU, a failure means no free block of that order exists in those zones
 //! on any list. (Frames another CPU frees to its list after the drain may
 //! stay there through the retry, the window Linux has too.) A CPU going
