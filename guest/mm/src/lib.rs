@@ -9,14 +9,22 @@
 //! flush tokens, the MMU platform hook), [`vma`] (areas), [`aspace`]
 //! (address spaces, fork with copy-on-write, munmap, mprotect), [`folio`]
 //! (anonymous folio sizes), [`fault`] (demand paging in folios, COW break,
-//! segfaults), [`aging`] (accessed-bit clock and reclaim).
+//! segfaults), [`aging`] (accessed-bit clock and reclaim);
+//! beside them [`sync`] (the lock abstraction) and [`percpu`] (CPU ids and
+//! per-CPU slots) for the SMP front ends.
 //!
 //! Invariants of the crate as a whole:
 //! - `no_std`, allocation-free, no floating point, and no `core::fmt` on any
 //!   path the guest executes (errors carry `as_str()` for that reason): the
 //!   guest kernel is built without SSE, and precompiled `core::fmt` uses it.
 //! - `unsafe` is denied everywhere except the guest's direct-map accessor
-//!   ([`phys::DirectMap`]); the allocators are safe code over the trait.
+//!   ([`phys::DirectMap`]), the lock abstraction ([`sync`]) and the
+//!   per-CPU slots ([`percpu`]); the allocators are safe code over them.
+//! - SMP: the allocators themselves ([`buddy::BuddyAllocator`],
+//!   [`slab::KmemCache`]) take `&mut self`; their per-CPU front ends
+//!   ([`buddy::PerCpuBuddy`], [`slab::PerCpuCache`], [`slab::PerCpuKmalloc`])
+//!   take `&self` and a CPU, keep the shared parts behind a
+//!   [`sync::RawLock`] the kernel supplies, and state their lock order.
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -43,8 +51,10 @@ pub mod buddy;
 pub mod fault;
 pub mod folio;
 pub mod paging;
+pub mod percpu;
 pub mod phys;
 pub mod slab;
+pub mod sync;
 #[cfg(test)]
 mod testutil;
 pub mod vma;

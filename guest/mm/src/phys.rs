@@ -20,6 +20,7 @@
 //!   constructor's contract is what makes its accesses sound.
 
 use core::cell::Cell;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use guest_abi::Gpa;
 
@@ -257,6 +258,70 @@ impl PhysMem for ArenaMem<'_> {
 
     fn frame_is_zero(&self, frame: Pfn) -> bool {
         self.frame_words(frame).iter().all(|w| w.get() == 0)
+    }
+}
+
+/// Physical memory modelled like [`ArenaMem`], but shareable between
+/// threads: the words are `AtomicU64`s accessed with relaxed ordering
+/// (plain moves on x86-64, as the guest's direct map does), for the host
+/// tests and benches of the SMP allocators. Safe and bounds-checked: a bad
+/// access panics, as with [`ArenaMem`]. Ordering between threads comes
+/// from the allocators' locks and atomics, never from these accesses.
+#[derive(Clone, Copy)]
+pub struct SharedArenaMem<'a> {
+    base: u64,
+    words: &'a [AtomicU64],
+}
+
+impl<'a> SharedArenaMem<'a> {
+    /// An arena standing for the RAM at `base` (page-aligned) backed by
+    /// `backing`, whose length must be a whole number of frames.
+    ///
+    /// # Panics
+    ///
+    /// If `base` is not page-aligned or `backing` is not a whole number of
+    /// frames.
+    pub fn new(base: Gpa, backing: &'a [AtomicU64]) -> Self {
+        assert!(base.0.is_multiple_of(PAGE_SIZE), "arena base not page-aligned");
+        assert!(backing.len().is_multiple_of(FRAME_WORDS), "arena not a whole number of frames");
+        Self { base: base.0, words: backing }
+    }
+
+    /// The frames this arena covers.
+    pub fn frames(&self) -> FrameRange {
+        FrameRange::from_bytes(Gpa(self.base), self.words.len() as u64 * 8)
+    }
+
+    #[inline]
+    fn word(&self, addr: Gpa) -> &AtomicU64 {
+        let off = addr.0.wrapping_sub(self.base);
+        if off.is_multiple_of(8)
+            && let Ok(i) = usize::try_from(off / 8)
+            && let Some(w) = self.words.get(i)
+        {
+            return w;
+        }
+        bad_access(addr, self.base)
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn bad_access(addr: Gpa, base: u64) -> ! {
+    assert!(addr.0.is_multiple_of(8), "unaligned physical word access");
+    assert!(addr.0 >= base, "physical access below the arena");
+    panic!("physical access beyond the arena")
+}
+
+impl PhysMem for SharedArenaMem<'_> {
+    #[inline]
+    fn read_u64(&self, addr: Gpa) -> u64 {
+        self.word(addr).load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    fn write_u64(&self, addr: Gpa, value: u64) {
+        self.word(addr).store(value, Ordering::Relaxed)
     }
 }
 

@@ -6,9 +6,15 @@ use std::vec::Vec;
 
 use guest_abi::Gva;
 
-use crate::buddy::{BuddyAllocator, DMA_LIMIT, FrameMeta, ZoneId};
+use std::boxed::Box;
+use std::sync::atomic::AtomicU64;
+
+use crate::buddy::{
+    BuddyAllocator, DMA_LIMIT, FrameMeta, PcpFlag, PcpLists, PerCpuBuddy, ZoneId, pcp_flag_bytes, section_bytes,
+};
 use crate::paging::MmuPlatform;
-use crate::phys::{ArenaMem, FRAME_WORDS, FrameRange, Pfn};
+use crate::phys::{ArenaMem, FRAME_WORDS, FrameRange, Pfn, SharedArenaMem};
+use crate::sync::SpinLock;
 
 /// First frame of the fixture (the start of the NORMAL zone).
 pub const BASE: Pfn = DMA_LIMIT;
@@ -38,6 +44,66 @@ pub fn with_mm_sized<R>(
 /// [`with_mm_sized`] with the default sizes.
 pub fn with_mm<R>(f: impl FnOnce(&ArenaMem<'_>, &mut BuddyAllocator<'_, &ArenaMem<'_>>) -> R) -> R {
     with_mm_sized(PGTABLE_FRAMES, NORMAL_FRAMES, f)
+}
+
+/// Backing memory, metadata and the per-CPU flag table for one
+/// [`PerCpuBuddy`] over a thread-shareable arena.
+pub struct SmpFixture {
+    base: Pfn,
+    backing: Vec<AtomicU64>,
+    meta: Vec<FrameMeta>,
+    sections: Vec<u8>,
+    flags: Vec<PcpFlag>,
+    pcp: Box<PcpLists<SpinLock>>,
+}
+
+pub type SmpBuddy<'a> = PerCpuBuddy<'a, SharedArenaMem<'a>, SpinLock>;
+
+impl SmpFixture {
+    pub fn new(base: Pfn, frames: usize) -> Self {
+        Self {
+            base,
+            backing: (0..frames * FRAME_WORDS).map(|_| AtomicU64::new(0)).collect(),
+            meta: vec![FrameMeta::default(); frames],
+            sections: vec![0; section_bytes(frames as u64) as usize],
+            flags: (0..pcp_flag_bytes(frames as u64)).map(|_| PcpFlag::default()).collect(),
+            pcp: Box::default(),
+        }
+    }
+
+    /// Per-CPU lists for `cpus` CPUs over an allocator (deferred or not)
+    /// with page-table zone `pgtables` and `ranges` added.
+    pub fn buddy(&mut self, pgtables: FrameRange, ranges: &[FrameRange], cpus: usize, deferred: bool) -> SmpBuddy<'_> {
+        let mem = SharedArenaMem::new(self.base.addr(), &self.backing);
+        let mut a = if deferred {
+            BuddyAllocator::new_deferred(mem, &mut self.meta, &mut self.sections, self.base, pgtables).unwrap()
+        } else {
+            BuddyAllocator::new(mem, &mut self.meta, self.base, pgtables).unwrap()
+        };
+        a.set_verify_pgtables(true);
+        for &r in ranges {
+            a.add_free_range(r).unwrap();
+        }
+        PerCpuBuddy::new(a, &self.pcp, cpus, &self.flags).unwrap()
+    }
+
+    /// An eager [`buddy`](Self::buddy) over the caller's per-CPU lists
+    /// (a `static`, as in the kernel).
+    pub fn buddy_with<'a>(
+        &'a mut self,
+        pcp: &'a PcpLists<SpinLock>,
+        pgtables: FrameRange,
+        ranges: &[FrameRange],
+        cpus: usize,
+    ) -> SmpBuddy<'a> {
+        let mem = SharedArenaMem::new(self.base.addr(), &self.backing);
+        let mut a = BuddyAllocator::new(mem, &mut self.meta, self.base, pgtables).unwrap();
+        a.set_verify_pgtables(true);
+        for &r in ranges {
+            a.add_free_range(r).unwrap();
+        }
+        PerCpuBuddy::new(a, pcp, cpus, &self.flags).unwrap()
+    }
 }
 
 /// Page-table pages in use (allocated and not freed).

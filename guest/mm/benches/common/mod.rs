@@ -172,7 +172,7 @@ pub fn group_name(name: &str) -> String {
 }
 
 /// The calling thread's CPU time, in nanoseconds.
-fn thread_cpu_ns() -> u64 {
+pub fn thread_cpu_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid, writable timespec; the clock id is a
     // constant Linux supports.

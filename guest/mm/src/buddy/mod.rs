@@ -11,8 +11,10 @@
 //! (the rest). Each zone has `free_area[order]` for orders
 //! `0..=MAX_ORDER`: a doubly-linked list of free blocks of `2^order`
 //! frames, and a small [hot list](HOT_HIGH) of order-0 frames in front of
-//! it. The hot list plays the part of Linux's `per_cpu_pages`, but there is
-//! one per *zone*, not per CPU and zone: the guest runs on one CPU.
+//! it. The hot list plays the part of Linux's `per_cpu_pages` when the
+//! allocator is used on its own, one per *zone*; for SMP,
+//! [`PerCpuBuddy`] puts per-CPU lists in front of the allocator (and the
+//! allocator behind a lock).
 //!
 //! One file per concern, all `impl` blocks of the one [`BuddyAllocator`]
 //! defined here (each file's doc states its own invariants):
@@ -24,8 +26,13 @@
 //! - `free_lists.rs`: the `free_area` lists, merging a freed block with
 //!   its buddy and splitting a larger block to serve a smaller one.
 //! - `zone_hot_list.rs`: each zone's hot list of order-0 frames, refilled
-//!   from and drained to the free lists in batches. Per-CPU lists (issue
-//!   17) belong in a file beside it.
+//!   from and drained to the free lists in batches.
+//! - `cpu_pages.rs`: [`PerCpuBuddy`], the SMP front end: this allocator
+//!   behind a lock (the zone lock), per-CPU lists of order-0 frames in
+//!   front of it (Linux's `per_cpu_pages`, each behind its CPU's own
+//!   lock), refilled and drained in batches, drained under memory pressure
+//!   so that no free page is stranded. Its doc states the lock order and
+//!   the drain rule.
 //! - `alloc.rs`: the entry points ([`alloc`](BuddyAllocator::alloc),
 //!   [`free`](BuddyAllocator::free) and their page-table variants), their
 //!   fast paths and the zone fallback.
@@ -91,6 +98,7 @@
 use crate::phys::{FrameRange, Pfn, PhysMem};
 
 mod alloc;
+mod cpu_pages;
 mod deferred;
 mod error;
 mod frame;
@@ -100,6 +108,7 @@ mod split;
 mod zone;
 mod zone_hot_list;
 
+pub use cpu_pages::{CpuFrames, PcpFlag, PcpLists, PcpStats, PerCpuBuddy, pcp_flag_bytes};
 pub use deferred::{SECTION_FRAMES, section_bytes};
 pub use error::{FreeError, InitError};
 pub use frame::{BlockTag, FrameMeta, meta_bytes};

@@ -743,3 +743,4 @@ fn a_short_section_array_is_refused() {
 }
 
 mod model;
+mod percpu;

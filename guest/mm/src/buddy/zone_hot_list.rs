@@ -2,10 +2,11 @@
 //! zone's free lists, refilled from them and drained to them in batches
 //! of [`HOT_BATCH`] (Linux's `rmqueue_bulk` and `free_pcppages_bulk`).
 //!
-//! It plays the part of Linux's `per_cpu_pages`, but there is one per
-//! zone, shared by every CPU: the guest runs on one. Per-CPU hot lists
-//! (issue 17) belong in a file beside this one, reusing [`ZoneHotList`] as
-//! the list of one CPU and one zone.
+//! It plays the part of Linux's `per_cpu_pages` for the allocator used on
+//! its own (one CPU, `&mut` access): one per zone. On SMP, the per-CPU
+//! lists of [`PerCpuBuddy`](super::PerCpuBuddy) (`cpu_pages.rs`) sit in
+//! front of the zones, each a [`ZoneHotList`] of one CPU and one zone;
+//! the zone's own hot list then only buffers the zone-path order-0 frees.
 //!
 //! Part of [`crate::buddy`], whose module doc states the allocator's
 //! invariants. Here:
@@ -88,7 +89,7 @@ impl ZoneHotList {
 
     /// Forget the `n` oldest frames (`n <= len`), which the caller has
     /// returned to the free lists.
-    fn remove_oldest(&mut self, n: usize) {
+    pub(super) fn remove_oldest(&mut self, n: usize) {
         self.frames.copy_within(n..self.count, 0);
         self.count -= n;
     }

@@ -33,6 +33,17 @@ impl<M: PhysMem> PageTableSource for BuddyAllocator<'_, M> {
     }
 }
 
+impl<M: PhysMem, R: crate::sync::RawLock> PageTableSource for crate::buddy::CpuFrames<'_, '_, M, R> {
+    fn alloc_table(&mut self) -> Option<Pfn> {
+        self.buddy.with_zone(|b| b.alloc_pgtable())
+    }
+    fn free_table(&mut self, table: Pfn) {
+        // As for `BuddyAllocator`: a refusal is a bug of the mapper.
+        let refused = self.buddy.with_zone(|b| b.free_pgtable(table)).is_err();
+        debug_assert!(!refused, "page-table page refused by the buddy allocator");
+    }
+}
+
 /// Where ordinary data frames (for anonymous memory) come from.
 pub trait FrameSource: PageTableSource {
     /// A 4 KiB frame (contents unspecified), or `None`.
@@ -78,6 +89,16 @@ impl<M: PhysMem> FrameSource for BuddyAllocator<'_, M> {
             debug_assert!(!refused, "fresh block refused by split_block");
         }
         Some(pfn)
+    }
+}
+
+impl<M: PhysMem, R: crate::sync::RawLock> FrameSource for crate::buddy::CpuFrames<'_, '_, M, R> {
+    fn alloc_frame(&mut self) -> Option<Pfn> {
+        self.buddy.alloc_on(self.cpu, 0, ZonePref::Normal)
+    }
+    fn free_frame(&mut self, frame: Pfn) {
+        let refused = self.buddy.free_on(self.cpu, frame, 0).is_err();
+        debug_assert!(!refused, "data frame refused by the buddy allocator");
     }
 }
 

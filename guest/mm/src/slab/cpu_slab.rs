@@ -4,9 +4,11 @@
 //! `c->freelist`), and those fast paths, [`KmemCache::alloc`] and
 //! [`KmemCache::free`].
 //!
-//! There is one CPU slab per cache today: the guest runs on one CPU.
-//! Per-CPU caches (issue 17) belong in a file beside this one, one
-//! [`CpuSlab`] per CPU, with remote frees handed to the owning CPU.
+//! A [`KmemCache`] used on its own has one CPU slab (one CPU, `&mut`
+//! access). For SMP, [`PerCpuCache`](super::PerCpuCache) (`cpu_cache.rs`)
+//! keeps one [`CpuSlab`] per CPU, with remote frees handed to the owning
+//! CPU, and runs this file's slow paths with the calling CPU's slab
+//! swapped into the cache under the cache lock.
 //!
 //! Part of [`crate::slab`], whose module doc states the cache's
 //! invariants. Here:

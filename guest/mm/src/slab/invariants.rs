@@ -10,7 +10,7 @@ use guest_abi::Gpa;
 
 use super::KmemCache;
 use super::cache::MAX_OBJECTS;
-use super::cpu_slab::NO_CPU_SLAB;
+use super::cpu_slab::{CpuSlab, NO_CPU_SLAB};
 use super::page::{FREELIST_END, NIL, SlabDesc, SlabList};
 use crate::buddy::BuddyAllocator;
 use crate::phys::{PAGE_SHIFT, Pfn, PhysMem};
@@ -19,7 +19,24 @@ impl KmemCache {
     /// Check every invariant of the module documentation by walking every
     /// list and free list. For tests.
     pub fn check_invariants<M: PhysMem>(&self, buddy: &BuddyAllocator<'_, M>) -> Result<(), &'static str> {
+        let (mut live_slabs, _) = self.check_lists(buddy)?;
+        if self.cpu.slab != NIL {
+            live_slabs += 1;
+            self.check_cpu_slab(buddy, &self.cpu)?;
+        } else if self.cpu.base != NO_CPU_SLAB || self.cpu.freelist != FREELIST_END {
+            return Err("CPU free list or address without a CPU slab");
+        }
+        if self.stats.slabs_allocated - self.stats.slabs_freed != live_slabs {
+            return Err("slab counters disagree with the lists");
+        }
+        Ok(())
+    }
+
+    /// Check the partial, full and empty lists; returns the slabs on them
+    /// and the objects in use in those slabs.
+    pub(super) fn check_lists<M: PhysMem>(&self, buddy: &BuddyAllocator<'_, M>) -> Result<(u64, u64), &'static str> {
         let mut live_slabs = 0u64;
+        let mut inuse = 0u64;
         for (list, head) in [
             (SlabList::Partial, self.lists.partial),
             (SlabList::Full, self.lists.full),
@@ -44,6 +61,7 @@ impl KmemCache {
                 if !ok {
                     return Err("slab on the wrong list for its use");
                 }
+                inuse += d.inuse as u64;
                 n += 1;
                 if n > head.len {
                     return Err("slab list longer than its count (or a cycle)");
@@ -58,31 +76,31 @@ impl KmemCache {
         if self.lists.empty.len > self.max_empty {
             return Err("more empty slabs than max_empty");
         }
-        let cpu_base = if self.cpu.slab == NIL { NO_CPU_SLAB } else { (self.cpu.slab as u64) << PAGE_SHIFT };
-        if self.cpu.base != cpu_base {
+        Ok((live_slabs, inuse))
+    }
+
+    /// Check a CPU slab (`cpu.slab != NIL`): its address, its descriptor
+    /// (frozen) and its free list; returns the free objects on it.
+    pub(super) fn check_cpu_slab<M: PhysMem>(
+        &self,
+        buddy: &BuddyAllocator<'_, M>,
+        cpu: &CpuSlab,
+    ) -> Result<u32, &'static str> {
+        let base = (cpu.slab as u64) << PAGE_SHIFT;
+        if cpu.base != base {
             return Err("CPU slab address disagrees with the CPU slab");
         }
-        if self.cpu.slab != NIL {
-            live_slabs += 1;
-            let (order, tag) = buddy.block_tag(Pfn(self.cpu.slab as u64)).ok_or("CPU slab not an allocated block")?;
-            let d = SlabDesc::from_tag(tag).ok_or("CPU slab without a descriptor")?;
-            if order != self.order || d.cache != self.id || d.list != SlabList::Cpu || d.freelist != NIL {
-                return Err("CPU slab descriptor wrong");
-            }
-            let base = (self.cpu.slab as u64) << PAGE_SHIFT;
-            let first = if self.cpu.freelist == FREELIST_END {
-                NIL
-            } else {
-                u32::try_from(self.cpu.freelist.wrapping_sub(base)).map_err(|_| "CPU free list outside the CPU slab")?
-            };
-            self.walk_freelist(buddy, self.cpu.slab, first)?;
-        } else if self.cpu.freelist != FREELIST_END {
-            return Err("CPU free list without a CPU slab");
+        let (order, tag) = buddy.block_tag(Pfn(cpu.slab as u64)).ok_or("CPU slab not an allocated block")?;
+        let d = SlabDesc::from_tag(tag).ok_or("CPU slab without a descriptor")?;
+        if order != self.order || d.cache != self.id || d.list != SlabList::Cpu || d.freelist != NIL {
+            return Err("CPU slab descriptor wrong");
         }
-        if self.stats.slabs_allocated - self.stats.slabs_freed != live_slabs {
-            return Err("slab counters disagree with the lists");
-        }
-        Ok(())
+        let first = if cpu.freelist == FREELIST_END {
+            NIL
+        } else {
+            u32::try_from(cpu.freelist.wrapping_sub(base)).map_err(|_| "CPU free list outside the CPU slab")?
+        };
+        self.walk_freelist(buddy, cpu.slab, first)
     }
 
     /// Length of the free list starting at byte offset `first` of `slab`,

@@ -142,7 +142,7 @@ impl Kmalloc {
 }
 
 /// `kmalloc-(8 << i)`: objects of `8 << i` bytes aligned to their size.
-const fn kmalloc_cache(i: usize, zone: ZonePref) -> KmemCache {
+pub(super) const fn kmalloc_cache(i: usize, zone: ZonePref) -> KmemCache {
     let size = 8u32 << i;
     match KmemCache::new(KMALLOC_NAMES[i], KMALLOC_ID_BASE + i as u8, size, size, zone) {
         Ok(c) => c,

@@ -37,8 +37,12 @@
 //! - `page.rs`: the slab page — its descriptor in the buddy metadata, the
 //!   free pointers in its objects, and the partial, full and empty lists.
 //! - `cpu_slab.rs`: the CPU slab and the fast paths that touch only it
-//!   ([`KmemCache::alloc`], [`KmemCache::free`]). Per-CPU caches (issue
-//!   17) belong in a file beside it, one `CpuSlab` per CPU.
+//!   ([`KmemCache::alloc`], [`KmemCache::free`]).
+//! - `cpu_cache.rs`: the SMP front ends [`PerCpuCache`] and
+//!   [`PerCpuKmalloc`]: one `CpuSlab` per CPU with lock-free fast paths,
+//!   per-CPU remote-free lists for objects freed on another CPU, the
+//!   lists behind the cache's lock. Its doc states the paths and the lock
+//!   order.
 //! - `cache.rs`: a cache's geometry, counters and slow paths (a new CPU
 //!   slab, frees into other slabs, shrinking).
 //! - `invariants.rs`: [`KmemCache::check_invariants`].
@@ -78,6 +82,7 @@
 use crate::buddy::ZonePref;
 
 mod cache;
+mod cpu_cache;
 mod cpu_slab;
 mod error;
 mod invariants;
@@ -86,6 +91,7 @@ mod page;
 mod size_class;
 
 pub use cache::{CacheStats, DEFAULT_MAX_EMPTY, MAX_ALIGN};
+pub use cpu_cache::{PerCpuCache, PerCpuKmalloc};
 pub use error::{CacheError, SlabError};
 pub use kmalloc::{KMALLOC_ID_BASE, Kmalloc};
 pub use size_class::{KMALLOC_MAX_CACHE_SIZE, NR_KMALLOC_CACHES, SizeClass, size_class};

@@ -434,3 +434,5 @@ proptest! {
         run(ops)?;
     }
 }
+
+mod percpu;

@@ -103,6 +103,16 @@ impl Model {
 
 /// Compare the allocator's free frames with the model's, zone by zone.
 fn check_against_model<M: PhysMem>(a: &BuddyAllocator<'_, M>, model: &Model) -> Result<(), TestCaseError> {
+    check_with_pcp(a, &[], model)
+}
+
+/// [`check_against_model`], with `pcp` the frames on per-CPU lists (free
+/// for the model, allocated for the zones).
+fn check_with_pcp<M: PhysMem>(
+    a: &BuddyAllocator<'_, M>,
+    pcp: &[(Pfn, ZoneId)],
+    model: &Model,
+) -> Result<(), TestCaseError> {
     a.check_invariants().map_err(TestCaseError::fail)?;
     let mut free = vec![false; FRAMES as usize];
     let mut mark = |p: Pfn, order: u8| {
@@ -117,13 +127,15 @@ fn check_against_model<M: PhysMem>(a: &BuddyAllocator<'_, M>, model: &Model) -> 
     a.for_each_free_block(|p, o, _| res = res.clone().and_then(|()| mark(p, o)));
     a.for_each_hot_frame(|p, _| res = res.clone().and_then(|()| mark(p, 0)));
     a.for_each_deferred_section(|p, _| res = res.clone().and_then(|()| mark(p, MAX_ORDER)));
+    pcp.iter().for_each(|&(p, _)| res = res.clone().and_then(|()| mark(p, 0)));
     res?;
     prop_assert!(free == model.free, "allocator's free frames differ from the model's");
     prop_assert!(a.deferred_metadata_is_zero(), "metadata of a deferred section written");
     for zone in ZoneId::ALL {
         let s = a.stats(zone);
         let n = (0..FRAMES).filter(|&i| model.free[i as usize] && zone_of(BASE.add(i)) == zone).count();
-        prop_assert_eq!(s.free_total(), n as u64);
+        let listed = pcp.iter().filter(|f| f.1 == zone).count();
+        prop_assert_eq!(s.free_total() + listed as u64, n as u64);
     }
     Ok(())
 }
@@ -314,4 +326,167 @@ fn a_long_churn_matches_the_model() {
     }
     run(ops.clone(), false).unwrap();
     run(ops, true).unwrap();
+}
+
+// ---- the per-CPU front end against the same model ----
+
+#[derive(Clone, Debug)]
+enum PcpOp {
+    Alloc { cpu: usize, order: u8, pref: ZonePref },
+    Free { cpu: usize, pick: usize },
+    DoubleFree { cpu: usize, pick: usize },
+    AllocPgtable,
+    FreePgtable { pick: usize },
+    DrainCpu { cpu: usize },
+}
+
+fn pcp_op() -> impl Strategy<Value = PcpOp> {
+    let order = prop_oneof![6 => Just(0u8), 2 => 1..=3u8, 1 => 0..=MAX_ORDER + 1];
+    let pref = prop_oneof![3 => Just(ZonePref::Normal), 1 => Just(ZonePref::Dma)];
+    let cpu = 0..4usize;
+    prop_oneof![
+        8 => (cpu.clone(), order, pref).prop_map(|(cpu, order, pref)| PcpOp::Alloc { cpu, order, pref }),
+        7 => (cpu.clone(), any::<usize>()).prop_map(|(cpu, pick)| PcpOp::Free { cpu, pick }),
+        1 => (cpu.clone(), any::<usize>()).prop_map(|(cpu, pick)| PcpOp::DoubleFree { cpu, pick }),
+        1 => Just(PcpOp::AllocPgtable),
+        1 => any::<usize>().prop_map(|pick| PcpOp::FreePgtable { pick }),
+        1 => cpu.prop_map(|cpu| PcpOp::DrainCpu { cpu }),
+    ]
+}
+
+/// The frames on per-CPU lists.
+fn pcp_frames<M: PhysMem, R: crate::sync::RawLock>(b: &PerCpuBuddy<'_, M, R>) -> Vec<(Pfn, ZoneId)> {
+    let mut v = Vec::new();
+    b.for_each_pcp_frame(|p, z, _| v.push((p, z)));
+    v
+}
+
+/// Run `ops` on `cpus` CPUs' lists in front of an allocator over the
+/// model's span, one operation at a time: an allocation must succeed
+/// exactly when the model has a block for it anywhere (the drain rule: a
+/// frame on any CPU's list is as good as one on the free lists), hand out
+/// only free frames, and every invariant must hold after every step.
+fn run_percpu(ops: Vec<PcpOp>, cpus: usize, deferred: bool) -> Result<(), TestCaseError> {
+    let mut fx = super::percpu::SmpFixture::new(BASE, FRAMES as usize);
+    let b = fx.buddy(PGTABLES, &ADDED, cpus, deferred);
+    let initial = b.with_zone(|a| free_and_deferred(a));
+    let mut model = Model::new();
+    let cpu = |i: usize| crate::percpu::CpuId::new(i % cpus).unwrap();
+    let check = |b: &super::percpu::SmpBuddy<'_>, model: &Model| -> Result<(), TestCaseError> {
+        b.check_invariants().map_err(TestCaseError::fail)?;
+        let pcp = pcp_frames(b);
+        b.with_zone(|a| check_with_pcp(a, &pcp, model))
+    };
+    check(&b, &model)?;
+    for op in ops {
+        match op {
+            PcpOp::Alloc { cpu: c, order, pref } => {
+                let can = order <= MAX_ORDER && pref.zonelist().iter().any(|&z| model.can_serve(z, order));
+                let got = b.alloc_on(cpu(c), order, pref);
+                prop_assert_eq!(got.is_some(), can, "alloc_on({}, {}, {:?})", c, order, pref);
+                if let Some(p) = got {
+                    prop_assert!(p.is_aligned(order) && pref.zonelist().contains(&zone_of(p)));
+                    model.set(p, order, false);
+                    for i in 0..1 << order {
+                        b.mem().write_u64(p.add(i).addr(), STAMP | p.add(i).0);
+                    }
+                    model.live.push((p, order));
+                }
+            }
+            PcpOp::Free { cpu: c, pick } if !model.live.is_empty() => {
+                let (p, order) = model.live.swap_remove(pick % model.live.len());
+                for i in 0..1 << order {
+                    prop_assert_eq!(b.mem().read_u64(p.add(i).addr()), STAMP | p.add(i).0, "allocated memory changed");
+                }
+                prop_assert_eq!(b.free_on(cpu(c), p, order), Ok(()));
+                model.set(p, order, true);
+            }
+            PcpOp::DoubleFree { cpu: c, pick } => {
+                let free: Vec<_> = (0..FRAMES).filter(|&i| model.free[i as usize]).collect();
+                if free.is_empty() {
+                    continue;
+                }
+                let p = BASE.add(free[pick % free.len()]);
+                let r = b.free_on(cpu(c), p, 0);
+                prop_assert!(
+                    matches!(r, Err(FreeError::DoubleFree | FreeError::NotBlockHead)),
+                    "free_on of free frame {:?} answered {:?}",
+                    p,
+                    r
+                );
+            }
+            PcpOp::AllocPgtable => {
+                let got = b.with_zone(|a| a.alloc_pgtable());
+                prop_assert_eq!(got.is_some(), model.can_serve(ZoneId::PageTables, 0));
+                if let Some(p) = got {
+                    model.set(p, 0, false);
+                    model.live_pgtables.push(p);
+                }
+            }
+            PcpOp::FreePgtable { pick } if !model.live_pgtables.is_empty() => {
+                let p = model.live_pgtables.swap_remove(pick % model.live_pgtables.len());
+                prop_assert_eq!(b.free_on(cpu(pick), p, 0), Err(FreeError::WrongZone));
+                prop_assert_eq!(b.with_zone(|a| a.free_pgtable(p)), Ok(()));
+                model.set(p, 0, true);
+            }
+            PcpOp::DrainCpu { cpu: c } => {
+                b.drain_cpu(cpu(c));
+            }
+            PcpOp::Free { .. } | PcpOp::FreePgtable { .. } => {}
+        }
+        check(&b, &model)?;
+    }
+    for (i, (p, order)) in core::mem::take(&mut model.live).into_iter().enumerate() {
+        prop_assert_eq!(b.free_on(cpu(i), p, order), Ok(()));
+        model.set(p, order, true);
+    }
+    for p in core::mem::take(&mut model.live_pgtables) {
+        prop_assert_eq!(b.with_zone(|a| a.free_pgtable(p)), Ok(()));
+        model.set(p, 0, true);
+    }
+    b.drain_all();
+    check(&b, &model)?;
+    b.with_zone(|a| {
+        a.drain_hot_lists();
+        prop_assert_eq!(free_and_deferred(a), initial, "buddies not fully merged once all is free and drained");
+        Ok(())
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn per_cpu_lists_match_the_model(ops in proptest::collection::vec(pcp_op(), 1..300), cpus in 1..=4usize) {
+        run_percpu(ops, cpus, false)?;
+    }
+
+    #[test]
+    fn per_cpu_lists_match_the_model_with_deferred_sections(ops in proptest::collection::vec(pcp_op(), 1..300), cpus in 1..=4usize) {
+        run_percpu(ops, cpus, true)?;
+    }
+}
+
+/// A long fixed churn on four CPUs: deep fragmentation with frames on
+/// every CPU's lists, whatever proptest generates.
+#[test]
+fn a_long_churn_on_four_cpus_matches_the_model() {
+    let mut ops = Vec::new();
+    let mut x = 0x51_7cc1_b727_220au64;
+    for _ in 0..3000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let pick = (x >> 8) as usize;
+        let cpu = (x >> 3) as usize % 4;
+        ops.push(match x % 16 {
+            0..=7 => PcpOp::Alloc { cpu, order: [0, 0, 0, 0, 1, 2, 3, 10][pick % 8], pref: ZonePref::Normal },
+            8 => PcpOp::Alloc { cpu, order: (pick % 3) as u8, pref: ZonePref::Dma },
+            9..=13 => PcpOp::Free { cpu, pick },
+            14 => PcpOp::DoubleFree { cpu, pick },
+            _ => PcpOp::DrainCpu { cpu },
+        });
+    }
+    run_percpu(ops.clone(), 4, false).unwrap();
+    run_percpu(ops, 4, true).unwrap();
 }
