@@ -83,6 +83,35 @@ fn bench_refuses_unknown_workloads_and_a_chart_of_one_mode() {
 }
 
 #[test]
+fn a_failed_bench_run_says_why_in_the_guests_words() {
+    if !kvm_available() {
+        return;
+    }
+    // A 64 MiB `tlb` working set cannot fit in a 64 MiB guest: the run
+    // fails, and the error carries the guest's reason, not just a status.
+    let out = temp_path("bench-tlbset");
+    let o = run(&[
+        "bench",
+        "--mmu",
+        "ept",
+        "--workload",
+        "tlb",
+        "--size",
+        "1",
+        "--repeat",
+        "1",
+        "--memory",
+        "64M",
+        "--cmdline",
+        "tlbset=16384",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_exit(&o, 1);
+    assert!(stderr(&o).contains("working set larger than free memory (raise --memory)"), "{}", stderr(&o));
+}
+
+#[test]
 fn bench_passes_guest_words_to_every_run_and_names_the_folio_size() {
     if !kvm_available() {
         return;

@@ -20,7 +20,7 @@ use guest_abi::Gva;
 use guest_abi::report::{BenchRecord, kind};
 use guest_mm::aging::Lru;
 use guest_mm::aspace::AddressSpace;
-use guest_mm::buddy::ZonePref;
+use guest_mm::buddy::{ZoneId, ZonePref};
 use guest_mm::paging::MmuPlatform;
 use guest_mm::vma::Prot;
 
@@ -237,6 +237,17 @@ fn mmap(n: u64) -> Result<(), &'static str> {
 fn tlb(n: u64) -> Result<(), &'static str> {
     let pages =
         crate::cmdline::value(crate::boot::cmdline(), "tlbset").and_then(crate::cmdline::parse_u64).unwrap_or(64);
+    // The working set must fit in free memory, or its first touch would
+    // fail deep in the fault handler: refuse it here, saying so.
+    let free = mm::with(|m| {
+        let (dma, normal) = (m.buddy.stats(ZoneId::Dma), m.buddy.stats(ZoneId::Normal));
+        dma.free_pages + dma.deferred_pages + normal.free_pages + normal.deferred_pages
+    })
+    .unwrap_or(0);
+    if pages.next_multiple_of(512) > free {
+        kprintln!("tlb: a working set of {} pages needs more guest RAM ({} pages free): raise --memory", pages, free);
+        return Err("working set larger than free memory (raise --memory)");
+    }
     // Whole 2 MiB pages, as for `fault`: every `anon=` size fits.
     enter_user(pages.next_multiple_of(512))?;
     for i in 0..pages {

@@ -147,7 +147,8 @@ pub fn run_once(plan: &BenchPlan, workload: &str, size: u64, mmu: MmuMode) -> Re
         ..VmConfig::bundled(plan.memory, mmu)
     };
     let cmdline = config.cmdline.clone();
-    let mut vm = Vm::new(config, Box::new(std::io::sink())).map_err(|e| e.to_string())?;
+    let console = ConsoleTail::default();
+    let mut vm = Vm::new(config, Box::new(console.clone())).map_err(|e| e.to_string())?;
     let outcome = vm.run();
     if let Ok(exit) = &outcome.end
         && let Some(word) = exit.refused_cmdline_word(&cmdline)
@@ -156,7 +157,7 @@ pub fn run_once(plan: &BenchPlan, workload: &str, size: u64, mmu: MmuMode) -> Re
     }
     match outcome.end {
         Ok(exit) if exit.success() => {}
-        Ok(exit) => return Err(format!("the guest failed (status {})", exit.status)),
+        Ok(exit) => return Err(format!("the guest failed (status {}){}", exit.status, console.last_line_note())),
         Err(e) => return Err(e.to_string()),
     }
     let phase = outcome.stats.bench.into_iter().next().ok_or("the workload reported no measured phase")?;
@@ -164,6 +165,40 @@ pub fn run_once(plan: &BenchPlan, workload: &str, size: u64, mmu: MmuMode) -> Re
         return Err("the workload's self-check failed".into());
     }
     Ok(phase)
+}
+
+/// The end of a bench run's console, kept so that a failed run can say
+/// why: the guest's last line (e.g. "workload tlb failed: out of
+/// memory"). Bounded: only the last [`ConsoleTail::KEEP`] bytes stay.
+#[derive(Clone, Default)]
+struct ConsoleTail(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl ConsoleTail {
+    const KEEP: usize = 512;
+
+    /// `": LAST LINE"` of the console, or nothing when it printed none.
+    fn last_line_note(&self) -> String {
+        let buf = self.0.lock().map(|b| b.clone()).unwrap_or_default();
+        let text = String::from_utf8_lossy(&buf);
+        match text.lines().rev().map(str::trim).find(|l| !l.is_empty()) {
+            Some(line) => format!(": {line}"),
+            None => String::new(),
+        }
+    }
+}
+
+impl std::io::Write for ConsoleTail {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut buf) = self.0.lock() {
+            buf.extend_from_slice(data);
+            let excess = buf.len().saturating_sub(Self::KEEP);
+            buf.drain(..excess);
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The guest page size the `anon=` word of `cmdline` gives user memory
