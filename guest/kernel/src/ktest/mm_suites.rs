@@ -146,7 +146,7 @@ pub fn slab_objects_distinct_and_aligned() -> TestResult {
     }
     // SAFETY: between suites the other CPUs wait idle, outside the
     // allocators.
-    unsafe { crate::mm::check_allocators() }
+    unsafe { crate::mm::check_heap() }
 }
 
 /// `Vec` and `Box` work on the kernel heap, including growth.
@@ -162,7 +162,7 @@ pub fn heap_vec_and_box() -> TestResult {
     drop(v);
     // SAFETY: between suites the other CPUs wait idle, outside the
     // allocators.
-    unsafe { crate::mm::check_allocators() }
+    unsafe { crate::mm::check_heap() }
 }
 
 /// An impossible request gets null, as `GlobalAlloc` requires.

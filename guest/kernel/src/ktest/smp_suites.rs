@@ -94,14 +94,16 @@ static STORM_PATHS: SpinLock<(mm::PathCounts, mm::PathCounts)> = SpinLock::new((
     mm::PathCounts { heap_fast: 0, heap_slow: 0, page_fast: 0, page_slow: 0 },
 ));
 
-/// CPU 0, every other CPU waiting at [`BARRIER`]: give back every CPU's
-/// cached pages and slabs, check both allocators' invariants, and return
-/// the exact free frame count.
-fn storm_quiesced() -> Result<u64, &'static str> {
+/// CPU 0, every other CPU waiting at [`BARRIER`]: [`mm::quiesce`].
+fn storm_quiesced(check: bool) -> Result<u64, &'static str> {
     // SAFETY: the other online CPUs are waiting at the barrier (outside the
     // allocators) until this CPU reaches it; offline CPUs never allocate.
-    unsafe { mm::quiesce_and_check() }
+    unsafe { mm::quiesce(check) }
 }
+
+/// Cycles CPU 0 measured from the barrier before the storm to the one
+/// after it (the storm proper, without the checks).
+static STORM_CYCLES: AtomicU64 = AtomicU64::new(0);
 
 /// Every CPU allocates and frees pages and heap objects at once through
 /// the per-CPU fast paths (no MM lock), each block stamped with its owner
@@ -115,13 +117,14 @@ pub fn alloc_free_storm() -> TestResult {
         let Some(pages) = mm::pages() else { return 1 };
         BARRIER.wait();
         if me == 0 {
-            match storm_quiesced() {
+            match storm_quiesced(false) {
                 Ok(free) => STORM_FREE_BEFORE.store(free, Ordering::SeqCst),
                 Err(e) => *STORM_ERROR.lock() = Some(e),
             }
             STORM_PATHS.lock().0 = mm::path_counts();
         }
         BARRIER.wait();
+        let t0 = arch::rdtsc();
         let mut held = [0u64; 8];
         let mut bad = 0;
         for i in 0..storm_rounds() {
@@ -151,8 +154,9 @@ pub fn alloc_free_storm() -> TestResult {
         }
         BARRIER.wait();
         if me == 0 {
+            STORM_CYCLES.store(arch::rdtsc().wrapping_sub(t0), Ordering::SeqCst);
             STORM_PATHS.lock().1 = mm::path_counts();
-            match storm_quiesced() {
+            match storm_quiesced(true) {
                 Ok(free) if free != STORM_FREE_BEFORE.load(Ordering::SeqCst) => {
                     *STORM_ERROR.lock() = Some("free frames after draining differ from before the storm")
                 }
@@ -173,8 +177,9 @@ pub fn alloc_free_storm() -> TestResult {
     let (heap_fast, heap_slow) = (b.heap_fast - a.heap_fast, b.heap_slow - a.heap_slow);
     let (page_fast, page_slow) = (b.page_fast - a.page_fast, b.page_slow - a.page_slow);
     kprintln!(
-        "storm on {} CPUs: heap {} fast / {} slow, order-0 pages {} fast / {} slow",
+        "storm on {} CPUs: {} cycles; heap {} fast / {} slow, order-0 pages {} fast / {} slow",
         smp::online_count(),
+        STORM_CYCLES.load(Ordering::SeqCst),
         heap_fast,
         heap_slow,
         page_fast,
@@ -187,7 +192,15 @@ pub fn alloc_free_storm() -> TestResult {
     // list: exactly one slow path per CPU, whatever the interleaving.
     let cpus = smp::online_count() as u64;
     check(page_fast + page_slow == 2 * storm_rounds().div_ceil(3) * cpus, "order-0 page calls miscounted")?;
-    check(page_slow == cpus, "an order-0 page call after the first refill took the zone lock")
+    check(page_slow == cpus, "an order-0 page call after the first refill took the zone lock")?;
+    // Each CPU allocates one `Vec` at a time (8 to 192 bytes) and frees it
+    // before the next: after its caches were flushed, only its first
+    // allocation in each size class finds no CPU slab; every other heap
+    // call is served by (or frees onto) its CPU slab, without a lock.
+    let class = |k: usize| guest_mm::slab::size_class(8 * k, 8);
+    let classes = 1 + (2..=24).filter(|&k| class(k) != class(k - 1)).count() as u64;
+    check(heap_fast + heap_slow == 2 * storm_rounds() * cpus, "heap calls miscounted")?;
+    check(heap_slow == classes * cpus, "a heap call other than a size class's first took a lock")
 }
 
 /// Rounds of the storm on each CPU (alone, the CPU only checks the stamps
