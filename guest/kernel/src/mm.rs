@@ -140,6 +140,11 @@ pub struct PathCounts {
     pub page_slow: u64,
 }
 
+impl PathCounts {
+    /// No call counted.
+    pub const ZERO: PathCounts = PathCounts { heap_fast: 0, heap_slow: 0, page_fast: 0, page_slow: 0 };
+}
+
 /// The counters of [`PathCounts`], summed over every CPU.
 pub fn path_counts() -> PathCounts {
     let mut p = PathCounts::default();

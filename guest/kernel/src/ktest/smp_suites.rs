@@ -89,10 +89,8 @@ pub fn cpus_have_distinct_ids() -> TestResult {
 /// result channel: the other CPUs only return their bad counts).
 static STORM_ERROR: SpinLock<Option<&'static str>> = SpinLock::new(None);
 static STORM_FREE_BEFORE: AtomicU64 = AtomicU64::new(0);
-static STORM_PATHS: SpinLock<(mm::PathCounts, mm::PathCounts)> = SpinLock::new((
-    mm::PathCounts { heap_fast: 0, heap_slow: 0, page_fast: 0, page_slow: 0 },
-    mm::PathCounts { heap_fast: 0, heap_slow: 0, page_fast: 0, page_slow: 0 },
-));
+static STORM_PATHS: SpinLock<(mm::PathCounts, mm::PathCounts)> =
+    SpinLock::new((mm::PathCounts::ZERO, mm::PathCounts::ZERO));
 
 /// CPU 0, every other CPU waiting at [`BARRIER`]: [`mm::quiesce`].
 fn storm_quiesced(check: bool) -> Result<u64, &'static str> {
