@@ -1,6 +1,9 @@
 //! The kernel's memory manager instance: the buddy allocator over the RAM
-//! the VMM's memory map calls usable (plus the page-table zone), and the
-//! kmalloc slab caches as the kernel's `#[global_allocator]`.
+//! the VMM's memory map calls usable (plus the page-table zone) with
+//! per-CPU page lists in front ([`Pages`]), the kmalloc slab caches with
+//! per-CPU slabs as the kernel's `#[global_allocator]`, and the
+//! address-space side (kernel tables, user address space, gather) behind
+//! the MM lock.
 //!
 //! Invariants:
 //! - The allocators manage all usable RAM and the page-table zone, in every
@@ -13,17 +16,28 @@
 //!   the usable regions get their metadata written; every whole 4 MiB
 //!   section is initialised when its zone's free lists first run dry. So
 //!   bring-up costs the same at 64 MiB and at 64 GiB.
-//! - The per-frame metadata array, the reference counts and the section
-//!   states are carved out of the start of the largest usable region below
+//! - The per-frame metadata array, the reference counts, the section
+//!   states and the per-CPU lists' frame flags are carved out of the start of the largest usable region below
 //!   `boot_mapped` and never handed to the allocator. They are all zeroes
 //!   (the VMM hands over zeroed RAM): the trust assumption of
 //!   `new_deferred`.
-//! - The manager lives behind one interrupt-safe ticket lock (`MM`, first
-//!   in the lock order of [`crate::sync`]); every CPU reaches it through
-//!   [`with`]. A re-entrant use on one CPU (an allocation from inside the
-//!   allocator, a fault inside `with`) is a bug and panics ("lock
-//!   re-entered") instead of deadlocking or corrupting state. The per-CPU
-//!   fast paths of the allocators will sit in front of this lock.
+//! - The address-space side lives behind one interrupt-safe ticket lock
+//!   (`MM`, first in the lock order of [`crate::sync`]); every CPU reaches
+//!   it through [`with`]. A re-entrant use on one CPU (a fault inside
+//!   `with`) is a bug and panics ("lock re-entered") instead of
+//!   deadlocking or corrupting state.
+//! - The allocators are not behind `MM`: they live in statics (`BUDDY`,
+//!   `PCP`, `KMALLOC`, written once by [`init`] before any other CPU
+//!   starts) and take their own locks ([`crate::sync::AllocLock`]: kmalloc
+//!   cache lock, then per-CPU page lock, then zone lock). Every call into
+//!   them runs with interrupts off on the calling CPU ([`on_this_cpu`]),
+//!   so the CPU's `ThisCpu` token is unique (nothing else on the CPU can
+//!   enter the allocators meanwhile: interrupt handlers never allocate,
+//!   and the allocators never call back into the heap). Fast paths: a
+//!   kmalloc of a cached size takes no lock; an order-0 page takes only the
+//!   CPU's own pcp lock. Page-table pages and larger blocks go through the
+//!   zone lock. Frames handed out by the per-CPU path go back through
+//!   `free_on` ([`Pages::free`] and the paging frame source do so).
 //! - With other CPUs online, frames and table pages that page-table
 //!   operations free are gathered ([`Gather`], Linux's `mmu_gather`) and
 //!   given back to the buddy allocator only when every CPU that could
@@ -42,27 +56,290 @@
 //!   (`4k` unless given; the same in every MMU mode).
 
 use core::alloc::{GlobalAlloc, Layout};
-use core::sync::atomic::{AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use guest_abi::{BootInfo, DIRECT_MAP_BASE, Gpa, MemRegionKind};
 use guest_mm::aspace::{AddressSpace, AspaceError, FrameRefs, MmCtx};
-use guest_mm::buddy::{BuddyAllocator, FrameMeta, ZonePref, meta_bytes, section_bytes};
+use guest_mm::buddy::{
+    BuddyAllocator, FrameMeta, FreeError, PcpFlag, PcpLists, PerCpuBuddy, ZoneId, ZonePref, ZoneStats, meta_bytes,
+    pcp_flag_bytes, section_bytes,
+};
 use guest_mm::folio::FolioSize;
 use guest_mm::paging::{
     FrameSource, MmuPlatform, Page, PageSize, PageTable, PageTableSource, PhysFrame, PteFlags, Size1GiB, Size2MiB,
 };
+use guest_mm::percpu::{CachePadded, CpuId, ThisCpu};
 use guest_mm::phys::{DirectMap, FrameRange, Pfn};
-use guest_mm::slab::Kmalloc;
+use guest_mm::slab::{PerCpuKmalloc, SlabError};
 
-use crate::arch::percpu;
+use crate::arch::{self, percpu};
 use crate::panic::fatal;
-use crate::sync::IrqSpinLock;
+use crate::sync::{AllocLock, InitOnce, IrqSpinLock};
 
-/// The memory manager.
+/// The buddy allocator with per-CPU lists in front, as the kernel keeps it.
+pub type Buddy = PerCpuBuddy<'static, DirectMap, AllocLock>;
+
+/// Every CPU's order-0 page lists (`const`-built here, not on the boot
+/// stack).
+static PCP: PcpLists<AllocLock> = PcpLists::new();
+/// The page allocator, set once by [`init`].
+static BUDDY: InitOnce<Buddy> = InitOnce::new();
+/// The kmalloc caches with per-CPU slabs (one slot per possible CPU).
+static KMALLOC: PerCpuKmalloc<AllocLock> = PerCpuKmalloc::new(ZonePref::Normal, percpu::MAX_CPUS);
+
+/// Run `f` with this CPU's `ThisCpu` token, interrupts off (restored
+/// after). Not re-entrant: `f` must not call back into it (the allocators
+/// do not).
+#[inline]
+pub fn on_this_cpu<R>(f: impl FnOnce(&mut ThisCpu) -> R) -> R {
+    let irq = arch::interrupts_enabled();
+    arch::disable_interrupts();
+    let id = CpuId::new(percpu::cpu_id() as usize).unwrap_or(CpuId::BOOT);
+    // SAFETY: interrupts are off until the token is dropped, interrupt
+    // handlers never allocate, the allocators never call `on_this_cpu`,
+    // and `f` is an allocator call: no other token of this CPU is in use
+    // meanwhile (`ThisCpu::new`'s contract).
+    let mut me = unsafe { ThisCpu::new(id) };
+    let r = f(&mut me);
+    if irq {
+        arch::enable_interrupts();
+    }
+    r
+}
+
+/// Fast and slow allocator calls of one CPU (see [`PathCounts`]).
+#[derive(Default)]
+struct CpuPaths {
+    heap_fast: AtomicU64,
+    heap_slow: AtomicU64,
+    page_fast: AtomicU64,
+    page_slow: AtomicU64,
+}
+
+static PATHS: [CachePadded<CpuPaths>; percpu::MAX_CPUS] = [const {
+    CachePadded(CpuPaths {
+        heap_fast: AtomicU64::new(0),
+        heap_slow: AtomicU64::new(0),
+        page_fast: AtomicU64::new(0),
+        page_slow: AtomicU64::new(0),
+    })
+}; percpu::MAX_CPUS];
+
+/// How many heap and order-0 page allocator calls took their fast path
+/// (heap: no lock at all; page: only the CPU's own pcp lock) and how many
+/// a slow one (more locks), summed over CPUs.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct PathCounts {
+    /// kmalloc/kfree calls that took no lock.
+    pub heap_fast: u64,
+    /// kmalloc/kfree calls that took a cache or zone lock.
+    pub heap_slow: u64,
+    /// Order-0 page allocs/frees that took only the CPU's pcp lock.
+    pub page_fast: u64,
+    /// Order-0 page allocs/frees that also took the zone lock (refill,
+    /// drain, pressure).
+    pub page_slow: u64,
+}
+
+impl PathCounts {
+    /// No call counted.
+    pub const ZERO: PathCounts = PathCounts { heap_fast: 0, heap_slow: 0, page_fast: 0, page_slow: 0 };
+}
+
+/// The counters of [`PathCounts`], summed over every CPU.
+pub fn path_counts() -> PathCounts {
+    let mut p = PathCounts::default();
+    for c in PATHS.iter() {
+        p.heap_fast += c.heap_fast.load(Ordering::Relaxed);
+        p.heap_slow += c.heap_slow.load(Ordering::Relaxed);
+        p.page_fast += c.page_fast.load(Ordering::Relaxed);
+        p.page_slow += c.page_slow.load(Ordering::Relaxed);
+    }
+    p
+}
+
+/// Count one call that took `locks` allocator locks: fast if at most
+/// `fast_locks`. Interrupts are off: only this CPU writes its slot.
+#[inline]
+fn count_path(locks: u64, fast_locks: u64, heap: bool) {
+    let c = &PATHS[percpu::cpu_id() as usize % percpu::MAX_CPUS];
+    let slot = match (heap, locks <= fast_locks) {
+        (true, true) => &c.heap_fast,
+        (true, false) => &c.heap_slow,
+        (false, true) => &c.page_fast,
+        (false, false) => &c.page_slow,
+    };
+    slot.store(slot.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+}
+
+/// `f`, counted as a fast or slow path by the allocator locks it took.
+#[inline]
+fn counted<R>(heap: bool, fast_locks: u64, f: impl FnOnce() -> R) -> R {
+    let before = crate::sync::alloc_locks_taken_here();
+    let r = f();
+    count_path(crate::sync::alloc_locks_taken_here() - before, fast_locks, heap);
+    r
+}
+
+/// The page allocator, as the rest of the kernel calls it: order-0 blocks
+/// through the calling CPU's lists, everything else under the zone lock.
+#[derive(Clone, Copy)]
+pub struct Pages(&'static Buddy);
+
+impl Pages {
+    /// The page allocator, once [`init`] has run.
+    pub fn get() -> Option<Pages> {
+        BUDDY.get().map(Pages)
+    }
+
+    /// The direct map the allocator reaches frames through.
+    pub fn mem(&self) -> &'static DirectMap {
+        self.0.mem()
+    }
+
+    /// A block of `2^order` frames (order 0 from this CPU's lists).
+    pub fn alloc(self, order: u8, pref: ZonePref) -> Option<Pfn> {
+        on_this_cpu(|me| {
+            if order == 0 {
+                counted(false, 1, || self.0.alloc_on(me.id(), 0, pref))
+            } else {
+                self.0.alloc_on(me.id(), order, pref)
+            }
+        })
+    }
+
+    /// Free a block from [`alloc`](Self::alloc) or
+    /// [`alloc_zeroed`](Self::alloc_zeroed); a bad free is refused.
+    pub fn free(self, pfn: Pfn, order: u8) -> Result<(), FreeError> {
+        on_this_cpu(|me| {
+            if order == 0 {
+                counted(false, 1, || self.0.free_on(me.id(), pfn, 0))
+            } else {
+                self.0.free_on(me.id(), pfn, order)
+            }
+        })
+    }
+
+    /// A zeroed block of `2^order` frames, from the zones.
+    pub fn alloc_zeroed(self, order: u8, pref: ZonePref) -> Option<Pfn> {
+        on_this_cpu(|_| self.0.with_zone(|b| b.alloc_zeroed(order, pref)))
+    }
+
+    /// A zeroed page-table page.
+    pub fn alloc_pgtable(self) -> Option<Pfn> {
+        on_this_cpu(|_| self.0.with_zone(|b| b.alloc_pgtable()))
+    }
+
+    /// Free a page-table page.
+    pub fn free_pgtable(self, pfn: Pfn) -> Result<(), FreeError> {
+        on_this_cpu(|_| self.0.with_zone(|b| b.free_pgtable(pfn)))
+    }
+
+    /// The zone's counters; `hot_pages` includes the per-CPU lists.
+    pub fn stats(self, zone: ZoneId) -> ZoneStats {
+        on_this_cpu(|_| self.0.stats(zone))
+    }
+
+    /// The zone `pfn` belongs to.
+    pub fn zone_of(self, pfn: Pfn) -> Option<ZoneId> {
+        on_this_cpu(|_| self.0.with_zone(|b| b.zone_of(pfn)))
+    }
+
+    /// The buddy allocator's and the per-CPU lists' invariants.
+    pub fn check_invariants(self) -> Result<(), &'static str> {
+        on_this_cpu(|_| self.0.check_invariants())
+    }
+}
+
+/// The page allocator, or `None` before [`init`].
+pub fn pages() -> Option<Pages> {
+    Pages::get()
+}
+
+/// `size` bytes aligned to `align` from the kernel heap (per-CPU kmalloc);
+/// `None` when out of memory or before [`init`].
+pub fn kmalloc(size: usize, align: usize) -> Option<Gpa> {
+    let b = BUDDY.get()?;
+    on_this_cpu(|me| counted(true, 0, || KMALLOC.alloc(me, b, size, align)))
+}
+
+/// Free a [`kmalloc`] block of the same size and alignment.
+pub fn kfree(gpa: Gpa, size: usize, align: usize) -> Result<(), SlabError> {
+    let b = BUDDY.get().ok_or(SlabError::Foreign)?;
+    on_this_cpu(|me| counted(true, 0, || KMALLOC.free(me, b, gpa, size, align)))
+}
+
+/// Run `f` with the token of every possible CPU and the page allocator,
+/// interrupts off: for the allocators' whole-system checks and shrinking.
+/// `None` before [`init`].
+///
+/// # Safety
+///
+/// No other CPU is inside an allocator call or enters one until this
+/// returns (the caller holds them at a barrier, or they are not running):
+/// the tokens of the other CPUs are made here (`ThisCpu::new`'s contract).
+pub unsafe fn with_all_cpus<R>(
+    f: impl FnOnce(&mut [ThisCpu], &'static Buddy, &PerCpuKmalloc<AllocLock>) -> R,
+) -> Option<R> {
+    let b = BUDDY.get()?;
+    let irq = arch::interrupts_enabled();
+    arch::disable_interrupts();
+    // SAFETY: the caller keeps every other CPU out of the allocators, and
+    // this CPU has interrupts off and makes no other token meanwhile.
+    let mut tokens: [ThisCpu; percpu::MAX_CPUS] =
+        core::array::from_fn(|i| unsafe { ThisCpu::new(CpuId::new(i).unwrap_or(CpuId::BOOT)) });
+    let r = f(&mut tokens, b, &KMALLOC);
+    if irq {
+        arch::enable_interrupts();
+    }
+    Some(r)
+}
+
+/// Check kmalloc's invariants (every CPU's slabs and remote-free lists).
+///
+/// # Safety
+///
+/// As [`with_all_cpus`]: every other CPU is held outside the allocators.
+pub unsafe fn check_heap() -> Result<(), &'static str> {
+    // SAFETY: the caller's contract.
+    let r = unsafe { with_all_cpus(|cpus, b, k| k.check_invariants_with(cpus, b)) };
+    r.ok_or("memory manager not initialised")?
+}
+
+/// With `check`, first check kmalloc's and the page allocator's
+/// invariants as they stand (per-CPU slabs frozen, pages on per-CPU
+/// lists; the page check is `O(frames)`). Then give every CPU's cached
+/// memory back (each CPU's slabs flushed and empty slabs freed, every
+/// per-CPU page list drained) and return the free frames, exact.
+///
+/// # Safety
+///
+/// As [`with_all_cpus`]: every other CPU is held outside the allocators.
+pub unsafe fn quiesce(check: bool) -> Result<u64, &'static str> {
+    // SAFETY: the caller's contract.
+    let r = unsafe {
+        with_all_cpus(|cpus, b, k| {
+            if check {
+                k.check_invariants_with(cpus, b)?;
+                b.check_invariants()?;
+            }
+            // CPUs beyond the VM's count never run: nothing to flush.
+            for t in cpus.iter_mut().take(b.nr_cpus()) {
+                k.shrink(t, b);
+            }
+            b.drain_all();
+            if b.pcp_pages() != 0 {
+                return Err("a page stayed on a per-CPU list after draining");
+            }
+            Ok(ZoneId::ALL.iter().map(|&z| b.stats(z).free_total()).sum())
+        })
+    };
+    r.ok_or("memory manager not initialised")?
+}
+
+/// The memory manager's address-space side.
 pub struct MemoryManager {
-    /// The page allocator.
-    pub buddy: BuddyAllocator<'static, DirectMap>,
-    /// The kmalloc caches.
-    pub kmalloc: Kmalloc,
+    /// The page allocator (not behind the MM lock: a handle on the static).
+    pub buddy: Pages,
     /// The kernel's page tables (the template of every address space).
     pub kernel_pt: PageTable,
     /// Reference counts of anonymous frames, indexed by pfn.
@@ -95,9 +372,9 @@ impl Gather {
     }
 
     /// Free `pfn` now if no other CPU is online, else gather it.
-    fn defer(&mut self, buddy: &mut BuddyAllocator<'static, DirectMap>, pfn: Pfn, table: bool) {
+    fn defer(&mut self, buddy: &'static Buddy, cpu: CpuId, pfn: Pfn, table: bool) {
         if crate::smp::online_count() <= 1 && self.n == 0 {
-            return free_now(buddy, pfn.0 | if table { Self::TABLE } else { 0 });
+            return free_now(buddy, cpu, pfn.0 | if table { Self::TABLE } else { 0 });
         }
         if self.n == 0 {
             for cpu in crate::smp::online_cpus() {
@@ -108,13 +385,13 @@ impl Gather {
         self.n += 1;
         self.freed_tables |= table;
         if self.n == Self::CAPACITY {
-            self.finish(buddy);
+            self.finish(buddy, cpu);
         }
     }
 
     /// Flush every CPU that could still cache a gathered frame, then free
     /// the frames.
-    pub fn finish(&mut self, buddy: &mut BuddyAllocator<'static, DirectMap>) {
+    pub fn finish(&mut self, buddy: &'static Buddy, cpu: CpuId) {
         if self.n == 0 {
             return;
         }
@@ -134,49 +411,58 @@ impl Gather {
         }
         crate::tlb::shootdown(targets, None, &crate::tlb::Flush::all(), self.freed_tables);
         for i in 0..self.n {
-            free_now(buddy, self.frames[i]);
+            free_now(buddy, cpu, self.frames[i]);
         }
         self.n = 0;
         self.freed_tables = false;
     }
 }
 
-fn free_now(buddy: &mut BuddyAllocator<'static, DirectMap>, raw: u64) {
+/// Free a gathered frame (bit 63: a page-table page) on CPU `cpu`: data
+/// frames through `free_on` (back onto the CPU's list if the per-CPU path
+/// handed them out), table pages to their zone.
+fn free_now(buddy: &'static Buddy, cpu: CpuId, raw: u64) {
     let pfn = Pfn(raw & !Gather::TABLE);
     if raw & Gather::TABLE != 0 {
-        PageTableSource::free_table(buddy, pfn);
+        PageTableSource::free_table(&mut buddy.on(cpu), pfn);
     } else {
-        FrameSource::free_frame(buddy, pfn);
+        FrameSource::free_frame(&mut buddy.on(cpu), pfn);
     }
 }
 
-/// The frame source page-table operations get: allocations straight from
-/// the buddy allocator, frees through the [`Gather`].
+/// The frame source page-table operations get: data frames from the
+/// calling CPU's lists (order 0) or the zones (folios), table pages from
+/// the page-table zone; frees through the [`Gather`]. Made only under the
+/// MM lock (interrupts off), so `cpu` stays the running CPU.
 pub struct Frames<'a> {
-    buddy: &'a mut BuddyAllocator<'static, DirectMap>,
+    buddy: &'static Buddy,
+    cpu: CpuId,
     gather: &'a mut Gather,
 }
 
 impl PageTableSource for Frames<'_> {
     fn alloc_table(&mut self) -> Option<Pfn> {
-        self.buddy.alloc_table()
+        self.buddy.on(self.cpu).alloc_table()
     }
     fn free_table(&mut self, table: Pfn) {
-        self.gather.defer(self.buddy, table, true);
+        self.gather.defer(self.buddy, self.cpu, table, true);
     }
 }
 
 impl FrameSource for Frames<'_> {
     fn alloc_frame(&mut self) -> Option<Pfn> {
-        self.buddy.alloc_frame()
+        counted(false, 1, || self.buddy.on(self.cpu).alloc_frame())
     }
     fn free_frame(&mut self, frame: Pfn) {
-        self.gather.defer(self.buddy, frame, false);
+        self.gather.defer(self.buddy, self.cpu, frame, false);
     }
     // Forwarded, not left to the trait's order-0-only default: without it
-    // every `anon=` size silently fell back to 4 KiB pages.
+    // every `anon=` size silently fell back to 4 KiB pages. Order 0 takes
+    // the per-CPU path; larger folios come from the zones and are split
+    // (their frames come back one by one through `free_on`, which sends
+    // frames it did not hand out to the zone).
     fn alloc_folio(&mut self, order: u8) -> Option<Pfn> {
-        self.buddy.alloc_folio(order)
+        if order == 0 { self.alloc_frame() } else { self.buddy.with_zone(|b| FrameSource::alloc_folio(b, order)) }
     }
 }
 
@@ -245,13 +531,16 @@ impl MemoryManager {
     /// that could cache them has flushed.
     pub fn ctx<R>(&mut self, f: impl FnOnce(&mut Ctx<'_>, &PageTable, &mut Option<AddressSpace>) -> R) -> R {
         let mem = *self.buddy.mem();
+        let buddy = self.buddy.0;
+        // Under the MM lock: interrupts are off, the CPU cannot change.
+        let cpu = CpuId::new(percpu::cpu_id() as usize).unwrap_or(CpuId::BOOT);
         crate::tlb::set_operand_root(self.user.as_ref().map_or(0, |a| a.root().addr().0));
         let r = {
-            let frames = Frames { buddy: &mut self.buddy, gather: &mut self.gather };
+            let frames = Frames { buddy, cpu, gather: &mut self.gather };
             let mut cx = MmCtx { mem: &mem, frames, refs: FrameRefs::attach(Pfn(0), self.refs), mmu: &KernelMmu };
             f(&mut cx, &self.kernel_pt, &mut self.user)
         };
-        self.gather.finish(&mut self.buddy);
+        self.gather.finish(buddy, cpu);
         r
     }
 }
@@ -265,7 +554,8 @@ pub fn destroy(cx: &mut Ctx<'_>, a: AddressSpace) {
     a.destroy(cx);
 }
 
-/// The memory manager, first in the lock order (`crate::sync`).
+/// The memory manager's address-space side, first in the lock order
+/// (`crate::sync`).
 static MM: IrqSpinLock<Option<MemoryManager>> = IrqSpinLock::new(None);
 
 /// Run `f` with the memory manager, or return `None` before [`init`].
@@ -293,7 +583,9 @@ pub fn init(info: &BootInfo) {
     let frames = info.ram_size / guest_mm::PAGE_SIZE;
     let meta_len = meta_bytes(frames).next_multiple_of(8);
     let refs_len = (frames * 2).next_multiple_of(8);
-    let need = (meta_len + refs_len + section_bytes(frames)).next_multiple_of(guest_mm::PAGE_SIZE);
+    let sections_len = section_bytes(frames);
+    let flags_len = pcp_flag_bytes(frames);
+    let need = (meta_len + refs_len + sections_len + flags_len).next_multiple_of(guest_mm::PAGE_SIZE);
     let clamp = |start: u64, len: u64, lo: u64, hi: u64| (start.clamp(lo, hi), start.saturating_add(len).clamp(lo, hi));
     let home = info
         .regions()
@@ -317,8 +609,13 @@ pub fn init(info: &BootInfo) {
         unsafe { core::slice::from_raw_parts_mut((carve + meta_len) as *mut u16, frames as usize) };
     // SAFETY: the section states follow the reference counts, in the same
     // carved, zeroed region; u8 has no invalid values.
-    let sections: &'static mut [u8] = unsafe {
-        core::slice::from_raw_parts_mut((carve + meta_len + refs_len) as *mut u8, section_bytes(frames) as usize)
+    let sections: &'static mut [u8] =
+        unsafe { core::slice::from_raw_parts_mut((carve + meta_len + refs_len) as *mut u8, sections_len as usize) };
+    // SAFETY: the per-CPU lists' frame flags follow the section states, in
+    // the same carved, zeroed region; `PcpFlag` is an `AtomicU8`, for which
+    // zero bytes are valid (and the initial value `PerCpuBuddy` asks for).
+    let flags: &'static [PcpFlag] = unsafe {
+        core::slice::from_raw_parts((carve + meta_len + refs_len + sections_len) as *const PcpFlag, flags_len as usize)
     };
     let zone = info.pt_zone;
     let pgtables = FrameRange::from_bytes(Gpa(zone.start), zone.len);
@@ -361,14 +658,14 @@ pub fn init(info: &BootInfo) {
     crate::arch::mmu::set_direct_limit(info.ram_size);
     // The kernel's tables map all of RAM: the rest can be managed now.
     add(&mut buddy, limit, info.ram_size);
-    let mm = MemoryManager {
-        buddy,
-        kmalloc: Kmalloc::new(ZonePref::Normal),
-        kernel_pt,
-        refs,
-        user: None,
-        gather: Gather::new(),
+    let nr_cpus = info.cpu_count() as usize;
+    let buddy = PerCpuBuddy::new(buddy, &PCP, nr_cpus, flags)
+        .unwrap_or_else(|| fatal("per-CPU page lists refused (flags, lists or CPU count)"));
+    let buddy = match BUDDY.set(buddy) {
+        Ok(b) => Pages(b),
+        Err(_) => fatal("page allocator set up twice"),
     };
+    let mm = MemoryManager { buddy, kernel_pt, refs, user: None, gather: Gather::new() };
     *MM.lock() = Some(mm);
 }
 
@@ -437,15 +734,12 @@ pub struct KernelHeap;
 // host); dealloc gives back exactly such a block.
 unsafe impl GlobalAlloc for KernelHeap {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        with(|mm| mm.kmalloc.alloc(&mut mm.buddy, layout.size(), layout.align()))
-            .flatten()
-            .map_or(core::ptr::null_mut(), |gpa| (DIRECT_MAP_BASE + gpa.0) as *mut u8)
+        kmalloc(layout.size(), layout.align()).map_or(core::ptr::null_mut(), |gpa| (DIRECT_MAP_BASE + gpa.0) as *mut u8)
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         let gpa = Gpa(ptr as u64 - DIRECT_MAP_BASE);
-        let r = with(|mm| mm.kmalloc.free(&mut mm.buddy, gpa, layout.size(), layout.align()));
-        if let Some(Err(e)) = r {
+        if let Err(e) = kfree(gpa, layout.size(), layout.align()) {
             fatal(e.as_str());
         }
     }

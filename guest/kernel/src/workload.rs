@@ -274,11 +274,13 @@ fn tlb(n: u64) -> Result<(), &'static str> {
 fn alloc(n: u64) -> Result<(), &'static str> {
     let mut ok = true;
     let cycles = measure("alloc", n, |_| {
-        let done = mm::with(|m| {
-            let obj = m.kmalloc.alloc(&mut m.buddy, 64, 8);
-            let page = m.buddy.alloc(0, ZonePref::Normal);
-            let freed_obj = obj.is_some_and(|o| m.kmalloc.free(&mut m.buddy, o, 64, 8).is_ok());
-            let freed_page = page.is_some_and(|p| m.buddy.free(p, 0).is_ok());
+        // The per-CPU paths, without the MM lock (as the kernel heap and
+        // the fault path take them).
+        let done = mm::pages().map(|pages| {
+            let obj = mm::kmalloc(64, 8);
+            let page = pages.alloc(0, ZonePref::Normal);
+            let freed_obj = obj.is_some_and(|o| mm::kfree(o, 64, 8).is_ok());
+            let freed_page = page.is_some_and(|p| pages.free(p, 0).is_ok());
             freed_obj && freed_page
         });
         ok &= done == Some(true);
