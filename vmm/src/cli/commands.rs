@@ -155,16 +155,17 @@ pub fn test(args: TestArgs, process_start: Instant) -> i32 {
     let mut modes = Vec::new();
     let selected = args.mmu.modes();
     let smp = args.vcpus.unwrap_or(1);
-    // Several vCPUs run in ept mode only (issue 18 for shadow and pv): a
-    // lone shadow or pv mode is refused; with several modes, the others
-    // run on one vCPU.
-    if smp > 1 && !selected.contains(&MmuMode::Ept) {
+    // Several vCPUs run in the modes `vmm::vm::smp_supported` names: a
+    // lone other mode is refused; with several modes, the others run on
+    // one vCPU.
+    if smp > 1 && !selected.iter().any(|&m| vmm::vm::smp_supported(m)) {
         let e = vmm::Error::SmpUnsupported { mode: selected[0].name(), vcpus: smp };
         eprintln!("error: {e}");
         return exit_code::USAGE;
     }
-    if smp > 1 && selected.len() > 1 {
-        println!("note: ept runs on {smp} vCPUs; shadow and pv run on one (SMP in those modes is not built yet)");
+    if smp > 1 && selected.iter().any(|&m| !vmm::vm::smp_supported(m)) {
+        let one: Vec<&str> = selected.iter().filter(|&&m| !vmm::vm::smp_supported(m)).map(|m| m.name()).collect();
+        println!("note: {} run(s) on one vCPU (SMP in that mode is not built yet)", one.join(", "));
     }
     let config_for = |mmu: MmuMode, vcpus: u32| VmConfig {
         kernel: args.kernel.clone().map_or(KernelSource::Bundled, KernelSource::File),
@@ -178,7 +179,7 @@ pub fn test(args: TestArgs, process_start: Instant) -> i32 {
         vcpus,
     };
     for mmu in selected.iter().copied() {
-        let config = config_for(mmu, if mmu == MmuMode::Ept { smp } else { 1 });
+        let config = config_for(mmu, if vmm::vm::smp_supported(mmu) { smp } else { 1 });
         match super::guest_tests::run_mode(config, &args.filter, &mut stdout) {
             Ok(r) => modes.push(r),
             Err(e) => {
@@ -286,7 +287,7 @@ pub fn bench(args: BenchArgs, process_start: Instant) -> i32 {
     };
     let probe = super::info::probe(&kvm, 20_000, process_start);
     if args.vcpus > 1
-        && let Some(mode) = args.mmu.modes().into_iter().find(|&m| m != MmuMode::Ept)
+        && let Some(mode) = args.mmu.modes().into_iter().find(|&m| !vmm::vm::smp_supported(m))
     {
         eprintln!("error: {}", vmm::Error::SmpUnsupported { mode: mode.name(), vcpus: args.vcpus });
         return exit_code::USAGE;

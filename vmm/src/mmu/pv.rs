@@ -88,6 +88,7 @@ impl PvBackend {
     /// trusts no claim about it), apply the write queue. Returns `OK` or the
     /// batch error for the guest.
     fn sync(&mut self, vm: &mut VmContext, vcpu: &VcpuContext, at: &str) -> crate::Result<u64> {
+        self.sh.activate(vcpu.index());
         let t = Instant::now();
         let hw_root = vcpu.sync_sregs().cr3;
         let guest_flushes = self.sh.coherence() == Coherence::ReloadCr3;
@@ -251,9 +252,9 @@ impl MmuBackend for PvBackend {
         self.synced(vm, vcpu, "FLUSH_TLB", |sh, vm, vcpu| sh.flush(vm, vcpu, cr0, efer, regs))
     }
 
-    fn mmio_write(&mut self, vm: &mut VmContext, gpa: Gpa, data: &[u8]) -> bool {
+    fn mmio_write(&mut self, vm: &mut VmContext, vcpu: &mut VcpuContext, gpa: Gpa, data: &[u8]) -> bool {
         // Only the VMM's boot tables trap in pv mode.
-        let r = self.sh.mmio_write(vm, gpa, data);
+        let r = self.sh.mmio_write(vm, vcpu, gpa, data);
         if r {
             self.publish(vm);
         }
@@ -262,6 +263,19 @@ impl MmuBackend for PvBackend {
 
     fn before_entry(&mut self, vm: &mut VmContext, vcpu: &mut VcpuContext) -> crate::Result<()> {
         self.sh.before_entry(vm, vcpu)
+    }
+
+    fn after_exit(&mut self, vm: &mut VmContext, vcpu: &mut VcpuContext) -> crate::Result<()> {
+        self.sh.after_exit(vm, vcpu)
+    }
+
+    fn add_vcpus(
+        &mut self,
+        vm: &VmContext,
+        aps: &mut [&mut VcpuContext],
+        handles: std::sync::Arc<[crate::vcpu::handle::VcpuHandle]>,
+    ) -> crate::Result<()> {
+        self.sh.add_vcpus(vm, aps, handles)
     }
 
     fn guest_paging_mode(&self, sregs: &kvm_sregs, rflags: u64) -> PagingMode {

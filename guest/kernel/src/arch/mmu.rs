@@ -29,10 +29,13 @@
 //!
 //! Nothing else in the kernel knows which mode it runs in.
 //!
-//! SMP: only ept mode runs several CPUs (`crate::smp`); the shadow and pv
-//! state here (`GUEST_CR3`, the pv area and lazy depth) is the one CPU's.
-//! Every CR3 load records the root in the per-CPU area first (the CPU
-//! mask `crate::tlb` shoots down) and counts a full flush after.
+//! SMP: ept and shadow mode run several CPUs (`crate::smp`). The guest's
+//! own root in shadow mode is per CPU (`PerCpu::guest_cr3`); the mode is
+//! the VM's. The pv state here (the pv area and lazy depth) is still the
+//! one CPU's: pv mode runs one CPU. Every CR3 load records the root in
+//! the per-CPU area first (the CPU mask `crate::tlb` shoots down) and
+//! counts a full flush after. An application processor in shadow mode
+//! enters its first root through `LOAD_CR3` (`crate::smp`'s entry code).
 
 use crate::hypercall;
 use core::cell::UnsafeCell;
@@ -50,8 +53,10 @@ static MODE: AtomicU8 = AtomicU8::new(EPT);
 /// then [`MODE`] says ept: the vCPU walks our own tables).
 static REQUESTED: AtomicU8 = AtomicU8::new(EPT);
 /// In shadow and pv mode the hardware CR3 holds the shadow root; the
-/// guest's own root is remembered here.
-static GUEST_CR3: AtomicU64 = AtomicU64::new(0);
+/// guest's own root is remembered in the per-CPU area.
+fn set_guest_cr3(root: u64) {
+    super::percpu::this().guest_cr3.store(root, Ordering::Relaxed);
+}
 
 fn hardware_cr3() -> u64 {
     let v: u64;
@@ -113,7 +118,7 @@ pub fn is_pv() -> bool {
 /// sees it: in shadow and pv mode the VMM remembers the guest's value).
 #[allow(dead_code)] // used by the address-space code
 pub fn read_cr3() -> u64 {
-    if is_shadow() { GUEST_CR3.load(Ordering::Relaxed) } else { hardware_cr3() }
+    if is_shadow() { super::percpu::this().guest_cr3.load(Ordering::Relaxed) } else { hardware_cr3() }
 }
 
 /// Switch to the address space rooted at `root` (a GPA).
@@ -153,7 +158,7 @@ unsafe fn load_cr3_raw(root: u64) {
         // whenever a root changes); it maps the kernel as `root` does (the
         // caller's contract).
         unsafe { core::arch::asm!("mov cr3, {}", in(reg) shadow_root, options(nostack, preserves_flags)) };
-        GUEST_CR3.store(root, Ordering::Relaxed);
+        set_guest_cr3(root);
         return;
     }
     if is_shadow() {
@@ -163,7 +168,7 @@ unsafe fn load_cr3_raw(root: u64) {
         if hc::is_error(r) || pv::decode_batch_error(r).is_some() {
             crate::panic::fatal("LOAD_CR3 refused by the VMM");
         }
-        GUEST_CR3.store(root, Ordering::Relaxed);
+        set_guest_cr3(root);
         return;
     }
     // SAFETY: the caller passes the root of a valid address space that maps
@@ -188,7 +193,7 @@ pub unsafe fn load_cr3_through_vmm(root: u64) {
     if hc::is_error(r) || pv::decode_batch_error(r).is_some() {
         crate::panic::fatal("LOAD_CR3 refused by the VMM");
     }
-    GUEST_CR3.store(root, Ordering::Relaxed);
+    set_guest_cr3(root);
 }
 
 /// Flush the TLB entry of `va` after changing its mapping.

@@ -66,6 +66,9 @@ pub struct PerCpu {
     pub work_arg: AtomicU64,
     /// The result of the last work.
     pub work_result: AtomicU64,
+    /// Shadow and pv mode: the guest's own root (the hardware CR3 holds
+    /// the VMM's shadow of it; `arch::mmu::read_cr3`).
+    pub guest_cr3: AtomicU64,
 }
 
 // SAFETY: the `UnsafeCell` fields are written only by the owning CPU
@@ -91,6 +94,7 @@ impl PerCpu {
             work: AtomicU64::new(0),
             work_arg: AtomicU64::new(0),
             work_result: AtomicU64::new(0),
+            guest_cr3: AtomicU64::new(0),
         }
     }
 
