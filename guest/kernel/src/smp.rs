@@ -83,12 +83,12 @@ pub fn start_aps(cpus: u32, ept: bool) -> u32 {
     if cpus <= 1 {
         return 1;
     }
-    if arch::mmu::is_pv() || (!ept && !arch::mmu::is_shadow()) {
-        kprintln!("smp: {} vCPUs offered, but SMP runs in ept and shadow mode only: using one", cpus);
+    if !ept && !arch::mmu::is_shadow() {
+        kprintln!("smp: {} vCPUs offered, but shadowing has not started: using one", cpus);
         return 1;
     }
-    // Shadow mode: an AP's first root goes through LOAD_CR3 (the entry
-    // code below), which points its CR3 at the VMM's shadow.
+    // Shadow and pv mode: an AP's first root goes through LOAD_CR3 (the
+    // entry code below), which points its CR3 at the VMM's shadow.
     AP_LOAD_CR3_BY_VMM.store(!ept, Ordering::Relaxed);
     let kernel_root = tlb::kernel_root();
     apic::enable();

@@ -110,6 +110,9 @@ pub struct VcpuHandle {
     mmu_request: AtomicBool,
     /// Times the MMU kicked this vCPU out of `KVM_RUN`.
     mmu_kicks: std::sync::atomic::AtomicU64,
+    /// The vCPU's CR3 when it last left guest mode (shadow and pv mode:
+    /// the sync regs of `KVM_RUN`'s return; 0 until it ran).
+    cr3: std::sync::atomic::AtomicU64,
 }
 
 impl VcpuHandle {
@@ -157,9 +160,19 @@ impl VcpuHandle {
         true
     }
 
-    /// After `KVM_RUN` returned, before any lock is taken.
-    pub fn leave_guest(&self) {
+    /// After `KVM_RUN` returned, before any lock is taken, with the CR3
+    /// it returned with: recorded first, so a requester that saw the vCPU
+    /// leave guest mode reads it ([`VcpuHandle::cr3`]).
+    pub fn leave_guest(&self, cr3: u64) {
+        self.cr3.store(cr3, Ordering::SeqCst);
         self.in_guest.store(false, Ordering::SeqCst);
+    }
+
+    /// The vCPU's CR3 as it last left guest mode (0: never ran). Exact
+    /// for a vCPU [`VcpuHandle::stop_for_mmu`] stopped while the caller
+    /// holds the VM's lock: it cannot run again before.
+    pub fn cr3(&self) -> u64 {
+        self.cr3.load(Ordering::SeqCst)
     }
 
     /// At the head of the run loop, before the entry work: the requests
@@ -253,7 +266,8 @@ mod tests {
         assert!(!h.enter_guest(), "the pending request stops the entry");
         assert!(h.take_mmu_request());
         assert!(h.enter_guest());
-        h.leave_guest();
+        h.leave_guest(0x1000);
+        assert_eq!(h.cr3(), 0x1000);
         assert_eq!(h.mmu_kicks(), 0);
     }
 

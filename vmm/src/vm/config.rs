@@ -80,9 +80,9 @@ pub fn check_memory_size(memory: u64) -> Result<()> {
     Ok(())
 }
 
-/// Whether mode `mmu` runs several vCPUs (pv mode: not yet).
+/// Whether mode `mmu` runs several vCPUs (every mode since issue 18).
 pub fn smp_supported(mmu: MmuMode) -> bool {
-    matches!(mmu, MmuMode::Ept | MmuMode::Shadow)
+    matches!(mmu, MmuMode::Ept | MmuMode::Shadow | MmuMode::Pv)
 }
 
 /// Check a vCPU count against the limits and the MMU mode: 1 to

@@ -415,10 +415,19 @@ pub(super) fn run_loop(
         if handle.is_some_and(|h| !h.enter_guest()) {
             continue;
         }
+        let run_area: *const kvm_bindings::kvm_run = vcpu.ctx.fd_mut().get_kvm_run();
         let ran = vcpu.ctx.fd_mut().run();
-        // Out of guest mode before any lock is taken.
+        // Out of guest mode before any lock is taken, with the CR3 KVM
+        // copied out (the MMU's remote flush reads it: `vcpu::handle`).
         if let Some(h) = handle {
-            h.leave_guest();
+            // SAFETY: `run_area` is this vCPU's kvm_run mapping, alive as
+            // long as its file descriptor; KVM filled the sync-regs area
+            // before KVM_RUN returned, and the exit being decoded borrows
+            // only the I/O data or the exit union, not this field. (In ept
+            // mode the system registers are not synced and the value is
+            // unused.)
+            let cr3 = unsafe { std::ptr::addr_of!((*run_area).s.regs.sregs.cr3).read_volatile() };
+            h.leave_guest(cr3);
         }
         let action = match ran {
             Ok(exit) => Action::from_exit(exit, &mut lock(shared).vm.serial),

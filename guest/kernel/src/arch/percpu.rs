@@ -69,6 +69,11 @@ pub struct PerCpu {
     /// Shadow and pv mode: the guest's own root (the hardware CR3 holds
     /// the VMM's shadow of it; `arch::mmu::read_cr3`).
     pub guest_cr3: AtomicU64,
+    /// pv mode: the depth of this CPU's lazy-MMU brackets
+    /// (`arch::mmu::enter_lazy`).
+    pub pv_lazy_depth: AtomicU64,
+    /// pv mode: an invalidation waits for the outermost bracket's end.
+    pub pv_lazy_pending: AtomicBool,
 }
 
 // SAFETY: the `UnsafeCell` fields are written only by the owning CPU
@@ -95,6 +100,8 @@ impl PerCpu {
             work_arg: AtomicU64::new(0),
             work_result: AtomicU64::new(0),
             guest_cr3: AtomicU64::new(0),
+            pv_lazy_depth: AtomicU64::new(0),
+            pv_lazy_pending: AtomicBool::new(false),
         }
     }
 

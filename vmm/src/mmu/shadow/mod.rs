@@ -644,7 +644,9 @@ impl MmuBackend for ShadowBackend {
                 .filter_map(|id| {
                     let h = hs.get(id)?;
                     h.stop_for_mmu();
-                    Some((id, None))
+                    // Stopped under the VM's lock: its CR3 cannot change
+                    // before the lock is released.
+                    Some((id, Some(Gpa(h.cr3())).filter(|c| c.raw() != 0)))
                 })
                 .collect()
         }));
