@@ -173,6 +173,12 @@ impl FrameSource for Frames<'_> {
     fn free_frame(&mut self, frame: Pfn) {
         self.gather.defer(self.buddy, frame, false);
     }
+    // Large folios come from the buddy allocator too (without this the
+    // trait's default refuses every order above 0, and every `anon=` size
+    // silently falls back to 4 KiB: tests/shadow.rs counts the exits).
+    fn alloc_folio(&mut self, order: u8) -> Option<Pfn> {
+        self.buddy.alloc_folio(order)
+    }
 }
 
 /// The MMU platform: CR3 loads, TLB flushes and lazy-MMU brackets through
