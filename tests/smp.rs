@@ -152,3 +152,62 @@ fn aps_waiting_for_cpu_on_are_not_sampled_and_progress_kicks_do_not_end_the_run(
         assert_eq!(v["total_exits"], 0, "vCPU {i} never entered the guest");
     }
 }
+
+/// Exits of a bench phase (every reason).
+fn phase_exits(b: &serde_json::Value) -> u64 {
+    b["exits"].as_object().expect("exits").values().map(|v| v.as_u64().unwrap()).sum()
+}
+
+#[test]
+fn a_pv_shootdown_costs_one_exit_per_operation_at_any_vcpu_count() {
+    if !kvm_available() {
+        return;
+    }
+    // `shootdown`: CPU 0 unmaps a page per operation while the others read
+    // in the same address space. In pv mode the shootdown is one
+    // PV_FLUSH_REMOTE (the VMM applies the queue and flushes the readers),
+    // not one IPI per reader; on one CPU it is the PV_FLUSH of the unmap.
+    for n in ["1", "2", "4"] {
+        let (o, v) = stats_json(
+            &["run", "--mmu", "pv", "--vcpus", n, "--cmdline", "workload=shootdown size=32", "--timeout", "120s"],
+            &format!("shootdown-pv-{n}.json"),
+        );
+        assert_exit(&o, 0);
+        let b = &v["stats"]["bench"][0];
+        assert_eq!((b["name"].as_str(), b["ok"].as_bool()), (Some("shootdown"), Some(true)), "{v}");
+        assert_eq!(phase_exits(b), 32, "--vcpus {n}: one exit per unmap: {b}");
+        let remote = b["shadow"]["remote_flushes"].as_u64().unwrap();
+        assert_eq!(remote, if n == "1" { 0 } else { 32 }, "--vcpus {n}: {b}");
+    }
+}
+
+#[test]
+fn a_switch_to_a_cached_root_costs_no_exit_on_any_vcpu_in_pv_mode() {
+    if !kvm_available() {
+        return;
+    }
+    // `ctxsw` on 4 vCPUs: each switches 64 times among 4 cached roots
+    // (after a warm-up pass), a phase of its own: the guest loads the
+    // published shadow roots itself.
+    let (o, v) = stats_json(
+        &["run", "--mmu", "pv", "--vcpus", "4", "--cmdline", "workload=ctxsw size=64", "--timeout", "120s"],
+        "ctxsw-pv-4.json",
+    );
+    assert_exit(&o, 0);
+    let phases = v["stats"]["bench"].as_array().expect("bench phases");
+    assert_eq!(phases.len(), 4, "one phase per vCPU: {v}");
+    for (i, b) in phases.iter().enumerate() {
+        assert_eq!(b["vcpu"], i as u64, "{b}");
+        assert_eq!(b["ok"], true, "{b}");
+        assert_eq!(phase_exits(b), 0, "vCPU {i}: {b}");
+    }
+    // Shadow mode, for contrast: every switch is a LOAD_CR3 (a cache hit).
+    let (o, v) = stats_json(
+        &["run", "--mmu", "shadow", "--vcpus", "2", "--cmdline", "workload=ctxsw size=64", "--timeout", "120s"],
+        "ctxsw-shadow-2.json",
+    );
+    assert_exit(&o, 0);
+    for b in v["stats"]["bench"].as_array().expect("bench phases") {
+        assert_eq!(phase_exits(b), 64, "{b}");
+    }
+}

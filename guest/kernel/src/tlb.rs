@@ -315,8 +315,15 @@ fn pv_shootdown(targets: u64, flush: &Flush, and_me: bool) {
     SHOOTDOWNS.fetch_add(1, Ordering::Relaxed);
     PV_REMOTE_FLUSHES.fetch_add(1, Ordering::Relaxed);
     let t0 = arch::rdtsc();
-    arch::mmu::pv_flush_remote(targets | if and_me { 1 << me } else { 0 });
+    let all = targets | if and_me { 1 << me } else { 0 };
+    arch::mmu::pv_flush_remote(all);
     WAIT_CYCLES.fetch_add(arch::rdtsc().wrapping_sub(t0), Ordering::Relaxed);
+    // Each of them flushed its whole TLB (or will before it runs again):
+    // count it as the full flush it is, so the frames gathered before are
+    // not flushed for a second time (`mm::Gather`).
+    for cpu in smp::cpus_in(all) {
+        percpu::area(cpu).full_flushes.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// Move every other CPU that has `root` loaded (lazily: a CPU running on

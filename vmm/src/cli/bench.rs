@@ -19,8 +19,8 @@ use vmm::vm::{Vm, VmConfig};
 
 /// The workloads, in report order, with their default sizes: small enough
 /// to finish in seconds under emulation, big enough to amortise setup.
-pub const WORKLOADS: [(&str, u64); 6] =
-    [("fault", 256), ("fork", 8), ("ctxsw", 256), ("mmap", 32), ("tlb", 2000), ("alloc", 500)];
+pub const WORKLOADS: [(&str, u64); 7] =
+    [("fault", 256), ("fork", 8), ("ctxsw", 256), ("mmap", 32), ("tlb", 2000), ("alloc", 500), ("shootdown", 32)];
 
 /// JSON schema version of the report (new keys may be added within one).
 pub const SCHEMA: u32 = 1;

@@ -133,12 +133,12 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "all")]
     pub mmu: MmuArg,
 
-    /// Workload to run (repeatable): fault, fork, ctxsw, mmap, tlb, alloc [default: all].
+    /// Workload to run (repeatable): fault, fork, ctxsw, mmap, tlb, alloc, shootdown [default: all].
     #[arg(long = "workload", value_name = "NAME")]
     pub workloads: Vec<String>,
 
     /// Operations per run, at least 1 [default: each workload's own: fault 256, fork 8, ctxsw 256, mmap 32,
-    /// tlb 2000, alloc 500].
+    /// tlb 2000, alloc 500, shootdown 32].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub size: Option<u64>,
 

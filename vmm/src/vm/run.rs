@@ -82,6 +82,10 @@ impl VmState {
         let mut stats = std::mem::take(&mut bsp.stats);
         if !aps.is_empty() {
             stats.merge_vcpus(std::iter::once((0, &stats.clone())).chain(aps.iter().map(|ap| (ap.index(), &ap.stats))));
+            // Phases measured on application processors follow vCPU 0's.
+            for ap in aps.iter_mut() {
+                stats.bench.append(&mut ap.stats.bench);
+            }
         }
         stats.reports_dropped = budget.dropped;
         stats.explain_suppressed = self.explain_prints.suppressed();
@@ -118,6 +122,7 @@ impl VmState {
                 };
                 vcpu.stats.bench.push(BenchPhase {
                     name: name.clone(),
+                    vcpu: vcpu.index(),
                     ops: *ops,
                     cycles: *cycles,
                     ok: *ok,
