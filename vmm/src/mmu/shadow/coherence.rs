@@ -14,6 +14,10 @@
 //!   re-registered, which drops the log).
 //! - The boot tables' slot turns read-only at the first `LOAD_CR3`.
 //!
+//! - With several vCPUs the entry work follows the MMU's per-vCPU flush
+//!   state instead (`mmu::shadow`, "SMP"): [`flush_vcpu_tlb`] is one
+//!   vCPU's flush, the re-registration everyone's.
+//!
 //! Memslots change only through `ept::GuestRam::reregister`.
 
 use super::ShadowBackend;
