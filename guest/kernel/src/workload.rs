@@ -305,7 +305,13 @@ fn shootdown(n: u64) -> Result<(), &'static str> {
         unsafe { crate::tlb::use_root(root) };
         let hot = SHOOTDOWN_HOT.load(Ordering::Relaxed);
         if crate::arch::percpu::cpu_id() != 0 {
-            let mut reads = 0u64;
+            // SAFETY: as below.
+            let _ = unsafe { page(hot).read_volatile() };
+            // In the address space's CPU mask and reading: the initiator
+            // may start (every operation then reaches every reader).
+            SHOOTDOWN_READY.fetch_add(1, Ordering::SeqCst);
+            crate::smp::wake(0);
+            let mut reads = 1u64;
             while !SHOOTDOWN_STOP.load(Ordering::Relaxed) {
                 // SAFETY: the last page of the VMA, mapped and never unmapped.
                 let _ = unsafe { page(hot).read_volatile() };
@@ -313,6 +319,8 @@ fn shootdown(n: u64) -> Result<(), &'static str> {
             }
             return reads;
         }
+        let readers = crate::smp::online_count() as u64 - 1;
+        crate::arch::wait_until(|| SHOOTDOWN_READY.load(Ordering::SeqCst) >= readers);
         let (ipis, pv) =
             (crate::tlb::IPIS.load(Ordering::Relaxed), crate::tlb::PV_REMOTE_FLUSHES.load(Ordering::Relaxed));
         let mut ok = true;
@@ -346,6 +354,7 @@ fn shootdown(n: u64) -> Result<(), &'static str> {
     }
     SHOOTDOWN_HOT.store(n, Ordering::Relaxed);
     SHOOTDOWN_STOP.store(false, Ordering::Relaxed);
+    SHOOTDOWN_READY.store(0, Ordering::SeqCst);
     let root = mm::with(|m| m.user.as_ref().map(|a| a.root().addr().0)).flatten().ok_or("no user address space")?;
     let out = crate::smp::run_on_all(role, root);
     leave_user()?;
@@ -392,3 +401,6 @@ fn ctxsw_on_ap(n: u64) -> u64 {
     unsafe { crate::tlb::use_root(crate::tlb::kernel_root()) };
     u64::from(ok)
 }
+
+/// `shootdown` readers that have started reading.
+static SHOOTDOWN_READY: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);

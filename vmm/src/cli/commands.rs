@@ -292,14 +292,17 @@ pub fn bench(args: BenchArgs, process_start: Instant) -> i32 {
         }
     };
     let probe = super::info::probe(&kvm, 20_000, process_start);
-    if args.vcpus > 1
+    let most = args.vcpus.iter().copied().max().unwrap_or(1);
+    if most > 1
         && let Some(mode) = args.mmu.modes().into_iter().find(|&m| !vmm::vm::smp_supported(m))
     {
-        eprintln!("error: {}", vmm::Error::SmpUnsupported { mode: mode.name(), vcpus: args.vcpus });
+        eprintln!("error: {}", vmm::Error::SmpUnsupported { mode: mode.name(), vcpus: most });
         return exit_code::USAGE;
     }
+    let mut vcpus = args.vcpus.clone();
+    vcpus.dedup();
     let plan = super::bench::BenchPlan {
-        vcpus: args.vcpus,
+        vcpus,
         workloads,
         modes: args.mmu.modes(),
         repeat: args.repeat.max(1),
@@ -309,7 +312,7 @@ pub fn bench(args: BenchArgs, process_start: Instant) -> i32 {
         backing: args.backing,
         process_start,
     };
-    let total = (plan.workloads.len() * plan.modes.len() * (plan.repeat as usize + 1)) as u64;
+    let total = (plan.workloads.len() * plan.modes.len() * plan.vcpus.len() * (plan.repeat as usize + 1)) as u64;
     let bar = indicatif::ProgressBar::new(total);
     if let Ok(style) = indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}") {
         bar.set_style(style.progress_chars("=> "));

@@ -131,6 +131,14 @@ pub fn read_cr3() -> u64 {
 /// stays so while it is loaded. Anything else faults the next instruction
 /// or silently maps other memory.
 pub unsafe fn load_cr3(root: u64) {
+    // Interrupts off across the switch: a shootdown IPI taken between the
+    // mask update and the load (or, in shadow mode, between `LOAD_CR3` and
+    // the per-CPU guest root) would reload the old root in its handler
+    // (`tlb::handle_ipi` → `flush_all` reloads `read_cr3()`), leaving the
+    // CPU on one root while its bookkeeping names another — seen as an
+    // endless spurious fault on a reader at 4 vCPUs in shadow mode.
+    let irq = super::interrupts_enabled();
+    super::disable_interrupts();
     // Join the new address space's CPU mask before the load (crate::tlb:
     // an initiator that misses us changed the tables before our load).
     let cpu = super::percpu::this();
@@ -138,6 +146,9 @@ pub unsafe fn load_cr3(root: u64) {
     // SAFETY: the caller's contract.
     unsafe { load_cr3_raw(root) };
     cpu.full_flushes.fetch_add(1, Ordering::SeqCst);
+    if irq {
+        super::enable_interrupts();
+    }
 }
 
 /// [`load_cr3`] without the per-CPU bookkeeping.
