@@ -273,7 +273,7 @@ impl BenchReport {
         );
         let _ = writeln!(
             s,
-            "{:<9} {:<8} {:>6} {:>12} {:>12} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7} {:>10} {:>6}",
+            "{:<7} {:<6} {:>6} {:>12} {:>12} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7} {:>10} {:>6}",
             "work",
             "mmu",
             "ops",
@@ -293,7 +293,7 @@ impl BenchReport {
             for m in &w.modes {
                 let _ = writeln!(
                     s,
-                    "{:<9} {:<8} {:>6} {:>12.0} {:>12.0} {:>9.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7.2} {:>10.0} {:>6}",
+                    "{:<7} {:<6} {:>6} {:>12.0} {:>12.0} {:>9.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7.2} {:>10.0} {:>6}",
                     w.workload,
                     if several { format!("{}@{}", m.mmu, m.vcpus) } else { m.mmu.to_string() },
                     m.ops,
@@ -319,7 +319,7 @@ impl BenchReport {
                     let at = if several { format!(" at {} vCPUs", m.vcpus) } else { String::new() };
                     let _ = writeln!(
                         s,
-                        "{:<9} {}/ept{at}: wall time x{t:.2}, guest cycles x{c:.2}, +{x:.2} exits per op",
+                        "{:<7} {}/ept{at}: wall time x{t:.2}, guest cycles x{c:.2}, +{x:.2} exits per op",
                         w.workload, m.mmu
                     );
                 }
