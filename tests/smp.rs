@@ -211,3 +211,26 @@ fn a_switch_to_a_cached_root_costs_no_exit_on_any_vcpu_in_pv_mode() {
         assert_eq!(phase_exits(b), 64, "{b}");
     }
 }
+
+#[test]
+fn hostile_guests_end_the_same_on_four_vcpus_in_shadow_and_pv_mode() {
+    if !kvm_available() {
+        return;
+    }
+    // A guest that scribbles the shadow pool, clears CR0.WP behind the
+    // VMM's back, queues entries the VMM must refuse, or livelocks, ends
+    // exactly as on one vCPU when the VM has four: no panic, no hang (the
+    // safety timeout), the same exit status. (The crash modes run before
+    // the kernel starts its APs, which wait for CPU_ON: this covers the
+    // VMM's SMP paths — per-vCPU shadow state, flush requests to vCPUs
+    // that never ran, the layout-v2 pv area — not concurrent hostility.)
+    for mmu in ["shadow", "pv"] {
+        for mode in ["scribble", "wp-off-silent", "pv-bad-queue", "livelock"] {
+            let cmd = format!("crash={mode}");
+            let one = run(&["run", "--mmu", mmu, "--cmdline", &cmd, "--timeout", "60s"]);
+            let four = run(&["run", "--mmu", mmu, "--vcpus", "4", "--cmdline", &cmd, "--timeout", "60s"]);
+            assert_eq!(four.status.code(), one.status.code(), "{mmu} {cmd}: {}", stderr(&four));
+            assert!(!stderr(&four).contains("panicked"), "{mmu} {cmd}: {}", stderr(&four));
+        }
+    }
+}
