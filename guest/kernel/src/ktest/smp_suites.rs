@@ -179,6 +179,10 @@ pub fn parallel_demand_faults() -> TestResult {
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
+/// `fork_while_threads_write`: the fork has returned.
+static FORKED: AtomicBool = AtomicBool::new(false);
+/// `fork_while_threads_write`: the writers that wrote after the fork.
+static WROTE_AFTER_FORK: AtomicU64 = AtomicU64::new(0);
 /// Per CPU: reads of the value so far (the readers of
 /// [`unmap_while_reading`]).
 static SEEN: [AtomicU64; percpu::MAX_CPUS] = [const { AtomicU64::new(0) }; percpu::MAX_CPUS];
@@ -289,9 +293,15 @@ pub fn fork_while_threads_write() -> TestResult {
         if me != 0 {
             let mut v = 0u64;
             while !STOP.load(Ordering::Relaxed) {
+                let forked = FORKED.load(Ordering::SeqCst);
                 v += 1;
                 // SAFETY: this CPU's own page of the VMA.
                 unsafe { user_ptr(me).write_volatile(v) };
+                // A write after the fork returned (its copy-on-write break
+                // is done): tell CPU 0, which waits for every writer's.
+                if forked && WROTE_AFTER_FORK.fetch_or(1 << me, Ordering::SeqCst) & (1 << me) == 0 {
+                    smp::wake(0);
+                }
             }
             return v;
         }
@@ -316,6 +326,7 @@ pub fn fork_while_threads_write() -> TestResult {
             })
         })
         .flatten();
+        FORKED.store(true, Ordering::SeqCst);
         let Some(child) = child else { return u64::MAX };
         let n = smp::online_count() as u64;
         let read_child = |page: u64| -> u64 {
@@ -337,6 +348,10 @@ pub fn fork_while_threads_write() -> TestResult {
         for p in 1..n {
             changed += u64::from(read_child(p) != first[p as usize]);
         }
+        // Every writer wrote after the fork (so broke copy-on-write once)
+        // before they stop: under load a writer may not have run yet.
+        let writers = smp::online_mask() & !1;
+        arch::wait_until(|| WROTE_AFTER_FORK.load(Ordering::SeqCst) & writers == writers);
         STOP.store(true, Ordering::Relaxed);
         mm::with(|m| m.ctx(|cx, _, _| crate::mm::destroy(cx, child)));
         changed
@@ -350,6 +365,8 @@ pub fn fork_while_threads_write() -> TestResult {
         unsafe { user_ptr(p).write_volatile(0) };
     }
     STOP.store(false, Ordering::Relaxed);
+    FORKED.store(false, Ordering::SeqCst);
+    WROTE_AFTER_FORK.store(0, Ordering::SeqCst);
     let c0 = COW.load(Ordering::Relaxed);
     let out = smp::run_on_all(role, user_root()?);
     let cows = COW.load(Ordering::Relaxed) - c0;
@@ -424,9 +441,15 @@ pub fn write_protect_from_another_root() -> TestResult {
         if me != 0 {
             let mut v = 0u64;
             while !STOP.load(Ordering::Relaxed) {
+                let forked = FORKED.load(Ordering::SeqCst);
                 v += 1;
                 // SAFETY: this CPU's own page of the VMA.
                 unsafe { user_ptr(me).write_volatile(v) };
+                // A write after the fork returned (its copy-on-write break
+                // is done): tell CPU 0, which waits for every writer's.
+                if forked && WROTE_AFTER_FORK.fetch_or(1 << me, Ordering::SeqCst) & (1 << me) == 0 {
+                    smp::wake(0);
+                }
             }
             return v;
         }
