@@ -103,7 +103,7 @@ pub enum Error {
     #[error("--vcpus {0}: a VM has 1 to {max} vCPUs", max = guest_abi::MAX_CPUS)]
     BadVcpuCount(u32),
     #[error(
-        "--mmu {mode} runs one vCPU (--vcpus {vcpus} was given): shadow and pv paging on several vCPUs is not built yet; use --mmu ept"
+        "--mmu {mode} runs one vCPU (--vcpus {vcpus} was given): pv paging on several vCPUs is not built yet; use --mmu ept or shadow"
     )]
     SmpUnsupported { mode: &'static str, vcpus: u32 },
     #[error(

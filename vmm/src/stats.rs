@@ -138,6 +138,9 @@ impl Serialize for ExitCounts {
 pub struct BenchPhase {
     /// Workload name.
     pub name: String,
+    /// The vCPU that measured it (0 unless a workload measures on
+    /// several: `ctxsw` on SMP).
+    pub vcpu: u32,
     /// Operations done.
     pub ops: u64,
     /// Guest TSC cycles.

@@ -23,7 +23,7 @@
 
 use crate::arch::{self, apic, percpu};
 use crate::{hypercall, kprintln, mm, tlb};
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use guest_abi::hypercall as hc;
 
 /// Bit `i`: CPU `i` is online.
@@ -83,10 +83,13 @@ pub fn start_aps(cpus: u32, ept: bool) -> u32 {
     if cpus <= 1 {
         return 1;
     }
-    if !ept {
-        kprintln!("smp: {} vCPUs offered, but SMP runs in ept mode only: using one", cpus);
+    if !ept && !arch::mmu::is_shadow() {
+        kprintln!("smp: {} vCPUs offered, but shadowing has not started: using one", cpus);
         return 1;
     }
+    // Shadow and pv mode: an AP's first root goes through LOAD_CR3 (the
+    // entry code below), which points its CR3 at the VMM's shadow.
+    AP_LOAD_CR3_BY_VMM.store(!ept, Ordering::Relaxed);
     let kernel_root = tlb::kernel_root();
     apic::enable();
     for cpu in 1..cpus.min(percpu::MAX_CPUS as u32) {
@@ -108,10 +111,16 @@ pub fn start_aps(cpus: u32, ept: bool) -> u32 {
     online_count()
 }
 
+/// Shadow mode: an AP loads its first root through the VMM's `LOAD_CR3`
+/// instead of `mov cr3` (read by the entry code).
+static AP_LOAD_CR3_BY_VMM: AtomicBool = AtomicBool::new(false);
+
 // AP entry (CPU_ON): long mode on the VMM's boot tables, IF = 0,
 // rdi = the per-CPU area, rsi = the CPU id, rsp = top of the stack block.
 // Load the kernel's root (offset 16 of the area) before touching the
-// stack, which may lie above what the boot tables map.
+// stack, which may lie above what the boot tables map: `mov cr3`, or in
+// shadow mode the `LOAD_CR3` hypercall (rax = number, rdi = root; the
+// port write changes only rax: `crate::hypercall`).
 core::arch::global_asm!(
     ".section .text",
     ".global ap_entry",
@@ -119,13 +128,25 @@ core::arch::global_asm!(
     "    cli",
     "    cld",
     "    mov rax, [rdi + 16]",
+    "    cmp byte ptr [rip + {by_vmm}], 0",
+    "    jne 3f",
     "    mov cr3, rax",
-    "    xor ebp, ebp",
+    "    jmp 4f",
+    "3:  mov r12, rdi",
+    "    mov rdi, rax",
+    "    mov eax, {load_cr3}",
+    "    mov dx, {port}",
+    "    out dx, eax",
+    "    mov rdi, r12",
+    "4:  xor ebp, ebp",
     "    call {main}",
     "2:  cli",
     "    hlt",
     "    jmp 2b",
     main = sym ap_main,
+    by_vmm = sym AP_LOAD_CR3_BY_VMM,
+    load_cr3 = const guest_abi::hypercall::LOAD_CR3,
+    port = const guest_abi::ports::HYPERCALL,
 );
 
 unsafe extern "C" {
@@ -152,6 +173,7 @@ extern "C" fn ap_main(area: u64, cpu: u64) -> ! {
     unsafe { percpu::set_gs_base(a) };
     arch::idt::load();
     a.loaded_root.store(a.entry_cr3.load(Ordering::Relaxed), Ordering::SeqCst);
+    a.guest_cr3.store(a.entry_cr3.load(Ordering::Relaxed), Ordering::Relaxed);
     apic::enable();
     a.online.store(true, Ordering::Release);
     ONLINE.fetch_or(1 << cpu, Ordering::AcqRel);

@@ -40,6 +40,13 @@
 //!   runs only kernel code, which never touches user addresses, and it
 //!   flushes before it uses the root again); for table pages it is not.
 //!
+//! - **pv mode**: a shootdown is one `PV_FLUSH_REMOTE` hypercall naming
+//!   the targets (and the initiator) instead of IPIs: the VMM applies every
+//!   CPU's write queue and flushes the targets (stopping those in guest
+//!   mode before it answers), as KVM's `KVM_FEATURE_PV_TLB_FLUSH` and
+//!   Hyper-V's `HvFlushVirtualAddressList` do. Evicting lazy CPUs from a
+//!   root being destroyed still takes IPIs (they must load another CR3).
+//!
 //! With one CPU online none of this runs: a flush is the local
 //! instruction, exactly as before SMP (the exit counts the shadow-mode
 //! tests assert are unchanged).
@@ -160,6 +167,8 @@ static KERNEL_ROOT: AtomicU64 = AtomicU64::new(0);
 pub static SHOOTDOWNS: AtomicU64 = AtomicU64::new(0);
 /// IPIs sent for shootdowns.
 pub static IPIS: AtomicU64 = AtomicU64::new(0);
+/// `PV_FLUSH_REMOTE` calls made for shootdowns (pv mode: instead of IPIs).
+pub static PV_REMOTE_FLUSHES: AtomicU64 = AtomicU64::new(0);
 /// Targets skipped because they were lazy.
 pub static LAZY_SKIPS: AtomicU64 = AtomicU64::new(0);
 /// TSC cycles initiators spent from the first IPI to the last
@@ -206,8 +215,15 @@ pub fn set_operand_root(root: u64) {
 pub fn flush_current(flush: &Flush) {
     let root = percpu::this().loaded_root.load(Ordering::Relaxed);
     let operand = OPERAND_ROOT.load(Ordering::Relaxed);
-    flush.run_local();
     let me = !(1 << percpu::cpu_id());
+    if arch::mmu::is_pv() {
+        // One exit for the whole shootdown, this CPU's flush included
+        // (`pv_shootdown`).
+        let targets = if operand == 0 || operand == root { cpumask(root) } else { cpumask(root) | cpumask(operand) };
+        pv_shootdown(targets & me, flush, true);
+        return;
+    }
+    flush.run_local();
     if operand == 0 || operand == root {
         shootdown(cpumask(root) & me, Some(root), flush, false);
     } else {
@@ -241,6 +257,10 @@ pub fn shootdown(targets: u64, root: Option<u64>, flush: &Flush, freed_tables: b
     if targets == 0 {
         return;
     }
+    if arch::mmu::is_pv() && !freed_tables {
+        pv_shootdown(targets, flush, false);
+        return;
+    }
     REQ.root.store(root.unwrap_or(0), Ordering::Relaxed);
     REQ.any_root.store(root.is_none(), Ordering::Relaxed);
     REQ.full.store(flush.full, Ordering::Relaxed);
@@ -263,6 +283,46 @@ pub fn shootdown(targets: u64, root: Option<u64>, flush: &Flush, freed_tables: b
     WAIT_CYCLES.fetch_add(arch::rdtsc().wrapping_sub(t0), Ordering::Relaxed);
     if irq {
         arch::enable_interrupts();
+    }
+}
+
+/// pv mode: the shootdown as one `PV_FLUSH_REMOTE` instead of IPIs (the
+/// VMM applies every CPU's write queue, then stops the targets in guest
+/// mode and flushes them, or flushes them at their next entry: issue 18).
+/// With `and_me`, this CPU is a target too (its own flush in the same
+/// exit). Lazy targets are skipped as for IPIs (they are marked stale);
+/// with no target left, this CPU flushes locally. A flush of everything
+/// is a superset of any range list, so no ranges are sent.
+fn pv_shootdown(targets: u64, flush: &Flush, and_me: bool) {
+    let me = percpu::cpu_id();
+    let mut targets = targets & !(1 << me);
+    for cpu in smp::cpus_in(targets) {
+        let a = percpu::area(cpu);
+        if a.lazy.load(Ordering::SeqCst) {
+            a.stale.store(true, Ordering::SeqCst);
+            if a.lazy.load(Ordering::SeqCst) {
+                targets &= !(1 << cpu);
+                LAZY_SKIPS.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    if targets == 0 {
+        if and_me {
+            flush.run_local();
+        }
+        return;
+    }
+    SHOOTDOWNS.fetch_add(1, Ordering::Relaxed);
+    PV_REMOTE_FLUSHES.fetch_add(1, Ordering::Relaxed);
+    let t0 = arch::rdtsc();
+    let all = targets | if and_me { 1 << me } else { 0 };
+    arch::mmu::pv_flush_remote(all);
+    WAIT_CYCLES.fetch_add(arch::rdtsc().wrapping_sub(t0), Ordering::Relaxed);
+    // Each of them flushed its whole TLB (or will before it runs again):
+    // count it as the full flush it is, so the frames gathered before are
+    // not flushed for a second time (`mm::Gather`).
+    for cpu in smp::cpus_in(all) {
+        percpu::area(cpu).full_flushes.fetch_add(1, Ordering::SeqCst);
     }
 }
 

@@ -12,6 +12,7 @@
 //! | `tlb` | a read at a pseudo-random page of a working set of `tlbset=N` pages (default 64; 16384 = 64 MiB misses the TLB) with stable tables |
 //! | `alloc` | a kmalloc 64-byte alloc+free and an order-0 page alloc+free (no MMU change) |
 //! | `aging` | one page-aging pass over a 512-page working set (clear A where set, move idle pages to the inactive list), then a write to each page of its hot half |
+//! | `shootdown` | CPU 0 unmaps one page of an address space every other CPU runs in and reads (a TLB shootdown: IPIs, or one `PV_FLUSH_REMOTE` in pv mode) |
 
 use crate::ktest::vm_suites::{USER_BASE, enter_user, leave_user};
 use crate::mm::{self, KernelMmu};
@@ -40,7 +41,7 @@ fn page(i: u64) -> *mut u64 {
 
 /// The workloads `workload=` accepts, one per arm of [`run`]'s match: the
 /// command-line check refuses any other (keep the two together).
-pub const NAMES: &[&str] = &["fault", "fork", "ctxsw", "mmap", "tlb", "alloc", "aging"];
+pub const NAMES: &[&str] = &["fault", "fork", "ctxsw", "mmap", "tlb", "alloc", "aging", "shootdown"];
 
 /// Run workload `name` with `size` operations; ends the VM.
 pub fn run(name: &str, size: u64) -> ! {
@@ -57,6 +58,7 @@ pub fn run(name: &str, size: u64) -> ! {
         "tlb" => tlb(size),
         "alloc" => alloc(size),
         "aging" => aging(size),
+        "shootdown" => shootdown(size),
         _ => Err("unknown workload"),
     };
     match result {
@@ -186,6 +188,24 @@ fn ctxsw(n: u64) -> Result<(), &'static str> {
         ok &= unsafe { page(0).read_volatile() } == to as u64;
     });
     send(kind::BENCH, "ctxsw", n, cycles, ok);
+    // With other CPUs online each does the same switches in turn, measured
+    // as a phase of its own (the VMM counts its exits: a switch to a
+    // cached root costs none in pv mode, on every vCPU).
+    let roots: alloc::vec::Vec<u64> = (0..count)
+        .map(|s| {
+            if s == next {
+                mm::with(|m| m.user.as_ref().map(|a| a.root().addr().0)).flatten()
+            } else {
+                spaces[s].as_ref().map(|a| a.root().addr().0)
+            }
+        })
+        .map(|r| r.unwrap_or(0))
+        .collect();
+    CTXSW_ROOTS.store(roots.as_ptr() as u64, core::sync::atomic::Ordering::SeqCst);
+    CTXSW_COUNT.store(count as u64, core::sync::atomic::Ordering::SeqCst);
+    for cpu in crate::smp::online_cpus().skip(1) {
+        ok &= crate::smp::run_on(cpu, ctxsw_on_ap, n) == Some(1);
+    }
     mm::with(|m| {
         m.ctx(|cx, kpt, user| {
             KernelMmu.load_cr3(kpt.root());
@@ -381,3 +401,117 @@ fn aging(n: u64) -> Result<(), &'static str> {
     leave_user()?;
     if ok { Ok(()) } else { Err("the aging pass sorted the pages wrongly") }
 }
+/// Set when the `shootdown` initiator is done: the readers stop.
+static SHOOTDOWN_STOP: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// `shootdown`: `n` pages mapped, then CPU 0 unmaps them one per
+/// operation while every other CPU runs in the same address space and
+/// reads its last page (never unmapped): each unmap must reach every
+/// reader's TLB before the frame can be reused (`crate::tlb`). The
+/// shootdown counts (IPIs, pv remote flushes) go to the console.
+fn shootdown(n: u64) -> Result<(), &'static str> {
+    use core::sync::atomic::Ordering;
+    fn role(root: u64) -> u64 {
+        // SAFETY: the workload's user address space, which maps the kernel.
+        unsafe { crate::tlb::use_root(root) };
+        let hot = SHOOTDOWN_HOT.load(Ordering::Relaxed);
+        if crate::arch::percpu::cpu_id() != 0 {
+            // SAFETY: as below.
+            let _ = unsafe { page(hot).read_volatile() };
+            // In the address space's CPU mask and reading: the initiator
+            // may start (every operation then reaches every reader).
+            SHOOTDOWN_READY.fetch_add(1, Ordering::SeqCst);
+            crate::smp::wake(0);
+            let mut reads = 1u64;
+            while !SHOOTDOWN_STOP.load(Ordering::Relaxed) {
+                // SAFETY: the last page of the VMA, mapped and never unmapped.
+                let _ = unsafe { page(hot).read_volatile() };
+                reads += 1;
+            }
+            return reads;
+        }
+        let readers = crate::smp::online_count() as u64 - 1;
+        crate::arch::wait_until(|| SHOOTDOWN_READY.load(Ordering::SeqCst) >= readers);
+        let (ipis, pv) =
+            (crate::tlb::IPIS.load(Ordering::Relaxed), crate::tlb::PV_REMOTE_FLUSHES.load(Ordering::Relaxed));
+        let mut ok = true;
+        let cycles = measure("shootdown", hot, |i| {
+            let r = mm::with(|m| {
+                m.ctx(|cx, _, user| {
+                    let a = user.as_mut()?;
+                    let start = Gva(USER_BASE + i * 4096);
+                    a.unmap_range(cx, start, Gva(start.0 + 4096)).ok().map(|f| f.flush(cx.mmu))
+                })
+            });
+            ok &= matches!(r, Some(Some(())));
+        });
+        send(kind::BENCH, "shootdown", hot, cycles, ok);
+        SHOOTDOWN_STOP.store(true, Ordering::Relaxed);
+        let ipis = crate::tlb::IPIS.load(Ordering::Relaxed) - ipis;
+        let pv = crate::tlb::PV_REMOTE_FLUSHES.load(Ordering::Relaxed) - pv;
+        kprintln!(
+            "shootdown: {} ops on {} CPUs, {} IPIs, {} pv remote flushes",
+            hot,
+            crate::smp::online_count(),
+            ipis,
+            pv
+        );
+        u64::from(ok)
+    }
+    enter_user(n + 1)?;
+    for i in 0..=n {
+        // SAFETY: inside the VMA.
+        unsafe { page(i).write_volatile(i) };
+    }
+    SHOOTDOWN_HOT.store(n, Ordering::Relaxed);
+    SHOOTDOWN_STOP.store(false, Ordering::Relaxed);
+    SHOOTDOWN_READY.store(0, Ordering::SeqCst);
+    let root = mm::with(|m| m.user.as_ref().map(|a| a.root().addr().0)).flatten().ok_or("no user address space")?;
+    let out = crate::smp::run_on_all(role, root);
+    leave_user()?;
+    if out[0] != 1 {
+        return Err("unmapping a page failed");
+    }
+    if crate::smp::online_cpus().skip(1).any(|cpu| out[cpu as usize] == 0) {
+        return Err("a reader never read");
+    }
+    Ok(())
+}
+
+/// The page the `shootdown` readers read (the VMA's last).
+static SHOOTDOWN_HOT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// `ctxsw` on an application processor: the roots and their number.
+static CTXSW_ROOTS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+static CTXSW_COUNT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// `ctxsw`'s `n` switches on this application processor, after one warm-up
+/// pass over the spaces, as a measured phase of its own; back on the
+/// kernel's root after. 1 when every space showed its own page.
+fn ctxsw_on_ap(n: u64) -> u64 {
+    use core::sync::atomic::Ordering;
+    let count = CTXSW_COUNT.load(Ordering::SeqCst) as usize;
+    // SAFETY: CPU 0 keeps the vector alive (and unchanged) until this
+    // returns (`smp::run_on` waits).
+    let roots = unsafe { core::slice::from_raw_parts(CTXSW_ROOTS.load(Ordering::SeqCst) as *const u64, count) };
+    let mut ok = roots.iter().all(|&r| r != 0);
+    let visit = |to: usize| {
+        // SAFETY: a live user address space's root: it maps the kernel.
+        unsafe { crate::tlb::use_root(roots[to]) };
+        // SAFETY: mapped in every space.
+        unsafe { page(0).read_volatile() == to as u64 }
+    };
+    if ok {
+        for s in 0..count {
+            ok &= visit(s);
+        }
+        let cycles = measure("ctxsw", n, |i| ok &= visit((i as usize + 1) % count));
+        send(kind::BENCH, "ctxsw", n, cycles, ok);
+    }
+    // SAFETY: the kernel's root maps the kernel.
+    unsafe { crate::tlb::use_root(crate::tlb::kernel_root()) };
+    u64::from(ok)
+}
+
+/// `shootdown` readers that have started reading.
+static SHOOTDOWN_READY: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);

@@ -19,8 +19,16 @@ use vmm::vm::{Vm, VmConfig};
 
 /// The workloads, in report order, with their default sizes: small enough
 /// to finish in seconds under emulation, big enough to amortise setup.
-pub const WORKLOADS: [(&str, u64); 7] =
-    [("fault", 256), ("fork", 8), ("ctxsw", 256), ("mmap", 32), ("tlb", 2000), ("alloc", 500), ("aging", 8)];
+pub const WORKLOADS: [(&str, u64); 8] = [
+    ("fault", 256),
+    ("fork", 8),
+    ("ctxsw", 256),
+    ("mmap", 32),
+    ("tlb", 2000),
+    ("alloc", 500),
+    ("aging", 8),
+    ("shootdown", 32),
+];
 
 /// JSON schema version of the report (new keys may be added within one).
 pub const SCHEMA: u32 = 1;
@@ -48,15 +56,18 @@ pub struct BenchPlan {
     pub backing: ept::Backing,
     /// When the process started.
     pub process_start: Instant,
-    /// vCPUs per run.
-    pub vcpus: u32,
+    /// vCPU counts: every workload and mode runs at each.
+    pub vcpus: Vec<u32>,
 }
 
 /// Medians of one workload in one mode, per operation.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModeFigures {
-    /// `ept` or `shadow`.
+    /// `ept`, `shadow` or `pv`.
     pub mmu: &'static str,
+    /// vCPUs of the runs (the workloads measure on vCPU 0; `shootdown`
+    /// makes the others readers).
+    pub vcpus: u32,
     /// Operations per run.
     pub ops: u64,
     /// Host wall time per operation, ns.
@@ -77,6 +88,9 @@ pub struct ModeFigures {
     pub cr3_loads_per_op: f64,
     /// Host invalidations per operation (shadow).
     pub host_invalidations_per_op: f64,
+    /// Paravirtual remote TLB flushes (`PV_FLUSH_REMOTE`) per operation
+    /// (pv mode on several vCPUs: a shootdown each).
+    pub remote_flushes_per_op: f64,
     /// VMM time in shadow handlers per operation, ns.
     pub vmm_handler_ns_per_op: f64,
     /// Memory references of one TLB miss, as modelled (`ept::walk`): a 2D
@@ -136,14 +150,14 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 /// Run one workload once; its measured phase.
-pub fn run_once(plan: &BenchPlan, workload: &str, size: u64, mmu: MmuMode) -> Result<BenchPhase, String> {
+pub fn run_once(plan: &BenchPlan, workload: &str, size: u64, mmu: MmuMode, vcpus: u32) -> Result<BenchPhase, String> {
     let config = VmConfig {
         shadow_pool: plan.shadow_pool,
         backing: plan.backing,
         cmdline: format!("{} workload={workload} size={size}", plan.cmdline).trim_start().to_string(),
         timeout: Duration::from_secs(600),
         process_start: plan.process_start,
-        vcpus: plan.vcpus,
+        vcpus,
         ..VmConfig::bundled(plan.memory, mmu)
     };
     let cmdline = config.cmdline.clone();
@@ -212,7 +226,7 @@ fn guest_page(anon: &str) -> u64 {
     if anon == "2m" { 2 << 20 } else { 4096 }
 }
 
-fn figures(mmu: MmuMode, phases: &[BenchPhase], guest_page: u64, host_page: u64) -> ModeFigures {
+fn figures(mmu: MmuMode, vcpus: u32, phases: &[BenchPhase], guest_page: u64, host_page: u64) -> ModeFigures {
     let per = |f: &dyn Fn(&BenchPhase) -> f64| {
         let mut v: Vec<f64> = phases.iter().map(|p| f(p) / p.ops.max(1) as f64).collect();
         median(&mut v)
@@ -224,6 +238,7 @@ fn figures(mmu: MmuMode, phases: &[BenchPhase], guest_page: u64, host_page: u64)
     }
     ModeFigures {
         mmu: mmu.name(),
+        vcpus,
         ops: phases.first().map_or(0, |p| p.ops),
         wall_ns_per_op: per(&|p| p.wall.as_nanos() as f64),
         cycles_per_op: per(&|p| p.cycles as f64),
@@ -234,6 +249,7 @@ fn figures(mmu: MmuMode, phases: &[BenchPhase], guest_page: u64, host_page: u64)
         pte_writes_per_op: per(&sh(|s| s.pte_writes)),
         cr3_loads_per_op: per(&sh(|s| s.cr3_loads)),
         host_invalidations_per_op: per(&sh(|s| s.host_invalidations)),
+        remote_flushes_per_op: per(&sh(|s| s.remote_flushes)),
         vmm_handler_ns_per_op: per(&|p| p.shadow_handler_time.map_or(0.0, |d| d.as_nanos() as f64)),
         walk_refs_per_tlb_miss: match mmu {
             MmuMode::Ept => ept::walk::walk_cost(guest_page, host_page).nested,
@@ -249,16 +265,20 @@ pub fn run(plan: &BenchPlan, probe: HostReport, mut progress: impl FnMut(&str)) 
     for (name, size) in &plan.workloads {
         let mut modes = Vec::new();
         for &mmu in &plan.modes {
-            progress(&format!("{name} ({}) warm-up", mmu.name()));
-            run_once(plan, name, *size, mmu).map_err(|e| format!("{name} in {} mode: {e}", mmu.name()))?;
-            let mut phases = Vec::new();
-            for r in 0..plan.repeat {
-                progress(&format!("{name} ({}) run {}/{}", mmu.name(), r + 1, plan.repeat));
-                phases
-                    .push(run_once(plan, name, *size, mmu).map_err(|e| format!("{name} in {} mode: {e}", mmu.name()))?);
+            for &n in &plan.vcpus {
+                let what = format!("{name} ({}, {n} vCPU{})", mmu.name(), if n == 1 { "" } else { "s" });
+                let fail = |e: String| format!("{name} in {} mode at {n} vCPUs: {e}", mmu.name());
+                progress(&format!("{what} warm-up"));
+                run_once(plan, name, *size, mmu, n).map_err(fail)?;
+                let mut phases = Vec::new();
+                for r in 0..plan.repeat {
+                    progress(&format!("{what} run {}/{}", r + 1, plan.repeat));
+                    phases.push(run_once(plan, name, *size, mmu, n).map_err(fail)?);
+                }
+                modes.push(figures(mmu, n, &phases, guest_page(anon_of(&plan.cmdline)), plan.backing.alignment()));
             }
-            modes.push(figures(mmu, &phases, guest_page(anon_of(&plan.cmdline)), plan.backing.alignment()));
         }
+        // The ratios compare the first vCPU count's runs.
         let find = |m: &str| modes.iter().find(|f| f.mmu == m);
         let (time_ratio, cycles_ratio, extra_exits_per_op) = match (find("ept"), find("shadow")) {
             (Some(e), Some(s)) => (
@@ -296,7 +316,7 @@ impl BenchReport {
         );
         let _ = writeln!(
             s,
-            "{:<7} {:<6} {:>6} {:>12} {:>12} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>6}",
+            "{:<7} {:<6} {:>6} {:>12} {:>12} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>10} {:>6}",
             "work",
             "mmu",
             "ops",
@@ -308,16 +328,18 @@ impl BenchReport {
             "pte-wr",
             "cr3",
             "hinv",
+            "rflush",
             "vmm ns/op",
             "walk"
         );
+        let several = self.workloads.iter().flat_map(|w| &w.modes).any(|m| m.vcpus > 1);
         for w in &self.workloads {
             for m in &w.modes {
                 let _ = writeln!(
                     s,
-                    "{:<7} {:<6} {:>6} {:>12.0} {:>12.0} {:>9.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>10.0} {:>6}",
+                    "{:<7} {:<6} {:>6} {:>12.0} {:>12.0} {:>9.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7.2} {:>10.0} {:>6}",
                     w.workload,
-                    m.mmu,
+                    if several { format!("{}@{}", m.mmu, m.vcpus) } else { m.mmu.to_string() },
                     m.ops,
                     m.wall_ns_per_op,
                     m.cycles_per_op,
@@ -327,20 +349,22 @@ impl BenchReport {
                     m.pte_writes_per_op,
                     m.cr3_loads_per_op,
                     m.host_invalidations_per_op,
+                    m.remote_flushes_per_op,
                     m.vmm_handler_ns_per_op,
                     m.walk_refs_per_tlb_miss
                 );
             }
             // Every mode against ept (the JSON keeps shadow/ept in its
             // ratio fields; the per-mode figures carry the rest).
-            if let Some(ept) = w.modes.iter().find(|m| m.mmu == "ept") {
-                for m in w.modes.iter().filter(|m| m.mmu != "ept") {
+            for ept in w.modes.iter().filter(|m| m.mmu == "ept") {
+                for m in w.modes.iter().filter(|m| m.mmu != "ept" && m.vcpus == ept.vcpus) {
                     let t = m.wall_ns_per_op / ept.wall_ns_per_op;
                     let c = m.cycles_per_op / ept.cycles_per_op;
                     let x = m.exits_per_op - ept.exits_per_op;
+                    let at = if several { format!(" at {} vCPUs", m.vcpus) } else { String::new() };
                     let _ = writeln!(
                         s,
-                        "{:<7} {}/ept: wall time x{t:.2}, guest cycles x{c:.2}, +{x:.2} exits per op",
+                        "{:<7} {}/ept{at}: wall time x{t:.2}, guest cycles x{c:.2}, +{x:.2} exits per op",
                         w.workload, m.mmu
                     );
                 }
@@ -348,7 +372,7 @@ impl BenchReport {
         }
         let _ = writeln!(
             s,
-            "per op = per workload operation (median of runs); hidden/guestpf/pte-wr/cr3/hinv = shadow-MMU events (hinv: host invalidations, which depend on the host); walk = modelled memory references per TLB miss (guest page: 2 MiB at anon=2m, else 4 KiB; over the host backing's page)"
+            "per op = per workload operation (median of runs); hidden/guestpf/pte-wr/cr3/hinv = shadow-MMU events (hinv: host invalidations, which depend on the host); rflush = pv remote flushes (PV_FLUSH_REMOTE); mmu@N = at N vCPUs; walk = modelled memory references per TLB miss (guest page: 2 MiB at anon=2m, else 4 KiB; over the host backing's page)"
         );
         s
     }

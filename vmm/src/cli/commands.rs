@@ -155,16 +155,17 @@ pub fn test(args: TestArgs, process_start: Instant) -> i32 {
     let mut modes = Vec::new();
     let selected = args.mmu.modes();
     let smp = args.vcpus.unwrap_or(1);
-    // Several vCPUs run in ept mode only (issue 18 for shadow and pv): a
-    // lone shadow or pv mode is refused; with several modes, the others
-    // run on one vCPU.
-    if smp > 1 && !selected.contains(&MmuMode::Ept) {
+    // Several vCPUs run in the modes `vmm::vm::smp_supported` names: a
+    // lone other mode is refused; with several modes, the others run on
+    // one vCPU.
+    if smp > 1 && !selected.iter().any(|&m| vmm::vm::smp_supported(m)) {
         let e = vmm::Error::SmpUnsupported { mode: selected[0].name(), vcpus: smp };
         eprintln!("error: {e}");
         return exit_code::USAGE;
     }
-    if smp > 1 && selected.len() > 1 {
-        println!("note: ept runs on {smp} vCPUs; shadow and pv run on one (SMP in those modes is not built yet)");
+    if smp > 1 && selected.iter().any(|&m| !vmm::vm::smp_supported(m)) {
+        let one: Vec<&str> = selected.iter().filter(|&&m| !vmm::vm::smp_supported(m)).map(|m| m.name()).collect();
+        println!("note: {} run(s) on one vCPU (SMP in that mode is not built yet)", one.join(", "));
     }
     let config_for = |mmu: MmuMode, vcpus: u32| VmConfig {
         kernel: args.kernel.clone().map_or(KernelSource::Bundled, KernelSource::File),
@@ -178,7 +179,7 @@ pub fn test(args: TestArgs, process_start: Instant) -> i32 {
         vcpus,
     };
     for mmu in selected.iter().copied() {
-        let config = config_for(mmu, if mmu == MmuMode::Ept { smp } else { 1 });
+        let config = config_for(mmu, if vmm::vm::smp_supported(mmu) { smp } else { 1 });
         match super::guest_tests::run_mode(config, &args.filter, &mut stdout) {
             Ok(r) => modes.push(r),
             Err(e) => {
@@ -199,19 +200,25 @@ pub fn test(args: TestArgs, process_start: Instant) -> i32 {
             }
         }
     }
-    // By default the SMP suites run a second time, in ept mode on two
-    // vCPUs (a second boot: the other suites stay on one, which keeps the
-    // default run short on a small host).
+    // By default the SMP suites run a second time in every selected mode,
+    // on two vCPUs (a second boot per mode: the other suites stay on one,
+    // which keeps the default run short on a small host — docs/testing.md
+    // has the measured cost).
     let smp_filter = SMP_SUITES.contains(args.filter.as_str()) || args.filter.contains(SMP_SUITES);
-    // (Not after an ept run that ended early: it would only end early too.)
-    let ept_ran = modes.iter().any(|m| m.mmu == MmuMode::Ept.name() && m.error.is_none());
-    if args.vcpus.is_none() && ept_ran && smp_filter {
+    if args.vcpus.is_none() && smp_filter {
         let filter = if args.filter.len() > SMP_SUITES.len() { args.filter.as_str() } else { SMP_SUITES };
-        match super::guest_tests::run_mode(config_for(MmuMode::Ept, 2), filter, &mut stdout) {
-            Ok(r) => modes.push(r),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return e.exit_code();
+        for mmu in selected.iter().copied() {
+            // (Not after a run of that mode that ended early: it would
+            // only end early too.)
+            if !modes.iter().any(|m| m.mmu == mmu.name() && m.error.is_none()) || !vmm::vm::smp_supported(mmu) {
+                continue;
+            }
+            match super::guest_tests::run_mode(config_for(mmu, 2), filter, &mut stdout) {
+                Ok(r) => modes.push(r),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return e.exit_code();
+                }
             }
         }
     }
@@ -286,14 +293,17 @@ pub fn bench(args: BenchArgs, process_start: Instant) -> i32 {
         }
     };
     let probe = super::info::probe(&kvm, 20_000, process_start);
-    if args.vcpus > 1
-        && let Some(mode) = args.mmu.modes().into_iter().find(|&m| m != MmuMode::Ept)
+    let most = args.vcpus.iter().copied().max().unwrap_or(1);
+    if most > 1
+        && let Some(mode) = args.mmu.modes().into_iter().find(|&m| !vmm::vm::smp_supported(m))
     {
-        eprintln!("error: {}", vmm::Error::SmpUnsupported { mode: mode.name(), vcpus: args.vcpus });
+        eprintln!("error: {}", vmm::Error::SmpUnsupported { mode: mode.name(), vcpus: most });
         return exit_code::USAGE;
     }
+    let mut vcpus = args.vcpus.clone();
+    vcpus.dedup();
     let plan = super::bench::BenchPlan {
-        vcpus: args.vcpus,
+        vcpus,
         workloads,
         modes: args.mmu.modes(),
         repeat: args.repeat.max(1),
@@ -303,7 +313,7 @@ pub fn bench(args: BenchArgs, process_start: Instant) -> i32 {
         backing: args.backing,
         process_start,
     };
-    let total = (plan.workloads.len() * plan.modes.len() * (plan.repeat as usize + 1)) as u64;
+    let total = (plan.workloads.len() * plan.modes.len() * plan.vcpus.len() * (plan.repeat as usize + 1)) as u64;
     let bar = indicatif::ProgressBar::new(total);
     if let Ok(style) = indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}") {
         bar.set_style(style.progress_chars("=> "));

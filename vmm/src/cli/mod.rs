@@ -133,12 +133,12 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "all")]
     pub mmu: MmuArg,
 
-    /// Workload to run (repeatable): fault, fork, ctxsw, mmap, tlb, alloc, aging [default: all].
+    /// Workload to run (repeatable): fault, fork, ctxsw, mmap, tlb, alloc, aging, shootdown [default: all].
     #[arg(long = "workload", value_name = "NAME")]
     pub workloads: Vec<String>,
 
     /// Operations per run, at least 1 [default: each workload's own: fault 256, fork 8, ctxsw 256, mmap 32,
-    /// tlb 2000, alloc 500, aging 8].
+    /// tlb 2000, alloc 500, aging 8, shootdown 32].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub size: Option<u64>,
 
@@ -179,9 +179,10 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     pub svg: Option<PathBuf>,
 
-    /// vCPUs per run, 1 to 64 (more than one: --mmu ept only).
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_vcpus)]
-    pub vcpus: u32,
+    /// vCPUs per run, 1 to 64; a comma-separated list (1,2,4) measures
+    /// every workload and mode at each count.
+    #[arg(long, value_name = "N[,N..]", default_value = "1", value_delimiter = ',', value_parser = parse_vcpus)]
+    pub vcpus: Vec<u32>,
 }
 
 /// Options of `vmm info`.
@@ -337,7 +338,12 @@ mod tests {
         let Command::Run(a) = Cli::try_parse_from(["vmm", "run"]).unwrap().command else { panic!() };
         assert_eq!(a.vcpus, 1, "run defaults to one vCPU");
         let Command::Bench(b) = Cli::try_parse_from(["vmm", "bench"]).unwrap().command else { panic!() };
-        assert_eq!(b.vcpus, 1, "bench defaults to one vCPU");
+        assert_eq!(b.vcpus, [1], "bench defaults to one vCPU");
+        let Command::Bench(b) = Cli::try_parse_from(["vmm", "bench", "--vcpus", "1,2,4"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(b.vcpus, [1, 2, 4]);
+        assert!(Cli::try_parse_from(["vmm", "bench", "--vcpus", "1,65"]).is_err());
         let Command::Test(t) = Cli::try_parse_from(["vmm", "test", "--vcpus", "4"]).unwrap().command else { panic!() };
         assert_eq!(t.vcpus, Some(4));
         assert!(Cli::try_parse_from(["vmm", "run", "--vcpus", "65"]).is_err());

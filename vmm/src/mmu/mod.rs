@@ -12,6 +12,8 @@
 //! | `FLUSH_TLB` | [`MmuBackend::flush`] |
 //! | an MMIO write (first refusal: trapped page-table writes) | [`MmuBackend::mmio_write`] |
 //! | host coherence before the guest runs again | [`MmuBackend::before_entry`] |
+//! | other vCPUs an exit's MMU change must reach (SMP) | [`MmuBackend::after_exit`] |
+//! | the VM's other vCPUs and their handles (SMP) | [`MmuBackend::add_vcpus`] |
 //! | the guest's paging controls and root, for explain and tools | [`MmuBackend::guest_paging_mode`], [`MmuBackend::guest_root`] |
 //! | explain's view of the mode's own tables | [`MmuBackend::explain`] |
 //! | bench snapshots and the end-of-run report | [`MmuBackend::counters`], [`MmuBackend::report`] |
@@ -34,10 +36,10 @@
 //! file descriptor and its index). The backend object itself (`self`) is
 //! the mode's VM-wide state (shadow tables, pool, handler times). State
 //! that is architecturally per-vCPU (the current root, the guest's CR0.WP
-//! and EFER.NXE) is still kept VM-wide by the shadow backend, which is
-//! right while the VM has one vCPU; SMP moves it into per-vCPU state.
-//! With several vCPUs the VM half is taken exclusively (`&mut`) by one
-//! vCPU thread at a time, as `self` is.
+//! and EFER.NXE) is kept per vCPU index by the shadow backend (its
+//! module doc, "SMP"). With several vCPUs the VM half is taken
+//! exclusively (`&mut`) by one vCPU thread at a time, as `self` is: the
+//! VM's lock (`vm::run::Shared`) is the MMU lock.
 //!
 //! Neutral types: [`window::MemWindow`] (guest-physical memory as the
 //! shadow MMU reads it), [`report`] (the end-of-run report, handler times,
@@ -229,13 +231,33 @@ pub trait MmuBackend: Send {
     /// An MMIO write of `data` at `gpa`: `true` when the backend handled
     /// it (a trapped guest page-table write, counted as such), `false` to
     /// leave it to the VMM (a write to unbacked memory, ignored).
-    fn mmio_write(&mut self, _vm: &mut VmContext, _gpa: Gpa, _data: &[u8]) -> bool {
+    fn mmio_write(&mut self, _vm: &mut VmContext, _vcpu: &mut VcpuContext, _gpa: Gpa, _data: &[u8]) -> bool {
         false
     }
 
     /// Just before the guest runs again (`KVM_RUN`): make the host forget
     /// what the handlers made stale.
     fn before_entry(&mut self, _vm: &mut VmContext, _vcpu: &mut VcpuContext) -> Result<()> {
+        Ok(())
+    }
+
+    /// After every exit of `vcpu` was handled (still under the VM's lock):
+    /// the other vCPUs an MMU change must reach before `vcpu` runs again
+    /// are stopped (shadow and pv mode on SMP: `vcpu::handle`, "MMU
+    /// requests").
+    fn after_exit(&mut self, _vm: &mut VmContext, _vcpu: &mut VcpuContext) -> Result<()> {
+        Ok(())
+    }
+
+    /// A VM of several vCPUs: the application processors `aps` (not
+    /// started yet) and every vCPU's handle, by index (vCPU 0's included),
+    /// for the MMU's remote flushes.
+    fn add_vcpus(
+        &mut self,
+        _vm: &VmContext,
+        _aps: &mut [&mut VcpuContext],
+        _handles: std::sync::Arc<[crate::vcpu::handle::VcpuHandle]>,
+    ) -> Result<()> {
         Ok(())
     }
 

@@ -51,7 +51,7 @@ use guest_abi::hypercall as hc;
 use guest_abi::pv::{self as abi, BatchError};
 use guest_abi::{Gpa, Gva};
 use kvm_bindings::{kvm_regs, kvm_sregs};
-use shadow::{BatchOutcome, PagingMode, ShadowError};
+use shadow::{BatchOutcome, PagingMode, ShadowError, VcpuSet};
 use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -66,6 +66,8 @@ pub struct PvBackend {
     /// Warnings about refused write queues: their own name and budget.
     queue_warnings: crate::limits::Limited,
     zone: GpaRange,
+    /// The VM's vCPUs (a layout-v2 area has a queue for each).
+    cpus: u32,
 }
 
 impl PvBackend {
@@ -84,7 +86,7 @@ impl PvBackend {
         sh.mmu_mut().0.set_prefill_user_half(true);
         let queue_warnings =
             crate::limits::Limited::new("warnings about refused pv write-queue entries", crate::limits::MAX_WARNINGS);
-        Ok(PvBackend { sh, area: None, refused: 0, queue_warnings, zone: pt_zone })
+        Ok(PvBackend { sh, area: None, refused: 0, queue_warnings, zone: pt_zone, cpus: 1 })
     }
 
     /// A sync point (`at`: the hypercall, for the warning): follow a
@@ -92,9 +94,27 @@ impl PvBackend {
     /// trusts no claim about it), apply the write queue. Returns `OK` or the
     /// batch error for the guest.
     fn sync(&mut self, vm: &mut VmContext, vcpu: &VcpuContext, at: &str) -> crate::Result<u64> {
+        self.sync_or_flush(vm, vcpu, at, None)
+    }
+
+    /// [`PvBackend::sync`], or with `remote`, `PV_FLUSH_REMOTE`'s: every
+    /// queue applied, then the vCPUs of `remote` owe a flush
+    /// (`ShadowMmu::flush_remote`; `after_exit` stops those in guest mode
+    /// before the caller resumes).
+    fn sync_or_flush(
+        &mut self,
+        vm: &mut VmContext,
+        vcpu: &VcpuContext,
+        at: &str,
+        remote: Option<VcpuSet>,
+    ) -> crate::Result<u64> {
+        self.sh.activate(vcpu.index());
         let t = Instant::now();
         let hw_root = vcpu.sync_sregs().cr3;
         let guest_flushes = self.sh.coherence() == Coherence::ReloadCr3;
+        let me = vcpu.index() as usize;
+        let zone = (self.zone.start, self.zone.end);
+        let mut others_refused = 0;
         let batch = {
             let (mut ram, mut pool) = self.sh.windows(vm);
             let (mmu, cpu) = self.sh.mmu_mut();
@@ -103,14 +123,45 @@ impl PvBackend {
             }
             let followed = mmu.current_root(cpu);
             let stale_before = mmu.host_stale();
-            let r = match self.area.as_mut().map(|a| a.take_queue(vm.ram.memory())) {
-                None | Some(Ok([])) => hc::OK,
-                Some(Err(why)) => abi::batch_error(0, why),
-                Some(Ok(entries)) => {
-                    match mmu.apply_batch(cpu, &mut pool, &mut ram, entries, (self.zone.start, self.zone.end)) {
-                        BatchOutcome { refused: None, .. } => hc::OK,
-                        BatchOutcome { applied, refused: Some(why) } => abi::batch_error(applied, why),
+            let r = match self.area.as_mut() {
+                // Layout version 2: every vCPU's ring, applied in vCPU
+                // order; the caller is answered for its own.
+                Some(area) if area.cpus > 0 => {
+                    let rings = area.take_rings(vm.ram.memory());
+                    let slices: Vec<&[u64]> = rings.iter().map(|q| q.as_deref().unwrap_or(&[])).collect();
+                    let outcomes = match remote {
+                        Some(targets) => mmu.flush_remote(cpu, &mut pool, &mut ram, &slices, zone, targets).batches,
+                        None => mmu.sync_queues(cpu, &mut pool, &mut ram, &slices, zone),
+                    };
+                    let mut mine = hc::OK;
+                    for (i, (ring, outcome)) in rings.iter().zip(&outcomes).enumerate() {
+                        let r = match (ring, outcome) {
+                            (Err(why), _) => abi::batch_error(0, *why),
+                            (Ok(_), BatchOutcome { refused: None, .. }) => hc::OK,
+                            (Ok(_), BatchOutcome { applied, refused: Some(why) }) => abi::batch_error(*applied, *why),
+                        };
+                        if i == me {
+                            mine = r;
+                        } else if r != hc::OK {
+                            others_refused += 1;
+                        }
                     }
+                    area.entries = rings.into_iter().nth(me).and_then(Result::ok).unwrap_or_default();
+                    mine
+                }
+                area => {
+                    let r = match area.map(|a| a.take_queue(vm.ram.memory())) {
+                        None | Some(Ok([])) => hc::OK,
+                        Some(Err(why)) => abi::batch_error(0, why),
+                        Some(Ok(entries)) => match mmu.apply_batch(cpu, &mut pool, &mut ram, entries, zone) {
+                            BatchOutcome { refused: None, .. } => hc::OK,
+                            BatchOutcome { applied, refused: Some(why) } => abi::batch_error(applied, why),
+                        },
+                    };
+                    if let Some(targets) = remote {
+                        mmu.flush_remote(cpu, &mut pool, &mut ram, &[], zone, targets);
+                    }
+                    r
                 }
             };
             // On an EPT/NPT host the CPU walks the shadow tables from
@@ -125,6 +176,12 @@ impl PvBackend {
             (r, followed)
         };
         let (batch, followed) = batch;
+        if others_refused > 0 {
+            self.refused += others_refused;
+            if self.queue_warnings.allow() {
+                log::warn!("pv write queue of {others_refused} other vCPU(s) refused at {at} on vCPU {me}");
+            }
+        }
         if batch != hc::OK {
             self.refused += 1;
             if self.queue_warnings.allow() {
@@ -249,6 +306,42 @@ impl PvBackend {
         self.sh.times_mut().batch += t.elapsed();
         Ok(hc::OK)
     }
+
+    /// `PV_FLUSH_REMOTE(cpus, ranges, count)` (guest_abi::hypercall): the
+    /// ranges are checked, not used (a flush of everything is a superset).
+    fn pv_flush_remote(&mut self, vm: &mut VmContext, vcpu: &mut VcpuContext, regs: &kvm_regs) -> crate::Result<u64> {
+        if self.area.as_ref().is_none_or(|a| a.cpus == 0) {
+            return Ok(hc::ERR_UNAVAILABLE);
+        }
+        let (ranges, count) = (regs.rsi, regs.rcx);
+        if count > abi::FLUSH_RANGES_CAP as u64 {
+            return Ok(hc::ERR_INVALID);
+        }
+        if count > 0 && ranges.checked_add(count * 8).is_none_or(|end| end > vm.memory) {
+            return Ok(hc::ERR_FAULT);
+        }
+        let targets = if regs.rdi == abi::ALL_CPUS { VcpuSet(u64::MAX) } else { VcpuSet(regs.rdi) };
+        self.sync_or_flush(vm, vcpu, "PV_FLUSH_REMOTE", Some(targets))
+    }
+
+    /// Follow a root the vCPU loaded itself (at every exit that may change
+    /// the MMU outside a sync: the library's limbo needs every vCPU's CR3).
+    fn follow(&mut self, vm: &VmContext, vcpu: &VcpuContext) -> crate::Result<()> {
+        if self.cpus < 2 {
+            return Ok(());
+        }
+        self.sh.activate(vcpu.index());
+        let hw_root = vcpu.sync_sregs().cr3;
+        if hw_root == 0 {
+            return Ok(());
+        }
+        let (mut ram, mut pool) = self.sh.windows(vm);
+        let (mmu, cpu) = self.sh.mmu_mut();
+        match mmu.follow_shadow_root(cpu, &mut pool, &mut ram, Gpa(hw_root)) {
+            Err(ShadowError::PoolTooSmall) => Err(self.sh.pool_too_small(hw_root)),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl MmuBackend for PvBackend {
@@ -261,9 +354,11 @@ impl MmuBackend for PvBackend {
     ) -> crate::Result<Option<u64>> {
         let r = match nr {
             hc::PV_SETUP if self.area.is_some() => hc::ERR_INVALID,
+            hc::PV_SETUP if !matches!(regs.rsi, 0 | abi::LAYOUT_V1 | abi::LAYOUT_V2) => hc::ERR_INVALID,
             hc::PV_SETUP => {
                 let shadowed = [self.zone, crate::boot::layout::BOOT_TABLES];
-                match PvArea::setup(vm.ram.memory(), vm.memory, Gpa(regs.rdi), &shadowed) {
+                let cpus = if regs.rsi == abi::LAYOUT_V2 { self.cpus } else { 0 };
+                match PvArea::setup(vm.ram.memory(), vm.memory, Gpa(regs.rdi), &shadowed, cpus) {
                     Ok(area) => {
                         self.area = Some(area);
                         hc::OK
@@ -274,6 +369,7 @@ impl MmuBackend for PvBackend {
             }
             hc::PV_FLUSH => self.pv_flush(vm, vcpu, regs)?,
             hc::PV_HARVEST => self.pv_harvest(vm, vcpu, regs)?,
+            hc::PV_FLUSH_REMOTE => self.pv_flush_remote(vm, vcpu, regs)?,
             _ => return Ok(None),
         };
         self.publish(vm);
@@ -312,9 +408,12 @@ impl MmuBackend for PvBackend {
         self.synced(vm, vcpu, "FLUSH_TLB", |sh, vm, vcpu| sh.flush(vm, vcpu, cr0, efer, regs))
     }
 
-    fn mmio_write(&mut self, vm: &mut VmContext, gpa: Gpa, data: &[u8]) -> bool {
+    fn mmio_write(&mut self, vm: &mut VmContext, vcpu: &mut VcpuContext, gpa: Gpa, data: &[u8]) -> bool {
         // Only the VMM's boot tables trap in pv mode.
-        let r = self.sh.mmio_write(vm, gpa, data);
+        if self.follow(vm, vcpu).is_err() {
+            return false;
+        }
+        let r = self.sh.mmio_write(vm, vcpu, gpa, data);
         if r {
             self.publish(vm);
         }
@@ -322,7 +421,29 @@ impl MmuBackend for PvBackend {
     }
 
     fn before_entry(&mut self, vm: &mut VmContext, vcpu: &mut VcpuContext) -> crate::Result<()> {
-        self.sh.before_entry(vm, vcpu)
+        self.follow(vm, vcpu)?;
+        self.sh.before_entry(vm, vcpu)?;
+        // The entry work may have rebuilt or evicted roots.
+        self.publish(vm);
+        Ok(())
+    }
+
+    fn after_exit(&mut self, vm: &mut VmContext, vcpu: &mut VcpuContext) -> crate::Result<()> {
+        self.sh.after_exit(vm, vcpu)
+    }
+
+    fn add_vcpus(
+        &mut self,
+        vm: &VmContext,
+        aps: &mut [&mut VcpuContext],
+        handles: std::sync::Arc<[crate::vcpu::handle::VcpuHandle]>,
+    ) -> crate::Result<()> {
+        self.cpus = handles.len() as u32;
+        self.sh.add_vcpus(vm, aps, handles)?;
+        // The guest loads published roots itself: a root evicted or zapped
+        // waits in limbo until every vCPU's CR3 is known to be elsewhere.
+        self.sh.mmu_mut().0.set_guest_loads_roots(true);
+        Ok(())
     }
 
     fn guest_paging_mode(&self, sregs: &kvm_sregs, rflags: u64) -> PagingMode {
@@ -360,6 +481,8 @@ impl MmuBackend for PvBackend {
 #[derive(Debug)]
 pub struct PvArea {
     gpa: Gpa,
+    /// Layout version 2: the vCPUs with a ring each (0: version 1).
+    cpus: u32,
     generation: u64,
     published: Vec<(Gpa, Gpa)>,
     entries: Vec<u64>,
@@ -380,8 +503,15 @@ impl PvArea {
     /// `PV_SETUP(gpa)`: the area at `gpa` in RAM of `ram` bytes, clear of
     /// every range in `shadowed` (memory the VMM shadows, which nothing but
     /// the guest's tracked writes may change).
-    pub fn setup(mem: &GuestMemoryMmap, ram: u64, gpa: Gpa, shadowed: &[GpaRange]) -> Result<PvArea, SetupError> {
-        let len = abi::AREA_PAGES * 4096;
+    /// `cpus` > 0: layout version 2, a ring per vCPU.
+    pub fn setup(
+        mem: &GuestMemoryMmap,
+        ram: u64,
+        gpa: Gpa,
+        shadowed: &[GpaRange],
+        cpus: u32,
+    ) -> Result<PvArea, SetupError> {
+        let len = if cpus > 0 { abi::area_pages_v2(cpus) } else { abi::AREA_PAGES } * 4096;
         if !gpa.is_aligned(4096) || gpa.raw().checked_add(len).is_none_or(|end| end > ram) {
             return Err(SetupError::BadAddress);
         }
@@ -390,8 +520,13 @@ impl PvArea {
             return Err(SetupError::OverlapsTables);
         }
         let mut area =
-            PvArea { gpa, generation: 0, published: Vec::new(), entries: Vec::with_capacity(abi::QUEUE_CAP) };
+            PvArea { gpa, cpus, generation: 0, published: Vec::new(), entries: Vec::with_capacity(abi::QUEUE_CAP) };
         let _ = mem.write_obj(0u64, GuestAddress(gpa.raw()));
+        for cpu in 0..cpus {
+            // Empty rings: head = tail = 0.
+            let page = gpa.raw() + abi::queue_page(cpu) * 4096;
+            let _ = mem.write_obj([0u64; 2], GuestAddress(page));
+        }
         area.write_roots(mem);
         Ok(area)
     }
@@ -415,6 +550,32 @@ impl PvArea {
         let _ = mem.read_slice(&mut bytes, GuestAddress(self.gpa.raw() + abi::QUEUE_FIRST as u64 * 8));
         self.entries.extend(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))));
         Ok(&self.entries)
+    }
+
+    /// Layout version 2: take every vCPU's ring (entries `head..tail`,
+    /// read once into VMM memory; `head = tail` stored back whatever the
+    /// outcome), by vCPU index; [`BatchError::Count`] for a ring whose
+    /// owner claims more than it holds (nothing of it is applied).
+    pub fn take_rings(&mut self, mem: &GuestMemoryMmap) -> Vec<Result<Vec<u64>, BatchError>> {
+        self.entries.clear();
+        (0..self.cpus)
+            .map(|cpu| {
+                let page = self.gpa.raw() + abi::queue_page(cpu) * 4096;
+                let tail: u64 = mem.read_obj(GuestAddress(page + abi::RING_TAIL as u64 * 8)).unwrap_or(0);
+                let head: u64 = mem.read_obj(GuestAddress(page + abi::RING_HEAD as u64 * 8)).unwrap_or(0);
+                if tail == head {
+                    return Ok(Vec::new());
+                }
+                let _ = mem.write_obj(tail, GuestAddress(page + abi::RING_HEAD as u64 * 8));
+                let (first, count) = abi::ring_pending(tail, head)?;
+                Ok((0..count as u64)
+                    .map(|k| {
+                        let word = abi::ring_word(first.wrapping_add(k)) as u64;
+                        mem.read_obj::<u64>(GuestAddress(page + word * 8)).unwrap_or(0)
+                    })
+                    .collect())
+            })
+            .collect()
     }
 
     /// Publish `roots` (guest root, shadow root's GPA), most recent first,
@@ -475,10 +636,10 @@ mod tests {
     #[test]
     fn setup_refuses_an_area_outside_ram_or_unaligned() {
         let m = mem();
-        assert_eq!(PvArea::setup(&m, 1 << 20, Gpa(0x1001), &[]).unwrap_err(), SetupError::BadAddress);
-        assert_eq!(PvArea::setup(&m, 1 << 20, Gpa((1 << 20) - 4096), &[]).unwrap_err(), SetupError::BadAddress);
-        assert_eq!(PvArea::setup(&m, 1 << 20, Gpa(!0xfff), &[]).unwrap_err(), SetupError::BadAddress);
-        assert!(PvArea::setup(&m, 1 << 20, Gpa((1 << 20) - 8192), &[]).is_ok());
+        assert_eq!(PvArea::setup(&m, 1 << 20, Gpa(0x1001), &[], 0).unwrap_err(), SetupError::BadAddress);
+        assert_eq!(PvArea::setup(&m, 1 << 20, Gpa((1 << 20) - 4096), &[], 0).unwrap_err(), SetupError::BadAddress);
+        assert_eq!(PvArea::setup(&m, 1 << 20, Gpa(!0xfff), &[], 0).unwrap_err(), SetupError::BadAddress);
+        assert!(PvArea::setup(&m, 1 << 20, Gpa((1 << 20) - 8192), &[], 0).is_ok());
     }
 
     /// Issue 22, item 1: an area over anything the VMM shadows is refused.
@@ -489,21 +650,21 @@ mod tests {
         let boot = GpaRange::new(Gpa(0x9000), Gpa(0xd000));
         for at in [0x8000, 0x9000, 0xa000, 0xc000, 0x3_f000, 0x4_0000, 0x7_f000] {
             assert_eq!(
-                PvArea::setup(&m, 1 << 20, Gpa(at), &[zone, boot]).unwrap_err(),
+                PvArea::setup(&m, 1 << 20, Gpa(at), &[zone, boot], 0).unwrap_err(),
                 SetupError::OverlapsTables,
                 "{at:#x}"
             );
         }
         // Touching ranges are fine: 0x7000..0x9000, 0xd000..0xf000, 0x8_0000...
         for at in [0x7000, 0xd000, 0x8_0000] {
-            assert!(PvArea::setup(&m, 1 << 20, Gpa(at), &[zone, boot]).is_ok(), "{at:#x}");
+            assert!(PvArea::setup(&m, 1 << 20, Gpa(at), &[zone, boot], 0).is_ok(), "{at:#x}");
         }
     }
 
     #[test]
     fn the_queue_is_read_once_emptied_and_bounded() {
         let m = mem();
-        let mut a = PvArea::setup(&m, 1 << 20, Gpa(0x8000), &[]).unwrap();
+        let mut a = PvArea::setup(&m, 1 << 20, Gpa(0x8000), &[], 0).unwrap();
         assert_eq!(a.take_queue(&m).unwrap(), &[] as &[u64]);
         m.write_obj(3u64, GuestAddress(0x8000)).unwrap();
         for (i, v) in [0x1000u64, 0x1008, 0x2001].iter().enumerate() {
@@ -520,9 +681,34 @@ mod tests {
     }
 
     #[test]
+    fn v2_rings_are_read_per_vcpu_across_wraparound_and_bounded() {
+        let m = mem();
+        let mut a = PvArea::setup(&m, 1 << 20, Gpa(0x8000), &[], 3).unwrap();
+        // A v2 area for 3 vCPUs is 4 pages; one that does not fit is refused.
+        assert!(PvArea::setup(&m, 1 << 20, Gpa((1 << 20) - 3 * 4096), &[], 3).is_err());
+        let ring = |cpu: u32| 0x8000 + abi::queue_page(cpu) * 4096;
+        // vCPU 0: two entries; vCPU 2: one entry just past the wrap.
+        m.write_obj(0x1000u64, GuestAddress(ring(0) + abi::ring_word(0) as u64 * 8)).unwrap();
+        m.write_obj(0x1008u64, GuestAddress(ring(0) + abi::ring_word(1) as u64 * 8)).unwrap();
+        m.write_obj(2u64, GuestAddress(ring(0))).unwrap();
+        let n = abi::QUEUE_CAP as u64;
+        m.write_obj(n, GuestAddress(ring(2) + 8)).unwrap();
+        m.write_obj(0x2008u64, GuestAddress(ring(2) + abi::ring_word(n) as u64 * 8)).unwrap();
+        m.write_obj(n + 1, GuestAddress(ring(2))).unwrap();
+        let rings = a.take_rings(&m);
+        assert_eq!(rings, vec![Ok(vec![0x1000, 0x1008]), Ok(vec![]), Ok(vec![0x2008])]);
+        assert_eq!(m.read_obj::<u64>(GuestAddress(ring(0) + 8)).unwrap(), 2, "head = tail");
+        assert_eq!(a.take_rings(&m), vec![Ok(vec![]), Ok(vec![]), Ok(vec![])], "read once");
+        // A hostile tail: that ring refused (and emptied), the others not.
+        m.write_obj(u64::MAX, GuestAddress(ring(1))).unwrap();
+        assert_eq!(a.take_rings(&m), vec![Ok(vec![]), Err(BatchError::Count), Ok(vec![])]);
+        assert_eq!(m.read_obj::<u64>(GuestAddress(ring(1) + 8)).unwrap(), u64::MAX);
+    }
+
+    #[test]
     fn published_roots_are_found_by_the_guests_probe_and_rewritten_only_on_change() {
         let m = mem();
-        let mut a = PvArea::setup(&m, 1 << 20, Gpa(0x8000), &[]).unwrap();
+        let mut a = PvArea::setup(&m, 1 << 20, Gpa(0x8000), &[], 0).unwrap();
         // Two roots whose frames collide in the hash.
         let roots =
             [(Gpa(0x100_0000), Gpa(0x8000_0000)), (Gpa(0x100_0000 + abi::ROOTS_CAP as u64 * 4096), Gpa(0x8000_1000))];

@@ -23,6 +23,16 @@
 //! - Requests (start an application processor, `CPU_ON`) are kept in the
 //!   handle under its mutex; the thread waits for one on the condition
 //!   variable, so a vCPU that was never started never calls `KVM_RUN`.
+//! - MMU requests (shadow and pv mode on SMP: a remote flush, a root to
+//!   rebuild) use two atomics outside every lock, KVM's `vcpu->requests`
+//!   and `vcpu->mode`: the vCPU thread stores `in_guest` then loads
+//!   `mmu_request` before `KVM_RUN` ([`VcpuHandle::enter_guest`]), and a
+//!   requester stores `mmu_request` then loads `in_guest`
+//!   ([`VcpuHandle::stop_for_mmu`]); both `SeqCst`, so either the vCPU
+//!   sees the request before it enters or the requester sees it in guest
+//!   mode and kicks it. Leaving guest mode ([`VcpuHandle::leave_guest`])
+//!   takes no lock, so a requester may wait for it while holding the VM's
+//!   lock without deadlock.
 
 use kvm_bindings::kvm_run;
 use std::cell::Cell;
@@ -92,6 +102,17 @@ pub struct VcpuHandle {
     started: AtomicBool,
     request: Mutex<Option<StartRequest>>,
     wake: Condvar,
+    /// Between [`VcpuHandle::enter_guest`] and [`VcpuHandle::leave_guest`]
+    /// (KVM's `vcpu->mode == IN_GUEST_MODE`).
+    in_guest: AtomicBool,
+    /// The MMU wants this vCPU to do its entry work before it runs guest
+    /// code again (KVM's `vcpu->requests`).
+    mmu_request: AtomicBool,
+    /// Times the MMU kicked this vCPU out of `KVM_RUN`.
+    mmu_kicks: std::sync::atomic::AtomicU64,
+    /// The vCPU's CR3 when it last left guest mode (shadow and pv mode:
+    /// the sync regs of `KVM_RUN`'s return; 0 until it ran).
+    cr3: std::sync::atomic::AtomicU64,
 }
 
 impl VcpuHandle {
@@ -125,6 +146,76 @@ impl VcpuHandle {
             // interrupts.
             unsafe { libc::pthread_kill(*t as libc::pthread_t, super::supervise::kick_signal()) };
         }
+    }
+
+    /// Before `KVM_RUN`, with no VM lock held: mark the vCPU in guest mode;
+    /// `false` (and out of guest mode again) when an MMU request arrived
+    /// meanwhile — the caller does its entry work again first.
+    pub fn enter_guest(&self) -> bool {
+        self.in_guest.store(true, Ordering::SeqCst);
+        if self.mmu_request.load(Ordering::SeqCst) {
+            self.in_guest.store(false, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// After `KVM_RUN` returned, before any lock is taken, with the CR3
+    /// it returned with: recorded first, so a requester that saw the vCPU
+    /// leave guest mode reads it ([`VcpuHandle::cr3`]).
+    pub fn leave_guest(&self, cr3: u64) {
+        self.cr3.store(cr3, Ordering::SeqCst);
+        self.in_guest.store(false, Ordering::SeqCst);
+    }
+
+    /// The vCPU's CR3 as it last left guest mode (0: never ran). Exact
+    /// for a vCPU [`VcpuHandle::stop_for_mmu`] stopped while the caller
+    /// holds the VM's lock: it cannot run again before.
+    pub fn cr3(&self) -> u64 {
+        self.cr3.load(Ordering::SeqCst)
+    }
+
+    /// At the head of the run loop, before the entry work: the requests
+    /// so far are about to be served. Returns whether one was pending.
+    pub fn take_mmu_request(&self) -> bool {
+        self.mmu_request.swap(false, Ordering::SeqCst)
+    }
+
+    /// Whether an MMU request is pending (a kick that was the MMU's, not
+    /// the periodic progress sample).
+    pub fn mmu_request_pending(&self) -> bool {
+        self.mmu_request.load(Ordering::SeqCst)
+    }
+
+    /// Ask the vCPU to do its entry work before it runs guest code again,
+    /// and if it is in guest mode kick it and wait until it is out (KVM's
+    /// `kvm_make_all_cpus_request` with `KVM_REQUEST_WAIT`). Returns
+    /// whether it had to be kicked. Safe under the VM's lock: leaving
+    /// guest mode takes none.
+    pub fn stop_for_mmu(&self) -> bool {
+        self.mmu_request.store(true, Ordering::SeqCst);
+        if !self.in_guest.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.mmu_kicks.fetch_add(1, Ordering::Relaxed);
+        self.kick();
+        let mut spins = 0u32;
+        while self.in_guest.load(Ordering::SeqCst) {
+            spins += 1;
+            if spins.is_multiple_of(1024) {
+                // The kick signal may have reached the thread just before
+                // it entered (then `immediate_exit` ends the entry) or be
+                // lost to a thread between registrations: send it again.
+                self.kick();
+            }
+            std::thread::yield_now();
+        }
+        true
+    }
+
+    /// Times the MMU kicked this vCPU out of `KVM_RUN`.
+    pub fn mmu_kicks(&self) -> u64 {
+        self.mmu_kicks.load(Ordering::Relaxed)
     }
 
     /// Accept a start request unless one was accepted before.
@@ -165,6 +256,19 @@ mod tests {
         assert!(h.request_start(r));
         assert!(!h.request_start(r), "a second CPU_ON is refused");
         assert_eq!(h.wait_for_start(&AtomicBool::new(false)), Some(r));
+    }
+
+    #[test]
+    fn an_mmu_request_is_seen_before_entry_or_answered_by_a_kick() {
+        let h = VcpuHandle::default();
+        // Outside guest mode: no kick, the request waits for the entry.
+        assert!(!h.stop_for_mmu());
+        assert!(!h.enter_guest(), "the pending request stops the entry");
+        assert!(h.take_mmu_request());
+        assert!(h.enter_guest());
+        h.leave_guest(0x1000);
+        assert_eq!(h.cr3(), 0x1000);
+        assert_eq!(h.mmu_kicks(), 0);
     }
 
     #[test]

@@ -121,7 +121,11 @@ impl VmCore {
         }
         let smp = (config.vcpus > 1).then(|| std::sync::Arc::new(super::smp::Smp::new(config.vcpus, boot_sregs)));
         let ctx = VmContext::new(vm, ram, map, config.memory, cpu);
-        let mmu = create_backend(config.mmu, &ctx, &mut vcpu, pt_zone)?;
+        let mut mmu = create_backend(config.mmu, &ctx, &mut vcpu, pt_zone)?;
+        if let Some(smp) = &smp {
+            let mut ap_ctxs: Vec<&mut VcpuContext> = aps.iter_mut().map(|ap| &mut ap.ctx).collect();
+            mmu.add_vcpus(&ctx, &mut ap_ctxs, smp.handles())?;
+        }
         let vm = VmState {
             _kvm: kvm,
             ctx,

@@ -80,14 +80,19 @@ pub fn check_memory_size(memory: u64) -> Result<()> {
     Ok(())
 }
 
+/// Whether mode `mmu` runs several vCPUs (every mode since issue 18).
+pub fn smp_supported(mmu: MmuMode) -> bool {
+    matches!(mmu, MmuMode::Ept | MmuMode::Shadow | MmuMode::Pv)
+}
+
 /// Check a vCPU count against the limits and the MMU mode: 1 to
-/// `guest_abi::MAX_CPUS`, and one unless the mode is ept (shadow and pv
-/// paging on several vCPUs is issue 18's).
+/// `guest_abi::MAX_CPUS`, and one unless the mode runs several
+/// ([`smp_supported`]).
 pub fn check_vcpus(vcpus: u32, mmu: MmuMode) -> Result<()> {
     if vcpus == 0 || vcpus > guest_abi::MAX_CPUS {
         return Err(Error::BadVcpuCount(vcpus));
     }
-    if vcpus > 1 && mmu != MmuMode::Ept {
+    if vcpus > 1 && !smp_supported(mmu) {
         return Err(Error::SmpUnsupported { mode: mmu.name(), vcpus });
     }
     Ok(())

@@ -42,7 +42,7 @@ mod smp;
 
 pub use crate::vcpu::supervise::{Supervised, VCPU_STOP_GRACE, supervise};
 pub use builder::create_backend;
-pub use config::{BUNDLED_KERNEL, KernelSource, VmConfig, check_memory_size};
+pub use config::{BUNDLED_KERNEL, KernelSource, VmConfig, check_memory_size, smp_supported};
 
 use crate::devices::hypercall::Report;
 use crate::devices::serial::{ConsoleSink, GuestSerial};

@@ -37,6 +37,7 @@ use crate::mmu::explain::Explanation;
 use crate::stats::{BenchPhase, ExitReason, RunStats};
 use crate::vcpu::Vcpu;
 use crate::vcpu::exit::Action;
+use crate::vcpu::handle::VcpuHandle;
 use guest_abi::hypercall as hc;
 use guest_abi::ports::exit_status;
 use guest_abi::{Gpa, Gva};
@@ -75,12 +76,16 @@ impl VmState {
         let shared = Mutex::new(Shared { vm: self, reports: Vec::new(), budget: ReportBudget::default() });
         let end = match &smp {
             Some(smp) if !aps.is_empty() => super::smp::run_all(&shared, smp, bsp, aps, expired, timeout),
-            _ => run_loop(&shared, bsp, expired, None, timeout),
+            _ => run_loop(&shared, bsp, expired, None, None, timeout),
         };
         let Shared { reports, budget, .. } = shared.into_inner().unwrap_or_else(|p| p.into_inner());
         let mut stats = std::mem::take(&mut bsp.stats);
         if !aps.is_empty() {
             stats.merge_vcpus(std::iter::once((0, &stats.clone())).chain(aps.iter().map(|ap| (ap.index(), &ap.stats))));
+            // Phases measured on application processors follow vCPU 0's.
+            for ap in aps.iter_mut() {
+                stats.bench.append(&mut ap.stats.bench);
+            }
         }
         stats.reports_dropped = budget.dropped;
         stats.explain_suppressed = self.explain_prints.suppressed();
@@ -117,6 +122,7 @@ impl VmState {
                 };
                 vcpu.stats.bench.push(BenchPhase {
                     name: name.clone(),
+                    vcpu: vcpu.index(),
                     ops: *ops,
                     cycles: *cycles,
                     ok: *ok,
@@ -336,13 +342,15 @@ impl Shared<'_> {
                 vcpu.stats.exit(ExitReason::UnclaimedIn);
                 log::debug!("guest read unclaimed port {port:#x}; reads as all ones");
             }
-            Action::MmioWrite(addr, data, len) => match vm.mmu.mmio_write(&mut vm.ctx, Gpa(addr), &data[..len]) {
-                true => vcpu.stats.exit(ExitReason::PageTableWrite),
-                false => {
-                    vcpu.stats.exit(ExitReason::MmioWrite);
-                    log::debug!("guest wrote unbacked GPA {addr:#x}");
+            Action::MmioWrite(addr, data, len) => {
+                match vm.mmu.mmio_write(&mut vm.ctx, &mut vcpu.ctx, Gpa(addr), &data[..len]) {
+                    true => vcpu.stats.exit(ExitReason::PageTableWrite),
+                    false => {
+                        vcpu.stats.exit(ExitReason::MmioWrite);
+                        log::debug!("guest wrote unbacked GPA {addr:#x}");
+                    }
                 }
-            },
+            }
             Action::MmioRead(addr) => {
                 // No device lives outside RAM: reads see all ones.
                 vcpu.stats.exit(ExitReason::MmioRead);
@@ -376,6 +384,7 @@ impl Shared<'_> {
                 return Err(Error::UnexpectedExit { what, rip: vcpu.ctx.regs().rip });
             }
         }
+        vm.mmu.after_exit(&mut vm.ctx, &mut vcpu.ctx)?;
         Ok(None)
     }
 }
@@ -388,6 +397,7 @@ pub(super) fn run_loop(
     vcpu: &mut Vcpu,
     expired: &AtomicBool,
     stop: Option<&AtomicBool>,
+    handle: Option<&VcpuHandle>,
     timeout: std::time::Duration,
 ) -> Result<GuestExit> {
     loop {
@@ -397,12 +407,34 @@ pub(super) fn run_loop(
         if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
             return Err(Error::Stopped);
         }
+        // The MMU's requests so far are served by the entry work below
+        // (`vcpu::handle`, "MMU requests").
+        if let Some(h) = handle {
+            h.take_mmu_request();
+        }
         {
             let mut g = lock(shared);
             let vm = &mut *g.vm;
             vm.mmu.before_entry(&mut vm.ctx, &mut vcpu.ctx)?;
         }
-        let action = match vcpu.ctx.fd_mut().run() {
+        if handle.is_some_and(|h| !h.enter_guest()) {
+            continue;
+        }
+        let run_area: *const kvm_bindings::kvm_run = vcpu.ctx.fd_mut().get_kvm_run();
+        let ran = vcpu.ctx.fd_mut().run();
+        // Out of guest mode before any lock is taken, with the CR3 KVM
+        // copied out (the MMU's remote flush reads it: `vcpu::handle`).
+        if let Some(h) = handle {
+            // SAFETY: `run_area` is this vCPU's kvm_run mapping, alive as
+            // long as its file descriptor; KVM filled the sync-regs area
+            // before KVM_RUN returned, and the exit being decoded borrows
+            // only the I/O data or the exit union, not this field. (In ept
+            // mode the system registers are not synced and the value is
+            // unused.)
+            let cr3 = unsafe { std::ptr::addr_of!((*run_area).s.regs.sregs.cr3).read_volatile() };
+            h.leave_guest(cr3);
+        }
+        let action = match ran {
             Ok(exit) => Action::from_exit(exit, &mut lock(shared).vm.serial),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // A kick (vcpu::handle) or a signal.
@@ -411,6 +443,9 @@ pub(super) fn run_loop(
                     // The end of the run: counted, and the loop's head
                     // returns.
                     vcpu.stats.exit(ExitReason::Interrupted);
+                } else if handle.is_some_and(VcpuHandle::mmu_request_pending) {
+                    // The MMU's kick (a remote flush): the loop's head
+                    // does the entry work. Not an exit of the guest's.
                 } else {
                     // The supervisor's periodic kick (`Vm::run`): a
                     // progress sample of this vCPU, not an exit of the

@@ -38,8 +38,9 @@ use std::time::Duration;
 /// What the vCPU threads of a VM with several vCPUs share besides the VM's
 /// state.
 pub(crate) struct Smp {
-    /// One per vCPU, by index.
-    handles: Vec<VcpuHandle>,
+    /// One per vCPU, by index (shared with the MMU backend, which kicks
+    /// vCPUs for remote flushes: `vcpu::handle`, "MMU requests").
+    handles: Arc<[VcpuHandle]>,
     /// The boot vCPU's boot sregs, which every AP starts with.
     boot_sregs: kvm_sregs,
     /// Set once the run is over: every loop returns.
@@ -52,11 +53,16 @@ impl Smp {
     /// For `cpus` vCPUs whose APs start with `boot_sregs`.
     pub(crate) fn new(cpus: u32, boot_sregs: kvm_sregs) -> Smp {
         Smp {
-            handles: (0..cpus).map(|_| VcpuHandle::default()).collect(),
+            handles: (0..cpus).map(|_| VcpuHandle::default()).collect::<Vec<_>>().into(),
             boot_sregs,
             stop: AtomicBool::new(false),
             end: Mutex::new(None),
         }
+    }
+
+    /// The vCPUs' handles, for the MMU backend's kicks.
+    pub(crate) fn handles(&self) -> Arc<[VcpuHandle]> {
+        self.handles.clone()
     }
 
     /// `CPU_ON(cpu, entry, stack, arg)` (guest_abi::hypercall::CPU_ON).
@@ -97,7 +103,7 @@ impl Smp {
     /// Stop and kick every vCPU.
     fn stop_all(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        for h in &self.handles {
+        for h in self.handles.iter() {
             h.kick();
         }
     }
@@ -147,7 +153,7 @@ pub(super) fn run_all(
             // descriptor, which outlives this call; the guard deregisters
             // it.
             let kick = unsafe { KickGuard::register(bsp.ctx.fd_mut().get_kvm_run()) };
-            let r = run_loop(shared, bsp, expired, Some(&smp.stop), timeout);
+            let r = run_loop(shared, bsp, expired, Some(&smp.stop), Some(&smp.handles[0]), timeout);
             drop(kick);
             smp.finish(0, r);
         }
@@ -183,7 +189,7 @@ fn ap_thread(shared: &Mutex<Shared<'_>>, smp: &Smp, ap: &mut Vcpu, expired: &Ato
     // SAFETY: the AP's kvm_run mapping lives as long as its file
     // descriptor, which outlives this thread; the guard deregisters it.
     let kick = unsafe { KickGuard::register(ap.ctx.fd_mut().get_kvm_run()) };
-    let r = run_loop(shared, ap, expired, Some(&smp.stop), timeout);
+    let r = run_loop(shared, ap, expired, Some(&smp.stop), Some(handle), timeout);
     drop(kick);
     smp.finish(index, r);
 }

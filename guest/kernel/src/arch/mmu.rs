@@ -32,16 +32,20 @@
 //!
 //! Nothing else in the kernel knows which mode it runs in.
 //!
-//! SMP: only ept mode runs several CPUs (`crate::smp`); the shadow and pv
-//! state here (`GUEST_CR3`, the pv area and lazy depth) is the one CPU's.
-//! Every CR3 load records the root in the per-CPU area first (the CPU
-//! mask `crate::tlb` shoots down) and counts a full flush after.
+//! SMP: every mode runs several CPUs (`crate::smp`). The guest's own root
+//! in shadow and pv mode is per CPU (`PerCpu::guest_cr3`), as are the pv
+//! lazy-MMU depth and the write queue (layout version 2: a ring per CPU);
+//! the mode and the published roots are the VM's; a shootdown in pv mode
+//! is one `PV_FLUSH_REMOTE` ([`pv_flush_remote`], `crate::tlb`). Every CR3 load records the root in
+//! the per-CPU area first (the CPU mask `crate::tlb` shoots down) and
+//! counts a full flush after. An application processor in shadow mode
+//! enters its first root through `LOAD_CR3` (`crate::smp`'s entry code).
 
 use crate::hypercall;
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use guest_abi::hypercall as hc;
-use guest_abi::pv::{self, ENTRY_PAGE, NO_GVA, QUEUE_CAP, QUEUE_FIRST, ROOTS_CAP, ROOTS_FIRST};
+use guest_abi::pv::{self, ENTRY_PAGE, NO_GVA, QUEUE_CAP, ROOTS_CAP, ROOTS_FIRST};
 use guest_abi::{DIRECT_MAP_BASE, Gpa, KERNEL_VMA, MmuMode};
 use guest_mm::phys::{Pfn, TableWrites};
 
@@ -53,8 +57,10 @@ static MODE: AtomicU8 = AtomicU8::new(EPT);
 /// then [`MODE`] says ept: the vCPU walks our own tables).
 static REQUESTED: AtomicU8 = AtomicU8::new(EPT);
 /// In shadow and pv mode the hardware CR3 holds the shadow root; the
-/// guest's own root is remembered here.
-static GUEST_CR3: AtomicU64 = AtomicU64::new(0);
+/// guest's own root is remembered in the per-CPU area.
+fn set_guest_cr3(root: u64) {
+    super::percpu::this().guest_cr3.store(root, Ordering::Relaxed);
+}
 
 fn hardware_cr3() -> u64 {
     let v: u64;
@@ -77,7 +83,7 @@ pub fn init(mode: Option<MmuMode>) {
             ZONE.0.store(info.pt_zone.start, Ordering::Relaxed);
             ZONE.1.store(info.pt_zone.end(), Ordering::Relaxed);
             DIRECT_LIMIT.store(info.boot_mapped.min(info.ram_size), Ordering::Relaxed);
-            if hypercall::call(hc::PV_SETUP, area_gpa(), 0, 0, 0) != hc::OK {
+            if hypercall::call(hc::PV_SETUP, area_gpa(), pv::LAYOUT_V2, 0, 0) != hc::OK {
                 crate::panic::fatal("PV_SETUP refused by the VMM");
             }
             REQUESTED.store(PV, Ordering::Relaxed);
@@ -116,7 +122,7 @@ pub fn is_pv() -> bool {
 /// sees it: in shadow and pv mode the VMM remembers the guest's value).
 #[allow(dead_code)] // used by the address-space code
 pub fn read_cr3() -> u64 {
-    if is_shadow() { GUEST_CR3.load(Ordering::Relaxed) } else { hardware_cr3() }
+    if is_shadow() { super::percpu::this().guest_cr3.load(Ordering::Relaxed) } else { hardware_cr3() }
 }
 
 /// Switch to the address space rooted at `root` (a GPA).
@@ -128,6 +134,14 @@ pub fn read_cr3() -> u64 {
 /// stays so while it is loaded. Anything else faults the next instruction
 /// or silently maps other memory.
 pub unsafe fn load_cr3(root: u64) {
+    // Interrupts off across the switch: a shootdown IPI taken between the
+    // mask update and the load (or, in shadow mode, between `LOAD_CR3` and
+    // the per-CPU guest root) would reload the old root in its handler
+    // (`tlb::handle_ipi` → `flush_all` reloads `read_cr3()`), leaving the
+    // CPU on one root while its bookkeeping names another — seen as an
+    // endless spurious fault on a reader at 4 vCPUs in shadow mode.
+    let irq = super::interrupts_enabled();
+    super::disable_interrupts();
     // Join the new address space's CPU mask before the load (crate::tlb:
     // an initiator that misses us changed the tables before our load).
     let cpu = super::percpu::this();
@@ -135,6 +149,9 @@ pub unsafe fn load_cr3(root: u64) {
     // SAFETY: the caller's contract.
     unsafe { load_cr3_raw(root) };
     cpu.full_flushes.fetch_add(1, Ordering::SeqCst);
+    if irq {
+        super::enable_interrupts();
+    }
 }
 
 /// [`load_cr3`] without the per-CPU bookkeeping.
@@ -156,7 +173,7 @@ unsafe fn load_cr3_raw(root: u64) {
         // whenever a root changes); it maps the kernel as `root` does (the
         // caller's contract).
         unsafe { core::arch::asm!("mov cr3, {}", in(reg) shadow_root, options(nostack, preserves_flags)) };
-        GUEST_CR3.store(root, Ordering::Relaxed);
+        set_guest_cr3(root);
         return;
     }
     if is_shadow() {
@@ -166,7 +183,7 @@ unsafe fn load_cr3_raw(root: u64) {
         if hc::is_error(r) || pv::decode_batch_error(r).is_some() {
             crate::panic::fatal("LOAD_CR3 refused by the VMM");
         }
-        GUEST_CR3.store(root, Ordering::Relaxed);
+        set_guest_cr3(root);
         return;
     }
     // SAFETY: the caller passes the root of a valid address space that maps
@@ -191,15 +208,16 @@ pub unsafe fn load_cr3_through_vmm(root: u64) {
     if hc::is_error(r) || pv::decode_batch_error(r).is_some() {
         crate::panic::fatal("LOAD_CR3 refused by the VMM");
     }
-    GUEST_CR3.store(root, Ordering::Relaxed);
+    set_guest_cr3(root);
 }
 
 /// Flush the TLB entry of `va` after changing its mapping.
 #[allow(dead_code)] // used by the paging code
 pub fn invlpg(va: u64) {
     if is_pv() {
-        if LAZY_DEPTH.load(Ordering::Relaxed) > 0 {
-            LAZY_PENDING.store(true, Ordering::Relaxed);
+        let a = super::percpu::this();
+        if a.pv_lazy_depth.load(Ordering::Relaxed) > 0 {
+            a.pv_lazy_pending.store(true, Ordering::Relaxed);
         } else if queue_len() > 0 {
             pv_flush(va);
         }
@@ -215,8 +233,9 @@ pub fn invlpg(va: u64) {
 /// lazy-MMU bracket).
 pub fn flush_all() {
     if is_pv() {
-        if LAZY_DEPTH.load(Ordering::Relaxed) > 0 {
-            LAZY_PENDING.store(true, Ordering::Relaxed);
+        let a = super::percpu::this();
+        if a.pv_lazy_depth.load(Ordering::Relaxed) > 0 {
+            a.pv_lazy_pending.store(true, Ordering::Relaxed);
             return;
         }
         // Sync with the lighter PV_FLUSH; the reload below then finds the
@@ -229,19 +248,20 @@ pub fn flush_all() {
     unsafe { load_cr3(read_cr3()) };
 }
 
-static LAZY_DEPTH: AtomicUsize = AtomicUsize::new(0);
-static LAZY_PENDING: AtomicBool = AtomicBool::new(false);
-
 /// Open a lazy-MMU bracket (`MmuPlatform::enter_lazy`): in pv mode
-/// invalidations wait for the outermost [`leave_lazy`].
+/// invalidations wait for the outermost [`leave_lazy`]. Per CPU.
 pub fn enter_lazy() {
-    LAZY_DEPTH.fetch_add(1, Ordering::Relaxed);
+    super::percpu::this().pv_lazy_depth.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Close a lazy-MMU bracket: the outermost one syncs the write queue once
 /// if an invalidation was deferred.
 pub fn leave_lazy() {
-    if LAZY_DEPTH.fetch_sub(1, Ordering::Relaxed) == 1 && LAZY_PENDING.swap(false, Ordering::Relaxed) && is_pv() {
+    let a = super::percpu::this();
+    if a.pv_lazy_depth.fetch_sub(1, Ordering::Relaxed) == 1
+        && a.pv_lazy_pending.swap(false, Ordering::Relaxed)
+        && is_pv()
+    {
         if queue_len() > 0 {
             pv_flush(NO_GVA);
         }
@@ -286,7 +306,7 @@ pub fn classify_fault(cr2: u64, error_code: u64, rflags: u64) -> Fault {
 /// (`PV_FLUSH(cr2)`), so the retried access does not fault again — one
 /// exit per demand or copy-on-write fault, and no second `#PF`.
 pub fn fault_handled(cr2: u64) {
-    if is_pv() && queue_len() > 0 && LAZY_DEPTH.load(Ordering::Relaxed) == 0 {
+    if is_pv() && queue_len() > 0 && super::percpu::this().pv_lazy_depth.load(Ordering::Relaxed) == 0 {
         pv_flush(cr2);
     }
 }
@@ -300,6 +320,19 @@ pub fn harvest_young(base: u64, young: &mut [u64]) -> bool {
     if !is_pv() || !HARVEST.load(Ordering::Relaxed) || young.len() > HARVEST_WORDS {
         return false;
     }
+    // One buffer for the VM: a CPU that finds it in use by another takes
+    // the caller's fallback (clearing A bits itself), which is exact, only
+    // slower.
+    if HARVEST_BUSY.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        return false;
+    }
+    let done = harvest_with_buffer(base, young);
+    HARVEST_BUSY.store(false, Ordering::Release);
+    done
+}
+
+/// [`harvest_young`] while this CPU owns [`HARVEST_BUF`] (`HARVEST_BUSY`).
+fn harvest_with_buffer(base: u64, young: &mut [u64]) -> bool {
     let buf = HARVEST_BUF.0.get() as *mut u64;
     for (i, &w) in young.iter().enumerate() {
         // SAFETY: `i` < HARVEST_WORDS (checked above); see `HarvestBuf`.
@@ -337,10 +370,13 @@ const HARVEST_WORDS: usize = (pv::HARVEST_PAGES / 64) as usize;
 #[repr(C, align(64))]
 struct HarvestBuf(UnsafeCell<[u64; HARVEST_WORDS]>);
 
-// SAFETY: one CPU, interrupts off (a per-CPU buffer once there are more);
-// only volatile accesses through raw pointers, and the VMM writes it only
-// while the vCPU is stopped at the `PV_HARVEST` exit.
+// SAFETY: only the CPU that set `HARVEST_BUSY` touches the buffer (SMP),
+// only by volatile accesses through raw pointers, and the VMM writes it
+// only while that vCPU is stopped at its `PV_HARVEST` exit.
 unsafe impl Sync for HarvestBuf {}
+
+/// Set while a CPU uses [`HARVEST_BUF`].
+static HARVEST_BUSY: AtomicBool = AtomicBool::new(false);
 
 static HARVEST_BUF: HarvestBuf = HarvestBuf(UnsafeCell::new([0; HARVEST_WORDS]));
 
@@ -373,18 +409,25 @@ pub fn set_direct_limit(limit: u64) {
     DIRECT_LIMIT.store(limit, Ordering::Relaxed);
 }
 
-/// The area shared with the VMM: the write queue, then the published
-/// roots (layout in `guest_abi::pv`).
+/// The area shared with the VMM (layout version 2, `guest_abi::pv`): CPU
+/// 0's write queue, the published roots, then one queue per other CPU,
+/// for as many CPUs as the kernel runs.
 #[repr(C, align(4096))]
-struct Area(UnsafeCell<[u64; 512 * pv::AREA_PAGES as usize]>);
+struct Area(UnsafeCell<[u64; 512 * AREA_PAGES]>);
 
-// SAFETY: pv mode runs one CPU (the VMM refuses --vcpus > 1 there, and
-// the kernel starts no AP outside ept mode), interrupts off; the words are
-// only accessed with volatile reads and writes through raw pointers, and
-// the VMM writes them only while the vCPU is stopped at an exit.
+const AREA_PAGES: usize = pv::area_pages_v2(super::percpu::MAX_CPUS as u32) as usize;
+
+// SAFETY: the words are only accessed with volatile reads and writes
+// through raw pointers. A queue page has one producer, the CPU that owns
+// it (interrupts off or not, a CPU's own queue is touched by that CPU
+// only), and one consumer, the VMM, which reads entries only below the
+// tail the guest published (`Release`) and writes only the head; the root
+// table is written by the VMM only while it holds its MMU lock, and read
+// by any CPU (a stale read finds an older root, which the VMM keeps valid
+// until every CPU has left it: its limbo).
 unsafe impl Sync for Area {}
 
-static AREA: Area = Area(UnsafeCell::new([0; 512 * pv::AREA_PAGES as usize]));
+static AREA: Area = Area(UnsafeCell::new([0; 512 * AREA_PAGES]));
 
 /// The area's guest-physical address: the kernel image is loaded at
 /// `GVA - KERNEL_VMA`.
@@ -406,22 +449,32 @@ fn write_word(i: usize, v: u64) {
     unsafe { word(i).write_volatile(v) }
 }
 
+/// The first word of this CPU's queue page.
+fn queue_base() -> usize {
+    512 * pv::queue_page(super::percpu::cpu_id()) as usize
+}
+
+/// Entries queued by this CPU and not yet applied by the VMM (its ring:
+/// tail - head).
 fn queue_len() -> usize {
-    read_word(0) as usize
+    let base = queue_base();
+    read_word(base + pv::RING_TAIL).wrapping_sub(read_word(base + pv::RING_HEAD)) as usize
 }
 
 /// Queue one entry; a full queue is synced first.
 fn record(entry: u64) {
-    let mut n = queue_len();
-    if n >= QUEUE_CAP {
+    if queue_len() >= QUEUE_CAP {
         pv_flush(NO_GVA);
-        n = queue_len();
-        if n != 0 {
+        if queue_len() != 0 {
             crate::panic::fatal("PV_FLUSH left the write queue full");
         }
     }
-    write_word(QUEUE_FIRST + n, entry);
-    write_word(0, n as u64 + 1);
+    let base = queue_base();
+    let n = read_word(base + pv::RING_TAIL);
+    write_word(base + pv::ring_word(n), entry);
+    // The entry before the tail that publishes it.
+    core::sync::atomic::fence(Ordering::Release);
+    write_word(base + pv::RING_TAIL, n.wrapping_add(1));
 }
 
 /// Queue a raw entry, whatever it says (pv mode; the hostile
@@ -429,6 +482,16 @@ fn record(entry: u64) {
 pub fn queue_raw(entry: u64) {
     if is_pv() {
         record(entry);
+    }
+}
+
+/// pv mode on SMP: the remote TLB flush (`PV_FLUSH_REMOTE`) that replaces
+/// a shootdown's IPIs: the VMM applies every CPU's queue, then every CPU
+/// in `cpus` flushes before it runs again (`crate::tlb`).
+pub fn pv_flush_remote(cpus: u64) {
+    let r = hypercall::call(hc::PV_FLUSH_REMOTE, cpus, 0, 0, 0);
+    if r != hc::OK {
+        crate::panic::fatal("PV_FLUSH_REMOTE refused by the VMM");
     }
 }
 

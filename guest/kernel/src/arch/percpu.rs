@@ -66,6 +66,14 @@ pub struct PerCpu {
     pub work_arg: AtomicU64,
     /// The result of the last work.
     pub work_result: AtomicU64,
+    /// Shadow and pv mode: the guest's own root (the hardware CR3 holds
+    /// the VMM's shadow of it; `arch::mmu::read_cr3`).
+    pub guest_cr3: AtomicU64,
+    /// pv mode: the depth of this CPU's lazy-MMU brackets
+    /// (`arch::mmu::enter_lazy`).
+    pub pv_lazy_depth: AtomicU64,
+    /// pv mode: an invalidation waits for the outermost bracket's end.
+    pub pv_lazy_pending: AtomicBool,
 }
 
 // SAFETY: the `UnsafeCell` fields are written only by the owning CPU
@@ -91,6 +99,9 @@ impl PerCpu {
             work: AtomicU64::new(0),
             work_arg: AtomicU64::new(0),
             work_result: AtomicU64::new(0),
+            guest_cr3: AtomicU64::new(0),
+            pv_lazy_depth: AtomicU64::new(0),
+            pv_lazy_pending: AtomicBool::new(false),
         }
     }
 

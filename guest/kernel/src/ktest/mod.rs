@@ -116,9 +116,10 @@ pub fn run(filter: &str) -> ! {
         // Mean wait in ns, from the TSC rate over the run (NOW is host time).
         let mean_ns = if n == 0 || cycles == 0 { 0 } else { (wait / n) * ns / cycles };
         kprintln!(
-            "smp: {} shootdowns, {} IPIs, {} lazy skips, mean initiator wait {} ns",
+            "smp: {} shootdowns, {} IPIs, {} pv remote flushes, {} lazy skips, mean initiator wait {} ns",
             n,
             crate::tlb::IPIS.load(Relaxed),
+            crate::tlb::PV_REMOTE_FLUSHES.load(Relaxed),
             crate::tlb::LAZY_SKIPS.load(Relaxed),
             mean_ns
         );

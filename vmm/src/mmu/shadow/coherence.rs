@@ -14,6 +14,10 @@
 //!   re-registered, which drops the log).
 //! - The boot tables' slot turns read-only at the first `LOAD_CR3`.
 //!
+//! - With several vCPUs the entry work follows the MMU's per-vCPU flush
+//!   state instead (`mmu::shadow`, "SMP"): [`flush_vcpu_tlb`] is one
+//!   vCPU's flush, the re-registration everyone's.
+//!
 //! Memslots change only through `ept::GuestRam::reregister`.
 
 use super::ShadowBackend;
@@ -70,15 +74,7 @@ impl ShadowBackend {
                     .reregister(&vm.map, &vm.fd, &self.pool_slot, self.pool_slot.kvm_flags())
                     .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
             }
-            Coherence::ReloadCr3 => {
-                // KVM flushes the guest TLB on KVM_SET_SREGS only when a
-                // paging control really changes: toggle CR4.PGE and back
-                // (a PGE change flushes everything, global entries too).
-                let sregs = vcpu.sregs()?;
-                let toggled = kvm_sregs { cr4: sregs.cr4 ^ CR4_PGE, ..sregs };
-                vcpu.set_sregs(&toggled)?;
-                vcpu.set_sregs(&sregs)?;
-            }
+            Coherence::ReloadCr3 => flush_vcpu_tlb(vcpu)?,
         }
         self.mmu.host_invalidated();
         self.times.invalidate += t.elapsed();
@@ -141,6 +137,17 @@ impl ShadowBackend {
         self.mmu.set_prefill_hints(&fault_path_gvas(&vcpu.sync_sregs(), regs));
         Ok(())
     }
+}
+
+/// Flush one vCPU's TLB, global entries too: KVM flushes the guest TLB on
+/// `KVM_SET_SREGS` only when a paging control really changes, so toggle
+/// CR4.PGE and back (a PGE change flushes everything: Intel SDM vol. 3A
+/// §4.10.4.1).
+pub(super) fn flush_vcpu_tlb(vcpu: &VcpuContext) -> crate::Result<()> {
+    let sregs = vcpu.sregs()?;
+    let toggled = kvm_sregs { cr4: sregs.cr4 ^ CR4_PGE, ..sregs };
+    vcpu.set_sregs(&toggled)?;
+    vcpu.set_sregs(&sregs)
 }
 
 /// Register the memslots where guest page tables trap — the VMM's boot

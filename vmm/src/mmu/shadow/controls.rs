@@ -5,8 +5,9 @@
 //! and NXE are kept here and given to the shadow walker. 1 GiB pages,
 //! MAXPHYADDR and the vendor follow the CPUID the guest was given.
 //!
-//! These controls are architecturally per-vCPU; with one vCPU the backend
-//! keeps them VM-wide (the seam's module doc).
+//! These controls are architecturally per-vCPU: the backend keeps the
+//! guest's WP and NXE per vCPU index, and the acting vCPU's are in the
+//! working fields these methods read (`mmu::shadow`, "SMP").
 
 use super::ShadowBackend;
 use crate::mmu::{VcpuContext, paging_mode};

@@ -42,11 +42,34 @@
 //!   could not walk it.)
 
 //!
+//! - **SMP** (docs/shadow.md, "SMP"; the module doc of `shadow::mmu`,
+//!   "SMP"): one `ShadowMmu` per VM, and the VM's lock
+//!   (`vm::run::Shared`, held for every exit and every entry's work) is
+//!   the MMU lock. What is architecturally per vCPU — its `ShadowVcpu`
+//!   (current root, paging mode, last fixed fault) and the guest's own
+//!   CR0.WP and EFER.NXE — is kept per vCPU index: the acting vCPU's
+//!   state is in the backend's working fields while it acts
+//!   ([`ShadowBackend::activate`] swaps it in at every seam call), the
+//!   others' wait parked. Every vCPU is registered with the MMU when the
+//!   VM is built (`add_vcpus`), so shadow ids are vCPU indexes. After
+//!   every exit (`after_exit`) and every entry's work, the vCPUs the MMU
+//!   names in `flush_requests` are stopped — kicked out of `KVM_RUN` and
+//!   waited for, or asked to do it at their next entry
+//!   (`vcpu::handle`, "MMU requests") — before the acting vCPU resumes;
+//!   each then does its entry work (`prepare_entry`: a root obsolete after
+//!   a zap of everything rebuilt, its flush done) before it runs guest
+//!   code. Host coherence with several vCPUs: on an EPT/NPT host a vCPU's
+//!   own flush (CR4.PGE toggled) is `vcpu_flushed`; where the host shadows
+//!   page tables the pool's memslot is re-registered — a VM-wide
+//!   invalidation, done only with every other vCPU out of guest mode (a
+//!   vCPU must not walk the pool while its slot is briefly gone) — and is
+//!   `host_invalidated`. The MMU's remote-flush hook stops vCPUs the same
+//!   way.
+//!
 //! Files: this one holds the backend's state, its construction and the
 //! seam's events; [`controls`] emulates the guest's paging controls;
-//! `coherence` keeps the host coherent and the pool honest. The
-//! backend's state is VM-wide (`crate::mmu`'s module doc, "Per-VM and
-//! per-vCPU state"); it depends on the seam, and only `pv` depends on it.
+//! `coherence` keeps the host coherent and the pool honest. It depends on
+//! the seam, and only `pv` depends on it.
 
 mod coherence;
 pub mod controls;
@@ -57,6 +80,7 @@ use crate::mmu::explain::Explanation;
 use crate::mmu::report::{Coherence, HandlerTimes, ShadowReport};
 use crate::mmu::window::MemWindow;
 use crate::mmu::{GuestCpu, MmuBackend, MmuCounters, VcpuContext, VmContext};
+use crate::vcpu::handle::VcpuHandle;
 use coherence::set_table_slots_readonly;
 use controls::fault_rflags;
 use ept::memmap::{GpaRange, SlotSpec};
@@ -64,7 +88,9 @@ use guest_abi::hypercall as hc;
 use guest_abi::{Gpa, Gva};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::SyncReg;
+use shadow::VcpuSet;
 use shadow::{FaultOutcome, GuestPhys, PagingMode, ShadowError, ShadowMmu, ShadowVcpu, TableFrames};
+use std::sync::Arc;
 use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -97,14 +123,29 @@ impl GuestPhys for NoPool {
     }
 }
 
+/// A vCPU's shadow state while another vCPU acts (module doc, "SMP").
+struct CpuState {
+    sv: ShadowVcpu,
+    guest_wp: bool,
+    guest_nxe: bool,
+}
+
 /// Shadow mode's state in a VM: the [`MmuBackend`] of `--mmu shadow`.
 /// Everything in it is private: the run loop reaches it only through the
 /// backend's methods.
 pub struct ShadowBackend {
     /// The MMU.
     mmu: ShadowMmu,
-    /// The MMU's state of the VM's one vCPU.
+    /// The MMU's state of the acting vCPU (`active`; module doc, "SMP").
     vcpu: ShadowVcpu,
+    /// The vCPU whose state is in `vcpu`, `guest_wp` and `guest_nxe`.
+    active: u32,
+    /// The other vCPUs' state, by index (`None` at `active`, and for every
+    /// index when the VM has one vCPU).
+    parked: Vec<Option<CpuState>>,
+    /// Every vCPU's handle, by index, when the VM has several: for the
+    /// kicks of remote flushes.
+    handles: Option<Arc<[VcpuHandle]>>,
     /// The pool's memslot.
     pool_slot: SlotSpec,
     /// The coherence strategy.
@@ -159,6 +200,9 @@ impl ShadowBackend {
         mmu.set_defer_unreachable(true);
         ShadowBackend {
             vcpu: mmu.new_vcpu(),
+            active: 0,
+            parked: Vec::new(),
+            handles: None,
             mmu,
             pool_slot,
             coherence,
@@ -333,6 +377,94 @@ impl ShadowBackend {
     fn pool_exhausted(&self, cr3: Gpa) -> Error {
         Error::ShadowPoolExhausted { pool: self.pool_slot.len, cr3: cr3.raw() }
     }
+
+    /// Make vCPU `index`'s state the working one (module doc, "SMP"): the
+    /// caller holds the VM's lock and acts for that vCPU.
+    pub(crate) fn activate(&mut self, index: u32) {
+        if index == self.active {
+            return;
+        }
+        let Some(next) = self.parked.get_mut(index as usize).and_then(Option::take) else { return };
+        let prev = CpuState {
+            sv: std::mem::replace(&mut self.vcpu, next.sv),
+            guest_wp: std::mem::replace(&mut self.guest_wp, next.guest_wp),
+            guest_nxe: std::mem::replace(&mut self.guest_nxe, next.guest_nxe),
+        };
+        self.parked[self.active as usize] = Some(prev);
+        self.active = index;
+    }
+
+    /// Stop the vCPUs the MMU says must flush before the acting vCPU
+    /// (`me`) runs again: kicked out of `KVM_RUN` and waited for, or asked
+    /// to flush at their next entry; then they count as stopped with the
+    /// flush owed (`ShadowMmu::vcpus_stopped`).
+    fn stop_requested(&mut self, me: u32) {
+        let Some(handles) = self.handles.as_ref() else { return };
+        let ask = self.mmu.flush_requests().minus(VcpuSet::single(me as usize));
+        if ask.is_empty() {
+            return;
+        }
+        let ticket = self.mmu.flush_ticket();
+        for id in ask.iter() {
+            if let Some(h) = handles.get(id) {
+                h.stop_for_mmu();
+            }
+        }
+        self.mmu.vcpus_stopped(ask, ticket);
+    }
+
+    /// Stop every vCPU but `me` (a VM-wide invalidation must not run under
+    /// a vCPU in guest mode: module doc, "SMP").
+    fn stop_others(&self, me: u32) {
+        for (i, h) in self.handles.iter().flat_map(|hs| hs.iter().enumerate()) {
+            if i != me as usize {
+                h.stop_for_mmu();
+            }
+        }
+    }
+
+    /// The acting vCPU flushes before it enters (`ticket` from
+    /// `prepare_entry`): its own TLB on an EPT/NPT host, everyone's by the
+    /// pool slot's re-registration where the host shadows page tables.
+    fn flush_vcpu(&mut self, vm: &VmContext, vcpu: &VcpuContext, ticket: shadow::FlushTicket) -> crate::Result<()> {
+        let t = Instant::now();
+        match self.coherence {
+            Coherence::ReregisterPoolSlot => {
+                self.stop_others(vcpu.index());
+                self.check_pool(vm).map_err(crate::error::kvm_err("KVM_GET_DIRTY_LOG"))?;
+                vm.ram
+                    .reregister(&vm.map, &vm.fd, &self.pool_slot, self.pool_slot.kvm_flags())
+                    .map_err(crate::error::kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+                self.mmu.host_invalidated();
+            }
+            Coherence::ReloadCr3 => {
+                coherence::flush_vcpu_tlb(vcpu)?;
+                self.mmu.vcpu_flushed(vcpu.index() as usize, ticket);
+            }
+        }
+        self.times.invalidate += t.elapsed();
+        Ok(())
+    }
+
+    /// The entry work of a vCPU of several (module doc, "SMP").
+    fn smp_entry(&mut self, vm: &VmContext, vcpu: &VcpuContext) -> crate::Result<()> {
+        let work = {
+            let (mut ram, mut pool) = self.windows(vm);
+            self.mmu.prepare_entry(&mut self.vcpu, &mut pool, &mut ram)
+        };
+        let work = work.map_err(|e| match e {
+            ShadowError::PoolTooSmall => self.pool_exhausted(self.mmu.guest_cr3(&self.vcpu).unwrap_or_default()),
+            e => Error::ShadowMmu(e, vcpu.regs().rip),
+        })?;
+        if work.root.is_some() {
+            self.point_vcpu(vcpu)?;
+        }
+        if let Some(ticket) = work.flush {
+            self.flush_vcpu(vm, vcpu, ticket)?;
+        }
+        self.stop_requested(vcpu.index());
+        Ok(())
+    }
 }
 
 impl MmuBackend for ShadowBackend {
@@ -343,6 +475,7 @@ impl MmuBackend for ShadowBackend {
         root: Gpa,
         regs: &kvm_regs,
     ) -> crate::Result<u64> {
+        self.activate(vcpu.index());
         self.lock_boot_tables(vm)?;
         self.enter_hypercall(vm, vcpu, regs, true)?;
         let t = Instant::now();
@@ -393,6 +526,7 @@ impl MmuBackend for ShadowBackend {
         error_code: u64,
         regs: &kvm_regs,
     ) -> crate::Result<u64> {
+        self.activate(vcpu.index());
         self.enter_hypercall(vm, vcpu, regs, false)?;
         let root_before = self.mmu.current_root(&self.vcpu);
         let vcpu_sregs = vcpu.sync_sregs();
@@ -436,6 +570,7 @@ impl MmuBackend for ShadowBackend {
         efer: u64,
         regs: &kvm_regs,
     ) -> crate::Result<u64> {
+        self.activate(vcpu.index());
         self.enter_hypercall(vm, vcpu, regs, false)?;
         // The guest may have changed CR0.WP, EFER.NXE or CR4: a new rule
         // set rebuilds the shadow at a new root, which the vCPU is pointed
@@ -457,20 +592,66 @@ impl MmuBackend for ShadowBackend {
         Ok(hc::OK)
     }
 
-    fn mmio_write(&mut self, vm: &mut VmContext, gpa: Gpa, data: &[u8]) -> bool {
+    fn mmio_write(&mut self, vm: &mut VmContext, vcpu: &mut VcpuContext, gpa: Gpa, data: &[u8]) -> bool {
         let trapped = vm.map.slot_of(gpa).is_some_and(|s| s.readonly && s.kind == ept::RegionKind::PageTables);
         if !trapped {
             return false;
         }
+        self.activate(vcpu.index());
         let (mut ram, mut pool) = self.windows(vm);
         self.pte_write(&mut ram, &mut pool, gpa, data);
         true
     }
 
     fn before_entry(&mut self, vm: &mut VmContext, vcpu: &mut VcpuContext) -> crate::Result<()> {
+        self.activate(vcpu.index());
         let rflags = vcpu.regs().rflags;
         self.note_vcpu_wp(vm, vcpu, rflags)?;
+        if self.handles.is_some() {
+            return self.smp_entry(vm, vcpu);
+        }
         self.restore_host_coherence(vm, vcpu)
+    }
+
+    fn after_exit(&mut self, _vm: &mut VmContext, vcpu: &mut VcpuContext) -> crate::Result<()> {
+        self.activate(vcpu.index());
+        self.stop_requested(vcpu.index());
+        Ok(())
+    }
+
+    fn add_vcpus(
+        &mut self,
+        _vm: &VmContext,
+        aps: &mut [&mut VcpuContext],
+        handles: Arc<[VcpuHandle]>,
+    ) -> crate::Result<()> {
+        self.activate(0);
+        self.parked = (0..handles.len()).map(|_| None).collect();
+        for ap in aps.iter_mut() {
+            // The paging controls are read at every exit (see `create`).
+            ap.fd.set_sync_valid_reg(SyncReg::SystemRegister);
+            let sv = self.mmu.new_vcpu();
+            debug_assert_eq!(sv.id(), ap.index() as usize, "shadow ids are vCPU indexes");
+            if let Some(slot) = self.parked.get_mut(ap.index() as usize) {
+                *slot = Some(CpuState { sv, guest_wp: true, guest_nxe: true });
+            }
+        }
+        // The MMU's remote flush (a pool page or a limbo root held back by
+        // vCPUs that have not flushed): stop them as after an exit.
+        let hs = handles.clone();
+        self.mmu.set_remote_flush(Box::new(move |set: VcpuSet| {
+            set.iter()
+                .filter_map(|id| {
+                    let h = hs.get(id)?;
+                    h.stop_for_mmu();
+                    // Stopped under the VM's lock: its CR3 cannot change
+                    // before the lock is released.
+                    Some((id, Some(Gpa(h.cr3())).filter(|c| c.raw() != 0)))
+                })
+                .collect()
+        }));
+        self.handles = Some(handles);
+        Ok(())
     }
 
     fn guest_paging_mode(&self, sregs: &kvm_sregs, rflags: u64) -> PagingMode {
