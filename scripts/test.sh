@@ -19,6 +19,9 @@ phase "cargo fmt --check"
 cargo fmt --all -- --check
 (cd guest/kernel && cargo fmt -- --check)
 
+phase "module cycles in vmm/src"
+python3 scripts/modcycles.py vmm/src
+
 phase "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 # The guest kernel is not a workspace member (it needs its own flags);

@@ -56,6 +56,7 @@ pub mod explain;
 pub mod pv;
 pub mod report;
 pub mod shadow;
+pub mod vcpu_handle;
 pub mod window;
 
 use crate::error::{Error, Result, kvm_err};
@@ -243,7 +244,7 @@ pub trait MmuBackend: Send {
 
     /// After every exit of `vcpu` was handled (still under the VM's lock):
     /// the other vCPUs an MMU change must reach before `vcpu` runs again
-    /// are stopped (shadow and pv mode on SMP: `vcpu::handle`, "MMU
+    /// are stopped (shadow and pv mode on SMP: `mmu::vcpu_handle`, "MMU
     /// requests").
     fn after_exit(&mut self, _vm: &mut VmContext, _vcpu: &mut VcpuContext) -> Result<()> {
         Ok(())
@@ -256,7 +257,7 @@ pub trait MmuBackend: Send {
         &mut self,
         _vm: &VmContext,
         _aps: &mut [&mut VcpuContext],
-        _handles: std::sync::Arc<[crate::vcpu::handle::VcpuHandle]>,
+        _handles: std::sync::Arc<[crate::mmu::vcpu_handle::VcpuHandle]>,
     ) -> Result<()> {
         Ok(())
     }

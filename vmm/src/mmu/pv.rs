@@ -436,7 +436,7 @@ impl MmuBackend for PvBackend {
         &mut self,
         vm: &VmContext,
         aps: &mut [&mut VcpuContext],
-        handles: std::sync::Arc<[crate::vcpu::handle::VcpuHandle]>,
+        handles: std::sync::Arc<[crate::mmu::vcpu_handle::VcpuHandle]>,
     ) -> crate::Result<()> {
         self.cpus = handles.len() as u32;
         self.sh.add_vcpus(vm, aps, handles)?;

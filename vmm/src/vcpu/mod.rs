@@ -18,7 +18,6 @@
 //! `u64`.
 
 pub(crate) mod exit;
-pub mod handle;
 pub mod progress;
 pub mod supervise;
 

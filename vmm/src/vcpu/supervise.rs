@@ -3,6 +3,7 @@
 //! does (kicking it out of `KVM_RUN` with a signal, and abandoning it if it
 //! does not stop).
 
+use crate::mmu::vcpu_handle::kick_signal;
 use std::time::{Duration, Instant};
 
 /// How long after the timeout the vCPU thread may take to stop before the
@@ -106,17 +107,12 @@ pub fn supervise<T: Send + 'static>(
     }
 }
 
-/// The signal that kicks a vCPU thread out of `KVM_RUN`.
-pub(crate) fn kick_signal() -> libc::c_int {
-    vmm_sys_util::signal::SIGRTMIN()
-}
-
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    super::handle::on_kick_signal();
+    crate::mmu::vcpu_handle::on_kick_signal();
 }
 
 /// Install the handler of the signal that kicks a vCPU out of `KVM_RUN`
-/// (it sets the thread's `immediate_exit`, `handle`); without it the
+/// (it sets the thread's `immediate_exit`, `mmu::vcpu_handle`); without it the
 /// signal would kill the process.
 pub(crate) fn install_kick_handler() {
     static ONCE: std::sync::Once = std::sync::Once::new();

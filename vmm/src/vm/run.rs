@@ -10,7 +10,7 @@
 //! prepare an entry and to handle an exit, never across `KVM_RUN`), and
 //! one [`Vcpu`] (per-vCPU: its file descriptor, its exit counts). A VM
 //! with several vCPUs runs one such loop per vCPU thread (`vm::smp`). A
-//! kick (`vcpu::handle`) ends `KVM_RUN` with `EINTR`; the loop clears
+//! kick (`mmu::vcpu_handle`) ends `KVM_RUN` with `EINTR`; the loop clears
 //! `immediate_exit` and looks at the timeout and the stop flag before it
 //! enters again. A kick with neither set is the supervisor's periodic
 //! one (`Vm::run`, every `vcpu::progress::TICK`, to every running vCPU):
@@ -34,10 +34,10 @@ use crate::error::{Error, Result};
 use crate::limits::ReportBudget;
 use crate::mmu::VcpuContext;
 use crate::mmu::explain::Explanation;
+use crate::mmu::vcpu_handle::VcpuHandle;
 use crate::stats::{BenchPhase, ExitReason, RunStats};
 use crate::vcpu::Vcpu;
 use crate::vcpu::exit::Action;
-use crate::vcpu::handle::VcpuHandle;
 use guest_abi::hypercall as hc;
 use guest_abi::ports::exit_status;
 use guest_abi::{Gpa, Gva};
@@ -408,7 +408,7 @@ pub(super) fn run_loop(
             return Err(Error::Stopped);
         }
         // The MMU's requests so far are served by the entry work below
-        // (`vcpu::handle`, "MMU requests").
+        // (`mmu::vcpu_handle`, "MMU requests").
         if let Some(h) = handle {
             h.take_mmu_request();
         }
@@ -423,7 +423,7 @@ pub(super) fn run_loop(
         let run_area: *const kvm_bindings::kvm_run = vcpu.ctx.fd_mut().get_kvm_run();
         let ran = vcpu.ctx.fd_mut().run();
         // Out of guest mode before any lock is taken, with the CR3 KVM
-        // copied out (the MMU's remote flush reads it: `vcpu::handle`).
+        // copied out (the MMU's remote flush reads it: `mmu::vcpu_handle`).
         if let Some(h) = handle {
             // SAFETY: `run_area` is this vCPU's kvm_run mapping, alive as
             // long as its file descriptor; KVM filled the sync-regs area
@@ -437,7 +437,7 @@ pub(super) fn run_loop(
         let action = match ran {
             Ok(exit) => Action::from_exit(exit, &mut lock(shared).vm.serial),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                // A kick (vcpu::handle) or a signal.
+                // A kick (mmu::vcpu_handle) or a signal.
                 vcpu.ctx.fd_mut().set_kvm_immediate_exit(0);
                 if expired.load(Ordering::SeqCst) || stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
                     // The end of the run: counted, and the loop's head

@@ -20,15 +20,15 @@
 //! The end: the first vCPU whose loop ends (the exit device, a triple
 //! fault, an unhandled exit, an error, the timeout on vCPU 0, a panic)
 //! records the outcome with its index, sets `stop` and kicks every other
-//! vCPU (`immediate_exit` + signal, `vcpu::handle`); every thread then
+//! vCPU (`immediate_exit` + signal, `mmu::vcpu_handle`); every thread then
 //! returns and the scope joins them all. No thread is left behind, and
 //! the console is drained by the caller afterwards.
 
 use super::GuestExit;
 use super::run::{Shared, run_loop};
 use crate::error::{Error, Result, kvm_err};
+use crate::mmu::vcpu_handle::{KickGuard, StartRequest, VcpuHandle};
 use crate::vcpu::Vcpu;
-use crate::vcpu::handle::{KickGuard, StartRequest, VcpuHandle};
 use guest_abi::hypercall as hc;
 use kvm_bindings::{KVM_MP_STATE_RUNNABLE, kvm_mp_state, kvm_regs, kvm_sregs};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,7 +39,7 @@ use std::time::Duration;
 /// state.
 pub(crate) struct Smp {
     /// One per vCPU, by index (shared with the MMU backend, which kicks
-    /// vCPUs for remote flushes: `vcpu::handle`, "MMU requests").
+    /// vCPUs for remote flushes: `mmu::vcpu_handle`, "MMU requests").
     handles: Arc<[VcpuHandle]>,
     /// The boot vCPU's boot sregs, which every AP starts with.
     boot_sregs: kvm_sregs,

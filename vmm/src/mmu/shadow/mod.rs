@@ -55,7 +55,7 @@
 //!   every exit (`after_exit`) and every entry's work, the vCPUs the MMU
 //!   names in `flush_requests` are stopped — kicked out of `KVM_RUN` and
 //!   waited for, or asked to do it at their next entry
-//!   (`vcpu::handle`, "MMU requests") — before the acting vCPU resumes;
+//!   (`mmu::vcpu_handle`, "MMU requests") — before the acting vCPU resumes;
 //!   each then does its entry work (`prepare_entry`: a root obsolete after
 //!   a zap of everything rebuilt, its flush done) before it runs guest
 //!   code. Host coherence with several vCPUs: on an EPT/NPT host a vCPU's
@@ -78,9 +78,9 @@ use crate::boot::layout::BOOT_TABLES;
 use crate::error::Error;
 use crate::mmu::explain::Explanation;
 use crate::mmu::report::{Coherence, HandlerTimes, ShadowReport};
+use crate::mmu::vcpu_handle::VcpuHandle;
 use crate::mmu::window::MemWindow;
 use crate::mmu::{GuestCpu, MmuBackend, MmuCounters, VcpuContext, VmContext};
-use crate::vcpu::handle::VcpuHandle;
 use coherence::set_table_slots_readonly;
 use controls::fault_rflags;
 use ept::memmap::{GpaRange, SlotSpec};

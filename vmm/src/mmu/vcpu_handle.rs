@@ -4,6 +4,10 @@
 //! that thread, plus the signal itself, which ends a blocking `KVM_RUN`
 //! with `EINTR` (Documentation/virt/kvm/api.rst, `immediate_exit`).
 //!
+//! It lives beside the seam's [`VcpuContext`](super::VcpuContext) because
+//! the MMU backends kick vCPUs for remote flushes; under `vcpu/` it made
+//! `mmu` and `vcpu` import each other (`scripts/modcycles.py`).
+//!
 //! Invariants:
 //! - A vCPU thread registers its `kvm_run` mapping ([`KickGuard::register`])
 //!   for as long as it runs the vCPU and deregisters it before the mapping
@@ -43,6 +47,11 @@ use std::time::Duration;
 thread_local! {
     /// This thread's `kvm_run`, while it runs a vCPU.
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+pub(crate) fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
 }
 
 /// The kick signal's handler: make this thread's next (or current)
@@ -144,7 +153,7 @@ impl VcpuHandle {
             // ends, so it cannot end and be joined while we signal it. The
             // kick handler is installed (`supervise`), so the signal only
             // interrupts.
-            unsafe { libc::pthread_kill(*t as libc::pthread_t, super::supervise::kick_signal()) };
+            unsafe { libc::pthread_kill(*t as libc::pthread_t, kick_signal()) };
         }
     }
 
