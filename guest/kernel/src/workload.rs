@@ -259,11 +259,8 @@ fn tlb(n: u64) -> Result<(), &'static str> {
         crate::cmdline::value(crate::boot::cmdline(), "tlbset").and_then(crate::cmdline::parse_u64).unwrap_or(64);
     // The working set must fit in free memory, or its first touch would
     // fail deep in the fault handler: refuse it here, saying so.
-    let free = mm::with(|m| {
-        let (dma, normal) = (m.buddy.stats(ZoneId::Dma), m.buddy.stats(ZoneId::Normal));
-        dma.free_pages + dma.deferred_pages + normal.free_pages + normal.deferred_pages
-    })
-    .unwrap_or(0);
+    let free =
+        mm::with(|m| m.buddy.stats(ZoneId::Dma).free_total() + m.buddy.stats(ZoneId::Normal).free_total()).unwrap_or(0);
     if pages.next_multiple_of(512) > free {
         kprintln!("tlb: a working set of {} pages needs more guest RAM ({} pages free): raise --memory", pages, free);
         return Err("working set larger than free memory (raise --memory)");

@@ -8,7 +8,7 @@
 //! the workers' own bounded loops, which run with interrupts enabled so
 //! shootdowns reach them.
 
-use super::vm_suites::{COW, DEMAND, DEMAND_PAGES, enter_user, leave_user, user_ptr};
+use super::vm_suites::{COW, DEMAND, DEMAND_PAGES, enter_user, frames_in_use, leave_user, user_ptr};
 use super::{TestResult, check};
 use crate::arch::{self, apic, percpu};
 use crate::sync::SpinLock;
@@ -18,19 +18,6 @@ use guest_abi::{DIRECT_MAP_BASE, Gpa, Gva};
 use guest_mm::buddy::ZonePref;
 use guest_mm::paging::{MmuPlatform, PteFlags};
 use guest_mm::phys::Pfn;
-
-fn frames_in_use() -> u64 {
-    mm::with(|m| {
-        guest_mm::buddy::ZoneId::ALL
-            .iter()
-            .map(|&z| {
-                let s = m.buddy.stats(z);
-                s.managed_pages - s.free_total()
-            })
-            .sum()
-    })
-    .unwrap_or(0)
-}
 
 fn user_root() -> Result<u64, &'static str> {
     mm::with(|m| m.user.as_ref().map(|a| a.root().addr().0)).flatten().ok_or("no user address space")

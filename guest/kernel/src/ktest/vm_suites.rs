@@ -139,7 +139,8 @@ pub fn leave_user() -> TestResult {
     .ok_or("memory manager not initialised")
 }
 
-fn frames_in_use() -> u64 {
+/// Frames the buddy allocator has handed out, over every zone.
+pub fn frames_in_use() -> u64 {
     mm::with(|m| {
         guest_mm::buddy::ZoneId::ALL
             .iter()
