@@ -323,6 +323,8 @@ fn run_bounded(args: &[&str], secs: u64, as_bytes: u64) -> Option<Output> {
 #[test]
 fn a_kernel_that_is_not_a_regular_file_is_refused_without_reading_it() {
     let fifo = temp_path("kernel.fifo");
+    // A FIFO left by an earlier run would make mkfifo fail with EEXIST.
+    let _ = std::fs::remove_file(&fifo);
     let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
